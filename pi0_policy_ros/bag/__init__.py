@@ -1,0 +1,1 @@
+"""bag layer of pi0_policy_ros (see ARCHITECTURE.md)."""

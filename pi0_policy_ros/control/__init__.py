@@ -1,0 +1,1 @@
+"""control layer of pi0_policy_ros (see ARCHITECTURE.md)."""

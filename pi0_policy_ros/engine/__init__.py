@@ -1,0 +1,1 @@
+"""engine layer of pi0_policy_ros (see ARCHITECTURE.md)."""

@@ -1,0 +1,21 @@
+"""One error hierarchy for the whole package.
+
+Every message says what was expected and what was found, so that a user can fix the input
+without reading the code.
+"""
+
+
+class Pi0PolicyError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(Pi0PolicyError):
+    """A configuration value, preset name or parameter is invalid."""
+
+
+class CheckpointError(Pi0PolicyError):
+    """A checkpoint file or directory does not match what the configuration expects."""
+
+
+class ObservationError(Pi0PolicyError):
+    """An observation (image, joint state, prompt, stamp) cannot be used."""

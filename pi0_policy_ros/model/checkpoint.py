@@ -1,0 +1,165 @@
+"""openpi PyTorch state_dict names ↔ our modules, strict loading, precision, random weights.
+
+One explicit prefix table maps every one of our parameter names to openpi's `PI0Pytorch`
+`state_dict()` name. Loading is strict: every missing, unexpected or wrongly shaped tensor is
+collected and reported in one `CheckpointError`, with expected vs found shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+
+from pi0_policy_ros.errors import CheckpointError, ConfigError
+from pi0_policy_ros.model.config import ModelConfig
+from pi0_policy_ros.model.pi0 import Pi0Model
+
+log = logging.getLogger(__name__)
+
+_PALIGEMMA = "paligemma_with_expert.paligemma.model."
+_SIGLIP = _PALIGEMMA + "vision_tower.vision_model."
+# (our prefix, openpi prefix); the first matching row wins.
+KEY_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("vision.embeddings.", _SIGLIP + "embeddings."),
+    ("vision.layers.", _SIGLIP + "encoder.layers."),
+    ("vision.post_layernorm.", _SIGLIP + "post_layernorm."),
+    ("vision.projector.", _PALIGEMMA + "multi_modal_projector.linear."),
+    ("embed_tokens.", _PALIGEMMA + "language_model.embed_tokens."),
+    ("language_model.", _PALIGEMMA + "language_model."),
+    ("expert.", "paligemma_with_expert.gemma_expert.model."),
+    ("", ""),  # action_in_proj, action_out_proj, time / state MLPs keep their names
+)
+
+# In openpi's state_dict but never used for actions: the PaliGemma LM head (tied to
+# embed_tokens) and the expert's separate LM head. Accepted and skipped.
+UNUSED_KEYS = (
+    "paligemma_with_expert.paligemma.lm_head.weight",
+    "paligemma_with_expert.gemma_expert.lm_head.weight",
+)
+EMBED_KEY = _PALIGEMMA + "language_model.embed_tokens.weight"
+
+# Parameters kept in fp32 in bf16 mode, as openpi's `to_bfloat16_for_selected_params` does.
+_FP32_IN_BF16 = ("patch_embedding", "position_embedding", "input_layernorm", "post_attention_layernorm",
+                 "language_model.norm", "expert.norm")
+# The action heads are outside openpi's PaliGemmaWithExpertModel and stay fp32 too.
+_HEADS = ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out", "state_proj",
+          "action_time_mlp_in", "action_time_mlp_out")
+
+
+def openpi_name(our_name: str) -> str:
+    for ours, theirs in KEY_PREFIXES:
+        if our_name.startswith(ours):
+            return theirs + our_name[len(ours):]
+    raise AssertionError("unreachable: the last prefix row matches everything")
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """openpi name → (our name, shape) for every parameter of a model of this geometry.
+    Built on the meta device, so full-size geometries cost no memory."""
+    with torch.device("meta"):
+        model = Pi0Model(cfg)
+    return {openpi_name(n): (n, tuple(p.shape)) for n, p in model.state_dict().items()}
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors (memory-mapped by safetensors) and the metadata of one file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises several unrelated types for a bad file
+        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+
+
+def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: bool = False,
+                  source: str = "checkpoint") -> None:
+    """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
+    expected = expected_tensors(cfg)
+    problems: list[str] = []
+    for name in sorted(set(expected) - set(tensors)):
+        problems.append(f"missing {name}: expected shape {list(expected[name][1])}")
+    for name in sorted(set(tensors) - set(expected) - set(UNUSED_KEYS)):
+        problems.append(f"unexpected {name}: shape {list(tensors[name].shape)}")
+    for name in sorted(set(expected) & set(tensors)):
+        want, found = expected[name][1], tuple(tensors[name].shape)
+        truncated_vocab = (allow_truncated_vocab and name == EMBED_KEY and len(found) == 2
+                           and found[1] == want[1] and 0 < found[0] <= want[0])
+        if found != want and not truncated_vocab:
+            problems.append(f"wrong shape {name}: expected {list(want)}, found {list(found)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match model geometry {cfg.name!r} ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems))
+
+
+def apply_precision(model: Pi0Model, dtype: torch.dtype) -> Pi0Model:
+    """fp32: everything fp32. bf16: the networks in bf16, norms, patch/position embeddings and the
+    action heads in fp32 (openpi's inference precision)."""
+    if dtype == torch.float32:
+        return model.float()
+    if dtype != torch.bfloat16:
+        raise ConfigError(f"load dtype must be float32 or bfloat16, found {dtype}")
+    for name, param in model.named_parameters():
+        keep = any(s in name for s in _FP32_IN_BF16) or name.split(".")[0] in _HEADS
+        param.data = param.data.to(torch.float32 if keep else torch.bfloat16)
+    return model
+
+
+def load_state(model: Pi0Model, tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: bool = False,
+               source: str = "checkpoint") -> Pi0Model:
+    """Copy openpi-named tensors into `model` (checked first). A truncated embedding table (the
+    fixtures store only the first rows) is zero-padded: those rows are never read."""
+    check_tensors(model.cfg, tensors, allow_truncated_vocab, source)
+    state = {}
+    for openpi, (ours, shape) in expected_tensors(model.cfg).items():
+        tensor = tensors[openpi]
+        if tuple(tensor.shape) != shape:
+            padded = torch.zeros(shape, dtype=tensor.dtype)
+            padded[: tensor.shape[0]] = tensor
+            log.info("embedding table has %d of %d rows; the rest are zero", tensor.shape[0], shape[0])
+            tensor = padded
+        state[ours] = tensor
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        model.load_state_dict(state, strict=True, assign=True)
+    else:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_checkpoint(cfg: ModelConfig, path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, allow_truncated_vocab: bool = False) -> Pi0Model:
+    """A model of geometry `cfg` with weights from an openpi-named safetensors file."""
+    tensors, _ = read_safetensors(path)
+    with torch.device("meta"):
+        model = Pi0Model(cfg)
+    load_state(model, {k: v.float() for k, v in tensors.items()}, allow_truncated_vocab, source=str(path))
+    return apply_precision(model, dtype).to(device).eval()
+
+
+def random_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> Pi0Model:
+    """Random weights at the given geometry, initialised on the target device (for demos and
+    benchmarks). Norm gains get small random values so that no weight is trivially zero."""
+    generator_device = torch.device(device)
+    with torch.device("meta"):
+        model = Pi0Model(cfg)
+    model = model.to_empty(device=generator_device)
+    gen = torch.Generator(device=generator_device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                std = 0.1
+            else:
+                fan_in = param[0].numel()
+                std = fan_in**-0.5
+            param.normal_(0.0, std, generator=gen)
+            if "layer_norm" in name and name.endswith("weight") or "post_layernorm.weight" in name:
+                param.add_(1.0)  # LayerNorm gains around 1
+    return apply_precision(model, dtype).eval()

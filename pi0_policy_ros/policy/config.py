@@ -1,0 +1,48 @@
+"""What a `Policy` is built from. The ROS node turns its parameters into this in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pi0_policy_ros.errors import ConfigError
+
+BACKENDS = ("torch", "tensorrt", "auto", "eager")
+PRECISIONS = ("float32", "bfloat16", "fp8")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything needed to load a policy and run it for one robot.
+
+    checkpoint_path: an openpi PyTorch or LeRobot checkpoint directory; "" means random weights
+        at the geometry of `model_preset` with identity norm stats (demos and benchmarks only).
+    model_preset: a name from `model.config.PRESETS`; ignored geometry-wise when a checkpoint
+        directory states its own.
+    robot_profile: a name from `policy.robots.PROFILES`.
+    asset_id: which `assets/<asset_id>/norm_stats.json` of an openpi checkpoint; "" takes the
+        only one there is.
+    tokenizer_path: a SentencePiece model; "" looks in the checkpoint directory.
+    default_prompt: used when an observation carries no prompt.
+    device, backend, precision: where and how the network runs.
+    seed: seeds the denoising noise, so that the same observation gives the same actions.
+    """
+
+    checkpoint_path: str = ""
+    model_preset: str = "pi05"
+    robot_profile: str = "libero"
+    asset_id: str = ""
+    tokenizer_path: str = ""
+    default_prompt: str = ""
+    device: str = "cpu"
+    backend: str = "torch"
+    precision: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, found {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, found {self.precision!r}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ConfigError(f"device must be one of {DEVICES} (optionally 'cuda:N'), found {self.device!r}")

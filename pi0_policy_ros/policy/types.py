@@ -1,0 +1,44 @@
+"""The data that crosses the `Policy` boundary: plain numpy, no torch, no ROS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One robot observation, as the robot produced it.
+
+    images: camera name -> uint8 RGB image [H, W, 3] (any size; the policy resizes with pad).
+    state: the robot's own state vector (its own dims, not padded), float.
+    prompt: the task instruction; None uses the configured default prompt.
+    stamp_s: the observation time in seconds (ROS time of the newest sample used).
+    """
+
+    images: Mapping[str, np.ndarray]
+    state: np.ndarray
+    prompt: str | None = None
+    stamp_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ActionChunk:
+    """A chunk of robot actions predicted from one observation.
+
+    actions: [H, robot_action_dim] float32, in the robot's units (unnormalized, absolute).
+    stamp_s: the stamp of the observation it was computed from.
+    period_s: the time between consecutive actions.
+    timings_ms: per-stage wall time of the inference that produced it.
+    """
+
+    actions: np.ndarray
+    stamp_s: float
+    period_s: float
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def horizon(self) -> int:
+        return int(self.actions.shape[0])

@@ -1,0 +1,1 @@
+"""ros layer of pi0_policy_ros (see ARCHITECTURE.md)."""
