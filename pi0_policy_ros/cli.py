@@ -1,0 +1,43 @@
+"""`pi0-policy`: the command-line tool. Each sub-command lives in its own module, which provides
+`add_arguments(parser)` and `run(args) -> exit code`; modules are imported only when chosen, so
+that `pi0-policy --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name → (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "selftest": ("pi0_policy_ros.selftest", "compare our model with openpi's reference vectors"),
+}
+
+
+def _module_for(argv: list[str]) -> str | None:
+    for arg in argv:
+        if arg in COMMANDS:
+            return COMMANDS[arg][0]
+        if not arg.startswith("-"):
+            return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="pi0-policy", description="pi0 / pi0.5 policies for ROS 2")
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = _module_for(argv)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text)
+        if module_name == chosen:
+            importlib.import_module(module_name).add_arguments(command_parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
