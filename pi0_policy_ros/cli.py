@@ -12,6 +12,7 @@ import sys
 # name → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "selftest": ("pi0_policy_ros.selftest", "compare our model with openpi's reference vectors"),
+    "inspect": ("pi0_policy_ros.policy.inspect", "describe an openpi or LeRobot checkpoint directory"),
 }
 
 

@@ -81,20 +81,22 @@ def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], allow_t
                   source: str = "checkpoint") -> None:
     """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
     expected = expected_tensors(cfg)
-    problems: list[str] = []
-    for name in sorted(set(expected) - set(tensors)):
-        problems.append(f"missing {name}: expected shape {list(expected[name][1])}")
-    for name in sorted(set(tensors) - set(expected) - set(UNUSED_KEYS)):
-        problems.append(f"unexpected {name}: shape {list(tensors[name].shape)}")
+    missing = [f"missing {name}: expected shape {list(expected[name][1])}"
+               for name in sorted(set(expected) - set(tensors))]
+    unexpected = [f"unexpected {name}: shape {list(tensors[name].shape)}"
+                  for name in sorted(set(tensors) - set(expected) - set(UNUSED_KEYS))]
+    wrong = []
     for name in sorted(set(expected) & set(tensors)):
         want, found = expected[name][1], tuple(tensors[name].shape)
         truncated_vocab = (allow_truncated_vocab and name == EMBED_KEY and len(found) == 2
                            and found[1] == want[1] and 0 < found[0] <= want[0])
         if found != want and not truncated_vocab:
-            problems.append(f"wrong shape {name}: expected {list(want)}, found {list(found)}")
+            wrong.append(f"wrong shape {name}: expected {list(want)}, found {list(found)}")
+    problems = missing + unexpected + wrong
     if problems:
         raise CheckpointError(
-            f"{source} does not match model geometry {cfg.name!r} ({len(problems)} problem(s)):\n  "
+            f"{source} does not match model geometry {cfg.name!r} ({len(problems)} problem(s): "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong shape):\n  "
             + "\n  ".join(problems))
 
 

@@ -1,0 +1,169 @@
+"""Checkpoint directories: openpi PyTorch and LeRobot pi0 / pi05 layouts → one `LoadedCheckpoint`.
+
+openpi (spec §6): `model.safetensors` with `PI0Pytorch.state_dict()` names, plus
+`assets/<asset_id>/norm_stats.json`. Geometry and model type are not written down, so they are
+read off the tensors (pi0.5 has `time_mlp_in`, pi0 has `state_proj`).
+
+LeRobot: `config.json` (`"type": "pi0" | "pi05"`, `chunk_size`, `tokenizer_max_length`, …),
+`model.safetensors` with openpi's names under a `model.` prefix (pi05 names the time MLP
+`time_mlp_*`, as openpi does), and the stats in processor files (`normalize.load_lerobot_normalization`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pi0_policy_ros.errors import CheckpointError
+from pi0_policy_ros.model.checkpoint import EMBED_KEY, check_tensors, read_safetensors
+from pi0_policy_ros.model.config import PRESETS, ModelConfig, get_preset
+from pi0_policy_ros.policy.normalize import (NormStats, Normalizer, find_openpi_norm_stats,
+                                             load_lerobot_normalization, load_openpi_norm_stats)
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+LEROBOT_CONFIG = "config.json"
+LEROBOT_PREFIX = "model."
+# Metadata a weights file may carry to say its embedding table is truncated on purpose (the
+# reference fixtures store 1024 of 257152 rows; token ids must then stay below that).
+VOCAB_ROWS_METADATA = "vocab_rows_stored"
+AUTO_PRESET = "auto"
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """Everything read from a checkpoint directory, before any model is built."""
+
+    path: Path
+    format: str  # "openpi" | "lerobot"
+    model_config: ModelConfig
+    tensors: Mapping[str, torch.Tensor]  # openpi names
+    allow_truncated_vocab: bool
+    normalizer: Normalizer
+    stats: Mapping[str, NormStats]
+    asset_id: str
+    weights_dtype: str
+    lerobot_config: Mapping[str, Any] | None = None
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def detect_format(path: Path) -> str:
+    """'openpi' or 'lerobot'; anything else is one CheckpointError listing both layouts."""
+    if (path / LEROBOT_CONFIG).is_file() and (path / WEIGHTS_FILE).is_file():
+        return "lerobot"
+    if (path / WEIGHTS_FILE).is_file() and (path / "assets").is_dir():
+        return "openpi"
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a directory"
+    raise CheckpointError(
+        f"unknown checkpoint layout at {path}: expected either an openpi PyTorch directory "
+        f"({WEIGHTS_FILE} + assets/<asset_id>/norm_stats.json) or a LeRobot pi0/pi05 directory "
+        f"({LEROBOT_CONFIG} + {WEIGHTS_FILE} + policy_preprocessor.json); found {found}")
+
+
+def _is_pi05(tensors: Mapping[str, torch.Tensor], where: Path) -> bool:
+    if "time_mlp_in.weight" in tensors:
+        return True
+    if "state_proj.weight" in tensors:
+        return False
+    raise CheckpointError(f"{where}: neither time_mlp_in.weight (pi0.5) nor state_proj.weight (pi0) found; "
+                          "not a pi0 / pi0.5 checkpoint")
+
+
+def resolve_geometry(tensors: Mapping[str, torch.Tensor], preset: str, allow_truncated_vocab: bool,
+                     where: Path) -> ModelConfig:
+    """The preset named by `preset`, checked strictly against the tensors; `auto` picks the preset
+    of the right model type whose shapes all match."""
+    if preset != AUTO_PRESET:
+        cfg = get_preset(preset)
+        check_tensors(cfg, tensors, allow_truncated_vocab, source=f"{where} (model_preset {preset!r})")
+        return cfg
+    pi05 = _is_pi05(tensors, where)
+    candidates = [cfg for cfg in PRESETS.values() if cfg.pi05 == pi05]
+    failures = []
+    for cfg in candidates:
+        try:
+            check_tensors(cfg, tensors, allow_truncated_vocab, source=str(where))
+            return cfg
+        except CheckpointError as exc:
+            failures.append(f"{cfg.name}: {str(exc).count(chr(10))} problem(s)")
+    raise CheckpointError(f"{where}: no {'pi05' if pi05 else 'pi0'} preset matches these tensor shapes "
+                          f"({'; '.join(failures)}); set model_preset to see every mismatch")
+
+
+def _truncated_vocab_allowed(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bool:
+    rows = metadata.get(VOCAB_ROWS_METADATA)
+    return rows is not None and EMBED_KEY in tensors and tensors[EMBED_KEY].shape[0] == int(rows)
+
+
+def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
+    return ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
+
+
+def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None) -> LoadedCheckpoint:
+    tensors, metadata = read_safetensors(path / WEIGHTS_FILE)
+    truncated = _truncated_vocab_allowed(tensors, metadata)
+    cfg = resolve_geometry(tensors, preset, truncated, path)
+    if horizon is not None:
+        cfg = cfg.replace(action_horizon=horizon)  # not stored by openpi; no weight depends on it
+    stats_file = find_openpi_norm_stats(path, asset_id)
+    stats = load_openpi_norm_stats(stats_file)
+    # openpi: quantile normalization for every model type except pi0 (spec §3).
+    normalizer = Normalizer(stats, use_quantiles=cfg.pi05)
+    return LoadedCheckpoint(path, "openpi", cfg, tensors, truncated, normalizer, stats,
+                            stats_file.parent.name, _dtype_name(tensors))
+
+
+def _from_lerobot_names(tensors: Mapping[str, torch.Tensor], pi05: bool) -> dict[str, torch.Tensor]:
+    """Strip LeRobot's `model.` prefix (added only where missing, as LeRobot's loader does) and
+    give pi05's time MLP openpi's name."""
+    out = {}
+    for key, tensor in tensors.items():
+        name = key[len(LEROBOT_PREFIX):] if key.startswith(LEROBOT_PREFIX) else key
+        if pi05 and name.startswith("action_time_mlp_"):
+            name = name.replace("action_time_mlp_", "time_mlp_", 1)
+        out[name] = tensor
+    return out
+
+
+def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
+    try:
+        config = json.loads((path / LEROBOT_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path / LEROBOT_CONFIG}: {exc}") from exc
+    policy_type = config.get("type")
+    if policy_type not in ("pi0", "pi05"):
+        raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected \"type\" pi0 or pi05, found {policy_type!r}")
+    raw, metadata = read_safetensors(path / WEIGHTS_FILE)
+    tensors = _from_lerobot_names(raw, pi05=policy_type == "pi05")
+    truncated = _truncated_vocab_allowed(tensors, metadata)
+    cfg = resolve_geometry(tensors, preset, truncated, path)
+    if cfg.pi05 != (policy_type == "pi05"):
+        raise CheckpointError(f"{path}: config.json says {policy_type}, the weights are {'pi05' if cfg.pi05 else 'pi0'}")
+    cfg = cfg.replace(action_horizon=int(config.get("chunk_size", cfg.action_horizon)),
+                      max_token_len=int(config.get("tokenizer_max_length", cfg.max_token_len)),
+                      num_denoise_steps=int(config.get("num_inference_steps", cfg.num_denoise_steps)))
+    normalization = load_lerobot_normalization(path)
+    return LoadedCheckpoint(path, "lerobot", cfg, tensors, truncated, normalization.normalizer(),
+                            normalization.stats, "", _dtype_name(tensors), lerobot_config=config)
+
+
+def load_checkpoint_dir(path: str | Path, preset: str = AUTO_PRESET, asset_id: str = "",
+                        horizon: int | None = None) -> LoadedCheckpoint:
+    """Detect the layout of `path` and read it. `horizon` sets the action horizon of openpi
+    checkpoints, which do not record it (the robot profile knows it)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    kind = detect_format(path)
+    loaded = load_lerobot_dir(path, preset) if kind == "lerobot" else load_openpi_dir(path, preset, asset_id, horizon)
+    log.info("loaded %s checkpoint %s: %s, %d tensors", kind, path, loaded.model_config.name, len(loaded.tensors))
+    return loaded

@@ -1,0 +1,224 @@
+"""`Policy`: a checkpoint plus one robot's raw observation in, that robot's actions out.
+
+ROS-free, and the one entry point for everything above the engine. The order is openpi's
+`Policy.infer` (spec §1 and §5): robot input transform → normalize state → tokenize (pi0.5 with
+discrete state reads the normalized state) and pad state → network → unnormalize actions →
+absolute actions and robot output transform.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
+from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
+from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
+from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model
+from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, load_checkpoint_dir
+from pi0_policy_ros.policy.config import PolicyConfig
+from pi0_policy_ros.policy.normalize import (ACTIONS_KEY, STATE_KEY, Normalizer, check_stats_dims,
+                                             identity_stats)
+from pi0_policy_ros.policy.robots import RobotProfile, finalize_actions, get_profile, prepare_inputs
+from pi0_policy_ros.policy.tokenizer import (TOKENIZER_FILE_NAMES, PromptTokenizer, find_tokenizer_model,
+                                             train_tiny_tokenizer)
+from pi0_policy_ros.policy.types import ActionChunk, Observation
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class NetworkBatch:
+    """One observation as the network takes it (batch 1), before any device copy.
+
+    images: uint8 [num_slots, 224, 224, 3] in slot order; image_masks: bool [num_slots];
+    tokens / token_mask: int64 / bool [max_token_len]; state: float32 [action_dim] (normalized,
+    zero-padded); noise: float32 [H, action_dim], x at t = 1.
+    """
+
+    images: np.ndarray
+    image_masks: np.ndarray
+    tokens: np.ndarray
+    token_mask: np.ndarray
+    state: np.ndarray
+    noise: np.ndarray
+
+
+class ActionRunner(Protocol):
+    """What runs the network: the eager model here, the CUDA-graph engine on a GPU."""
+
+    def run(self, batch: NetworkBatch) -> np.ndarray:  # [H, action_dim] float32
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class EagerRunner:
+    """The reference `Pi0Model.sample_actions`, on whatever device the model is on."""
+
+    def __init__(self, model: Pi0Model) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def run(self, batch: NetworkBatch) -> np.ndarray:
+        dev = self.device
+        # openpi's uint8 → [-1, 1]: x / 255 * 2 - 1, channels first.
+        pixels = torch.from_numpy(batch.images).to(dev).float().permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0
+        inputs = ModelInputs(
+            images=[pixels[i:i + 1] for i in range(pixels.shape[0])],
+            image_masks=[torch.tensor([bool(m)], device=dev) for m in batch.image_masks],
+            tokens=torch.from_numpy(batch.tokens)[None].to(dev),
+            token_mask=torch.from_numpy(batch.token_mask)[None].to(dev),
+            state=torch.from_numpy(batch.state)[None].to(dev),
+        )
+        actions = self.model.sample_actions(inputs, torch.from_numpy(batch.noise)[None].to(dev))
+        return actions[0].float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+
+def _check_device(config: PolicyConfig) -> torch.device:
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device!r} requested, but torch {torch.__version__} sees no CUDA "
+                          "device; use device 'cpu' or install a CUDA build of torch")
+    return device
+
+
+def _build_runner(model: Pi0Model, config: PolicyConfig, device: torch.device) -> ActionRunner:
+    """The engine on CUDA for the torch/auto backends; the eager model otherwise."""
+    if config.backend == "tensorrt":
+        raise ConfigError("backend 'tensorrt' is not available in this build: use 'torch', 'auto' or 'eager'")
+    if config.precision == "fp8" and device.type != "cuda":
+        raise ConfigError("precision 'fp8' needs a CUDA device (torch._scaled_mm); use float32 or bfloat16 on the CPU")
+    if device.type == "cuda" and config.backend in ("torch", "auto"):
+        from pi0_policy_ros.engine.engine import Engine  # only a GPU run needs the engine
+
+        return Engine.create(model, device=device, precision=config.precision)
+    if config.backend in ("torch", "auto"):
+        log.warning("no CUDA device: running the eager reference model on the CPU (slow)")
+    return EagerRunner(model)
+
+
+def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state: bool,
+                   checkpoint_dir: Path | None) -> PromptTokenizer:
+    if config.tokenizer_path:
+        path = find_tokenizer_model(config.tokenizer_path)
+    elif checkpoint_dir is not None:
+        path = find_tokenizer_model(*(checkpoint_dir / name for name in TOKENIZER_FILE_NAMES))
+    else:
+        # Random weights have no vocabulary to match, so a small model trained here is as good as
+        # PaliGemma's (which cannot be downloaded). Demos and benchmarks only.
+        path = train_tiny_tokenizer(Path(tempfile.gettempdir()) / "pi0_policy_ros_demo_tokenizer.model")
+        log.info("random weights: using a small SentencePiece model trained at %s", path)
+    return PromptTokenizer(path, model_cfg.max_token_len, discrete_state_input=discrete_state)
+
+
+class Policy:
+    """`Policy.from_config(config)`, then `infer(observation) -> ActionChunk`."""
+
+    def __init__(self, config: PolicyConfig, model_cfg: ModelConfig, profile: RobotProfile, normalizer: Normalizer,
+                 tokenizer: PromptTokenizer, runner: ActionRunner, source: str) -> None:
+        self.config = config
+        self.model_config = model_cfg
+        self.profile = profile
+        self.normalizer = normalizer
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.source = source
+
+    @classmethod
+    def from_config(cls, config: PolicyConfig) -> Policy:
+        device = _check_device(config)
+        try:
+            profile = get_profile(config.robot_profile)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        dtype = TORCH_DTYPES.get(config.precision, torch.bfloat16)  # fp8 engine: bf16 base weights
+        checkpoint: LoadedCheckpoint | None = None
+        if config.checkpoint_path:
+            checkpoint = load_checkpoint_dir(config.checkpoint_path, config.model_preset or AUTO_PRESET,
+                                             config.asset_id, horizon=profile.action_horizon)
+            model_cfg = checkpoint.model_config
+            normalizer = checkpoint.normalizer
+            check_stats_dims(checkpoint.stats, profile)
+            with torch.device("meta"):
+                model = Pi0Model(model_cfg)
+            load_state(model, checkpoint.tensors, checkpoint.allow_truncated_vocab, source=str(checkpoint.path))
+            model = apply_precision(model, dtype).to(device).eval()
+            source = f"{checkpoint.format} checkpoint {checkpoint.path}"
+        else:
+            try:
+                preset = get_preset(config.model_preset)
+            except KeyError as exc:
+                raise ConfigError(str(exc.args[0])) from None
+            model_cfg = preset.replace(action_horizon=profile.action_horizon)
+            normalizer = Normalizer(identity_stats(profile.state_dim, profile.action_dim), use_quantiles=model_cfg.pi05)
+            model = random_model(model_cfg, device=device, dtype=dtype, seed=config.seed)
+            source = f"random weights ({model_cfg.name}, seed {config.seed})"
+        if profile.model_type and profile.model_type != ("pi05" if model_cfg.pi05 else "pi0"):
+            log.warning("robot profile %s was made for %s, the model is %s", profile.name, profile.model_type,
+                        "pi05" if model_cfg.pi05 else "pi0")
+        discrete_state = model_cfg.pi05 and profile.discrete_state_input
+        tokenizer = _tokenizer_for(config, model_cfg, discrete_state,
+                                   checkpoint.path if checkpoint is not None else None)
+        runner = _build_runner(model, config, device)
+        log.info("policy ready: %s, profile %s, %s on %s", source, profile.name, config.precision, device)
+        return cls(config, model_cfg, profile, normalizer, tokenizer, runner, source)
+
+    def network_batch(self, observation: Observation) -> tuple[NetworkBatch, np.ndarray]:
+        """The network's inputs for one observation, and the robot-side state that the output
+        transform needs."""
+        cfg = self.model_config
+        prepared = prepare_inputs(self.profile, observation.images, np.asarray(observation.state))
+        state = self.normalizer.normalize(STATE_KEY, prepared.state)
+        prompt = observation.prompt or self.config.default_prompt
+        if not prompt:
+            raise ObservationError("Prompt is required: the observation has none and no default_prompt is set")
+        tokens = self.tokenizer.tokenize(prompt, state if self.tokenizer.discrete_state_input else None)
+        padded_state = np.zeros(cfg.action_dim, dtype=np.float32)
+        padded_state[: state.shape[0]] = state
+        # Fixed noise per call: the same observation gives the same actions (reproducible replays).
+        noise = np.random.default_rng(self.config.seed).standard_normal((cfg.action_horizon, cfg.action_dim))
+        batch = NetworkBatch(
+            images=np.stack([prepared.images[slot] for slot in IMAGE_SLOTS]),
+            image_masks=np.array([prepared.image_masks[slot] for slot in IMAGE_SLOTS]),
+            tokens=tokens.ids.astype(np.int64), token_mask=tokens.mask.astype(bool),
+            state=padded_state, noise=noise.astype(np.float32))
+        return batch, prepared.state
+
+    def infer(self, observation: Observation) -> ActionChunk:
+        start = time.perf_counter()
+        batch, robot_state = self.network_batch(observation)
+        prepared = time.perf_counter()
+        actions = self.runner.run(batch)
+        ran = time.perf_counter()
+        if not np.all(np.isfinite(actions)):
+            raise Pi0PolicyError("the network produced NaN/Inf actions; the chunk is rejected")
+        actions = self.normalizer.unnormalize(ACTIONS_KEY, actions)
+        actions = finalize_actions(self.profile, actions, robot_state)
+        end = time.perf_counter()
+        timings = {"preprocess": (prepared - start) * 1e3, "network": (ran - prepared) * 1e3,
+                   "postprocess": (end - ran) * 1e3, "total": (end - start) * 1e3}
+        timings.update(getattr(self.runner, "last_timings_ms", {}))
+        return ActionChunk(actions=actions.astype(np.float32), stamp_s=observation.stamp_s,
+                           period_s=self.profile.action_period_s, timings_ms=timings)
+
+    def close(self) -> None:
+        """Free the model (and GPU memory). Idempotent."""
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None  # type: ignore[assignment]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

@@ -1,0 +1,218 @@
+"""`Policy` end to end on the CPU: checkpoint directories (openpi and LeRobot layouts, written
+here from the fixture weights), `inspect`, and the whole transform chain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file
+
+from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError
+from pi0_policy_ros.model.config import IMAGE_SLOTS
+from pi0_policy_ros.model.reference import load_reference
+from pi0_policy_ros.policy.checkpoint_dir import VOCAB_ROWS_METADATA, load_checkpoint_dir
+from pi0_policy_ros.policy.config import PolicyConfig
+from pi0_policy_ros.policy.inspect import describe
+from pi0_policy_ros.policy.policy import NetworkBatch, Policy
+from pi0_policy_ros.policy.tokenizer import train_tiny_tokenizer
+from pi0_policy_ros.policy.types import Observation
+from test.paths import PI0_FIXTURE, PI05_FIXTURE
+
+STATE_DIM, ACTION_DIM = 8, 7  # LIBERO
+
+
+def _stats(dim: int, seed: int) -> dict[str, list[float]]:
+    rng = np.random.default_rng(seed)
+    q01 = rng.uniform(-2, -1, dim)
+    return {"mean": rng.normal(size=dim).tolist(), "std": rng.uniform(0.5, 2, dim).tolist(),
+            "q01": q01.tolist(), "q99": (q01 + rng.uniform(1, 3, dim)).tolist()}
+
+
+def write_openpi_dir(root: Path, fixture: Path, asset_id: str = "libero") -> Path:
+    ref = load_reference(fixture)
+    root.mkdir(parents=True)
+    save_file(ref.weights, str(root / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    (root / "assets" / asset_id).mkdir(parents=True)
+    stats = {"norm_stats": {"state": _stats(STATE_DIM, 1), "actions": _stats(ACTION_DIM, 2)}}
+    (root / "assets" / asset_id / "norm_stats.json").write_text(json.dumps(stats))
+    train_tiny_tokenizer(root / "paligemma_tokenizer.model")
+    return root
+
+
+def write_lerobot_dir(root: Path, fixture: Path, policy_type: str) -> Path:
+    ref = load_reference(fixture)
+    root.mkdir(parents=True)
+    weights = {f"model.{k}": v for k, v in ref.weights.items()}
+    save_file(weights, str(root / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    config = {"type": policy_type, "chunk_size": ref.config.action_horizon, "n_action_steps": ref.config.action_horizon,
+              "max_state_dim": 32, "max_action_dim": 32, "num_inference_steps": 10,
+              "tokenizer_max_length": ref.config.max_token_len,
+              "input_features": {"observation.images.image": {"type": "VISUAL", "shape": [3, 224, 224]},
+                                 "observation.images.wrist_image": {"type": "VISUAL", "shape": [3, 224, 224]},
+                                 "observation.state": {"type": "STATE", "shape": [STATE_DIM]}}}
+    (root / "config.json").write_text(json.dumps(config))
+    mode = "QUANTILES" if policy_type == "pi05" else "MEAN_STD"
+    for pipeline, step_name, index in (("policy_preprocessor", "normalizer_processor", 3),
+                                       ("policy_postprocessor", "unnormalizer_processor", 0)):
+        state_file = f"{pipeline}_step_{index}_{step_name}.safetensors"
+        tensors = {}
+        for feature, dim, seed in (("observation.state", STATE_DIM, 1), ("action", ACTION_DIM, 2)):
+            tensors.update({f"{feature}.{k}": np.asarray(v, np.float32) for k, v in _stats(dim, seed).items()})
+        save_numpy(tensors, str(root / state_file))
+        steps = [{"registry_name": "to_batch_processor", "config": {}}] * index + [
+            {"registry_name": step_name, "state_file": state_file,
+             "config": {"eps": 1e-8, "norm_map": {"VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode}}}]
+        (root / f"{pipeline}.json").write_text(json.dumps({"name": pipeline, "steps": steps}))
+    train_tiny_tokenizer(root / "tokenizer.model")
+    return root
+
+
+def fixture_batch(fixture: Path) -> tuple[NetworkBatch, torch.Tensor]:
+    ref = load_reference(fixture)
+    batch = NetworkBatch(
+        images=np.stack([load_u8(fixture, slot) for slot in IMAGE_SLOTS]),
+        image_masks=np.array([bool(m[0]) for m in ref.inputs.image_masks]),
+        tokens=ref.inputs.tokens[0].numpy(), token_mask=ref.inputs.token_mask[0].numpy(),
+        state=ref.inputs.state[0].numpy(), noise=ref.noise[0].numpy())
+    return batch, ref.expected["outputs/actions"][0]
+
+
+def load_u8(fixture: Path, slot: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(str(fixture), framework="np") as f:
+        return f.get_tensor(f"inputs/image_u8.{slot}")[0]
+
+
+CASES = [("openpi", PI05_FIXTURE, "pi05"), ("openpi", PI0_FIXTURE, "pi0"),
+         ("lerobot", PI05_FIXTURE, "pi05"), ("lerobot", PI0_FIXTURE, "pi0")]
+
+
+def _write(kind: str, root: Path, fixture: Path, policy_type: str) -> Path:
+    return write_openpi_dir(root, fixture) if kind == "openpi" else write_lerobot_dir(root, fixture, policy_type)
+
+
+@pytest.mark.parametrize("kind,fixture,policy_type", CASES, ids=[f"{k}-{t}" for k, _, t in CASES])
+def test_checkpoint_directory_reproduces_fixture_actions(tmp_path: Path, kind: str, fixture: Path,
+                                                         policy_type: str) -> None:
+    path = _write(kind, tmp_path / "ckpt", fixture, policy_type)
+    profile = "pi05_libero" if policy_type == "pi05" else "pi0_libero"
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile=profile))
+    batch, expected = fixture_batch(fixture)
+    torch.testing.assert_close(torch.from_numpy(policy.runner.run(batch)), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind,fixture,policy_type", CASES, ids=[f"{k}-{t}" for k, _, t in CASES])
+def test_inspect_reports_the_directory(tmp_path: Path, kind: str, fixture: Path, policy_type: str) -> None:
+    path = _write(kind, tmp_path / "ckpt", fixture, policy_type)
+    info = describe(load_checkpoint_dir(path))
+    ref = load_reference(fixture)
+    assert info["format"] == kind
+    assert info["model_type"] == policy_type
+    assert info["geometry"] == f"{policy_type}_small"
+    assert info["paligemma"] == {"width": 64, "depth": 4, "mlp_dim": 128}
+    assert info["dtype"] == "float32"
+    assert info["parameter_count"] == sum(t.numel() for t in ref.weights.values())
+    assert info["norm_stats"]["state"]["dims"] == STATE_DIM and info["norm_stats"]["actions"]["dims"] == ACTION_DIM
+    assert info["normalization"] == ("quantile" if policy_type == "pi05" else "z-score")
+    if kind == "openpi":
+        assert info["asset_id"] == "libero"
+    else:
+        assert info["cameras"] == ["image", "wrist_image"]
+
+
+def test_inspect_command_prints_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pi0_policy_ros.cli import main
+
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["geometry"] == "pi05_small"
+
+
+def test_unknown_layout_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout.*openpi PyTorch directory.*LeRobot"):
+        load_checkpoint_dir(tmp_path)
+
+
+def test_preset_that_does_not_match_the_weights_lists_every_mismatch(tmp_path: Path) -> None:
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    with pytest.raises(CheckpointError, match=r"(?s)model_preset 'pi05'.*wrong shape time_mlp_in.weight: expected \[1024, 1024\], found \[64, 64\]"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="pi05"))
+
+
+def test_missing_norm_stats_names_the_expected_file(tmp_path: Path) -> None:
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    with pytest.raises(ConfigError, match=r"norm stats not found: expected .*assets/droid/norm_stats.json"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", asset_id="droid"))
+
+
+def test_stats_with_other_dims_than_the_profile_are_refused(tmp_path: Path) -> None:
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)  # LIBERO stats: 8 state / 7 action dims
+    with pytest.raises(ConfigError, match="'state' norm stats have 8 dims but the robot profile has 14"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_aloha"))
+
+
+def test_missing_tokenizer_says_where_it_looked(tmp_path: Path) -> None:
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    (path / "paligemma_tokenizer.model").unlink()
+    with pytest.raises(ConfigError, match="paligemma_tokenizer.model"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto"))
+
+
+def test_cuda_without_cuda_is_a_config_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="sees no CUDA device"):
+        Policy.from_config(PolicyConfig(model_preset="pi05_small", device="cuda"))
+
+
+@pytest.fixture(scope="module")
+def libero_policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    path = write_openpi_dir(tmp_path_factory.mktemp("p") / "ckpt", PI05_FIXTURE)
+    return Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero",
+                                           default_prompt="put the bowl on the plate"))
+
+
+def _observation(seed: int = 0, prompt: str | None = None) -> Observation:
+    rng = np.random.default_rng(seed)
+    return Observation(images={"image": rng.integers(0, 256, (256, 320, 3), dtype=np.uint8),
+                               "wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)},
+                       state=rng.normal(size=STATE_DIM).astype(np.float32), prompt=prompt, stamp_s=12.5)
+
+
+def test_infer_composes_the_documented_transform_chain(libero_policy: Policy) -> None:
+    obs = _observation()
+    chunk = libero_policy.infer(obs)
+    # The same chain by hand: network inputs → runner → unnormalize → robot dims.
+    batch, _ = libero_policy.network_batch(obs)
+    raw = libero_policy.runner.run(batch)
+    stats = libero_policy.normalizer.stats["actions"]
+    span = stats.q99 - stats.q01 + 1e-6
+    expected = ((raw[:, :ACTION_DIM] + 1.0) / 2.0 * span + stats.q01).astype(np.float32)
+    np.testing.assert_allclose(chunk.actions, expected, rtol=1e-6, atol=1e-6)
+    assert chunk.actions.shape == (10, ACTION_DIM)
+    assert chunk.stamp_s == 12.5 and chunk.period_s == libero_policy.profile.action_period_s
+    assert {"preprocess", "network", "postprocess", "total"} <= set(chunk.timings_ms)
+    # Normalized state is not in a pi05_libero prompt, so the tokens depend on the prompt only.
+    assert batch.token_mask.sum() == libero_policy.tokenizer.tokenize("put the bowl on the plate").mask.sum()
+
+
+def test_same_observation_same_actions_new_observation_new_actions(libero_policy: Policy) -> None:
+    first = libero_policy.infer(_observation(0)).actions
+    np.testing.assert_array_equal(first, libero_policy.infer(_observation(0)).actions)
+    assert not np.allclose(first, libero_policy.infer(_observation(1)).actions)
+    assert not np.allclose(first, libero_policy.infer(_observation(0, prompt="open the drawer")).actions)
+
+
+def test_observation_errors_name_what_was_expected(libero_policy: Policy) -> None:
+    obs = _observation()
+    with pytest.raises(ObservationError, match="state"):
+        libero_policy.infer(Observation(images=obs.images, state=np.zeros(3, np.float32)))
+    with pytest.raises(ObservationError):
+        libero_policy.infer(Observation(images={"image": obs.images["image"]}, state=obs.state))
