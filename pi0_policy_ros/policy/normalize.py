@@ -1,0 +1,366 @@
+"""State / action normalization statistics and formulas (spec: openpi_pipeline.md, sections 3, 6).
+
+Public API:
+    NormStats(mean, std, q01=None, q99=None)          float32 1-D arrays, read-only
+    STATE_KEY = "state", ACTIONS_KEY = "actions"      the keys every stats dict uses
+    find_openpi_norm_stats(checkpoint_dir, asset_id="") -> Path
+    load_openpi_norm_stats(path) -> dict[str, NormStats]       norm_stats.json (file or its dir)
+    load_lerobot_normalization(checkpoint_dir) -> LeRobotNormalization
+    load_lerobot_stats(checkpoint_dir) -> dict[str, NormStats]
+    Normalizer(stats, use_quantiles, eps=None, convention="openpi")
+        .normalize(key, x) / .unnormalize(key, x) -> float32
+    check_stats_dims(stats, profile, allow_longer=False)      profile: anything with state_dim / action_dim
+    identity_stats(state_dim, action_dim) -> dict[str, NormStats]
+
+Conventions (`Normalizer.convention`):
+    "openpi" (default eps 1e-6, openpi `transforms.py`):
+        z-score      norm (x - mean) / (std + eps)          unnorm x * (std + eps) + mean
+        quantile     norm (x - q01) / (q99 - q01 + eps) * 2 - 1
+                     unnorm (x + 1) / 2 * (q99 - q01 + eps) + q01
+    "lerobot" (default eps 1e-8, lerobot `processor/normalize_processor.py`):
+        z-score      norm (x - mean) / (std + eps)          unnorm x * std + mean (no eps)
+        quantile     d = q99 - q01, replaced by eps only where it is 0
+                     norm 2 * (x - q01) / d - 1             unnorm (x + 1) * d / 2 + q01
+Width rules, both conventions: `normalize` cuts the stats to x's width (stats shorter than x are an
+error). `unnormalize` pads z-score stats to x's width with mean 0 / std 1, and leaves the dims
+past the quantile stats unchanged. Nothing is clipped.
+Errors: ConfigError for a mismatch with the configuration (quantiles without q01/q99, dims),
+CheckpointError for a missing or malformed stats file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Protocol
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from pi0_policy_ros.errors import CheckpointError, ConfigError
+
+STATE_KEY = "state"
+ACTIONS_KEY = "actions"
+NORM_STATS_FILE = "norm_stats.json"
+Convention = Literal["openpi", "lerobot"]
+DEFAULT_EPS: Mapping[str, float] = {"openpi": 1e-6, "lerobot": 1e-8}
+
+# LeRobot feature names -> our keys, and the processor steps that hold the stats.
+LEROBOT_FEATURE_KEYS: Mapping[str, str] = {"observation.state": STATE_KEY, "action": ACTIONS_KEY}
+LEROBOT_PROCESSOR_FILES = ("policy_preprocessor.json", "policy_postprocessor.json")
+LEROBOT_NORM_STEPS = ("normalizer_processor", "unnormalizer_processor")
+
+
+@dataclass(frozen=True, eq=False)
+class NormStats:
+    """Per-dim statistics of one key, over the robot's own dims (float32, read-only)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    q01: np.ndarray | None = None
+    q99: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std", "q01", "q99"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            array = np.array(value, dtype=np.float32).reshape(-1)
+            array.setflags(write=False)
+            object.__setattr__(self, name, array)
+        widths = {name: len(getattr(self, name)) for name in ("mean", "std", "q01", "q99")
+                  if getattr(self, name) is not None}
+        if len(set(widths.values())) != 1:
+            raise ConfigError(f"norm stats entries must have one width, found {widths}")
+
+    @property
+    def dim(self) -> int:
+        return len(self.mean)
+
+    @property
+    def has_quantiles(self) -> bool:
+        return self.q01 is not None and self.q99 is not None
+
+
+# --- openpi norm_stats.json -----------------------------------------------------------------------
+
+def find_openpi_norm_stats(checkpoint_dir: str | Path, asset_id: str = "") -> Path:
+    """Path of `<checkpoint_dir>/assets/<asset_id>/norm_stats.json`.
+
+    An empty asset_id takes the only asset directory holding a norm_stats.json; none or several
+    is a ConfigError listing what was found.
+    """
+    assets = Path(checkpoint_dir) / "assets"
+    if asset_id:
+        path = assets / asset_id / NORM_STATS_FILE
+        if not path.is_file():
+            raise ConfigError(f"norm stats not found: expected {path}; assets present: {_asset_ids(assets)}")
+        return path
+    found = _asset_ids(assets)
+    if len(found) != 1:
+        raise ConfigError(
+            f"asset_id is empty, so exactly one {assets}/<asset_id>/{NORM_STATS_FILE} is expected; "
+            f"found {len(found)}: {found}. Set asset_id."
+        )
+    return assets / found[0] / NORM_STATS_FILE
+
+
+def _asset_ids(assets: Path) -> list[str]:
+    if not assets.is_dir():
+        return []
+    return sorted(p.parent.name for p in assets.glob(f"*/{NORM_STATS_FILE}"))
+
+
+def load_openpi_norm_stats(path: str | Path) -> dict[str, NormStats]:
+    """Read openpi's `{"norm_stats": {key: {mean, std, q01?, q99?}}}` (a file, or the dir holding it).
+
+    q01 / q99 may be absent or null (older files). Keys other than these four are ignored.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / NORM_STATS_FILE
+    try:
+        document = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read openpi norm stats {file}: {exc}") from exc
+    entries = document.get("norm_stats") if isinstance(document, dict) else None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{file}: expected a top-level 'norm_stats' object, found keys "
+                              f"{sorted(document) if isinstance(document, dict) else type(document).__name__}")
+    return {key: _stats_from_mapping(entry, f"{file}: '{key}'") for key, entry in entries.items()}
+
+
+def _stats_from_mapping(entry: Any, where: str) -> NormStats:
+    if not isinstance(entry, Mapping) or entry.get("mean") is None or entry.get("std") is None:
+        found = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
+        raise CheckpointError(f"{where}: expected 'mean' and 'std' lists, found {found}")
+    try:
+        return NormStats(mean=entry["mean"], std=entry["std"], q01=entry.get("q01"), q99=entry.get("q99"))
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+
+
+# --- LeRobot processor files ----------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class LeRobotNormalization:
+    """What a LeRobot checkpoint says about normalization.
+
+    stats: "state" / "actions" stats from the normalizer / unnormalizer steps.
+    modes: LeRobot's norm_map, e.g. {"STATE": "QUANTILES", "ACTION": "QUANTILES", "VISUAL": "IDENTITY"}.
+    eps: the steps' epsilon (LeRobot's default 1e-8).
+    """
+
+    stats: Mapping[str, NormStats]
+    modes: Mapping[str, str] = field(default_factory=dict)
+    eps: float = DEFAULT_EPS["lerobot"]
+
+    @property
+    def use_quantiles(self) -> bool:
+        """True for QUANTILES (pi05), False for MEAN_STD (pi0); anything else is a ConfigError."""
+        used = {self.modes.get(kind) for kind in ("STATE", "ACTION")}
+        if used == {"QUANTILES"}:
+            return True
+        if used == {"MEAN_STD"}:
+            return False
+        raise ConfigError(
+            "LeRobot norm_map must use QUANTILES or MEAN_STD for both STATE and ACTION, found "
+            f"STATE={self.modes.get('STATE')!r}, ACTION={self.modes.get('ACTION')!r}"
+        )
+
+    def normalizer(self) -> Normalizer:
+        """A Normalizer with LeRobot's formulas, mode and epsilon."""
+        return Normalizer(self.stats, self.use_quantiles, eps=self.eps, convention="lerobot")
+
+
+def load_lerobot_normalization(checkpoint_dir: str | Path) -> LeRobotNormalization:
+    """Read the (un)normalizer steps of `policy_preprocessor.json` / `policy_postprocessor.json`.
+
+    Each step's stats file is the one its `state_file` entry names (the step index in the name
+    changes between LeRobot versions). Actions come from the postprocessor's unnormalizer when it
+    has them, the state from the preprocessor's normalizer.
+    """
+    directory = Path(checkpoint_dir)
+    stats: dict[str, NormStats] = {}
+    modes: dict[str, str] = {}
+    eps = DEFAULT_EPS["lerobot"]
+    steps_found = 0
+    # The postprocessor is read last so that its action stats win.
+    for name in LEROBOT_PROCESSOR_FILES:
+        for step in _lerobot_norm_steps(directory / name):
+            steps_found += 1
+            config = step.get("config") or {}
+            modes.update({str(k): str(v) for k, v in (config.get("norm_map") or {}).items()})
+            eps = float(config.get("eps", eps))
+            stats.update(_read_lerobot_state_file(directory, step))
+    if steps_found == 0:
+        raise CheckpointError(
+            f"no {' / '.join(LEROBOT_NORM_STEPS)} step with a state_file in "
+            f"{[str(directory / n) for n in LEROBOT_PROCESSOR_FILES]}"
+        )
+    return LeRobotNormalization(stats=stats, modes=modes, eps=eps)
+
+
+def load_lerobot_stats(checkpoint_dir: str | Path) -> dict[str, NormStats]:
+    """Only the stats of `load_lerobot_normalization`, keyed "state" / "actions"."""
+    return dict(load_lerobot_normalization(checkpoint_dir).stats)
+
+
+def _lerobot_norm_steps(path: Path) -> list[dict[str, Any]]:
+    """The normalizer-like steps of one processor JSON that carry a state file; [] if no file."""
+    if not path.is_file():
+        return []
+    try:
+        steps = json.loads(path.read_text()).get("steps", [])
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read LeRobot processor file {path}: {exc}") from exc
+    return [
+        step for step in steps
+        if isinstance(step, dict) and step.get("registry_name") in LEROBOT_NORM_STEPS and step.get("state_file")
+    ]
+
+
+def _read_lerobot_state_file(directory: Path, step: Mapping[str, Any]) -> dict[str, NormStats]:
+    path = directory / str(step["state_file"])
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot read LeRobot stats {path} (named by {step['registry_name']}): {exc}") from exc
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for flat_key, tensor in tensors.items():
+        feature, _, stat = flat_key.rpartition(".")
+        grouped.setdefault(feature, {})[stat] = tensor
+    return {
+        key: _stats_from_mapping(grouped[feature], f"{path}: '{feature}'")
+        for feature, key in LEROBOT_FEATURE_KEYS.items()
+        if feature in grouped
+    }
+
+
+# --- Normalizer -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Normalizer:
+    """Normalizes inputs and unnormalizes outputs with one set of stats.
+
+    stats: key -> NormStats ("state", "actions").
+    use_quantiles: quantile normalization (pi0.5, pi0-FAST) instead of z-score (pi0).
+    eps: None takes the convention's default (openpi 1e-6, LeRobot 1e-8).
+    convention: "openpi" or "lerobot"; see the module docstring for the formulas.
+    """
+
+    stats: Mapping[str, NormStats]
+    use_quantiles: bool
+    eps: float | None = None
+    convention: Convention = "openpi"
+
+    def __post_init__(self) -> None:
+        if self.convention not in DEFAULT_EPS:
+            raise ConfigError(f"convention must be one of {tuple(DEFAULT_EPS)}, found {self.convention!r}")
+        if self.eps is None:
+            object.__setattr__(self, "eps", DEFAULT_EPS[self.convention])
+        object.__setattr__(self, "stats", dict(self.stats))
+        if self.use_quantiles:
+            missing = sorted(k for k, s in self.stats.items() if not s.has_quantiles)
+            if missing:
+                raise ConfigError(
+                    f"quantile normalization needs q01 and q99 for every key; missing for {missing}. "
+                    "Use z-score normalization (pi0) or stats with quantiles."
+                )
+
+    def normalize(self, key: str, x: np.ndarray) -> np.ndarray:
+        """Normalize `x` [..., D]; a key without stats passes through (as in openpi)."""
+        values = np.asarray(x, dtype=np.float64)
+        stats = self.stats.get(key)
+        if stats is None:
+            return values.astype(np.float32)
+        width = values.shape[-1]
+        if stats.dim < width:
+            raise ConfigError(f"'{key}' norm stats have {stats.dim} dims, fewer than the {width} to normalize")
+        if self.use_quantiles:
+            q01, span = _cut(stats.q01, width), self._quantile_span(stats)[:width]
+            out = (values - q01) / span * 2.0 - 1.0
+        else:
+            out = (values - _cut(stats.mean, width)) / (_cut(stats.std, width) + self.eps)
+        return out.astype(np.float32)
+
+    def unnormalize(self, key: str, x: np.ndarray) -> np.ndarray:
+        """Unnormalize `x` [..., D]; unlike `normalize`, a key without stats is a ConfigError."""
+        values = np.asarray(x, dtype=np.float64)
+        stats = self.stats.get(key)
+        if stats is None:
+            raise ConfigError(f"no norm stats for '{key}' to unnormalize; stats have {sorted(self.stats)}")
+        width = values.shape[-1]
+        if stats.dim > width:
+            raise ConfigError(f"'{key}' norm stats have {stats.dim} dims, more than the {width} to unnormalize")
+        if self.use_quantiles:
+            return self._unnormalize_quantile(stats, values).astype(np.float32)
+        mean = _pad(stats.mean, width, 0.0)
+        std = _pad(stats.std, width, 1.0)
+        scale = std + self.eps if self.convention == "openpi" else std
+        return (values * scale + mean).astype(np.float32)
+
+    def _unnormalize_quantile(self, stats: NormStats, values: np.ndarray) -> np.ndarray:
+        dim = stats.dim
+        head = (values[..., :dim] + 1.0) / 2.0 * self._quantile_span(stats) + _cut(stats.q01, dim)
+        # Dims past the stats (model padding) pass through unchanged.
+        return np.concatenate([head, values[..., dim:]], axis=-1)
+
+    def _quantile_span(self, stats: NormStats) -> np.ndarray:
+        assert stats.q01 is not None and stats.q99 is not None  # checked in __post_init__
+        span = stats.q99.astype(np.float64) - stats.q01.astype(np.float64)
+        if self.convention == "openpi":
+            return span + self.eps
+        return np.where(span == 0.0, self.eps, span)
+
+
+def _cut(values: np.ndarray | None, width: int) -> np.ndarray:
+    assert values is not None
+    return values[:width].astype(np.float64)
+
+
+def _pad(values: np.ndarray, width: int, fill: float) -> np.ndarray:
+    out = np.full(width, fill, dtype=np.float64)
+    out[: len(values)] = values
+    return out
+
+
+# --- Checks and demo stats ------------------------------------------------------------------------
+
+class HasRobotDims(Protocol):
+    """Anything with the robot's dims, e.g. `robots.RobotProfile`."""
+
+    @property
+    def state_dim(self) -> int: ...
+
+    @property
+    def action_dim(self) -> int: ...
+
+
+def check_stats_dims(stats: Mapping[str, NormStats], profile: HasRobotDims, allow_longer: bool = False) -> None:
+    """Raise ConfigError unless "state" and "actions" stats match the profile's dims.
+
+    allow_longer: accept stats wider than the robot (openpi cuts them when normalizing), e.g.
+        stats saved at the model's padded width.
+    """
+    for key, expected in ((STATE_KEY, profile.state_dim), (ACTIONS_KEY, profile.action_dim)):
+        if key not in stats:
+            raise ConfigError(f"norm stats have no '{key}' entry; found {sorted(stats)}")
+        found = stats[key].dim
+        if found == expected or (allow_longer and found > expected):
+            continue
+        raise ConfigError(
+            f"'{key}' norm stats have {found} dims but the robot profile has {expected}: "
+            "wrong asset_id or robot_profile?"
+        )
+
+
+def identity_stats(state_dim: int, action_dim: int) -> dict[str, NormStats]:
+    """Stats that (nearly, up to eps) leave values unchanged: for random-weight demos only."""
+    return {key: _identity(dim) for key, dim in ((STATE_KEY, state_dim), (ACTIONS_KEY, action_dim))}
+
+
+def _identity(dim: int) -> NormStats:
+    return NormStats(mean=np.zeros(dim), std=np.ones(dim), q01=-np.ones(dim), q99=np.ones(dim))

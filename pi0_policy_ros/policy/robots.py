@@ -1,0 +1,416 @@
+"""Robot profiles and the robot-specific input / output transforms (spec: openpi_pipeline.md, 1, 4, 5).
+
+A profile is data: which camera feeds which image slot, the robot's state / action dims, the
+delta-action mask, ALOHA's joint / gripper conventions, the chunk horizon and the action period.
+The transforms below read it; no code branches on a profile's name.
+
+Public API:
+    IMAGE_SLOTS, IMAGE_SIZE
+    RobotProfile (frozen dataclass), PROFILES, get_profile(name, **overrides) -> RobotProfile
+    make_bool_mask(*runs) -> tuple[bool, ...]
+    resize_with_pad(image, height=224, width=224) -> uint8 [height, width, 3]
+    prepare_inputs(profile, images, state) -> PreparedInputs(images, image_masks, state)
+    transform_state(profile, state) -> float32 [state_dim]      (the state part of prepare_inputs)
+    finalize_actions(profile, actions, state) -> float32 [H, action_dim]
+    aloha_gripper_to_pi / aloha_gripper_from_pi / aloha_gripper_from_pi_inverse
+
+Order at inference (openpi `policy_config.py`): prepare_inputs -> normalize state -> tokenize / pad
+-> network -> unnormalize actions -> finalize_actions. `finalize_actions` takes the state that
+`prepare_inputs` returned (robot transform applied, not normalized), as openpi's AbsoluteActions
+sees the unnormalized model-side state.
+
+Simulator quirks stay outside: the LIBERO example client rotates both images by 180 degrees before
+sending them; do that where the images come from, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, NamedTuple
+
+import cv2
+import numpy as np
+
+from pi0_policy_ros.errors import ConfigError, ObservationError
+
+BASE_SLOT = "base_0_rgb"
+LEFT_WRIST_SLOT = "left_wrist_0_rgb"
+RIGHT_WRIST_SLOT = "right_wrist_0_rgb"
+IMAGE_SLOTS = (BASE_SLOT, LEFT_WRIST_SLOT, RIGHT_WRIST_SLOT)
+IMAGE_SIZE = 224
+MODEL_TYPES = ("pi0", "pi05", "")
+ACTION_SPACES = ("joint_position", "joint_velocity", "eef_delta", "unspecified")
+
+
+def make_bool_mask(*runs: int) -> tuple[bool, ...]:
+    """openpi's mask builder: a positive run gives that many True, a negative one that many False.
+
+    make_bool_mask(6, -1) == (True,) * 6 + (False,)
+    """
+    mask: list[bool] = []
+    for run in runs:
+        mask.extend([run > 0] * abs(run))
+    return tuple(mask)
+
+
+@dataclass(frozen=True)
+class RobotProfile:
+    """How one robot's observations and actions map to the model's.
+
+    name: the canonical profile name.
+    model_type: "pi0" or "pi05" when the profile follows one openpi config, "" for any.
+    camera_slots: (camera name, image slot) pairs; a Mapping is accepted and turned into pairs.
+    always_valid_slots: slots whose image mask is always True, so their camera is required (openpi
+        reads these cameras unconditionally). Other slots without a camera get black, mask False.
+    ignored_cameras: cameras the robot may send that no slot uses (ALOHA's cam_low).
+    state_dim, action_dim: the robot's own dims (the model pads both to its width).
+    delta_action_mask: action dims trained as deltas from the state; () for none. At the output
+        `actions[:, :n] += where(mask, state[:n], 0)` rebuilds absolute actions.
+    joint_signs: per-dim sign flips applied to state and actions (ALOHA adapt_to_pi); () for none.
+    aloha_gripper_dims: dims converted with ALOHA's gripper maps (state: linear -> pi angular,
+        actions: pi angular -> ALOHA gripper joint); () for none.
+    discrete_state_input: pi0.5 writes the discretized state into the prompt.
+    action_horizon: actions per chunk of the openpi config.
+    action_period_s: time between two actions (the rate the policy was trained at).
+    action_space: what the action dims mean, one of ACTION_SPACES.
+    joint_names: default names of the state / action dims (JointState / JointTrajectory); () if
+        the dims are not joints or are unknown.
+    reset_pose: openpi policy metadata "reset_pose" (joint positions per arm); () if none.
+    """
+
+    name: str
+    model_type: str
+    camera_slots: tuple[tuple[str, str], ...]
+    always_valid_slots: tuple[str, ...]
+    state_dim: int
+    action_dim: int
+    action_horizon: int
+    action_period_s: float
+    ignored_cameras: tuple[str, ...] = ()
+    delta_action_mask: tuple[bool, ...] = ()
+    joint_signs: tuple[float, ...] = ()
+    aloha_gripper_dims: tuple[int, ...] = ()
+    discrete_state_input: bool = False
+    action_space: str = "unspecified"
+    joint_names: tuple[str, ...] = ()
+    reset_pose: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.camera_slots, Mapping):
+            object.__setattr__(self, "camera_slots", tuple(self.camera_slots.items()))
+        for name in ("always_valid_slots", "ignored_cameras", "delta_action_mask", "joint_signs",
+                     "aloha_gripper_dims", "joint_names", "reset_pose"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._validate_scalars()
+        self._validate_cameras()
+        self._validate_dims()
+
+    @property
+    def slot_of_camera(self) -> dict[str, str]:
+        """camera name -> image slot."""
+        return dict(self.camera_slots)
+
+    @property
+    def camera_of_slot(self) -> dict[str, str]:
+        """image slot -> camera name, for the slots that have a camera."""
+        return {slot: camera for camera, slot in self.camera_slots}
+
+    @property
+    def required_cameras(self) -> tuple[str, ...]:
+        """Cameras that must be in every observation (those of the always-valid slots)."""
+        return tuple(camera for camera, slot in self.camera_slots if slot in self.always_valid_slots)
+
+    def _validate_scalars(self) -> None:
+        _require(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}", self.model_type)
+        _require(self.action_space in ACTION_SPACES, f"action_space must be one of {ACTION_SPACES}",
+                 self.action_space)
+        for name in ("state_dim", "action_dim", "action_horizon"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0", getattr(self, name))
+        _require(self.action_period_s > 0, "action_period_s must be > 0", self.action_period_s)
+
+    def _validate_cameras(self) -> None:
+        slots = [slot for _, slot in self.camera_slots]
+        unknown = sorted(set(slots) - set(IMAGE_SLOTS))
+        _require(not unknown, f"camera slots must be among {IMAGE_SLOTS}", unknown)
+        _require(len(set(slots)) == len(slots), "each image slot takes at most one camera", slots)
+        cameras = [camera for camera, _ in self.camera_slots]
+        _require(len(set(cameras)) == len(cameras), "each camera feeds one slot", cameras)
+        unmapped = sorted(set(self.always_valid_slots) - set(slots))
+        _require(not unmapped, "always_valid_slots must have a camera", unmapped)
+        both = sorted(set(self.ignored_cameras) & set(cameras))
+        _require(not both, "a camera cannot be both mapped and ignored", both)
+
+    def _validate_dims(self) -> None:
+        _require(len(self.delta_action_mask) <= self.action_dim,
+                 f"delta_action_mask must have at most action_dim={self.action_dim} entries",
+                 len(self.delta_action_mask))
+        if self.joint_signs:
+            _require(len(self.joint_signs) == self.state_dim == self.action_dim,
+                     f"joint_signs needs state_dim == action_dim == its length (state_dim={self.state_dim}, "
+                     f"action_dim={self.action_dim})", len(self.joint_signs))
+        bad = [d for d in self.aloha_gripper_dims if not 0 <= d < min(self.state_dim, self.action_dim)]
+        _require(not bad, f"aloha_gripper_dims must be < min(state_dim, action_dim) = "
+                          f"{min(self.state_dim, self.action_dim)}", bad)
+        if self.joint_names:
+            _require(len(self.joint_names) == self.action_dim,
+                     f"joint_names must have action_dim={self.action_dim} entries", len(self.joint_names))
+
+
+def _require(ok: bool, expected: str, found: object) -> None:
+    if not ok:
+        raise ConfigError(f"robot profile: {expected}, found {found!r}")
+
+
+# --- Profiles (openpi configs at commit 15a9616a) -------------------------------------------------
+
+_LIBERO_CAMERAS = (("image", BASE_SLOT), ("wrist_image", LEFT_WRIST_SLOT))
+_DROID_CAMERAS = (("exterior_image_1_left", BASE_SLOT), ("wrist_image_left", LEFT_WRIST_SLOT))
+_ALOHA_CAMERAS = (("cam_high", BASE_SLOT), ("cam_left_wrist", LEFT_WRIST_SLOT),
+                  ("cam_right_wrist", RIGHT_WRIST_SLOT))
+# Interbotix ViperX joint names, left arm then right arm (state layout [6 joints, gripper] x 2).
+_ALOHA_JOINTS = tuple(f"{side}_{joint}" for side in ("left", "right") for joint in
+                      ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate", "gripper"))
+_DROID_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("gripper",)
+# openpi aloha_policy._joint_flip_mask: ALOHA's joint directions -> the pi runtime's.
+_ALOHA_JOINT_SIGNS = (1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0)
+
+# Periods: LIBERO's control rate is 10 Hz, DROID's 15 Hz, ALOHA's 50 Hz (the rates their data sets
+# were recorded at; openpi's configs do not state them).
+_LIBERO = dict(camera_slots=_LIBERO_CAMERAS, always_valid_slots=(BASE_SLOT, LEFT_WRIST_SLOT), state_dim=8,
+               action_dim=7, action_period_s=0.1, action_space="eef_delta")
+_DROID = dict(camera_slots=_DROID_CAMERAS, always_valid_slots=(BASE_SLOT, LEFT_WRIST_SLOT), state_dim=8,
+              action_dim=8, action_period_s=1.0 / 15.0, action_space="joint_velocity", joint_names=_DROID_JOINTS)
+_ALOHA = dict(camera_slots=_ALOHA_CAMERAS, always_valid_slots=(BASE_SLOT,), ignored_cameras=("cam_low",),
+              state_dim=14, action_dim=14, action_horizon=50, action_period_s=0.02,
+              delta_action_mask=make_bool_mask(6, -1, 6, -1), joint_signs=_ALOHA_JOINT_SIGNS,
+              aloha_gripper_dims=(6, 13), action_space="joint_position", joint_names=_ALOHA_JOINTS,
+              reset_pose=(0.0, -1.5, 1.5, 0.0, 0.0, 0.0))
+
+_CANONICAL = (
+    RobotProfile(name="pi05_libero", model_type="pi05", action_horizon=10, discrete_state_input=False, **_LIBERO),
+    # pi0_libero was trained with openpi's extra delta transform on the 6 arm dims.
+    RobotProfile(name="pi0_libero", model_type="pi0", action_horizon=50,
+                 delta_action_mask=make_bool_mask(6, -1), **_LIBERO),
+    RobotProfile(name="pi05_droid", model_type="pi05", action_horizon=15, discrete_state_input=True, **_DROID),
+    RobotProfile(name="pi0_droid", model_type="pi0", action_horizon=10, **_DROID),
+    RobotProfile(name="pi0_aloha", model_type="pi0", **_ALOHA),
+    RobotProfile(name="pi05_aloha", model_type="pi05", discrete_state_input=True, **_ALOHA),
+    # Any robot: set state_dim / action_dim / cameras / horizon through get_profile's overrides.
+    RobotProfile(name="generic", model_type="",
+                 camera_slots=(("base", BASE_SLOT), ("left_wrist", LEFT_WRIST_SLOT),
+                               ("right_wrist", RIGHT_WRIST_SLOT)),
+                 always_valid_slots=(BASE_SLOT,), state_dim=32, action_dim=32, action_horizon=50,
+                 action_period_s=0.1),
+)
+# Short names follow PolicyConfig's default model_preset, "pi05".
+_ALIASES = {"libero": "pi05_libero", "droid": "pi05_droid", "aloha": "pi05_aloha"}
+PROFILES: Mapping[str, RobotProfile] = MappingProxyType({
+    **{profile.name: profile for profile in _CANONICAL},
+    **{alias: next(p for p in _CANONICAL if p.name == target) for alias, target in _ALIASES.items()},
+})
+
+
+def get_profile(name: str, **overrides: object) -> RobotProfile:
+    """The profile called `name`, with any fields replaced by `overrides` (validated).
+
+    Raises KeyError listing the valid names for an unknown name, ConfigError for a bad override.
+    """
+    if name not in PROFILES:
+        raise KeyError(f"unknown robot profile {name!r}; valid names: {sorted(PROFILES)}")
+    profile = PROFILES[name]
+    if not overrides:
+        return profile
+    fields = {f.name for f in dataclasses.fields(RobotProfile)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown robot profile fields {unknown}; valid fields: {sorted(fields)}")
+    return dataclasses.replace(profile, **overrides)  # type: ignore[arg-type]
+
+
+# --- Images ---------------------------------------------------------------------------------------
+
+def resize_with_pad(image: np.ndarray, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> np.ndarray:
+    """openpi_client's resize_with_pad: scale to fit, keep the aspect ratio, pad black, centred.
+
+    An image already at the size is returned as is. Otherwise ratio = max(w / width, h / height),
+    the new size is int(w / ratio) x int(h / ratio), and it is pasted at
+    (int((width - w') / 2), int((height - h') / 2)), any odd pixel of padding going bottom / right.
+    Note: openpi_client resizes with PIL's bilinear filter, which widens its support when
+    shrinking (antialiasing); cv2's INTER_LINEAR does not, so pixel values may differ from
+    openpi's (the geometry is the same).
+    """
+    in_height, in_width = image.shape[:2]
+    if (in_height, in_width) == (height, width):
+        return image
+    ratio = max(in_width / width, in_height / height)
+    new_width, new_height = int(in_width / ratio), int(in_height / ratio)
+    if new_width == 0 or new_height == 0:
+        raise ObservationError(
+            f"image {in_width}x{in_height} is too thin to resize into {width}x{height} (it becomes "
+            f"{new_width}x{new_height})"
+        )
+    resized = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+    canvas = np.zeros((height, width, image.shape[2]), dtype=image.dtype)
+    top = max(0, int((height - new_height) / 2))
+    left = max(0, int((width - new_width) / 2))
+    canvas[top : top + new_height, left : left + new_width] = resized.reshape(new_height, new_width, -1)
+    return canvas
+
+
+def _check_image(camera: str, image: object) -> np.ndarray:
+    expected = "a uint8 RGB image [H, W, 3]"
+    if not isinstance(image, np.ndarray):
+        raise ObservationError(f"camera '{camera}': expected {expected}, found {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ObservationError(f"camera '{camera}': expected {expected}, found dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ObservationError(f"camera '{camera}': expected {expected}, found shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ObservationError(f"camera '{camera}': expected a non-empty image, found shape {image.shape}")
+    return image
+
+
+def _check_camera_names(profile: RobotProfile, images: Mapping[str, np.ndarray]) -> None:
+    known = set(profile.slot_of_camera) | set(profile.ignored_cameras)
+    unknown = sorted(set(images) - known)
+    if unknown:
+        raise ObservationError(
+            f"profile '{profile.name}' expects cameras {sorted(known)}, found unknown {unknown}"
+        )
+    missing = [camera for camera in profile.required_cameras if camera not in images]
+    if missing:
+        raise ObservationError(
+            f"profile '{profile.name}' requires cameras {list(profile.required_cameras)}, missing {missing}"
+        )
+
+
+# --- State and actions ----------------------------------------------------------------------------
+
+# ALOHA gripper constants, as in openpi aloha_policy.py (from the ALOHA and Interbotix code).
+_ALOHA_GRIPPER_LINEAR_M = (0.01844, 0.05800)  # puppet gripper position, open .. closed
+_INTERBOTIX_ARM_LENGTH_M = 0.036
+_INTERBOTIX_HORN_RADIUS_M = 0.022
+# pi's gripper range: encoder counts 2405 .. 3110 of 4096 around zero 2048, in radians.
+_PI_GRIPPER_RAD = (0.5476, 1.6296)
+_ALOHA_GRIPPER_JOINT_RAD = (-0.6213, 1.4910)  # puppet gripper joint, open .. close
+
+
+def _to_unit(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    return (x - low) / (high - low)
+
+
+def _from_unit(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    return x * (high - low) + low
+
+
+def aloha_gripper_to_pi(value: np.ndarray) -> np.ndarray:
+    """ALOHA state gripper (normalized linear position) -> pi's normalized gripper angle."""
+    linear = _from_unit(np.asarray(value, dtype=np.float64), *_ALOHA_GRIPPER_LINEAR_M)
+    horn, arm = _INTERBOTIX_HORN_RADIUS_M, _INTERBOTIX_ARM_LENGTH_M
+    # Inverse of Interbotix's angle -> linear gripper mapping (law of cosines on the horn linkage).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sine = (horn**2 + linear**2 - arm**2) / (2.0 * horn * linear)
+    angle = np.arcsin(np.clip(sine, -1.0, 1.0))
+    return _to_unit(angle, *_PI_GRIPPER_RAD)
+
+
+def aloha_gripper_from_pi(value: np.ndarray) -> np.ndarray:
+    """pi's gripper action -> ALOHA's normalized gripper joint (the model predicts radians)."""
+    return _to_unit(np.asarray(value, dtype=np.float64) + _PI_GRIPPER_RAD[0], *_ALOHA_GRIPPER_JOINT_RAD)
+
+
+def aloha_gripper_from_pi_inverse(value: np.ndarray) -> np.ndarray:
+    """Exact inverse of `aloha_gripper_from_pi` (openpi uses it on training actions)."""
+    return _from_unit(np.asarray(value, dtype=np.float64), *_ALOHA_GRIPPER_JOINT_RAD) - _PI_GRIPPER_RAD[0]
+
+
+def _check_state(profile: RobotProfile, state: np.ndarray) -> np.ndarray:
+    values = np.asarray(state, dtype=np.float64)
+    if values.shape != (profile.state_dim,):
+        raise ObservationError(
+            f"profile '{profile.name}': expected state of shape ({profile.state_dim},), found {values.shape}"
+        )
+    if not np.all(np.isfinite(values)):
+        raise ObservationError(f"profile '{profile.name}': state must be finite, found {values.tolist()}")
+    return values
+
+
+def transform_state(profile: RobotProfile, state: np.ndarray) -> np.ndarray:
+    """The robot input transform of the state (ALOHA: sign flips, gripper to pi's angle)."""
+    values = _check_state(profile, state).copy()
+    if profile.joint_signs:
+        values *= np.asarray(profile.joint_signs)
+    dims = list(profile.aloha_gripper_dims)
+    if dims:
+        values[dims] = aloha_gripper_to_pi(values[dims])
+    return values.astype(np.float32)
+
+
+class PreparedInputs(NamedTuple):
+    """Model-side inputs of one observation, before normalization.
+
+    images: slot -> uint8 [224, 224, 3], every slot of IMAGE_SLOTS, in that order.
+    image_masks: slot -> bool, False for a slot without a camera (its image is black).
+    state: float32 [state_dim], after the robot input transform.
+    """
+
+    images: dict[str, np.ndarray]
+    image_masks: dict[str, bool]
+    state: np.ndarray
+
+
+def prepare_inputs(profile: RobotProfile, images: Mapping[str, np.ndarray], state: np.ndarray) -> PreparedInputs:
+    """Map a robot observation to the model's image slots, masks and transformed state.
+
+    Raises ObservationError for an unknown or missing required camera, a bad image (not uint8
+    [H, W, 3]) or a state of the wrong length.
+    """
+    _check_camera_names(profile, images)
+    camera_of_slot = profile.camera_of_slot
+    slot_images: dict[str, np.ndarray] = {}
+    slot_masks: dict[str, bool] = {}
+    for slot in IMAGE_SLOTS:
+        camera = camera_of_slot.get(slot)
+        if camera is not None and camera in images:
+            slot_images[slot] = resize_with_pad(_check_image(camera, images[camera]))
+            slot_masks[slot] = True
+        else:
+            slot_images[slot] = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            slot_masks[slot] = False
+    return PreparedInputs(images=slot_images, image_masks=slot_masks, state=transform_state(profile, state))
+
+
+def finalize_actions(profile: RobotProfile, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """The robot output transform: absolute actions where trained on deltas, robot dims, ALOHA maps.
+
+    actions: [H, D >= action_dim], unnormalized model output.
+    state: what `prepare_inputs` returned as state (robot transform applied, not normalized).
+    Returns float32 [H, action_dim] in the robot's units and conventions.
+    """
+    values = np.array(actions, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] < profile.action_dim:
+        raise ObservationError(
+            f"profile '{profile.name}': expected actions [H, >= {profile.action_dim}], found shape {values.shape}"
+        )
+    reference = _check_state(profile, state)
+    values = _add_delta_reference(profile.delta_action_mask, values, reference)[:, : profile.action_dim]
+    if profile.joint_signs:
+        values *= np.asarray(profile.joint_signs)
+    dims = list(profile.aloha_gripper_dims)
+    if dims:
+        values[:, dims] = aloha_gripper_from_pi(values[:, dims])
+    return values.astype(np.float32)
+
+
+def _add_delta_reference(mask: tuple[bool, ...], actions: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """openpi AbsoluteActions: actions[:, :n] += where(mask, state[:n], 0), n = len(mask)."""
+    if not mask:
+        return actions
+    n = len(mask)
+    # The model-side state is zero-padded, so dims past the robot's state add nothing.
+    reference = np.zeros(n)
+    reference[: min(n, len(state))] = state[:n]
+    actions[:, :n] += np.where(np.asarray(mask), reference, 0.0)
+    return actions

@@ -1,0 +1,288 @@
+"""Normalization: formulas and width rules of spec section 3, openpi and LeRobot stats files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from pi0_policy_ros.errors import CheckpointError, ConfigError
+from pi0_policy_ros.policy.normalize import (
+    NormStats,
+    Normalizer,
+    check_stats_dims,
+    find_openpi_norm_stats,
+    identity_stats,
+    load_lerobot_normalization,
+    load_lerobot_stats,
+    load_openpi_norm_stats,
+)
+from pi0_policy_ros.policy.robots import get_profile
+
+MEAN = np.array([1.0, -2.0, 0.5])
+STD = np.array([2.0, 0.5, 1.0])
+Q01 = np.array([-1.0, -3.0, 0.0])
+Q99 = np.array([3.0, 1.0, 0.0])  # last dim degenerate: q99 == q01
+
+
+def stats3() -> dict[str, NormStats]:
+    entry = NormStats(mean=MEAN, std=STD, q01=Q01, q99=Q99)
+    return {"state": entry, "actions": entry}
+
+
+def test_norm_stats_are_float32_read_only_and_one_width() -> None:
+    stats = NormStats(mean=[1, 2], std=[3, 4])
+    assert stats.mean.dtype == np.float32 and stats.dim == 2 and not stats.has_quantiles
+    with pytest.raises(ValueError):
+        stats.mean[0] = 0.0
+    with pytest.raises(ConfigError, match="one width"):
+        NormStats(mean=[1, 2], std=[3, 4], q01=[0], q99=[1])
+
+
+def test_openpi_zscore_formula_and_round_trip() -> None:
+    normalizer = Normalizer(stats3(), use_quantiles=False)
+    x = np.array([[3.0, -1.0, 10.0], [-5.0, 0.0, 0.5]])
+    normalized = normalizer.normalize("state", x)
+    np.testing.assert_allclose(normalized, (x - MEAN) / (STD + 1e-6), rtol=1e-6)
+    assert normalized.dtype == np.float32
+    np.testing.assert_allclose(normalizer.unnormalize("actions", normalized), x, rtol=1e-5, atol=1e-5)
+
+
+def test_openpi_quantile_formula_round_trip_and_no_clipping() -> None:
+    normalizer = Normalizer(stats3(), use_quantiles=True)
+    x = np.array([10.0, -3.0, 0.0])  # first dim far outside [q01, q99]
+    normalized = normalizer.normalize("state", x)
+    np.testing.assert_allclose(normalized, (x - Q01) / (Q99 - Q01 + 1e-6) * 2 - 1, rtol=1e-6)
+    assert normalized[0] > 1.0 and normalized[1] == pytest.approx(-1.0)
+    np.testing.assert_allclose(normalizer.unnormalize("actions", normalized), x, atol=1e-5)
+
+
+def test_quantile_and_zscore_differ() -> None:
+    x = np.array([2.0, 0.0, 0.3])
+    quantile = Normalizer(stats3(), use_quantiles=True).normalize("state", x)
+    zscore = Normalizer(stats3(), use_quantiles=False).normalize("state", x)
+    assert not np.allclose(quantile, zscore)
+
+
+def test_normalize_cuts_longer_stats_to_the_input_width() -> None:
+    normalizer = Normalizer(stats3(), use_quantiles=False)
+    np.testing.assert_allclose(normalizer.normalize("state", np.array([3.0, -1.0])),
+                               (np.array([3.0, -1.0]) - MEAN[:2]) / (STD[:2] + 1e-6), rtol=1e-6)
+    with pytest.raises(ConfigError, match="3 dims, fewer than the 5"):
+        normalizer.normalize("state", np.zeros(5))
+
+
+def test_zscore_unnormalize_pads_mean_with_0_and_std_with_1() -> None:
+    x = np.full((2, 5), 0.5)
+    out = Normalizer(stats3(), use_quantiles=False).unnormalize("actions", x)
+    np.testing.assert_allclose(out[:, :3], np.tile(0.5 * (STD + 1e-6) + MEAN, (2, 1)), rtol=1e-6)
+    np.testing.assert_allclose(out[:, 3:], 0.5 * (1.0 + 1e-6), rtol=1e-7)
+
+
+def test_quantile_unnormalize_passes_dims_past_the_stats_through() -> None:
+    x = np.array([[0.0, 1.0, -1.0, 7.0, -7.0]])
+    out = Normalizer(stats3(), use_quantiles=True).unnormalize("actions", x)
+    np.testing.assert_allclose(out[0, :3], (x[0, :3] + 1) / 2 * (Q99 - Q01 + 1e-6) + Q01, rtol=1e-6)
+    assert out[0, 3:].tolist() == [7.0, -7.0]
+
+
+def test_unnormalize_rejects_narrower_input_and_missing_keys() -> None:
+    normalizer = Normalizer(stats3(), use_quantiles=False)
+    with pytest.raises(ConfigError, match="more than the 2"):
+        normalizer.unnormalize("actions", np.zeros(2))
+    with pytest.raises(ConfigError, match="no norm stats for 'other'"):
+        normalizer.unnormalize("other", np.zeros(3))
+
+
+def test_normalize_skips_keys_without_stats() -> None:
+    x = np.array([1.5, 2.5])
+    np.testing.assert_array_equal(Normalizer(stats3(), use_quantiles=False).normalize("other", x), x)
+
+
+def test_quantile_normalization_without_quantiles_is_a_config_error() -> None:
+    stats = {"state": NormStats(mean=MEAN, std=STD), "actions": stats3()["actions"]}
+    with pytest.raises(ConfigError, match=r"q01 and q99.*\['state'\]"):
+        Normalizer(stats, use_quantiles=True)
+    Normalizer(stats, use_quantiles=False)  # z-score does not need them
+
+
+def test_lerobot_convention_formulas() -> None:
+    normalizer = Normalizer(stats3(), use_quantiles=False, convention="lerobot")
+    assert normalizer.eps == 1e-8
+    x = np.array([3.0, -1.0, 10.0])
+    np.testing.assert_allclose(normalizer.normalize("state", x), (x - MEAN) / (STD + 1e-8), rtol=1e-6)
+    np.testing.assert_allclose(normalizer.unnormalize("actions", x), x * STD + MEAN, rtol=1e-6)
+
+    quantile = Normalizer(stats3(), use_quantiles=True, convention="lerobot")
+    span = np.array([4.0, 4.0, 1e-8])  # eps only where q99 == q01
+    normalized = quantile.normalize("state", np.array([1.0, -1.0, 0.0]))
+    np.testing.assert_allclose(normalized, 2 * (np.array([1.0, -1.0, 0.0]) - Q01) / span - 1, rtol=1e-6)
+    np.testing.assert_allclose(quantile.unnormalize("actions", np.array([0.0, 0.5, 1.0])),
+                               (np.array([0.0, 0.5, 1.0]) + 1) * span / 2 + Q01, rtol=1e-6)
+
+
+def test_unknown_convention_and_explicit_eps() -> None:
+    with pytest.raises(ConfigError, match="convention"):
+        Normalizer(stats3(), use_quantiles=False, convention="jax")  # type: ignore[arg-type]
+    assert Normalizer(stats3(), use_quantiles=False, eps=1e-3).eps == 1e-3
+
+
+def test_identity_stats_leave_values_nearly_unchanged() -> None:
+    stats = identity_stats(state_dim=8, action_dim=7)
+    assert stats["state"].dim == 8 and stats["actions"].dim == 7
+    x = np.linspace(-1, 1, 7)
+    for use_quantiles in (False, True):
+        normalizer = Normalizer(stats, use_quantiles=use_quantiles)
+        np.testing.assert_allclose(normalizer.normalize("actions", x), x, atol=1e-5)
+        np.testing.assert_allclose(normalizer.unnormalize("actions", x), x, atol=1e-5)
+
+
+def test_check_stats_dims_names_both_numbers() -> None:
+    stats = identity_stats(state_dim=8, action_dim=7)
+    check_stats_dims(stats, get_profile("pi05_libero"))
+    with pytest.raises(ConfigError, match=r"'state' norm stats have 8 dims but the robot profile has 14"):
+        check_stats_dims(stats, get_profile("pi0_aloha"))
+    droid = get_profile("pi05_droid")
+    with pytest.raises(ConfigError, match=r"'actions' norm stats have 7 dims but the robot profile has 8"):
+        check_stats_dims(stats, droid)
+    check_stats_dims(identity_stats(8, 32), droid, allow_longer=True)
+    with pytest.raises(ConfigError, match="no 'actions' entry"):
+        check_stats_dims({"state": stats["state"]}, get_profile("pi05_libero"))
+
+
+# --- openpi norm_stats.json -----------------------------------------------------------------------
+
+def write_openpi_stats(directory: Path, with_quantiles: str) -> Path:
+    entry: dict[str, object] = {"mean": [0.0, 1.0], "std": [1.0, 2.0]}
+    if with_quantiles == "yes":
+        entry.update(q01=[-1.0, -2.0], q99=[1.0, 2.0])
+    elif with_quantiles == "null":
+        entry.update(q01=None, q99=None)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "norm_stats.json"
+    path.write_text(json.dumps({"norm_stats": {"state": entry, "actions": entry}}))
+    return path
+
+
+@pytest.mark.parametrize("with_quantiles", ["yes", "null", "absent"])
+def test_load_openpi_norm_stats(tmp_path: Path, with_quantiles: str) -> None:
+    path = write_openpi_stats(tmp_path, with_quantiles)
+    for source in (path, tmp_path):
+        stats = load_openpi_norm_stats(source)
+        assert sorted(stats) == ["actions", "state"]
+        assert stats["state"].std.tolist() == [1.0, 2.0]
+        assert stats["actions"].has_quantiles == (with_quantiles == "yes")
+
+
+def test_load_openpi_norm_stats_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_openpi_norm_stats(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stats": {}}))
+    with pytest.raises(CheckpointError, match="'norm_stats'"):
+        load_openpi_norm_stats(bad)
+    bad.write_text(json.dumps({"norm_stats": {"state": {"mean": [0.0]}}}))
+    with pytest.raises(CheckpointError, match="'mean' and 'std'"):
+        load_openpi_norm_stats(bad)
+    bad.write_text(json.dumps({"norm_stats": {"state": {"mean": [0.0], "std": [1.0, 2.0]}}}))
+    with pytest.raises(CheckpointError, match="one width"):
+        load_openpi_norm_stats(bad)
+
+
+def test_find_openpi_norm_stats(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="found 0"):
+        find_openpi_norm_stats(tmp_path)
+    write_openpi_stats(tmp_path / "assets" / "trossen", "yes")
+    assert find_openpi_norm_stats(tmp_path) == tmp_path / "assets" / "trossen" / "norm_stats.json"
+    write_openpi_stats(tmp_path / "assets" / "droid", "yes")
+    with pytest.raises(ConfigError, match=r"found 2: \['droid', 'trossen'\]"):
+        find_openpi_norm_stats(tmp_path)
+    assert find_openpi_norm_stats(tmp_path, "droid").parent.name == "droid"
+    with pytest.raises(ConfigError, match="libero"):
+        find_openpi_norm_stats(tmp_path, "libero")
+
+
+# --- LeRobot processor files ----------------------------------------------------------------------
+
+def lerobot_step(registry_name: str, state_file: str | None, norm_map: dict[str, str]) -> dict[str, object]:
+    step: dict[str, object] = {
+        "registry_name": registry_name,
+        "config": {
+            "eps": 1e-8,
+            "features": {"observation.state": {"type": "STATE", "shape": [8]},
+                         "action": {"type": "ACTION", "shape": [7]}},
+            "norm_map": norm_map,
+        },
+    }
+    if state_file is not None:
+        step["state_file"] = state_file
+    return step
+
+
+def write_lerobot_checkpoint(directory: Path, mode: str = "QUANTILES") -> None:
+    """Processor files as LeRobot 0.6.x lays them out (normalizer at step 3)."""
+    norm_map = {"VISUAL": "IDENTITY", "STATE": mode, "ACTION": mode}
+    rng = np.random.default_rng(0)
+    pre_stats: dict[str, np.ndarray] = {}
+    for feature, dim in (("observation.state", 8), ("action", 7)):
+        for stat in ("mean", "std", "min", "max", "q01", "q99"):
+            pre_stats[f"{feature}.{stat}"] = rng.normal(size=dim).astype(np.float32)
+    pre_stats["observation.images.base.mean"] = np.zeros((3, 1, 1), dtype=np.float32)
+    post_stats = {k: v + 100.0 for k, v in pre_stats.items() if k.startswith("action.")}
+    save_file(pre_stats, str(directory / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    save_file(post_stats, str(directory / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"))
+    pre = {"name": "policy_preprocessor", "steps": [
+        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+        {"registry_name": "to_batch_processor", "config": {}},
+        {"registry_name": "pi05_prepare_state_tokenizer_processor_step", "config": {}},
+        lerobot_step("normalizer_processor", "policy_preprocessor_step_3_normalizer_processor.safetensors", norm_map),
+    ]}
+    post = {"name": "policy_postprocessor", "steps": [
+        lerobot_step("unnormalizer_processor", "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
+                     norm_map),
+        {"registry_name": "device_processor", "config": {"device": "cpu"}},
+    ]}
+    (directory / "policy_preprocessor.json").write_text(json.dumps(pre))
+    (directory / "policy_postprocessor.json").write_text(json.dumps(post))
+
+
+def test_load_lerobot_stats_follows_state_file_entries(tmp_path: Path) -> None:
+    write_lerobot_checkpoint(tmp_path)
+    stats = load_lerobot_stats(tmp_path)
+    assert sorted(stats) == ["actions", "state"]
+    assert stats["state"].dim == 8 and stats["actions"].dim == 7 and stats["state"].has_quantiles
+    # Actions come from the postprocessor's unnormalizer (its stats were shifted by 100).
+    assert stats["actions"].mean.min() > 90.0 and stats["state"].mean.max() < 10.0
+
+
+@pytest.mark.parametrize(("mode", "use_quantiles"), [("QUANTILES", True), ("MEAN_STD", False)])
+def test_load_lerobot_normalization_reads_modes_and_eps(tmp_path: Path, mode: str, use_quantiles: bool) -> None:
+    write_lerobot_checkpoint(tmp_path, mode)
+    loaded = load_lerobot_normalization(tmp_path)
+    assert loaded.use_quantiles is use_quantiles and loaded.eps == 1e-8
+    normalizer = loaded.normalizer()
+    assert normalizer.convention == "lerobot" and normalizer.use_quantiles is use_quantiles
+
+
+def test_lerobot_mixed_modes_are_a_config_error(tmp_path: Path) -> None:
+    write_lerobot_checkpoint(tmp_path)
+    document = json.loads((tmp_path / "policy_postprocessor.json").read_text())
+    document["steps"][0]["config"]["norm_map"]["ACTION"] = "MIN_MAX"
+    (tmp_path / "policy_postprocessor.json").write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="ACTION='MIN_MAX'"):
+        _ = load_lerobot_normalization(tmp_path).use_quantiles
+
+
+def test_lerobot_loader_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="policy_preprocessor.json"):
+        load_lerobot_stats(tmp_path)
+    write_lerobot_checkpoint(tmp_path)
+    (tmp_path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="unnormalizer_processor"):
+        load_lerobot_stats(tmp_path)
+    (tmp_path / "policy_preprocessor.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read LeRobot processor file"):
+        load_lerobot_stats(tmp_path)

@@ -1,0 +1,230 @@
+"""Robot profiles and transforms: spec sections 4 and 5 on synthetic observations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.policy.robots import (
+    IMAGE_SLOTS,
+    PROFILES,
+    aloha_gripper_from_pi,
+    aloha_gripper_from_pi_inverse,
+    aloha_gripper_to_pi,
+    finalize_actions,
+    get_profile,
+    make_bool_mask,
+    prepare_inputs,
+    resize_with_pad,
+)
+
+BASE, LEFT, RIGHT = IMAGE_SLOTS
+
+
+def image(height: int, width: int, value: int = 200) -> np.ndarray:
+    return np.full((height, width, 3), value, dtype=np.uint8)
+
+
+def test_make_bool_mask_runs() -> None:
+    assert make_bool_mask(2, -2, 2) == (True, True, False, False, True, True)
+    assert make_bool_mask(6, -1) == (True,) * 6 + (False,)
+
+
+@pytest.mark.parametrize(
+    ("name", "state_dim", "action_dim", "horizon", "delta", "discrete", "period_s"),
+    [
+        ("pi05_libero", 8, 7, 10, (), False, 0.1),
+        ("pi0_libero", 8, 7, 50, make_bool_mask(6, -1), False, 0.1),
+        ("pi05_droid", 8, 8, 15, (), True, 1 / 15),
+        ("pi0_droid", 8, 8, 10, (), False, 1 / 15),
+        ("pi0_aloha", 14, 14, 50, make_bool_mask(6, -1, 6, -1), False, 0.02),
+        ("pi05_aloha", 14, 14, 50, make_bool_mask(6, -1, 6, -1), True, 0.02),
+    ],
+)
+def test_profiles_follow_the_openpi_configs(
+    name: str, state_dim: int, action_dim: int, horizon: int, delta: tuple[bool, ...], discrete: bool, period_s: float
+) -> None:
+    profile = get_profile(name)
+    assert profile.name == name
+    assert (profile.state_dim, profile.action_dim, profile.action_horizon) == (state_dim, action_dim, horizon)
+    assert profile.delta_action_mask == delta and profile.discrete_state_input is discrete
+    assert profile.action_period_s == pytest.approx(period_s)
+    assert not profile.joint_names or len(profile.joint_names) == action_dim
+
+
+def test_get_profile_aliases_overrides_and_errors() -> None:
+    assert get_profile("libero") is PROFILES["pi05_libero"]
+    with pytest.raises(KeyError, match=r"valid names: \[.*'generic'.*'pi05_libero'"):
+        get_profile("franka")
+    generic = get_profile("generic", state_dim=6, action_dim=6, camera_slots={"front": BASE}, action_horizon=20)
+    assert generic.camera_slots == (("front", BASE),) and generic.state_dim == 6
+    with pytest.raises(ConfigError, match="unknown robot profile fields"):
+        get_profile("generic", horizon=20)
+    with pytest.raises(ConfigError, match="state_dim must be > 0, found 0"):
+        get_profile("generic", state_dim=0)
+    with pytest.raises(ConfigError, match="camera slots must be among"):
+        get_profile("generic", camera_slots={"front": "base_1_rgb"})
+    with pytest.raises(ConfigError, match="delta_action_mask"):
+        get_profile("generic", action_dim=2, delta_action_mask=(True,) * 3)
+
+
+def test_libero_maps_cameras_pads_the_right_wrist_and_keeps_the_state() -> None:
+    state = np.arange(8, dtype=np.float64) / 10
+    inputs = prepare_inputs(get_profile("pi05_libero"), {"image": image(224, 224, 10),
+                                                           "wrist_image": image(224, 224, 20)}, state)
+    assert list(inputs.images) == list(IMAGE_SLOTS)
+    assert inputs.image_masks == {BASE: True, LEFT: True, RIGHT: False}
+    assert (inputs.images[BASE] == 10).all() and (inputs.images[LEFT] == 20).all()
+    assert inputs.images[RIGHT].shape == (224, 224, 3) and not inputs.images[RIGHT].any()
+    assert inputs.state.dtype == np.float32
+    np.testing.assert_allclose(inputs.state, state, rtol=1e-7)
+
+
+def test_droid_maps_exterior_and_wrist_cameras() -> None:
+    inputs = prepare_inputs(get_profile("pi05_droid"),
+                            {"exterior_image_1_left": image(180, 320, 1), "wrist_image_left": image(180, 320, 2)},
+                            np.zeros(8))
+    assert inputs.image_masks == {BASE: True, LEFT: True, RIGHT: False}
+    assert inputs.images[BASE].max() == 1 and inputs.images[LEFT].max() == 2
+
+
+def test_aloha_missing_wrist_is_black_and_masked_cam_low_is_ignored() -> None:
+    profile = get_profile("pi0_aloha")
+    images = {"cam_high": image(480, 640), "cam_low": image(480, 640), "cam_right_wrist": image(480, 640, 7)}
+    inputs = prepare_inputs(profile, images, np.zeros(14))
+    assert inputs.image_masks == {BASE: True, LEFT: False, RIGHT: True}
+    assert not inputs.images[LEFT].any() and inputs.images[RIGHT].max() == 7
+
+
+def test_missing_required_and_unknown_cameras_are_observation_errors() -> None:
+    profile = get_profile("pi0_aloha")
+    with pytest.raises(ObservationError, match=r"requires cameras \['cam_high'\], missing \['cam_high'\]"):
+        prepare_inputs(profile, {"cam_left_wrist": image(224, 224)}, np.zeros(14))
+    with pytest.raises(ObservationError, match=r"found unknown \['top'\]"):
+        prepare_inputs(profile, {"cam_high": image(224, 224), "top": image(224, 224)}, np.zeros(14))
+
+
+@pytest.mark.parametrize(
+    ("bad", "found"),
+    [
+        (np.zeros((224, 224, 3), dtype=np.float32), "dtype float32"),
+        (np.zeros((3, 224, 224), dtype=np.uint8), r"shape \(3, 224, 224\)"),
+        (np.zeros((224, 224), dtype=np.uint8), r"shape \(224, 224\)"),
+        (np.zeros((224, 224, 4), dtype=np.uint8), r"shape \(224, 224, 4\)"),
+        (np.zeros((0, 10, 3), dtype=np.uint8), "non-empty"),
+        ([[0, 1]], "found list"),
+    ],
+)
+def test_bad_images_name_expected_and_found(bad: object, found: str) -> None:
+    with pytest.raises(ObservationError, match=found) as error:
+        prepare_inputs(get_profile("pi05_libero"), {"image": bad, "wrist_image": image(224, 224)}, np.zeros(8))
+    assert "camera 'image'" in str(error.value)
+
+
+@pytest.mark.parametrize("state", [np.zeros(7), np.zeros((1, 8)), np.array([0.0] * 7 + [np.nan])])
+def test_bad_state_is_an_observation_error(state: np.ndarray) -> None:
+    with pytest.raises(ObservationError, match="state"):
+        prepare_inputs(get_profile("pi05_libero"), {"image": image(224, 224), "wrist_image": image(224, 224)}, state)
+
+
+# --- resize_with_pad --------------------------------------------------------------------------------
+
+def test_resize_with_pad_wide_image_is_centred_with_bars_top_and_bottom() -> None:
+    out = resize_with_pad(image(480, 640, 255))
+    # ratio = 640 / 224, so 224 x 168 pasted at row int(56 / 2) = 28.
+    rows = np.flatnonzero(out[:, :, 0].any(axis=1))
+    assert (rows[0], rows[-1]) == (28, 195)
+    assert (out[28:196] == 255).all() and not out[:28].any() and not out[196:].any()
+
+
+def test_resize_with_pad_tall_image_puts_the_odd_pixel_right() -> None:
+    out = resize_with_pad(image(300, 200, 255))
+    # ratio = 300 / 224, width int(200 / ratio) = 149, left offset int(75 / 2) = 37, 38 black on the right.
+    cols = np.flatnonzero(out[:, :, 0].any(axis=0))
+    assert (cols[0], cols[-1]) == (37, 185)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+def test_resize_with_pad_upscales_and_keeps_224_images_as_they_are() -> None:
+    small = np.zeros((50, 100, 3), dtype=np.uint8)
+    small[:, :50] = 255  # left half white
+    out = resize_with_pad(small)
+    rows = np.flatnonzero(out.any(axis=(1, 2)))
+    assert (rows[0], rows[-1]) == (56, 167)
+    assert (out[56:168, :100] == 255).all() and not out[56:168, 124:].any()
+    square = image(224, 224)
+    assert resize_with_pad(square) is square
+
+
+def test_resize_with_pad_rejects_too_thin_images() -> None:
+    with pytest.raises(ObservationError, match="too thin"):
+        resize_with_pad(image(1, 1000))
+
+
+# --- Outputs ----------------------------------------------------------------------------------------
+
+def test_pi05_libero_keeps_the_first_7_dims_unchanged() -> None:
+    actions = np.random.default_rng(0).normal(size=(10, 32))
+    out = finalize_actions(get_profile("pi05_libero"), actions, np.ones(8))
+    assert out.shape == (10, 7) and out.dtype == np.float32
+    np.testing.assert_allclose(out, actions[:, :7], rtol=1e-6)
+
+
+def test_pi0_libero_rebuilds_absolute_arm_actions_but_not_the_gripper() -> None:
+    profile = get_profile("pi0_libero")
+    state = np.arange(1, 9, dtype=np.float64)
+    inputs = prepare_inputs(profile, {"image": image(224, 224), "wrist_image": image(224, 224)}, state)
+    deltas = np.full((50, 32), 0.5)
+    out = finalize_actions(profile, deltas, inputs.state)
+    np.testing.assert_allclose(out[:, :6], np.tile(state[:6] + 0.5, (50, 1)))
+    np.testing.assert_allclose(out[:, 6], 0.5)
+
+
+def test_aloha_round_trip_zero_deltas_give_back_the_joint_state() -> None:
+    profile = get_profile("pi0_aloha")
+    joints = np.random.default_rng(1).uniform(-1, 1, size=14)
+    joints[[6, 13]] = [0.2, 0.8]  # grippers, normalized linear position
+    inputs = prepare_inputs(profile, {"cam_high": image(224, 224)}, joints)
+    # Input transform: sign flips on joints 1, 2, 8, 9, grippers mapped to pi's angle.
+    flips = np.array([1, -1, -1, 1, 1, 1, 1, 1, -1, -1, 1, 1, 1, 1])
+    arm = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+    np.testing.assert_allclose(inputs.state[arm], (flips * joints)[arm], rtol=1e-6)
+    np.testing.assert_allclose(inputs.state[[6, 13]], aloha_gripper_to_pi(joints[[6, 13]]), rtol=1e-6)
+    # Output: zero deltas on the joints -> the original joints; grippers are absolute.
+    gripper_pi = np.array([0.1, 0.3])
+    actions = np.zeros((50, 32))
+    actions[:, [6, 13]] = gripper_pi
+    out = finalize_actions(profile, actions, inputs.state)
+    assert out.shape == (50, 14)
+    np.testing.assert_allclose(out[:, arm], np.tile(joints[arm], (50, 1)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[:, [6, 13]], np.tile(aloha_gripper_from_pi(gripper_pi), (50, 1)), rtol=1e-6)
+
+
+def test_aloha_gripper_maps() -> None:
+    # Fully closed linear position 0.058 m gives sin = 1, i.e. pi / 2 rad on pi's (0.5476, 1.6296) scale.
+    assert aloha_gripper_to_pi(np.array(1.0)) == pytest.approx((np.pi / 2 - 0.5476) / (1.6296 - 0.5476))
+    linear = np.linspace(0.0, 1.0, 11)
+    assert np.all(np.diff(aloha_gripper_to_pi(linear)) > 0)
+    # Action map: value + 0.5476 on ALOHA's gripper joint range (-0.6213, 1.4910), and its inverse.
+    assert aloha_gripper_from_pi(np.array(-0.5476 - 0.6213)) == pytest.approx(0.0)
+    assert aloha_gripper_from_pi(np.array(1.4910 - 0.5476)) == pytest.approx(1.0)
+    values = np.linspace(-1.0, 2.0, 7)
+    np.testing.assert_allclose(aloha_gripper_from_pi_inverse(aloha_gripper_from_pi(values)), values, atol=1e-12)
+
+
+def test_finalize_actions_checks_shapes() -> None:
+    profile = get_profile("pi0_aloha")
+    with pytest.raises(ObservationError, match=r"expected actions \[H, >= 14\], found shape \(50, 8\)"):
+        finalize_actions(profile, np.zeros((50, 8)), np.zeros(14))
+    with pytest.raises(ObservationError, match=r"expected state of shape \(14,\)"):
+        finalize_actions(profile, np.zeros((50, 32)), np.zeros(8))
+
+
+def test_generic_profile_from_parameters() -> None:
+    profile = get_profile("generic", state_dim=6, action_dim=6, delta_action_mask=make_bool_mask(5, -1),
+                          camera_slots={"front": BASE, "hand": RIGHT})
+    inputs = prepare_inputs(profile, {"front": image(100, 100), "hand": image(100, 100)}, np.ones(6))
+    assert inputs.image_masks == {BASE: True, LEFT: False, RIGHT: True}
+    out = finalize_actions(profile, np.zeros((4, 32)), inputs.state)
+    assert out.shape == (4, 6) and out[:, :5].tolist() == [[1.0] * 5] * 4 and not out[:, 5].any()
