@@ -1,0 +1,170 @@
+"""SafetyFilter: the last check between the policy and the actuators. ROS-free, numpy only.
+
+Each limit has a policy: `clamp` (bring the chunk inside the limit, count it) or `reject` (drop
+the whole chunk, count it). A NaN / Inf anywhere always rejects. Limits, in the order applied:
+1. gripper range on the gripper dims;
+2. joint position limits [lower, upper] per action dim;
+3. max change per action step, |a[k] - a[k-1]| (a[-1] is the current position when known);
+4. velocity limit |a[k] - a[k-1]| / period.
+Steps 3 and 4 act as a rate limiter when clamping: each action moves at most the allowed amount
+from the previous (already limited) one, so the clamped chunk is continuous from the robot's
+current position. A rejected chunk means the caller holds (see the node's hold policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+POLICIES = ("clamp", "reject")
+LIMITS = ("nonfinite", "gripper", "position", "step", "velocity")
+
+
+def _as_array(values: tuple[float, ...] | float, dim: int, name: str) -> np.ndarray | None:
+    """() → no limit; one value → every dim; dim values → per dim."""
+    if values == () or values is None:
+        return None
+    array = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if array.size == 1:
+        return np.full(dim, float(array[0]))
+    if array.size != dim:
+        raise ValueError(f"{name} needs 1 or {dim} values (one per action dim), found {array.size}")
+    return array
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """Limits in the robot's action units; empty tuples switch a limit off."""
+
+    position_lower: tuple[float, ...] = ()
+    position_upper: tuple[float, ...] = ()
+    max_step: tuple[float, ...] = ()
+    max_velocity: tuple[float, ...] = ()  # units per second
+    gripper_dims: tuple[int, ...] = ()
+    gripper_range: tuple[float, ...] = ()  # (lower, upper)
+    position_policy: str = "clamp"
+    step_policy: str = "clamp"
+    velocity_policy: str = "clamp"
+    gripper_policy: str = "clamp"
+
+    def __post_init__(self) -> None:
+        for name in ("position_policy", "step_policy", "velocity_policy", "gripper_policy"):
+            if getattr(self, name) not in POLICIES:
+                raise ValueError(f"{name} must be one of {POLICIES}, found {getattr(self, name)!r}")
+        if self.gripper_range and len(self.gripper_range) != 2:
+            raise ValueError(f"gripper_range needs (lower, upper), found {self.gripper_range}")
+        if bool(self.gripper_dims) != bool(self.gripper_range):
+            raise ValueError("gripper_dims and gripper_range go together")
+
+
+@dataclass(frozen=True)
+class SafetyResult:
+    """actions: the chunk to execute, or None when rejected. reason: why it was rejected or
+    which limits clamped it ("" when untouched)."""
+
+    actions: np.ndarray | None
+    rejected: bool
+    reason: str = ""
+    clamped: tuple[str, ...] = ()
+
+
+@dataclass
+class SafetyFilter:
+    config: SafetyConfig
+    action_dim: int
+    period_s: float
+    clamp_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
+    reject_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0:
+            raise ValueError(f"period_s must be > 0, found {self.period_s}")
+        cfg, dim = self.config, self.action_dim
+        self._lower = _as_array(cfg.position_lower, dim, "position_lower")
+        self._upper = _as_array(cfg.position_upper, dim, "position_upper")
+        if (self._lower is None) != (self._upper is None):
+            raise ValueError("position_lower and position_upper go together")
+        if self._lower is not None and np.any(self._lower > self._upper):
+            raise ValueError(f"position_lower must be ≤ position_upper, found {self._lower} > {self._upper}")
+        self._max_step = _as_array(cfg.max_step, dim, "max_step")
+        max_velocity = _as_array(cfg.max_velocity, dim, "max_velocity")
+        self._max_velocity_step = None if max_velocity is None else max_velocity * self.period_s
+        bad = [d for d in cfg.gripper_dims if not 0 <= d < dim]
+        if bad:
+            raise ValueError(f"gripper_dims {bad} are outside the {dim} action dims")
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Flat counters for diagnostics: clamp.<limit> and reject.<limit>."""
+        return {**{f"clamp.{k}": v for k, v in self.clamp_counts.items()},
+                **{f"reject.{k}": v for k, v in self.reject_counts.items()}}
+
+    def apply(self, actions: np.ndarray, current: np.ndarray | None = None) -> SafetyResult:
+        """Check one chunk [H, action_dim]. `current`: the robot's position in the same units,
+        the reference for the first step (None skips the first step's check)."""
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.ndim != 2 or actions.shape[1] != self.action_dim:
+            return self._reject("nonfinite", f"chunk shape {actions.shape}, expected [H, {self.action_dim}]")
+        if not np.all(np.isfinite(actions)):
+            bad = np.argwhere(~np.isfinite(actions))[0]
+            return self._reject("nonfinite", f"NaN/Inf in the model output (first at step {bad[0]}, dim {bad[1]})")
+        if current is not None:
+            current = np.asarray(current, dtype=np.float64)
+            if current.shape != (self.action_dim,) or not np.all(np.isfinite(current)):
+                current = None  # no trustworthy reference: check steps within the chunk only
+        out = actions.copy()
+        clamped: list[str] = []
+        cfg = self.config
+        if cfg.gripper_dims:
+            dims = list(cfg.gripper_dims)
+            lower, upper = cfg.gripper_range
+            outside = (out[:, dims] < lower) | (out[:, dims] > upper)
+            if np.any(outside):
+                if cfg.gripper_policy == "reject":
+                    return self._reject("gripper", f"gripper outside [{lower}, {upper}]")
+                out[:, dims] = np.clip(out[:, dims], lower, upper)
+                clamped.append("gripper")
+        if self._lower is not None:
+            outside = (out < self._lower) | (out > self._upper)
+            if np.any(outside):
+                step, dim = np.argwhere(outside)[0]
+                if cfg.position_policy == "reject":
+                    return self._reject("position", f"dim {dim} = {out[step, dim]:.4g} at step {step} is outside "
+                                                    f"[{self._lower[dim]:.4g}, {self._upper[dim]:.4g}]")
+                out = np.clip(out, self._lower, self._upper)
+                clamped.append("position")
+        for name, limit, policy in (("step", self._max_step, cfg.step_policy),
+                                    ("velocity", self._max_velocity_step, cfg.velocity_policy)):
+            if limit is None:
+                continue
+            limited, violated = _rate_limit(out, current, limit)
+            if violated:
+                if policy == "reject":
+                    return self._reject(name, f"an action step exceeds the {name} limit {limit.tolist()}"
+                                              f" per {self.period_s:g} s step")
+                out = limited
+                clamped.append(name)
+        for name in clamped:
+            self.clamp_counts[name] += 1
+        return SafetyResult(out.astype(np.float32), rejected=False, reason=",".join(clamped), clamped=tuple(clamped))
+
+    def _reject(self, limit: str, reason: str) -> SafetyResult:
+        self.reject_counts[limit] += 1
+        return SafetyResult(None, rejected=True, reason=f"{limit}: {reason}")
+
+
+def _rate_limit(actions: np.ndarray, current: np.ndarray | None, max_step: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Limit each action's change from the previous one to ±max_step, in order. Returns the
+    limited chunk and whether anything was over the limit (with a small tolerance for rounding)."""
+    out = actions.copy()
+    previous = current
+    violated = False
+    for k in range(out.shape[0]):
+        if previous is not None:
+            delta = out[k] - previous
+            if np.any(np.abs(delta) > max_step * (1 + 1e-9) + 1e-12):
+                violated = True
+                out[k] = previous + np.clip(delta, -max_step, max_step)
+        previous = out[k]
+    return out, violated

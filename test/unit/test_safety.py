@@ -1,0 +1,97 @@
+"""SafetyFilter: every limit in clamp and reject mode, NaN guard, counters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
+
+PERIOD_S = 0.1
+
+
+def make(**kwargs) -> SafetyFilter:
+    return SafetyFilter(SafetyConfig(**kwargs), action_dim=3, period_s=PERIOD_S)
+
+
+def ramp(h: int = 5, slope: float = 0.01) -> np.ndarray:
+    return np.tile(np.arange(h, dtype=np.float64)[:, None] * slope, (1, 3))
+
+
+def test_chunk_inside_every_limit_passes_untouched() -> None:
+    f = make(position_lower=(-1,), position_upper=(1,), max_step=(0.05,), max_velocity=(0.5,),
+             gripper_dims=(2,), gripper_range=(-1, 1))
+    result = f.apply(ramp(), current=np.zeros(3))
+    assert not result.rejected and result.reason == ""
+    np.testing.assert_allclose(result.actions, ramp(), atol=1e-7)
+    assert all(v == 0 for v in f.counters.values())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_output_always_rejects(bad: float) -> None:
+    f = make()
+    chunk = ramp()
+    chunk[3, 1] = bad
+    result = f.apply(chunk)
+    assert result.rejected and result.actions is None
+    assert "NaN/Inf" in result.reason and "step 3, dim 1" in result.reason
+    assert f.reject_counts["nonfinite"] == 1
+
+
+def test_position_limits_clamp_and_reject() -> None:
+    chunk = ramp()
+    chunk[2, 0] = 3.0
+    clamp = make(position_lower=(-1, -1, -1), position_upper=(1, 2, 2))
+    result = clamp.apply(chunk)
+    assert result.clamped == ("position",) and result.actions[2, 0] == pytest.approx(1.0)
+    assert clamp.clamp_counts["position"] == 1
+    reject = make(position_lower=(-1,), position_upper=(1,), position_policy="reject")
+    result = reject.apply(chunk)
+    assert result.rejected and "dim 0 = 3 at step 2 is outside [-1, 1]" in result.reason
+
+
+def test_step_limit_rate_limits_from_the_current_position() -> None:
+    f = make(max_step=(0.1,))
+    chunk = np.full((4, 3), 0.5)  # a jump of 0.5 from the current position 0
+    result = f.apply(chunk, current=np.zeros(3))
+    assert result.clamped == ("step",)
+    np.testing.assert_allclose(result.actions[:, 0], [0.1, 0.2, 0.3, 0.4], atol=1e-6)
+    assert np.all(np.abs(np.diff(result.actions, axis=0)) <= 0.1 + 1e-6)
+
+
+def test_step_limit_reject_mode() -> None:
+    f = make(max_step=(0.1,), step_policy="reject")
+    result = f.apply(np.full((4, 3), 0.5), current=np.zeros(3))
+    assert result.rejected and result.reason.startswith("step:")
+    assert f.reject_counts["step"] == 1
+
+
+def test_velocity_limit_uses_the_action_period() -> None:
+    f = make(max_velocity=(1.0,))  # 1 unit/s at 0.1 s per action = 0.1 per step
+    result = f.apply(np.full((3, 3), 1.0), current=np.zeros(3))
+    np.testing.assert_allclose(result.actions[:, 2], [0.1, 0.2, 0.3], atol=1e-6)
+    assert result.clamped == ("velocity",)
+
+
+def test_gripper_range_clamp_and_reject() -> None:
+    chunk = ramp()
+    chunk[:, 2] = 1.7
+    result = make(gripper_dims=(2,), gripper_range=(0.0, 1.0)).apply(chunk)
+    assert np.all(result.actions[:, 2] == 1.0) and result.clamped == ("gripper",)
+    result = make(gripper_dims=(2,), gripper_range=(0.0, 1.0), gripper_policy="reject").apply(chunk)
+    assert result.rejected and "gripper outside [0.0, 1.0]" in result.reason
+
+
+def test_wrong_shape_is_rejected_not_passed() -> None:
+    assert make().apply(np.zeros((5, 2))).rejected
+
+
+def test_configuration_errors_name_what_was_expected() -> None:
+    with pytest.raises(ValueError, match="1 or 3 values"):
+        make(max_step=(0.1, 0.2))
+    with pytest.raises(ValueError, match="position_policy must be one of"):
+        make(position_policy="ignore")
+    with pytest.raises(ValueError, match="outside the 3 action dims"):
+        make(gripper_dims=(5,), gripper_range=(0, 1))
+    with pytest.raises(ValueError, match="go together"):
+        make(position_lower=(0,))
