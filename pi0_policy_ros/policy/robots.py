@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, NamedTuple
 
-import cv2
 import numpy as np
 
 from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.policy.resize import pil_bilinear_resize
 
 BASE_SLOT = "base_0_rgb"
 LEFT_WRIST_SLOT = "left_wrist_0_rgb"
@@ -235,11 +235,10 @@ def resize_with_pad(image: np.ndarray, height: int = IMAGE_SIZE, width: int = IM
     """openpi_client's resize_with_pad: scale to fit, keep the aspect ratio, pad black, centred.
 
     An image already at the size is returned as is. Otherwise ratio = max(w / width, h / height),
-    the new size is int(w / ratio) x int(h / ratio), and it is pasted at
-    (int((width - w') / 2), int((height - h') / 2)), any odd pixel of padding going bottom / right.
-    Note: openpi_client resizes with PIL's bilinear filter, which widens its support when
-    shrinking (antialiasing); cv2's INTER_LINEAR does not, so pixel values may differ from
-    openpi's (the geometry is the same).
+    the new size is int(w / ratio) x int(h / ratio), resized with PIL's bilinear filter (which
+    antialiases when shrinking; reproduced exactly by `resize.pil_bilinear_resize`), and pasted
+    at (int((width - w') / 2), int((height - h') / 2)), any odd pixel of padding going bottom /
+    right. Pixel for pixel what openpi_client returns for a uint8 RGB image.
     """
     in_height, in_width = image.shape[:2]
     if (in_height, in_width) == (height, width):
@@ -251,11 +250,11 @@ def resize_with_pad(image: np.ndarray, height: int = IMAGE_SIZE, width: int = IM
             f"image {in_width}x{in_height} is too thin to resize into {width}x{height} (it becomes "
             f"{new_width}x{new_height})"
         )
-    resized = cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_LINEAR)
-    canvas = np.zeros((height, width, image.shape[2]), dtype=image.dtype)
+    resized = pil_bilinear_resize(image, new_height, new_width)
+    canvas = np.zeros((height, width) + image.shape[2:], dtype=image.dtype)
     top = max(0, int((height - new_height) / 2))
     left = max(0, int((width - new_width) / 2))
-    canvas[top : top + new_height, left : left + new_width] = resized.reshape(new_height, new_width, -1)
+    canvas[top : top + new_height, left : left + new_width] = resized
     return canvas
 
 
