@@ -1,0 +1,147 @@
+"""The latest sample of every observation source, and consistent snapshots of them.
+
+Sensor callbacks `put_*` (cheap: they only store); the control loop calls `snapshot(now_s)`,
+which either returns one sample of every source that together are fresh and aligned, or raises
+`ObservationError` saying why the loop must hold. Times are seconds on the caller's clock (ROS
+time in the node, so sim time works). Thread-safe: callbacks and the loop run on different
+threads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Generic, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+from pi0_policy_ros.control.config import ControlConfig
+from pi0_policy_ros.errors import ObservationError
+
+T = TypeVar("T")
+
+STATE_SOURCE = "joint_states"
+
+
+@dataclass(frozen=True)
+class Sample(Generic[T]):
+    value: T
+    stamp_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One sample per source, checked for age and camera skew.
+
+    images: camera name -> the stored value (a raw message when the caller decodes lazily).
+    state: the state vector, in the robot profile's order.
+    stamp_s: the newest stamp among the samples used (the observation time).
+    age_s: now minus the oldest stamp used.
+    camera_skew_s: newest minus oldest camera stamp.
+    """
+
+    images: Mapping[str, Any]
+    state: np.ndarray
+    prompt: str | None
+    stamp_s: float
+    age_s: float
+    camera_skew_s: float
+
+
+class ObservationBuffer:
+    """Latest image per camera, latest state, latest prompt; no history is kept."""
+
+    def __init__(self, camera_names: Sequence[str], config: ControlConfig) -> None:
+        if not camera_names:
+            raise ObservationError("expected at least one camera name, found none")
+        if len(set(camera_names)) != len(camera_names):
+            raise ObservationError(f"expected unique camera names, found {list(camera_names)}")
+        self._camera_names = tuple(camera_names)
+        self._config = config
+        self._lock = threading.Lock()
+        self._images: dict[str, Sample[Any]] = {}
+        self._state: Sample[np.ndarray] | None = None
+        self._prompt: str | None = None
+
+    @property
+    def config(self) -> ControlConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: ControlConfig) -> None:
+        # Dynamic parameters change the limits; an attribute swap is atomic.
+        self._config = config
+
+    def reset(self) -> None:
+        """Forget every sample (on activation, so that stamps from before a pause don't count)."""
+        with self._lock:
+            self._images.clear()
+            self._state = None
+
+    def put_image(self, camera: str, value: Any, stamp_s: float, now_s: float) -> None:
+        if camera not in self._camera_names:
+            raise ObservationError(f"unknown camera {camera!r}: expected one of {list(self._camera_names)}")
+        with self._lock:
+            self._check_stamp(f"camera {camera!r}", self._images.get(camera), stamp_s, now_s)
+            self._images[camera] = Sample(value, stamp_s)
+
+    def put_state(self, state: np.ndarray, stamp_s: float, now_s: float) -> None:
+        with self._lock:
+            self._check_stamp(STATE_SOURCE, self._state, stamp_s, now_s)
+            self._state = Sample(state, stamp_s)
+
+    def put_prompt(self, prompt: str | None) -> None:
+        """An empty prompt means: use the policy's default prompt."""
+        self._prompt = prompt or None
+
+    def snapshot(self, now_s: float) -> Snapshot:
+        """The latest of each source, or `ObservationError` naming the source that is missing/stale."""
+        with self._lock:
+            images = dict(self._images)
+            state = self._state
+            prompt = self._prompt
+        cfg = self._config
+        missing = [name for name in self._camera_names if name not in images]
+        if missing:
+            raise ObservationError(f"no image received yet from camera(s) {missing}")
+        if state is None:
+            raise ObservationError(f"no {STATE_SOURCE} received yet")
+
+        stamps = {f"camera {name!r}": images[name].stamp_s for name in self._camera_names}
+        stamps[STATE_SOURCE] = state.stamp_s
+        oldest_source = min(stamps, key=stamps.__getitem__)
+        age_s = now_s - stamps[oldest_source]
+        if age_s > cfg.max_observation_age_s:
+            raise ObservationError(
+                f"{oldest_source} is stale: expected age <= {cfg.max_observation_age_s:.3f} s "
+                f"(max_observation_age_s), found {age_s:.3f} s")
+
+        camera_stamps = [images[name].stamp_s for name in self._camera_names]
+        skew_s = max(camera_stamps) - min(camera_stamps)
+        if skew_s > cfg.max_camera_skew_s:
+            detail = ", ".join(f"{n!r} at {images[n].stamp_s:.3f}" for n in self._camera_names)
+            raise ObservationError(
+                f"cameras out of sync: expected stamp spread <= {cfg.max_camera_skew_s:.3f} s "
+                f"(max_camera_skew_s), found {skew_s:.3f} s ({detail})")
+
+        return Snapshot(
+            images={name: images[name].value for name in self._camera_names},
+            state=state.value,
+            prompt=prompt,
+            stamp_s=max(stamps.values()),
+            age_s=age_s,
+            camera_skew_s=skew_s,
+        )
+
+    def _check_stamp(self, source: str, previous: Sample[Any] | None, stamp_s: float, now_s: float) -> None:
+        if not math.isfinite(stamp_s) or stamp_s <= 0.0:
+            raise ObservationError(f"{source}: expected a positive header stamp, found {stamp_s!r} (unstamped message?)")
+        if previous is not None and stamp_s < previous.stamp_s:
+            raise ObservationError(
+                f"{source}: stamp went backwards: expected >= {previous.stamp_s:.6f} s, found {stamp_s:.6f} s")
+        ahead_s = stamp_s - now_s
+        if ahead_s > self._config.max_future_stamp_s:
+            raise ObservationError(
+                f"{source}: stamp is {ahead_s:.3f} s in the future: expected <= "
+                f"{self._config.max_future_stamp_s:.3f} s ahead of our clock (clocks not synchronised?)")

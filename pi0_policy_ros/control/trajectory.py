@@ -1,0 +1,97 @@
+"""Which actions of a chunk to send, and when: the time maths behind the JointTrajectory.
+
+Action k of a chunk is meant for time `stamp_s + k * period_s` (the observation time plus k
+action periods). A trajectory published at `now_s` starts when joint_trajectory_controller
+receives it (header stamp zero), so point k lies `stamp_s + k * period_s - now_s` seconds ahead.
+
+Rules (Jazzy's controller replaces the running trajectory on every message and interpolates from
+the current state to the first point):
+- points less than `min_lead_s` ahead are dropped: their time has passed, or is too close for the
+  controller to reach smoothly; the node passes one control period;
+- `time_from_start` strictly increases (consecutive points are `period_s` apart);
+- velocities are finite differences over the whole chunk (central inside, one-sided at the ends),
+  taken before dropping so that the first point sent keeps its true slope.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pi0_policy_ros.errors import Pi0PolicyError
+
+NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class TrajectoryPlan:
+    """The points to send.
+
+    first_index: index in the chunk of the first point kept (== horizon when none is).
+    times_from_start_s: [K] seconds ahead of the publish time, strictly increasing.
+    positions, velocities: [K, A] float64.
+    """
+
+    first_index: int
+    times_from_start_s: np.ndarray
+    positions: np.ndarray
+    velocities: np.ndarray
+
+    @property
+    def empty(self) -> bool:
+        return self.times_from_start_s.size == 0
+
+
+def finite_difference_velocities(actions: np.ndarray, period_s: float) -> np.ndarray:
+    """[H, A] positions -> [H, A] velocities; zeros for a single action."""
+    if actions.shape[0] < 2:
+        return np.zeros_like(actions, dtype=np.float64)
+    return np.gradient(actions.astype(np.float64), period_s, axis=0)
+
+
+def plan_trajectory(actions: np.ndarray, period_s: float, stamp_s: float, now_s: float,
+                    min_lead_s: float) -> TrajectoryPlan:
+    """Keep the actions at least `min_lead_s` ahead of `now_s`, with their times and velocities."""
+    actions = np.asarray(actions)
+    if actions.ndim != 2 or actions.shape[0] == 0 or actions.shape[1] == 0:
+        raise Pi0PolicyError(f"expected actions of shape [H >= 1, A >= 1], found {actions.shape}")
+    if not np.all(np.isfinite(actions)):
+        bad = np.argwhere(~np.isfinite(actions))[0].tolist()
+        raise Pi0PolicyError(f"expected finite actions, found {actions[tuple(bad)]} at [step, dim] {bad}")
+    if not (np.isfinite(period_s) and period_s > 0.0):
+        raise Pi0PolicyError(f"expected an action period > 0 s, found {period_s!r}")
+    if not (np.isfinite(min_lead_s) and min_lead_s >= 0.0):
+        raise Pi0PolicyError(f"expected min_lead_s >= 0 s, found {min_lead_s!r}")
+
+    horizon = actions.shape[0]
+    # Subtract the large stamps first so the float64 offsets keep sub-microsecond precision.
+    ahead_s = (stamp_s - now_s) + np.arange(horizon, dtype=np.float64) * period_s
+    kept = np.flatnonzero(ahead_s >= min_lead_s)
+    first = int(kept[0]) if kept.size else horizon
+    velocities = finite_difference_velocities(actions, period_s)
+    return TrajectoryPlan(
+        first_index=first,
+        times_from_start_s=ahead_s[first:],
+        positions=actions[first:].astype(np.float64),
+        velocities=velocities[first:],
+    )
+
+
+def expired_reason(horizon: int, period_s: float, stamp_s: float, now_s: float, min_lead_s: float) -> str:
+    """Why `plan_trajectory` kept nothing, for the hold message."""
+    last_ahead_s = stamp_s + (horizon - 1) * period_s - now_s
+    return (f"chunk expired: expected its last action >= {min_lead_s:.3f} s ahead, found "
+            f"{last_ahead_s:.3f} s (observation {now_s - stamp_s:.3f} s old at publish; "
+            f"horizon {horizon} x {period_s:.3f} s)")
+
+
+def split_seconds(t_s: float) -> tuple[int, int]:
+    """Seconds -> (sec, nanosec) with 0 <= nanosec < 1e9, rounded to the nearest nanosecond."""
+    # Split before scaling: t_s * 1e9 would lose the nanoseconds of an epoch stamp (~1.7e18 ns).
+    sec = math.floor(t_s)
+    nanosec = int(round((t_s - sec) * NS_PER_S))
+    if nanosec == NS_PER_S:
+        sec, nanosec = sec + 1, 0
+    return int(sec), nanosec

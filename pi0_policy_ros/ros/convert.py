@@ -1,0 +1,152 @@
+"""ROS messages <-> numpy, without cv_bridge.
+
+Inputs are duck-typed (rclpy messages and `rosbags` messages have the same fields), and every bad
+input raises `ObservationError` saying what was expected and what was found. Images come out as
+uint8 RGB [H, W, 3]; an unpadded rgb8 image is a read-only view of the message buffer.
+
+Outputs: `JointTrajectory` from a `TrajectoryPlan`, and the action chunk as a
+`Float32MultiArray` with dims `horizon` (size H, stride H*A) and `action` (size A, stride A),
+data_offset 0, row-major. The multiarray has no header: see `ros/node.py` for how its
+observation stamp is published.
+"""
+
+from __future__ import annotations
+
+import array
+import math
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+from builtin_interfaces.msg import Duration, Time
+from std_msgs.msg import Float32MultiArray, MultiArrayDimension
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from pi0_policy_ros.control.trajectory import TrajectoryPlan, split_seconds
+from pi0_policy_ros.errors import ObservationError, Pi0PolicyError
+
+# encoding -> (channels, OpenCV conversion to RGB or None when already RGB).
+IMAGE_ENCODINGS: dict[str, tuple[int, int | None]] = {
+    "rgb8": (3, None),
+    "bgr8": (3, cv2.COLOR_BGR2RGB),
+    "rgba8": (4, cv2.COLOR_RGBA2RGB),
+    "bgra8": (4, cv2.COLOR_BGRA2RGB),
+    "mono8": (1, cv2.COLOR_GRAY2RGB),
+}
+
+
+def stamp_to_seconds(stamp: Any) -> float:
+    """builtin_interfaces/Time -> float seconds."""
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def seconds_to_stamp(t_s: float) -> Time:
+    sec, nanosec = split_seconds(t_s)
+    return Time(sec=sec, nanosec=nanosec)
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8; any row padding) -> uint8 RGB [H, W, 3]."""
+    encoding = msg.encoding
+    if encoding not in IMAGE_ENCODINGS:
+        raise ObservationError(f"unsupported image encoding: expected one of {sorted(IMAGE_ENCODINGS)}, found {encoding!r}")
+    channels, conversion = IMAGE_ENCODINGS[encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height == 0 or width == 0:
+        raise ObservationError(f"empty image: expected width and height > 0, found {width}x{height}")
+    row_bytes = width * channels
+    if step < row_bytes:
+        raise ObservationError(
+            f"image step too small: expected >= width*channels = {width}*{channels} = {row_bytes} bytes, found {step}")
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size < step * height:
+        raise ObservationError(
+            f"image data too short: expected step*height = {step}*{height} = {step * height} bytes, found {data.size}")
+    # Rows may be padded to `step`; slice the padding off, then view as pixels.
+    pixels = data[: step * height].reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
+    if conversion is None:
+        return pixels if step == row_bytes else np.ascontiguousarray(pixels)
+    if channels == 1:
+        pixels = pixels[:, :, 0]
+    return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
+
+
+def compressed_image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG or PNG, as image_transport's `compressed` writes them) -> uint8 RGB [H, W, 3]."""
+    fmt = str(msg.format)
+    if "compresseddepth" in fmt.lower():
+        raise ObservationError(f"unsupported compressed format: expected JPEG or PNG colour/mono, found {fmt!r}")
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size == 0:
+        raise ObservationError(f"empty compressed image (format {fmt!r}): expected JPEG or PNG bytes, found 0 bytes")
+    # imdecode returns BGR whatever the format string says the source pixels were.
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise ObservationError(
+            f"cannot decode compressed image (format {fmt!r}): expected JPEG or PNG, found {data.size} "
+            f"bytes starting {bytes(data[:4]).hex()}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def joint_positions(msg: Any, joint_names: Sequence[str]) -> np.ndarray:
+    """sensor_msgs/JointState -> float64 positions in `joint_names` order, matched by name."""
+    names = list(msg.name)
+    positions = msg.position
+    if not names:
+        raise ObservationError(f"empty joint_states: expected joints {list(joint_names)}, found no names")
+    index = {name: i for i, name in enumerate(names)}
+    if len(index) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ObservationError(f"joint_states has duplicate names: expected each joint once, found {duplicates} repeated")
+    if len(positions) < len(names):
+        raise ObservationError(
+            f"joint_states position too short: expected one per name ({len(names)}), found {len(positions)}")
+    missing = [n for n in joint_names if n not in index]
+    if missing:
+        raise ObservationError(f"joint_states lacks joints {missing}: expected all of {list(joint_names)}, found {names}")
+    state = np.fromiter((positions[index[n]] for n in joint_names), dtype=np.float64, count=len(joint_names))
+    if not np.all(np.isfinite(state)):
+        bad = {n: float(v) for n, v in zip(joint_names, state) if not math.isfinite(v)}
+        raise ObservationError(f"joint_states has non-finite positions: expected finite values, found {bad}")
+    return state
+
+
+def trajectory_message(plan: TrajectoryPlan, joint_names: Sequence[str]) -> JointTrajectory:
+    """A JointTrajectory for joint_trajectory_controller: header stamp zero (start on receipt)."""
+    if plan.positions.shape[1] != len(joint_names):
+        raise Pi0PolicyError(f"expected {len(joint_names)} action dims for joints {list(joint_names)}, "
+                         f"found {plan.positions.shape[1]}")
+    msg = JointTrajectory()
+    msg.joint_names = list(joint_names)
+    points = []
+    for t_s, q, v in zip(plan.times_from_start_s.tolist(), plan.positions.tolist(), plan.velocities.tolist()):
+        sec, nanosec = split_seconds(t_s)
+        points.append(JointTrajectoryPoint(positions=q, velocities=v,
+                                           time_from_start=Duration(sec=sec, nanosec=nanosec)))
+    msg.points = points
+    return msg
+
+
+def action_chunk_message(actions: np.ndarray) -> Float32MultiArray:
+    """[H, A] -> Float32MultiArray (dims horizon, action; row-major; data_offset 0)."""
+    horizon, action_dim = actions.shape
+    msg = Float32MultiArray()
+    msg.layout.dim = [
+        MultiArrayDimension(label="horizon", size=horizon, stride=horizon * action_dim),
+        MultiArrayDimension(label="action", size=action_dim, stride=action_dim),
+    ]
+    msg.layout.data_offset = 0
+    msg.data = array.array("f", np.ascontiguousarray(actions, dtype=np.float32).tobytes())
+    return msg
+
+
+def action_chunk_from_message(msg: Any) -> np.ndarray:
+    """The inverse of `action_chunk_message`, for subscribers and tests."""
+    dims = list(msg.layout.dim)
+    if [d.label for d in dims] != ["horizon", "action"]:
+        raise ObservationError(f"expected dims ['horizon', 'action'], found {[d.label for d in dims]}")
+    horizon, action_dim = dims[0].size, dims[1].size
+    data = np.asarray(msg.data, dtype=np.float32)[msg.layout.data_offset:]
+    if data.size != horizon * action_dim:
+        raise ObservationError(f"expected {horizon}*{action_dim} values, found {data.size}")
+    return data.reshape(horizon, action_dim)

@@ -1,0 +1,235 @@
+"""End-to-end demo: a synthetic robot node and the policy node, over real DDS, in one process.
+
+The robot publishes every configured camera at 30 Hz (moving shapes, JPEG or raw) and
+`joint_states` at 100 Hz (slow sinusoids), and measures what comes back: the latency from an
+observation's stamp to the arrival of the trajectory computed from it. The observation stamp
+comes from `~/action_chunk_stamp`, paired in order with `~/joint_trajectory` (see node.py).
+`run_demo` runs the policy node with its own rclpy context (so it can run inside another ROS
+program or a test) and the robot in a child process, as on a real robot: the policy's inference
+would otherwise starve the robot's publishers of the GIL.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import Header
+from trajectory_msgs.msg import JointTrajectory
+
+from pi0_policy_ros.control.rate_meter import PERCENTILES
+from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.ros import convert
+from pi0_policy_ros.ros.node import NODE_NAME, PolicyFactory, PolicyNode
+from pi0_policy_ros.ros.params import CameraConfig
+from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, SENSOR_QOS
+
+CAMERA_RATE_HZ = 30.0
+JOINT_RATE_HZ = 100.0
+IMAGE_SHAPE = (120, 160)  # small frames: no DDS transport tuning needed
+JPEG_QUALITY = 85
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    """duration_s: time active; chunks: trajectories received; latency: obs stamp -> trajectory received."""
+
+    duration_s: float
+    chunks: int
+    achieved_rate_hz: float
+    target_rate_hz: float
+    latency_ms: dict[str, float]
+
+    def summary(self) -> str:
+        latency = ", ".join(f"{k} {v:.1f} ms" for k, v in self.latency_ms.items()) or "n/a"
+        return (f"{self.chunks} chunks in {self.duration_s:.1f} s: {self.achieved_rate_hz:.2f} Hz "
+                f"(target {self.target_rate_hz:.2f} Hz); observation -> trajectory latency: {latency}")
+
+
+def synthetic_frame(t_s: float, index: int, shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
+    """An RGB frame with a disc and a bar moving at a per-camera phase."""
+    h, w = shape
+    frame = np.empty((h, w, 3), np.uint8)
+    frame[:] = (40 + 30 * index, 60, 90)
+    phase = t_s * 1.5 + index * 2.1
+    center = (int(w / 2 + w / 3 * math.cos(phase)), int(h / 2 + h / 3 * math.sin(phase)))
+    cv2.circle(frame, center, max(4, h // 8), (230, 60, 40), -1)
+    x = int((t_s * 40 + 30 * index) % w)
+    cv2.rectangle(frame, (x, h - h // 5), (min(w - 1, x + w // 8), h - 1), (40, 200, 80), -1)
+    return frame
+
+
+class SyntheticRobot(Node):
+    """Cameras at 30 Hz, joint_states at 100 Hz, and the trajectory latency as the robot sees it."""
+
+    def __init__(self, cameras: Sequence[CameraConfig], joint_names: Sequence[str], *, namespace: str = "",
+                 policy_node: str = NODE_NAME, context: Context | None = None) -> None:
+        super().__init__("synthetic_robot", namespace=namespace, context=context)
+        self._cameras = list(cameras)
+        self._joint_names = list(joint_names)
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self._stamps: collections.deque[float] = collections.deque()
+        self._arrivals: collections.deque[float] = collections.deque()
+        self.latencies_ms: list[float] = []
+        self.arrival_times_s: list[float] = []
+        self._camera_pubs = [self.create_publisher(CompressedImage if c.compressed else Image, c.topic, SENSOR_QOS)
+                             for c in self._cameras]
+        self._joint_pub = self.create_publisher(JointState, "joint_states", 10)
+        self.create_subscription(Header, f"{policy_node}/action_chunk_stamp", self._on_stamp, CHUNK_QOS)
+        self.create_subscription(JointTrajectory, f"{policy_node}/joint_trajectory", self._on_trajectory, COMMAND_QOS)
+        self.create_timer(1.0 / CAMERA_RATE_HZ, self._publish_cameras)
+        self.create_timer(1.0 / JOINT_RATE_HZ, self._publish_joints)
+
+    def _now_s(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _publish_cameras(self) -> None:
+        stamp = self.get_clock().now().to_msg()
+        t = time.monotonic() - self._t0
+        for index, (camera, pub) in enumerate(zip(self._cameras, self._camera_pubs)):
+            rgb = synthetic_frame(t, index)
+            if camera.compressed:
+                ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]),
+                                        [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+                msg = CompressedImage(format="rgb8; jpeg compressed bgr8", data=jpeg.tobytes())
+            else:
+                h, w = rgb.shape[:2]
+                msg = Image(height=h, width=w, encoding="rgb8", step=w * 3, data=rgb.tobytes())
+            msg.header.stamp = stamp
+            msg.header.frame_id = camera.name
+            pub.publish(msg)
+
+    def _publish_joints(self) -> None:
+        t = time.monotonic() - self._t0
+        positions = [0.3 * math.sin(0.5 * t + i) for i in range(len(self._joint_names))]
+        msg = JointState(name=self._joint_names, position=positions)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._joint_pub.publish(msg)
+
+    # The n-th stamp belongs to the n-th trajectory; either may arrive first.
+    def _on_stamp(self, msg: Header) -> None:
+        with self._lock:
+            self._stamps.append(convert.stamp_to_seconds(msg.stamp))
+            self._pair()
+
+    def _on_trajectory(self, msg: JointTrajectory) -> None:
+        with self._lock:
+            self._arrivals.append(self._now_s())
+            self._pair()
+
+    def _pair(self) -> None:
+        while self._stamps and self._arrivals:
+            stamp, arrival = self._stamps.popleft(), self._arrivals.popleft()
+            self.latencies_ms.append((arrival - stamp) * 1e3)
+            self.arrival_times_s.append(arrival)
+
+
+def _robot_main(cameras: Sequence[CameraConfig], joint_names: Sequence[str], namespace: str,
+                stop: Any, results: Any) -> None:
+    """The robot's own process: the policy's inference must not starve it of the GIL, as on a real robot."""
+    context = Context()
+    rclpy.init(context=context)
+    robot = SyntheticRobot(cameras, joint_names, namespace=namespace, context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(robot)
+    try:
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.02)
+        results.put((list(robot.latencies_ms), list(robot.arrival_times_s)))
+    finally:
+        executor.shutdown()
+        robot.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | None = None,
+             policy_factory: PolicyFactory | None = None, namespace: str = "",
+             robot_process: bool = True) -> DemoReport:
+    """Run the policy node from `params_file` against a synthetic robot for `duration_s` seconds.
+
+    The policy node runs in this process (own rclpy context). robot_process: the robot runs in a
+    spawned child process (True, realistic; it takes a few seconds to start publishing) or as a
+    second node of this process (False: quick, fine when the policy is cheap, e.g. a fake).
+    device: overrides the file's `device` parameter (e.g. "cpu"). policy_factory: as PolicyNode's.
+    Raises ConfigError when the node fails to configure (the reason is in the node's log).
+    """
+    context = Context()
+    rclpy.init(context=context)
+    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    overrides = [Parameter("device", value=device)] if device else []
+    policy_node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
+                             cli_args=["--ros-args", "--params-file", str(params_file)],
+                             parameter_overrides=overrides)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    mp = multiprocessing.get_context("spawn")
+    stop, results = mp.Event(), mp.Queue()
+    robot: Any = None  # the child process
+    local_robot: SyntheticRobot | None = None
+    try:
+        executor.add_node(policy_node)
+        spinner.start()
+        if policy_node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            raise ConfigError(f"the policy node failed to configure with {params_file} (see its log)")
+        config = policy_node.config
+        assert config is not None
+        if robot_process:
+            robot = mp.Process(target=_robot_main, name="synthetic_robot", daemon=True,
+                               args=(config.cameras, config.joint_names, namespace, stop, results))
+            robot.start()
+        else:
+            local_robot = SyntheticRobot(config.cameras, config.joint_names, namespace=namespace, context=context)
+            executor.add_node(local_robot)
+        # Ticks hold (and say so in /diagnostics) until the robot's first samples arrive.
+        if policy_node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+            raise ConfigError("the policy node failed to activate (see its log)")
+        start = time.monotonic()
+        time.sleep(duration_s)
+        policy_node.trigger_deactivate()
+        active_s = time.monotonic() - start
+        time.sleep(0.2)  # the last messages in flight
+        stop.set()
+        if local_robot is not None:
+            latencies_ms, arrivals_s = local_robot.latencies_ms, local_robot.arrival_times_s
+        else:
+            latencies_ms, arrivals_s = results.get(timeout=10.0)
+        return _report(latencies_ms, arrivals_s, active_s, config.control.control_rate_hz)
+    finally:
+        stop.set()
+        if robot is not None:
+            robot.join(timeout=5.0)
+            if robot.is_alive():
+                robot.terminate()
+        executor.shutdown()
+        policy_node._release()
+        policy_node.destroy_node()
+        if local_robot is not None:
+            local_robot.destroy_node()
+        rclpy.try_shutdown(context=context)
+        spinner.join(timeout=5.0)
+
+
+def _report(latencies_ms: Sequence[float], arrivals_s: Sequence[float], active_s: float,
+            target_rate_hz: float) -> DemoReport:
+    latencies = np.asarray(latencies_ms, dtype=np.float64)
+    latency = ({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(latencies, PERCENTILES))}
+               if latencies.size else {})
+    span_s = arrivals_s[-1] - arrivals_s[0] if len(arrivals_s) >= 2 else 0.0
+    rate = (len(arrivals_s) - 1) / span_s if span_s > 0 else 0.0
+    return DemoReport(duration_s=active_s, chunks=len(arrivals_s), achieved_rate_hz=rate,
+                      target_rate_hz=target_rate_hz, latency_ms=latency)

@@ -1,0 +1,219 @@
+"""The node's parameters: one table of specs, and one function from values to config dataclasses.
+
+ROS-free on purpose (no rclpy import): `node.py` turns each `ParamSpec` into a declared
+parameter with a descriptor, and unit tests check the validation without a ROS graph.
+
+Two kinds of parameters:
+- configure-time (`configure_time=True`): read in `on_configure`. They may be set only while the
+  node is unconfigured (cleanup -> set -> configure), so a failed configure can be fixed without a
+  restart. They are not rclpy `read_only`, because read-only ones can never change after start.
+- dynamic: applied at once, also while active.
+
+Camera parameters are parallel lists: `camera_names[i]` (a camera name of the robot profile) is
+read from `camera_topics[i]` (default `<name>/image_raw`, or `<name>/image_raw/compressed` for
+compressed) with message type `camera_types[i]` (`raw` = sensor_msgs/Image, `compressed` =
+sensor_msgs/CompressedImage; default raw).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+from pi0_policy_ros.control.config import (
+    CAMERA_SKEW_RANGE_S,
+    CONTROL_RATE_RANGE_HZ,
+    FUTURE_STAMP_RANGE_S,
+    OBSERVATION_AGE_RANGE_S,
+    ControlConfig,
+)
+from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.policy.config import BACKENDS, PRECISIONS, PolicyConfig
+
+CAMERA_TYPES = ("raw", "compressed")
+DIAGNOSTICS_PERIOD_RANGE_S = (0.05, 60.0)
+SEED_RANGE = (0, 2**31 - 1)
+
+# Value kinds, mapped to rclpy parameter types in node.py.
+STRING, STRING_ARRAY, DOUBLE, INTEGER, BOOL = "string", "string_array", "double", "integer", "bool"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: str
+    default: Any
+    description: str
+    configure_time: bool
+    float_range: tuple[float, float] | None = None
+    int_range: tuple[int, int] | None = None
+    choices: tuple[str, ...] | None = None  # for strings, or for every element of a string array
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("checkpoint_path", STRING, "", "openpi PyTorch or LeRobot checkpoint directory; '' = random "
+              "weights at the preset's geometry (demos, benchmarks)", True),
+    ParamSpec("model_preset", STRING, "pi05", "model geometry preset, e.g. pi0, pi05, pi05_small", True),
+    ParamSpec("robot_profile", STRING, "libero", "robot profile: camera slots, state/action dims", True),
+    ParamSpec("asset_id", STRING, "", "norm stats asset id of an openpi checkpoint; '' = the only one", True),
+    ParamSpec("tokenizer_path", STRING, "", "SentencePiece model; '' = look in the checkpoint", True),
+    ParamSpec("device", STRING, "cpu", "torch device: cpu, cuda or cuda:N", True),
+    ParamSpec("backend", STRING, "torch", "inference backend", True, choices=BACKENDS),
+    ParamSpec("precision", STRING, "float32", "weights / activation precision", True, choices=PRECISIONS),
+    ParamSpec("seed", INTEGER, 0, "seed of the denoising noise (same observation -> same actions)", True,
+              int_range=SEED_RANGE),
+    ParamSpec("camera_names", STRING_ARRAY, [], "camera names of the robot profile, one per camera", True),
+    ParamSpec("camera_topics", STRING_ARRAY, [], "topic per camera_names entry; [] = <name>/image_raw "
+              "(or <name>/image_raw/compressed)", True),
+    ParamSpec("camera_types", STRING_ARRAY, [], "message type per camera: raw (sensor_msgs/Image) or "
+              "compressed (sensor_msgs/CompressedImage); [] = all raw", True, choices=CAMERA_TYPES),
+    ParamSpec("joint_names", STRING_ARRAY, [], "joint_states names, in the profile's state order; "
+              "[] = the profile's joint names", True),
+    ParamSpec("action_joint_names", STRING_ARRAY, [], "JointTrajectory joint names, one per action dim; "
+              "[] = joint_names when the dims match, else the profile's", True),
+    ParamSpec("diagnostics_period_s", DOUBLE, 1.0, "period of the /diagnostics status", True,
+              float_range=DIAGNOSTICS_PERIOD_RANGE_S),
+    ParamSpec("autostart", BOOL, False, "configure and activate on start-up", True),
+    ParamSpec("prompt", STRING, "", "task instruction; '' = the policy's default. The ~/prompt topic "
+              "overrides it until the parameter is set again", False),
+    ParamSpec("control_rate_hz", DOUBLE, 10.0, "target rate of inference and command publishing", False,
+              float_range=CONTROL_RATE_RANGE_HZ),
+    ParamSpec("max_observation_age_s", DOUBLE, 0.5, "hold when any sample used is older than this", False,
+              float_range=OBSERVATION_AGE_RANGE_S),
+    ParamSpec("max_camera_skew_s", DOUBLE, 0.1, "hold when camera stamps spread wider than this", False,
+              float_range=CAMERA_SKEW_RANGE_S),
+    ParamSpec("max_future_stamp_s", DOUBLE, 0.1, "reject samples stamped further ahead of our clock", False,
+              float_range=FUTURE_STAMP_RANGE_S),
+)
+SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
+
+
+class RobotProfileLike(Protocol):
+    """What the node reads of `policy.robots.RobotProfile`.
+
+    Optional attributes, read with defaults: always_valid_slots (slots whose camera is required),
+    joint_names (default names of the action dims), action_space.
+    """
+
+    name: str
+    camera_slots: Any  # Mapping[camera, slot] or ((camera, slot), ...)
+    state_dim: int
+    action_dim: int
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    name: str
+    topic: str
+    compressed: bool
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything the node needs. joint_names / action_joint_names may be empty until `resolve`."""
+
+    policy: PolicyConfig
+    control: ControlConfig
+    cameras: tuple[CameraConfig, ...]
+    joint_names: tuple[str, ...]
+    action_joint_names: tuple[str, ...]
+    diagnostics_period_s: float
+
+    def resolve(self, profile: RobotProfileLike) -> "NodeConfig":
+        """Fill empty joint names from the loaded policy's profile and check that everything fits it."""
+        slots = dict(profile.camera_slots)
+        unknown = [c.name for c in self.cameras if c.name not in slots]
+        if unknown:
+            raise ConfigError(f"camera_names {unknown} are not cameras of profile {profile.name!r}: "
+                              f"expected names from {list(slots)}")
+        required = [cam for cam, slot in slots.items() if slot in getattr(profile, "always_valid_slots", ())]
+        missing = [cam for cam in required if cam not in {c.name for c in self.cameras}]
+        if missing:
+            raise ConfigError(f"camera_names: profile {profile.name!r} requires cameras {required}, "
+                              f"found {[c.name for c in self.cameras]} (missing {missing})")
+        profile_joints = tuple(getattr(profile, "joint_names", ()))
+        joint_names = self.joint_names or (profile_joints if len(profile_joints) == profile.state_dim else ())
+        if len(joint_names) != profile.state_dim:
+            raise ConfigError(f"joint_names: profile {profile.name!r} expects {profile.state_dim} state "
+                              f"dims, found {len(joint_names)} names {list(joint_names)}")
+        action_joint_names = self.action_joint_names or (
+            joint_names if len(joint_names) == profile.action_dim else profile_joints)
+        if len(action_joint_names) != profile.action_dim:
+            raise ConfigError(f"action_joint_names: profile {profile.name!r} expects {profile.action_dim} "
+                              f"action dims, found {len(action_joint_names)} names {list(action_joint_names)}")
+        return dataclasses.replace(self, joint_names=joint_names, action_joint_names=action_joint_names)
+
+
+def check_value(spec: ParamSpec, value: Any) -> None:
+    """Choices and ranges beyond what rclpy checks (it checks types and numeric ranges itself)."""
+    if spec.choices is not None:
+        items = value if spec.kind == STRING_ARRAY else [value]
+        bad = [v for v in items if v not in spec.choices]
+        if bad:
+            raise ConfigError(f"{spec.name}: expected values from {list(spec.choices)}, found {bad}")
+    if spec.float_range is not None or spec.int_range is not None:
+        lo, hi = spec.float_range or spec.int_range  # type: ignore[misc]
+        if not lo <= value <= hi:
+            raise ConfigError(f"{spec.name}: expected a value in [{lo}, {hi}], found {value!r}")
+    if spec.kind == STRING_ARRAY and len(set(value)) != len(value) and spec.name != "camera_types":
+        raise ConfigError(f"{spec.name}: expected unique entries, found {list(value)}")
+
+
+def control_config_from(values: Mapping[str, Any]) -> ControlConfig:
+    return ControlConfig(
+        control_rate_hz=float(_get(values, "control_rate_hz")),
+        max_observation_age_s=float(_get(values, "max_observation_age_s")),
+        max_camera_skew_s=float(_get(values, "max_camera_skew_s")),
+        max_future_stamp_s=float(_get(values, "max_future_stamp_s")),
+    )
+
+
+def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
+    """Parameter values (name -> value; absent = default) -> validated `NodeConfig`, or ConfigError."""
+    for spec in PARAMS:
+        check_value(spec, _get(values, spec.name))
+    cameras = _cameras(_get(values, "camera_names"), _get(values, "camera_topics"), _get(values, "camera_types"))
+    policy = PolicyConfig(
+        checkpoint_path=_get(values, "checkpoint_path"),
+        model_preset=_get(values, "model_preset"),
+        robot_profile=_get(values, "robot_profile"),
+        asset_id=_get(values, "asset_id"),
+        tokenizer_path=_get(values, "tokenizer_path"),
+        default_prompt=_get(values, "prompt"),
+        device=_get(values, "device"),
+        backend=_get(values, "backend"),
+        precision=_get(values, "precision"),
+        seed=int(_get(values, "seed")),
+    )
+    return NodeConfig(
+        policy=policy,
+        control=control_config_from(values),
+        cameras=cameras,
+        joint_names=tuple(_get(values, "joint_names")),
+        action_joint_names=tuple(_get(values, "action_joint_names")),
+        diagnostics_period_s=float(_get(values, "diagnostics_period_s")),
+    )
+
+
+def _cameras(names: Sequence[str], topics: Sequence[str], types: Sequence[str]) -> tuple[CameraConfig, ...]:
+    if not names:
+        raise ConfigError("camera_names: expected at least one camera of the robot profile, found []")
+    for param, values in (("camera_topics", topics), ("camera_types", types)):
+        if values and len(values) != len(names):
+            raise ConfigError(f"{param}: expected one entry per camera_names entry ({len(names)}) or [], "
+                              f"found {len(values)}")
+    types = list(types) or ["raw"] * len(names)
+    out = []
+    for i, name in enumerate(names):
+        compressed = types[i] == "compressed"
+        topic = topics[i] if topics else f"{name}/image_raw" + ("/compressed" if compressed else "")
+        if not topic:
+            raise ConfigError(f"camera_topics[{i}] for camera {name!r}: expected a topic name, found ''")
+        out.append(CameraConfig(name=name, topic=topic, compressed=compressed))
+    return tuple(out)
+
+
+def _get(values: Mapping[str, Any], name: str) -> Any:
+    value = values.get(name)
+    return SPECS[name].default if value is None else value

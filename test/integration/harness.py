@@ -1,0 +1,117 @@
+"""A probe node that plays the robot for integration tests, and a polling helper.
+
+The probe publishes camera images and joint states on a timer and records what the policy node
+publishes. Everything goes over DDS on loopback (see test/conftest.py for the domain settings).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import Float32MultiArray, Header, String
+from trajectory_msgs.msg import JointTrajectory
+
+from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, DIAGNOSTICS_QOS, PROMPT_QOS
+
+JOINTS = ["j0", "j1", "j2"]
+IMAGE_A = (np.arange(6 * 8 * 3, dtype=np.uint8) * 3).reshape(6, 8, 3)  # raw rgb8
+IMAGE_B = (255 - np.arange(4 * 5 * 3, dtype=np.uint8) * 7).reshape(4, 5, 3)  # PNG: lossless
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 5.0, period_s: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(period_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def duration_s(d: Any) -> float:
+    return d.sec + d.nanosec * 1e-9
+
+
+class Probe(Node):
+    """Robot stand-in: cam_a raw rgb8, cam_b PNG compressed, joint_states (names in any order)."""
+
+    def __init__(self, namespace: str, policy_node: str = "pi0_policy", rate_hz: float = 50.0) -> None:
+        super().__init__("probe", namespace=namespace)
+        self.lock = threading.Lock()
+        self.state = np.array([0.1, -0.2, 0.3])
+        self.state_names = list(JOINTS)  # the order published; positions follow it
+        self.cameras_on = {"cam_a": True, "cam_b": True}
+        self.image_a = Image(height=6, width=8, encoding="rgb8", step=24, data=IMAGE_A.tobytes())
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(IMAGE_B[:, :, ::-1]))
+        assert ok
+        self.image_b = CompressedImage(format="rgb8; png compressed bgr8", data=png.tobytes())
+        self.trajectories: list[JointTrajectory] = []
+        self.chunks: list[Float32MultiArray] = []
+        self.stamps: list[Header] = []
+        self.diagnostics: list[Any] = []  # DiagnosticStatus of the policy node only
+        self._pub_a = self.create_publisher(Image, "cam_a/image_raw", qos_profile_sensor_data)
+        self._pub_b = self.create_publisher(CompressedImage, "cam_b/image_raw/compressed", qos_profile_sensor_data)
+        self._pub_js = self.create_publisher(JointState, "joint_states", 10)
+        self.prompt_pub = self.create_publisher(String, f"{policy_node}/prompt", PROMPT_QOS)
+        prefix = f"{policy_node}/"
+        self.create_subscription(JointTrajectory, prefix + "joint_trajectory", self._store(self.trajectories), COMMAND_QOS)
+        self.create_subscription(Float32MultiArray, prefix + "action_chunk", self._store(self.chunks), CHUNK_QOS)
+        self.create_subscription(Header, prefix + "action_chunk_stamp", self._store(self.stamps), CHUNK_QOS)
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_QOS)
+        self._status_name = f"{policy_node}: control"
+        self._hardware_id = f"{namespace.rstrip('/')}/{policy_node}"
+        self._timer = self.create_timer(1.0 / rate_hz, self.publish_inputs)
+
+    def _store(self, sink: list) -> Callable[[Any], None]:
+        def callback(msg: Any) -> None:
+            with self.lock:
+                sink.append(msg)
+        return callback
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        with self.lock:
+            self.diagnostics.extend(s for s in msg.status
+                                    if s.name == self._status_name and s.hardware_id == self._hardware_id)
+
+    def publish_inputs(self) -> None:
+        stamp = self.get_clock().now().to_msg()
+        with self.lock:
+            on = dict(self.cameras_on)
+            names, state = list(self.state_names), self.state.copy()
+        if on["cam_a"]:
+            self.image_a.header.stamp = stamp
+            self._pub_a.publish(self.image_a)
+        if on["cam_b"]:
+            self.image_b.header.stamp = stamp
+            self._pub_b.publish(self.image_b)
+        order = [JOINTS.index(n) if n in JOINTS else None for n in names]
+        positions = [float(state[i]) if i is not None else 42.0 for i in order]
+        msg = JointState(name=names, position=positions)
+        msg.header.stamp = stamp
+        self._pub_js.publish(msg)
+
+    def counts(self) -> tuple[int, int, int]:
+        with self.lock:
+            return len(self.trajectories), len(self.chunks), len(self.stamps)
+
+    def latest_status(self, contains: str = "") -> Any:
+        with self.lock:
+            for status in reversed(self.diagnostics):
+                if contains in status.message:
+                    return status
+        return None
+
+    def clear(self) -> None:
+        with self.lock:
+            self.trajectories.clear()
+            self.chunks.clear()
+            self.stamps.clear()
+            self.diagnostics.clear()

@@ -1,0 +1,193 @@
+"""The lifecycle node against a probe robot over DDS on loopback, with FakePolicy injected."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
+
+from test.fakes import FakeProfile, expected_actions
+from test.integration.harness import IMAGE_A, IMAGE_B, JOINTS, duration_s, wait_for
+from pi0_policy_ros.control.trajectory import finite_difference_velocities
+from pi0_policy_ros.ros.convert import action_chunk_from_message
+
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+PROFILE = FakeProfile()
+RATE_HZ = 20.0
+
+
+def active(make_node, **kwargs):
+    node = make_node(**kwargs)
+    assert node.trigger_configure() == SUCCESS
+    assert node.trigger_activate() == SUCCESS
+    return node
+
+
+def test_lifecycle_gates_publishing(make_node, probe) -> None:
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+    policy = node.policy
+    time.sleep(0.4)  # inputs flow, but an inactive node must not act
+    assert probe.counts() == (0, 0, 0)
+    wait_for(lambda: probe.latest_status("inactive"))
+
+    assert node.trigger_activate() == SUCCESS
+    wait_for(lambda: probe.counts()[0] >= 3)
+
+    assert node.trigger_deactivate() == SUCCESS
+    time.sleep(0.2)  # messages published before deactivate returned may still be in flight
+    after = probe.counts()
+    time.sleep(0.5)
+    assert probe.counts() == after
+
+    assert node.trigger_cleanup() == SUCCESS
+    assert policy.closed and node.policy is None
+    node._release()  # idempotent
+    assert node.trigger_shutdown() == SUCCESS
+
+
+def test_trajectory_equals_policy_output(make_node, probe) -> None:
+    active(make_node)
+    wait_for(lambda: probe.counts()[0] >= 3 and probe.counts()[1] >= 3)
+    expected = expected_actions(PROFILE, probe.state, {"cam_a": IMAGE_A, "cam_b": IMAGE_B})
+    velocities = finite_difference_velocities(expected, PROFILE.action_period_s)
+    period_s, lead_s = PROFILE.action_period_s, 1.0 / RATE_HZ
+    with probe.lock:
+        trajectories, chunks, stamps = list(probe.trajectories), list(probe.chunks), list(probe.stamps)
+    for msg in trajectories:
+        assert msg.joint_names == JOINTS
+        assert msg.header.stamp.sec == 0 and msg.header.stamp.nanosec == 0
+        k = PROFILE.action_horizon - len(msg.points)
+        assert 0 <= k < PROFILE.action_horizon
+        np.testing.assert_array_equal([p.positions for p in msg.points], expected[k:].astype(np.float64))
+        np.testing.assert_allclose([p.velocities for p in msg.points], velocities[k:], rtol=1e-12)
+        t = np.array([duration_s(p.time_from_start) for p in msg.points])
+        assert lead_s - 1e-6 <= t[0] < lead_s + period_s
+        np.testing.assert_allclose(np.diff(t), period_s, atol=2e-9)
+    for msg in chunks:
+        np.testing.assert_array_equal(action_chunk_from_message(msg), expected)
+    assert [s.frame_id for s in stamps] == [str(i) for i in range(len(stamps))]
+    assert all(s.stamp.sec > 0 for s in stamps)
+
+
+def test_joint_states_in_permuted_order_map_by_name(make_node, probe) -> None:
+    with probe.lock:
+        probe.state_names = ["j2", "extra", "j0", "j1"]
+    node = active(make_node)
+    wait_for(lambda: probe.counts()[0] >= 2)
+    np.testing.assert_array_equal(node.policy.calls[-1].state, probe.state)
+    expected = expected_actions(PROFILE, probe.state, {"cam_a": IMAGE_A, "cam_b": IMAGE_B})
+    msg = probe.trajectories[-1]
+    k = PROFILE.action_horizon - len(msg.points)
+    np.testing.assert_array_equal([p.positions for p in msg.points], expected[k:].astype(np.float64))
+
+
+def test_stopped_camera_holds_and_is_reported(make_node, probe) -> None:
+    active(make_node)
+    wait_for(lambda: probe.latest_status("running"))
+    with probe.lock:
+        probe.cameras_on["cam_b"] = False
+    status = wait_for(lambda: probe.latest_status("camera 'cam_b' is stale"))
+    assert status.level == b"\x01"
+    values = {kv.key: kv.value for kv in status.values}
+    assert "cam_b" in values["last_hold_reason"] and int(values["holds"]) >= 1
+    time.sleep(0.1)
+    held = probe.counts()
+    time.sleep(0.4)
+    assert probe.counts() == held
+    with probe.lock:
+        probe.cameras_on["cam_b"] = True
+    wait_for(lambda: probe.counts()[0] > held[0])
+
+
+def test_bad_inputs_are_counted_and_never_published(make_node, probe) -> None:
+    with probe.lock:
+        probe.image_a.encoding = "yuv422"
+        probe.state_names = ["j0", "j1"]  # j2 missing
+    active(make_node)
+    status = wait_for(lambda: probe.latest_status("holding"))
+    values = {kv.key: kv.value for kv in status.values}
+    assert "lacks joints ['j2']" in values["last_input_error"]
+    assert int(values["observation_errors"]) > 0
+    with probe.lock:
+        probe.state_names = list(JOINTS)
+    wait_for(lambda: probe.latest_status("unsupported image encoding"))
+    assert probe.counts() == (0, 0, 0)
+
+
+def test_slow_inference_skips_ticks_and_reports_rate(make_node, probe) -> None:
+    active(make_node, latency_s=0.12)  # ~8 Hz achievable against a 20 Hz target
+    time.sleep(1.5)
+    values = {kv.key: kv.value for kv in probe.latest_status().values}
+    assert 4.0 < float(values["achieved_rate_hz"]) < 12.0
+    assert int(values["skipped_ticks"]) > 0
+    assert float(values["latency_infer_p50_ms"]) >= 100.0
+    assert "latency_policy_fake_p99_ms" in values
+
+
+def test_prompt_topic_and_parameter(make_node, probe) -> None:
+    node = active(make_node, params={"prompt": "from param"})
+    wait_for(lambda: node.policy.calls and node.policy.calls[-1].stamp_s > 0)
+    assert node.policy.calls[-1].prompt == "from param"
+    from std_msgs.msg import String
+    probe.prompt_pub.publish(String(data="from topic"))
+    wait_for(lambda: node.policy.calls[-1].prompt == "from topic")
+    assert node.set_parameters([Parameter("prompt", value="again")])[0].successful
+    wait_for(lambda: node.policy.calls[-1].prompt == "again")
+
+
+def test_autostart(make_node, probe) -> None:
+    make_node(params={"autostart": True})
+    wait_for(lambda: probe.counts()[0] >= 1)
+
+
+def test_parameters_rejected_with_reasons(make_node, probe) -> None:
+    node = make_node()
+    cases = [
+        (Parameter("control_rate_hz", value=500.0), "out of range"),
+        (Parameter("control_rate_hz", value="fast"), "Wrong parameter type"),
+        (Parameter("max_observation_age_s", value=0.0), "out of range"),
+        (Parameter("backend", value="magic"), "backend: expected values from"),
+        (Parameter("camera_types", value=["raw", "h264"]), "camera_types: expected values from"),
+        (Parameter("joint_names", value=["a", "a"]), "unique entries"),
+        (Parameter("seed", value=-1), "out of range"),
+    ]
+    for param, reason in cases:
+        result = node.set_parameters([param])[0]
+        assert not result.successful, param.name
+        assert reason in result.reason, (param.name, result.reason)
+
+    assert node.trigger_configure() == SUCCESS
+    result = node.set_parameters([Parameter("checkpoint_path", value="/x")])[0]
+    assert not result.successful and "configure-time" in result.reason
+    assert node.trigger_activate() == SUCCESS
+    # Dynamic ones apply while active, the timer included.
+    assert node.set_parameters([Parameter("control_rate_hz", value=5.0)])[0].successful
+    assert node._control_timer.timer_period_ns == 200_000_000
+    assert node.set_parameters([Parameter("max_camera_skew_s", value=0.05)])[0].successful
+
+
+def test_configure_failure_then_fix(make_node, probe) -> None:
+    node = make_node(params={"checkpoint_path": "/does/not/exist"})
+    assert node.trigger_configure() == FAILURE
+    assert node.policy is None and node.config is None
+    assert node.set_parameters([Parameter("checkpoint_path", value="")])[0].successful
+    assert node.trigger_configure() == SUCCESS
+    assert node.trigger_activate() == SUCCESS
+    wait_for(lambda: probe.counts()[0] >= 1)
+
+
+@pytest.mark.parametrize("params,fix", [
+    ({"control_rate_hz": 500.0}, Parameter("control_rate_hz", value=10.0)),  # refused by rclpy at start
+    ({"backend": "magic"}, Parameter("backend", value="torch")),  # refused by our validation
+    ({"camera_names": ["cam_a", "cam_z"]}, Parameter("camera_names", value=["cam_a", "cam_b"])),  # profile
+    ({"joint_names": ["j0", "j1"]}, Parameter("joint_names", value=JOINTS)),  # profile state dim
+])
+def test_bad_start_parameters_fail_configure_until_fixed(make_node, params, fix) -> None:
+    node = make_node(params=params)  # the process survives a bad override
+    assert node.trigger_configure() == FAILURE
+    assert node.set_parameters([fix])[0].successful
+    assert node.trigger_configure() == SUCCESS

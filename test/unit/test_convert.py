@@ -1,0 +1,198 @@
+"""ros/convert.py: every image encoding, row padding, compressed images, joint states, and each bad case."""
+
+import cv2
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import Header
+
+from pi0_policy_ros.control.trajectory import plan_trajectory
+from pi0_policy_ros.errors import ObservationError
+from pi0_policy_ros.ros import convert
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)  # odd sizes catch stride mistakes
+
+
+def make_image(pixels: np.ndarray, encoding: str, pad: int = 0) -> Image:
+    h, w = pixels.shape[:2]
+    rows = pixels.reshape(h, -1)
+    padded = np.concatenate([rows, np.full((h, pad), 0xAB, np.uint8)], axis=1)
+    return Image(height=h, width=w, encoding=encoding, step=padded.shape[1], data=padded.tobytes())
+
+
+def encode(encoding: str) -> np.ndarray:
+    """RGB -> the raw pixel layout of `encoding`."""
+    return {
+        "rgb8": RGB,
+        "bgr8": RGB[:, :, ::-1],
+        "rgba8": np.concatenate([RGB, np.full((5, 7, 1), 9, np.uint8)], axis=2),
+        "bgra8": np.concatenate([RGB[:, :, ::-1], np.full((5, 7, 1), 9, np.uint8)], axis=2),
+    }[encoding]
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_colour_encodings_give_rgb(encoding: str, pad: int) -> None:
+    out = convert.image_to_rgb(make_image(np.ascontiguousarray(encode(encoding)), encoding, pad))
+    assert out.dtype == np.uint8 and out.shape == (5, 7, 3) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, RGB)
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_mono8_is_replicated_to_three_channels(pad: int) -> None:
+    gray = RGB[:, :, 0].copy()
+    out = convert.image_to_rgb(make_image(gray[:, :, None], "mono8", pad))
+    assert out.shape == (5, 7, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[:, :, c], gray)
+
+
+def test_longer_data_than_step_times_height_is_accepted() -> None:
+    msg = make_image(RGB, "rgb8")
+    msg.data = bytes(msg.data) + b"\x00" * 10
+    np.testing.assert_array_equal(convert.image_to_rgb(msg), RGB)
+
+
+def test_rosbags_message_with_numpy_data() -> None:
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_JAZZY)
+    Img = ts.types["sensor_msgs/msg/Image"]
+    hdr = ts.types["std_msgs/msg/Header"](stamp=ts.types["builtin_interfaces/msg/Time"](sec=1, nanosec=5), frame_id="")
+    msg = Img(header=hdr, height=5, width=7, encoding="bgr8", is_bigendian=0, step=21,
+              data=np.ascontiguousarray(RGB[:, :, ::-1]).reshape(-1))
+    np.testing.assert_array_equal(convert.image_to_rgb(msg), RGB)
+    assert convert.stamp_to_seconds(msg.header.stamp) == pytest.approx(1.000000005)
+
+
+@pytest.mark.parametrize("encoding", ["yuv422", "16UC1", "rgb16", "bayer_rggb8", "made_up", ""])
+def test_unsupported_encoding(encoding: str) -> None:
+    msg = make_image(RGB, "rgb8")
+    msg.encoding = encoding
+    with pytest.raises(ObservationError, match=r"unsupported image encoding.*expected one of.*found"):
+        convert.image_to_rgb(msg)
+
+
+def test_step_smaller_than_row() -> None:
+    msg = make_image(RGB, "rgb8")
+    msg.step = 20
+    with pytest.raises(ObservationError, match=r"step too small: expected >= .* = 21 bytes, found 20"):
+        convert.image_to_rgb(msg)
+
+
+def test_data_shorter_than_step_times_height() -> None:
+    msg = make_image(RGB, "rgb8", pad=2)
+    msg.data = bytes(msg.data)[:-1]
+    with pytest.raises(ObservationError, match=r"data too short: expected step\*height = 23\*5 = 115 bytes, found 114"):
+        convert.image_to_rgb(msg)
+
+
+@pytest.mark.parametrize("height,width", [(0, 7), (5, 0), (0, 0)])
+def test_zero_size(height: int, width: int) -> None:
+    msg = Image(height=height, width=width, encoding="rgb8", step=width * 3, data=b"")
+    with pytest.raises(ObservationError, match="empty image"):
+        convert.image_to_rgb(msg)
+
+
+# ---- compressed --------------------------------------------------------------------------------
+
+def compressed(ext: str, pixels: np.ndarray, fmt: str) -> CompressedImage:
+    ok, buf = cv2.imencode(ext, pixels)
+    assert ok
+    return CompressedImage(format=fmt, data=buf.tobytes())
+
+
+def test_png_is_lossless_and_rgb() -> None:
+    msg = compressed(".png", np.ascontiguousarray(RGB[:, :, ::-1]), "rgb8; png compressed bgr8")
+    np.testing.assert_array_equal(convert.compressed_image_to_rgb(msg), RGB)
+
+
+def test_mono_png_becomes_three_channels() -> None:
+    gray = RGB[:, :, 1].copy()
+    out = convert.compressed_image_to_rgb(compressed(".png", gray, "mono8; png compressed mono8"))
+    assert out.shape == (5, 7, 3)
+    np.testing.assert_array_equal(out[:, :, 2], gray)
+
+
+@pytest.mark.parametrize("fmt", ["rgb8; jpeg compressed bgr8", "jpeg", ""])
+def test_jpeg_channel_order(fmt: str) -> None:
+    # A flat red image survives JPEG nearly exactly, so the channel order is unambiguous.
+    red_rgb = np.zeros((16, 16, 3), np.uint8)
+    red_rgb[:, :, 0] = 200
+    out = convert.compressed_image_to_rgb(compressed(".jpg", np.ascontiguousarray(red_rgb[:, :, ::-1]), fmt))
+    assert out.shape == (16, 16, 3)
+    assert abs(int(out[..., 0].mean()) - 200) <= 3 and out[..., 2].mean() < 5
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 64, b"not a jpeg at all", b"\xff\xd8\xff\xe0" + b"\x00" * 10])
+def test_corrupt_compressed(data: bytes) -> None:
+    with pytest.raises(ObservationError, match=r"(cannot decode|empty compressed).*expected JPEG or PNG"):
+        convert.compressed_image_to_rgb(CompressedImage(format="jpeg", data=data))
+
+
+def test_compressed_depth_is_refused() -> None:
+    msg = compressed(".png", RGB, "16UC1; compressedDepth png")
+    with pytest.raises(ObservationError, match="unsupported compressed format"):
+        convert.compressed_image_to_rgb(msg)
+
+
+# ---- joint states ------------------------------------------------------------------------------
+
+NAMES = ["shoulder", "elbow", "wrist"]
+
+
+def js(names, positions) -> JointState:
+    return JointState(header=Header(stamp=Time(sec=3)), name=list(names), position=list(positions))
+
+
+def test_joint_states_map_by_name() -> None:
+    msg = js(["wrist", "extra", "shoulder", "elbow"], [3.0, 99.0, 1.0, 2.0])
+    np.testing.assert_array_equal(convert.joint_positions(msg, NAMES), [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("names,positions,pattern", [
+    ([], [], "empty joint_states"),
+    (["shoulder", "elbow"], [1.0, 2.0], r"lacks joints \['wrist'\]: expected all of"),
+    (["shoulder", "elbow", "wrist", "elbow"], [1, 2, 3, 4], r"duplicate names.*\['elbow'\]"),
+    (["shoulder", "elbow", "wrist"], [1.0, 2.0], r"position too short: expected one per name \(3\), found 2"),
+    (["shoulder", "elbow", "wrist"], [1.0, float("nan"), 3.0], r"non-finite.*'elbow'"),
+    (["shoulder", "elbow", "wrist"], [float("inf"), 2.0, 3.0], r"non-finite.*'shoulder'"),
+])
+def test_bad_joint_states(names, positions, pattern) -> None:
+    with pytest.raises(ObservationError, match=pattern):
+        convert.joint_positions(js(names, positions), NAMES)
+
+
+def test_nan_in_an_unused_joint_is_ignored() -> None:
+    msg = js(NAMES + ["gripper"], [1.0, 2.0, 3.0, float("nan")])
+    np.testing.assert_array_equal(convert.joint_positions(msg, NAMES), [1.0, 2.0, 3.0])
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+def test_action_chunk_layout_round_trip() -> None:
+    actions = np.arange(12, dtype=np.float32).reshape(4, 3)
+    msg = convert.action_chunk_message(actions)
+    assert [(d.label, d.size, d.stride) for d in msg.layout.dim] == [("horizon", 4, 12), ("action", 3, 3)]
+    assert msg.layout.data_offset == 0 and len(msg.data) == 12
+    np.testing.assert_array_equal(convert.action_chunk_from_message(msg), actions)
+
+
+def test_trajectory_message() -> None:
+    actions = np.array([[0.0, 1.0], [0.5, 1.5], [1.0, 2.0]])
+    plan = plan_trajectory(actions, period_s=0.1, stamp_s=100.0, now_s=100.05, min_lead_s=0.02)
+    msg = convert.trajectory_message(plan, ["a", "b"])
+    assert msg.header.stamp.sec == 0 and msg.header.stamp.nanosec == 0
+    assert msg.joint_names == ["a", "b"]
+    assert len(msg.points) == 2
+    assert list(msg.points[0].positions) == [0.5, 1.5]
+    assert list(msg.points[0].velocities) == pytest.approx([5.0, 5.0])
+    t = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+    assert t == pytest.approx([0.05, 0.15])
+
+
+def test_seconds_to_stamp() -> None:
+    stamp = convert.seconds_to_stamp(1700000000.25)
+    assert (stamp.sec, stamp.nanosec) == (1700000000, 250000000)

@@ -1,0 +1,153 @@
+"""control/observation_buffer.py: latest-of-each snapshots with age, skew and stamp checks."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from pi0_policy_ros.control.config import ControlConfig
+from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.errors import ConfigError, ObservationError
+
+CFG = ControlConfig(control_rate_hz=10.0, max_observation_age_s=0.5, max_camera_skew_s=0.1, max_future_stamp_s=0.05)
+T0 = 1000.0
+
+
+def filled(now: float = T0) -> ObservationBuffer:
+    buf = ObservationBuffer(["a", "b"], CFG)
+    buf.put_image("a", "img-a", now - 0.03, now)
+    buf.put_image("b", "img-b", now - 0.01, now)
+    buf.put_state(np.array([1.0, 2.0]), now - 0.005, now)
+    return buf
+
+
+def test_snapshot_takes_the_latest_of_each() -> None:
+    buf = filled()
+    buf.put_image("a", "img-a2", T0 - 0.02, T0)
+    buf.put_prompt("pick")
+    snap = buf.snapshot(T0 + 0.01)
+    assert snap.images == {"a": "img-a2", "b": "img-b"}
+    np.testing.assert_array_equal(snap.state, [1.0, 2.0])
+    assert snap.prompt == "pick"
+    assert snap.stamp_s == pytest.approx(T0 - 0.005)  # the newest sample used
+    assert snap.age_s == pytest.approx(0.03)  # the oldest sample used
+    assert snap.camera_skew_s == pytest.approx(0.01)
+
+
+def test_empty_prompt_means_default() -> None:
+    buf = filled()
+    buf.put_prompt("")
+    assert buf.snapshot(T0).prompt is None
+
+
+def test_missing_camera_and_state() -> None:
+    buf = ObservationBuffer(["a", "b"], CFG)
+    buf.put_image("a", "x", T0, T0)
+    with pytest.raises(ObservationError, match=r"no image received yet from camera\(s\) \['b'\]"):
+        buf.snapshot(T0)
+    buf.put_image("b", "x", T0, T0)
+    with pytest.raises(ObservationError, match="no joint_states received yet"):
+        buf.snapshot(T0)
+
+
+def test_stale_camera_is_named() -> None:
+    buf = filled()
+    with pytest.raises(ObservationError, match=r"camera 'a' is stale: expected age <= 0.500 s .* found 0.530 s"):
+        buf.snapshot(T0 + 0.5)
+
+
+def test_stale_state() -> None:
+    buf = ObservationBuffer(["a"], CFG)
+    buf.put_state(np.zeros(2), T0 - 0.6, T0)
+    buf.put_image("a", "x", T0, T0)
+    with pytest.raises(ObservationError, match="joint_states is stale"):
+        buf.snapshot(T0)
+
+
+def test_camera_skew() -> None:
+    buf = filled()
+    buf.put_image("b", "late", T0 + 0.2, T0 + 0.2)
+    with pytest.raises(ObservationError, match=r"cameras out of sync: expected stamp spread <= 0.100 s .* found 0.230 s"):
+        buf.snapshot(T0 + 0.2)
+
+
+def test_limits_follow_a_config_change() -> None:
+    buf = filled()
+    buf.config = ControlConfig(max_observation_age_s=1.0)
+    assert buf.snapshot(T0 + 0.9).age_s == pytest.approx(0.93)
+
+
+@pytest.mark.parametrize("stamp,pattern", [
+    (T0 - 0.05, r"stamp went backwards: expected >= 999.970000 s, found 999.950000 s"),
+    (T0 + 0.2, r"0.200 s in the future"),
+    (0.0, r"expected a positive header stamp, found 0.0"),
+    (float("nan"), "positive header stamp"),
+])
+def test_bad_stamps(stamp: float, pattern: str) -> None:
+    buf = filled()
+    with pytest.raises(ObservationError, match=pattern):
+        buf.put_image("a", "bad", stamp, T0)
+    assert buf.snapshot(T0).images["a"] == "img-a"  # the bad sample was not stored
+
+
+def test_state_stamp_going_backwards() -> None:
+    buf = filled()
+    with pytest.raises(ObservationError, match="joint_states: stamp went backwards"):
+        buf.put_state(np.zeros(2), T0 - 0.1, T0)
+
+
+def test_equal_stamp_replaces() -> None:
+    buf = filled()
+    buf.put_image("a", "same-stamp", T0 - 0.03, T0)
+    assert buf.snapshot(T0).images["a"] == "same-stamp"
+
+
+def test_reset_forgets_samples_and_stamps() -> None:
+    buf = filled()
+    buf.reset()
+    buf.put_image("a", "old", T0 - 0.2, T0)  # older than before the reset: accepted
+    with pytest.raises(ObservationError, match="no image"):
+        buf.snapshot(T0)
+
+
+def test_unknown_camera_and_bad_construction() -> None:
+    with pytest.raises(ObservationError, match=r"unknown camera 'z': expected one of \['a', 'b'\]"):
+        filled().put_image("z", "x", T0, T0)
+    with pytest.raises(ObservationError, match="at least one camera"):
+        ObservationBuffer([], CFG)
+    with pytest.raises(ObservationError, match="unique camera names"):
+        ObservationBuffer(["a", "a"], CFG)
+
+
+@pytest.mark.parametrize("kwargs", [dict(control_rate_hz=0.0), dict(control_rate_hz=float("inf")),
+                                    dict(max_observation_age_s=-1.0), dict(max_camera_skew_s=11.0)])
+def test_control_config_validation(kwargs) -> None:
+    with pytest.raises(ConfigError, match="must be a finite number in"):
+        ControlConfig(**kwargs)
+
+
+def test_concurrent_puts_and_snapshots() -> None:
+    buf = ObservationBuffer(["a"], ControlConfig(max_observation_age_s=10.0))
+    stop = threading.Event()
+
+    def writer() -> None:
+        t = T0
+        while not stop.is_set():
+            t += 1e-4
+            buf.put_image("a", t, t, t)
+            buf.put_state(np.array([t]), t, t)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        seen = 0
+        while seen < 200:
+            try:
+                snap = buf.snapshot(T0 + 1.0)
+            except ObservationError:
+                continue
+            assert snap.images["a"] <= snap.stamp_s + 1e-9
+            seen += 1
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,82 @@
+"""ros/params.py: parameter values -> NodeConfig, validation reasons, profile resolution (no rclpy)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pi0_policy_ros.control.monitor import OK, WARN, ControlMonitor
+from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.policy.robots import get_profile
+from pi0_policy_ros.ros.params import PARAMS, SPECS, check_value, config_from_params
+
+BASE = {"camera_names": ["cam_high", "cam_left_wrist"], "robot_profile": "pi0_aloha"}
+
+
+def test_defaults_and_camera_topics() -> None:
+    cfg = config_from_params({**BASE, "camera_types": ["raw", "compressed"]})
+    assert [(c.name, c.topic, c.compressed) for c in cfg.cameras] == [
+        ("cam_high", "cam_high/image_raw", False), ("cam_left_wrist", "cam_left_wrist/image_raw/compressed", True)]
+    assert cfg.control.control_rate_hz == SPECS["control_rate_hz"].default
+    assert cfg.policy.robot_profile == "pi0_aloha" and cfg.policy.backend == "torch"
+
+
+@pytest.mark.parametrize("values,pattern", [
+    ({"camera_names": []}, r"camera_names: expected at least one camera"),
+    ({**BASE, "camera_topics": ["a"]}, r"camera_topics: expected one entry per camera_names entry \(2\) or \[\], found 1"),
+    ({**BASE, "camera_types": ["raw", "jpeg"]}, r"camera_types: expected values from \['raw', 'compressed'\], found \['jpeg'\]"),
+    ({**BASE, "backend": "onnx"}, r"backend: expected values from"),
+    ({**BASE, "precision": "int4"}, r"precision: expected values from"),
+    ({**BASE, "device": "tpu"}, r"device must be one of"),
+    ({**BASE, "control_rate_hz": 0.0}, r"control_rate_hz: expected a value in \[0.1, 200.0\], found 0.0"),
+    ({**BASE, "seed": -3}, r"seed: expected a value in"),
+    ({**BASE, "camera_topics": ["x", ""]}, r"camera_topics\[1\].*expected a topic name"),
+    ({**BASE, "joint_names": ["a", "b", "a"]}, r"joint_names: expected unique entries"),
+])
+def test_invalid_values_give_reasons(values, pattern) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_params(values)
+
+
+def test_every_spec_default_is_valid() -> None:
+    for spec in PARAMS:
+        check_value(spec, spec.default)
+
+
+def test_resolve_takes_joint_names_from_the_profile() -> None:
+    profile = get_profile("pi0_aloha")
+    cfg = config_from_params(BASE).resolve(profile)
+    assert cfg.joint_names == profile.joint_names and cfg.action_joint_names == profile.joint_names
+
+
+@pytest.mark.parametrize("values,pattern", [
+    ({**BASE, "camera_names": ["cam_high", "cam_top"]}, r"\['cam_top'\] are not cameras of profile 'pi0_aloha'"),
+    ({**BASE, "camera_names": ["cam_left_wrist"]}, r"requires cameras \['cam_high'\]"),
+    ({**BASE, "joint_names": ["a", "b"]}, r"expects 14 state dims, found 2"),
+    ({**BASE, "action_joint_names": ["a"]}, r"expects 14 action dims, found 1"),
+])
+def test_resolve_refuses_what_does_not_fit(values, pattern) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_params(values).resolve(get_profile("pi0_aloha"))
+
+
+def test_libero_needs_explicit_names() -> None:
+    with pytest.raises(ConfigError, match="expects 8 state dims, found 0"):
+        config_from_params({"camera_names": ["image", "wrist_image"]}).resolve(get_profile("pi05_libero"))
+
+
+def test_monitor_reports_rate_holds_and_percentiles() -> None:
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    assert monitor.report(0.0).message == "inactive"
+    monitor.start(0.0)
+    for i in range(1, 11):
+        monitor.tick_started(i * 0.1 - 0.05)
+        monitor.published(i * 0.1, {"infer": float(i)}, 0.02, 0.001)
+    report = monitor.report(1.0)
+    assert report.level == OK and report.values["achieved_rate_hz"] == "10.000"
+    assert report.values["latency_infer_p50_ms"] == "5.500"
+    monitor.tick_started(1.25)  # 0.3 s after the last tick: two periods missed
+    monitor.held("camera 'a' is stale")
+    report = monitor.report(1.4)
+    assert report.level == WARN and report.message == "holding: camera 'a' is stale"
+    assert report.values["skipped_ticks"] == "2" and report.values["holds"] == "1"
+    assert float(monitor.report(5.0).values["achieved_rate_hz"]) == 0.0  # nothing completed in the window
