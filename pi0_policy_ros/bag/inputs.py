@@ -1,0 +1,214 @@
+"""Which topics a replay reads, and the node configuration it runs with.
+
+A replay runs the node's parameters (a ROS parameter file, as given to `--params-file`) against
+a bag. This module turns that file into the node's `NodeConfig` with the node's own
+`config_from_params`, resolves the node's relative topic names the way rcl would for a node
+`<namespace>/<node_name>`, and applies `--map NODE_TOPIC:=BAG_TOPIC` remappings.
+
+ROS-free: no rclpy import, so the offline replay needs no middleware.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.ros.params import NodeConfig, config_from_params
+
+NODE_NAME = "pi0_policy"  # ros/node.py NODE_NAME; kept here so that offline replay needs no rclpy
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
+JOINT_STATE_TYPE = "sensor_msgs/msg/JointState"
+STRING_TYPE = "std_msgs/msg/String"
+HEADER_TYPE = "std_msgs/msg/Header"
+FLOAT32_MULTI_ARRAY_TYPE = "std_msgs/msg/Float32MultiArray"
+JOINT_TRAJECTORY_TYPE = "trajectory_msgs/msg/JointTrajectory"
+DIAGNOSTIC_ARRAY_TYPE = "diagnostic_msgs/msg/DiagnosticArray"
+
+PARAMS_KEY = "ros__parameters"
+
+
+def resolve_topic(name: str, namespace: str = "/", node_name: str = NODE_NAME) -> str:
+    """A topic name as rcl resolves it for node `<namespace>/<node_name>`: `/a` stays, `~/a` is
+    `<namespace>/<node_name>/a`, `a` is `<namespace>/a`."""
+    ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
+    if name.startswith("/"):
+        resolved = name
+    elif name.startswith("~"):
+        resolved = f"{ns}/{node_name}/{name[1:].lstrip('/')}"
+    else:
+        resolved = f"{ns}/{name}"
+    return re.sub("/+", "/", resolved).rstrip("/") or "/"
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """rcl node-name patterns: `**` = any number of tokens, `*` = any characters within one token."""
+    parts = []
+    for token in pattern.strip("/").split("/"):
+        if token == "**":
+            parts.append("(?:/[^/]+)*")
+        else:
+            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in token.split("*")))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def _node_sections(tree: Any, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(node pattern, parameters) for every `ros__parameters` block, in file order; namespaces may
+    be nested mappings (`ns: {node: {ros__parameters: ...}}`) or slash-joined keys."""
+    sections: list[tuple[str, dict[str, Any]]] = []
+    if not isinstance(tree, dict):
+        return sections
+    for key, value in tree.items():
+        if key == PARAMS_KEY:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix or '/'}: expected a mapping under {PARAMS_KEY}, found {value!r}")
+            sections.append((prefix or "/", _flatten(value)))
+        else:
+            sections.extend(_node_sections(value, f"{prefix}/{str(key).strip('/')}"))
+    return sections
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameter mappings become dotted names, as rcl reads them."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NODE_NAME) -> dict[str, Any]:
+    """The parameters a ROS parameter file gives node `<namespace>/<node_name>` (later blocks win)."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"params file {path}: cannot read it: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {path}: expected ROS parameter YAML, found invalid YAML: {exc}") from None
+    fqn = resolve_topic(node_name, namespace)
+    sections = _node_sections(tree)
+    if not sections:
+        raise ConfigError(f"params file {path}: expected '<node>: {{{PARAMS_KEY}: ...}}' blocks, found none")
+    values: dict[str, Any] = {}
+    matched = False
+    for pattern, params in sections:
+        if _pattern_regex(pattern).match(fqn):
+            values.update(params)
+            matched = True
+    if not matched:
+        raise ConfigError(f"params file {path}: no block applies to node {fqn}; found blocks for "
+                          f"{[pattern for pattern, _ in sections]}")
+    return values
+
+
+def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:
+    """`NAME:=VALUE` strings (as ROS `-p` and `-r` take them) -> {NAME: VALUE}."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition(":=")
+        if not sep or not name:
+            raise ConfigError(f"{what}: expected NAME:=VALUE, found {item!r}")
+        pairs[name] = value
+    return pairs
+
+
+def parse_param_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`--param NAME:=VALUE`; VALUE is YAML, as with `ros2 run ... -p` (`[a, b]`, `10.0`, `true`)."""
+    out: dict[str, Any] = {}
+    for name, text in parse_assignments(items, "--param").items():
+        try:
+            out[name] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--param {name}: expected a YAML value, found {text!r} ({exc})") from None
+    return out
+
+
+@dataclass(frozen=True)
+class InputTopic:
+    """One topic the node subscribes to, and where the bag has it.
+
+    role: "camera", "joint_states" or "prompt"; camera: the camera name (cameras only).
+    node_topic: the name the node subscribes to (resolved). bag_topic: the bag's topic.
+    msgtype: the type the node expects. required: the replay fails without it in the bag.
+    """
+
+    role: str
+    camera: str
+    node_topic: str
+    bag_topic: str
+    msgtype: str
+    required: bool
+
+    @property
+    def label(self) -> str:
+        return f"camera {self.camera!r}" if self.role == "camera" else self.role
+
+
+@dataclass(frozen=True)
+class ReplaySetup:
+    """A node configuration, plus the topics a replay reads and writes for it.
+
+    params: the parameter values (file + overrides); config: `config_from_params(params)`,
+    not yet resolved against a policy's profile.
+    """
+
+    params: dict[str, Any]
+    config: NodeConfig
+    namespace: str
+    node_name: str
+    inputs: tuple[InputTopic, ...]
+
+    def output_topic(self, name: str) -> str:
+        """The resolved name of one of the node's `~/` outputs (or `/diagnostics`)."""
+        return resolve_topic(name, self.namespace, self.node_name)
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        """Resolved output topic -> message type, as ros/node.py publishes them."""
+        return {
+            self.output_topic("~/action_chunk_stamp"): HEADER_TYPE,
+            self.output_topic("~/action_chunk"): FLOAT32_MULTI_ARRAY_TYPE,
+            self.output_topic("~/joint_trajectory"): JOINT_TRAJECTORY_TYPE,
+        }
+
+    def input_for_bag_topic(self) -> dict[str, InputTopic]:
+        return {topic.bag_topic: topic for topic in self.inputs}
+
+
+def make_setup(params_file: str | Path, overrides: Mapping[str, Any] | None = None,
+               remaps: Sequence[str] = (), namespace: str = "/", node_name: str = NODE_NAME) -> ReplaySetup:
+    """The node's configuration from a parameter file, and its input topics in the bag.
+
+    remaps: `NODE_TOPIC:=BAG_TOPIC`; NODE_TOPIC as in the parameters (relative or resolved).
+    """
+    params = {**load_params_file(params_file, namespace, node_name), **(overrides or {})}
+    config = config_from_params(params)
+    mapping = {resolve_topic(k, namespace, node_name): resolve_topic(v, "/", node_name)
+               for k, v in parse_assignments(remaps, "--map").items()}
+    wanted = [("camera", c.name, c.topic, COMPRESSED_IMAGE_TYPE if c.compressed else IMAGE_TYPE, True)
+              for c in config.cameras]
+    wanted += [("joint_states", "", "joint_states", JOINT_STATE_TYPE, True),
+               ("prompt", "", "~/prompt", STRING_TYPE, False)]
+    inputs = []
+    for role, camera, name, msgtype, required in wanted:
+        node_topic = resolve_topic(name, namespace, node_name)
+        inputs.append(InputTopic(role, camera, node_topic, mapping.pop(node_topic, node_topic), msgtype, required))
+    if mapping:
+        raise ConfigError(f"--map: expected node topics among {[t.node_topic for t in inputs]}, "
+                          f"found {sorted(mapping)}")
+    bag_topics = [t.bag_topic for t in inputs]
+    duplicates = sorted({t for t in bag_topics if bag_topics.count(t) > 1})
+    if duplicates:
+        raise ConfigError(f"inputs: expected one bag topic per input, found {duplicates} used twice")
+    return ReplaySetup(params=params, config=config, namespace=namespace, node_name=node_name,
+                       inputs=tuple(inputs))

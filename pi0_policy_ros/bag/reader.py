@@ -1,0 +1,151 @@
+"""Reading the input bag: MCAP or sqlite3, Humble or Jazzy message definitions.
+
+`InputBag` opens a rosbag2 directory (or a single `.mcap` / `.db3` file), checks that the topics
+a replay needs are there with the right types and messages, and yields messages in bag-time
+order, decoded with the definitions the bag carries (Humble's when it carries none: the sensor
+and std messages are the same in Humble and Jazzy).
+
+Every problem is one `BagError` naming the bag, the topic and what is wrong; the library's own
+exception is chained for debugging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterator, Sequence
+
+from rosbags.highlevel import AnyReader
+from rosbags.typesys import Stores, get_typestore
+
+from pi0_policy_ros.bag.inputs import InputTopic
+from pi0_policy_ros.bag.record import decode_cdr
+from pi0_policy_ros.errors import Pi0PolicyError
+
+NS_PER_S = 1_000_000_000
+
+
+class BagError(Pi0PolicyError):
+    """An input bag cannot be replayed: unreadable, truncated, empty, or without what is needed."""
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    msgtype: str
+    message_count: int
+
+
+class InputBag:
+    """with InputBag(path) as bag: bag.check(inputs); for topic, t_ns, msg in bag.messages(topics): ..."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._reader: AnyReader | None = None
+        self.topics: dict[str, TopicInfo] = {}
+
+    def __enter__(self) -> InputBag:
+        if not self.path.exists():
+            raise BagError(f"bag {self.path}: not found")
+        try:
+            reader = AnyReader([self.path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
+            reader.open()
+        except Exception as exc:  # noqa: BLE001 - any library failure is one clear BagError
+            raise BagError(f"bag {self.path}: unreadable (not a rosbag2 MCAP/sqlite3 bag, or truncated): "
+                           f"{_describe(exc)}") from exc
+        self._reader = reader
+        types: dict[str, set[str]] = {}
+        counts: dict[str, int] = {}
+        for connection in reader.connections:
+            types.setdefault(connection.topic, set()).add(connection.msgtype)
+            counts[connection.topic] = counts.get(connection.topic, 0) + int(connection.msgcount)
+        for topic, msgtypes in types.items():
+            if len(msgtypes) > 1:
+                self.close()
+                raise BagError(f"bag {self.path}: topic {topic} has several message types {sorted(msgtypes)}: "
+                               "expected one")
+            self.topics[topic] = TopicInfo(next(iter(msgtypes)), counts[topic])
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    @property
+    def start_ns(self) -> int:
+        assert self._reader is not None
+        return int(self._reader.start_time)
+
+    @property
+    def end_ns(self) -> int:
+        assert self._reader is not None
+        return int(self._reader.end_time)
+
+    def check(self, inputs: Sequence[InputTopic]) -> list[InputTopic]:
+        """The inputs present in the bag; BagError for an empty bag, a missing required topic, a
+        wrong type, or a required topic without messages."""
+        if not self.topics or sum(info.message_count for info in self.topics.values()) == 0:
+            required = [t.bag_topic for t in inputs if t.required]
+            raise BagError(f"bag {self.path}: empty: expected messages on {required}, found none")
+        present = []
+        for topic in inputs:
+            info = self.topics.get(topic.bag_topic)
+            if info is None:
+                if topic.required:
+                    raise BagError(f"bag {self.path}: topic {topic.bag_topic} ({topic.label}, {topic.msgtype}) "
+                                   f"is missing; the bag has {sorted(self.topics)} (use --map "
+                                   f"{topic.node_topic}:=BAG_TOPIC if it is recorded under another name)")
+                continue
+            if info.msgtype != topic.msgtype:
+                raise BagError(f"bag {self.path}: topic {topic.bag_topic} ({topic.label}) has type {info.msgtype}, "
+                               f"expected {topic.msgtype}{_type_hint(topic)}")
+            if info.message_count == 0 and topic.required:
+                raise BagError(f"bag {self.path}: topic {topic.bag_topic} ({topic.label}) has no messages")
+            present.append(topic)
+        return present
+
+    def raw_messages(self, topics: Sequence[str]) -> Iterator[tuple[str, str, int, bytes]]:
+        """(topic, msgtype, bag time ns, CDR bytes) in bag-time order."""
+        assert self._reader is not None, "InputBag used outside its with-block"
+        connections = [c for c in self._reader.connections if c.topic in set(topics)]
+        if not connections:
+            return
+        iterator = self._reader.messages(connections=connections)
+        while True:
+            try:
+                connection, t_ns, raw = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001
+                raise BagError(f"bag {self.path}: unreadable after some messages (truncated or corrupt "
+                               f"file?): {_describe(exc)}") from exc
+            yield connection.topic, connection.msgtype, int(t_ns), raw
+
+    def decode(self, topic: str, msgtype: str, t_ns: int, raw: bytes) -> Any:
+        assert self._reader is not None
+        try:
+            return decode_cdr(raw, msgtype, self._reader.typestore)
+        except Exception as exc:  # noqa: BLE001
+            raise BagError(f"bag {self.path}: topic {topic}: message at {t_ns / NS_PER_S:.6f} s cannot be decoded "
+                           f"as {msgtype} (truncated or corrupt?): {_describe(exc)}") from exc
+
+    def messages(self, topics: Sequence[str]) -> Iterator[tuple[str, int, Any]]:
+        """(topic, bag time ns, decoded message) in bag-time order."""
+        for topic, msgtype, t_ns, raw in self.raw_messages(topics):
+            yield topic, t_ns, self.decode(topic, msgtype, t_ns, raw)
+
+
+def _type_hint(topic: InputTopic) -> str:
+    if topic.role == "camera":
+        return " (set camera_types to 'raw' for sensor_msgs/msg/Image, 'compressed' for CompressedImage)"
+    return ""
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

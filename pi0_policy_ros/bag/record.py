@@ -1,0 +1,146 @@
+"""Writing bags: never half-written, always with the Jazzy message definitions.
+
+`OutputBag` stages the bag in a hidden directory beside the destination, under the final name
+(rosbag2 names the storage file after its directory, and `metadata.yaml` lists that name), and
+moves it into place only when everything was written. On any error the staging directory is
+removed and the destination is left as it was.
+
+Payloads are written as canonical CDR: a message serialised elsewhere (rclpy's Fast-CDR leaves
+alignment padding uninitialised) is decoded and re-encoded with the rosbags typestore, so that
+the same messages always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.serde import SerdeError
+from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys.store import Typestore
+
+from pi0_policy_ros.errors import Pi0PolicyError
+
+STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+DISTROS = {"jazzy": (Stores.ROS2_JAZZY, 9), "humble": (Stores.ROS2_HUMBLE, 8)}
+
+_TYPESTORES: dict[str, Typestore] = {}
+
+
+def typestore(distro: str = "jazzy") -> Typestore:
+    """The rosbags typestore of a ROS distro's standard messages (cached)."""
+    if distro not in DISTROS:
+        raise Pi0PolicyError(f"distro: expected one of {sorted(DISTROS)}, found {distro!r}")
+    if distro not in _TYPESTORES:
+        _TYPESTORES[distro] = get_typestore(DISTROS[distro][0])
+    return _TYPESTORES[distro]
+
+
+class OutputError(Pi0PolicyError):
+    """The output bag cannot be written where asked."""
+
+
+def rclpy_to_cdr(msg: Any, msgtype: str, store: Typestore | None = None) -> bytes:
+    """An rclpy message -> canonical CDR bytes (the message content exactly as rclpy has it)."""
+    from rclpy.serialization import serialize_message  # only the output path needs rclpy
+
+    return canonical_cdr(serialize_message(msg), msgtype, store)
+
+
+def decode_cdr(raw: bytes | memoryview, msgtype: str, store: Typestore) -> Any:
+    """CDR bytes -> a rosbags message, ignoring bytes after the message's end.
+
+    Fast-CDR (rclpy's `serialize_message`, and what Fast DDS hands to rosbag2) may append unused
+    bytes, e.g. 80 after a JointTrajectory; rosbags' `deserialize_cdr` refuses more than 3, every
+    CDR decoder in ROS ignores them.
+    """
+    if len(raw) < 4 or bytes(raw[:2]) not in (b"\x00\x00", b"\x00\x01"):
+        raise SerdeError(f"{msgtype}: expected a CDR encapsulation header, found {bytes(raw[:4]).hex()!r}")
+    msgdef = store.get_msgdef(msgtype)
+    decode = msgdef.deserialize_cdr_le if raw[1] else msgdef.deserialize_cdr_be
+    try:
+        message, _ = decode(memoryview(raw)[4:], 0, msgdef.cls, store)
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise SerdeError(f"could not deserialize {msgtype!r}: {exc}") from exc
+    return message
+
+
+def canonical_cdr(raw: bytes, msgtype: str, store: Typestore | None = None) -> bytes:
+    """CDR bytes from any serializer -> rosbags' CDR of the same message (zeroed padding, no
+    trailing bytes)."""
+    store = store or typestore()
+    return bytes(store.serialize_cdr(decode_cdr(raw, msgtype, store), msgtype))
+
+
+class OutputBag:
+    """A rosbag2 directory written atomically.
+
+    with OutputBag(path) as bag:
+        bag.write(topic, msgtype, t_ns, cdr_bytes)
+    Connections are added on first use of a topic (or up front with `add_topic`).
+    """
+
+    def __init__(self, path: str | Path, storage: str = "mcap", distro: str = "jazzy", overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if storage not in STORAGES:
+            raise OutputError(f"storage: expected one of {sorted(STORAGES)}, found {storage!r}")
+        self.storage = storage
+        self.distro = distro
+        self.store = typestore(distro)
+        self.overwrite = overwrite
+        self.message_count = 0
+        self._stage: Path | None = None
+        self._writer: Writer | None = None
+        self._connections: dict[str, Any] = {}
+
+    def __enter__(self) -> OutputBag:
+        if self.path.exists() and not self.overwrite:
+            raise OutputError(f"output {self.path} already exists: remove it or pass --overwrite")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise OutputError(f"output {self.path}: expected an existing directory {parent}, found none")
+        self._stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial", dir=parent))
+        _, version = DISTROS[self.distro]
+        self._writer = Writer(self._stage / self.path.name, version=version, storage_plugin=STORAGES[self.storage])
+        self._writer.open()
+        return self
+
+    def add_topic(self, topic: str, msgtype: str) -> None:
+        if topic in self._connections:
+            if self._connections[topic].msgtype != msgtype:
+                raise OutputError(f"output topic {topic}: expected type {self._connections[topic].msgtype}, "
+                                  f"found {msgtype}")
+            return
+        assert self._writer is not None, "OutputBag used outside its with-block"
+        self._connections[topic] = self._writer.add_connection(topic, msgtype, typestore=self.store)
+
+    def write(self, topic: str, msgtype: str, t_ns: int, cdr: bytes) -> None:
+        self.add_topic(topic, msgtype)
+        assert self._writer is not None
+        self._writer.write(self._connections[topic], int(t_ns), cdr)
+        self.message_count += 1
+
+    def write_message(self, topic: str, msgtype: str, t_ns: int, msg: Any) -> None:
+        """A rosbags message object of this bag's typestore."""
+        self.write(topic, msgtype, t_ns, bytes(self.store.serialize_cdr(msg, msgtype)))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        stage, writer = self._stage, self._writer
+        self._stage = self._writer = None
+        try:
+            if writer is not None:
+                writer.close()
+            if exc_type is None and stage is not None:
+                if self.path.exists():
+                    shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+                os.replace(stage / self.path.name, self.path)
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""`pi0-policy replay BAG --params FILE --out OUT_BAG`: run the policy node against a recording.
+
+- offline (default): the node's control loop on a simulated clock in bag time, no DDS
+  (`bag/offline.py`); deterministic.
+- `--realtime`: the bag is played over DDS at bag timing (times `--rate`), with `/clock`, to a
+  real node started with `use_sim_time`, and what the node publishes is recorded
+  (`bag/realtime.py`).
+Either way OUT_BAG (MCAP, Jazzy definitions) holds the node's `~/action_chunk_stamp`,
+`~/action_chunk` and `~/joint_trajectory` at their bag times, and `--report DIR` adds
+summary.json and plots. A bad bag is one error naming the bag, the topic and the problem, with
+exit code 1; the output is then not written at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pi0_policy_ros.bag.inputs import NODE_NAME, ReplaySetup, make_setup, parse_param_overrides
+from pi0_policy_ros.bag.reader import InputBag
+from pi0_policy_ros.bag.record import OutputBag
+from pi0_policy_ros.bag.summary import Progress, ReplaySummary
+from pi0_policy_ros.errors import Pi0PolicyError
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+
+def replay_offline(bag_path: str | Path, out_path: str | Path, setup: ReplaySetup, policy: object | None = None,
+                   overwrite: bool = False, progress: bool = False, keep_ticks: bool = False
+                   ) -> tuple[ReplaySummary, object]:
+    """Offline replay; returns the summary and the `OfflineReplay` (its `ticks` when keep_ticks).
+
+    policy: a `Policy`-like object; None loads `Policy.from_config` from the parameters (and
+    closes it afterwards). The bag is checked before the policy is loaded.
+    """
+    from pi0_policy_ros.bag.offline import OfflineReplay
+
+    summary = ReplaySummary("offline", str(bag_path), str(out_path), setup.config.control.control_rate_hz)
+    with InputBag(bag_path) as bag:
+        bag.check(setup.inputs)
+        owned = policy is None
+        if owned:
+            from pi0_policy_ros.policy.policy import Policy
+
+            policy = Policy.from_config(setup.config.policy)
+        try:
+            replay = OfflineReplay(setup, policy, keep_ticks=keep_ticks)  # type: ignore[arg-type]
+            meter = Progress("replay", (bag.end_ns - bag.start_ns) / 1e9, enabled=progress)
+            with OutputBag(out_path, overwrite=overwrite) as out:
+                replay.run(bag, out, summary, meter)
+            meter.finish(f"{summary.chunks} chunks")
+        finally:
+            if owned:
+                policy.close()  # type: ignore[union-attr]
+    return summary, replay
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bag", help="input rosbag2 (directory, .mcap or .db3; Humble or Jazzy)")
+    parser.add_argument("--params", required=True, help="the node's ROS parameter file (as for --params-file)")
+    parser.add_argument("--out", required=True, help="output bag directory (MCAP); must not exist unless --overwrite")
+    parser.add_argument("--map", action="append", default=[], metavar="NODE_TOPIC:=BAG_TOPIC",
+                        help="read a node input from another bag topic (repeatable)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="override one parameter of the file; VALUE is YAML (repeatable)")
+    parser.add_argument("--namespace", default="/", help="the node's namespace (default /)")
+    parser.add_argument("--node-name", default=NODE_NAME, help=f"the node's name (default {NODE_NAME})")
+    parser.add_argument("--realtime", action="store_true",
+                        help="play the bag over DDS to a real node (with /clock) and record its output")
+    parser.add_argument("--rate", type=float, default=1.0, help="realtime: playback speed factor (default 1)")
+    parser.add_argument("--node-cmd", default=None,
+                        help="realtime: the command that starts the node (default: this Python running "
+                             "pi0_policy_ros.ros.node:main); ROS arguments are appended")
+    parser.add_argument("--startup-timeout", type=float, default=120.0,
+                        help="realtime: seconds allowed for the node to start and configure (default 120)")
+    parser.add_argument("--node-log", default=None, help="realtime: keep the node's output in this file")
+    parser.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_BAG if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if not args.rate > 0:
+            raise Pi0PolicyError(f"--rate: expected a factor > 0, found {args.rate}")
+        setup = make_setup(args.params, parse_param_overrides(args.param), args.map, args.namespace, args.node_name)
+        if args.realtime:
+            from pi0_policy_ros.bag.realtime import RealtimeOptions, replay_realtime
+
+            options = RealtimeOptions(params_file=args.params, overrides=args.param, rate=args.rate,
+                                      node_cmd=args.node_cmd, startup_timeout_s=args.startup_timeout,
+                                      node_log=args.node_log)
+            summary, config, period_s = replay_realtime(args.bag, args.out, setup, options,
+                                                        overwrite=args.overwrite, progress=not args.quiet)
+        else:
+            summary, replay = replay_offline(args.bag, args.out, setup, overwrite=args.overwrite,
+                                             progress=not args.quiet)
+            config, period_s = replay.config, replay.policy.profile.action_period_s  # type: ignore[attr-defined]
+        if args.report:
+            from pi0_policy_ros.bag.report import write_report
+
+            content = write_report(args.report, summary, setup, config, period_s, args.bag, args.out)
+        else:
+            content = summary.to_json()
+    except Pi0PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    from pi0_policy_ros.bag.report import format_summary
+
+    print("\n".join(format_summary(content)))
+    print(f"wrote {args.out}" + (f" and {Path(args.report) / 'summary.json'}" if args.report else ""))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pi0_policy_ros.bag.replay", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

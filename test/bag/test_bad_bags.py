@@ -1,0 +1,98 @@
+"""Each bad bag is one clear error (bag, topic, problem), exit code 1, and no output at all."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pi0_policy_ros.bag.demo import demo_topics, write_demo_bag
+from pi0_policy_ros.bag.inputs import JOINT_STATE_TYPE
+from pi0_policy_ros.bag.record import OutputBag
+from pi0_policy_ros.bag.replay import main
+
+from test.bag.conftest import write_params
+
+
+def replay(bag: Path, params: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    code = main([str(bag), "--params", str(params), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and str(bag) in lines[0], err
+    return lines[0]
+
+
+def test_missing_topic(make_bag, tmp_path: Path, capsys) -> None:
+    params = write_params(tmp_path / "p.yaml", camera_topics=["front/image_raw", "wrist_image/image_raw/compressed"])
+    error = replay(make_bag("good", 1.0), params, tmp_path / "out", capsys)
+    assert "topic /front/image_raw (camera 'image', sensor_msgs/msg/Image) is missing" in error
+    assert "--map /front/image_raw:=BAG_TOPIC" in error
+
+
+def test_wrong_message_type(make_bag, tmp_path: Path, capsys) -> None:
+    params = write_params(tmp_path / "p.yaml", camera_types=["compressed", "compressed"],
+                          camera_topics=["image/image_raw", "wrist_image/image_raw/compressed"])
+    error = replay(make_bag("good", 1.0), params, tmp_path / "out", capsys)
+    assert "topic /image/image_raw (camera 'image') has type sensor_msgs/msg/Image, " \
+           "expected sensor_msgs/msg/CompressedImage" in error
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no_metadata", "not_found"])
+def test_unreadable_bag(make_bag, params_file: Path, tmp_path: Path, capsys, damage: str) -> None:
+    bag = tmp_path / "bag"
+    if damage != "not_found":
+        shutil.copytree(make_bag("good", 1.0), bag)
+    storage = bag / "good.mcap"
+    if damage == "truncated":
+        storage.write_bytes(storage.read_bytes()[: storage.stat().st_size // 2])
+    elif damage == "garbage":
+        storage.write_bytes(b"\x00" * 4096)
+    elif damage == "no_metadata":
+        (bag / "metadata.yaml").unlink()
+    error = replay(bag, params_file, tmp_path / "out", capsys)
+    expected = "not found" if damage == "not_found" else "unreadable"
+    assert f"error: bag {bag}: {expected}" in error
+
+
+def test_empty_bag(params_file: Path, tmp_path: Path, capsys) -> None:
+    with OutputBag(tmp_path / "empty") as bag:
+        bag.add_topic("/joint_states", JOINT_STATE_TYPE)
+    error = replay(tmp_path / "empty", params_file, tmp_path / "out", capsys)
+    assert "empty: expected messages on" in error
+
+
+def test_topic_without_messages(params_file: Path, tmp_path: Path, capsys) -> None:
+    with OutputBag(tmp_path / "nojoints") as bag:
+        bag.add_topic("/joint_states", JOINT_STATE_TYPE)
+        bag.add_topic("/image/image_raw", "sensor_msgs/msg/Image")
+        bag.add_topic("/wrist_image/image_raw/compressed", "sensor_msgs/msg/CompressedImage")
+        store = bag.store
+        header = store.types["std_msgs/msg/Header"](stamp=store.types["builtin_interfaces/msg/Time"](sec=1, nanosec=0),
+                                                    frame_id="")
+        image = store.types["sensor_msgs/msg/Image"](header=header, height=2, width=2, encoding="rgb8",
+                                                     is_bigendian=0, step=6, data=np.zeros(12, np.uint8))
+        bag.write_message("/image/image_raw", "sensor_msgs/msg/Image", 10**9, image)
+    error = replay(tmp_path / "nojoints", params_file, tmp_path / "out", capsys)
+    assert "topic /wrist_image/image_raw/compressed (camera 'wrist_image') has no messages" in error
+
+
+def test_corrupt_message_mid_bag_leaves_no_output(params_file: Path, tmp_path: Path, capsys) -> None:
+    """A message that cannot be decoded half way: the replay stops with the error, nothing is written."""
+    good = tmp_path / "good"
+    write_demo_bag(good, demo_topics(params_file=params_file), duration_s=0.6)
+    from rosbags.rosbag2 import Reader, Writer
+
+    bad = tmp_path / "bad"
+    with Reader(good) as reader, Writer(bad, version=9) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=None, msgdef=c.msgdef.data,
+                                             rihs01=c.digest) for c in reader.connections}
+        for c, t_ns, raw in reader.messages():
+            late_joint = c.topic == "/joint_states" and t_ns > reader.start_time + 500_000_000
+            writer.write(conns[c.id], t_ns, raw[:12] if late_joint else raw)
+    error = replay(bad, params_file, tmp_path / "out", capsys)
+    assert "topic /joint_states: message at" in error and "cannot be decoded as sensor_msgs/msg/JointState" in error

@@ -1,0 +1,60 @@
+"""The synthetic demo bag: topics, types, rates, changing images; MCAP and sqlite3, Jazzy and Humble."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rosbags.highlevel import AnyReader
+
+from pi0_policy_ros.bag.demo import demo_topics, main, write_demo_bag
+from pi0_policy_ros.bag.inputs import COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, JOINT_STATE_TYPE
+from pi0_policy_ros.bag.reader import InputBag
+from pi0_policy_ros.ros import convert
+
+from test.bag.conftest import JOINTS
+
+
+@pytest.mark.parametrize("storage,distro", [("mcap", "jazzy"), ("sqlite3", "humble")])
+def test_demo_bag_topics_rates_and_images(make_bag, storage: str, distro: str) -> None:
+    bag_path = make_bag(f"demo_{storage}_{distro}", 2.0, storage, distro)
+    assert next(bag_path.iterdir()).name  # a rosbag2 directory
+    with InputBag(bag_path) as bag:
+        assert {t: i.msgtype for t, i in bag.topics.items()} == {
+            "/image/image_raw": IMAGE_TYPE,
+            "/wrist_image/image_raw/compressed": COMPRESSED_IMAGE_TYPE,
+            "/joint_states": JOINT_STATE_TYPE,
+        }
+        assert bag.topics["/image/image_raw"].message_count == 60  # 30 Hz
+        assert bag.topics["/wrist_image/image_raw/compressed"].message_count == 60
+        assert bag.topics["/joint_states"].message_count == 200  # 100 Hz
+        raw = [convert.image_to_rgb(m) for _, _, m in bag.messages(["/image/image_raw"])]
+        jpeg = [convert.compressed_image_to_rgb(m) for _, _, m in bag.messages(["/wrist_image/image_raw/compressed"])]
+        states = [(convert.stamp_to_seconds(m.header.stamp), convert.joint_positions(m, JOINTS))
+                  for _, _, m in bag.messages(["/joint_states"])]
+    assert raw[0].shape == jpeg[0].shape == (48, 64, 3)
+    assert not np.array_equal(raw[0], raw[15]) and not np.array_equal(jpeg[0], jpeg[15])  # shapes move
+    assert np.allclose(np.diff([t for t, _ in states]), 0.01, atol=1e-6)  # float seconds near 1.7e9
+    assert not np.allclose(states[0][1], states[100][1])
+
+
+def test_demo_bag_is_reproducible_and_readable_by_rosbags(tmp_path: Path, params_file: Path) -> None:
+    topics = demo_topics(params_file=params_file)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_demo_bag(tmp_path / name / "bag", topics, duration_s=0.5)
+    assert (tmp_path / "a/bag/bag.mcap").read_bytes() == (tmp_path / "b/bag/bag.mcap").read_bytes()
+    with AnyReader([tmp_path / "a/bag"]) as reader:  # plain rosbags, from the embedded definitions
+        assert reader.message_count == 2 * 15 + 50
+
+
+def test_demo_bag_cli_profile_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "aloha"), "--profile", "pi05_aloha", "--duration", "0.2"]) == 0
+    with InputBag(tmp_path / "aloha") as bag:
+        types = {t: i.msgtype for t, i in bag.topics.items()}
+    assert types["/cam_high/image_raw"] == IMAGE_TYPE  # first camera raw, the others JPEG
+    assert types["/cam_left_wrist/image_raw/compressed"] == COMPRESSED_IMAGE_TYPE
+    assert types["/cam_right_wrist/image_raw/compressed"] == COMPRESSED_IMAGE_TYPE
+    assert main([str(tmp_path / "aloha"), "--profile", "pi05_aloha"]) == 1  # exists: not overwritten
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""Parameter files, topic resolution and --map, without any bag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pi0_policy_ros.bag.inputs import load_params_file, make_setup, parse_param_overrides, resolve_topic
+from pi0_policy_ros.errors import ConfigError
+
+from test.bag.conftest import write_params
+
+
+def test_resolve_topic_like_rcl() -> None:
+    assert resolve_topic("joint_states") == "/joint_states"
+    assert resolve_topic("joint_states", "/robot") == "/robot/joint_states"
+    assert resolve_topic("~/action_chunk", "/robot/", "pi0_policy") == "/robot/pi0_policy/action_chunk"
+    assert resolve_topic("/abs/topic", "/robot") == "/abs/topic"
+
+
+def test_params_file_node_patterns(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("/**:\n  ros__parameters: {a: 1, b: 1}\n"
+                    "robot:\n  pi0_policy:\n    ros__parameters: {b: 2, nested: {c: 3}}\n"
+                    "/other/pi0_policy:\n  ros__parameters: {a: 9}\n")
+    assert load_params_file(path, "/robot") == {"a": 1, "b": 2, "nested.c": 3}
+    assert load_params_file(path, "/") == {"a": 1, "b": 1}
+    with pytest.raises(ConfigError, match="no block applies to node /x/other_node"):
+        (tmp_path / "q.yaml").write_text("/robot/pi0_policy:\n  ros__parameters: {a: 1}\n")
+        load_params_file(tmp_path / "q.yaml", "/x", "other_node")
+
+
+def test_setup_maps_and_overrides(tmp_path: Path) -> None:
+    params = write_params(tmp_path / "p.yaml")
+    setup = make_setup(params, parse_param_overrides(["control_rate_hz:=2.5"]),
+                       ["joint_states:=/robot/joint_states"], namespace="/ns")
+    assert setup.config.control.control_rate_hz == 2.5
+    by_role = {(t.role, t.camera): t for t in setup.inputs}
+    assert by_role[("joint_states", "")].node_topic == "/ns/joint_states"
+    assert by_role[("joint_states", "")].bag_topic == "/robot/joint_states"
+    assert by_role[("camera", "wrist_image")].bag_topic == "/ns/wrist_image/image_raw/compressed"
+    assert by_role[("prompt", "")].bag_topic == "/ns/pi0_policy/prompt" and not by_role[("prompt", "")].required
+    assert setup.output_topic("~/joint_trajectory") == "/ns/pi0_policy/joint_trajectory"
+    with pytest.raises(ConfigError, match="--map: expected node topics"):
+        make_setup(params, remaps=["/nope:=/x"])
+    with pytest.raises(ConfigError, match="expected NAME:=VALUE"):
+        parse_param_overrides(["control_rate_hz=2"])

@@ -1,0 +1,111 @@
+"""Offline replay: deterministic, and the same as `Policy.infer` on the observations the node would see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rosbags.highlevel import AnyReader
+
+from pi0_policy_ros.bag.inputs import make_setup
+from pi0_policy_ros.bag.replay import replay_offline
+from pi0_policy_ros.bag.report import read_chunks
+from pi0_policy_ros.policy.policy import Policy
+from pi0_policy_ros.ros import convert
+
+from test.bag.conftest import JOINTS
+
+NS_PER_S = 1_000_000_000
+
+
+def messages(bag: Path) -> list[tuple[str, int, bytes]]:
+    with AnyReader([bag]) as reader:
+        return [(c.topic, t, bytes(raw)) for c, t, raw in reader.messages()]
+
+
+@pytest.fixture(scope="module")
+def first_run(make_bag, params_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    bag = make_bag("offline", 1.2)
+    out = tmp_path_factory.mktemp("run1") / "out"
+    setup = make_setup(params_file)
+    summary, replay = replay_offline(bag, out, setup, keep_ticks=True)
+    return bag, out, setup, summary, replay
+
+
+def test_ticks_follow_the_control_clock(first_run) -> None:
+    bag, out, setup, summary, replay = first_run
+    times = np.array([t.t_ns for t in replay.ticks])
+    assert summary.ticks == len(times) == 5  # 5 Hz over the 1.19 s between first and last message
+    assert np.all(np.diff(times) == NS_PER_S // 5)
+    assert summary.chunks == 5 and not summary.holds and not summary.input_rejections
+    stamped = messages(out)
+    assert [t for topic, t, _ in stamped if topic.endswith("/action_chunk")] == times.tolist()
+    assert {topic for topic, _, _ in stamped} == set(setup.outputs)
+
+
+def test_observations_are_the_latest_messages(first_run) -> None:
+    bag, _, _, _, replay = first_run
+    latest: dict[str, list[tuple[int, object]]] = {}
+    with AnyReader([bag]) as reader:
+        for connection, t_ns, raw in reader.messages():
+            latest.setdefault(connection.topic, []).append((t_ns, reader.deserialize(raw, connection.msgtype)))
+
+    def at(topic: str, t_ns: int) -> object:
+        return [msg for t, msg in latest[topic] if t <= t_ns][-1]
+
+    for tick in replay.ticks:
+        image = at("/image/image_raw", tick.t_ns)
+        wrist = at("/wrist_image/image_raw/compressed", tick.t_ns)
+        joints = at("/joint_states", tick.t_ns)
+        obs = tick.observation
+        np.testing.assert_array_equal(obs.images["image"], convert.image_to_rgb(image))
+        np.testing.assert_array_equal(obs.images["wrist_image"], convert.compressed_image_to_rgb(wrist))
+        np.testing.assert_array_equal(obs.state, convert.joint_positions(joints, JOINTS))
+        assert obs.stamp_s == max(convert.stamp_to_seconds(m.header.stamp) for m in (image, wrist, joints))
+        assert obs.prompt == "pick up the block"
+
+
+def test_chunks_equal_policy_infer(first_run) -> None:
+    _, out, setup, _, replay = first_run
+    chunks = read_chunks(out, setup)
+    policy = Policy.from_config(setup.config.policy)
+    try:
+        assert len(chunks.stamps_s) == len(replay.ticks)
+        for tick, stamp_s, actions in zip(replay.ticks, chunks.stamps_s, chunks.actions):
+            expected = policy.infer(tick.observation)
+            np.testing.assert_array_equal(actions, expected.actions)
+            assert stamp_s == pytest.approx(tick.observation.stamp_s, abs=1e-9)
+    finally:
+        policy.close()
+
+
+def test_trajectories_are_the_nodes(first_run) -> None:
+    _, out, setup, _, replay = first_run
+    period_s = 1.0 / setup.config.control.control_rate_hz
+    with AnyReader([out]) as reader:
+        conns = [c for c in reader.connections if c.topic == "/pi0_policy/joint_trajectory"]
+        trajectories = [(t, reader.deserialize(raw, c.msgtype)) for c, t, raw in reader.messages(conns)]
+    assert len(trajectories) == len(replay.ticks)
+    for (t_ns, msg), tick in zip(trajectories, replay.ticks):
+        assert list(msg.joint_names) == JOINTS[:7]
+        assert msg.header.stamp.sec == 0 and msg.header.stamp.nanosec == 0
+        starts = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+        assert starts[0] >= period_s - 1e-9 and np.all(np.diff(starts) > 0)
+        kept = len(msg.points)
+        np.testing.assert_array_equal([p.positions for p in msg.points], tick.chunk.actions[-kept:].astype(np.float64))
+
+
+def test_bit_identical_outputs(first_run, params_file: Path, tmp_path: Path) -> None:
+    bag, out, _, _, _ = first_run
+    again = tmp_path / "out"  # same name, so that metadata.yaml names the same storage file
+    replay_offline(bag, again, make_setup(params_file))  # a new setup and a new Policy
+    assert (again / "out.mcap").read_bytes() == (out / "out.mcap").read_bytes()
+    assert (again / "metadata.yaml").read_bytes() == (out / "metadata.yaml").read_bytes()
+
+
+def test_humble_sqlite3_bag_gives_the_same_outputs(first_run, make_bag, tmp_path: Path) -> None:
+    _, out, setup, _, _ = first_run
+    humble = make_bag("offline_humble", 1.2, "sqlite3", "humble")
+    replay_offline(humble, tmp_path / "out", setup)
+    assert messages(tmp_path / "out") == messages(out)
