@@ -1,0 +1,235 @@
+"""control/scheduler.py: when inference starts, which action runs when, the latency estimate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pi0_policy_ros.control.scheduler import ChunkScheduler, InferenceRequest, SchedulerConfig
+from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
+
+PERIOD_S = 0.1
+T0_S = 1_700_000_000.0  # an epoch-sized clock, as ROS time is
+
+
+def make_chunk(chunk_id: int, horizon: int, dims: int = 2) -> np.ndarray:
+    """Action k of chunk c is c·100 + k in every dim: each value names its chunk and index."""
+    return np.repeat((100.0 * chunk_id + np.arange(horizon, dtype=np.float64))[:, None], dims, axis=1)
+
+
+def simulate(scheduler: ChunkScheduler, latency_steps: list[int] | int, num_steps: int
+             ) -> tuple[list[float | None], list[int], list[InferenceRequest]]:
+    """Step the clock on the action grid. Each tick: deliver a chunk whose latency has passed,
+    maybe start an inference (a latency of 0 delivers at once), then read the action.
+    Returns the executed value of dim 0 per step (None before the first chunk), the steps at which
+    inferences started, and the requests."""
+    pending: tuple[InferenceRequest, int] | None = None
+    executed: list[float | None] = []
+    starts: list[int] = []
+    requests: list[InferenceRequest] = []
+    for k in range(num_steps):
+        now = T0_S + k * PERIOD_S
+        if pending is not None and pending[1] <= k:
+            scheduler.complete(pending[0], make_chunk(pending[0].chunk_id, scheduler.horizon), now)
+            pending = None
+        if scheduler.should_start(now):
+            request = scheduler.begin(now)
+            lat = latency_steps if isinstance(latency_steps, int) else latency_steps[request.chunk_id]
+            starts.append(k)
+            requests.append(request)
+            if lat == 0:
+                scheduler.complete(request, make_chunk(request.chunk_id, scheduler.horizon), now)
+            else:
+                pending = (request, k + lat)
+        action = scheduler.action_at(now)
+        executed.append(None if action is None else float(action.positions[0]))
+    return executed, starts, requests
+
+
+def test_splicing_uses_the_old_chunk_until_the_new_one_is_available() -> None:
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=4), PERIOD_S, horizon=10)
+    executed, starts, _ = simulate(sched, latency_steps=2, num_steps=20)
+    assert starts == [0, 4, 8, 12, 16]
+    assert executed[:2] == [None, None]
+    for k in range(2, 20):
+        c = (k - 2) // 4  # chunk c starts at 4c and is available from 4c + 2
+        assert executed[k] == pytest.approx(100 * c + (k - 4 * c)), k
+
+
+def test_zero_latency_switches_at_the_start() -> None:
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=3), PERIOD_S, horizon=5)
+    executed, starts, _ = simulate(sched, latency_steps=0, num_steps=9)
+    assert starts == [0, 3, 6]
+    assert executed == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+
+
+def test_latency_estimate_is_a_running_percentile_rounded_up_to_steps() -> None:
+    cfg = SchedulerConfig(latency_percentile=50.0, latency_window=3, initial_latency_s=0.15)
+    sched = ChunkScheduler(cfg, PERIOD_S, horizon=10)
+    assert sched.delay_steps == 2 and math.isnan(sched.status().latency_s)
+    for i, latency in enumerate([0.05, 0.21, 0.30, 0.31]):
+        now = T0_S + i
+        request = sched.begin(now - latency + 0.0, stamp_s=now - latency)
+        sched.complete(request, make_chunk(i, 10), now)
+    # window [0.21, 0.30, 0.31]: median 0.30 -> exactly 3 periods, not 4
+    assert sched.latency_s == pytest.approx(0.30)
+    assert sched.delay_steps == 3
+    assert sched.status().delay_steps == 3 and sched.status().chunks_received == 4
+
+
+def test_latency_counts_from_the_observation_stamp() -> None:
+    sched = ChunkScheduler(SchedulerConfig(), PERIOD_S, horizon=10)
+    request = sched.begin(T0_S, stamp_s=T0_S - 0.12)  # the observation was already 0.12 s old
+    sched.complete(request, make_chunk(0, 10), T0_S + 0.05)
+    assert sched.latency_s == pytest.approx(0.17)
+    assert sched.delay_steps == 2
+    action = sched.action_at(T0_S + 0.08)  # 0.2 s after the stamp: index 2 of the chunk
+    assert action is not None and action.positions[0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("mode", ["naive", "rtc", "temporal_ensemble"])
+def test_no_time_travel_with_jittered_latency(mode: str) -> None:
+    """Off-grid completion times: every action comes from a chunk already available, at the index
+    of its own time, and the executed indices never go back within a chunk."""
+    rng = np.random.default_rng(0)
+    sched = ChunkScheduler(SchedulerConfig(mode=mode, execute_horizon=3), PERIOD_S, horizon=8)
+    pending: tuple[InferenceRequest, float] | None = None
+    arrivals: dict[int, float] = {}
+    stamps: dict[int, float] = {}
+    last_index: dict[int, float] = {}
+    for k in range(300):
+        now = T0_S + k * PERIOD_S
+        if pending is not None and pending[1] <= now:
+            request, done = pending
+            sched.complete(request, make_chunk(request.chunk_id, 8), done)
+            arrivals[request.chunk_id] = done
+            pending = None
+        if sched.should_start(now):
+            request = sched.begin(now, stamp_s=now - rng.uniform(0.0, 0.05))
+            stamps[request.chunk_id] = request.stamp_s
+            pending = (request, now + rng.uniform(0.0, 0.45))
+        action = sched.action_at(now)
+        if action is None:
+            continue
+        for cid in action.chunk_ids:
+            assert arrivals[cid] <= now
+            index = (now - stamps[cid]) / PERIOD_S
+            assert index >= last_index.get(cid, -1.0)
+            last_index[cid] = index
+        if mode != "temporal_ensemble":
+            (cid,) = action.chunk_ids
+            expected = 100 * cid + min((now - stamps[cid]) / PERIOD_S, 7.0)
+            assert action.positions[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_complete_refuses_time_going_backwards_and_unknown_requests() -> None:
+    sched = ChunkScheduler(SchedulerConfig(), PERIOD_S, horizon=10)
+    request = sched.begin(T0_S)
+    with pytest.raises(Pi0PolicyError, match="in flight"):
+        sched.begin(T0_S + 0.01)
+    assert not sched.should_start(T0_S + 10.0)
+    with pytest.raises(Pi0PolicyError, match="backwards"):
+        sched.complete(request, make_chunk(0, 10), T0_S - 0.01)
+    stale = InferenceRequest(chunk_id=7, stamp_s=T0_S, delay_steps=0)
+    with pytest.raises(Pi0PolicyError, match="in flight"):
+        sched.complete(stale, make_chunk(7, 10), T0_S)
+    with pytest.raises(Pi0PolicyError, match="expected actions"):
+        sched.complete(request, make_chunk(0, 9), T0_S + 0.1)
+    sched.abort(request)
+    assert sched.should_start(T0_S + 0.5)
+
+
+def test_slow_inference_holds_then_continues() -> None:
+    """Latency 7 periods against s = 3 and H = 10: the next inference starts when the previous
+    one completes, the last action is held once the chunk runs out, then the new one continues at
+    the index of the current time."""
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=3), PERIOD_S, horizon=10)
+    executed, starts, _ = simulate(sched, latency_steps=7, num_steps=21)
+    assert starts == [0, 7, 14]
+    assert executed[7:10] == [7, 8, 9]
+    assert executed[10:14] == [9, 9, 9, 9]  # hold the last action of chunk 0
+    assert executed[14:17] == [107, 108, 109]  # chunk 1 (stamp 7), index 7 at step 14
+    assert executed[17:21] == [109] * 4
+    held = sched.action_at(T0_S + 20 * PERIOD_S)
+    assert held is not None and held.holding and held.chunk_ids == (1,)
+
+
+def test_a_chunk_with_nothing_left_in_the_future_is_dropped() -> None:
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=2), PERIOD_S, horizon=5)
+    executed, starts, _ = simulate(sched, latency_steps=[1, 6, 1, 1], num_steps=12)
+    # chunk 0: start 0, arrives 1; chunk 1: start 2, arrives 8 (index 6 > 4: dropped);
+    # chunk 2 starts at 8 and arrives at 9.
+    assert starts == [0, 2, 8, 10]
+    assert sched.status().chunks_dropped == 1
+    assert executed[5:9] == [4, 4, 4, 4]
+    assert executed[9] == 201
+
+
+def test_temporal_ensemble_weights_the_oldest_most() -> None:
+    cfg = SchedulerConfig(mode="temporal_ensemble", execute_horizon=2, ensemble_decay=0.5)
+    sched = ChunkScheduler(cfg, PERIOD_S, horizon=6)
+    executed, _, _ = simulate(sched, latency_steps=1, num_steps=8)
+    # step 3: chunk 0 (index 3) and chunk 1 (stamp 2, index 1, available from 3)
+    w = np.exp(-0.5 * np.arange(2))
+    assert executed[2] == 2.0
+    assert executed[3] == pytest.approx((w[0] * 3 + w[1] * 101) / w.sum())
+    # step 5: chunks 0 (index 5), 1 (index 3) and 2 (stamp 4, index 1)
+    w = np.exp(-0.5 * np.arange(3))
+    assert executed[5] == pytest.approx((w[0] * 5 + w[1] * 103 + w[2] * 201) / w.sum())
+    # step 6: chunk 0 has run out
+    w = np.exp(-0.5 * np.arange(2))
+    assert executed[6] == pytest.approx((w[0] * 104 + w[1] * 202) / w.sum())
+
+
+def test_rtc_request_carries_the_actions_still_to_execute() -> None:
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=4), PERIOD_S, horizon=10)
+    _, _, requests = simulate(sched, latency_steps=2, num_steps=5)
+    first, second = requests
+    assert first.prev_actions is None and first.mask_end == 0
+    assert second.delay_steps == 2 and second.stamp_s == pytest.approx(T0_S + 0.4)
+    # chunk 0 continues from its index 4; past its end (6 rows) the hold value 9
+    np.testing.assert_allclose(second.prev_actions[:, 0], [4, 5, 6, 7, 8, 9, 9, 9, 9, 9])
+    assert second.mask_end == 6
+
+
+def test_rtc_request_mask_covers_at_least_the_delay() -> None:
+    """After a long stall the previous chunk has fewer rows left than d; the d held actions
+    are still what will execute, so the mask keeps them."""
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc_fast", execute_horizon=3), PERIOD_S, horizon=10)
+    _, _, requests = simulate(sched, latency_steps=8, num_steps=9)
+    second = requests[1]  # stamp 8: chunk 0 has indices 8, 9 left; d = 8
+    assert second.delay_steps == 8 and second.mask_end == 8
+    np.testing.assert_allclose(second.prev_actions[:, 0], [8, 9] + [9] * 8)
+
+
+def test_naive_and_ensemble_requests_carry_no_previous_chunk() -> None:
+    for mode in ("naive", "temporal_ensemble"):
+        sched = ChunkScheduler(SchedulerConfig(mode=mode, execute_horizon=2), PERIOD_S, horizon=5)
+        _, _, requests = simulate(sched, latency_steps=1, num_steps=5)
+        assert all(r.prev_actions is None for r in requests)
+
+
+def test_off_grid_stamps_interpolate() -> None:
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=2), PERIOD_S, horizon=4)
+    request = sched.begin(T0_S)
+    sched.complete(request, make_chunk(0, 4), T0_S)
+    action = sched.action_at(T0_S + 0.125)
+    assert action is not None and action.positions[0] == pytest.approx(1.25)
+    plan = sched.plan(T0_S + 0.05, 5)
+    assert plan is not None
+    np.testing.assert_allclose(plan[:, 0], [0.5, 1.5, 2.5, 3.0, 3.0], atol=1e-4)  # epoch-stamp rounding
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "blend"}, {"execute_horizon": 0}, {"mask_schedule": "cos"},
+                                    {"max_guidance_weight": -1.0}, {"latency_percentile": 101.0},
+                                    {"ensemble_decay": math.nan}])
+def test_config_rejects_invalid_values(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        SchedulerConfig(**kwargs)
+
+
+def test_execute_horizon_longer_than_the_chunk_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="execute_horizon"):
+        ChunkScheduler(SchedulerConfig(execute_horizon=11), PERIOD_S, horizon=10)
