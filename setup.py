@@ -28,6 +28,7 @@ setup(
         "safetensors>=0.4",
         "sentencepiece>=0.2",
         "rosbags>=0.10",
+        "matplotlib>=3.7",
     ],
     zip_safe=True,
     maintainer="pi0_policy_ros maintainers",

@@ -26,6 +26,9 @@ class PolicyConfig:
     default_prompt: used when an observation carries no prompt.
     device, backend, precision: where and how the network runs.
     seed: seeds the denoising noise, so that the same observation gives the same actions.
+    cpu_threads: torch's intra-op threads for CPU inference (process-wide, set when the policy is
+        built); 0 leaves torch's default. On a small machine 1 is fastest: more threads compete
+        with the ROS executor and the camera callbacks.
     """
 
     checkpoint_path: str = ""
@@ -38,11 +41,14 @@ class PolicyConfig:
     backend: str = "torch"
     precision: str = "float32"
     seed: int = 0
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, found {self.backend!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, found {self.precision!r}")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"cpu_threads must be ≥ 0, found {self.cpu_threads}")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES} (optionally 'cuda:N'), found {self.device!r}")

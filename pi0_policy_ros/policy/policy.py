@@ -90,6 +90,10 @@ class EagerRunner:
 
 def _check_device(config: PolicyConfig) -> torch.device:
     device = torch.device(config.device)
+    if device.type == "cpu" and config.cpu_threads:
+        # Process-wide, and asked for explicitly by the configuration.
+        torch.set_num_threads(config.cpu_threads)
+        log.info("torch CPU threads set to %d", config.cpu_threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {config.device!r} requested, but torch {torch.__version__} sees no CUDA "
                           "device; use device 'cpu' or install a CUDA build of torch")

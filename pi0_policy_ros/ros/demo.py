@@ -233,3 +233,36 @@ def _report(latencies_ms: Sequence[float], arrivals_s: Sequence[float], active_s
     rate = (len(arrivals_s) - 1) / span_s if span_s > 0 else 0.0
     return DemoReport(duration_s=active_s, chunks=len(arrivals_s), achieved_rate_hz=rate,
                       target_rate_hz=target_rate_hz, latency_ms=latency)
+
+
+def default_params_file(name: str = "demo.yaml") -> Path:
+    """`config/<name>` of a source checkout (editable install), else of the installed ROS package."""
+    source = Path(__file__).resolve().parents[2] / "config" / name
+    if source.is_file():
+        return source
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return Path(get_package_share_directory("pi0_policy_ros")) / "config" / name
+    except (ImportError, LookupError) as exc:
+        raise ConfigError(f"cannot find config/{name}: not in {source.parent} and no installed "
+                          f"pi0_policy_ros share directory ({exc}); pass --params") from exc
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--params", default=None, help="parameter file (default: the package's config/demo.yaml)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of active control (default: 10)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                        help="override the file's device (cuda: full-size pi0.5 with random weights)")
+
+
+def run(args: Any) -> int:
+    params = Path(args.params) if args.params else default_params_file(
+        "demo_cuda.yaml" if args.device == "cuda" else "demo.yaml")
+    try:
+        report = run_demo(params, duration_s=args.duration, device=args.device)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(report.summary())
+    return 0 if report.chunks > 0 else 1

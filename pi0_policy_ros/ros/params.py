@@ -63,6 +63,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("precision", STRING, "float32", "weights / activation precision", True, choices=PRECISIONS),
     ParamSpec("seed", INTEGER, 0, "seed of the denoising noise (same observation -> same actions)", True,
               int_range=SEED_RANGE),
+    ParamSpec("cpu_threads", INTEGER, 0, "torch intra-op threads for CPU inference; 0 = torch's default. "
+              "1 is fastest on small machines, where extra threads compete with the executor", True,
+              int_range=(0, 256)),
     ParamSpec("camera_names", STRING_ARRAY, [], "camera names of the robot profile, one per camera", True),
     ParamSpec("camera_topics", STRING_ARRAY, [], "topic per camera_names entry; [] = <name>/image_raw "
               "(or <name>/image_raw/compressed)", True),
@@ -185,6 +188,7 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         backend=_get(values, "backend"),
         precision=_get(values, "precision"),
         seed=int(_get(values, "seed")),
+        cpu_threads=int(_get(values, "cpu_threads")),
     )
     return NodeConfig(
         policy=policy,
