@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,7 +19,9 @@ import torch
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
 from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
-from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model
+from pi0_policy_ros.engine.engine import Engine
+from pi0_policy_ros.engine.types import EngineBatch
+from pi0_policy_ros.model.pi0 import Pi0Model
 from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, load_checkpoint_dir
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.normalize import (ACTIONS_KEY, STATE_KEY, Normalizer, check_stats_dims,
@@ -36,58 +36,6 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class NetworkBatch:
-    """One observation as the network takes it (batch 1), before any device copy.
-
-    images: uint8 [num_slots, 224, 224, 3] in slot order; image_masks: bool [num_slots];
-    tokens / token_mask: int64 / bool [max_token_len]; state: float32 [action_dim] (normalized,
-    zero-padded); noise: float32 [H, action_dim], x at t = 1.
-    """
-
-    images: np.ndarray
-    image_masks: np.ndarray
-    tokens: np.ndarray
-    token_mask: np.ndarray
-    state: np.ndarray
-    noise: np.ndarray
-
-
-class ActionRunner(Protocol):
-    """What runs the network: the eager model here, the CUDA-graph engine on a GPU."""
-
-    def run(self, batch: NetworkBatch) -> np.ndarray:  # [H, action_dim] float32
-        ...
-
-    def close(self) -> None:
-        ...
-
-
-class EagerRunner:
-    """The reference `Pi0Model.sample_actions`, on whatever device the model is on."""
-
-    def __init__(self, model: Pi0Model) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
-
-    def run(self, batch: NetworkBatch) -> np.ndarray:
-        dev = self.device
-        # openpi's uint8 → [-1, 1]: x / 255 * 2 - 1, channels first.
-        pixels = torch.from_numpy(batch.images).to(dev).float().permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0
-        inputs = ModelInputs(
-            images=[pixels[i:i + 1] for i in range(pixels.shape[0])],
-            image_masks=[torch.tensor([bool(m)], device=dev) for m in batch.image_masks],
-            tokens=torch.from_numpy(batch.tokens)[None].to(dev),
-            token_mask=torch.from_numpy(batch.token_mask)[None].to(dev),
-            state=torch.from_numpy(batch.state)[None].to(dev),
-        )
-        actions = self.model.sample_actions(inputs, torch.from_numpy(batch.noise)[None].to(dev))
-        return actions[0].float().cpu().numpy()
-
-    def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
-
-
 def _check_device(config: PolicyConfig) -> torch.device:
     device = torch.device(config.device)
     if device.type == "cpu" and config.cpu_threads:
@@ -100,19 +48,16 @@ def _check_device(config: PolicyConfig) -> torch.device:
     return device
 
 
-def _build_runner(model: Pi0Model, config: PolicyConfig, device: torch.device) -> ActionRunner:
-    """The engine on CUDA for the torch/auto backends; the eager model otherwise."""
+def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -> Engine:
+    """CUDA graphs on a GPU for the torch/auto backends; the eager reference model otherwise
+    (the engine logs that once)."""
     if config.backend == "tensorrt":
         raise ConfigError("backend 'tensorrt' is not available in this build: use 'torch', 'auto' or 'eager'")
     if config.precision == "fp8" and device.type != "cuda":
         raise ConfigError("precision 'fp8' needs a CUDA device (torch._scaled_mm); use float32 or bfloat16 on the CPU")
-    if device.type == "cuda" and config.backend in ("torch", "auto"):
-        from pi0_policy_ros.engine.engine import Engine  # only a GPU run needs the engine
-
-        return Engine.create(model, device=device, precision=config.precision)
-    if config.backend in ("torch", "auto"):
-        log.warning("no CUDA device: running the eager reference model on the CPU (slow)")
-    return EagerRunner(model)
+    mode = "eager" if config.backend == "eager" else "auto"
+    precision = config.precision if device.type == "cuda" else str(next(model.parameters()).dtype).removeprefix("torch.")
+    return Engine.create(model, device=device, precision=precision, mode=mode)
 
 
 def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state: bool,
@@ -133,13 +78,13 @@ class Policy:
     """`Policy.from_config(config)`, then `infer(observation) -> ActionChunk`."""
 
     def __init__(self, config: PolicyConfig, model_cfg: ModelConfig, profile: RobotProfile, normalizer: Normalizer,
-                 tokenizer: PromptTokenizer, runner: ActionRunner, source: str) -> None:
+                 tokenizer: PromptTokenizer, engine: Engine, source: str) -> None:
         self.config = config
         self.model_config = model_cfg
         self.profile = profile
         self.normalizer = normalizer
         self.tokenizer = tokenizer
-        self.runner = runner
+        self.engine: Engine | None = engine
         self.source = source
 
     @classmethod
@@ -177,11 +122,11 @@ class Policy:
         discrete_state = model_cfg.pi05 and profile.discrete_state_input
         tokenizer = _tokenizer_for(config, model_cfg, discrete_state,
                                    checkpoint.path if checkpoint is not None else None)
-        runner = _build_runner(model, config, device)
+        engine = _build_engine(model, config, device)
         log.info("policy ready: %s, profile %s, %s on %s", source, profile.name, config.precision, device)
-        return cls(config, model_cfg, profile, normalizer, tokenizer, runner, source)
+        return cls(config, model_cfg, profile, normalizer, tokenizer, engine, source)
 
-    def network_batch(self, observation: Observation) -> tuple[NetworkBatch, np.ndarray]:
+    def network_batch(self, observation: Observation) -> tuple[EngineBatch, np.ndarray]:
         """The network's inputs for one observation, and the robot-side state that the output
         transform needs."""
         cfg = self.model_config
@@ -195,7 +140,7 @@ class Policy:
         padded_state[: state.shape[0]] = state
         # Fixed noise per call: the same observation gives the same actions (reproducible replays).
         noise = np.random.default_rng(self.config.seed).standard_normal((cfg.action_horizon, cfg.action_dim))
-        batch = NetworkBatch(
+        batch = EngineBatch(
             images=np.stack([prepared.images[slot] for slot in IMAGE_SLOTS]),
             image_masks=np.array([prepared.image_masks[slot] for slot in IMAGE_SLOTS]),
             tokens=tokens.ids.astype(np.int64), token_mask=tokens.mask.astype(bool),
@@ -206,7 +151,9 @@ class Policy:
         start = time.perf_counter()
         batch, robot_state = self.network_batch(observation)
         prepared = time.perf_counter()
-        actions = self.runner.run(batch)
+        if self.engine is None:
+            raise Pi0PolicyError("the policy was closed")
+        actions = self.engine.infer(batch)
         ran = time.perf_counter()
         if not np.all(np.isfinite(actions)):
             raise Pi0PolicyError("the network produced NaN/Inf actions; the chunk is rejected")
@@ -215,14 +162,13 @@ class Policy:
         end = time.perf_counter()
         timings = {"preprocess": (prepared - start) * 1e3, "network": (ran - prepared) * 1e3,
                    "postprocess": (end - ran) * 1e3, "total": (end - start) * 1e3}
-        timings.update(getattr(self.runner, "last_timings_ms", {}))
+        timings.update({f"engine.{k}": v for k, v in self.engine.last_timings_ms.items()})
         return ActionChunk(actions=actions.astype(np.float32), stamp_s=observation.stamp_s,
                            period_s=self.profile.action_period_s, timings_ms=timings)
 
     def close(self) -> None:
         """Free the model (and GPU memory). Idempotent."""
-        if self.runner is not None:
-            self.runner.close()
-            self.runner = None  # type: ignore[assignment]
+        if self.engine is not None:
+            self.engine = None  # drops the model, its fused weights, buffers and graphs
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

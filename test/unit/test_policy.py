@@ -18,7 +18,8 @@ from pi0_policy_ros.model.reference import load_reference
 from pi0_policy_ros.policy.checkpoint_dir import VOCAB_ROWS_METADATA, load_checkpoint_dir
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.inspect import describe
-from pi0_policy_ros.policy.policy import NetworkBatch, Policy
+from pi0_policy_ros.engine.types import EngineBatch
+from pi0_policy_ros.policy.policy import Policy
 from pi0_policy_ros.policy.tokenizer import train_tiny_tokenizer
 from pi0_policy_ros.policy.types import Observation
 from test.paths import PI0_FIXTURE, PI05_FIXTURE
@@ -72,9 +73,9 @@ def write_lerobot_dir(root: Path, fixture: Path, policy_type: str) -> Path:
     return root
 
 
-def fixture_batch(fixture: Path) -> tuple[NetworkBatch, torch.Tensor]:
+def fixture_batch(fixture: Path) -> tuple[EngineBatch, torch.Tensor]:
     ref = load_reference(fixture)
-    batch = NetworkBatch(
+    batch = EngineBatch(
         images=np.stack([load_u8(fixture, slot) for slot in IMAGE_SLOTS]),
         image_masks=np.array([bool(m[0]) for m in ref.inputs.image_masks]),
         tokens=ref.inputs.tokens[0].numpy(), token_mask=ref.inputs.token_mask[0].numpy(),
@@ -104,7 +105,7 @@ def test_checkpoint_directory_reproduces_fixture_actions(tmp_path: Path, kind: s
     profile = "pi05_libero" if policy_type == "pi05" else "pi0_libero"
     policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile=profile))
     batch, expected = fixture_batch(fixture)
-    torch.testing.assert_close(torch.from_numpy(policy.runner.run(batch)), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(policy.engine.infer(batch)), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kind,fixture,policy_type", CASES, ids=[f"{k}-{t}" for k, _, t in CASES])
@@ -189,9 +190,9 @@ def _observation(seed: int = 0, prompt: str | None = None) -> Observation:
 def test_infer_composes_the_documented_transform_chain(libero_policy: Policy) -> None:
     obs = _observation()
     chunk = libero_policy.infer(obs)
-    # The same chain by hand: network inputs → runner → unnormalize → robot dims.
+    # The same chain by hand: network inputs → engine → unnormalize → robot dims.
     batch, _ = libero_policy.network_batch(obs)
-    raw = libero_policy.runner.run(batch)
+    raw = libero_policy.engine.infer(batch)
     stats = libero_policy.normalizer.stats["actions"]
     span = stats.q99 - stats.q01 + 1e-6
     expected = ((raw[:, :ACTION_DIM] + 1.0) / 2.0 * span + stats.q01).astype(np.float32)
