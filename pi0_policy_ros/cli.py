@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pi0_policy_ros.ros.demo", "run the node against a synthetic robot over DDS and report rate and latency"),
     "demo-bag": ("pi0_policy_ros.bag.demo", "write a synthetic robot bag (cameras + joint states)"),
     "replay": ("pi0_policy_ros.bag.replay", "replay a bag through the policy (offline or --realtime) and record its output"),
+    "bench": ("pi0_policy_ros.engine.bench", "time the engine per stage against the eager reference (JSON)"),
+    "export": ("pi0_policy_ros.export_cli", "ONNX export of the vision and prefix stages (--verify with onnxruntime)"),
     "rtc-eval": ("pi0_policy_ros.rtc_eval", "chunk-boundary smoothness of the scheduler modes (closed loop)"),
 }
 

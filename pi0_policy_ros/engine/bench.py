@@ -1,0 +1,336 @@
+"""`pi0-policy bench`: time the engine per stage and end to end against the same run's eager model.
+
+End to end is what `Policy` sees: numpy batch in (uint8 images copied through pinned memory),
+actions out as numpy. Each precision's actions are compared with the float32 eager reference on
+the same inputs, and with the eager model in the engine's own dtype. Random full-size weights
+unless `--checkpoint`. Also runnable as `python -m pi0_policy_ros.engine.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
+from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, random_batch
+from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
+from pi0_policy_ros.model.config import PRESETS, get_preset
+from pi0_policy_ros.model.pi0 import Pi0Model
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="pi05", choices=sorted(PRESETS), help="model geometry")
+    parser.add_argument("--checkpoint", default="", help="openpi-named safetensors file; default: random weights")
+    parser.add_argument("--cameras", type=int, default=3, help="camera slots in the graph")
+    parser.add_argument("--valid-cameras", type=int, default=2, help="slots marked valid in the inputs")
+    parser.add_argument("--image-size", default="224x224", help="source image HxW (resized with pad on the GPU)")
+    parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: the preset's)")
+    parser.add_argument("--valid-tokens", type=int, default=24, help="valid prompt tokens in the inputs")
+    parser.add_argument("--steps", type=int, default=0, help="denoise steps (0: the preset's)")
+    parser.add_argument("--precision", default="bfloat16",
+                        help=f"comma-separated list from {PRECISIONS}, e.g. bfloat16,fp8,float32")
+    parser.add_argument("--denoise-kernels", default="auto", choices=("auto", "torch", "triton"))
+    parser.add_argument("--iterations", type=int, default=200, help="timed engine inferences per precision")
+    parser.add_argument("--eager-iterations", type=int, default=10, help="timed eager inferences")
+    parser.add_argument("--variants", action="store_true", help="also time denoise-chain variants (torch ops, "
+                        "Triton launch configs) on the bf16 engine")
+    parser.add_argument("--no-fp32-reference", action="store_true", help="skip the float32 eager reference")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="", help="write the results here")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "min": float(a.min()), "n": int(a.size)}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _git() -> dict[str, object]:
+    """The checkout's commit. The GPU machine gets a copy of the tree without .git, so the caller
+    may pass it as PI0_GIT_COMMIT (and PI0_GIT_DIRTY=1)."""
+    if os.environ.get("PI0_GIT_COMMIT"):
+        return {"commit": os.environ["PI0_GIT_COMMIT"], "dirty": os.environ.get("PI0_GIT_DIRTY", "1") == "1"}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "", True
+    return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def _environment() -> dict[str, object]:
+    env: dict[str, object] = {"python": platform.python_version(), "torch": torch.__version__,
+                              "cuda": torch.version.cuda, "git": _git(), "argv": sys.argv}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+@torch.no_grad()
+def eager_timings(model: Pi0Model, batch: EngineBatch, shape: EngineShape, device: torch.device,
+                  iterations: int) -> dict[str, dict[str, float]]:
+    """The eager model per stage (synchronising between stages) and end to end (numpy in, numpy out)."""
+    per: dict[str, list[float]] = {name: [] for name in (*STAGES, "e2e")}
+    for i in range(iterations + 2):
+        t0 = time.perf_counter()
+        inputs, noise = eager_inputs(batch, shape, device)
+        embs, pad, _ = model.embed_prefix(inputs)
+        _sync()
+        t1 = time.perf_counter()
+        prefix = model.forward_prefix(embs, pad)
+        _sync()
+        t2 = time.perf_counter()
+        x = noise
+        dt = -1.0 / model.cfg.num_denoise_steps
+        from pi0_policy_ros.model.pi0 import euler_times
+        for t_value in euler_times(model.cfg.num_denoise_steps):
+            t = torch.full((1,), t_value, dtype=torch.float32, device=device)
+            x = x + dt * model.denoise_step(prefix, inputs.state, x, t)
+        x.cpu().numpy()
+        t3 = time.perf_counter()
+        if i >= 2:
+            for name, v in zip((*STAGES, "e2e"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                per[name].append(v * 1e3)
+    return {k: _stats(v) for k, v in per.items()}
+
+
+@torch.no_grad()
+def eager_actions(model: Pi0Model, batch: EngineBatch, shape: EngineShape, device: torch.device) -> np.ndarray:
+    inputs, noise = eager_inputs(batch, shape, device)
+    return model.sample_actions(inputs, noise)[0].float().cpu().numpy()
+
+
+def _errors(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    diff = np.abs(got.astype(np.float64) - ref)
+    return {"max_abs": float(diff.max()), "rel_l2": float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)),
+            "ref_max_abs": float(np.abs(ref).max())}
+
+
+def time_engine(engine: Engine, batches: list[EngineBatch], iterations: int) -> dict[str, dict[str, float]]:
+    per: dict[str, list[float]] = {name: [] for name in ("h2d", *STAGES, "e2e")}
+    for i in range(iterations + 10):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        engine.infer(batch)
+        wall = (time.perf_counter() - t0) * 1e3
+        if i >= 10:
+            for name in ("h2d", *STAGES):
+                per[name].append(engine.last_timings_ms.get(name, float("nan")))
+            per["e2e"].append(wall)
+    return {k: _stats(v) for k, v in per.items()}
+
+
+def time_chain_variant(engine: Engine, step_impl: object, iterations: int = 50) -> tuple[dict[str, float], np.ndarray]:
+    """Capture a denoise step implementation on the engine's buffers (after its own prefix ran)
+    and time the chain's replays. Returns timings and the final x."""
+    buf = engine.buf
+    n = engine.shape.num_steps
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            for k in range(n):
+                step_impl.run(buf, k)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    with torch.no_grad():
+        for k in range(n):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step_impl.run(buf, k)
+            graphs.append(g)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iterations):
+        start.record()
+        for g in graphs:
+            g.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    out = buf.actions.float().cpu().numpy().copy()
+    del graphs
+    return _stats(times), out
+
+
+def run_variants(engine: Engine, batch: EngineBatch) -> list[dict[str, object]]:
+    from pi0_policy_ros.engine.denoise import TorchDenoiseStep
+    from pi0_policy_ros.engine.denoise_triton import TritonConfig, TritonDenoiseStep
+    engine.infer(batch)  # buffers now hold this batch's prefix
+    results = []
+    variants: list[tuple[str, object]] = [("torch ops", TorchDenoiseStep(engine.expert_weights, engine.tables,
+                                                                          engine.shape, engine.dtype))]
+    for cfg in (TritonConfig(), TritonConfig(pair_block_n=64), TritonConfig(splitk_block_n=16, o_splits=8, down_splits=8),
+                TritonConfig(o_splits=2, down_splits=2, splitk_block_n=64), TritonConfig(attn_keys_per_split=128),
+                TritonConfig(pair_stages=2, splitk_stages=2)):
+        variants.append((str(cfg).removeprefix("TritonConfig"), TritonDenoiseStep(
+            engine.expert_weights, engine.tables, engine.shape, engine.buf, cfg)))
+    ref = None
+    for name, impl in variants:
+        try:
+            stats, out = time_chain_variant(engine, impl)
+        except Exception as exc:  # a launch config can fail to compile; report it and go on
+            results.append({"variant": name, "error": repr(exc)[:300]})
+            continue
+        ref = out if ref is None else ref
+        results.append({"variant": name, "chain_ms": stats, "max_abs_vs_torch_ops": float(np.abs(out - ref).max())})
+    return results
+
+
+def _free(*objs: object) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_model(cfg, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Pi0Model:
+    if args.checkpoint:
+        return load_checkpoint(cfg, args.checkpoint, device, dtype, allow_truncated_vocab=True)
+    return random_model(cfg, device, dtype, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    for p in precisions:
+        if p not in PRECISIONS:
+            print(f"unknown precision {p!r}; valid: {PRECISIONS}", file=sys.stderr)
+            return 2
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = get_preset(args.preset)
+    changes = {}
+    if args.steps:
+        changes["num_denoise_steps"] = args.steps
+    if args.prompt_len:
+        changes["max_token_len"] = args.prompt_len
+    cfg = cfg.replace(**changes) if changes else cfg
+    hw = tuple(int(v) for v in args.image_size.lower().split("x"))
+    shape = EngineShape.for_model(cfg, num_slots=args.cameras, image_hw=hw)
+    batches = [random_batch(shape, args.seed + i, valid_slots=min(args.valid_cameras, args.cameras),
+                            valid_tokens=min(args.valid_tokens, shape.prompt_len)) for i in range(3)]
+    result: dict[str, object] = {"environment": _environment(), "shape": {**vars(shape), "image_hw": list(hw)},
+                                 "preset": cfg.name, "checkpoint": args.checkpoint or None,
+                                 "valid_cameras": args.valid_cameras, "valid_tokens": args.valid_tokens,
+                                 "iterations": args.iterations, "precisions": {}}
+    want_ref = not args.no_fp32_reference
+    model = _load_model(cfg, args, device, torch.float32 if (want_ref or "float32" in precisions) else torch.bfloat16)
+    ref = [eager_actions(model, b, shape, device) for b in batches] if want_ref else None
+    if "float32" in precisions:
+        result["precisions"]["float32"] = _bench_precision(model, shape, device, "float32", batches, ref, None, args)
+    apply_precision(model, torch.bfloat16)
+    _free()
+    eager = eager_timings(model, batches[0], shape, device, args.eager_iterations)
+    result["eager_bfloat16"] = eager
+    eager_bf16 = [eager_actions(model, b, shape, device) for b in batches]
+    if cuda:
+        model.to("cpu")  # the engine keeps its own weights; measure its memory alone
+        _free()
+    for p in precisions:
+        if p != "float32":
+            result["precisions"][p] = _bench_precision(model, shape, device, p, batches, ref, eager_bf16, args)
+    table = format_table(result)
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _bench_precision(model: Pi0Model, shape: EngineShape, device: torch.device, precision: str,
+                     batches: list[EngineBatch], ref: list[np.ndarray] | None, eager_same: list[np.ndarray] | None,
+                     args: argparse.Namespace) -> dict[str, object]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine = Engine.create(model, shape, device, precision, denoise_kernels=args.denoise_kernels)
+    out: dict[str, object] = {"mode": engine.mode, "denoise_kernels": engine.report.denoise_kernels,
+                              "fuse_s": engine.report.fuse_s, "warmup_s": engine.report.warmup_s,
+                              "capture_s": engine.report.capture_s}
+    # every batch, twice, interleaved: new inputs after capture must give new outputs
+    actions = [engine.infer(b) for b in batches] + [engine.infer(b) for b in batches]
+    n = len(batches)
+    out["repeat_max_abs"] = max(float(np.abs(actions[i] - actions[n + i]).max()) for i in range(n))
+    if ref is not None:
+        out["vs_fp32_eager"] = [_errors(a, r) for a, r in zip(actions[:n], ref)]
+    same = eager_same if precision != "float32" else ref
+    if same is not None:
+        out["vs_eager_same_dtype"] = [_errors(a, r) for a, r in zip(actions[:n], same)]
+    out["timings_ms"] = time_engine(engine, batches, args.iterations)
+    if device.type == "cuda":
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
+        out["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    if args.variants and precision == "bfloat16" and device.type == "cuda":
+        out["denoise_variants"] = run_variants(engine, batches[0])
+    _free(engine)
+    del engine
+    _free()
+    return out
+
+
+def format_table(result: dict) -> str:
+    env = result["environment"]
+    eager = result.get("eager_bfloat16", {})
+    lines = [f"device: {env.get('device', 'cpu')}  torch {env['torch']}  CUDA {env['cuda']}  triton {env.get('triton')}  "
+             f"git {env['git']['commit'][:10]}{' (dirty)' if env['git']['dirty'] else ''}",
+             f"preset {result['preset']}  shape {result['shape']}"]
+    for p, r in result["precisions"].items():
+        t = r["timings_ms"]
+        lines.append(f"\n[{p}] mode={r['mode']} denoise={r['denoise_kernels']}  configure: fuse {r['fuse_s']:.1f}s "
+                     f"warm-up {r['warmup_s']:.1f}s capture {r['capture_s']:.2f}s  peak GPU "
+                     f"{r.get('peak_gpu_gib', float('nan')):.2f} GiB")
+        lines.append(f"{'stage':<10}{'median':>9}{'p90':>9}{'p99':>9}{'eager bf16':>12}{'speed-up':>10}")
+        for name in ("h2d", *STAGES, "e2e"):
+            e = eager.get(name, {}).get("median")
+            su = f"{e / t[name]['median']:.1f}x" if e else ""
+            lines.append(f"{name:<10}{t[name]['median']:9.3f}{t[name]['p90']:9.3f}{t[name]['p99']:9.3f}"
+                         f"{(f'{e:.2f}' if e else ''):>12}{su:>10}")
+        if "vs_fp32_eager" in r:
+            lines.append("max |actions - fp32 eager|: " + ", ".join(f"{e['max_abs']:.2e}" for e in r["vs_fp32_eager"]))
+        if "vs_eager_same_dtype" in r:
+            lines.append("max |actions - eager same dtype|: " + ", ".join(
+                f"{e['max_abs']:.2e}" for e in r["vs_eager_same_dtype"]))
+        lines.append(f"repeat max diff: {r['repeat_max_abs']:.2e}")
+        for v in r.get("denoise_variants", []):
+            if "error" in v:
+                lines.append(f"  variant {v['variant']}: ERROR {v['error'][:120]}")
+            else:
+                lines.append(f"  variant {v['variant']}: chain {v['chain_ms']['median']:.3f} ms "
+                             f"(diff {v['max_abs_vs_torch_ops']:.1e})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pi0-policy bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

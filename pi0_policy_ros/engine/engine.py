@@ -1,0 +1,248 @@
+"""`Engine`: configure once (fuse weights, precompute tables, allocate, warm up, capture), then
+every `infer` is pinned-host copies, a handful of CUDA graph replays and one sync.
+
+Modes:
+- `graphs` (CUDA): vision, prefix and each denoise step captured as CUDA graphs.
+- `static`: the same stage code run op by op on static buffers (any device; the CPU tests use it
+  to check the engine's math against the eager model without a GPU).
+- `eager`: the model's own `sample_actions` (what runs where CUDA is missing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pi0_policy_ros.engine.buffers import DeviceBuffers, HostBuffers, allocate_device, allocate_host, upload
+from pi0_policy_ros.engine.denoise import DenoiseChain, TorchDenoiseStep
+from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
+from pi0_policy_ros.engine.stages import PrefixStage, VisionStage
+from pi0_policy_ros.engine.tables import StepTables, build_step_tables
+from pi0_policy_ros.engine.types import EngineBatch, EngineShape, check_precision
+from pi0_policy_ros.engine.weights import fuse_expert, fuse_prefix, fuse_vision
+from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "graphs", "static", "eager")
+DENOISE_KERNELS = ("auto", "torch", "triton")
+STAGES = ("vision", "prefix", "denoise")
+_fallback_logged = False
+
+
+@dataclass
+class ConfigureReport:
+    """What configuring cost (seconds) and what was chosen."""
+
+    mode: str
+    denoise_kernels: str
+    fuse_s: float = 0.0
+    warmup_s: float = 0.0
+    capture_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Fast pi0 / pi0.5 inference at one fixed `EngineShape` (batch 1)."""
+
+    def __init__(self, model: Pi0Model, shape: EngineShape, device: torch.device, precision: str, mode: str,
+                 denoise_kernels: str) -> None:
+        self.model = model
+        self.shape = shape
+        self.device = device
+        self.precision = precision
+        self.mode = mode
+        self.dtype = torch.float32 if precision == "float32" else torch.bfloat16
+        self.last_timings_ms: dict[str, float] = {}
+        self.report = ConfigureReport(mode, denoise_kernels)
+        self._graphs: dict[str, list[torch.cuda.CUDAGraph]] = {}
+        self._events: list[torch.cuda.Event] = []
+        if mode == "eager":
+            self._plan = plan_resize(shape.image_hw, shape.model_image_size)
+            return
+        t0 = time.perf_counter()
+        cfg = model.cfg
+        with torch.no_grad():
+            self.vision_weights = fuse_vision(model.vision, cfg.siglip, self.dtype, device)
+            self.prefix_weights = fuse_prefix(model, self.dtype, device, fp8=precision == "fp8")
+            self.expert_weights = fuse_expert(model, self.dtype, device)
+            self.tables: StepTables = build_step_tables(model, self.expert_weights, device)
+        self.host: HostBuffers = allocate_host(shape, pin=device.type == "cuda")
+        self.buf: DeviceBuffers = allocate_device(shape, cfg.paligemma, cfg.expert.width, self.dtype, device)
+        self.vision = VisionStage(self.vision_weights, shape, self.dtype)
+        self.prefix = PrefixStage(self.prefix_weights, self.expert_weights, shape, self.dtype)
+        self.denoise = DenoiseChain(self._make_step(denoise_kernels), shape.num_steps)
+        self.report.fuse_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.report.fuse_s = time.perf_counter() - t0
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, model: Pi0Model, shape: EngineShape | None = None, device: str | torch.device = "cuda",
+               precision: str = "bfloat16", mode: str = "auto", denoise_kernels: str = "auto") -> Engine:
+        """Build, warm up and (in `graphs` mode) capture. `mode="auto"` is `graphs` on CUDA and
+        `eager` elsewhere (logged once: the CPU works, slowly). The model may live on any device;
+        the engine keeps its own fused weights on `device` and uses the model only in `eager` mode.
+        """
+        check_precision(precision)
+        if mode not in MODES:
+            raise ConfigError(f"engine mode must be one of {MODES}, found {mode!r}")
+        if denoise_kernels not in DENOISE_KERNELS:
+            raise ConfigError(f"denoise_kernels must be one of {DENOISE_KERNELS}, found {denoise_kernels!r}")
+        shape = EngineShape.for_model(model.cfg) if shape is None else shape
+        shape.check_model(model.cfg)
+        if model.cfg.paligemma.num_kv_heads != 1:
+            raise ConfigError(f"the engine's KV cache assumes one KV head, found {model.cfg.paligemma.num_kv_heads}")
+        dev = torch.device(device)
+        cuda = dev.type == "cuda" and torch.cuda.is_available()
+        if mode == "auto":
+            mode = "graphs" if cuda else "eager"
+        if mode == "graphs" and not cuda:
+            raise ConfigError(f"mode 'graphs' needs CUDA; device {dev} (CUDA available: {torch.cuda.is_available()})")
+        if mode == "eager":
+            global _fallback_logged
+            if not _fallback_logged:
+                log.warning("CUDA is not available for device %s: the engine runs the eager reference model "
+                            "(correct, but slow)", dev)
+                _fallback_logged = True
+            return cls(model, shape, next(model.parameters()).device, precision, "eager", "torch")
+        engine = cls(model, shape, dev, precision, mode, denoise_kernels)
+        if mode == "graphs":
+            engine._capture()
+        return engine
+
+    def _make_step(self, kernels: str) -> TorchDenoiseStep:
+        want_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
+                                              and self.dtype == torch.bfloat16)
+        if want_triton:
+            if self.dtype != torch.bfloat16 or self.device.type != "cuda":
+                raise ConfigError("the triton denoise kernels need CUDA and bf16 (precision 'bfloat16' or 'fp8')")
+            from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
+            self.report.denoise_kernels = "triton"
+            return TritonDenoiseStep(self.expert_weights, self.tables, self.shape, self.buf)
+        self.report.denoise_kernels = "torch"
+        return TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
+
+    # ---- stages -------------------------------------------------------------------------------
+    def _stage_fns(self) -> dict[str, list]:
+        steps = [lambda k=k: self.denoise.run_step(self.buf, k) for k in range(self.shape.num_steps)]
+        return {"vision": [lambda: self.vision.run(self.buf)], "prefix": [lambda: self.prefix.run(self.buf)],
+                "denoise": steps}
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (allocator, cuBLAS handles, Triton compile and autotune),
+        then capture every stage into graphs sharing one memory pool. They are always replayed
+        in capture order, which makes sharing the pool safe."""
+        fns = self._stage_fns()
+        self.load(_dummy_batch(self.shape))
+        upload(self.host, self.buf)
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):
+                for name in STAGES:
+                    for fn in fns[name]:
+                        fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self.report.warmup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.no_grad():
+            for name in STAGES:
+                graphs = []
+                for fn in fns[name]:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        fn()
+                    graphs.append(graph)
+                self._graphs[name] = graphs
+        torch.cuda.synchronize(self.device)
+        self.report.capture_s = time.perf_counter() - t0
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(STAGES) + 2)]
+
+    # ---- inference ----------------------------------------------------------------------------
+    def load(self, batch: EngineBatch) -> None:
+        batch.check(self.shape)
+        self.host.load(batch)
+
+    def infer(self, batch: EngineBatch) -> np.ndarray:
+        """Actions [H, action_dim] float32 for one batch; per-stage times in `last_timings_ms`."""
+        if self.mode == "eager":
+            return self._infer_eager(batch)
+        self.load(batch)
+        if self.mode == "static":
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                upload(self.host, self.buf)
+                fns = self._stage_fns()
+                for name in STAGES:
+                    for fn in fns[name]:
+                        fn()
+                self.host.actions.copy_(self.buf.actions)
+            self.last_timings_ms = {"total": (time.perf_counter() - t0) * 1e3}
+            return self.host.actions.numpy().copy()
+        return self._replay()
+
+    def _replay(self) -> np.ndarray:
+        ev = self._events
+        stream = torch.cuda.current_stream(self.device)
+        t0 = time.perf_counter()
+        ev[0].record(stream)
+        upload(self.host, self.buf)
+        ev[1].record(stream)
+        for i, name in enumerate(STAGES):
+            for graph in self._graphs[name]:
+                graph.replay()
+            ev[2 + i].record(stream)
+        self.host.actions.copy_(self.buf.actions, non_blocking=True)
+        stream.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+        timings = {"h2d": ev[0].elapsed_time(ev[1])}
+        for i, name in enumerate(STAGES):
+            timings[name] = ev[1 + i].elapsed_time(ev[2 + i])
+        timings["total"] = wall
+        self.last_timings_ms = timings
+        return self.host.actions.numpy().copy()
+
+    def replay_stage(self, name: str) -> None:
+        """Replay one captured stage (benchmarks); inputs are whatever the buffers hold."""
+        for graph in self._graphs[name]:
+            graph.replay()
+
+    def _infer_eager(self, batch: EngineBatch) -> np.ndarray:
+        batch.check(self.shape)
+        t0 = time.perf_counter()
+        inputs, noise = eager_inputs(batch, self.shape, self.device)
+        with torch.no_grad():
+            actions = self.model.sample_actions(inputs, noise)
+        out = actions[0].float().cpu().numpy()
+        self.last_timings_ms = {"total": (time.perf_counter() - t0) * 1e3}
+        return out
+
+
+def eager_inputs(batch: EngineBatch, shape: EngineShape, device: torch.device) -> tuple[ModelInputs, torch.Tensor]:
+    """The batch as the eager model takes it (batch dim 1), preprocessed like the vision stage."""
+    def t(v: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))).to(device)
+
+    plan = plan_resize(shape.image_hw, shape.model_image_size)
+    pixels = preprocess_images(t(batch.images), plan)
+    masks = t(batch.image_masks)
+    inputs = ModelInputs(images=[pixels[i:i + 1] for i in range(shape.num_slots)],
+                         image_masks=[masks[i:i + 1] for i in range(shape.num_slots)],
+                         tokens=t(batch.tokens)[None], token_mask=t(batch.token_mask)[None],
+                         state=t(batch.state)[None].float())
+    return inputs, t(batch.noise)[None].float()
+
+
+def _dummy_batch(shape: EngineShape) -> EngineBatch:
+    from pi0_policy_ros.engine.types import random_batch
+    return random_batch(shape, seed=12345)

@@ -1,0 +1,116 @@
+"""Vision and prefix stages: plain torch ops on static buffers, capturable as CUDA graphs.
+
+Both only read and write `DeviceBuffers`; neither syncs with the host nor branches on tensor data,
+so each runs identically eagerly (CPU checks) and as a captured graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pi0_policy_ros.engine.buffers import DeviceBuffers
+from pi0_policy_ros.engine.preprocess import ResizePlan, preprocess_images
+from pi0_policy_ros.engine.tables import rope_tables, suffix_attention_bias, suffix_positions
+from pi0_policy_ros.engine.types import EngineShape
+from pi0_policy_ros.engine.rowops import geglu, geglu_quantized
+from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWeights, fp8_linear
+from pi0_policy_ros.model.gemma import MASK_VALUE
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, rotate-half convention. x [..., hd]; cos/sin broadcastable to x."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class VisionStage:
+    """All camera slots in one batch: uint8 HWC → resize-with-pad → SigLIP → projected tokens,
+    written straight into the prefix embedding rows [0, N·T)."""
+
+    def __init__(self, weights: VisionWeights, shape: EngineShape, dtype: torch.dtype) -> None:
+        self.w = weights
+        self.shape = shape
+        self.dtype = dtype
+        from pi0_policy_ros.engine.preprocess import plan_resize
+        self.plan: ResizePlan = plan_resize(shape.image_hw, shape.model_image_size)
+
+    def run(self, buf: DeviceBuffers) -> None:
+        w, cfg = self.w, self.w.cfg
+        n, t = self.shape.num_slots, self.shape.tokens_per_image
+        pixels = preprocess_images(buf.images, self.plan, out=buf.pixels)
+        patches = F.conv2d(pixels, w.patch_weight, w.patch_bias, stride=cfg.patch_size)  # [N, W, g, g]
+        x = (patches.flatten(2).transpose(1, 2) + w.position).to(self.dtype).reshape(n * t, cfg.width)
+        heads, hd = cfg.num_heads, cfg.head_dim
+        for lw in w.layers:
+            h = F.layer_norm(x, (cfg.width,), eps=cfg.layer_norm_eps)
+            qkv = lw.qkv(h).view(n, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # [3, N, heads, T, hd]
+            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [N, heads, T, hd]
+            x = x + lw.out(attn.transpose(1, 2).reshape(n * t, cfg.width))
+            h = F.layer_norm(x, (cfg.width,), eps=cfg.layer_norm_eps)
+            x = x + lw.fc2(F.gelu(lw.fc1(h), approximate="tanh"))
+        h = F.layer_norm(x, (cfg.width,), eps=cfg.layer_norm_eps)
+        buf.prefix_embs[: n * t].copy_(w.head(h))
+
+
+class PrefixStage:
+    """Prompt embedding, masks, RoPE tables, then PaliGemma over the whole prefix, writing the
+    K/V cache rows [0, Pp). Also prepares what the denoise steps need from this observation:
+    the suffix attention bias, suffix RoPE tables and (pi0) the state token."""
+
+    def __init__(self, weights: PrefixWeights, expert: ExpertWeights, shape: EngineShape, dtype: torch.dtype) -> None:
+        self.w = weights
+        self.expert = expert
+        self.shape = shape
+        self.dtype = dtype
+
+    def prepare(self, buf: DeviceBuffers) -> None:
+        """Everything derived from the masks and the state (no PaliGemma work)."""
+        shape, cfg = self.shape, self.w.cfg
+        n, t, l = shape.num_slots, shape.tokens_per_image, shape.prompt_len
+        text = F.embedding(buf.tokens, self.w.embed)
+        torch.mul(text, math.sqrt(cfg.width), out=buf.prefix_embs[n * t: n * t + l])
+        buf.prefix_pad[: n * t].view(n, t).copy_(buf.image_masks[:, None].expand(n, t))
+        buf.prefix_pad[n * t: n * t + l].copy_(buf.token_mask)
+        zero = torch.zeros((), dtype=self.dtype, device=buf.prefix_bias.device)
+        buf.prefix_bias.view(-1).copy_(torch.where(buf.prefix_pad, zero, torch.full_like(zero, MASK_VALUE)))
+        positions = torch.cumsum(buf.prefix_pad.to(torch.int64), 0) - 1
+        cos, sin = rope_tables(positions, buf.inv_freq, self.dtype)
+        buf.prefix_cos.copy_(cos)
+        buf.prefix_sin.copy_(sin)
+        suffix_attention_bias(buf.prefix_pad, buf.suffix_pattern, buf.suffix_bias)
+        cos, sin = rope_tables(suffix_positions(buf.prefix_pad, buf.suffix_offsets), buf.inv_freq, self.dtype)
+        buf.suffix_cos.copy_(cos)
+        buf.suffix_sin.copy_(sin)
+        if self.expert.state_proj is not None:
+            buf.state_token.copy_(self.expert.state_proj(buf.state[None])[0])
+
+    def run(self, buf: DeviceBuffers) -> None:
+        self.prepare(buf)
+        cfg = self.w.cfg
+        pp = self.shape.padded_prefix_len
+        nh, hd = cfg.num_heads, cfg.head_dim
+        cos, sin = buf.prefix_cos, buf.prefix_sin
+        x = buf.prefix_embs
+        for i, lw in enumerate(self.w.layers):
+            h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
+            qkv = lw.qkv(h)
+            kv_only = lw.out is None
+            q_cols = 0 if kv_only else nh * hd
+            buf.keys[i, :pp].copy_(rotate(qkv[:, q_cols: q_cols + hd], cos, sin))
+            buf.values[i, :pp].copy_(qkv[:, q_cols + hd: q_cols + 2 * hd])
+            if kv_only:
+                continue
+            q = rotate(qkv[:, :q_cols].view(pp, nh, hd), cos[:, None], sin[:, None]).transpose(0, 1)[None]
+            k = buf.keys[i, :pp][None, None].expand(1, nh, pp, hd)
+            v = buf.values[i, :pp][None, None].expand(1, nh, pp, hd)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=buf.prefix_bias)  # [1, nh, Pp, hd]
+            x = x + lw.out(attn[0].transpose(0, 1).reshape(pp, nh * hd))
+            h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
+            gu = lw.gate_up(h)
+            if lw.down.scale is not None:
+                x = x + fp8_linear(gu, lw.down, quantized=geglu_quantized(gu))
+            else:
+                x = x + lw.down(geglu(gu))

@@ -1,0 +1,143 @@
+"""What the engine is built for (`EngineShape`) and what one inference consumes (`EngineBatch`).
+
+Every CUDA graph and static buffer is sized from one frozen `EngineShape`; a batch of any other
+shape is rejected with expected vs found, never silently re-captured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.model.config import ModelConfig
+
+PRECISIONS = ("bfloat16", "float32", "fp8")
+# The prefix is padded with masked rows up to a multiple of this: FP8 `_scaled_mm` wants
+# 16-aligned dims, and GEMM tiles like it. Masked rows change no valid output (their keys get
+# the mask value, whose exp underflows to exactly 0).
+PREFIX_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """Fixed geometry of one engine: batch 1, `num_slots` cameras of `image_hw` uint8 pixels."""
+
+    num_slots: int
+    image_hw: tuple[int, int]
+    prompt_len: int
+    action_horizon: int
+    action_dim: int
+    num_steps: int
+    pi05: bool
+    tokens_per_image: int = 256
+    model_image_size: int = 224
+
+    def __post_init__(self) -> None:
+        for name in ("num_slots", "prompt_len", "action_horizon", "action_dim", "num_steps", "tokens_per_image"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"EngineShape.{name} must be ≥ 1, found {getattr(self, name)}")
+        if len(self.image_hw) != 2 or min(self.image_hw) < 1:
+            raise ConfigError(f"EngineShape.image_hw must be (height, width) ≥ 1, found {self.image_hw}")
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, num_slots: int | None = None, prompt_len: int | None = None,
+                  image_hw: tuple[int, int] | None = None) -> EngineShape:
+        size = cfg.siglip.image_size
+        return cls(num_slots=cfg.num_image_slots if num_slots is None else num_slots,
+                   image_hw=(size, size) if image_hw is None else tuple(image_hw),
+                   prompt_len=cfg.max_token_len if prompt_len is None else prompt_len,
+                   action_horizon=cfg.action_horizon, action_dim=cfg.action_dim,
+                   num_steps=cfg.num_denoise_steps, pi05=cfg.pi05,
+                   tokens_per_image=cfg.siglip.tokens_per_image, model_image_size=size)
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        found = (cfg.action_horizon, cfg.action_dim, cfg.num_denoise_steps, cfg.pi05,
+                 cfg.siglip.tokens_per_image, cfg.siglip.image_size)
+        want = (self.action_horizon, self.action_dim, self.num_steps, self.pi05, self.tokens_per_image,
+                self.model_image_size)
+        if found != want:
+            raise ConfigError(f"model {cfg.name!r} does not fit this EngineShape: (horizon, action_dim, steps, pi05, "
+                              f"tokens/image, image size) expected {want}, found {found}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_slots * self.tokens_per_image
+
+    @property
+    def prefix_len(self) -> int:
+        """Valid-or-masked prefix rows as the model sees them (images, then the prompt)."""
+        return self.num_image_tokens + self.prompt_len
+
+    @property
+    def padded_prefix_len(self) -> int:
+        return -(-self.prefix_len // PREFIX_ALIGN) * PREFIX_ALIGN
+
+    @property
+    def suffix_len(self) -> int:
+        return self.action_horizon + (0 if self.pi05 else 1)
+
+
+@dataclass
+class EngineBatch:
+    """One observation, already tokenized and normalized (batch 1).
+
+    images: uint8 [num_slots, H, W, 3] (RGB, HWC); image_masks: bool [num_slots].
+    tokens: int64 [L]; token_mask: bool [L]. state: float32 [action_dim] (pi0 only).
+    noise: float32 [H, action_dim], x at t = 1.
+    """
+
+    images: np.ndarray | torch.Tensor
+    image_masks: np.ndarray | torch.Tensor
+    tokens: np.ndarray | torch.Tensor
+    token_mask: np.ndarray | torch.Tensor
+    state: np.ndarray | torch.Tensor
+    noise: np.ndarray | torch.Tensor
+
+    def check(self, shape: EngineShape) -> None:
+        h, w = shape.image_hw
+        want = {
+            "images": ((shape.num_slots, h, w, 3), "uint8"),
+            "image_masks": ((shape.num_slots,), "bool"),
+            "tokens": ((shape.prompt_len,), "int64"),
+            "token_mask": ((shape.prompt_len,), "bool"),
+            "state": ((shape.action_dim,), "float32"),
+            "noise": ((shape.action_horizon, shape.action_dim), "float32"),
+        }
+        problems = []
+        for name, (dims, dtype) in want.items():
+            value = getattr(self, name)
+            found_dtype = str(value.dtype).removeprefix("torch.")
+            if tuple(value.shape) != dims or found_dtype != dtype:
+                problems.append(f"{name}: expected {dtype} {list(dims)}, found {found_dtype} {list(value.shape)}")
+        if problems:
+            raise ObservationError("EngineBatch does not match the engine shape: " + "; ".join(problems))
+
+
+def random_batch(shape: EngineShape, seed: int = 0, valid_slots: int | None = None,
+                 valid_tokens: int | None = None) -> EngineBatch:
+    """A random, valid batch (benchmarks and tests): the first `valid_slots` cameras and the first
+    `valid_tokens` prompt tokens are valid."""
+    rng = np.random.default_rng(seed)
+    h, w = shape.image_hw
+    n_slots = shape.num_slots if valid_slots is None else valid_slots
+    n_tok = min(shape.prompt_len, 24) if valid_tokens is None else valid_tokens
+    tokens = np.zeros(shape.prompt_len, np.int64)
+    tokens[:n_tok] = rng.integers(3, 1024, n_tok)
+    tokens[0] = 2
+    return EngineBatch(
+        images=rng.integers(0, 256, (shape.num_slots, h, w, 3), dtype=np.uint8),
+        image_masks=np.arange(shape.num_slots) < n_slots,
+        tokens=tokens,
+        token_mask=np.arange(shape.prompt_len) < n_tok,
+        state=rng.standard_normal(shape.action_dim).astype(np.float32),
+        noise=rng.standard_normal((shape.action_horizon, shape.action_dim)).astype(np.float32),
+    )
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"engine precision must be one of {PRECISIONS}, found {precision!r}")
+    return precision

@@ -1,0 +1,167 @@
+"""Engine code paths that run without CUDA: shapes and batch checks, the precomputed step tables
+against the model's on-the-fly ones, the fused/folded static engine against `sample_actions`,
+GPU-style preprocessing, and the eager fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pi0_policy_ros.engine.engine import Engine
+from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
+from pi0_policy_ros.engine.tables import build_step_tables, suffix_attention_bias, suffix_pattern
+from pi0_policy_ros.engine.types import EngineBatch, EngineShape, random_batch
+from pi0_policy_ros.engine.weights import fuse_expert, quantize_rows, to_fp8, Linear
+from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.model.checkpoint import random_model, read_safetensors
+from pi0_policy_ros.model.config import get_preset
+from pi0_policy_ros.model.gemma import MASK_VALUE
+from pi0_policy_ros.model.pi0 import euler_times
+from pi0_policy_ros.model.reference import load_reference, reference_model
+from test.paths import PI0_FIXTURE, PI05_FIXTURE
+
+SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+
+
+@pytest.fixture(scope="module", params=["pi05_small", "pi0_small"])
+def small(request):
+    cfg = get_preset(request.param)
+    return cfg, random_model(cfg, "cpu", torch.float32, seed=1)
+
+
+def _fixture_batch(path) -> EngineBatch:
+    tensors, _ = read_safetensors(path)
+    return EngineBatch(images=torch.cat([tensors[f"inputs/image_u8.{s}"] for s in SLOTS]).numpy(),
+                       image_masks=torch.cat([tensors[f"inputs/image_mask.{s}"] for s in SLOTS]).numpy(),
+                       tokens=tensors["inputs/tokenized_prompt"][0].numpy(),
+                       token_mask=tensors["inputs/tokenized_prompt_mask"][0].numpy(),
+                       state=tensors["inputs/state"][0].numpy(), noise=tensors["inputs/noise"][0].numpy())
+
+
+def test_shape_geometry() -> None:
+    shape = EngineShape.for_model(get_preset("pi05"))
+    assert (shape.prefix_len, shape.padded_prefix_len, shape.suffix_len) == (968, 976, 10)
+    shape = EngineShape.for_model(get_preset("pi0"))
+    assert (shape.prefix_len, shape.padded_prefix_len, shape.suffix_len) == (816, 816, 51)
+    with pytest.raises(ConfigError):
+        EngineShape.for_model(get_preset("pi0")).check_model(get_preset("pi05"))
+
+
+def test_batch_check_names_expected_and_found() -> None:
+    shape = EngineShape.for_model(get_preset("pi05_small"))
+    batch = random_batch(shape)
+    batch.check(shape)
+    batch.images = batch.images[:, :100]
+    with pytest.raises(ObservationError, match=r"images: expected uint8 \[3, 224, 224, 3\], found uint8 \[3, 100"):
+        batch.check(shape)
+
+
+def test_step_tables_equal_on_the_fly(small) -> None:
+    cfg, model = small
+    weights = fuse_expert(model, torch.float32, torch.device("cpu"))
+    tables = build_step_tables(model, weights, torch.device("cpu"))
+    assert tables.times == euler_times(cfg.num_denoise_steps)
+    for step, t_value in enumerate(tables.times):
+        t = torch.full((1,), t_value)
+        if cfg.pi05:
+            cond = model.time_condition(t)
+            for i, layer in enumerate(model.expert.layers):
+                scale, shift, gate = layer.input_layernorm.dense(cond)[0].chunk(3)
+                torch.testing.assert_close(tables.norm_mul[step, i, 0], 1 + scale)
+                torch.testing.assert_close(tables.gate[step, i, 0], gate)
+                torch.testing.assert_close(tables.qkv_bias[step, i], weights.layers[i].qkv.weight @ shift)
+        else:
+            x = torch.randn(1, cfg.action_horizon, cfg.action_dim)
+            emb, _ = model.embed_suffix(torch.zeros(1, cfg.action_dim), x, t)
+            pre = F.silu(x[0] @ weights.action_in.weight.t() + tables.action_time_bias[step])
+            torch.testing.assert_close(weights.time_mlp_out(pre), emb[0, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_suffix_mask_and_positions_match_model(small) -> None:
+    cfg, model = small
+    pad = torch.rand(1, 40) > 0.3
+    allowed, positions = model.suffix_attention(pad)
+    pattern = suffix_pattern(cfg.suffix_len, cfg.action_horizon, torch.device("cpu"))
+    bias = suffix_attention_bias(pad[0], pattern, torch.empty(cfg.suffix_len, 40 + cfg.suffix_len))
+    torch.testing.assert_close(bias == 0, allowed[0])
+    assert torch.all(bias[~allowed[0]] == MASK_VALUE)
+    assert positions[0, 0] == pad.sum()
+
+
+def test_static_engine_equals_eager(small) -> None:
+    """The fused/folded engine code, run op by op on the CPU, computes the model's function
+    (the fixture test below covers two valid slots)."""
+    cfg, model = small
+    shape = EngineShape.for_model(cfg)
+    engine = Engine.create(model, shape, "cpu", "float32", mode="static")
+    eager = Engine.create(model, shape, "cpu", "float32", mode="eager")
+    for seed, valid_slots in ((0, 1), (1, 3)):
+        batch = random_batch(shape, seed, valid_slots=valid_slots, valid_tokens=10 + seed)
+        got = engine.infer(batch)
+        assert got.shape == (cfg.action_horizon, cfg.action_dim) and got.dtype == np.float32
+        np.testing.assert_allclose(got, eager.infer(batch), atol=2e-5)
+
+
+@pytest.mark.parametrize("path", [PI05_FIXTURE, PI0_FIXTURE], ids=["pi05", "pi0"])
+def test_static_engine_matches_openpi_fixture(path) -> None:
+    ref = load_reference(path)
+    model = reference_model(ref, "cpu", torch.float32)
+    engine = Engine.create(model, EngineShape.for_model(ref.config), "cpu", "float32", mode="static")
+    got = engine.infer(_fixture_batch(path))
+    assert np.abs(got - ref.expected["outputs/actions"][0].numpy()).max() <= 1e-4
+
+
+def test_static_engine_bf16_close() -> None:
+    cfg = get_preset("pi05_small")
+    model = random_model(cfg, "cpu", torch.float32, seed=1)
+    shape = EngineShape.for_model(cfg)
+    batch = random_batch(shape, 3)
+    want = Engine.create(model, shape, "cpu", "float32", mode="eager").infer(batch)
+    got = Engine.create(model, shape, "cpu", "bfloat16", mode="static").infer(batch)
+    assert np.abs(got - want).max() <= 0.1
+
+
+def test_fallback_without_cuda_logs_once(small, caplog) -> None:
+    cfg, model = small
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for machines without CUDA")
+    shape = EngineShape.for_model(cfg)
+    import pi0_policy_ros.engine.engine as engine_mod
+    engine_mod._fallback_logged = False
+    with caplog.at_level(logging.WARNING, logger="pi0_policy_ros.engine.engine"):
+        first = Engine.create(model, shape, "cuda")
+        Engine.create(model, shape, "cuda")
+    assert first.mode == "eager"
+    assert sum("eager reference" in r.message for r in caplog.records) == 1
+    batch = random_batch(shape, 0)
+    out = first.infer(batch)
+    assert out.shape == (cfg.action_horizon, cfg.action_dim)
+    assert "total" in first.last_timings_ms
+    with pytest.raises(ConfigError):
+        Engine.create(model, shape, "cpu", mode="graphs")
+
+
+def test_preprocess_identity_and_resize_with_pad() -> None:
+    u8 = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    out = preprocess_images(u8, plan_resize((224, 224), 224))
+    torch.testing.assert_close(out, u8.float().permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0)
+    plan = plan_resize((120, 160), 224)  # 4:3 → 224 × 168, centred with 28 black rows each side
+    assert plan.dst_hw == (168, 224) and plan.offset_yx == (28, 0)
+    flat = torch.full((1, 120, 160, 3), 200, dtype=torch.uint8)
+    out = preprocess_images(flat, plan)
+    assert torch.all(out[:, :, :28] == -1) and torch.all(out[:, :, 196:] == -1)
+    torch.testing.assert_close(out[:, :, 28:196], torch.full_like(out[:, :, 28:196], 200 / 255 * 2 - 1))
+
+
+def test_fp8_quantization_round_trip() -> None:
+    w = torch.randn(64, 32)
+    lin = to_fp8(Linear(w))
+    deq = lin.weight.float() * lin.scale.t()
+    assert (deq - w).abs().max() <= 0.07 * w.abs().max()
+    x = torch.randn(5, 32)
+    q, s = quantize_rows(x)
+    assert (q.float() * s - x).abs().max() <= 0.07 * x.abs().max()

@@ -1,0 +1,261 @@
+"""ONNX export of the vision and prefix stages, checked with onnxruntime on the CPU; FP8 Q/DQ graphs;
+the TensorRT pieces that need no GPU; backend selection without TensorRT."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from pi0_policy_ros import export_cli  # noqa: E402
+from pi0_policy_ros.engine import onnx_export as ox  # noqa: E402
+from pi0_policy_ros.engine import tensorrt as trt_mod  # noqa: E402
+from pi0_policy_ros.engine.backend import BackendChoice, resolve_backend, select_backend  # noqa: E402
+from pi0_policy_ros.engine.types import EngineShape  # noqa: E402
+from pi0_policy_ros.engine.weights import Linear, to_fp8  # noqa: E402
+from pi0_policy_ros.errors import ConfigError  # noqa: E402
+from pi0_policy_ros.model.checkpoint import read_safetensors  # noqa: E402
+from pi0_policy_ros.model.config import IMAGE_SLOTS  # noqa: E402
+from pi0_policy_ros.model.reference import Reference, load_reference, reference_model  # noqa: E402
+from test.paths import PI0_FIXTURE, PI05_FIXTURE  # noqa: E402
+
+SPEC_TOLERANCE = 1e-4  # float32 on the CPU (ARCHITECTURE.md)
+
+
+class Exported:
+    """One fixture's model and its fp32 stages, exported once per module."""
+
+    def __init__(self, path: Path, out: Path) -> None:
+        self.ref: Reference = load_reference(path)
+        self.model = reference_model(self.ref)
+        self.shape = EngineShape.for_model(self.model.cfg)
+        self.stages = {s: ox.stage_module(self.model, s, self.shape, "fp32") for s in ox.STAGES}
+        self.inputs = {s: ox.reference_inputs(self.ref, m.signature) for s, m in self.stages.items()}
+        self.files = {s: ox.export_stage(m, out / f"{s}.fp32.onnx", "fp32", self.inputs[s])
+                      for s, m in self.stages.items()}
+
+
+@pytest.fixture(scope="module", params=[PI05_FIXTURE, PI0_FIXTURE], ids=["pi05_small", "pi0_small"])
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return Exported(request.param, tmp_path_factory.mktemp(request.param.stem))
+
+
+@pytest.fixture(scope="module")
+def pi05(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return Exported(PI05_FIXTURE, tmp_path_factory.mktemp("pi05_base"))
+
+
+# ---- graphs ---------------------------------------------------------------------------------------
+def test_graphs_have_the_stage_names_and_static_shapes(exported: Exported) -> None:
+    cfg = exported.model.cfg
+    lm = cfg.paligemma
+    n, t, pp = cfg.num_image_slots, 256, exported.shape.padded_prefix_len
+    assert pp % 16 == 0 and pp >= cfg.prefix_len
+    vision_in, vision_out = ox.graph_signature(onnx.load(str(exported.files["vision"].path)))
+    assert vision_in == [("images", (n, 224, 224, 3), "uint8")]
+    assert vision_out == [("image_embs", (n, t, lm.width), "float32")]
+    prefix_in, prefix_out = ox.graph_signature(onnx.load(str(exported.files["prefix"].path)))
+    assert prefix_in == [("image_embs", (n, t, lm.width), "float32"), ("image_masks", (n,), "bool"),
+                         ("tokens", (cfg.max_token_len,), "int64"), ("token_mask", (cfg.max_token_len,), "bool")]
+    kv = (1, lm.num_kv_heads, pp, lm.head_dim)
+    want = [(f"{k}_{i}", kv, "float32") for i in range(lm.depth) for k in ("key", "value")]
+    assert prefix_out == want + [("prefix_pad", (1, pp), "bool")]
+
+
+@pytest.mark.parametrize("stage", ox.STAGES)
+def test_graphs_pass_the_checker_and_strict_shape_inference(exported: Exported, stage: str) -> None:
+    path = str(exported.files[stage].path)
+    onnx.checker.check_model(path, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path), strict_mode=True, data_prop=True)
+    assert ox.graph_signature(inferred) == ox.graph_signature(onnx.load(path))
+
+
+# ---- fp32 -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", ox.STAGES)
+def test_fp32_onnxruntime_matches_torch(exported: Exported, stage: str) -> None:
+    check = ox.verify_stage(exported.files[stage], exported.stages[stage], exported.inputs[stage])
+    assert check.worst_abs <= SPEC_TOLERANCE, check.as_dict()
+    assert check.passed
+
+
+def test_fp32_onnxruntime_matches_openpi(exported: Exported) -> None:
+    """The exported graphs compute what openpi computed: image tokens and layer 0's prefix K/V."""
+    tensors, _ = read_safetensors(exported.ref.path)
+    vision, prefix = exported.files["vision"], exported.files["prefix"]
+    got = ox.run_onnxruntime(ox.onnxruntime_session(vision.path), vision.signature, exported.inputs["vision"])[0]
+    want = torch.cat([tensors[f"intermediate/image_emb.{s}"] for s in IMAGE_SLOTS])
+    assert np.abs(got - want.numpy()).max() <= SPEC_TOLERANCE
+    outs = ox.run_onnxruntime(ox.onnxruntime_session(prefix.path), prefix.signature, exported.inputs["prefix"])
+    p = exported.model.cfg.prefix_len
+    for i, kind in enumerate(("key", "value")):
+        want = tensors[f"intermediate/prefix_kv.layer0.{kind}"].numpy()
+        assert np.abs(outs[i][:, :, :p] - want).max() <= SPEC_TOLERANCE
+    pad = outs[-1][0]
+    assert (pad[:p] == tensors["intermediate/prefix_pad_masks"][0].numpy()).all() and not pad[p:].any()
+
+
+# ---- fp16 -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", ox.STAGES)
+def test_fp16_is_within_tolerance_of_torch_fp32(pi05: Exported, stage: str, tmp_path: Path) -> None:
+    module = ox.stage_module(pi05.model, stage, pi05.shape, "fp16")
+    file = ox.export_stage(module, tmp_path / f"{stage}.onnx", "fp16", pi05.inputs[stage])
+    assert file.signature.outputs[0].dtype == torch.float16
+    check = ox.verify_stage(file, pi05.stages[stage], pi05.inputs[stage])
+    assert check.passed, check.as_dict()
+    assert 0 < check.worst_abs  # really fp16
+    assert file.file_bytes < pi05.files[stage].file_bytes * 0.6
+
+
+# ---- FP8 ------------------------------------------------------------------------------------------
+def _linears_behind_qdq(proto: object) -> list[str]:
+    """Names of MatMuls both of whose inputs come out of DequantizeLinear nodes."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    return [node.name for node in proto.graph.node if node.op_type == "MatMul"
+            and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input)]
+
+
+def test_fp8_qdq_graph_computes_the_fake_quant_reference(pi05: Exported, tmp_path: Path) -> None:
+    """An fp32-based FP8 graph: onnxruntime runs the Q/DQ arithmetic, torch fake-quant predicts it."""
+    module = ox.stage_module(pi05.model, "prefix", pi05.shape, "fp8", dtype=torch.float32)
+    inputs = pi05.inputs["prefix"]
+    file = ox.export_stage(module, tmp_path / "prefix.fp8.onnx", "fp8", inputs)
+    proto = onnx.load(str(file.path))
+    depth = pi05.model.cfg.paligemma.depth
+    # every layer's 7 linears, except the last layer's, of which only k and v feed the cache
+    assert len(_linears_behind_qdq(proto)) == 7 * (depth - 1) + 2
+    weight_q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and ".weight_fp8" in n.name]
+    assert len(weight_q) == 7 * (depth - 1) + 2
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in weight_q:
+        weight, scale, zero = (inits[i] for i in node.input)
+        assert [a.i for a in node.attribute if a.name == "axis"] == [1]  # per output channel of [K, N]
+        assert list(scale.dims) == [weight.dims[1]] and zero.data_type == onnx.TensorProto.FLOAT8E4M3FN
+    plan = trt_mod.calibrate_fp8(module, [inputs])
+    # Every linear on its own: the same quantized operands give the same product.
+    per_linear = trt_mod.check_fp8_linears(file.path, module, plan, inputs)
+    assert len(per_linear) == 7 * (depth - 1) + 2 and max(per_linear.values()) <= 1e-6, per_linear
+    # End to end, the first layer's K/V (nothing upstream to round differently) match exactly.
+    got = ox.run_onnxruntime(ox.onnxruntime_session(file.path, fp8=True), file.signature, inputs)
+    with torch.no_grad():
+        before = module(*inputs)
+        with trt_mod.fp8_fake_quant(module, plan):
+            want = module(*inputs)
+        after = module(*inputs)
+    for i in (0, 1):  # key_0, value_0
+        assert np.abs(got[i] - want[i].numpy()).max() <= SPEC_TOLERANCE
+        assert np.abs(got[i] - before[i].numpy()).max() > 100 * SPEC_TOLERANCE  # quantized for real
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # fake quant leaves the stage as it was
+    assert trt_mod.has_fp8_qdq(proto)
+
+
+def test_fp8_graph_on_fp16_runs_within_sanity_bound(pi05: Exported, tmp_path: Path) -> None:
+    module = ox.stage_module(pi05.model, "prefix", pi05.shape, "fp8")
+    file = ox.export_stage(module, tmp_path / "prefix.fp8.onnx", "fp8", pi05.inputs["prefix"])
+    proto = onnx.load(str(file.path))
+    scales = [t for t in proto.graph.initializer if t.name.endswith("_fp8.scale")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+    check = ox.verify_stage(file, pi05.stages["prefix"], pi05.inputs["prefix"])
+    assert check.passed, check.as_dict()
+    assert 0.005 < check.worst_rel  # quantized for real
+
+
+def test_fp8_weight_rounding_matches_the_engine_torch_path() -> None:
+    w = torch.randn(48, 32) * torch.logspace(-3, 1, 48)[:, None]
+    engine = to_fp8(Linear(w))
+    dequantized = engine.weight.float() * engine.scale[0][:, None]
+    scale = trt_mod.fp8_scale(w.abs().amax(dim=1), torch.float32)
+    assert torch.equal(trt_mod.fake_quant(w, scale[:, None]), dequantized)
+
+
+def test_fp8_rejects_a_linear_it_did_not_calibrate(pi05: Exported) -> None:
+    module = ox.stage_module(pi05.model, "prefix", pi05.shape, "fp8", dtype=torch.float32)
+    proto = ox.trace_to_onnx(module, pi05.inputs["prefix"])
+    plan = trt_mod.calibrate_fp8(module, [pi05.inputs["prefix"]])
+    partial = trt_mod.Fp8Plan(plan.scales, dict(list(plan.fingerprints.items())[1:]))
+    with pytest.raises(ox.ExportError, match="not in the FP8 plan"):
+        trt_mod.insert_fp8_qdq(proto, partial)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def test_cli_exports_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--stages", "vision",
+                            "--verify"])
+    assert code == 0
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["stages"]["vision"]["check"]["passed"]
+    assert (tmp_path / "vision.fp32.onnx").exists() and "vision" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_stage(tmp_path: Path) -> None:
+    assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--stages", "denoise"]) == 2
+
+
+# ---- TensorRT pieces without a GPU ----------------------------------------------------------------
+def test_engine_key_changes_with_every_field(tmp_path: Path) -> None:
+    key = trt_mod.EngineKey("prefix", "fp8", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]")
+    changed = [trt_mod.EngineKey(**{**vars(key), name: "x"}) for name in vars(key)]
+    assert len({key.digest, *(k.digest for k in changed)}) == 1 + len(changed)
+    cache = trt_mod.EngineCache(tmp_path)
+    assert cache.load(key) is None
+    path = cache.store(key, b"engine bytes")
+    assert cache.load(key) == b"engine bytes" and json.loads(path.with_suffix(".json").read_text())["gpu_name"]
+    assert "H100" in cache.timing_cache_path(key).name
+
+
+def test_kv_cache_bindings_write_into_the_engine_cache() -> None:
+    keys, values = torch.zeros(3, 20, 4), torch.zeros(3, 20, 4)
+    views = trt_mod.kv_cache_bindings(keys, values, 16)
+    assert views["key_2"].shape == (1, 1, 16, 4) and len(views) == 6
+    views["key_1"].fill_(1.0)
+    views["value_2"].fill_(2.0)
+    assert keys[1, :16].eq(1).all() and keys[1, 16:].eq(0).all() and values[2, :16].eq(2).all()
+
+
+# ---- backend selection ----------------------------------------------------------------------------
+def test_auto_falls_back_to_torch_without_tensorrt(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pi0_policy_ros.engine.backend"):
+        choice = resolve_backend("auto", "cuda", check=None, tensorrt_version=None)
+    assert choice.name == "torch" and "not installed" in choice.reason
+    assert len([r for r in caplog.records if r.name == "pi0_policy_ros.engine.backend"]) == 1
+    assert caplog.records[-1].levelno == logging.WARNING
+
+
+def test_auto_without_tensorrt_here() -> None:
+    if trt_mod.tensorrt_version() is not None:
+        pytest.skip("TensorRT is installed here")
+    assert select_backend("auto", "cuda").name == "torch"
+    assert select_backend("auto", "cpu", tensorrt_version="10.3.0").name == "torch"
+
+
+def test_explicit_backends() -> None:
+    torch_choice = BackendChoice("torch", "backend 'torch' requested")
+    assert select_backend("torch", "cuda", tensorrt_version="10.3.0") == torch_choice
+    assert select_backend("tensorrt", "cuda:0", tensorrt_version="10.3.0").name == "tensorrt"
+    with pytest.raises(ConfigError, match="not installed"):
+        select_backend("tensorrt", "cuda", tensorrt_version=None)
+    with pytest.raises(ConfigError, match="older"):
+        select_backend("tensorrt", "cuda", tensorrt_version="8.6.1")
+    with pytest.raises(ConfigError, match="one of"):
+        select_backend("onnx", "cuda")
+
+
+def _failing_check() -> trt_mod.EngineCheck:
+    raise RuntimeError("parser error: unsupported node")
+
+
+def test_tensorrt_failure_at_configure_falls_back_or_fails_cleanly() -> None:
+    choice = resolve_backend("auto", "cuda", check=_failing_check, tensorrt_version="10.3.0")
+    assert choice.name == "torch" and "unsupported node" in choice.reason
+    with pytest.raises(ConfigError, match="unsupported node"):
+        resolve_backend("tensorrt", "cuda", check=_failing_check, tensorrt_version="10.3.0")
+    nan = trt_mod.EngineCheck(float("nan"), 0.02)
+    assert resolve_backend("auto", "cuda", check=lambda: nan, tensorrt_version="10.3.0").name == "torch"
+    good = trt_mod.EngineCheck(0.004, 0.02, "vision 0.004")
+    assert resolve_backend("auto", "cuda", check=lambda: good, tensorrt_version="10.3.0").name == "tensorrt"
