@@ -69,9 +69,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
     """Eager grouped-query attention. q [B, nh, Sq, hd], k/v [B, nkv, Sk, hd], mask [B, 1, Sq, Sk]."""
     b, nh, sq, hd = q.shape
-    groups = nh // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
+    nkv, sk = k.shape[1], k.shape[2]
+    # Each KV head serves nh / nkv query heads. expand (not repeat_interleave) keeps ONNX tracing
+    # on the tensors' device.
+    k = k[:, :, None].expand(b, nkv, nh // nkv, sk, hd).reshape(b, nh, sk, hd)
+    v = v[:, :, None].expand(b, nkv, nh // nkv, sk, hd).reshape(b, nh, sk, hd)
     scores = torch.matmul(q, k.transpose(2, 3)) * hd**-0.5 + additive_mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v).transpose(1, 2).reshape(b, sq, nh * hd)  # [B, Sq, nh*hd]
