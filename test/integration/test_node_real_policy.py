@@ -1,0 +1,116 @@
+"""The node with the real `Policy` (tiny pi0.5, random weights, LIBERO profile) over DDS: what it
+publishes equals `Policy.infer` on the same observation, built independently here."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import Float32MultiArray
+from trajectory_msgs.msg import JointTrajectory
+
+from pi0_policy_ros.policy.policy import Policy
+from pi0_policy_ros.policy.types import Observation
+from pi0_policy_ros.ros.convert import action_chunk_from_message
+from pi0_policy_ros.ros.node import PolicyNode
+from pi0_policy_ros.ros.params import config_from_params
+from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS
+from test.integration.harness import duration_s, wait_for
+
+STATE_NAMES = [f"s{i}" for i in range(8)]
+ACTION_NAMES = [f"a{i}" for i in range(7)]
+STATE = np.linspace(-0.5, 0.5, 8)
+AGENT_VIEW = (np.arange(48 * 64 * 3, dtype=np.uint32) % 251).astype(np.uint8).reshape(48, 64, 3)
+WRIST = (255 - (np.arange(32 * 40 * 3, dtype=np.uint32) * 7) % 256).astype(np.uint8).reshape(32, 40, 3)
+PARAMS = {
+    "model_preset": "pi05_small", "robot_profile": "pi05_libero", "device": "cpu", "precision": "float32",
+    "cpu_threads": 1, "seed": 3, "prompt": "put the bowl on the plate",
+    "camera_names": ["image", "wrist_image"], "camera_types": ["raw", "compressed"],
+    "camera_topics": ["agentview/image_raw", "wrist/image_raw/compressed"],
+    "joint_names": STATE_NAMES, "action_joint_names": ACTION_NAMES,
+    "control_rate_hz": 2.0, "max_observation_age_s": 2.0, "max_camera_skew_s": 1.0,
+}
+
+
+class LiberoRobot(Node):
+    """Publishes one fixed observation (raw rgb8 + lossless PNG + 8 joints) and records outputs."""
+
+    def __init__(self, namespace: str) -> None:
+        super().__init__("libero_robot", namespace=namespace)
+        self.lock = threading.Lock()
+        self.trajectories: list[JointTrajectory] = []
+        self.chunks: list[Float32MultiArray] = []
+        self.image = Image(height=48, width=64, encoding="rgb8", step=64 * 3, data=AGENT_VIEW.tobytes())
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(WRIST[:, :, ::-1]))
+        assert ok
+        self.wrist = CompressedImage(format="rgb8; png compressed bgr8", data=png.tobytes())
+        self._pubs = (self.create_publisher(Image, "agentview/image_raw", qos_profile_sensor_data),
+                      self.create_publisher(CompressedImage, "wrist/image_raw/compressed", qos_profile_sensor_data),
+                      self.create_publisher(JointState, "joint_states", 10))
+        self.create_subscription(JointTrajectory, "pi0_policy/joint_trajectory", self._store(self.trajectories),
+                                 COMMAND_QOS)
+        self.create_subscription(Float32MultiArray, "pi0_policy/action_chunk", self._store(self.chunks), CHUNK_QOS)
+        self.create_timer(0.05, self._publish)
+
+    def _store(self, sink: list) -> Any:
+        def callback(msg: Any) -> None:
+            with self.lock:
+                sink.append(msg)
+        return callback
+
+    def _publish(self) -> None:
+        stamp = self.get_clock().now().to_msg()
+        self.image.header.stamp = self.wrist.header.stamp = stamp
+        # Joint order reversed on the wire: the node must map by name.
+        joints = JointState(name=STATE_NAMES[::-1], position=STATE[::-1].tolist())
+        joints.header.stamp = stamp
+        for pub, msg in zip(self._pubs, (self.image, self.wrist, joints)):
+            pub.publish(msg)
+
+
+@pytest.fixture
+def robot(executor, namespace: str):
+    node = LiberoRobot(namespace)
+    executor.add_node(node)
+    yield node
+    executor.remove_node(node)
+    node.destroy_node()
+
+
+def test_published_chunk_equals_policy_infer(executor, namespace: str, robot: LiberoRobot) -> None:
+    node = PolicyNode(namespace=namespace, parameter_overrides=[Parameter(k, value=v) for k, v in PARAMS.items()])
+    executor.add_node(node)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        wait_for(lambda: len(robot.chunks) >= 2 and len(robot.trajectories) >= 2, timeout_s=60.0)
+        node.trigger_deactivate()
+    finally:
+        executor.remove_node(node)
+        node._release()
+        node.destroy_node()
+
+    policy = Policy.from_config(config_from_params(PARAMS).policy)  # same seed: same random weights
+    expected = policy.infer(Observation(images={"image": AGENT_VIEW, "wrist_image": WRIST},
+                                        state=STATE.astype(np.float32), prompt=PARAMS["prompt"])).actions
+    with robot.lock:
+        chunks, trajectories = list(robot.chunks), list(robot.trajectories)
+    for chunk in chunks:
+        np.testing.assert_allclose(action_chunk_from_message(chunk), expected, rtol=0, atol=1e-5)
+    period_s = policy.profile.action_period_s
+    for msg in trajectories:
+        assert msg.joint_names == ACTION_NAMES
+        skipped = expected.shape[0] - len(msg.points)  # points already in the past were dropped
+        assert 0 <= skipped < expected.shape[0]
+        np.testing.assert_allclose([p.positions for p in msg.points], expected[skipped:], rtol=0, atol=1e-5)
+        times = np.array([duration_s(p.time_from_start) for p in msg.points])
+        assert times[0] >= 1.0 / PARAMS["control_rate_hz"] - 1e-6
+        np.testing.assert_allclose(np.diff(times), period_s, atol=1e-6)
