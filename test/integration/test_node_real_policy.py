@@ -1,5 +1,6 @@
-"""The node with the real `Policy` (tiny pi0.5, random weights, LIBERO profile) over DDS: what it
-publishes equals `Policy.infer` on the same observation, built independently here."""
+"""The node with the real `Policy` over DDS: what it publishes equals `Policy.infer` on the same
+observation, built independently here. Tiny pi0 with random weights on the pi0 LIBERO profile, so
+the state (sent in reversed joint order) feeds both the state token and the delta actions."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ STATE = np.linspace(-0.5, 0.5, 8)
 AGENT_VIEW = (np.arange(48 * 64 * 3, dtype=np.uint32) % 251).astype(np.uint8).reshape(48, 64, 3)
 WRIST = (255 - (np.arange(32 * 40 * 3, dtype=np.uint32) * 7) % 256).astype(np.uint8).reshape(32, 40, 3)
 PARAMS = {
-    "model_preset": "pi05_small", "robot_profile": "pi05_libero", "device": "cpu", "precision": "float32",
+    "model_preset": "pi0_small", "robot_profile": "pi0_libero", "device": "cpu", "precision": "float32",
     "cpu_threads": 1, "seed": 3, "prompt": "put the bowl on the plate",
     "camera_names": ["image", "wrist_image"], "camera_types": ["raw", "compressed"],
     "camera_topics": ["agentview/image_raw", "wrist/image_raw/compressed"],
