@@ -19,6 +19,7 @@ import torch
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
 from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
+from pi0_policy_ros.engine.backend import resolve_backend
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.types import EngineBatch
 from pi0_policy_ros.model.pi0 import Pi0Model
@@ -51,8 +52,15 @@ def _check_device(config: PolicyConfig) -> torch.device:
 def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -> Engine:
     """CUDA graphs on a GPU for the torch/auto backends; the eager reference model otherwise
     (the engine logs that once)."""
-    if config.backend == "tensorrt":
-        raise ConfigError("backend 'tensorrt' is not available in this build: use 'torch', 'auto' or 'eager'")
+    if config.backend in ("tensorrt", "auto"):
+        # Raises for an impossible 'tensorrt' (no TensorRT, no CUDA); 'auto' logs its fallback once.
+        choice = resolve_backend(config.backend, device)
+        if choice.name == "tensorrt":
+            message = (f"{choice.reason}, but the engine does not run TensorRT stages yet (engine/tensorrt.py "
+                       "builds them; running them inside the engine is untested)")
+            if config.backend == "tensorrt":
+                raise ConfigError(f"backend 'tensorrt': {message}; use 'torch' or 'auto'")
+            log.warning("backend auto: %s; using torch", message)
     if config.precision == "fp8" and device.type != "cuda":
         raise ConfigError("precision 'fp8' needs a CUDA device (torch._scaled_mm); use float32 or bfloat16 on the CPU")
     mode = "eager" if config.backend == "eager" else "auto"

@@ -217,3 +217,15 @@ def test_observation_errors_name_what_was_expected(libero_policy: Policy) -> Non
         libero_policy.infer(Observation(images=obs.images, state=np.zeros(3, np.float32)))
     with pytest.raises(ObservationError):
         libero_policy.infer(Observation(images={"image": obs.images["image"]}, state=obs.state))
+
+
+def test_backend_tensorrt_without_tensorrt_is_a_config_error(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ConfigError, match="backend 'tensorrt' requested, but"):
+        Policy.from_config(PolicyConfig(model_preset="pi05_small", backend="tensorrt"))
+
+
+def test_backend_auto_falls_back_to_torch_and_runs(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        policy = Policy.from_config(PolicyConfig(model_preset="pi05_small", backend="auto", default_prompt="go"))
+    assert any("backend auto: falling back to torch" in r.getMessage() for r in caplog.records)
+    assert policy.engine is not None
