@@ -52,7 +52,7 @@ class Engine:
 
     def __init__(self, model: Pi0Model, shape: EngineShape, device: torch.device, precision: str, mode: str,
                  denoise_kernels: str) -> None:
-        self.model = model
+        self.model: Pi0Model | None = model
         self.shape = shape
         self.device = device
         self.precision = precision
@@ -115,6 +115,9 @@ class Engine:
         engine = cls(model, shape, dev, precision, mode, denoise_kernels)
         if mode == "graphs":
             engine._capture()
+            # The graphs replay the fused copies only: dropping the model lets the caller free its
+            # own GPU copy of the weights (otherwise half of the engine's memory).
+            engine.model = None
         return engine
 
     def _make_step(self, kernels: str) -> TorchDenoiseStep:
