@@ -195,7 +195,9 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
         else:
             local_robot = SyntheticRobot(config.cameras, config.joint_names, namespace=namespace, context=context)
             executor.add_node(local_robot)
-        # Ticks hold (and say so in /diagnostics) until the robot's first samples arrive.
+        # Time the demo from when the robot and the node see each other: DDS discovery (and the
+        # spawned robot's start) take a few seconds that are not the policy's.
+        _wait_until_connected(policy_node, timeout_s=30.0)
         if policy_node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
             raise ConfigError("the policy node failed to activate (see its log)")
         start = time.monotonic()
@@ -222,6 +224,22 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
             local_robot.destroy_node()
         rclpy.try_shutdown(context=context)
         spinner.join(timeout=5.0)
+
+
+def _wait_until_connected(node: PolicyNode, timeout_s: float) -> None:
+    """Until every camera / joint_states subscription of the node has a publisher and the
+    trajectory publisher a subscriber, or ConfigError after `timeout_s`."""
+    inputs = [s.topic_name for s in node.subscriptions if not s.topic_name.endswith("/prompt")]
+    outputs = [p for p in node.publishers if p.topic_name.endswith("/joint_trajectory")]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (inputs and all(node.count_publishers(t) > 0 for t in inputs)
+                and outputs and all(p.get_subscription_count() > 0 for p in outputs)):
+            return
+        time.sleep(0.05)
+    missing = [t for t in inputs if node.count_publishers(t) == 0]
+    raise ConfigError(f"the synthetic robot did not connect within {timeout_s:g} s; topics without a "
+                      f"publisher: {missing}, trajectory subscribers: {[p.get_subscription_count() for p in outputs]}")
 
 
 def _report(latencies_ms: Sequence[float], arrivals_s: Sequence[float], active_s: float,
