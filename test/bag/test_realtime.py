@@ -20,8 +20,11 @@ pytestmark = pytest.mark.ros
 def test_realtime_replay_through_the_node(make_bag, params_file: Path, tmp_path: Path, capsys) -> None:
     bag = make_bag("realtime", 3.0)
     out, report = tmp_path / "out", tmp_path / "report"
+    # Half speed: the node's CPU inference then costs half as much bag time, so a shared 2-core CI
+    # machine still leaves it room to keep up.
+    rate = 0.5
     code = main([str(bag), "--params", str(params_file), "--out", str(out), "--realtime", "--report", str(report),
-                 "--quiet", "--node-log", str(tmp_path / "node.log")])
+                 "--rate", str(rate), "--quiet", "--node-log", str(tmp_path / "node.log")])
     assert code == 0, capsys.readouterr().err + (tmp_path / "node.log").read_text()
     summary = json.loads((report / "summary.json").read_text())
 
@@ -38,10 +41,11 @@ def test_realtime_replay_through_the_node(make_bag, params_file: Path, tmp_path:
     assert np.all(np.diff(stamp_s) > 0) and stamp_s[0] >= summary["bag_start_s"]  # bag time, not wall time
 
     # As many chunks as the achieved rate allows: at most one per control period of bag time, and at
-    # least half of what the node's measured inference time permits (the CPU is shared).
+    # least half of what the node's measured inference time permits (the CPU is shared). Inference
+    # takes wall time; at `rate` a wall second is `rate` bag seconds.
     duration_s, target_hz = summary["duration_s"], summary["target_rate_hz"]
     infer_p90_s = summary["node_diagnostics"]["latency_ms"]["infer"]["p90"] / 1e3
-    possible_hz = min(target_hz, 1.0 / infer_p90_s)
+    possible_hz = min(target_hz, 1.0 / (infer_p90_s * rate))
     assert summary["chunks"] == chunks >= 1
     assert chunks <= duration_s * target_hz + 1
     assert chunks >= 0.5 * possible_hz * duration_s - 1
