@@ -18,4 +18,19 @@ class CheckpointError(Pi0PolicyError):
 
 
 class ObservationError(Pi0PolicyError):
-    """An observation (image, joint state, prompt, stamp) cannot be used."""
+    """An observation (image, joint state, prompt, stamp) cannot be used.
+
+    kind: a short name of the cause (`missing_input`, `stale_observation`, ...), the key under
+    which the control loop counts its holds in /diagnostics; "observation" when unspecified.
+    """
+
+    def __init__(self, message: str, kind: str = "observation") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (str(self), self.kind)
+
+
+class BagError(Pi0PolicyError):
+    """An input bag cannot be replayed: unreadable, truncated, empty, or without what is needed."""

@@ -8,6 +8,8 @@ mean of all image pixels divided by 1000.
 
 from __future__ import annotations
 
+from collections import deque
+
 import os
 import threading
 import time
@@ -57,7 +59,8 @@ class FakePolicy:
         self.profile = profile or FakeProfile()
         self.latency_s = latency_s
         self.closed = False
-        self.calls: list[Observation] = []
+        # The latest observations only: a long test (the load test) must not grow with every tick.
+        self.calls: deque[Observation] = deque(maxlen=256)
         self._lock = threading.Lock()
 
     @classmethod

@@ -10,7 +10,6 @@ ROS-free: no rclpy import, so the offline replay needs no middleware.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,9 +17,13 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.ros.params import NodeConfig, config_from_params
-
-NODE_NAME = "pi0_policy"  # ros/node.py NODE_NAME; kept here so that offline replay needs no rclpy
+from pi0_policy_ros.ros.params import (  # noqa: F401 - load_params_file, resolve_topic: re-exported
+    NODE_NAME,
+    NodeConfig,
+    config_from_params,
+    load_params_file,
+    resolve_topic,
+)
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -30,85 +33,6 @@ HEADER_TYPE = "std_msgs/msg/Header"
 FLOAT32_MULTI_ARRAY_TYPE = "std_msgs/msg/Float32MultiArray"
 JOINT_TRAJECTORY_TYPE = "trajectory_msgs/msg/JointTrajectory"
 DIAGNOSTIC_ARRAY_TYPE = "diagnostic_msgs/msg/DiagnosticArray"
-
-PARAMS_KEY = "ros__parameters"
-
-
-def resolve_topic(name: str, namespace: str = "/", node_name: str = NODE_NAME) -> str:
-    """A topic name as rcl resolves it for node `<namespace>/<node_name>`: `/a` stays, `~/a` is
-    `<namespace>/<node_name>/a`, `a` is `<namespace>/a`."""
-    ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
-    if name.startswith("/"):
-        resolved = name
-    elif name.startswith("~"):
-        resolved = f"{ns}/{node_name}/{name[1:].lstrip('/')}"
-    else:
-        resolved = f"{ns}/{name}"
-    return re.sub("/+", "/", resolved).rstrip("/") or "/"
-
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """rcl node-name patterns: `**` = any number of tokens, `*` = any characters within one token."""
-    parts = []
-    for token in pattern.strip("/").split("/"):
-        if token == "**":
-            parts.append("(?:/[^/]+)*")
-        else:
-            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in token.split("*")))
-    return re.compile("".join(parts) + r"\Z")
-
-
-def _node_sections(tree: Any, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
-    """(node pattern, parameters) for every `ros__parameters` block, in file order; namespaces may
-    be nested mappings (`ns: {node: {ros__parameters: ...}}`) or slash-joined keys."""
-    sections: list[tuple[str, dict[str, Any]]] = []
-    if not isinstance(tree, dict):
-        return sections
-    for key, value in tree.items():
-        if key == PARAMS_KEY:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix or '/'}: expected a mapping under {PARAMS_KEY}, found {value!r}")
-            sections.append((prefix or "/", _flatten(value)))
-        else:
-            sections.extend(_node_sections(value, f"{prefix}/{str(key).strip('/')}"))
-    return sections
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested parameter mappings become dotted names, as rcl reads them."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NODE_NAME) -> dict[str, Any]:
-    """The parameters a ROS parameter file gives node `<namespace>/<node_name>` (later blocks win)."""
-    path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"params file {path}: cannot read it: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"params file {path}: expected ROS parameter YAML, found invalid YAML: {exc}") from None
-    fqn = resolve_topic(node_name, namespace)
-    sections = _node_sections(tree)
-    if not sections:
-        raise ConfigError(f"params file {path}: expected '<node>: {{{PARAMS_KEY}: ...}}' blocks, found none")
-    values: dict[str, Any] = {}
-    matched = False
-    for pattern, params in sections:
-        if _pattern_regex(pattern).match(fqn):
-            values.update(params)
-            matched = True
-    if not matched:
-        raise ConfigError(f"params file {path}: no block applies to node {fqn}; found blocks for "
-                          f"{[pattern for pattern, _ in sections]}")
-    return values
 
 
 def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:

@@ -3,9 +3,12 @@
 Every message is handed to the same code the node's callbacks run (`convert.joint_positions`,
 `ObservationBuffer.put_image` / `put_state` / `put_prompt`) at its bag time, which plays the
 node's receive time. A control tick fires every `1 / control_rate_hz` of bag time from the first
-message on (messages stamped at or before a tick are fed before it). Each tick does what
-`PolicyNode._control_step` does: snapshot (age and skew rules), decode, `Policy.infer`, plan the
-trajectory, and writes the node's three messages to the output bag at the tick's bag time.
+message on (messages stamped at or before a tick are fed before it). Each tick runs the node's own
+`control.step.ControlStep` (snapshot, decode, `Policy.infer`, safety filter, scheduler /
+trajectory plan, hold policy) with the node's decoders, and writes what the node would publish to
+the output bag at the tick's bag time: the three chunk messages, or the hold point of
+`hold_position` (a trajectory alone). A `ControlMonitor` on bag time counts what the node's
+/diagnostics would; its last report is the summary's `diagnostics`.
 
 The clock does not advance during inference (latency zero in bag time), so the outputs depend
 only on the bag and the parameters: the same inputs give bit-identical bags on the CPU.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -24,9 +27,11 @@ from pi0_policy_ros.bag.inputs import (FLOAT32_MULTI_ARRAY_TYPE, HEADER_TYPE, JO
 from pi0_policy_ros.bag.reader import InputBag
 from pi0_policy_ros.bag.record import OutputBag, rclpy_to_cdr
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary
-from pi0_policy_ros.control.observation_buffer import ObservationBuffer
-from pi0_policy_ros.control.trajectory import expired_reason, plan_trajectory
-from pi0_policy_ros.errors import ObservationError, Pi0PolicyError
+from pi0_policy_ros.control.monitor import ControlMonitor
+from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
+from pi0_policy_ros.control.safety import SafetyFilter
+from pi0_policy_ros.control.step import HOLD, PUBLISH, ControlStep, StepResult, action_state_indices
+from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.params import NodeConfig
@@ -58,6 +63,14 @@ def decode_image(compressed: bool, msg: Any) -> np.ndarray:
     return convert.compressed_image_to_rgb(msg) if compressed else convert.image_to_rgb(msg)
 
 
+def _decoder(compressed: bool) -> Callable[[Any], np.ndarray]:
+    return convert.compressed_image_to_rgb if compressed else convert.image_to_rgb
+
+
+def _record(tick_ns: int, result: StepResult) -> TickRecord:
+    return TickRecord(tick_ns, result.published, result.reason, result.observation, result.chunk)
+
+
 class OfflineReplay:
     """The node's control loop against a bag.
 
@@ -74,7 +87,17 @@ class OfflineReplay:
         self.keep_ticks = keep_ticks
         self.ticks: list[TickRecord] = []
         self._sequence = 0
-        self._compressed = {c.name: c.compressed for c in self.config.cameras}
+        period_s = getattr(policy.profile, "action_period_s", self.config.control.control_period_s)
+        try:
+            self.safety = SafetyFilter(self.config.safety, len(self.config.action_joint_names), period_s)
+        except ValueError as exc:
+            raise ConfigError(f"safety parameters: {exc}") from None
+        decoders = {c.name: _decoder(c.compressed) for c in self.config.cameras}
+        self.step = ControlStep(policy, self.buffer, decoders, self.safety, self.config.scheduler,
+                                action_state_indices(self.config.joint_names, self.config.action_joint_names,
+                                                     getattr(policy.profile, "action_space", "joint_position")),
+                                self.config.hold_mode)
+        self.monitor = ControlMonitor(self.config.control.control_rate_hz)
 
     def run(self, bag: InputBag, out: OutputBag | None, summary: ReplaySummary,
             progress: Progress | None = None) -> ReplaySummary:
@@ -102,22 +125,30 @@ class OfflineReplay:
             self._tick(tick_ns, out, summary)
             k += 1
         summary.end_ns = last_ns
+        report = self.monitor.report(last_ns / NS_PER_S)
+        summary.extra["diagnostics"] = {"level": report.level, "message": report.message,
+                                        "values": {k: v for k, v in report.values.items() if not k.startswith("latency_")}}
         return summary
 
     # ---- the node's subscription callbacks ------------------------------------------------------
 
     def _feed(self, topic: InputTopic, t_ns: int, msg: Any, summary: ReplaySummary) -> None:
         now_s = t_ns / NS_PER_S
+        if topic.role == "prompt":
+            self.buffer.put_prompt(msg.data)
+            return
+        source = topic.camera if topic.role == "camera" else STATE_SOURCE
+        stamp_s = convert.stamp_to_seconds(msg.header.stamp)
         try:
             if topic.role == "camera":
-                self.buffer.put_image(topic.camera, msg, convert.stamp_to_seconds(msg.header.stamp), now_s)
-            elif topic.role == "joint_states":
-                state = convert.joint_positions(msg, self.config.joint_names)
-                self.buffer.put_state(state, convert.stamp_to_seconds(msg.header.stamp), now_s)
-            elif topic.role == "prompt":
-                self.buffer.put_prompt(msg.data)
+                self.buffer.put_image(topic.camera, msg, stamp_s, now_s)
+            else:
+                self.buffer.put_state(convert.joint_positions(msg, self.config.joint_names), stamp_s, now_s)
         except ObservationError as exc:
             summary.reject_input(f"{topic.label}: {exc}")
+            self.monitor.input_rejected(str(exc), source)
+            return
+        self.monitor.input_received(source, now_s - stamp_s)
 
     # ---- the node's control tick ------------------------------------------------------------------
 
@@ -125,45 +156,31 @@ class OfflineReplay:
         summary.ticks += 1
         now_s = tick_ns / NS_PER_S
         t0 = time.perf_counter()
-        try:
-            snapshot = self.buffer.snapshot(now_s)
-            images = {c.name: decode_image(c.compressed, snapshot.images[c.name]) for c in self.config.cameras}
-        except ObservationError as exc:
-            return self._hold(tick_ns, str(exc), summary)
-        observation = Observation(images=images, state=snapshot.state, prompt=snapshot.prompt,
-                                  stamp_s=snapshot.stamp_s)
-        t_decoded = time.perf_counter()
-        try:
-            chunk = self.policy.infer(observation)
-        except ObservationError as exc:
-            return self._hold(tick_ns, f"policy refused the observation: {exc}", summary, observation)
-        except Exception as exc:  # noqa: BLE001 - like the node: a failed inference holds, the replay goes on
-            return self._hold(tick_ns, f"inference failed: {exc!r}", summary, observation)
-        t_inferred = time.perf_counter()
-        min_lead_s = self.config.control.control_period_s
-        try:
-            plan = plan_trajectory(chunk.actions, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
-        except Pi0PolicyError as exc:
-            return self._hold(tick_ns, f"unusable chunk: {exc}", summary, observation, chunk)
-        if plan.empty:
-            reason = expired_reason(chunk.horizon, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
-            return self._hold(tick_ns, reason, summary, observation, chunk)
-        if out is not None:
-            self._write(out, tick_ns, chunk, convert.trajectory_message(plan, self.config.action_joint_names))
-        self._sequence += 1
-        summary.chunks += 1
-        timings = {f"policy_{k}": v for k, v in chunk.timings_ms.items()}
-        timings.update(decode=(t_decoded - t0) * 1e3, infer=(t_inferred - t_decoded) * 1e3,
-                       tick=(time.perf_counter() - t0) * 1e3)
-        summary.record_latencies(timings)
-        if self.keep_ticks:
-            self.ticks.append(TickRecord(tick_ns, True, "", observation, chunk))
+        self.monitor.tick_started(now_s)
+        result = self.step.run(lambda: now_s)  # the clock stands still during inference
+        if result.outcome == HOLD:
+            if out is not None and result.plan is not None:  # hold_position's point
+                self._write_trajectory(out, tick_ns, convert.trajectory_message(result.plan,
+                                                                                self.config.action_joint_names))
+            summary.hold(result.reason)
+            self.monitor.held(result.reason, result.level, result.kind)
+        elif result.outcome == PUBLISH:
+            assert result.chunk is not None and result.plan is not None
+            if out is not None:
+                self._write(out, tick_ns, result.chunk,
+                            convert.trajectory_message(result.plan, self.config.action_joint_names))
+            self._sequence += 1
+            summary.chunks += 1
+            timings = dict(result.timings_ms)
+            timings.update(tick=(time.perf_counter() - t0) * 1e3)
+            summary.record_latencies(timings)
+            self.monitor.published(now_s, timings, result.age_s, result.camera_skew_s)
+        if self.keep_ticks and result.outcome != "wait":
+            self.ticks.append(_record(tick_ns, result))
 
-    def _hold(self, tick_ns: int, reason: str, summary: ReplaySummary, observation: Observation | None = None,
-              chunk: ActionChunk | None = None) -> None:
-        summary.hold(reason)
-        if self.keep_ticks:
-            self.ticks.append(TickRecord(tick_ns, False, reason, observation, chunk))
+    def _write_trajectory(self, out: OutputBag, tick_ns: int, trajectory: Any) -> None:
+        topic = next(t for t, msgtype in self.setup.outputs.items() if msgtype == JOINT_TRAJECTORY_TYPE)
+        out.write(topic, JOINT_TRAJECTORY_TYPE, tick_ns, rclpy_to_cdr(trajectory, JOINT_TRAJECTORY_TYPE, out.store))
 
     def _write(self, out: OutputBag, tick_ns: int, chunk: ActionChunk, trajectory: Any) -> None:
         from std_msgs.msg import Header  # rclpy message classes: the node's own message builders

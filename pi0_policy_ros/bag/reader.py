@@ -5,7 +5,7 @@ a replay needs are there with the right types and messages, and yields messages 
 order, decoded with the definitions the bag carries (Humble's when it carries none: the sensor
 and std messages are the same in Humble and Jazzy).
 
-Every problem is one `BagError` naming the bag, the topic and what is wrong; the library's own
+Every problem is one `errors.BagError` naming the bag, the topic and what is wrong; the library's own
 exception is chained for debugging.
 """
 
@@ -21,13 +21,9 @@ from rosbags.typesys import Stores, get_typestore
 
 from pi0_policy_ros.bag.inputs import InputTopic
 from pi0_policy_ros.bag.record import decode_cdr
-from pi0_policy_ros.errors import Pi0PolicyError
+from pi0_policy_ros.errors import BagError
 
 NS_PER_S = 1_000_000_000
-
-
-class BagError(Pi0PolicyError):
-    """An input bag cannot be replayed: unreadable, truncated, empty, or without what is needed."""
 
 
 @dataclass(frozen=True)

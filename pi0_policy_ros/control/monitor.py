@@ -1,13 +1,20 @@
 """What the control loop did lately, summarised for /diagnostics (ROS-free).
 
-The loop reports each tick's outcome (published or held with a reason); sensor callbacks report
-rejected inputs. `report()` turns that into a level, a one-line message and key/value pairs.
-Thread-safe: the loop, the callbacks and the diagnostics timer run on different threads.
+The loop reports each tick's outcome (published, or held with a reason and a kind); sensor
+callbacks report received and rejected inputs. `report()` turns that into a level, a one-line
+message and key/value pairs. Thread-safe: the loop, the callbacks and the diagnostics timer run
+on different threads.
+
+Times (`now_s`) come from the caller's clock, the one the control timer runs on: ROS time in the
+node (sim time under `use_sim_time`), bag time in the offline replay. A clock that goes backwards
+(simulation reset) restarts the rate window instead of counting negative periods. Latencies are
+durations in milliseconds, measured by the caller with `time.perf_counter()`.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -42,14 +49,20 @@ class ControlMonitor:
         self._ticks = 0
         self._skipped_ticks = 0
         self._chunks = 0
-        self._holds = 0
+        self._holds: Counter[str] = Counter()
         self._observation_errors = 0
+        self._input_errors: Counter[str] = Counter()
+        self._inputs: Counter[str] = Counter()
+        self._input_delay = LatencyWindow()
+        self._clock_jumps = 0
         self._last_tick_s: float | None = None
         self._hold_reason = ""
+        self._hold_kind = ""
         self._hold_level = OK
         self._last_input_error = ""
         self._observation_age_s = float("nan")
         self._camera_skew_s = float("nan")
+        self._extra: dict[str, dict[str, str]] = {}
 
     def start(self, now_s: float) -> None:
         """Activation: count from zero."""
@@ -67,21 +80,39 @@ class ControlMonitor:
         """Counts the timer periods that passed without a tick (inference too slow): skipped, not queued."""
         with self._lock:
             self._ticks += 1
-            if self._last_tick_s is not None:
+            if self._last_tick_s is not None and now_s < self._last_tick_s:
+                self._clock_jumps += 1
+                self._rate.reset(now_s)
+            elif self._last_tick_s is not None:
                 periods = (now_s - self._last_tick_s) * self.control_rate_hz
                 self._skipped_ticks += max(0, int(round(periods)) - 1)
             self._last_tick_s = now_s
 
-    def held(self, reason: str, level: int = WARN) -> None:
+    def held(self, reason: str, level: int = WARN, kind: str = "other") -> None:
+        """A tick that published no chunk; counted per `kind` (see control/step.py)."""
         with self._lock:
-            self._holds += 1
+            self._holds[kind] += 1
             self._hold_reason = reason
+            self._hold_kind = kind
             self._hold_level = level
 
-    def input_rejected(self, reason: str) -> None:
+    def input_received(self, source: str, delay_s: float) -> None:
+        """An input message accepted; delay_s: receipt time minus its stamp (how far callbacks lag)."""
+        with self._lock:
+            self._inputs[source] += 1
+            if delay_s == delay_s:  # not NaN
+                self._input_delay.record(source, delay_s * 1e3)
+
+    def input_rejected(self, reason: str, source: str = "input") -> None:
         with self._lock:
             self._observation_errors += 1
+            self._input_errors[source] += 1
             self._last_input_error = reason
+
+    def set_values(self, group: str, values: Mapping[str, object]) -> None:
+        """Status of another part (safety filter, scheduler, prompt), reported as `<group>.<key>`."""
+        with self._lock:
+            self._extra[group] = {k: str(v) for k, v in values.items()}
 
     def published(self, now_s: float, timings_ms: Mapping[str, float], observation_age_s: float,
                   camera_skew_s: float) -> None:
@@ -92,6 +123,7 @@ class ControlMonitor:
             self._observation_age_s = observation_age_s
             self._camera_skew_s = camera_skew_s
             self._hold_reason = ""
+            self._hold_kind = ""
             self._hold_level = OK
 
     def report(self, now_s: float) -> HealthReport:
@@ -104,16 +136,26 @@ class ControlMonitor:
                 "ticks": str(self._ticks),
                 "skipped_ticks": str(self._skipped_ticks),
                 "chunks_published": str(self._chunks),
-                "holds": str(self._holds),
+                "holds": str(sum(self._holds.values())),
                 "observation_errors": str(self._observation_errors),
                 "last_hold_reason": self._hold_reason,
+                "last_hold_kind": self._hold_kind,
                 "last_input_error": self._last_input_error,
                 "observation_age_s": f"{self._observation_age_s:.4f}",
                 "camera_skew_s": f"{self._camera_skew_s:.4f}",
+                "clock_jumps": str(self._clock_jumps),
             }
+            values.update({f"holds.{kind}": str(n) for kind, n in sorted(self._holds.items())})
+            values.update({f"input_errors.{source}": str(n) for source, n in sorted(self._input_errors.items())})
+            values.update({f"inputs.{source}": str(n) for source, n in sorted(self._inputs.items())})
             for stage, pcts in sorted(self._latency.percentiles().items()):
                 for name, ms in pcts.items():
                     values[f"latency_{stage}_{name}_ms"] = f"{ms:.3f}"
+            for source, pcts in sorted(self._input_delay.percentiles().items()):
+                for name, ms in pcts.items():
+                    values[f"input_delay_{source}_{name}_ms"] = f"{ms:.3f}"
+            for group, extra in sorted(self._extra.items()):
+                values.update({f"{group}.{k}": v for k, v in extra.items()})
             if not self._active:
                 return HealthReport(OK, "inactive", values)
             if self._hold_reason:
@@ -121,3 +163,8 @@ class ControlMonitor:
             if self._chunks and rate_hz < SLOW_RATE_FRACTION * self.control_rate_hz:
                 return HealthReport(WARN, f"slow: {rate_hz:.2f} Hz of {self.control_rate_hz:.2f} Hz target", values)
             return HealthReport(OK, f"running at {rate_hz:.2f} Hz", values)
+
+
+def configure_failure_report(reason: str) -> HealthReport:
+    """What /diagnostics says after a failed configure: the node is up, unconfigured, and why."""
+    return HealthReport(ERROR, f"configure failed: {reason}", {"active": "False", "configure_error": reason})

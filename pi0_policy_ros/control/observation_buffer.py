@@ -23,6 +23,11 @@ T = TypeVar("T")
 
 STATE_SOURCE = "joint_states"
 
+# `ObservationError.kind` of the snapshot refusals: the hold reasons counted in /diagnostics.
+MISSING_INPUT = "missing_input"
+STALE_OBSERVATION = "stale_observation"
+CAMERA_SKEW = "camera_skew"
+
 
 @dataclass(frozen=True)
 class Sample(Generic[T]):
@@ -95,6 +100,11 @@ class ObservationBuffer:
         """An empty prompt means: use the policy's default prompt."""
         self._prompt = prompt or None
 
+    def latest_state(self) -> Sample[np.ndarray] | None:
+        """The latest state sample whatever its age (hold_position reads it when a snapshot fails)."""
+        with self._lock:
+            return self._state
+
     def snapshot(self, now_s: float) -> Snapshot:
         """The latest of each source, or `ObservationError` naming the source that is missing/stale."""
         with self._lock:
@@ -104,9 +114,9 @@ class ObservationBuffer:
         cfg = self._config
         missing = [name for name in self._camera_names if name not in images]
         if missing:
-            raise ObservationError(f"no image received yet from camera(s) {missing}")
+            raise ObservationError(f"no image received yet from camera(s) {missing}", kind=MISSING_INPUT)
         if state is None:
-            raise ObservationError(f"no {STATE_SOURCE} received yet")
+            raise ObservationError(f"no {STATE_SOURCE} received yet", kind=MISSING_INPUT)
 
         stamps = {f"camera {name!r}": images[name].stamp_s for name in self._camera_names}
         stamps[STATE_SOURCE] = state.stamp_s
@@ -115,7 +125,7 @@ class ObservationBuffer:
         if age_s > cfg.max_observation_age_s:
             raise ObservationError(
                 f"{oldest_source} is stale: expected age <= {cfg.max_observation_age_s:.3f} s "
-                f"(max_observation_age_s), found {age_s:.3f} s")
+                f"(max_observation_age_s), found {age_s:.3f} s", kind=STALE_OBSERVATION)
 
         camera_stamps = [images[name].stamp_s for name in self._camera_names]
         skew_s = max(camera_stamps) - min(camera_stamps)
@@ -123,7 +133,7 @@ class ObservationBuffer:
             detail = ", ".join(f"{n!r} at {images[n].stamp_s:.3f}" for n in self._camera_names)
             raise ObservationError(
                 f"cameras out of sync: expected stamp spread <= {cfg.max_camera_skew_s:.3f} s "
-                f"(max_camera_skew_s), found {skew_s:.3f} s ({detail})")
+                f"(max_camera_skew_s), found {skew_s:.3f} s ({detail})", kind=CAMERA_SKEW)
 
         return Snapshot(
             images={name: images[name].value for name in self._camera_names},

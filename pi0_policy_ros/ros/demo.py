@@ -35,7 +35,7 @@ from trajectory_msgs.msg import JointTrajectory
 from pi0_policy_ros.control.rate_meter import PERCENTILES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros import convert
-from pi0_policy_ros.ros.node import NODE_NAME, PolicyFactory, PolicyNode
+from pi0_policy_ros.ros.node import NODE_NAME, PolicyFactory, PolicyNode, spin_until_shutdown
 from pi0_policy_ros.ros.params import CameraConfig
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, SENSOR_QOS
 
@@ -176,7 +176,7 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     policy_node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
                              cli_args=["--ros-args", "--params-file", str(params_file)],
                              parameter_overrides=overrides)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner = threading.Thread(target=spin_until_shutdown, args=(executor,), daemon=True)
     mp = multiprocessing.get_context("spawn")
     stop, results = mp.Event(), mp.Queue()
     robot: Any = None  # the child process

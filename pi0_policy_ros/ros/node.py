@@ -2,34 +2,69 @@
 
 Lifecycle:
 - configure: parameters -> `NodeConfig` (`config_from_params`), load the policy, check it
-  against the parameters, one warm-up inference, then subscriptions and publishers. Any failure
-  returns FAILURE with the reason logged, frees what was built, and leaves the node unconfigured,
-  so that it can be configured again once the parameter is fixed.
+  against the parameters, one warm-up inference, the safety filter and the chunk scheduler, then
+  subscriptions and publishers. Any failure returns FAILURE, frees what was built, and leaves the
+  node unconfigured, so that it can be configured again once the parameter is fixed. The reason
+  is logged and published on /diagnostics (level ERROR, "configure failed: <reason>").
 - activate: start the control timer. deactivate: stop it; no command goes out while inactive.
 - cleanup / shutdown / error: `_release()` (idempotent) closes the policy and destroys entities.
 
 Topics (relative names resolve in the node's namespace; remap them in the launch file):
 - subscribed: one per camera (`camera_topics`, Image or CompressedImage, sensor-data QoS),
   `joint_states` (JointState, mapped by name), `~/prompt` (String).
-- published, once per successful control tick and in this order:
+- published, once per chunk and in this order:
   1. `~/action_chunk_stamp` (std_msgs/Header): `stamp` = the observation stamp of the chunk,
      `frame_id` = the chunk's sequence number (decimal, from 0 at each activation);
-  2. `~/action_chunk` (std_msgs/Float32MultiArray): the whole chunk [horizon, action], dims
-     `horizon` / `action`, data_offset 0. It has no header: pair the n-th chunk with the n-th
-     stamp (both reliable, depth 10, published back to back from one thread);
+  2. `~/action_chunk` (std_msgs/Float32MultiArray): the whole chunk [horizon, action] after the
+     safety filter, dims `horizon` / `action`, data_offset 0. It has no header: pair the n-th
+     chunk with the n-th stamp (both reliable, depth 10, published back to back from one thread);
   3. `~/joint_trajectory` (trajectory_msgs/JointTrajectory) for joint_trajectory_controller:
      header stamp zero, past points dropped, first point >= one control period ahead.
-- `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup.
+- `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, and
+  once after a failed configure.
 
-A tick that cannot act (stale or missing observation, bad input, inference error, expired chunk)
-holds: it publishes nothing, logs (throttled) and reports the reason in /diagnostics. The timer
-sits in its own mutually exclusive callback group, so a slow inference skips ticks instead of
-queueing them.
+The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
+`Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
+(sim time under `use_sim_time`). A clock that jumps backwards (simulation reset) clears the
+observation buffers and the schedule; samples stamped before the jump are refused until then.
+
+Chunk modes (`chunk_mode`, control/scheduler.py):
+- `naive` (default): one inference per tick; each chunk goes out as it is, its points that are
+  less than one control period ahead dropped.
+- `temporal_ensemble`: an inference every `execute_horizon` action periods; the trajectory is the
+  ACT-weighted average (`ensemble_decay`) of every chunk covering each time.
+- `rtc_fast`, `rtc`: an inference every `execute_horizon` action periods; the new chunk replaces
+  the previous one from the current time on. ENGINE-SIDE RTC GUIDANCE IS NOT WIRED INTO THE NODE
+  YET: `Policy.infer` takes no previous chunk, so these modes are a temporal splice without
+  guided inpainting (the guided sampler exists in model/rtc.py and is exercised by `rtc-eval`).
+/diagnostics shows `scheduler.mode`, the measured latency and the delay in action steps.
+
+Safety (`safety_*` parameters, control/safety.py): a NaN/Inf guard, then gripper range, joint
+position limits, max step and max velocity, each `clamp` or `reject`. Every clamp and reject is
+counted in /diagnostics (`safety.clamp.<limit>`, `safety.reject.<limit>`) and logged (throttled).
+
+Holds. A tick that cannot act holds: a rejected chunk, a stale observation (age >
+`max_observation_age_s`), missing or bad inputs, a failed inference, an expired chunk. It logs
+(throttled), counts the hold per kind in /diagnostics (`holds.<kind>`, plus `last_hold_reason`),
+and, by `hold_mode`:
+- `stop` (default): publishes no new trajectory. joint_trajectory_controller (Jazzy) keeps
+  executing the trajectory it has, to its last point (at most one chunk, e.g. 10 x 50 ms), and
+  then holds that last point. With the controller's `cmd_timeout` set, it holds position as soon
+  as commands stop for that long instead.
+- `hold_position`: on the first held tick after a trajectory of ours, publishes one point at the
+  measured position of the action joints (latest joint_states), velocity zero, one control period
+  ahead, with no chunk and no stamp (consumers pairing trajectories with `~/action_chunk_stamp`
+  must use `stop`). The controller replaces what it was executing and stops there. Nothing is
+  sent when the measured position is older than `max_observation_age_s` or the action joints are
+  not measured joints (end-effector actions): the hold then behaves like `stop`.
+The timer sits in its own mutually exclusive callback group, so a slow inference skips ticks
+instead of queueing them.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -45,6 +80,7 @@ from rcl_interfaces.msg import (
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import (
+    InvalidHandle,
     InvalidParameterTypeException,
     InvalidParameterValueException,
     ParameterUninitializedException,
@@ -57,18 +93,23 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
 
-from pi0_policy_ros.control.monitor import ERROR, WARN, ControlMonitor
-from pi0_policy_ros.control.observation_buffer import ObservationBuffer
-from pi0_policy_ros.control.trajectory import expired_reason, plan_trajectory
+from pi0_policy_ros.control.monitor import ERROR, WARN, ControlMonitor, HealthReport, configure_failure_report
+from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
+from pi0_policy_ros.control.safety import SafetyFilter
+from pi0_policy_ros.control.step import HOLD, WAIT, ControlStep, action_state_indices
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.diagnostics import DiagnosticsPublisher
 from pi0_policy_ros.ros.params import (
+    ARRAY_KINDS,
     BOOL,
     DOUBLE,
+    DOUBLE_ARRAY,
     INTEGER,
+    INTEGER_ARRAY,
+    NODE_NAME,
     PARAMS,
     SPECS,
     STRING,
@@ -82,9 +123,9 @@ from pi0_policy_ros.ros.params import (
 )
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, PROMPT_QOS, SENSOR_QOS
 
-NODE_NAME = "pi0_policy"
 LOG_THROTTLE_S = 2.0
 WARMUP_IMAGE_SHAPE = (224, 224, 3)
+WARMUP_PROMPT = "warm up"
 
 _PARAM_TYPES = {
     STRING: ParameterType.PARAMETER_STRING,
@@ -92,6 +133,13 @@ _PARAM_TYPES = {
     DOUBLE: ParameterType.PARAMETER_DOUBLE,
     INTEGER: ParameterType.PARAMETER_INTEGER,
     BOOL: ParameterType.PARAMETER_BOOL,
+    DOUBLE_ARRAY: ParameterType.PARAMETER_DOUBLE_ARRAY,
+    INTEGER_ARRAY: ParameterType.PARAMETER_INTEGER_ARRAY,
+}
+_EMPTY_ARRAY_TYPES = {
+    STRING_ARRAY: Parameter.Type.STRING_ARRAY,
+    DOUBLE_ARRAY: Parameter.Type.DOUBLE_ARRAY,
+    INTEGER_ARRAY: Parameter.Type.INTEGER_ARRAY,
 }
 
 
@@ -156,7 +204,13 @@ class PolicyNode(LifecycleNode):
         self._policy: PolicyLike | None = None
         self._buffer: ObservationBuffer | None = None
         self._monitor: ControlMonitor | None = None
-        self._diagnostics: DiagnosticsPublisher | None = None
+        self._step: ControlStep | None = None
+        self._safety: SafetyFilter | None = None
+        self._prompt_status: dict[str, str] = {}
+        # Lives as long as the node: a supervisor sees why a configure failed. Its lock keeps a
+        # report in flight from publishing on a publisher that destroy_node() is destroying.
+        self._diagnostics_lock = threading.Lock()
+        self._diagnostics: DiagnosticsPublisher | None = DiagnosticsPublisher(self)
         self._subscriptions_: list[Any] = []
         self._trajectory_pub: Any = None
         self._chunk_pub: Any = None
@@ -174,7 +228,7 @@ class PolicyNode(LifecycleNode):
     def _declare(self, spec: ParamSpec) -> None:
         descriptor = _descriptor(spec)
         # rclpy infers BYTE_ARRAY from an empty list, so empty arrays are declared by type.
-        default = Parameter.Type.STRING_ARRAY if spec.kind == STRING_ARRAY and not spec.default else spec.default
+        default = _EMPTY_ARRAY_TYPES[spec.kind] if spec.kind in ARRAY_KINDS and not spec.default else spec.default
         try:
             self.declare_parameter(spec.name, default, descriptor)
         except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
@@ -219,6 +273,9 @@ class PolicyNode(LifecycleNode):
             self._bad_overrides.pop(name, None)
         if "prompt" in names:
             self._set_prompt(self.get_parameter("prompt").value)
+        step = self._step
+        if "hold_mode" in names and step is not None:
+            step.hold_mode = self.get_parameter("hold_mode").value
         if names & {"control_rate_hz", "max_observation_age_s", "max_camera_skew_s", "max_future_stamp_s"}:
             control = control_config_from(self.parameter_values())
             buffer, monitor, timer = self._buffer, self._monitor, self._control_timer
@@ -233,6 +290,29 @@ class PolicyNode(LifecycleNode):
         self._prompt = prompt or None
         if self._buffer is not None:
             self._buffer.put_prompt(self._prompt)
+        self._check_prompt()
+
+    def _check_prompt(self) -> None:
+        """Warn when the prompt does not fit the policy's token budget (the policy cuts it)."""
+        policy, prompt = self._policy, self._prompt
+        tokenizer = getattr(policy, "tokenizer", None)
+        if policy is None or tokenizer is None or not prompt:
+            self._prompt_status = {"source": "prompt" if prompt else "policy default", "truncated": "False"}
+            return
+        state = np.zeros(policy.profile.state_dim, np.float32)
+        try:
+            tokens = tokenizer.tokenize(prompt, state)
+        except ObservationError as exc:
+            self.get_logger().warning(f"prompt refused by the tokenizer: {exc}")
+            self._prompt_status = {"source": "prompt", "truncated": "False", "error": str(exc)}
+            return
+        limit = tokenizer.max_token_len
+        self._prompt_status = {"source": "prompt", "truncated": str(bool(tokens.truncated)),
+                               "token_budget": str(limit)}
+        if tokens.truncated:
+            self.get_logger().warning(
+                f"prompt is longer than the token budget: expected at most {limit} tokens (max_token_len, "
+                f"prompt and state included), found more; it is cut to the first {limit}")
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -248,8 +328,11 @@ class PolicyNode(LifecycleNode):
         try:
             self._configure()
         except Exception as exc:  # noqa: BLE001 - any load failure is a FAILURE, never a dead process
-            self.get_logger().error(f"configure failed: {exc}")
+            # Our own errors carry their reason; others (out of memory, ...) also need their type.
+            reason = str(exc) if isinstance(exc, Pi0PolicyError) else f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"configure failed: {reason}")
             self._release()
+            self._publish_report(configure_failure_report(reason))
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(
             f"configured: profile {self._config.policy.robot_profile!r}, cameras "
@@ -260,6 +343,9 @@ class PolicyNode(LifecycleNode):
         if self._bad_overrides:
             raise ConfigError("; ".join(self._bad_overrides.values()))
         config = config_from_params(self.parameter_values())
+        if config.switch_interval_s > 0:
+            # Process-wide, on purpose: the node owns its process (one node per launch process).
+            sys.setswitchinterval(config.switch_interval_s)
         policy = self._policy_factory(config.policy)
         self._policy = policy  # owned from here on, so that _release() closes it on failure
         config = config.resolve(policy.profile)
@@ -269,11 +355,21 @@ class PolicyNode(LifecycleNode):
                 f"profile {policy.profile.name!r} predicts {action_space} actions: ~/joint_trajectory "
                 "positions carry them as they are; a robot that needs joint positions should consume "
                 "~/action_chunk through its own adapter")
-        self._warm_up(policy, config)
+        chunk = self._warm_up(policy, config)
+        try:
+            self._safety = SafetyFilter(config.safety, len(config.action_joint_names), chunk.period_s)
+        except ValueError as exc:
+            raise ConfigError(f"safety parameters: {exc}") from None
 
         self._buffer = ObservationBuffer([c.name for c in config.cameras], config.control)
         self._buffer.put_prompt(self._prompt)
+        decoders = {c.name: functools.partial(self._decode, c.compressed) for c in config.cameras}
+        self._step = ControlStep(policy, self._buffer, decoders, self._safety, config.scheduler,
+                                 action_state_indices(config.joint_names, config.action_joint_names, action_space),
+                                 self.get_parameter("hold_mode").value)
+        self._step.prepare(chunk.horizon, chunk.period_s)
         self._monitor = ControlMonitor(config.control.control_rate_hz)
+        self._check_prompt()
         for camera in config.cameras:
             msg_type = CompressedImage if camera.compressed else Image
             self._subscriptions_.append(self.create_subscription(
@@ -286,29 +382,31 @@ class PolicyNode(LifecycleNode):
         self._stamp_pub = self.create_lifecycle_publisher(Header, "~/action_chunk_stamp", CHUNK_QOS)
         self._chunk_pub = self.create_lifecycle_publisher(Float32MultiArray, "~/action_chunk", CHUNK_QOS)
         self._trajectory_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory", COMMAND_QOS)
-        self._diagnostics = DiagnosticsPublisher(self)
         self._diagnostics_timer = self.create_timer(
             config.diagnostics_period_s, self._publish_diagnostics, callback_group=self._sensor_group)
         self._config = config
 
-    def _warm_up(self, policy: PolicyLike, config: NodeConfig) -> None:
+    def _warm_up(self, policy: PolicyLike, config: NodeConfig) -> ActionChunk:
         """One inference on a black frame per camera: fails configure early, and pays first-call costs now."""
         images = {c.name: np.zeros(WARMUP_IMAGE_SHAPE, np.uint8) for c in config.cameras}
         state = np.zeros(len(config.joint_names), np.float64)
-        chunk = policy.infer(Observation(images=images, state=state, prompt=self._prompt, stamp_s=0.0))
+        # A prompt may come later (~/prompt): the warm-up must not need one.
+        prompt = self._prompt or WARMUP_PROMPT
+        chunk = policy.infer(Observation(images=images, state=state, prompt=prompt, stamp_s=0.0))
         width = chunk.actions.shape[1] if chunk.actions.ndim == 2 else None
         if width != len(config.action_joint_names):
             raise ConfigError(f"warm-up: expected actions [H, {len(config.action_joint_names)}] for "
                               f"action_joint_names, found shape {chunk.actions.shape}")
+        return chunk
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the lifecycle publishers before the first tick
         if result != TransitionCallbackReturn.SUCCESS:
             return result
         with self._lock:
-            assert self._config is not None and self._buffer is not None and self._monitor is not None
-            self._buffer.reset()
-            self._monitor.start(time.perf_counter())
+            assert self._config is not None and self._step is not None and self._monitor is not None
+            self._step.reset()
+            self._monitor.start(self._now_s())
             self._sequence = 0
             self._control_timer = self.create_timer(
                 self._buffer.config.control_period_s, self._on_control_tick, callback_group=self._control_group)
@@ -355,13 +453,12 @@ class PolicyNode(LifecycleNode):
                 if pub is not None:
                     self.destroy_lifecycle_publisher(pub)
                     setattr(self, name, None)
-            if self._diagnostics is not None:
-                self._diagnostics.destroy()
-                self._diagnostics = None
             policy, self._policy = self._policy, None
             self._config = None
             self._buffer = None
             self._monitor = None
+            self._step = None
+            self._safety = None
         if policy is not None:
             try:
                 policy.close()
@@ -371,35 +468,44 @@ class PolicyNode(LifecycleNode):
     # ---- sensor callbacks: store only --------------------------------------------------------
 
     def _now_s(self) -> float:
+        """Seconds on the node's clock (ROS time; sim time under use_sim_time)."""
         return self.get_clock().now().nanoseconds * 1e-9
 
     def _on_image(self, camera: str, msg: Image | CompressedImage) -> None:
-        buffer = self._buffer
-        if buffer is None:
+        buffer, monitor = self._buffer, self._monitor
+        if buffer is None or monitor is None:
             return
+        now_s = self._now_s()
+        stamp_s = convert.stamp_to_seconds(msg.header.stamp)
         try:
             # Decoding waits for the control tick: most frames are never used.
-            buffer.put_image(camera, msg, convert.stamp_to_seconds(msg.header.stamp), self._now_s())
+            buffer.put_image(camera, msg, stamp_s, now_s)
         except ObservationError as exc:
-            self._input_rejected(f"camera {camera!r}: {exc}")
+            self._input_rejected(f"camera {camera!r}: {exc}", camera)
+            return
+        monitor.input_received(camera, now_s - stamp_s)
 
     def _on_joint_state(self, msg: JointState) -> None:
-        buffer, config = self._buffer, self._config
-        if buffer is None or config is None:
+        buffer, config, monitor = self._buffer, self._config, self._monitor
+        if buffer is None or config is None or monitor is None:
             return
+        now_s = self._now_s()
+        stamp_s = convert.stamp_to_seconds(msg.header.stamp)
         try:
             state = convert.joint_positions(msg, config.joint_names)
-            buffer.put_state(state, convert.stamp_to_seconds(msg.header.stamp), self._now_s())
+            buffer.put_state(state, stamp_s, now_s)
         except ObservationError as exc:
-            self._input_rejected(str(exc))
+            self._input_rejected(str(exc), STATE_SOURCE)
+            return
+        monitor.input_received(STATE_SOURCE, now_s - stamp_s)
 
     def _on_prompt(self, msg: String) -> None:
         self._set_prompt(msg.data)
 
-    def _input_rejected(self, reason: str) -> None:
+    def _input_rejected(self, reason: str, source: str) -> None:
         monitor = self._monitor
         if monitor is not None:
-            monitor.input_rejected(reason)
+            monitor.input_rejected(reason, source)
         self.get_logger().warning(f"input rejected: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
 
     # ---- control loop -----------------------------------------------------------------------
@@ -411,69 +517,71 @@ class PolicyNode(LifecycleNode):
                 if self._control_timer is not None:
                     self._control_step()
         except Exception as exc:  # noqa: BLE001
-            self._hold(f"internal error: {exc!r}", ERROR)
+            self._hold(f"internal error: {exc!r}", ERROR, "internal_error")
 
-    def _hold(self, reason: str, level: int = WARN) -> None:
+    def _hold(self, reason: str, level: int = WARN, kind: str = "other") -> None:
         monitor = self._monitor
         if monitor is not None:
-            monitor.held(reason, level)
+            monitor.held(reason, level, kind)
         log = self.get_logger().error if level == ERROR else self.get_logger().warning
-        log(f"holding: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+        log(f"holding ({kind}): {reason}", throttle_duration_sec=LOG_THROTTLE_S)
 
     def _control_step(self) -> None:
-        config, policy, buffer, monitor = self._config, self._policy, self._buffer, self._monitor
-        assert config is not None and policy is not None and buffer is not None and monitor is not None
+        config, step, monitor = self._config, self._step, self._monitor
+        assert config is not None and step is not None and monitor is not None
         t0 = time.perf_counter()
-        monitor.tick_started(t0)
-        try:
-            snapshot = buffer.snapshot(self._now_s())
-            images = {c.name: self._decode(c.compressed, snapshot.images[c.name]) for c in config.cameras}
-        except ObservationError as exc:
-            self._hold(str(exc))
+        monitor.tick_started(self._now_s())
+        result = step.run(self._now_s)
+        if result.outcome == WAIT:
             return
-        t_decoded = time.perf_counter()
-        observation = Observation(images=images, state=snapshot.state, prompt=snapshot.prompt,
-                                  stamp_s=snapshot.stamp_s)
-        try:
-            chunk = policy.infer(observation)
-        except ObservationError as exc:
-            self._hold(f"policy refused the observation: {exc}")
+        if result.outcome == HOLD:
+            if result.plan is not None:  # hold_position: one point at the measured position
+                self._trajectory_pub.publish(convert.trajectory_message(result.plan, config.action_joint_names))
+            self._hold(result.reason, result.level, result.kind)
             return
-        except Exception as exc:  # noqa: BLE001 - a failed inference holds; the node stays up
-            self._hold(f"inference failed: {exc!r}", ERROR)
-            return
-        t_inferred = time.perf_counter()
-
-        now_s = self._now_s()
-        min_lead_s = buffer.config.control_period_s
-        try:
-            plan = plan_trajectory(chunk.actions, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
-        except Pi0PolicyError as exc:
-            self._hold(f"unusable chunk: {exc}", ERROR)
-            return
-        if plan.empty:
-            self._hold(expired_reason(chunk.horizon, chunk.period_s, chunk.stamp_s, now_s, min_lead_s))
-            return
+        chunk, plan = result.chunk, result.plan
+        assert chunk is not None and plan is not None
         trajectory = convert.trajectory_message(plan, config.action_joint_names)
-
         self._stamp_pub.publish(Header(stamp=convert.seconds_to_stamp(chunk.stamp_s), frame_id=str(self._sequence)))
         self._chunk_pub.publish(convert.action_chunk_message(chunk.actions))
         self._trajectory_pub.publish(trajectory)
         self._sequence += 1
-        t_done = time.perf_counter()
-        timings = {f"policy_{k}": v for k, v in chunk.timings_ms.items()}
-        timings.update(decode=(t_decoded - t0) * 1e3, infer=(t_inferred - t_decoded) * 1e3,
-                       tick=(t_done - t0) * 1e3, observation_to_publish=(self._now_s() - chunk.stamp_s) * 1e3)
-        monitor.published(t_done, timings, snapshot.age_s, snapshot.camera_skew_s)
+        if result.clamped:
+            self.get_logger().warning(f"safety filter clamped the chunk ({', '.join(result.clamped)})",
+                                      throttle_duration_sec=LOG_THROTTLE_S)
+        timings = dict(result.timings_ms)
+        timings.update(tick=(time.perf_counter() - t0) * 1e3,
+                       observation_to_publish=(self._now_s() - chunk.stamp_s) * 1e3)
+        monitor.published(self._now_s(), timings, result.age_s, result.camera_skew_s)
 
     @staticmethod
     def _decode(compressed: bool, msg: Any) -> np.ndarray:
         return convert.compressed_image_to_rgb(msg) if compressed else convert.image_to_rgb(msg)
 
     def _publish_diagnostics(self) -> None:
-        monitor, diagnostics = self._monitor, self._diagnostics
-        if monitor is not None and diagnostics is not None:
-            diagnostics.publish(monitor.report(time.perf_counter()))
+        monitor, step, safety = self._monitor, self._step, self._safety
+        if monitor is None:
+            return
+        if safety is not None:
+            monitor.set_values("safety", safety.counters)
+        if step is not None:
+            status = step.scheduler_status()
+            monitor.set_values("scheduler", {
+                "mode": status.mode, "delay_steps": status.delay_steps, "latency_s": f"{status.latency_s:.4f}",
+                "chunks_received": status.chunks_received, "chunks_dropped": status.chunks_dropped,
+                "hold_mode": step.hold_mode})
+        monitor.set_values("prompt", self._prompt_status)
+        self._publish_report(monitor.report(self._now_s()))
+
+    def _publish_report(self, report: HealthReport) -> None:
+        with self._diagnostics_lock:
+            if self._diagnostics is not None:
+                self._diagnostics.publish(report)
+
+    def destroy_node(self) -> None:
+        with self._diagnostics_lock:
+            self._diagnostics = None  # destroyed with the node's other publishers
+        super().destroy_node()
 
     # ---- introspection (tests, demo) --------------------------------------------------------
 
@@ -486,6 +594,17 @@ class PolicyNode(LifecycleNode):
         return self._policy
 
 
+def spin_until_shutdown(executor: Any) -> None:
+    """`executor.spin()`, except that an entity destroyed by a lifecycle transition (cleanup) while
+    the executor was waiting on it does not end the process: rclpy raises InvalidHandle for it in
+    the spinning thread, and the next wait set no longer holds it."""
+    while rclpy.ok(context=executor.context):
+        try:
+            executor.spin_once(timeout_sec=0.1)
+        except InvalidHandle:
+            continue
+
+
 def main(args: list[str] | None = None) -> None:
     rclpy.init(args=args)
     node: PolicyNode | None = None
@@ -493,7 +612,7 @@ def main(args: list[str] | None = None) -> None:
         node = PolicyNode()
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        executor.spin()
+        spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

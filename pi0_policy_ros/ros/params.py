@@ -9,6 +9,15 @@ Two kinds of parameters:
   restart. They are not rclpy `read_only`, because read-only ones can never change after start.
 - dynamic: applied at once, also while active.
 
+Safety limits (`safety_*`, see control/safety.py) are per robot and belong in its parameter file:
+one value applies to every action dim, or one value per action dim; an empty list switches the
+limit off. `hold_mode` says what a hold sends to the controller (see ros/node.py). The scheduler
+parameters (`chunk_mode`, `execute_horizon`, ...) choose how chunks follow each other (see
+control/scheduler.py); `naive` runs one inference per tick and sends each chunk as it is.
+
+`load_params_file` reads a ROS parameter YAML the way rcl does for one node, for the tools that
+run the node's configuration without ROS (offline replay, demo bags, soak).
+
 Camera parameters are parallel lists: `camera_names[i]` (a camera name of the robot profile) is
 read from `camera_topics[i]` (default `<name>/image_raw`, or `<name>/image_raw/compressed` for
 compressed) with message type `camera_types[i]` (`raw` = sensor_msgs/Image, `compressed` =
@@ -18,8 +27,12 @@ sensor_msgs/CompressedImage; default raw).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
+
+import yaml
 
 from pi0_policy_ros.control.config import (
     CAMERA_SKEW_RANGE_S,
@@ -28,15 +41,23 @@ from pi0_policy_ros.control.config import (
     OBSERVATION_AGE_RANGE_S,
     ControlConfig,
 )
+from pi0_policy_ros.control.safety import POLICIES as SAFETY_POLICIES
+from pi0_policy_ros.control.safety import SafetyConfig
+from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, SCHEDULER_MODES, SchedulerConfig
+from pi0_policy_ros.control.step import HOLD_MODES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.policy.config import BACKENDS, PRECISIONS, PolicyConfig
 
+NODE_NAME = "pi0_policy"
+PARAMS_KEY = "ros__parameters"
 CAMERA_TYPES = ("raw", "compressed")
 DIAGNOSTICS_PERIOD_RANGE_S = (0.05, 60.0)
 SEED_RANGE = (0, 2**31 - 1)
 
 # Value kinds, mapped to rclpy parameter types in node.py.
 STRING, STRING_ARRAY, DOUBLE, INTEGER, BOOL = "string", "string_array", "double", "integer", "bool"
+DOUBLE_ARRAY, INTEGER_ARRAY = "double_array", "integer_array"
+ARRAY_KINDS = (STRING_ARRAY, DOUBLE_ARRAY, INTEGER_ARRAY)
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("cpu_threads", INTEGER, 0, "torch intra-op threads for CPU inference; 0 = torch's default. "
               "1 is fastest on small machines, where extra threads compete with the executor", True,
               int_range=(0, 256)),
+    ParamSpec("switch_interval_s", DOUBLE, 2e-4, "Python's thread switch interval for this process (set at "
+              "configure); 0 leaves Python's 5 ms. Short: eager CPU inference gives up the GIL at every "
+              "torch op, and with sensor callbacks busy each op would otherwise wait up to the interval",
+              True, float_range=(0.0, 0.1)),
     ParamSpec("camera_names", STRING_ARRAY, [], "camera names of the robot profile, one per camera", True),
     ParamSpec("camera_topics", STRING_ARRAY, [], "topic per camera_names entry; [] = <name>/image_raw "
               "(or <name>/image_raw/compressed)", True),
@@ -88,6 +113,42 @@ PARAMS: tuple[ParamSpec, ...] = (
               float_range=CAMERA_SKEW_RANGE_S),
     ParamSpec("max_future_stamp_s", DOUBLE, 0.1, "reject samples stamped further ahead of our clock", False,
               float_range=FUTURE_STAMP_RANGE_S),
+    ParamSpec("hold_mode", STRING, "stop", "what a hold sends: stop = no new trajectory (the controller "
+              "finishes the last one and stays at its end point); hold_position = one point at the measured "
+              "position, one control period ahead", False, choices=HOLD_MODES),
+    # Chunk scheduling (control/scheduler.py).
+    ParamSpec("chunk_mode", STRING, "naive", "how chunks follow each other: naive (one inference per tick, each "
+              "chunk sent as it is), temporal_ensemble, rtc_fast or rtc (splice without guidance: engine-side "
+              "RTC guidance is not wired into the node yet)", True, choices=SCHEDULER_MODES),
+    ParamSpec("execute_horizon", INTEGER, 5, "non-naive modes: action periods between inference starts", True,
+              int_range=(1, 1000)),
+    ParamSpec("rtc_max_guidance_weight", DOUBLE, 5.0, "rtc modes: clip of the guidance weight (beta)", True,
+              float_range=(0.0, 1000.0)),
+    ParamSpec("rtc_mask_schedule", STRING, "exp", "rtc modes: decay of the soft mask over the overlap", True,
+              choices=MASK_SCHEDULES),
+    ParamSpec("ensemble_decay", DOUBLE, 0.01, "temporal_ensemble: m of the weights exp(-m i), i = 0 oldest", True,
+              float_range=(0.0, 1000.0)),
+    ParamSpec("latency_percentile", DOUBLE, 90.0, "the inference delay estimate is this percentile of the "
+              "measured latencies", True, float_range=(0.0, 100.0)),
+    # Safety limits (control/safety.py), in the robot's action units; [] = off.
+    ParamSpec("safety_position_lower", DOUBLE_ARRAY, [], "lower joint position limit: one value or one per "
+              "action dim", True),
+    ParamSpec("safety_position_upper", DOUBLE_ARRAY, [], "upper joint position limit: one value or one per "
+              "action dim", True),
+    ParamSpec("safety_max_step", DOUBLE_ARRAY, [], "largest change between consecutive actions (and from the "
+              "measured position to the first)", True),
+    ParamSpec("safety_max_velocity", DOUBLE_ARRAY, [], "largest |action change| / action period, per second",
+              True),
+    ParamSpec("safety_gripper_dims", INTEGER_ARRAY, [], "action dims that are grippers", True),
+    ParamSpec("safety_gripper_range", DOUBLE_ARRAY, [], "[lower, upper] of the gripper dims", True),
+    ParamSpec("safety_position_policy", STRING, "clamp", "position limit: clamp or reject the chunk", True,
+              choices=SAFETY_POLICIES),
+    ParamSpec("safety_step_policy", STRING, "clamp", "max step: clamp or reject the chunk", True,
+              choices=SAFETY_POLICIES),
+    ParamSpec("safety_velocity_policy", STRING, "clamp", "max velocity: clamp or reject the chunk", True,
+              choices=SAFETY_POLICIES),
+    ParamSpec("safety_gripper_policy", STRING, "clamp", "gripper range: clamp or reject the chunk", True,
+              choices=SAFETY_POLICIES),
 )
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
 
@@ -122,6 +183,10 @@ class NodeConfig:
     joint_names: tuple[str, ...]
     action_joint_names: tuple[str, ...]
     diagnostics_period_s: float
+    safety: SafetyConfig = SafetyConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    hold_mode: str = "stop"
+    switch_interval_s: float = 2e-4
 
     def resolve(self, profile: RobotProfileLike) -> "NodeConfig":
         """Fill empty joint names from the loaded policy's profile and check that everything fits it."""
@@ -197,6 +262,40 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         joint_names=tuple(_get(values, "joint_names")),
         action_joint_names=tuple(_get(values, "action_joint_names")),
         diagnostics_period_s=float(_get(values, "diagnostics_period_s")),
+        safety=safety_config_from(values),
+        scheduler=scheduler_config_from(values),
+        hold_mode=str(_get(values, "hold_mode")),
+        switch_interval_s=float(_get(values, "switch_interval_s")),
+    )
+
+
+def safety_config_from(values: Mapping[str, Any]) -> SafetyConfig:
+    """The `safety_*` parameters -> SafetyConfig (per-dim sizes are checked against the policy at configure)."""
+    try:
+        return SafetyConfig(
+            position_lower=tuple(float(v) for v in _get(values, "safety_position_lower")),
+            position_upper=tuple(float(v) for v in _get(values, "safety_position_upper")),
+            max_step=tuple(float(v) for v in _get(values, "safety_max_step")),
+            max_velocity=tuple(float(v) for v in _get(values, "safety_max_velocity")),
+            gripper_dims=tuple(int(v) for v in _get(values, "safety_gripper_dims")),
+            gripper_range=tuple(float(v) for v in _get(values, "safety_gripper_range")),
+            position_policy=_get(values, "safety_position_policy"),
+            step_policy=_get(values, "safety_step_policy"),
+            velocity_policy=_get(values, "safety_velocity_policy"),
+            gripper_policy=_get(values, "safety_gripper_policy"),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"safety parameters: {exc}") from None
+
+
+def scheduler_config_from(values: Mapping[str, Any]) -> SchedulerConfig:
+    return SchedulerConfig(
+        mode=_get(values, "chunk_mode"),
+        execute_horizon=int(_get(values, "execute_horizon")),
+        max_guidance_weight=float(_get(values, "rtc_max_guidance_weight")),
+        mask_schedule=_get(values, "rtc_mask_schedule"),
+        ensemble_decay=float(_get(values, "ensemble_decay")),
+        latency_percentile=float(_get(values, "latency_percentile")),
     )
 
 
@@ -221,3 +320,83 @@ def _cameras(names: Sequence[str], topics: Sequence[str], types: Sequence[str]) 
 def _get(values: Mapping[str, Any], name: str) -> Any:
     value = values.get(name)
     return SPECS[name].default if value is None else value
+
+
+# ---- parameter files -------------------------------------------------------------------------
+
+
+def resolve_topic(name: str, namespace: str = "/", node_name: str = NODE_NAME) -> str:
+    """A topic name as rcl resolves it for node `<namespace>/<node_name>`: `/a` stays, `~/a` is
+    `<namespace>/<node_name>/a`, `a` is `<namespace>/a`."""
+    ns = "/" + namespace.strip("/") if namespace.strip("/") else ""
+    if name.startswith("/"):
+        resolved = name
+    elif name.startswith("~"):
+        resolved = f"{ns}/{node_name}/{name[1:].lstrip('/')}"
+    else:
+        resolved = f"{ns}/{name}"
+    return re.sub("/+", "/", resolved).rstrip("/") or "/"
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """rcl node-name patterns: `**` = any number of tokens, `*` = any characters within one token."""
+    parts = []
+    for token in pattern.strip("/").split("/"):
+        if token == "**":
+            parts.append("(?:/[^/]+)*")
+        else:
+            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in token.split("*")))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def _node_sections(tree: Any, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(node pattern, parameters) for every `ros__parameters` block, in file order; namespaces may
+    be nested mappings (`ns: {node: {ros__parameters: ...}}`) or slash-joined keys."""
+    sections: list[tuple[str, dict[str, Any]]] = []
+    if not isinstance(tree, dict):
+        return sections
+    for key, value in tree.items():
+        if key == PARAMS_KEY:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix or '/'}: expected a mapping under {PARAMS_KEY}, found {value!r}")
+            sections.append((prefix or "/", _flatten(value)))
+        else:
+            sections.extend(_node_sections(value, f"{prefix}/{str(key).strip('/')}"))
+    return sections
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameter mappings become dotted names, as rcl reads them."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NODE_NAME) -> dict[str, Any]:
+    """The parameters a ROS parameter file gives node `<namespace>/<node_name>` (later blocks win)."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"params file {path}: cannot read it: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {path}: expected ROS parameter YAML, found invalid YAML: {exc}") from None
+    fqn = resolve_topic(node_name, namespace)
+    sections = _node_sections(tree)
+    if not sections:
+        raise ConfigError(f"params file {path}: expected '<node>: {{{PARAMS_KEY}: ...}}' blocks, found none")
+    values: dict[str, Any] = {}
+    matched = False
+    for pattern, params in sections:
+        if _pattern_regex(pattern).match(fqn):
+            values.update(params)
+            matched = True
+    if not matched:
+        raise ConfigError(f"params file {path}: no block applies to node {fqn}; found blocks for "
+                          f"{[pattern for pattern, _ in sections]}")
+    return values

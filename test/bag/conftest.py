@@ -19,6 +19,7 @@ LIBERO_PARAMS: dict[str, Any] = {
     "model_preset": "pi0_small",
     "robot_profile": "libero",
     "device": "cpu",
+    "cpu_threads": 1,  # more threads fight the replayer and the executor on a small machine
     "camera_names": ["image", "wrist_image"],
     "camera_types": ["raw", "compressed"],
     "joint_names": JOINTS,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Callable, Iterator
 
 import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
+from rclpy.exceptions import InvalidHandle  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 
@@ -42,6 +44,8 @@ def executor() -> Iterator[MultiThreadedExecutor]:
         while not stop.is_set():
             try:
                 ex.spin_once(timeout_sec=0.05)
+            except InvalidHandle:
+                continue  # an entity destroyed by a transition or a teardown: as the node's main() does
             except Exception as exc:  # noqa: BLE001 - recorded and reported at teardown
                 errors.append(exc)
 
@@ -64,15 +68,16 @@ def namespace() -> str:
 
 @pytest.fixture
 def make_node(executor: MultiThreadedExecutor, namespace: str) -> Iterator[Callable[..., PolicyNode]]:
-    """make_node(params=..., profile=..., latency_s=..., **node_kwargs) -> PolicyNode on the executor."""
+    """make_node(params=..., profile=..., latency_s=..., policy_factory=..., **node_kwargs) -> PolicyNode on the
+    executor; the default factory is a FakePolicy with that profile and latency."""
     nodes: list[PolicyNode] = []
 
     def make(params: dict | None = None, profile: FakeProfile | None = None, latency_s: float = 0.0,
              **kwargs) -> PolicyNode:
         values = {**BASE_PARAMS, **(params or {})}
         overrides = [Parameter(k, value=v) for k, v in values.items()]
-        node = PolicyNode(namespace=namespace, parameter_overrides=overrides,
-                          policy_factory=lambda cfg: FakePolicy(cfg, profile, latency_s), **kwargs)
+        factory = kwargs.pop("policy_factory", None) or (lambda cfg: FakePolicy(cfg, profile, latency_s))
+        node = PolicyNode(namespace=namespace, parameter_overrides=overrides, policy_factory=factory, **kwargs)
         executor.add_node(node)
         nodes.append(node)
         return node
@@ -80,6 +85,8 @@ def make_node(executor: MultiThreadedExecutor, namespace: str) -> Iterator[Calla
     yield make
     for node in nodes:
         executor.remove_node(node)
+    let_executor_drop_removed_nodes(nodes)
+    for node in nodes:
         node._release()
         node.destroy_node()
 
@@ -90,4 +97,13 @@ def probe(executor: MultiThreadedExecutor, namespace: str) -> Iterator[Probe]:
     executor.add_node(node)
     yield node
     executor.remove_node(node)
+    let_executor_drop_removed_nodes([node])
     node.destroy_node()
+
+
+def let_executor_drop_removed_nodes(nodes: list) -> None:
+    """remove_node() does not wait for the executor thread: a wait set it is building may still hold
+    the node's entities, and destroying them then raises InvalidHandle in that thread. One spin
+    period (0.05 s) and a margin lets it move on."""
+    if nodes:
+        time.sleep(0.12)

@@ -49,6 +49,14 @@ class Probe(Node):
         self.state = np.array([0.1, -0.2, 0.3])
         self.state_names = list(JOINTS)  # the order published; positions follow it
         self.cameras_on = {"cam_a": True, "cam_b": True}
+        # Tests replace these: the stamp source (default: this node's clock) and a JointState
+        # published as given (names, positions) instead of the mapped state.
+        self.stamp_fn: Callable[[], Any] | None = None
+        self.joint_override: tuple[list[str], list[float]] | None = None
+        # Held while publishing and while destroying: a timer callback already dispatched when the
+        # test tears the probe down must not publish on destroyed publishers.
+        self._publish_lock = threading.Lock()
+        self._closed = False
         self.image_a = Image(height=6, width=8, encoding="rgb8", step=24, data=IMAGE_A.tobytes())
         ok, png = cv2.imencode(".png", np.ascontiguousarray(IMAGE_B[:, :, ::-1]))
         assert ok
@@ -81,11 +89,22 @@ class Probe(Node):
             self.diagnostics.extend(s for s in msg.status
                                     if s.name == self._status_name and s.hardware_id == self._hardware_id)
 
+    def destroy_node(self) -> None:
+        with self._publish_lock:
+            self._closed = True
+        super().destroy_node()
+
     def publish_inputs(self) -> None:
-        stamp = self.get_clock().now().to_msg()
+        with self._publish_lock:
+            if not self._closed:
+                self._publish_inputs()
+
+    def _publish_inputs(self) -> None:
         with self.lock:
             on = dict(self.cameras_on)
             names, state = list(self.state_names), self.state.copy()
+            stamp_fn, override = self.stamp_fn, self.joint_override
+        stamp = stamp_fn() if stamp_fn is not None else self.get_clock().now().to_msg()
         if on["cam_a"]:
             self.image_a.header.stamp = stamp
             self._pub_a.publish(self.image_a)
@@ -94,6 +113,14 @@ class Probe(Node):
             self._pub_b.publish(self.image_b)
         order = [JOINTS.index(n) if n in JOINTS else None for n in names]
         positions = [float(state[i]) if i is not None else 42.0 for i in order]
+        if override is not None:
+            names, positions = override
+        msg = JointState(name=names, position=positions)
+        msg.header.stamp = stamp
+        self._pub_js.publish(msg)
+
+    def publish_joint_state(self, names: list[str], positions: list[float], stamp: Any) -> None:
+        """One extra JointState, besides the timer's."""
         msg = JointState(name=names, position=positions)
         msg.header.stamp = stamp
         self._pub_js.publish(msg)
@@ -101,6 +128,11 @@ class Probe(Node):
     def counts(self) -> tuple[int, int, int]:
         with self.lock:
             return len(self.trajectories), len(self.chunks), len(self.stamps)
+
+    def latest_values(self, contains: str = "") -> dict[str, str]:
+        """The key/values of the latest status whose message contains `contains` ({} if none)."""
+        status = self.latest_status(contains)
+        return {} if status is None else {kv.key: kv.value for kv in status.values}
 
     def latest_status(self, contains: str = "") -> Any:
         with self.lock:

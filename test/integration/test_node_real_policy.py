@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray
@@ -21,9 +20,9 @@ from trajectory_msgs.msg import JointTrajectory
 from pi0_policy_ros.policy.policy import Policy
 from pi0_policy_ros.policy.types import Observation
 from pi0_policy_ros.ros.convert import action_chunk_from_message
-from pi0_policy_ros.ros.node import PolicyNode
 from pi0_policy_ros.ros.params import config_from_params
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS
+from test.integration.conftest import let_executor_drop_removed_nodes
 from test.integration.harness import duration_s, wait_for
 
 STATE_NAMES = [f"s{i}" for i in range(8)]
@@ -83,21 +82,16 @@ def robot(executor, namespace: str):
     executor.add_node(node)
     yield node
     executor.remove_node(node)
+    let_executor_drop_removed_nodes([node])
     node.destroy_node()
 
 
-def test_published_chunk_equals_policy_infer(executor, namespace: str, robot: LiberoRobot) -> None:
-    node = PolicyNode(namespace=namespace, parameter_overrides=[Parameter(k, value=v) for k, v in PARAMS.items()])
-    executor.add_node(node)
-    try:
-        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        wait_for(lambda: len(robot.chunks) >= 2 and len(robot.trajectories) >= 2, timeout_s=60.0)
-        node.trigger_deactivate()
-    finally:
-        executor.remove_node(node)
-        node._release()
-        node.destroy_node()
+def test_published_chunk_equals_policy_infer(make_node, robot: LiberoRobot) -> None:
+    node = make_node(params=PARAMS, policy_factory=Policy.from_config)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    wait_for(lambda: len(robot.chunks) >= 2 and len(robot.trajectories) >= 2, timeout_s=60.0)
+    node.trigger_deactivate()
 
     policy = Policy.from_config(config_from_params(PARAMS).policy)  # same seed: same random weights
     expected = policy.infer(Observation(images={"image": AGENT_VIEW, "wrist_image": WRIST},

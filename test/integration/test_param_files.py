@@ -6,6 +6,7 @@ import pytest
 from rclpy.lifecycle import TransitionCallbackReturn
 
 from test.fakes import FakePolicy
+from test.integration.conftest import let_executor_drop_removed_nodes
 from test.integration.harness import JOINTS
 from test.paths import REPO_ROOT
 from pi0_policy_ros.ros.node import PolicyNode
@@ -27,6 +28,8 @@ def node_from(executor):
     yield make
     for node in nodes:
         executor.remove_node(node)
+    let_executor_drop_removed_nodes(nodes)
+    for node in nodes:
         node._release()
         node.destroy_node()
 

@@ -1,0 +1,277 @@
+"""One control tick, ROS-free: the node's timer callback and the offline replay both run it.
+
+`ControlStep.run(clock)` does, in order:
+1. snapshot the `ObservationBuffer` (age and skew rules) and decode the stored images with the
+   injected decoders (`ros/convert` in the node and in replay: control/ imports neither rclpy nor
+   torch);
+2. `Observation` -> `policy.infer` -> `ActionChunk`;
+3. `SafetyFilter`: NaN/Inf guard and limits; a rejected chunk holds;
+4. `ChunkScheduler` and the trajectory plan. `naive`: the chunk itself, points less than one
+   control period ahead dropped (`plan_trajectory`), one inference per tick. Other modes: an
+   inference every `execute_horizon` action periods, and the scheduler's splice / ensemble
+   sampled one action period apart from one control period ahead;
+5. a `StepResult`: PUBLISH (chunk and trajectory), HOLD (reason, kind, level; with
+   `hold_position` a one-point trajectory at the measured position) or WAIT (non-naive modes
+   between inference starts: the controller keeps executing what it has).
+
+clock: returns now in seconds on the caller's clock. The node passes its ROS clock (read again
+after inference, which takes time); the offline replay passes the tick's bag time, so the same
+bag gives the same outputs. A clock that runs backwards (simulation reset) resets the buffers and
+the schedule: old samples and chunks would otherwise look like they come from the future.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from pi0_policy_ros.control.monitor import ERROR, OK, WARN
+from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.control.safety import SafetyFilter
+from pi0_policy_ros.control.scheduler import ChunkScheduler, InferenceRequest, SchedulerConfig, SchedulerStatus
+from pi0_policy_ros.control.trajectory import (TrajectoryPlan, expired_reason, finite_difference_velocities,
+                                               plan_trajectory)
+from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
+from pi0_policy_ros.policy.types import ActionChunk, Observation
+
+PUBLISH, HOLD, WAIT = "publish", "hold", "wait"
+HOLD_STOP, HOLD_POSITION = "stop", "hold_position"
+HOLD_MODES = (HOLD_STOP, HOLD_POSITION)
+NAIVE = "naive"
+
+# Hold kinds besides the snapshot's (observation_buffer.MISSING_INPUT, ...): /diagnostics counts
+# holds per kind.
+BAD_IMAGE = "bad_image"
+POLICY_REFUSED = "policy_refused"
+INFERENCE_FAILED = "inference_failed"
+SAFETY_REJECT = "safety_reject"
+UNUSABLE_CHUNK = "unusable_chunk"
+EXPIRED_CHUNK = "expired_chunk"
+CLOCK_JUMP = "clock_jump"
+
+# A clock this far behind the previous tick is a jump (simulation reset), not jitter.
+CLOCK_JUMP_TOLERANCE_S = 1e-3
+_GRID_EPS = 1e-9
+
+Decoder = Callable[[Any], np.ndarray]
+Clock = Callable[[], float]
+
+
+class InferencePolicy(Protocol):
+    def infer(self, observation: Observation) -> ActionChunk: ...
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one tick did.
+
+    outcome: PUBLISH, HOLD or WAIT. reason / kind / level: why it held (kind: the /diagnostics
+    counter). observation: the observation used, when one was built. chunk: the policy's chunk,
+    with the safety-filtered actions when it got that far. plan: the trajectory to publish (the
+    chunk's, or the hold point of `hold_position`; None when nothing goes out). clamped: the
+    safety limits that clamped this chunk. timings_ms: decode / infer / plan and the policy's
+    own stages (policy_*). age_s / camera_skew_s: of the snapshot (nan without one).
+    """
+
+    outcome: str
+    reason: str = ""
+    kind: str = ""
+    level: int = OK
+    observation: Observation | None = None
+    chunk: ActionChunk | None = None
+    plan: TrajectoryPlan | None = None
+    clamped: tuple[str, ...] = ()
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+    age_s: float = math.nan
+    camera_skew_s: float = math.nan
+
+    @property
+    def published(self) -> bool:
+        return self.outcome == PUBLISH
+
+
+def action_state_indices(joint_names: Sequence[str], action_joint_names: Sequence[str],
+                         action_space: str = "joint_position") -> tuple[int, ...] | None:
+    """Where each action joint sits in the state vector; None when the actions are not joint
+    positions (velocities, end-effector deltas) or some action joint is not a measured joint:
+    then there is no measured position to compare actions with or to hold."""
+    index = {name: i for i, name in enumerate(joint_names)}
+    if action_space != "joint_position" or not action_joint_names:
+        return None
+    if any(name not in index for name in action_joint_names):
+        return None
+    return tuple(index[name] for name in action_joint_names)
+
+
+class ControlStep:
+    """The control loop's logic, one `run` per tick. Not thread-safe: one caller at a time (the
+    node's control callback group, holding its lock).
+
+    decoders: camera name -> raw stored value -> uint8 RGB [H, W, 3], in the camera order the
+        policy sees. state_indices: `action_state_indices(...)` of the configuration.
+    """
+
+    def __init__(self, policy: InferencePolicy, buffer: ObservationBuffer, decoders: Mapping[str, Decoder],
+                 safety: SafetyFilter, scheduler_config: SchedulerConfig | None = None,
+                 state_indices: tuple[int, ...] | None = None, hold_mode: str = HOLD_STOP) -> None:
+        if hold_mode not in HOLD_MODES:
+            raise ConfigError(f"hold_mode: expected one of {list(HOLD_MODES)}, found {hold_mode!r}")
+        self.policy = policy
+        self.buffer = buffer
+        self.decoders = dict(decoders)
+        self.safety = safety
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.state_indices = state_indices
+        self.hold_mode = hold_mode
+        self._scheduler: ChunkScheduler | None = None
+        self._executing = False  # a trajectory of ours is running on the controller
+        self._last_now_s: float | None = None
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def prepare(self, horizon: int, period_s: float) -> None:
+        """Build the scheduler for chunks of `horizon` actions `period_s` apart (the node does it at
+        configure, after the warm-up chunk, so that a bad `execute_horizon` fails configure). ConfigError."""
+        self._scheduler = ChunkScheduler(self.scheduler_config, period_s, horizon)
+
+    def reset(self) -> None:
+        """Forget samples, chunks and timing (activation, clock jump). The scheduler keeps its
+        geometry but starts over."""
+        self.buffer.reset()
+        if self._scheduler is not None:
+            self._scheduler = ChunkScheduler(self.scheduler_config, self._scheduler.period_s, self._scheduler.horizon)
+        self._executing = False
+        self._last_now_s = None
+
+    def scheduler_status(self) -> SchedulerStatus:
+        if self._scheduler is None:
+            return SchedulerStatus(mode=self.scheduler_config.mode, delay_steps=0, latency_s=math.nan,
+                                   in_flight=False, chunks_received=0, chunks_dropped=0)
+        return self._scheduler.status()
+
+    # ---- the tick ------------------------------------------------------------------------------
+
+    def run(self, clock: Clock) -> StepResult:
+        now_s = clock()
+        if self._last_now_s is not None and now_s < self._last_now_s - CLOCK_JUMP_TOLERANCE_S:
+            jump_s = self._last_now_s - now_s
+            self.reset()
+            self._last_now_s = now_s
+            return StepResult(HOLD, f"clock jumped back by {jump_s:.3f} s (simulation reset?): observation "
+                                    "buffers and chunk schedule reset", CLOCK_JUMP, WARN)
+        self._last_now_s = now_s
+        scheduler = self._scheduler
+        if self.scheduler_config.mode != NAIVE and scheduler is not None and not scheduler.should_start(now_s):
+            return StepResult(WAIT)
+
+        t0 = time.perf_counter()
+        try:
+            snapshot = self.buffer.snapshot(now_s)
+        except ObservationError as exc:
+            return self._hold(exc.kind, str(exc), now_s)
+        images = {}
+        for name, decode in self.decoders.items():
+            try:
+                images[name] = decode(snapshot.images[name])
+            except ObservationError as exc:
+                return self._hold(BAD_IMAGE, f"camera {name!r}: {exc}", now_s)
+        observation = Observation(images=images, state=snapshot.state, prompt=snapshot.prompt,
+                                  stamp_s=snapshot.stamp_s)
+        seen = {"observation": observation, "age_s": snapshot.age_s, "camera_skew_s": snapshot.camera_skew_s}
+        t_decoded = time.perf_counter()
+
+        start_s, stamp_s = now_s, min(snapshot.stamp_s, now_s)  # a stamp slightly ahead counts as now
+        request = scheduler.begin(start_s, stamp_s) if scheduler is not None else None
+        try:
+            chunk = self.policy.infer(observation)
+        except ObservationError as exc:
+            self._abort(request)
+            return self._hold(POLICY_REFUSED, f"policy refused the observation: {exc}", now_s, **seen)
+        except Exception as exc:  # noqa: BLE001 - a failed inference holds; the loop goes on
+            self._abort(request)
+            return self._hold(INFERENCE_FAILED, f"inference failed: {exc!r}", now_s, ERROR, **seen)
+        t_inferred = time.perf_counter()
+
+        current = None if self.state_indices is None else snapshot.state[list(self.state_indices)]
+        filtered = self.safety.apply(chunk.actions, current)
+        if filtered.rejected:
+            self._abort(request)
+            return self._hold(SAFETY_REJECT, f"safety filter rejected the chunk: {filtered.reason}", now_s,
+                              chunk=chunk, **seen)
+        chunk = dataclasses.replace(chunk, actions=filtered.actions)
+        now_s = clock()
+        self._last_now_s = max(self._last_now_s, now_s)
+        min_lead_s = self.buffer.config.control_period_s
+        try:
+            if scheduler is None:
+                scheduler = self._scheduler = ChunkScheduler(self.scheduler_config, chunk.period_s, chunk.horizon)
+                request = scheduler.begin(start_s, stamp_s)
+            assert request is not None
+            kept = scheduler.complete(request, chunk.actions, now_s)
+            if self.scheduler_config.mode == NAIVE:
+                plan = plan_trajectory(chunk.actions, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
+            else:
+                plan = self._scheduled_plan(scheduler, request, now_s, min_lead_s) if kept else None
+        except Pi0PolicyError as exc:  # ConfigError included (execute_horizon > horizon)
+            self._abort(request)
+            return self._hold(UNUSABLE_CHUNK, f"unusable chunk: {exc}", now_s, ERROR, chunk=chunk, **seen)
+        if plan is None or plan.empty:
+            reason = expired_reason(chunk.horizon, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
+            return self._hold(EXPIRED_CHUNK, reason, now_s, chunk=chunk, **seen)
+        self._executing = True
+        timings = {f"policy_{k}": v for k, v in chunk.timings_ms.items()}
+        timings.update(decode=(t_decoded - t0) * 1e3, infer=(t_inferred - t_decoded) * 1e3,
+                       plan=(time.perf_counter() - t_inferred) * 1e3)
+        return StepResult(PUBLISH, chunk=chunk, plan=plan, clamped=filtered.clamped, timings_ms=timings, **seen)
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _abort(self, request: InferenceRequest | None) -> None:
+        scheduler = self._scheduler
+        if request is not None and scheduler is not None and scheduler.status().in_flight:
+            scheduler.abort(request)
+
+    @staticmethod
+    def _scheduled_plan(scheduler: ChunkScheduler, request: InferenceRequest, now_s: float,
+                        min_lead_s: float) -> TrajectoryPlan | None:
+        """The scheduler's actions from one control period ahead to the end of the newest chunk,
+        one action period apart."""
+        period_s = scheduler.period_s
+        start_s = now_s + min_lead_s
+        end_s = request.stamp_s + (scheduler.horizon - 1) * period_s
+        count = math.floor((end_s - start_s) / period_s + _GRID_EPS) + 1
+        if count < 1:
+            return None
+        positions = scheduler.plan(start_s, count)
+        if positions is None:
+            return None
+        return TrajectoryPlan(first_index=scheduler.horizon - count,
+                              times_from_start_s=min_lead_s + np.arange(count, dtype=np.float64) * period_s,
+                              positions=positions.astype(np.float64),
+                              velocities=finite_difference_velocities(positions, period_s))
+
+    def _hold(self, kind: str, reason: str, now_s: float, level: int = WARN, **seen: Any) -> StepResult:
+        """A hold: with `hold_position`, the first hold after our own trajectory also sends a hold point."""
+        plan = None
+        if self.hold_mode == HOLD_POSITION and self._executing:
+            plan = self._hold_plan(now_s)
+            if plan is None:
+                reason += " (hold_position: no fresh measured position of the action joints; nothing sent)"
+            else:
+                self._executing = False
+        return StepResult(HOLD, reason, kind, level, plan=plan, **seen)
+
+    def _hold_plan(self, now_s: float) -> TrajectoryPlan | None:
+        """One point at the measured position of the action joints, one control period ahead."""
+        sample = self.buffer.latest_state()
+        config = self.buffer.config
+        if self.state_indices is None or sample is None or now_s - sample.stamp_s > config.max_observation_age_s:
+            return None
+        position = np.asarray(sample.value, dtype=np.float64)[list(self.state_indices)]
+        return TrajectoryPlan(first_index=0, times_from_start_s=np.array([config.control_period_s]),
+                              positions=position[None, :], velocities=np.zeros((1, position.size)))

@@ -1,0 +1,139 @@
+"""Issue 8, configuration and prompt: each bad configuration ends configure in FAILURE with the
+reason on /diagnostics ("configure failed: ..."), and the same node configures once it is fixed.
+The checkpoint cases load real checkpoint directories (written here from the openpi fixture
+weights) with the real `Policy`; the prompt cases run the tiny model with random weights."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
+
+from test.fakes import FakePolicy
+from test.integration.harness import wait_for
+from test.paths import PI05_FIXTURE
+from test.unit.test_policy import write_openpi_dir
+from pi0_policy_ros.ros.node import load_policy
+
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+STATE_NAMES = [f"s{i}" for i in range(8)]
+LIBERO = {
+    "robot_profile": "pi05_libero", "model_preset": "auto", "device": "cpu", "cpu_threads": 1,
+    "camera_names": ["image", "wrist_image"], "camera_topics": ["cam_a/image_raw", "cam_b/image_raw/compressed"],
+    "joint_names": STATE_NAMES, "action_joint_names": [f"a{i}" for i in range(7)],
+    "prompt": "pick up the block", "max_observation_age_s": 2.0, "max_camera_skew_s": 1.0, "control_rate_hz": 2.0,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_openpi_dir(tmp_path_factory.mktemp("ckpt") / "pi05_libero", PI05_FIXTURE)
+
+
+def fails_then_fixed(node, probe, reason: str, fix) -> None:
+    """configure -> FAILURE with `reason` on /diagnostics; fix(); configure -> SUCCESS."""
+    wait_for(lambda: node.count_subscribers("/diagnostics") >= 1)
+    time.sleep(0.2)  # the probe's reader matched, so the one failure report reaches it
+    assert node.trigger_configure() == FAILURE
+    assert node.policy is None and node.config is None
+    status = wait_for(lambda: probe.latest_status("configure failed"))
+    assert status.level == b"\x02" and reason in status.message, status.message
+    assert reason in {kv.key: kv.value for kv in status.values}["configure_error"]
+    fix()
+    assert node.trigger_configure() == SUCCESS
+    assert node.trigger_cleanup() == SUCCESS
+
+
+def test_checkpoint_shapes_not_matching_the_preset(make_node, probe, checkpoint: Path) -> None:
+    node = make_node(params={**LIBERO, "checkpoint_path": str(checkpoint), "model_preset": "pi05"},
+                     policy_factory=load_policy)
+    fails_then_fixed(node, probe, "wrong shape time_mlp_in.weight: expected [1024, 1024], found [64, 64]",
+                     lambda: node.set_parameters([Parameter("model_preset", value="auto")]))
+
+
+def test_missing_norm_stats_file(make_node, probe, checkpoint: Path, tmp_path: Path) -> None:
+    stats = checkpoint / "assets" / "libero" / "norm_stats.json"
+    saved = tmp_path / "norm_stats.json"
+    shutil.move(stats, saved)
+    try:
+        node = make_node(params={**LIBERO, "checkpoint_path": str(checkpoint)}, policy_factory=load_policy)
+        fails_then_fixed(node, probe, "norm_stats.json", lambda: shutil.copy(saved, stats))
+    finally:
+        if not stats.exists():
+            shutil.move(saved, stats)
+
+
+def test_robot_profile_with_other_dims_than_the_stats(make_node, probe, checkpoint: Path) -> None:
+    node = make_node(params={**LIBERO, "checkpoint_path": str(checkpoint), "robot_profile": "pi05_aloha"},
+                     policy_factory=load_policy)
+    fails_then_fixed(node, probe, "'state' norm stats have 8 dims but the robot profile has 14",
+                     lambda: node.set_parameters([Parameter("robot_profile", value="pi05_libero")]))
+
+
+def test_unknown_backend(make_node, probe) -> None:
+    node = make_node(params={"backend": "magic"})  # refused at declaration: the process stays up
+    fails_then_fixed(node, probe, "backend: expected values from ['torch', 'tensorrt', 'auto', 'eager'], "
+                     "found ['magic']", lambda: node.set_parameters([Parameter("backend", value="torch")]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(make_node, probe) -> None:
+    node = make_node(params={**LIBERO, "model_preset": "pi05_small", "device": "cuda"}, policy_factory=load_policy)
+    fails_then_fixed(node, probe, "device 'cuda' requested, but torch",
+                     lambda: node.set_parameters([Parameter("device", value="cpu")]))
+
+
+class OutOfMemoryOnce:
+    """A policy factory whose first call raises torch.OutOfMemoryError, as a GPU too small for the
+    model would at configure. A fake: nothing is allocated; later calls build a FakePolicy."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, config):  # noqa: ANN001, ANN204
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return FakePolicy(config)
+
+
+def test_out_of_memory_at_configure(make_node, probe) -> None:
+    """Out of memory at configure (a fake: the factory raises torch.OutOfMemoryError) fails the
+    transition with the error's type and message; the retry succeeds."""
+    factory = OutOfMemoryOnce()
+    node = make_node(policy_factory=factory)
+    fails_then_fixed(node, probe, "OutOfMemoryError: CUDA out of memory", lambda: None)
+    assert factory.calls == 2
+
+
+# ---- prompt (the real tiny model: the prompt goes through its tokenizer) -------------------------
+
+def real_node(make_node, probe, prompt: str):
+    probe.joint_override = (STATE_NAMES, [0.1 * i for i in range(8)])
+    node = make_node(params={**LIBERO, "model_preset": "pi05_small", "robot_profile": "pi05_libero",
+                             "prompt": prompt}, policy_factory=load_policy)
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    return node
+
+
+def test_empty_prompt_holds_and_says_a_prompt_is_required(make_node, probe) -> None:
+    node = real_node(make_node, probe, "")
+    values = wait_for(lambda: (v := probe.latest_values("holding")) and int(v.get("holds.policy_refused", 0)) and v,
+                      timeout_s=10.0)
+    assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "policy default"
+    assert probe.counts() == (0, 0, 0)
+    assert node.set_parameters([Parameter("prompt", value="pick up the block")])[0].successful
+    wait_for(lambda: probe.counts()[0] >= 1, timeout_s=10.0)
+
+
+def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, probe) -> None:
+    real_node(make_node, probe, "pick up the red block and put it in the box " * 40)
+    values = wait_for(lambda: (v := probe.latest_values()) and v.get("prompt.truncated") == "True" and v,
+                      timeout_s=10.0)
+    assert values["prompt.token_budget"] == "200"
+    wait_for(lambda: probe.counts()[0] >= 1, timeout_s=10.0)  # it still acts, on the cut prompt

@@ -1,0 +1,203 @@
+"""control/step.py: the one control tick shared by the node and the offline replay (no ROS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pi0_policy_ros.control.config import ControlConfig
+from pi0_policy_ros.control.monitor import ERROR, WARN, ControlMonitor
+from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
+from pi0_policy_ros.control.scheduler import SchedulerConfig
+from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, HOLD, HOLD_POSITION, INFERENCE_FAILED,
+                                         POLICY_REFUSED, PUBLISH, SAFETY_REJECT, WAIT, ControlStep,
+                                         action_state_indices)
+from pi0_policy_ros.control.trajectory import plan_trajectory
+from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.policy.config import PolicyConfig
+from test.fakes import FakePolicy, FakeProfile, expected_actions
+
+PROFILE = FakeProfile()
+CONTROL = ControlConfig(control_rate_hz=20.0, max_observation_age_s=0.3, max_camera_skew_s=0.2)
+IMAGE = np.full((4, 5, 3), 10, np.uint8)
+STATE = np.array([0.1, -0.2, 0.3])
+
+
+def decode(value: object) -> np.ndarray:
+    if isinstance(value, str):
+        raise ObservationError(f"expected an image, found {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class FailingPolicy(FakePolicy):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(PolicyConfig())
+        self.error = error
+
+    def infer(self, observation):  # noqa: ANN001, ANN201
+        raise self.error
+
+
+def make_step(policy=None, safety: SafetyConfig | None = None, hold_mode: str = "stop",
+              scheduler: SchedulerConfig | None = None) -> ControlStep:
+    buffer = ObservationBuffer(["cam_a", "cam_b"], CONTROL)
+    filt = SafetyFilter(safety or SafetyConfig(), PROFILE.action_dim, PROFILE.action_period_s)
+    return ControlStep(policy or FakePolicy(PolicyConfig()), buffer, {"cam_a": decode, "cam_b": decode}, filt,
+                       scheduler, action_state_indices(["j0", "j1", "j2"], ["j0", "j1", "j2"]), hold_mode)
+
+
+def feed(step: ControlStep, t_s: float, state: np.ndarray = STATE, image: object = IMAGE) -> None:
+    step.buffer.put_image("cam_a", image, t_s, t_s)
+    step.buffer.put_image("cam_b", IMAGE, t_s, t_s)
+    step.buffer.put_state(state, t_s, t_s)
+
+
+def test_naive_publishes_the_chunk_as_plan_trajectory_does() -> None:
+    step = make_step()
+    feed(step, 10.0)
+    result = step.run(lambda: 10.02)
+    assert result.outcome == PUBLISH and result.published
+    expected = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    np.testing.assert_array_equal(result.chunk.actions, expected)
+    reference = plan_trajectory(expected, PROFILE.action_period_s, 10.0, 10.02, CONTROL.control_period_s)
+    np.testing.assert_array_equal(result.plan.positions, reference.positions)
+    np.testing.assert_array_equal(result.plan.times_from_start_s, reference.times_from_start_s)
+    assert result.age_s == pytest.approx(0.02) and {"decode", "infer", "plan", "policy_fake"} <= set(result.timings_ms)
+    assert step.scheduler_status().mode == "naive" and step.scheduler_status().chunks_received == 1
+
+
+@pytest.mark.parametrize("case,kind,level", [
+    ("missing", "missing_input", WARN),
+    ("stale", "stale_observation", WARN),
+    ("bad_image", BAD_IMAGE, WARN),
+    ("refused", POLICY_REFUSED, WARN),
+    ("failed", INFERENCE_FAILED, ERROR),
+    ("expired", EXPIRED_CHUNK, WARN),
+])
+def test_every_hold_has_a_kind_and_a_reason(case: str, kind: str, level: int) -> None:
+    policy = {"refused": FailingPolicy(ObservationError("no prompt")),
+              "failed": FailingPolicy(RuntimeError("boom"))}.get(case)
+    step = make_step(policy)
+    now = 10.05
+    if case != "missing":
+        feed(step, 10.0, image="yuv422" if case == "bad_image" else IMAGE)
+    if case == "stale":
+        now = 11.0
+    if case == "expired":
+        step.buffer.config = ControlConfig(control_rate_hz=20.0, max_observation_age_s=5.0)
+        now = 10.6  # the whole 0.5 s chunk lies in the past
+    result = step.run(lambda: now)
+    assert (result.outcome, result.kind, result.level) == (HOLD, kind, level)
+    assert result.reason and result.plan is None
+    if case == "bad_image":
+        assert "camera 'cam_a'" in result.reason and "yuv422" in result.reason
+
+
+def test_safety_clamp_and_reject() -> None:
+    clamp = make_step(safety=SafetyConfig(position_lower=(-0.05,), position_upper=(0.05,)))
+    feed(clamp, 10.0)
+    result = clamp.run(lambda: 10.01)
+    assert result.published and result.clamped == ("position",)
+    assert np.all(np.abs(result.chunk.actions) <= 0.05) and clamp.safety.clamp_counts["position"] == 1
+
+    reject = make_step(safety=SafetyConfig(position_lower=(-0.05,), position_upper=(0.05,), position_policy="reject"))
+    feed(reject, 10.0)
+    result = reject.run(lambda: 10.01)
+    assert (result.outcome, result.kind) == (HOLD, SAFETY_REJECT) and "position" in result.reason
+    assert reject.safety.reject_counts["position"] == 1
+    assert not reject.scheduler_status().in_flight  # the aborted request does not wedge the scheduler
+
+
+def test_hold_position_sends_one_point_at_the_measured_position_once() -> None:
+    step = make_step(hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    assert step.run(lambda: 10.01).published
+    step.buffer.put_image("cam_a", "corrupt", 10.05, 10.05)  # the next ticks hold
+    moved = STATE + 0.01
+    step.buffer.put_state(moved, 10.05, 10.05)
+    held = step.run(lambda: 10.06)
+    assert held.outcome == HOLD and held.kind == BAD_IMAGE
+    np.testing.assert_array_equal(held.plan.positions, moved[None, :])
+    np.testing.assert_array_equal(held.plan.velocities, np.zeros((1, 3)))
+    np.testing.assert_allclose(held.plan.times_from_start_s, [CONTROL.control_period_s])
+    assert step.run(lambda: 10.11).plan is None  # once per hold: the controller already stops there
+
+
+def test_hold_position_without_a_fresh_state_sends_nothing() -> None:
+    step = make_step(hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    assert step.run(lambda: 10.01).published
+    result = step.run(lambda: 11.0)  # everything stale, the state included
+    assert result.kind == "stale_observation" and result.plan is None
+    assert "nothing sent" in result.reason
+
+
+def test_stop_sends_nothing_on_hold() -> None:
+    step = make_step()
+    feed(step, 10.0)
+    assert step.run(lambda: 10.01).published
+    assert step.run(lambda: 11.0).plan is None
+
+
+def test_a_clock_jump_back_resets_and_recovers() -> None:
+    step = make_step()
+    feed(step, 100.0)
+    assert step.run(lambda: 100.01).published
+    result = step.run(lambda: 5.0)  # simulation reset
+    assert (result.outcome, result.kind) == (HOLD, CLOCK_JUMP) and "95.010 s" in result.reason
+    feed(step, 5.02)  # earlier stamps than before the jump are accepted again
+    assert step.run(lambda: 5.05).published
+
+
+def test_temporal_ensemble_infers_every_execute_horizon_and_blends() -> None:
+    step = make_step(scheduler=SchedulerConfig(mode="temporal_ensemble", execute_horizon=4, ensemble_decay=0.0))
+    step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+    feed(step, 10.0)
+    first = step.run(lambda: 10.0)
+    assert first.published and first.plan.times_from_start_s[0] == pytest.approx(CONTROL.control_period_s)
+    feed(step, 10.05, STATE + 1.0)
+    assert step.run(lambda: 10.05).outcome == WAIT  # 1 of 4 action periods since the last start
+    feed(step, 10.2, STATE + 1.0)
+    second = step.run(lambda: 10.2)
+    assert second.published
+    # At 10.25 both chunks cover the time: the uniform average of chunk 0 (index 5) and chunk 1 (index 1).
+    a0 = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    a1 = expected_actions(PROFILE, STATE + 1.0, {"cam_a": IMAGE, "cam_b": IMAGE})
+    np.testing.assert_allclose(second.plan.positions[0], (a0[5] + a1[1]) / 2, rtol=1e-6)
+
+
+def test_execute_horizon_longer_than_the_chunk_is_a_config_error() -> None:
+    step = make_step(scheduler=SchedulerConfig(mode="rtc_fast", execute_horizon=20))
+    with pytest.raises(ConfigError, match="execute_horizon"):
+        step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+
+
+def test_action_state_indices() -> None:
+    assert action_state_indices(["a", "b", "c"], ["c", "a"]) == (2, 0)
+    assert action_state_indices(["a", "b"], ["a", "x"]) is None
+    assert action_state_indices(["a", "b"], ["a", "b"], "joint_velocity") is None
+
+
+def test_monitor_counts_holds_per_kind_on_the_callers_clock() -> None:
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(100.0)
+    monitor.tick_started(100.1)
+    monitor.held("stale", WARN, "stale_observation")
+    monitor.tick_started(100.2)
+    monitor.held("stale again", WARN, "stale_observation")
+    monitor.held("rejected", WARN, "safety_reject")
+    monitor.input_received("cam_a", 0.004)
+    monitor.input_rejected("bad", "joint_states")
+    monitor.set_values("safety", {"clamp.position": 3})
+    values = monitor.report(100.3).values
+    assert values["holds"] == "3" and values["holds.stale_observation"] == "2" and values["holds.safety_reject"] == "1"
+    assert values["last_hold_kind"] == "safety_reject" and values["inputs.cam_a"] == "1"
+    assert values["input_errors.joint_states"] == "1" and values["safety.clamp.position"] == "3"
+    assert float(values["input_delay_cam_a_p50_ms"]) == pytest.approx(4.0)
+    # Sim time reset: the rate window restarts instead of counting negative periods.
+    monitor.tick_started(1.0)
+    monitor.published(1.05, {}, 0.01, 0.0)
+    values = monitor.report(1.1).values
+    assert values["clock_jumps"] == "1" and values["skipped_ticks"] == "0"
+    assert float(values["achieved_rate_hz"]) == pytest.approx(10.0)
