@@ -33,7 +33,7 @@ def _allocated() -> int:
 
 def test_full_size_policy_runs_and_close_frees_gpu_memory() -> None:
     baseline = _allocated()
-    loaded = []
+    loaded, residual = [], []
     for _ in range(3):  # configure / cleanup cycles must not accumulate memory
         policy = Policy.from_config(PolicyConfig(model_preset="pi05_libero", robot_profile="pi05_libero",
                                                  device="cuda", precision="bfloat16"))
@@ -43,7 +43,10 @@ def test_full_size_policy_runs_and_close_frees_gpu_memory() -> None:
         loaded.append(_allocated() - baseline)
         policy.close()
         del policy, chunk
-        freed_to = _allocated() - baseline
-        assert freed_to < 64 * 2**20, f"{freed_to / GiB:.2f} GiB still allocated after close()"
+        residual.append(_allocated() - baseline)
+    # What stays is torch's per-stream cuBLAS workspaces, made on first use (~66 MiB on the H100),
+    # not the model: it must be small against the ~7 GiB loaded and must not grow with cycles.
     assert all(m > 4 * GiB for m in loaded), loaded  # the weights really were on the GPU
+    assert all(r < 256 * 2**20 for r in residual), residual
+    assert max(residual) - min(residual) < 16 * 2**20, residual
     assert max(loaded) - min(loaded) < 64 * 2**20, loaded
