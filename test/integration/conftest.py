@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -67,43 +67,49 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def make_node(executor: MultiThreadedExecutor, namespace: str) -> Iterator[Callable[..., PolicyNode]]:
+def attach(executor: MultiThreadedExecutor) -> Iterator[Callable[[Any], Any]]:
+    """attach(node) -> node: spun by the session executor during the test, then removed, released
+    (a PolicyNode's policy) and destroyed in the order the executor thread needs."""
+    nodes: list[Any] = []
+
+    def add(node: Any) -> Any:
+        executor.add_node(node)
+        nodes.append(node)
+        return node
+
+    yield add
+    for node in nodes:
+        executor.remove_node(node)
+    _let_executor_drop_removed_nodes()
+    for node in nodes:
+        if isinstance(node, PolicyNode):
+            node._release()
+        node.destroy_node()
+
+
+@pytest.fixture
+def make_node(attach: Callable[[Any], Any], namespace: str) -> Callable[..., PolicyNode]:
     """make_node(params=..., profile=..., latency_s=..., policy_factory=..., **node_kwargs) -> PolicyNode on the
     executor; the default factory is a FakePolicy with that profile and latency."""
-    nodes: list[PolicyNode] = []
 
     def make(params: dict | None = None, profile: FakeProfile | None = None, latency_s: float = 0.0,
              **kwargs) -> PolicyNode:
         values = {**BASE_PARAMS, **(params or {})}
         overrides = [Parameter(k, value=v) for k, v in values.items()]
         factory = kwargs.pop("policy_factory", None) or (lambda cfg: FakePolicy(cfg, profile, latency_s))
-        node = PolicyNode(namespace=namespace, parameter_overrides=overrides, policy_factory=factory, **kwargs)
-        executor.add_node(node)
-        nodes.append(node)
-        return node
+        return attach(PolicyNode(namespace=namespace, parameter_overrides=overrides, policy_factory=factory,
+                                 **kwargs))
 
-    yield make
-    for node in nodes:
-        executor.remove_node(node)
-    let_executor_drop_removed_nodes(nodes)
-    for node in nodes:
-        node._release()
-        node.destroy_node()
+    return make
 
 
 @pytest.fixture
-def probe(executor: MultiThreadedExecutor, namespace: str) -> Iterator[Probe]:
-    node = Probe(namespace)
-    executor.add_node(node)
-    yield node
-    executor.remove_node(node)
-    let_executor_drop_removed_nodes([node])
-    node.destroy_node()
+def probe(attach: Callable[[Any], Any], namespace: str) -> Probe:
+    return attach(Probe(namespace))
 
 
-def let_executor_drop_removed_nodes(nodes: list) -> None:
+def _let_executor_drop_removed_nodes() -> None:
     """remove_node() does not wait for the executor thread: a wait set it is building may still hold
     the node's entities, and destroying them then raises InvalidHandle in that thread. One spin
     period (0.05 s) and a margin lets it move on."""
-    if nodes:
-        time.sleep(0.12)
+    time.sleep(0.12)

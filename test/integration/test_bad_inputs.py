@@ -17,7 +17,6 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CompressedImage, Image
 
 from test.fakes import FakeProfile, expected_actions
-from test.integration.conftest import let_executor_drop_removed_nodes
 from test.integration.harness import IMAGE_B, JOINTS, wait_for
 from pi0_policy_ros.ros.convert import seconds_to_stamp
 
@@ -200,13 +199,8 @@ class SimClock(Node):
 
 
 @pytest.fixture
-def sim_clock(executor):
-    node = SimClock(1000.0)
-    executor.add_node(node)
-    yield node
-    executor.remove_node(node)
-    let_executor_drop_removed_nodes([node])
-    node.destroy_node()
+def sim_clock(attach):
+    return attach(SimClock(1000.0))
 
 
 def test_sim_clock_jumping_back_resets_and_recovers(make_node, probe, sim_clock) -> None:

@@ -24,7 +24,6 @@ from rclpy.node import Node
 from std_msgs.msg import Header
 
 from test.fakes import FakeProfile
-from test.integration.conftest import let_executor_drop_removed_nodes
 from test.integration.harness import wait_for
 from test.paths import REPO_ROOT
 from pi0_policy_ros.ros.qos import CHUNK_QOS
@@ -68,13 +67,8 @@ class ChunkCounter(Node):
 
 
 @pytest.fixture
-def counter(executor, namespace: str):
-    node = ChunkCounter(namespace)
-    executor.add_node(node)
-    yield node
-    executor.remove_node(node)
-    let_executor_drop_removed_nodes([node])
-    node.destroy_node()
+def counter(attach, namespace: str):
+    return attach(ChunkCounter(namespace))
 
 
 def run_robot(namespace: str, seconds: float, camera_hz: float, joint_hz: float) -> subprocess.Popen:

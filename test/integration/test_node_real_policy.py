@@ -22,7 +22,6 @@ from pi0_policy_ros.policy.types import Observation
 from pi0_policy_ros.ros.convert import action_chunk_from_message
 from pi0_policy_ros.ros.params import config_from_params
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS
-from test.integration.conftest import let_executor_drop_removed_nodes
 from test.integration.harness import duration_s, wait_for
 
 STATE_NAMES = [f"s{i}" for i in range(8)]
@@ -77,13 +76,8 @@ class LiberoRobot(Node):
 
 
 @pytest.fixture
-def robot(executor, namespace: str):
-    node = LiberoRobot(namespace)
-    executor.add_node(node)
-    yield node
-    executor.remove_node(node)
-    let_executor_drop_removed_nodes([node])
-    node.destroy_node()
+def robot(attach, namespace: str):
+    return attach(LiberoRobot(namespace))
 
 
 def test_published_chunk_equals_policy_infer(make_node, robot: LiberoRobot) -> None:

@@ -6,7 +6,6 @@ import pytest
 from rclpy.lifecycle import TransitionCallbackReturn
 
 from test.fakes import FakePolicy
-from test.integration.conftest import let_executor_drop_removed_nodes
 from test.integration.harness import JOINTS
 from test.paths import REPO_ROOT
 from pi0_policy_ros.ros.node import PolicyNode
@@ -16,22 +15,11 @@ CONFIGS = sorted((REPO_ROOT / "config").glob("*.yaml"))
 
 
 @pytest.fixture
-def node_from(executor):
-    nodes = []
-
+def node_from(attach):
     def make(path, namespace: str = "", **kwargs) -> PolicyNode:
-        node = PolicyNode(namespace=namespace, cli_args=["--ros-args", "--params-file", str(path)], **kwargs)
-        executor.add_node(node)
-        nodes.append(node)
-        return node
+        return attach(PolicyNode(namespace=namespace, cli_args=["--ros-args", "--params-file", str(path)], **kwargs))
 
-    yield make
-    for node in nodes:
-        executor.remove_node(node)
-    let_executor_drop_removed_nodes(nodes)
-    for node in nodes:
-        node._release()
-        node.destroy_node()
+    return make
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
