@@ -26,6 +26,8 @@ class PolicyConfig:
     default_prompt: used when an observation carries no prompt.
     device, backend, precision: where and how the network runs.
     seed: seeds the denoising noise, so that the same observation gives the same actions.
+    state_dim, action_dim, action_horizon, action_period_s: replace the robot profile's values when
+        non-zero: how the `generic` profile gets a robot's dims (any profile accepts them).
     cpu_threads: torch's intra-op threads for CPU inference (process-wide, set when the policy is
         built); 0 leaves torch's default. On a small machine 1 is fastest: more threads compete
         with the ROS executor and the camera callbacks.
@@ -42,13 +44,26 @@ class PolicyConfig:
     precision: str = "float32"
     seed: int = 0
     cpu_threads: int = 0
+    state_dim: int = 0
+    action_dim: int = 0
+    action_horizon: int = 0
+    action_period_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, found {self.backend!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, found {self.precision!r}")
+        for name in ("state_dim", "action_dim", "action_horizon", "action_period_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be ≥ 0 (0 = the robot profile's), found {getattr(self, name)}")
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be ≥ 0, found {self.cpu_threads}")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES} (optionally 'cuda:N'), found {self.device!r}")
+
+    def profile_overrides(self) -> dict[str, int | float]:
+        """The robot profile fields this configuration replaces (the non-zero ones)."""
+        fields = {"state_dim": self.state_dim, "action_dim": self.action_dim,
+                  "action_horizon": self.action_horizon, "action_period_s": self.action_period_s}
+        return {name: value for name, value in fields.items() if value}

@@ -99,7 +99,7 @@ class Policy:
     def from_config(cls, config: PolicyConfig) -> Policy:
         device = _check_device(config)
         try:
-            profile = get_profile(config.robot_profile)
+            profile = get_profile(config.robot_profile, **config.profile_overrides())
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from None
         dtype = TORCH_DTYPES.get(config.precision, torch.bfloat16)  # fp8 engine: bf16 base weights

@@ -87,6 +87,14 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("cpu_threads", INTEGER, 0, "torch intra-op threads for CPU inference; 0 = torch's default. "
               "1 is fastest on small machines, where extra threads compete with the executor", True,
               int_range=(0, 256)),
+    ParamSpec("profile_state_dim", INTEGER, 0, "robot state dims; 0 = the robot profile's (set it for `generic`)",
+              True, int_range=(0, 32)),
+    ParamSpec("profile_action_dim", INTEGER, 0, "robot action dims; 0 = the robot profile's (set it for `generic`)",
+              True, int_range=(0, 32)),
+    ParamSpec("profile_action_horizon", INTEGER, 0, "actions per chunk; 0 = the robot profile's", True,
+              int_range=(0, 1000)),
+    ParamSpec("profile_action_period_s", DOUBLE, 0.0, "seconds between actions; 0 = the robot profile's", True,
+              float_range=(0.0, 10.0)),
     ParamSpec("switch_interval_s", DOUBLE, 2e-4, "Python's thread switch interval for this process (set at "
               "configure); 0 leaves Python's 5 ms. Short: eager CPU inference gives up the GIL at every "
               "torch op, and with sensor callbacks busy each op would otherwise wait up to the interval",
@@ -254,6 +262,10 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         precision=_get(values, "precision"),
         seed=int(_get(values, "seed")),
         cpu_threads=int(_get(values, "cpu_threads")),
+        state_dim=int(_get(values, "profile_state_dim")),
+        action_dim=int(_get(values, "profile_action_dim")),
+        action_horizon=int(_get(values, "profile_action_horizon")),
+        action_period_s=float(_get(values, "profile_action_period_s")),
     )
     return NodeConfig(
         policy=policy,

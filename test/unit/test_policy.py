@@ -229,3 +229,16 @@ def test_backend_auto_falls_back_to_torch_and_runs(caplog: pytest.LogCaptureFixt
         policy = Policy.from_config(PolicyConfig(model_preset="pi05_small", backend="auto", default_prompt="go"))
     assert any("backend auto: falling back to torch" in r.getMessage() for r in caplog.records)
     assert policy.engine is not None
+
+
+def test_generic_profile_takes_the_robots_dims_from_the_config() -> None:
+    config = PolicyConfig(model_preset="pi0_small", robot_profile="generic", default_prompt="go",
+                          state_dim=6, action_dim=5, action_horizon=12, action_period_s=0.04)
+    policy = Policy.from_config(config)
+    assert (policy.profile.state_dim, policy.profile.action_dim) == (6, 5)
+    rng = np.random.default_rng(0)
+    chunk = policy.infer(Observation(images={"base": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)},
+                                     state=np.zeros(6, np.float32)))
+    assert chunk.actions.shape == (12, 5) and chunk.period_s == 0.04
+    with pytest.raises(ConfigError, match="action_dim must be ≥ 0"):
+        PolicyConfig(action_dim=-1)
