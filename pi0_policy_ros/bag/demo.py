@@ -54,6 +54,10 @@ class DemoTopics:
         return resolve_topic("joint_states", self.namespace)
 
 
+# Three cameras, as config/demo.yaml (the LIBERO profiles have two).
+DEFAULT_PROFILE = "pi05_aloha"
+
+
 def demo_topics(profile: str | None = None, params_file: str | Path | None = None,
                 namespace: str = "/") -> DemoTopics:
     """The node configuration from `params_file`, or the defaults of `profile` (see module doc)."""
@@ -62,7 +66,7 @@ def demo_topics(profile: str | None = None, params_file: str | Path | None = Non
         if profile is not None:
             values["robot_profile"] = profile
     else:
-        name = profile or "libero"
+        name = profile or DEFAULT_PROFILE
         if name not in PROFILES:
             raise Pi0PolicyError(f"unknown robot profile {name!r}; valid names: {sorted(PROFILES)}")
         robot = PROFILES[name]
@@ -75,7 +79,7 @@ def demo_topics(profile: str | None = None, params_file: str | Path | None = Non
                   "camera_types": ["raw"] + ["compressed"] * (len(cameras) - 1), "joint_names": joints,
                   "action_joint_names": actions if len(joints) != robot.action_dim else []}
     try:
-        robot = get_profile(values.get("robot_profile") or "libero")
+        robot = get_profile(values.get("robot_profile") or DEFAULT_PROFILE)
     except KeyError as exc:
         raise Pi0PolicyError(str(exc.args[0])) from None
     return DemoTopics(config_from_params(values).resolve(robot), namespace)
@@ -177,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="the bag directory to write (must not exist unless --overwrite)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of recording (default 5)")
     parser.add_argument("--profile", default=None,
-                        help=f"robot profile, one of {sorted(PROFILES)} (default: the params file's, else libero)")
+                        help=f"robot profile, one of {sorted(PROFILES)} (default: the params file's, else "
+                             f"{DEFAULT_PROFILE}: 3 cameras; libero has 2)")
     parser.add_argument("--params", default=None,
                         help="a node parameter file: write on its camera topics and types and joint names")
     parser.add_argument("--namespace", default="/", help="the node's namespace, for relative topics (default /)")

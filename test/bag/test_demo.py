@@ -58,3 +58,14 @@ def test_demo_bag_cli_profile_defaults(tmp_path: Path, capsys: pytest.CaptureFix
     assert types["/cam_right_wrist/image_raw/compressed"] == COMPRESSED_IMAGE_TYPE
     assert main([str(tmp_path / "aloha"), "--profile", "pi05_aloha"]) == 1  # exists: not overwritten
     assert "already exists" in capsys.readouterr().err
+
+
+def test_demo_bag_default_has_three_cameras_at_30_hz_and_joints_at_100_hz(tmp_path: Path) -> None:
+    from rosbags.highlevel import AnyReader
+
+    assert main([str(tmp_path / "default"), "--duration", "1.0"]) == 0
+    with AnyReader([tmp_path / "default"]) as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+    cameras = [t for t in counts if "image" in t]
+    assert len(cameras) == 3 and all(28 <= counts[t] <= 31 for t in cameras), counts
+    assert 98 <= counts["/joint_states"] <= 101, counts
