@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
-from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
-from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
 from pi0_policy_ros.engine.backend import resolve_backend
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.types import EngineBatch
+from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
+from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
+from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
 from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, load_checkpoint_dir
 from pi0_policy_ros.policy.config import PolicyConfig
@@ -49,9 +49,8 @@ def _check_device(config: PolicyConfig) -> torch.device:
     return device
 
 
-def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -> Engine:
-    """CUDA graphs on a GPU for the torch/auto backends; the eager reference model otherwise
-    (the engine logs that once)."""
+def _check_backend(config: PolicyConfig, device: torch.device) -> None:
+    """Refuse what cannot run here before any weights are loaded."""
     if config.backend in ("tensorrt", "auto"):
         # Raises for an impossible 'tensorrt' (no TensorRT, no CUDA); 'auto' logs its fallback once.
         choice = resolve_backend(config.backend, device)
@@ -63,6 +62,11 @@ def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -
             log.warning("backend auto: %s; using torch", message)
     if config.precision == "fp8" and device.type != "cuda":
         raise ConfigError("precision 'fp8' needs a CUDA device (torch._scaled_mm); use float32 or bfloat16 on the CPU")
+
+
+def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -> Engine:
+    """CUDA graphs on a GPU for the torch/auto backends; the eager reference model otherwise
+    (the engine logs that once)."""
     mode = "eager" if config.backend == "eager" else "auto"
     precision = config.precision if device.type == "cuda" else str(next(model.parameters()).dtype).removeprefix("torch.")
     return Engine.create(model, device=device, precision=precision, mode=mode)
@@ -98,6 +102,7 @@ class Policy:
     @classmethod
     def from_config(cls, config: PolicyConfig) -> Policy:
         device = _check_device(config)
+        _check_backend(config, device)
         try:
             profile = get_profile(config.robot_profile, **config.profile_overrides())
         except KeyError as exc:
