@@ -110,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None, help="parameter file (default: the package's config/demo.yaml)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="override the file's device")
     parser.add_argument("--sample-s", type=float, default=10.0, help="sampling period (default 10 s)")
-    parser.add_argument("--warmup-s", type=float, default=60.0, help="samples before this are warm-up (default 60 s)")
+    parser.add_argument("--warmup-s", type=float, default=300.0,
+                        help="samples before this are warm-up (default 300 s: the CPU demo grows for ~3 minutes)")
     parser.add_argument("--json", default=None, help="write the samples and the verdict here")
 
 
