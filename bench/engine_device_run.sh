@@ -6,12 +6,12 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"
-timeout 120 python3 -m pytest test/gpu/test_engine_gpu.py -q -p no:cacheprovider 2>&1 | tail -40 > "$OUT/gpu_tests.log"; grep -E "passed|failed|^E  " "$OUT/gpu_tests.log" | tail -8
+timeout ${TEST_TIMEOUT:-240} python3 -m pytest ${GPU_TESTS:-test/gpu} -q -p no:cacheprovider -rs 2>&1 | tail -60 > "$OUT/gpu_tests.log"; grep -E "passed|failed|^E  |SKIP" "$OUT/gpu_tests.log" | tail -12
 if [ -n "$PROFILE" ]; then
 PYTHONPATH=. timeout 150 python3 bench/engine_profile.py --precision bfloat16 --out "$OUT" > "$OUT/profile.log" 2>&1
 fi
 timeout 300 python3 -m pi0_policy_ros.engine.bench --preset pi05 --cameras 3 --valid-cameras 2 --valid-tokens 24 \
-  --precision ${PRECISIONS:-bfloat16,fp8,float32} ${VARIANTS:---variants} --iterations 200 --json "$OUT/pi05.json" 2>&1 | tee "$OUT/pi05.log" | grep -v "^INFO"
+  --precision ${PRECISIONS:-bfloat16,fp8,float32} ${VARIANTS:---variants} ${RTC:+--rtc} --iterations 200 --json "$OUT/pi05.json" 2>&1 | tee "$OUT/pi05.log" | grep -v "^INFO"
 if [ -n "$RUN_PI0" ]; then
 timeout 120 python3 -m pi0_policy_ros.engine.bench --preset pi0 --cameras 3 --valid-cameras 2 --valid-tokens 20 \
   --precision bfloat16 --iterations 100 --json "$OUT/pi0.json" 2>&1 | tail -14 | tee "$OUT/pi0.log"

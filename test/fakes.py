@@ -20,7 +20,7 @@ import numpy as np
 
 from pi0_policy_ros.errors import CheckpointError, ObservationError
 from pi0_policy_ros.policy.config import PolicyConfig
-from pi0_policy_ros.policy.types import ActionChunk, Observation
+from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 
 STEP = 0.01
 
@@ -61,13 +61,14 @@ class FakePolicy:
         self.closed = False
         # The latest observations only: a long test (the load test) must not grow with every tick.
         self.calls: deque[Observation] = deque(maxlen=256)
+        self.guidance: deque[ChunkGuidance | None] = deque(maxlen=256)  # what each call got (RTC)
         self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: PolicyConfig) -> "FakePolicy":
         return cls(config)
 
-    def infer(self, observation: Observation) -> ActionChunk:
+    def infer(self, observation: Observation, guidance: ChunkGuidance | None = None) -> ActionChunk:
         if self.closed:
             raise RuntimeError("infer() after close()")
         unknown = sorted(set(observation.images) - set(self.profile.camera_slots))
@@ -84,6 +85,7 @@ class FakePolicy:
         actions = expected_actions(self.profile, observation.state, observation.images)
         with self._lock:
             self.calls.append(observation)
+            self.guidance.append(guidance)
         return ActionChunk(actions=actions, stamp_s=observation.stamp_s, period_s=self.profile.action_period_s,
                            timings_ms={"fake": (time.perf_counter() - t0) * 1e3})
 

@@ -4,7 +4,8 @@
 1. snapshot the `ObservationBuffer` (age and skew rules) and decode the stored images with the
    injected decoders (`ros/convert` in the node and in replay: control/ imports neither rclpy nor
    torch);
-2. `Observation` -> `policy.infer` -> `ActionChunk`;
+2. `Observation` -> `policy.infer` -> `ActionChunk` (rtc modes: with the scheduler's previous
+   actions as `ChunkGuidance`, for the guided denoising);
 3. `SafetyFilter`: NaN/Inf guard and limits; a rejected chunk holds;
 4. `ChunkScheduler` and the trajectory plan. `naive`: the chunk itself, points less than one
    control period ahead dropped (`plan_trajectory`), one inference per tick. Other modes: an
@@ -37,7 +38,7 @@ from pi0_policy_ros.control.scheduler import ChunkScheduler, InferenceRequest, S
 from pi0_policy_ros.control.trajectory import (TrajectoryPlan, expired_reason, finite_difference_velocities,
                                                plan_trajectory)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
-from pi0_policy_ros.policy.types import ActionChunk, Observation
+from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 
 PUBLISH, HOLD, WAIT = "publish", "hold", "wait"
 HOLD_STOP, HOLD_POSITION = "stop", "hold_position"
@@ -63,7 +64,7 @@ Clock = Callable[[], float]
 
 
 class InferencePolicy(Protocol):
-    def infer(self, observation: Observation) -> ActionChunk: ...
+    def infer(self, observation: Observation, guidance: ChunkGuidance | None = None) -> ActionChunk: ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,14 @@ def action_state_indices(joint_names: Sequence[str], action_joint_names: Sequenc
     if any(name not in index for name in action_joint_names):
         return None
     return tuple(index[name] for name in action_joint_names)
+
+
+def _guidance(request: InferenceRequest | None) -> ChunkGuidance | None:
+    """RTC modes: the scheduler's previous actions for the policy's guided denoising (None before
+    the first chunk, and in the other modes)."""
+    if request is None or request.prev_actions is None:
+        return None
+    return ChunkGuidance(request.prev_actions, request.delay_steps, request.mask_end)
 
 
 class ControlStep:
@@ -188,7 +197,8 @@ class ControlStep:
         start_s, stamp_s = now_s, min(snapshot.stamp_s, now_s)  # a stamp slightly ahead counts as now
         request = scheduler.begin(start_s, stamp_s) if scheduler is not None else None
         try:
-            chunk = self.policy.infer(observation)
+            guidance = _guidance(request)
+            chunk = self.policy.infer(observation) if guidance is None else self.policy.infer(observation, guidance)
         except ObservationError as exc:
             self._abort(request)
             return self._hold(POLICY_REFUSED, f"policy refused the observation: {exc}", now_s, **seen)

@@ -2,8 +2,9 @@
 
 End to end is what `Policy` sees: numpy batch in (uint8 images copied through pinned memory),
 actions out as numpy. Each precision's actions are compared with the float32 eager reference on
-the same inputs, and with the eager model in the engine's own dtype. Random full-size weights
-unless `--checkpoint`. Also runnable as `python -m pi0_policy_ros.engine.bench`.
+the same inputs, and with the eager model in the engine's own dtype. `--rtc` adds the two
+RTC-guided chains (cost against the plain chain, error against the eager guided sampler). Random
+full-size weights unless `--checkpoint`. Also runnable as `python -m pi0_policy_ros.engine.bench`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
+from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, random_batch
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
 from pi0_policy_ros.model.config import PRESETS, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
+from pi0_policy_ros.model.rtc import sample_actions_guided, soft_mask
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -49,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", action="store_true", help="also time denoise-chain variants (torch ops, "
                         "Triton launch configs) on the bf16 engine")
     parser.add_argument("--no-fp32-reference", action="store_true", help="skip the float32 eager reference")
+    parser.add_argument("--rtc", action="store_true", help="also time the RTC-guided chains (rtc_fast, rtc) in bf16 "
+                        "against the plain chain, with their error against the eager guided sampler")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="write the results here")
 
@@ -132,23 +138,33 @@ def _errors(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "ref_max_abs": float(np.abs(ref).max())}
 
 
-def time_engine(engine: Engine, batches: list[EngineBatch], iterations: int) -> dict[str, dict[str, float]]:
-    per: dict[str, list[float]] = {name: [] for name in ("h2d", *STAGES, "e2e")}
+def time_engine(engine: Engine, batches: list[EngineBatch], iterations: int,
+                guidance: EngineGuidance | None = None) -> dict[str, dict[str, float]]:
+    host = ("host_prepare", "host_launch", "host_wait")
+    per: dict[str, list[float]] = {name: [] for name in ("h2d", *STAGES, *host, "e2e")}
     for i in range(iterations + 10):
         batch = batches[i % len(batches)]
         t0 = time.perf_counter()
-        engine.infer(batch)
+        engine.infer(batch, guidance)
         wall = (time.perf_counter() - t0) * 1e3
         if i >= 10:
-            for name in ("h2d", *STAGES):
+            for name in ("h2d", *STAGES, *host):
                 per[name].append(engine.last_timings_ms.get(name, float("nan")))
             per["e2e"].append(wall)
     return {k: _stats(v) for k, v in per.items()}
 
 
-def time_chain_variant(engine: Engine, step_impl: object, iterations: int = 50) -> tuple[dict[str, float], np.ndarray]:
+@dataclass
+class ChainTiming:
+    chain_ms: dict[str, float]  # graph replays of the whole chain
+    actions: np.ndarray  # x after the last timed replay
+    replay_spread: float  # max |Δ| of the actions over a few more replays of the same inputs
+
+
+def time_chain_variant(engine: Engine, step_impl: object, iterations: int = 50, spread_replays: int = 5) -> ChainTiming:
     """Capture a denoise step implementation on the engine's buffers (after its own prefix ran)
-    and time the chain's replays. Returns timings and the final x."""
+    and time the chain's replays. Replaying the same inputs must give the same actions up to the
+    float32 atomics' summation order (~1e-3 at pi0.5 size): a larger `replay_spread` means a race."""
     buf = engine.buf
     n = engine.shape.num_steps
     side = torch.cuda.Stream()
@@ -175,31 +191,39 @@ def time_chain_variant(engine: Engine, step_impl: object, iterations: int = 50) 
         stop.synchronize()
         times.append(start.elapsed_time(stop))
     out = buf.actions.float().cpu().numpy().copy()
+    spread = 0.0
+    for _ in range(spread_replays):
+        for g in graphs:
+            g.replay()
+        again = buf.actions.float().cpu().numpy()  # .cpu() synchronises
+        spread = max(spread, float(np.abs(again - out).max()) if np.isfinite(again).all() else float("inf"))
     del graphs
-    return _stats(times), out
+    return ChainTiming(_stats(times), out, spread)
 
 
 def run_variants(engine: Engine, batch: EngineBatch) -> list[dict[str, object]]:
+    """The torch-op step and every `denoise_triton.CANDIDATES` config, each captured and timed on
+    the engine's buffers; differences are against the torch-op step's actions."""
     from pi0_policy_ros.engine.denoise import TorchDenoiseStep
-    from pi0_policy_ros.engine.denoise_triton import TritonConfig, TritonDenoiseStep
+    from pi0_policy_ros.engine.denoise_triton import CANDIDATES, TritonDenoiseStep
     engine.infer(batch)  # buffers now hold this batch's prefix
     results = []
     variants: list[tuple[str, object]] = [("torch ops", TorchDenoiseStep(engine.expert_weights, engine.tables,
                                                                           engine.shape, engine.dtype))]
-    for cfg in (TritonConfig(), TritonConfig(pair_block_n=64), TritonConfig(splitk_block_n=16, o_splits=8, down_splits=8),
-                TritonConfig(o_splits=2, down_splits=2, splitk_block_n=64), TritonConfig(attn_keys_per_split=128),
-                TritonConfig(pair_stages=2, splitk_stages=2)):
-        variants.append((str(cfg).removeprefix("TritonConfig"), TritonDenoiseStep(
-            engine.expert_weights, engine.tables, engine.shape, engine.buf, cfg)))
+    for name, cfg in CANDIDATES.items():
+        variants.append((f"triton {name}", TritonDenoiseStep(engine.expert_weights, engine.tables, engine.shape,
+                                                              engine.buf, cfg)))
     ref = None
     for name, impl in variants:
         try:
-            stats, out = time_chain_variant(engine, impl)
+            timing = time_chain_variant(engine, impl)
         except Exception as exc:  # a launch config can fail to compile; report it and go on
             results.append({"variant": name, "error": repr(exc)[:300]})
             continue
-        ref = out if ref is None else ref
-        results.append({"variant": name, "chain_ms": stats, "max_abs_vs_torch_ops": float(np.abs(out - ref).max())})
+        ref = timing.actions if ref is None else ref
+        results.append({"variant": name, "config": repr(getattr(impl, "cfg", None)), "chain_ms": timing.chain_ms,
+                        "max_abs_vs_torch_ops": float(np.abs(timing.actions - ref).max()),
+                        "replay_spread": timing.replay_spread})
     return results
 
 
@@ -250,12 +274,17 @@ def run(args: argparse.Namespace) -> int:
     eager = eager_timings(model, batches[0], shape, device, args.eager_iterations)
     result["eager_bfloat16"] = eager
     eager_bf16 = [eager_actions(model, b, shape, device) for b in batches]
+    guidance = rtc_guidance(shape, args.seed)
+    eager_guided = {mode: rtc_eager_actions(model, batches[0], shape, device, guidance, mode)
+                    for mode in RTC_BENCH_MODES} if args.rtc else {}
     if cuda:
         model.to("cpu")  # the engine keeps its own weights; measure its memory alone
         _free()
     for p in precisions:
         if p != "float32":
             result["precisions"][p] = _bench_precision(model, shape, device, p, batches, ref, eager_bf16, args)
+    if args.rtc:
+        result["rtc"] = _bench_rtc(model, shape, device, batches, guidance, eager_guided, result, args)
     table = format_table(result)
     print(table)
     if args.json:
@@ -294,6 +323,57 @@ def _bench_precision(model: Pi0Model, shape: EngineShape, device: torch.device, 
     return out
 
 
+RTC_BENCH_MODES = ("rtc_fast", "rtc")
+
+
+def rtc_guidance(shape: EngineShape, seed: int, delay: int = 2) -> EngineGuidance:
+    """A previous chunk (random, normalized space) and the soft mask for d = 2, s = H / 2, on all dims."""
+    h, a = shape.action_horizon, shape.action_dim
+    rows = soft_mask(h, delay, h - h // 2).numpy()
+    prev = np.random.default_rng(seed + 100).standard_normal((h, a)).astype(np.float32)
+    return EngineGuidance(prev=prev, mask=np.repeat(rows[:, None], a, axis=1).astype(np.float32))
+
+
+def rtc_eager_actions(model: Pi0Model, batch: EngineBatch, shape: EngineShape, device: torch.device,
+                      guidance: EngineGuidance, mode: str) -> np.ndarray:
+    inputs, noise = eager_inputs(batch, shape, device)
+
+    def t(v: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(v).to(device)[None]
+
+    out = sample_actions_guided(model, inputs, noise, t(guidance.prev), 0, 0, mode=mode, mask=t(guidance.mask))
+    return out[0].float().cpu().numpy()
+
+
+def _bench_rtc(model: Pi0Model, shape: EngineShape, device: torch.device, batches: list[EngineBatch],
+               guidance: EngineGuidance, eager_guided: dict[str, np.ndarray], result: dict,
+               args: argparse.Namespace) -> dict[str, object]:
+    """bf16 engines with the guidance captured in the chain: stage times with a guidance request,
+    the denoise chain against the plain bf16 chain of this run, and the error against the eager
+    guided sampler (bf16) on the first batch."""
+    plain = result["precisions"].get("bfloat16", {}).get("timings_ms", {}).get("denoise", {}).get("median")
+    out: dict[str, object] = {"delay_steps": 2, "execute_horizon": shape.action_horizon // 2, "mask_dims": "all"}
+    for mode in RTC_BENCH_MODES:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        engine = Engine.create(model, shape, device, "bfloat16", denoise_kernels=args.denoise_kernels, rtc_mode=mode)
+        got = engine.infer(batches[0], guidance)
+        entry: dict[str, object] = {"denoise_kernels": engine.report.denoise_kernels,
+                                    "capture_s": engine.report.capture_s,
+                                    "vs_eager_guided_bf16": _errors(got, eager_guided[mode]),
+                                    "guided_minus_plain_max_abs": float(np.abs(got - engine.infer(batches[0])).max()),
+                                    "timings_ms": time_engine(engine, batches, args.iterations, guidance)}
+        if plain:
+            entry["denoise_over_plain_chain"] = entry["timings_ms"]["denoise"]["median"] / plain
+        if device.type == "cuda":
+            entry["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
+        out[mode] = entry
+        _free(engine)
+        del engine
+        _free()
+    return out
+
+
 def format_table(result: dict) -> str:
     env = result["environment"]
     eager = result.get("eager_bfloat16", {})
@@ -305,11 +385,13 @@ def format_table(result: dict) -> str:
         lines.append(f"\n[{p}] mode={r['mode']} denoise={r['denoise_kernels']}  configure: fuse {r['fuse_s']:.1f}s "
                      f"warm-up {r['warmup_s']:.1f}s capture {r['capture_s']:.2f}s  peak GPU "
                      f"{r.get('peak_gpu_gib', float('nan')):.2f} GiB")
-        lines.append(f"{'stage':<10}{'median':>9}{'p90':>9}{'p99':>9}{'eager bf16':>12}{'speed-up':>10}")
-        for name in ("h2d", *STAGES, "e2e"):
+        lines.append(f"{'stage':<13}{'median':>9}{'p90':>9}{'p99':>9}{'eager bf16':>12}{'speed-up':>10}")
+        for name in ("h2d", *STAGES, "host_prepare", "host_launch", "host_wait", "e2e"):
+            if name not in t:
+                continue
             e = eager.get(name, {}).get("median")
             su = f"{e / t[name]['median']:.1f}x" if e else ""
-            lines.append(f"{name:<10}{t[name]['median']:9.3f}{t[name]['p90']:9.3f}{t[name]['p99']:9.3f}"
+            lines.append(f"{name:<13}{t[name]['median']:9.3f}{t[name]['p90']:9.3f}{t[name]['p99']:9.3f}"
                          f"{(f'{e:.2f}' if e else ''):>12}{su:>10}")
         if "vs_fp32_eager" in r:
             lines.append("max |actions - fp32 eager|: " + ", ".join(f"{e['max_abs']:.2e}" for e in r["vs_fp32_eager"]))
@@ -321,8 +403,16 @@ def format_table(result: dict) -> str:
             if "error" in v:
                 lines.append(f"  variant {v['variant']}: ERROR {v['error'][:120]}")
             else:
-                lines.append(f"  variant {v['variant']}: chain {v['chain_ms']['median']:.3f} ms "
-                             f"(diff {v['max_abs_vs_torch_ops']:.1e})")
+                lines.append(f"  variant {v['variant']:<24}: chain {v['chain_ms']['median']:.3f} ms "
+                             f"(diff {v['max_abs_vs_torch_ops']:.1e}, replay spread {v['replay_spread']:.1e})")
+    for mode in RTC_BENCH_MODES:
+        r = result.get("rtc", {}).get(mode)
+        if r:
+            t = r["timings_ms"]
+            lines.append(f"\n[bfloat16 {mode}] denoise={r['denoise_kernels']}  chain {t['denoise']['median']:.3f} ms "
+                         f"median, p99 {t['denoise']['p99']:.3f} = {r.get('denoise_over_plain_chain', float('nan')):.2f}x "
+                         f"the plain chain; e2e {t['e2e']['median']:.3f} ms; max |actions - eager guided bf16| "
+                         f"{r['vs_eager_guided_bf16']['max_abs']:.2e}")
     return "\n".join(lines)
 
 

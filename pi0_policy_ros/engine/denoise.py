@@ -13,6 +13,8 @@ Two implementations of one step:
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,12 @@ from pi0_policy_ros.engine.stages import rotate
 from pi0_policy_ros.engine.tables import StepTables
 from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
+
+
+class DenoiseStep(Protocol):
+    """One step implementation: reads x[step], writes x[step + 1] (capturable as a CUDA graph)."""
+
+    def run(self, buf: DeviceBuffers, step: int) -> None: ...
 
 
 class TorchDenoiseStep:
@@ -40,13 +48,22 @@ class TorchDenoiseStep:
         return torch.cat((buf.state_token[None], action_time), dim=0).to(self.dtype)  # [1 + H, W]
 
     def run(self, buf: DeviceBuffers, step: int) -> None:
+        """x[step + 1] = x[step] + dt·v, writing this step's suffix K/V into the cache."""
+        x_in = buf.x[step]
+        torch.add(x_in, self._delta(buf, step, x_in, write_cache=True), out=buf.x[step + 1])
+
+    def delta(self, buf: DeviceBuffers, step: int, x: torch.Tensor) -> torch.Tensor:
+        """dt·v(x) [H, A] float32 (dt is folded into the output head), differentiable in x: no
+        buffer is written, the suffix K/V stay local (RTC's vector-Jacobian product)."""
+        return self._delta(buf, step, x, write_cache=False)
+
+    def _delta(self, buf: DeviceBuffers, step: int, x_in: torch.Tensor, write_cache: bool) -> torch.Tensor:
         cfg, shape, tab = self.w.cfg, self.shape, self.tables_dt
         pp, s = shape.padded_prefix_len, shape.suffix_len
         nh, hd, width = cfg.num_heads, cfg.head_dim, cfg.width
         eps = cfg.rms_norm_eps
         ada = shape.pi05
         scale = hd**-0.5
-        x_in = buf.x[step]
         h_res = self._embed(buf, step, x_in)
         cos, sin = buf.suffix_cos, buf.suffix_sin
         for i, lw in enumerate(self.w.layers):
@@ -54,14 +71,23 @@ class TorchDenoiseStep:
             if ada:
                 h = h * tab.norm_mul[step, i, 0]
             qkv = lw.qkv(h) if not ada else torch.addmm(tab.qkv_bias[step, i], h, lw.qkv.weight.t())
-            q = rotate(qkv[:, : nh * hd].view(s, nh, hd), cos[:, None], sin[:, None])
-            buf.keys[i, pp:].copy_(rotate(qkv[:, nh * hd: nh * hd + hd], cos, sin))
-            buf.values[i, pp:].copy_(qkv[:, nh * hd + hd:])
-            scores = torch.matmul(q.reshape(s * nh, hd), buf.keys[i].t()).view(s, nh, -1)
-            scores = scores.float() * scale + buf.suffix_bias[:, None, :]
+            q = rotate(qkv[:, : nh * hd].view(s, nh, hd), cos[:, None], sin[:, None]).reshape(s * nh, hd)
+            k = rotate(qkv[:, nh * hd: nh * hd + hd], cos, sin)
+            v = qkv[:, nh * hd + hd:]
+            if write_cache:
+                buf.keys[i, pp:].copy_(k)
+                buf.values[i, pp:].copy_(v)
+                scores = torch.matmul(q, buf.keys[i].t())
+            else:
+                # The same scores without touching the cache: prefix keys, then this step's keys.
+                scores = torch.cat((torch.matmul(q, buf.keys[i, :pp].t()), torch.matmul(q, k.t())), dim=1)
+            scores = scores.view(s, nh, -1).float() * scale + buf.suffix_bias[:, None, :]
             probs = torch.softmax(scores, dim=-1).to(self.dtype).view(s * nh, -1)
-            attn = torch.matmul(probs, buf.values[i]).view(s, nh * hd)
-            y = lw.out(attn)
+            if write_cache:
+                attn = torch.matmul(probs, buf.values[i])
+            else:
+                attn = torch.matmul(probs[:, :pp], buf.values[i, :pp]) + torch.matmul(probs[:, pp:], v)
+            y = lw.out(attn.view(s, nh * hd))
             h_res = h_res + (y * tab.gate[step, i, 0] if ada else y)
             h = F.rms_norm(h_res, (width,), eps=eps)
             if ada:
@@ -74,14 +100,13 @@ class TorchDenoiseStep:
         if ada:
             h = h * tab.final_mul[step]
         h = h.float()
-        out = self.w.out_head
-        torch.add(x_in, torch.addmm(self.tables.out_bias[step], h, out.weight.t()), out=buf.x[step + 1])
+        return torch.addmm(self.tables.out_bias[step], h, self.w.out_head.weight.t())
 
 
 class DenoiseChain:
     """Owns one step implementation and runs (or, in the engine, captures) the whole chain."""
 
-    def __init__(self, step_impl: TorchDenoiseStep, num_steps: int) -> None:
+    def __init__(self, step_impl: DenoiseStep, num_steps: int) -> None:
         self.step_impl = step_impl
         self.num_steps = num_steps
 

@@ -4,12 +4,16 @@ Per layer: fused-QKV (norm prologue, RoPE epilogue, K/V written into the cache),
 attention, its combine, o_proj (split-K, `resid += gate ⊙ y` by atomics), gate_up (norm
 prologue, GEGLU epilogue), down (split-K, gated residual). Per step: the action input projection
 (pi0: + the action-time MLP) and the final norm + output projection + Euler update.
-Launch geometry comes from `TritonConfig`; the benchmark compares a few.
+Launch geometry comes from `TritonConfig`; the benchmark compares a few. Variants (defaults keep
+the kernels above): split-K for the two norm-fused projections and the output head, whose last
+arriving program runs the epilogue (`qkv_splits`, `gate_up_splits`, `head_splits`); attention's
+combine folded into its split kernel the same way, or made one load per operand
+(`attn_combine`); relaxed instead of acq_rel residual atomics (`residual_atomic_sem`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -21,6 +25,9 @@ from pi0_policy_ros.engine.tables import StepTables
 from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
 from pi0_policy_ros.errors import ConfigError
+
+ATOMIC_SEMS = ("acq_rel", "relaxed")
+ATTN_COMBINES = ("separate", "wide", "fused")
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,59 @@ class TritonConfig:
     attn_block_r: int = 16
     attn_warps: int = 4
     combine_block_r: int = 16
-    combine_block_d: int = 64
+    combine_block_d: int = 64  # "wide": columns per program; "fused": columns per combine chunk
+    # "acq_rel" = Triton's default: MEMBAR.GPU + L1 invalidate around every residual atomic
+    residual_atomic_sem: str = "acq_rel"
+    # > 1: split K over this many programs per pair block (last arriver: norm + RoPE / GEGLU)
+    qkv_splits: int = 1
+    gate_up_splits: int = 1
+    head_splits: int = 1  # > 1: the final norm + head split over K the same way
+    # "separate": split + combine kernels; "wide": the combine loads all splits at once;
+    # "fused": the split kernel's last arriving program per row block combines (one launch)
+    attn_combine: str = "separate"
+
+    def __post_init__(self) -> None:
+        if self.residual_atomic_sem not in ATOMIC_SEMS:
+            raise ConfigError(f"residual_atomic_sem must be one of {ATOMIC_SEMS}, found {self.residual_atomic_sem!r}")
+        if self.attn_combine not in ATTN_COMBINES:
+            raise ConfigError(f"attn_combine must be one of {ATTN_COMBINES}, found {self.attn_combine!r}")
+        for name in ("qkv_splits", "gate_up_splits", "head_splits"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ConfigError(f"TritonConfig.{name} must be a power of two ≥ 1, found {value}")
+
+
+# Named configs the benchmark times side by side (and the kernel tests check). Chain medians on the
+# H100 (pi0.5, 10 steps), device run 4: run3 9.04 ms, relaxed 8.80, + 4-way pair splits 9.29,
+# + head split 9.16, + wide combine 8.41; fused combine 15.9; 8-way pair splits 10.6.
+_RELAXED = TritonConfig(residual_atomic_sem="relaxed")
+_SPLIT = replace(_RELAXED, qkv_splits=4, gate_up_splits=4)  # 160 + 512 programs, ~125 registers
+# The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine.
+DEFAULT_CONFIG = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)
+CANDIDATES: dict[str, TritonConfig] = {
+    "run3": TritonConfig(),  # the kernels of run 3 (acq_rel atomics, separate combine)
+    "relaxed": _RELAXED,
+    "relaxed_wide": replace(_RELAXED, attn_combine="wide", combine_block_d=16),
+    "engine_default": DEFAULT_CONFIG,
+    "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
+    "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
+    "default_k128": replace(DEFAULT_CONFIG, attn_keys_per_split=128),
+}
 
 
 def _block_m(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
+
+
+def _split_block_k(k: int, splits: int, block_k: int) -> int:
+    """BLOCK_K for K split `splits` ways: at most `block_k`, dividing K / splits."""
+    if k % splits:
+        raise ConfigError(f"K={k} is not a multiple of {splits} splits")
+    block = min(block_k, k // splits)
+    if (k // splits) % block or block < 16 or block & (block - 1):
+        raise ConfigError(f"K / splits = {k // splits} is not a multiple of a power-of-two BLOCK_K ≥ 16 "
+                          f"(at most {block_k})")
+    return block
 
 
 class TritonDenoiseStep:
@@ -53,7 +108,7 @@ class TritonDenoiseStep:
         self.w = weights
         self.tables = tables
         self.shape = shape
-        self.cfg = config or TritonConfig()
+        self.cfg = config or DEFAULT_CONFIG
         ec = weights.cfg
         if ec.head_dim // 2 % self.cfg.pair_block_n:
             raise ConfigError(f"pair_block_n {self.cfg.pair_block_n} must divide head_dim/2 = {ec.head_dim // 2}")
@@ -71,6 +126,27 @@ class TritonDenoiseStep:
         self.pre = torch.zeros(shape.action_horizon, ec.width, dtype=f32, device=dev)
         self.dummy = torch.zeros(1, dtype=f32, device=dev)
         self.block_m = _block_m(s)
+        # Last-arriver state: float32 partial slots (fully rewritten each launch) and int32
+        # counters that every launch leaves at zero. One set serves all layers and both pair
+        # projections: the kernels run one after another on one stream.
+        c = self.cfg
+        pair_ws = 0
+        for splits, rows in ((c.qkv_splits, weights.layers[0].qkv.weight.shape[0]),
+                             (c.gate_up_splits, weights.layers[0].gate_up.weight.shape[0])):
+            if splits > 1:
+                pairs = rows // 2
+                _split_block_k(ec.width, splits, c.pair_block_k)
+                pair_ws = max(pair_ws, splits * s * (2 * pairs + pairs // c.pair_block_n))
+        self.pair_part = torch.zeros(max(pair_ws, 1), dtype=f32, device=dev)
+        n_head = weights.out_head.weight.shape[0]
+        self.head_block_n = min(32, triton.next_power_of_2(n_head))
+        if c.head_splits > 1:
+            _split_block_k(ec.width, c.head_splits, 128)
+        self.head_part = torch.zeros(max(1, c.head_splits * shape.action_horizon * n_head), dtype=f32, device=dev)
+        n_counters = max(triton.cdiv(weights.layers[0].gate_up.weight.shape[0] // 2, c.pair_block_n),
+                         triton.cdiv(weights.layers[0].qkv.weight.shape[0] // 2, c.pair_block_n),
+                         triton.cdiv(self.rows, c.attn_block_r), triton.cdiv(n_head, self.head_block_n))
+        self.counters = torch.zeros(n_counters, dtype=torch.int32, device=dev)
 
     # ---- launchers ----------------------------------------------------------------------------
     def _splitk(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, epi: int, bias: torch.Tensor | None = None,
@@ -89,7 +165,7 @@ class TritonDenoiseStep:
             x, x.stride(0), w, self.dummy if bias is None else bias, self.dummy if gate is None else gate,
             out, out.stride(0), m, n, k, k // splits,
             EPI=epi, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, IEEE=ieee,
-            BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k, SEM=c.residual_atomic_sem,
             num_warps=c.splitk_warps, num_stages=c.splitk_stages)
 
     def _pair(self, w: torch.Tensor, out: torch.Tensor, epi: int, mul: torch.Tensor | None, bias: torch.Tensor | None,
@@ -98,27 +174,45 @@ class TritonDenoiseStep:
         c, ec = self.cfg, self.w.cfg
         x = self.resid
         pairs = w.shape[0] // 2
-        grid = (pairs // c.pair_block_n,)
+        splits = c.qkv_splits if epi == K.EPI_ROPE else c.gate_up_splits
         d = self.dummy
-        K.norm_linear_pair_kernel[grid](
-            x, x.stride(0), w, d if mul is None else mul, d if bias is None else bias,
-            out, out.stride(0), d if k_out is None else k_out, d if v_out is None else v_out,
-            d if cos is None else cos, d if sin is None else sin,
-            x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset,
-            EPI=epi, HAS_MUL=mul is not None, HAS_BIAS=bias is not None, NQ=ec.num_heads, HD=ec.head_dim,
-            BLOCK_M=self.block_m, BLOCK_N=c.pair_block_n, BLOCK_K=c.pair_block_k,
-            num_warps=c.pair_warps, num_stages=c.pair_stages)
+        args = (x, x.stride(0), w, d if mul is None else mul, d if bias is None else bias,
+                out, out.stride(0), d if k_out is None else k_out, d if v_out is None else v_out,
+                d if cos is None else cos, d if sin is None else sin)
+        meta = {"EPI": epi, "HAS_MUL": mul is not None, "HAS_BIAS": bias is not None, "NQ": ec.num_heads,
+                "HD": ec.head_dim, "BLOCK_M": self.block_m, "BLOCK_N": c.pair_block_n, "num_warps": c.pair_warps,
+                "num_stages": c.pair_stages}
+        if splits == 1:
+            K.norm_linear_pair_kernel[(pairs // c.pair_block_n,)](
+                *args, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, BLOCK_K=c.pair_block_k, **meta)
+            return
+        K.norm_linear_pair_splitk_kernel[(pairs // c.pair_block_n, splits)](
+            *args, self.pair_part, self.counters, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,
+            SPLITS=splits, FENCE=K.FENCE, BLOCK_K=_split_block_k(x.shape[1], splits, c.pair_block_k), **meta)
 
     def _attention(self, buf: DeviceBuffers, layer: int) -> None:
         c, ec = self.cfg, self.w.cfg
         keys, values = buf.keys[layer], buf.values[layer]
         grid = (self.n_splits, triton.cdiv(self.rows, c.attn_block_r))
-        K.attention_split_kernel[grid](
-            self.q, keys, values, buf.suffix_bias, self.part_o, self.part_ml,
-            self.rows, keys.shape[0], c.attn_keys_per_split, buf.suffix_bias.stride(0), self.shape.suffix_len,
-            ec.head_dim**-0.5, HEADS=ec.num_heads, HD=ec.head_dim, BLOCK_R=c.attn_block_r,
-            BLOCK_N=c.attn_block_n, num_warps=c.attn_warps, num_stages=2)
+        args = (self.q, keys, values, buf.suffix_bias, self.part_o, self.part_ml)
+        scalars = (self.rows, keys.shape[0], c.attn_keys_per_split, buf.suffix_bias.stride(0), self.shape.suffix_len,
+                   ec.head_dim**-0.5)
+        meta = {"HEADS": ec.num_heads, "HD": ec.head_dim, "BLOCK_R": c.attn_block_r, "BLOCK_N": c.attn_block_n,
+                "num_warps": c.attn_warps, "num_stages": 2}
+        splits_p2 = triton.next_power_of_2(self.n_splits)
+        if c.attn_combine == "fused":
+            K.attention_fused_kernel[grid](*args, self.attn, self.counters, *scalars, self.n_splits,
+                                           SPLITS_P2=splits_p2, BLOCK_D=min(c.combine_block_d, ec.head_dim),
+                                           FENCE=K.FENCE, **meta)
+            return
+        K.attention_split_kernel[grid](*args, *scalars, **meta)
         grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
+        if c.attn_combine == "wide":
+            K.attention_combine_wide_kernel[grid](
+                self.part_o, self.part_ml, self.attn, self.rows, self.n_splits,
+                HD=ec.head_dim, SPLITS_P2=splits_p2, BLOCK_R=c.combine_block_r, BLOCK_D=c.combine_block_d,
+                num_warps=4)
+            return
         K.attention_combine_kernel[grid](
             self.part_o, self.part_ml, self.attn, self.rows, self.n_splits,
             HD=ec.head_dim, BLOCK_R=c.combine_block_r, BLOCK_D=c.combine_block_d, num_warps=4)
@@ -146,11 +240,31 @@ class TritonDenoiseStep:
                        tab.gate_up_bias[step, i] if ada else None, ec.mlp_dim)
             self._splitk(self.act, lw.down.weight, self.resid, K.EPI_RESIDUAL,
                          gate=tab.gate[step, i, 1] if ada else None, splits=self.cfg.down_splits)
+        self._head(buf, step)
+
+    def _head(self, buf: DeviceBuffers, step: int) -> None:
+        """Final norm → float32 output projection → x[step + 1] = x[step] + W'h + b'."""
+        w, tab, shape, ec, c = self.w, self.tables, self.shape, self.w.cfg, self.cfg
+        ada = shape.pi05
+        x_in = buf.x[step]
         hrows = self.resid[shape.suffix_len - shape.action_horizon:]
         out = w.out_head.weight
         n, k = out.shape
-        block_n = min(32, triton.next_power_of_2(n))
-        K.norm_head_kernel[(triton.cdiv(n, block_n),)](
-            hrows, hrows.stride(0), tab.final_mul[step] if ada else self.dummy, out, tab.out_bias[step],
-            x_in, buf.x[step + 1], hrows.shape[0], n, k, ec.rms_norm_eps,
-            HAS_MUL=ada, ROUND_TO=tl.float16 if self.q.dtype == torch.float16 else tl.bfloat16, BLOCK_M=_block_m(hrows.shape[0]), BLOCK_N=block_n, BLOCK_K=128, num_warps=4)
+        block_n = self.head_block_n
+        args = (hrows, hrows.stride(0), tab.final_mul[step] if ada else self.dummy, out, tab.out_bias[step],
+                x_in, buf.x[step + 1])
+        round_to = tl.float16 if self.q.dtype == torch.float16 else tl.bfloat16
+        if c.head_splits == 1:
+            K.norm_head_kernel[(triton.cdiv(n, block_n),)](
+                *args, hrows.shape[0], n, k, ec.rms_norm_eps,
+                HAS_MUL=ada, ROUND_TO=round_to, BLOCK_M=_block_m(hrows.shape[0]), BLOCK_N=block_n, BLOCK_K=128,
+                num_warps=4)
+            return
+        block_m = _block_m(hrows.shape[0])
+        block_kall = min(triton.next_power_of_2(k), max(128, 16384 // block_m))  # ≤ 128 fp32 registers a thread
+        while k % block_kall:
+            block_kall //= 2
+        K.norm_head_splitk_kernel[(triton.cdiv(n, block_n), c.head_splits)](
+            *args, self.head_part, self.counters, hrows.shape[0], n, k, ec.rms_norm_eps,
+            HAS_MUL=ada, ROUND_TO=round_to, SPLITS=c.head_splits, FENCE=K.FENCE, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=_split_block_k(k, c.head_splits, 128), BLOCK_KALL=block_kall, num_warps=4)

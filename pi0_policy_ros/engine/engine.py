@@ -6,11 +6,15 @@ Modes:
 - `static`: the same stage code run op by op on static buffers (any device; the CPU tests use it
   to check the engine's math against the eager model without a GPU).
 - `eager`: the model's own `sample_actions` (what runs where CUDA is missing).
+
+`rtc_mode` ("off", "rtc_fast", "rtc") adds real-time-chunking guidance to every denoise step
+(`engine/guidance.py`); `infer(batch, guidance)` then takes the previous chunk and the soft mask.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +22,9 @@ import numpy as np
 import torch
 
 from pi0_policy_ros.engine.buffers import DeviceBuffers, HostBuffers, allocate_device, allocate_host, upload
-from pi0_policy_ros.engine.denoise import DenoiseChain, TorchDenoiseStep
+from pi0_policy_ros.engine.denoise import DenoiseChain, DenoiseStep, TorchDenoiseStep
+from pi0_policy_ros.engine.guidance import (EngineGuidance, GuidanceBuffers, RtcFastStep, RtcStep,
+                                            check_rtc_mode)
 from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
 from pi0_policy_ros.engine.stages import PrefixStage, VisionStage
 from pi0_policy_ros.engine.tables import StepTables, build_step_tables
@@ -26,6 +32,7 @@ from pi0_policy_ros.engine.types import EngineBatch, EngineShape, check_precisio
 from pi0_policy_ros.engine.weights import fuse_expert, fuse_prefix, fuse_vision
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model
+from pi0_policy_ros.model.rtc import DEFAULT_MAX_GUIDANCE_WEIGHT, sample_actions_guided
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ class ConfigureReport:
 
     mode: str
     denoise_kernels: str
+    rtc_mode: str = "off"
     fuse_s: float = 0.0
     warmup_s: float = 0.0
     capture_s: float = 0.0
@@ -51,7 +59,8 @@ class Engine:
     """Fast pi0 / pi0.5 inference at one fixed `EngineShape` (batch 1)."""
 
     def __init__(self, model: Pi0Model, shape: EngineShape, device: torch.device, precision: str, mode: str,
-                 denoise_kernels: str) -> None:
+                 denoise_kernels: str, rtc_mode: str = "off",
+                 max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT) -> None:
         self.model: Pi0Model | None = model
         self.shape = shape
         self.device = device
@@ -59,9 +68,12 @@ class Engine:
         self.mode = mode
         self.dtype = torch.float32 if precision == "float32" else torch.bfloat16
         self.last_timings_ms: dict[str, float] = {}
-        self.report = ConfigureReport(mode, denoise_kernels)
+        self.report = ConfigureReport(mode, denoise_kernels, rtc_mode)
+        self.rtc_mode = rtc_mode
+        self.max_guidance_weight = max_guidance_weight
         self._graphs: dict[str, list[torch.cuda.CUDAGraph]] = {}
         self._events: list[torch.cuda.Event] = []
+        self.guide: GuidanceBuffers | None = None
         if mode == "eager":
             self._plan = plan_resize(shape.image_hw, shape.model_image_size)
             return
@@ -76,6 +88,8 @@ class Engine:
         self.buf: DeviceBuffers = allocate_device(shape, cfg.paligemma, cfg.expert.width, self.dtype, device)
         self.vision = VisionStage(self.vision_weights, shape, self.dtype)
         self.prefix = PrefixStage(self.prefix_weights, self.expert_weights, shape, self.dtype)
+        if rtc_mode != "off":
+            self.guide = GuidanceBuffers.allocate(shape.action_horizon, shape.action_dim, device)
         self.denoise = DenoiseChain(self._make_step(denoise_kernels), shape.num_steps)
         self.report.fuse_s = time.perf_counter() - t0
         if device.type == "cuda":
@@ -85,12 +99,18 @@ class Engine:
     # ---- construction -----------------------------------------------------------------------
     @classmethod
     def create(cls, model: Pi0Model, shape: EngineShape | None = None, device: str | torch.device = "cuda",
-               precision: str = "bfloat16", mode: str = "auto", denoise_kernels: str = "auto") -> Engine:
+               precision: str = "bfloat16", mode: str = "auto", denoise_kernels: str = "auto",
+               rtc_mode: str = "off", max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT) -> Engine:
         """Build, warm up and (in `graphs` mode) capture. `mode="auto"` is `graphs` on CUDA and
         `eager` elsewhere (logged once: the CPU works, slowly). The model may live on any device;
         the engine keeps its own fused weights on `device` and uses the model only in `eager` mode.
+        `rtc_mode` other than "off" captures the guided chain (`engine/guidance.py`); β is
+        `max_guidance_weight`.
         """
         check_precision(precision)
+        check_rtc_mode(rtc_mode)
+        if not (math.isfinite(max_guidance_weight) and max_guidance_weight >= 0.0):
+            raise ConfigError(f"max_guidance_weight must be finite and >= 0, found {max_guidance_weight!r}")
         if mode not in MODES:
             raise ConfigError(f"engine mode must be one of {MODES}, found {mode!r}")
         if denoise_kernels not in DENOISE_KERNELS:
@@ -111,8 +131,9 @@ class Engine:
                 log.warning("CUDA is not available for device %s: the engine runs the eager reference model "
                             "(correct, but slow)", dev)
                 _fallback_logged = True
-            return cls(model, shape, next(model.parameters()).device, precision, "eager", "torch")
-        engine = cls(model, shape, dev, precision, mode, denoise_kernels)
+            return cls(model, shape, next(model.parameters()).device, precision, "eager", "torch", rtc_mode,
+                       max_guidance_weight)
+        engine = cls(model, shape, dev, precision, mode, denoise_kernels, rtc_mode, max_guidance_weight)
         if mode == "graphs":
             engine._capture()
             # The graphs replay the fused copies only: dropping the model lets the caller free its
@@ -120,7 +141,21 @@ class Engine:
             engine.model = None
         return engine
 
-    def _make_step(self, kernels: str) -> TorchDenoiseStep:
+    def _make_step(self, kernels: str) -> DenoiseStep:
+        """The plain step, wrapped in the RTC guidance when configured. `rtc` needs a
+        differentiable step, so it always runs the torch ops (the Triton kernels have no backward)."""
+        if self.rtc_mode == "rtc":
+            self.report.denoise_kernels = "torch"
+            assert self.guide is not None
+            step = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
+            return RtcStep(step, self.guide, self.tables.times, self.max_guidance_weight)
+        plain = self._make_plain_step(kernels)
+        if self.rtc_mode == "rtc_fast":
+            assert self.guide is not None
+            return RtcFastStep(plain, self.guide, self.tables.times, self.max_guidance_weight)
+        return plain
+
+    def _make_plain_step(self, kernels: str) -> DenoiseStep:
         want_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
                                               and self.dtype == torch.bfloat16)
         if want_triton:
@@ -176,15 +211,25 @@ class Engine:
         batch.check(self.shape)
         self.host.load(batch)
 
-    def infer(self, batch: EngineBatch) -> np.ndarray:
-        """Actions [H, action_dim] float32 for one batch; per-stage times in `last_timings_ms`."""
+    def infer(self, batch: EngineBatch, guidance: EngineGuidance | None = None) -> np.ndarray:
+        """Actions [H, action_dim] float32 for one batch; per-stage times in `last_timings_ms`.
+        `guidance` (RTC engines only): the previous chunk and the soft mask; None samples plainly."""
+        if guidance is not None:
+            if self.rtc_mode == "off":
+                raise ConfigError("RTC guidance given, but the engine was built with rtc_mode 'off'")
+            guidance.check(self.shape.action_horizon, self.shape.action_dim)
         if self.mode == "eager":
-            return self._infer_eager(batch)
+            return self._infer_eager(batch, guidance)
+        t_start = time.perf_counter()
         self.load(batch)
+        if self.guide is not None:
+            self.guide.load(guidance)
         if self.mode == "static":
             t0 = time.perf_counter()
             with torch.no_grad():
                 upload(self.host, self.buf)
+                if self.guide is not None:
+                    self.guide.upload()
                 fns = self._stage_fns()
                 for name in STAGES:
                     for fn in fns[name]:
@@ -192,40 +237,55 @@ class Engine:
                 self.host.actions.copy_(self.buf.actions)
             self.last_timings_ms = {"total": (time.perf_counter() - t0) * 1e3}
             return self.host.actions.numpy().copy()
-        return self._replay()
+        return self._replay(t_start)
 
-    def _replay(self) -> np.ndarray:
+    def _replay(self, t_start: float) -> np.ndarray:
+        """Host timings besides the stage spans: `host_prepare` (batch check and pinned copies),
+        `host_launch` (enqueueing the copies and the replays), `host_wait` (until the GPU is
+        done), `total` (all of `infer`)."""
         ev = self._events
         stream = torch.cuda.current_stream(self.device)
         t0 = time.perf_counter()
         ev[0].record(stream)
         upload(self.host, self.buf)
+        if self.guide is not None:
+            self.guide.upload()
         ev[1].record(stream)
         for i, name in enumerate(STAGES):
             for graph in self._graphs[name]:
                 graph.replay()
             ev[2 + i].record(stream)
         self.host.actions.copy_(self.buf.actions, non_blocking=True)
+        t_launched = time.perf_counter()
         stream.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3
+        t_synced = time.perf_counter()
         timings = {"h2d": ev[0].elapsed_time(ev[1])}
         for i, name in enumerate(STAGES):
             timings[name] = ev[1 + i].elapsed_time(ev[2 + i])
-        timings["total"] = wall
+        actions = self.host.actions.numpy().copy()
+        timings.update(host_prepare=(t0 - t_start) * 1e3, host_launch=(t_launched - t0) * 1e3,
+                       host_wait=(t_synced - t_launched) * 1e3, total=(time.perf_counter() - t_start) * 1e3)
         self.last_timings_ms = timings
-        return self.host.actions.numpy().copy()
+        return actions
 
     def replay_stage(self, name: str) -> None:
         """Replay one captured stage (benchmarks); inputs are whatever the buffers hold."""
         for graph in self._graphs[name]:
             graph.replay()
 
-    def _infer_eager(self, batch: EngineBatch) -> np.ndarray:
+    def _infer_eager(self, batch: EngineBatch, guidance: EngineGuidance | None) -> np.ndarray:
         batch.check(self.shape)
         t0 = time.perf_counter()
         inputs, noise = eager_inputs(batch, self.shape, self.device)
-        with torch.no_grad():
-            actions = self.model.sample_actions(inputs, noise)
+        if guidance is None:
+            with torch.no_grad():
+                actions = self.model.sample_actions(inputs, noise)
+        else:
+            def t(v: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(self.device)[None]
+
+            actions = sample_actions_guided(self.model, inputs, noise, t(guidance.prev), 0, 0,
+                                            self.max_guidance_weight, self.rtc_mode, mask=t(guidance.mask))
         out = actions[0].float().cpu().numpy()
         self.last_timings_ms = {"total": (time.perf_counter() - t0) * 1e3}
         return out

@@ -10,6 +10,16 @@ Imported only by `denoise_triton` (never at package import), so the CPU CI never
 - `norm_head`: final norm → float32 output projection (dt folded) → x_next = x + W'h + b'.
 - `attention_split` + `attention_combine`: flash-decoding over the one KV head; the query rows
   are (token, head) pairs, so all heads share each K/V tile.
+
+Split-K / split-KV variants with a last-arriver epilogue (`norm_linear_pair_splitk`,
+`attention_fused`, `norm_head_splitk`): every program stores its partial result to a float32
+workspace slot of its own, then counts itself in on a per-output-block int32 counter; the program
+that sees count = splits - 1 is the last one, sums the slots in a fixed order (deterministic) and
+runs the epilogue, then puts the counter back to 0. No spinning (no co-residency assumption), no
+host work, and the state is all zeros again after every launch, so CUDA-graph replays are safe.
+Memory ordering follows CUTLASS's split-K semaphore: stores → per-thread gpu fence → CTA barrier →
+one acq_rel atomic; reader: that atomic (Triton broadcasts its result through shared memory with a
+barrier) → loads that bypass L1 (`.cg`). See `_arrive`.
 """
 
 from __future__ import annotations
@@ -39,16 +49,29 @@ def _inv_rms(x_ptr, stride_xm, M, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
-def norm_linear_pair_kernel(
-        x_ptr, stride_xm, w_ptr, mul_ptr, bias_ptr,
-        out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
-        M, K, eps, pair_offset,
-        EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
+def _arrive(cnt_ptr, FENCE: tl.constexpr):
+    """Count this program in at `cnt_ptr` (int32); returns the count before it, so the last of n
+    programs sees n - 1. Call after storing this program's partial results.
+
+    Why the reader sees every partial: each thread's stores precede its `fence.acq_rel.gpu`
+    (FENCE; the interpreter has no inline asm and runs programs one by one), the CTA barrier
+    orders all threads before the single acq_rel atomic (release, gpu scope, cumulative through
+    the barrier), and the last program's atomic is an acquire that Triton follows with a barrier
+    when it broadcasts the scalar result; its loads then use `.cg` (L2, never a stale L1 line).
+    Either half of the writer side should do on its own (a fence in every thread is the CUDA
+    threadFenceReduction sample, barrier + one release is CUTLASS's semaphore); sm_90 SASS:
+    MEMBAR.ALL.GPU in every thread, BAR.SYNC, then one thread's MEMBAR + ATOMG + CCTL.IVALL."""
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def _pair_columns(p0, pair_offset, EPI: tl.constexpr, HD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The two column sets of pair block p0: RoPE halves (d, d + hd/2) of one head, or (gate, up)."""
     rn = tl.arange(0, BLOCK_N)
-    p0 = pid * BLOCK_N
     HALF: tl.constexpr = HD // 2
     if EPI == 0:
         head = p0 // HALF
@@ -56,16 +79,23 @@ def norm_linear_pair_kernel(
         col_lo = head * HD + cin
         col_hi = col_lo + HALF
     else:
-        head = 0
+        head = p0 * 0
         cin = rn
         col_lo = p0 + rn
         col_hi = col_lo + pair_offset
-    # RMSNorm is a per-row scale, so it is applied to the accumulators after the loop: one pass
-    # over x instead of two.
+    return head, cin, col_lo, col_hi
+
+
+@triton.jit
+def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col_lo, col_hi,
+                     HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(x ⊙ mul)·W over k in [k_start, k_end) for both column sets, and Σ x² of the rows there.
+    RMSNorm is a per-row scale, so it is applied to the accumulators afterwards: one pass over x."""
+    rm = tl.arange(0, BLOCK_M)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
         ss += tl.sum(xv * xv, axis=1)
@@ -76,6 +106,18 @@ def norm_linear_pair_kernel(
         w_hi = tl.load(w_ptr + col_hi[:, None] * K + rk[None, :])
         acc_lo += tl.dot(a, tl.trans(w_lo))
         acc_hi += tl.dot(a, tl.trans(w_hi))
+    return acc_lo, acc_hi, ss
+
+
+@triton.jit
+def _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
+                   M, K, eps, p0, head, cin, col_lo, col_hi,
+                   EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """inv-rms, bias, then RoPE → q / the K and V cache rows, or GEGLU → act."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = HD // 2
     inv = 1.0 / tl.sqrt(ss / K + eps)
     acc_lo = acc_lo * inv[:, None]
     acc_hi = acc_hi * inv[:, None]
@@ -108,11 +150,71 @@ def norm_linear_pair_kernel(
 
 
 @triton.jit
+def norm_linear_pair_kernel(
+        x_ptr, stride_xm, w_ptr, mul_ptr, bias_ptr,
+        out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
+        M, K, eps, pair_offset,
+        EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    p0 = tl.program_id(0) * BLOCK_N
+    head, cin, col_lo, col_hi = _pair_columns(p0, pair_offset, EPI, HD, BLOCK_N)
+    acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, 0, K, col_lo, col_hi,
+                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K)
+    _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
+                   M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def norm_linear_pair_splitk_kernel(
+        x_ptr, stride_xm, w_ptr, mul_ptr, bias_ptr,
+        out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr, part_ptr, cnt_ptr,
+        M, K, eps, pair_offset, n_pairs,
+        EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+        SPLITS: tl.constexpr, FENCE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`norm_linear_pair` with K split over grid axis 1 (SPLITS programs per pair block, K/SPLITS
+    each). Workspace `part` (float32): [SPLITS, 2, M, n_pairs] partial sums of the lo/hi columns,
+    then [SPLITS, pair blocks, M] partial Σ x²; `cnt` int32 [pair blocks], zero between launches."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    p0 = pid * BLOCK_N
+    head, cin, col_lo, col_hi = _pair_columns(p0, pair_offset, EPI, HD, BLOCK_N)
+    k_per_split = K // SPLITS
+    k_start = pid_k * k_per_split
+    acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_start + k_per_split,
+                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    rp = p0 + tl.arange(0, BLOCK_N)
+    mmask = rm[:, None] < M
+    tile = rm[:, None] * n_pairs + rp[None, :]
+    ss_base = part_ptr + SPLITS * 2 * M * n_pairs
+    tl.store(part_ptr + (pid_k * 2) * M * n_pairs + tile, acc_lo, mask=mmask)
+    tl.store(part_ptr + (pid_k * 2 + 1) * M * n_pairs + tile, acc_hi, mask=mmask)
+    tl.store(ss_base + (pid_k * n_blocks + pid) * M + rm, ss, mask=rm < M)
+    if _arrive(cnt_ptr + pid, FENCE) == SPLITS - 1:
+        # One [SPLITS, BLOCK_M, BLOCK_N] load per operand: every slot in flight at once.
+        sk = tl.arange(0, SPLITS)
+        slot = (sk * 2)[:, None, None] * M * n_pairs + tile[None, :, :]
+        acc_lo = tl.sum(tl.load(part_ptr + slot, mask=mmask[None, :, :], other=0.0, cache_modifier=".cg"), axis=0)
+        acc_hi = tl.sum(tl.load(part_ptr + M * n_pairs + slot, mask=mmask[None, :, :], other=0.0,
+                                cache_modifier=".cg"), axis=0)
+        ss = tl.sum(tl.load(ss_base + (sk[:, None] * n_blocks + pid) * M + rm[None, :], mask=rm[None, :] < M,
+                            other=0.0, cache_modifier=".cg"), axis=0)
+        tl.store(cnt_ptr + pid, 0)
+        _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
+                       M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def linear_splitk_kernel(
         x_ptr, stride_xm, w_ptr, bias_ptr, gate_ptr, out_ptr, stride_om,
         M, N, K, k_per_split,
         EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEM: tl.constexpr = "acq_rel"):
+    """SEM: the residual atomics' memory order. "acq_rel" (Triton's default) puts a MEMBAR.GPU before
+    and an L1 invalidate after every atomic (sm_90 SASS); "relaxed" is a plain RED: the sum only needs
+    atomicity, and the next kernel sees it anyway (kernel boundary)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -136,7 +238,7 @@ def linear_splitk_kernel(
     if EPI == 2:
         if HAS_GATE:
             acc = acc * tl.load(gate_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.atomic_add(out, acc, mask=mask)
+        tl.atomic_add(out, acc, mask=mask, sem=SEM)
     elif EPI == 1:
         tl.store(out, (acc * tl.sigmoid(acc)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -172,16 +274,52 @@ def norm_head_kernel(
 
 
 @triton.jit
-def attention_split_kernel(
-        q_ptr, k_ptr, v_ptr, bias_ptr, part_o_ptr, part_ml_ptr,
-        R, NKEYS, keys_per_split, stride_bias, S, scale,
-        HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows r = token·HEADS + head of q [S·HEADS, HD]; keys [NKEYS, HD] shared by all heads.
-    Writes unnormalised partial outputs [splits, R, HD] and (max, sum) [splits, 2, R]."""
+def norm_head_splitk_kernel(
+        x_ptr, stride_xm, mul_ptr, w_ptr, bias_ptr, xin_ptr, xout_ptr, part_ptr, cnt_ptr,
+        M, N, K, eps,
+        HAS_MUL: tl.constexpr, ROUND_TO: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KALL: tl.constexpr):
+    """`norm_head` with K split over grid axis 1. The activations are rounded to ROUND_TO after the
+    norm, before the product (as in `norm_head`), so each program needs the whole row's inv-rms
+    first: wide loads of x from L2 (BLOCK_KALL columns at a time, dividing K; one load at pi0.5's
+    10 rows). Workspace `part` float32 [SPLITS, M, N]; `cnt` int32 [N blocks]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    mask = (rm[:, None] < M) & nmask[None, :]
+    inv = _inv_rms(x_ptr, stride_xm, M, K, eps, BLOCK_M, BLOCK_KALL)
+    k_per_split = K // SPLITS
+    k_start = pid_k * k_per_split
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
+        xv = xv * inv[:, None]
+        if HAS_MUL:
+            xv = xv * tl.load(mul_ptr + rk)[None, :]
+        a = xv.to(ROUND_TO).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None], other=0.0)
+        acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+    offs = rm[:, None] * N + rn[None, :]
+    tl.store(part_ptr + pid_k * M * N + offs, acc, mask=mask)
+    if _arrive(cnt_ptr + pid_n, FENCE) == SPLITS - 1:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(cnt_ptr + pid_n, 0)
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0)[None, :]
+        x_old = tl.load(xin_ptr + offs, mask=mask, other=0.0)
+        tl.store(xout_ptr + offs, x_old + acc, mask=mask)
+
+
+@triton.jit
+def _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split, stride_bias, S, scale,
+                       HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of this program's query rows over keys [pid_s·keys_per_split, +keys_per_split):
+    the unnormalised output [BLOCK_R, HD], the row max and the row sum."""
     pid_s = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
     tok = tl.minimum(rows // HEADS, S - 1)
     d = tl.arange(0, HD)
     q = tl.load(q_ptr + rows[:, None] * HD + d[None, :], mask=rmask[:, None], other=0.0)
@@ -204,10 +342,31 @@ def attention_split_kernel(
         v = tl.load(v_ptr + keys[:, None] * HD + d[None, :], mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_attention_partial(part_o_ptr, part_ml_ptr, acc, m_i, l_i, rows, rmask, R, HD: tl.constexpr):
+    pid_s = tl.program_id(0)
+    d = tl.arange(0, HD)
     base = pid_s * R + rows
     tl.store(part_o_ptr + base[:, None] * HD + d[None, :], acc, mask=rmask[:, None])
     tl.store(part_ml_ptr + (pid_s * 2) * R + rows, m_i, mask=rmask)
     tl.store(part_ml_ptr + (pid_s * 2 + 1) * R + rows, l_i, mask=rmask)
+
+
+@triton.jit
+def attention_split_kernel(
+        q_ptr, k_ptr, v_ptr, bias_ptr, part_o_ptr, part_ml_ptr,
+        R, NKEYS, keys_per_split, stride_bias, S, scale,
+        HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows r = token·HEADS + head of q [S·HEADS, HD]; keys [NKEYS, HD] shared by all heads.
+    Writes unnormalised partial outputs [splits, R, HD] and (max, sum) [splits, 2, R]."""
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    acc, m_i, l_i = _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split,
+                                       stride_bias, S, scale, HEADS, HD, BLOCK_R, BLOCK_N)
+    _store_attention_partial(part_o_ptr, part_ml_ptr, acc, m_i, l_i, rows, rmask, R, HD)
 
 
 @triton.jit
@@ -232,6 +391,58 @@ def attention_combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, R, n_splits,
         acc += w[:, None] * o
     out = acc / denom[:, None]
     tl.store(out_ptr + rows[:, None] * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0,
+                  HD: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[rows, d0:d0 + BLOCK_D] from all splits' partials with one load per operand (a
+    [SPLITS_P2, BLOCK_R, BLOCK_D] tile): every split's bytes in flight at once, not one split per
+    round trip as in `attention_combine`."""
+    sp = tl.arange(0, SPLITS_P2)
+    ml_mask = (sp[:, None] < n_splits) & rmask[None, :]
+    m = tl.load(part_ml_ptr + (sp[:, None] * 2) * R + rows[None, :], mask=ml_mask, other=float("-inf"),
+                cache_modifier=".cg")
+    l = tl.load(part_ml_ptr + (sp[:, None] * 2 + 1) * R + rows[None, :], mask=ml_mask, other=0.0,
+                cache_modifier=".cg")
+    m_tot = tl.where(rmask, tl.max(m, axis=0), 0.0)  # padded rows: finite, never stored
+    w = tl.exp(m - m_tot[None, :])  # [SPLITS_P2, BLOCK_R]; 0 for the padded splits
+    denom = tl.where(rmask, tl.sum(w * l, axis=0), 1.0)
+    d = d0 + tl.arange(0, BLOCK_D)
+    o = tl.load(part_o_ptr + ((sp[:, None, None] * R + rows[None, :, None]) * HD + d[None, None, :]),
+                mask=ml_mask[:, :, None], other=0.0, cache_modifier=".cg")
+    out = tl.sum(w[:, :, None] * o, axis=0) / denom[:, None]
+    tl.store(out_ptr + rows[:, None] * HD + d[None, :], out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def attention_combine_wide_kernel(part_o_ptr, part_ml_ptr, out_ptr, R, n_splits,
+                                  HD: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rows < R, R, n_splits, tl.program_id(1) * BLOCK_D,
+                  HD, SPLITS_P2, BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def attention_fused_kernel(
+        q_ptr, k_ptr, v_ptr, bias_ptr, part_o_ptr, part_ml_ptr, out_ptr, cnt_ptr,
+        R, NKEYS, keys_per_split, stride_bias, S, scale, n_splits,
+        HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, FENCE: tl.constexpr):
+    """`attention_split` whose last-arriving split program of each row block also combines that
+    row block (no `attention_combine` launch). `cnt` int32 [row blocks], zero between launches."""
+    pid_r = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    acc, m_i, l_i = _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split,
+                                       stride_bias, S, scale, HEADS, HD, BLOCK_R, BLOCK_N)
+    _store_attention_partial(part_o_ptr, part_ml_ptr, acc, m_i, l_i, rows, rmask, R, HD)
+    if _arrive(cnt_ptr + pid_r, FENCE) == n_splits - 1:
+        for d0 in tl.static_range(0, HD, BLOCK_D):
+            _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0,
+                          HD, SPLITS_P2, BLOCK_R, BLOCK_D)
+        tl.store(cnt_ptr + pid_r, 0)
 
 
 @triton.jit
@@ -282,3 +493,8 @@ def quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, N, stride_x, stride_out, FP8
         x = tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
         tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, q.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+# Under TRITON_INTERPRET=1 (fixed when the kernels are decorated) `triton.jit` gives interpreted
+# functions: no inline PTX there, and the programs run one after another, so `_arrive` needs no fence.
+FENCE = isinstance(norm_linear_pair_splitk_kernel, triton.runtime.jit.JITFunction)

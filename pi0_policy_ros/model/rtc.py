@@ -89,12 +89,13 @@ def guided_velocity(velocity_fn: VelocityFn, x_t: torch.Tensor, t: float, weight
     are constants of the chain).
 
     prev: Y [B or 1, H, A] (rows where mask is 0 may hold anything finite).
-    mask: W [H] or [B, H]. weight: w for this step, a float or a 0-d / [B] device tensor.
+    mask: W [H] or [B, H] (per row), or [B or 1, H, A] (per row and action dim: the engine zeroes
+    the dims the robot does not use). weight: w for this step, a float or a 0-d / [B] device tensor.
     `rtc` differentiates `velocity_fn` once more (autograd with static shapes, capturable the
     way `torch.cuda.make_graphed_callables` captures backward); `rtc_fast` does not.
     """
     check_mode(mode)
-    w_mask = mask[..., :, None] if mask.ndim == 2 else mask[None, :, None]  # [B|1, H, 1]
+    w_mask = _mask_weights(mask)
     if isinstance(weight, torch.Tensor) and weight.ndim == 1:
         weight = weight[:, None, None]
     if mode == "rtc_fast":
@@ -115,9 +116,16 @@ def rtc_fast_update_(x_in: torch.Tensor, x_out: torch.Tensor, t: float, dt: floa
     """`rtc_fast` as an in-place correction of a plain Euler step that already wrote
     `x_out = x_in + dt·v` (the engine's chain folds dt into the output head, so v is implicit):
     `x_out ← x_out − dt·w·W ⊙ (Y − x̂)` with `x̂ = x_in − t·(x_out − x_in)/dt`. Elementwise only."""
-    w_mask = mask[..., :, None] if mask.ndim == 2 else mask[None, :, None]
+    w_mask = _mask_weights(mask)
     x_hat = x_in - (t / dt) * (x_out - x_in)
     return x_out.sub_(dt * weight * w_mask * (prev - x_hat))
+
+
+def _mask_weights(mask: torch.Tensor) -> torch.Tensor:
+    """W as a multiplier of [B, H, A]: [H] → [1, H, 1], [B, H] → [B, H, 1], 3-D as given."""
+    if mask.ndim == 3:
+        return mask
+    return mask[..., :, None] if mask.ndim == 2 else mask[None, :, None]
 
 
 @torch.no_grad()
@@ -138,7 +146,8 @@ def sample_actions_guided(model: Pi0Model, inputs: ModelInputs, noise: torch.Ten
         action 0; None gives the plain chain (no previous chunk yet).
     delay_steps: d, the predicted inference delay in action steps (frozen prefix).
     execute_horizon: s, actions of the previous chunk consumed since its start, so its remaining
-        rows end at `H − s` (the mask's end). `mask` [H], if given, replaces `soft_mask(...)`.
+        rows end at `H − s` (the mask's end). `mask` ([H], [B, H] or [B or 1, H, A]), if given,
+        replaces `soft_mask(...)` (then delay_steps and execute_horizon are not used).
     """
     check_mode(mode)
     cfg = model.cfg

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pi0_policy_ros.errors import ConfigError
 
 BACKENDS = ("torch", "tensorrt", "auto", "eager")
+RTC_MODES = ("off", "rtc_fast", "rtc")  # engine/guidance.py
+MASK_SCHEDULES = ("exp", "linear")
 PRECISIONS = ("float32", "bfloat16", "fp8")
 DEVICES = ("cpu", "cuda")
 
@@ -31,6 +34,9 @@ class PolicyConfig:
     cpu_threads: torch's intra-op threads for CPU inference (process-wide, set when the policy is
         built); 0 leaves torch's default. On a small machine 1 is fastest: more threads compete
         with the ROS executor and the camera callbacks.
+    rtc_mode: real-time chunking guidance built into the engine: "off", "rtc_fast" (error only) or
+        "rtc" (true vector-Jacobian product); `infer(observation, guidance)` then continues the
+        previous chunk. max_guidance_weight: its clip β. rtc_mask_schedule: the soft mask's decay.
     """
 
     checkpoint_path: str = ""
@@ -48,6 +54,9 @@ class PolicyConfig:
     action_dim: int = 0
     action_horizon: int = 0
     action_period_s: float = 0.0
+    rtc_mode: str = "off"
+    max_guidance_weight: float = 5.0
+    rtc_mask_schedule: str = "exp"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -57,6 +66,12 @@ class PolicyConfig:
         for name in ("state_dim", "action_dim", "action_horizon", "action_period_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0 (0 = the robot profile's), found {getattr(self, name)}")
+        if self.rtc_mode not in RTC_MODES:
+            raise ConfigError(f"rtc_mode must be one of {RTC_MODES}, found {self.rtc_mode!r}")
+        if self.rtc_mask_schedule not in MASK_SCHEDULES:
+            raise ConfigError(f"rtc_mask_schedule must be one of {MASK_SCHEDULES}, found {self.rtc_mask_schedule!r}")
+        if not (math.isfinite(self.max_guidance_weight) and self.max_guidance_weight >= 0.0):
+            raise ConfigError(f"max_guidance_weight must be finite and >= 0, found {self.max_guidance_weight!r}")
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be ≥ 0, found {self.cpu_threads}")
         if self.device.split(":")[0] not in DEVICES:

@@ -18,19 +18,22 @@ import torch
 
 from pi0_policy_ros.engine.backend import resolve_backend
 from pi0_policy_ros.engine.engine import Engine
+from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import EngineBatch
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
 from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
+from pi0_policy_ros.model.rtc import soft_mask
 from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, load_checkpoint_dir
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.normalize import (ACTIONS_KEY, STATE_KEY, Normalizer, check_stats_dims,
                                              identity_stats)
-from pi0_policy_ros.policy.robots import RobotProfile, finalize_actions, get_profile, prepare_inputs
+from pi0_policy_ros.policy.robots import (RobotProfile, finalize_actions, get_profile, prepare_inputs,
+                                          robot_actions_to_model)
 from pi0_policy_ros.policy.tokenizer import (TOKENIZER_FILE_NAMES, PromptTokenizer, find_tokenizer_model,
                                              train_tiny_tokenizer)
-from pi0_policy_ros.policy.types import ActionChunk, Observation
+from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,8 @@ def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -
     (the engine logs that once)."""
     mode = "eager" if config.backend == "eager" else "auto"
     precision = config.precision if device.type == "cuda" else str(next(model.parameters()).dtype).removeprefix("torch.")
-    return Engine.create(model, device=device, precision=precision, mode=mode)
+    return Engine.create(model, device=device, precision=precision, mode=mode, rtc_mode=config.rtc_mode,
+                         max_guidance_weight=config.max_guidance_weight)
 
 
 def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state: bool,
@@ -160,13 +164,34 @@ class Policy:
             state=padded_state, noise=noise.astype(np.float32))
         return batch, prepared.state
 
-    def infer(self, observation: Observation) -> ActionChunk:
+    def engine_guidance(self, guidance: ChunkGuidance, robot_state: np.ndarray) -> EngineGuidance:
+        """The previous chunk in the network's space (the output transforms inverted, normalized,
+        padded) and the soft mask, zero on the padded action dims the robot never executes."""
+        cfg, profile = self.model_config, self.profile
+        prev = np.asarray(guidance.prev_actions, dtype=np.float64)
+        if prev.shape != (cfg.action_horizon, profile.action_dim) or not np.all(np.isfinite(prev)):
+            raise ObservationError(f"RTC: expected finite previous actions [{cfg.action_horizon}, "
+                                   f"{profile.action_dim}], found shape {prev.shape}")
+        model_side = robot_actions_to_model(profile, prev, robot_state)
+        padded = np.zeros((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
+        padded[:, : profile.action_dim] = self.normalizer.normalize(ACTIONS_KEY, model_side)
+        rows = soft_mask(cfg.action_horizon, guidance.delay_steps,
+                         min(max(guidance.mask_end, 0), cfg.action_horizon), self.config.rtc_mask_schedule).numpy()
+        mask = np.zeros_like(padded)
+        mask[:, : profile.action_dim] = rows[:, None]
+        return EngineGuidance(prev=padded, mask=mask)
+
+    def infer(self, observation: Observation, guidance: ChunkGuidance | None = None) -> ActionChunk:
+        """One chunk. `guidance` (RTC policies, `rtc_mode` not "off"): continue the previous chunk."""
         start = time.perf_counter()
         batch, robot_state = self.network_batch(observation)
+        if guidance is not None and self.config.rtc_mode == "off":
+            raise ConfigError("RTC guidance given, but the policy was configured with rtc_mode 'off'")
+        engine_guidance = None if guidance is None else self.engine_guidance(guidance, robot_state)
         prepared = time.perf_counter()
         if self.engine is None:
             raise Pi0PolicyError("the policy was closed")
-        actions = self.engine.infer(batch)
+        actions = self.engine.infer(batch, engine_guidance)
         ran = time.perf_counter()
         if not np.all(np.isfinite(actions)):
             raise Pi0PolicyError("the network produced NaN/Inf actions; the chunk is rejected")

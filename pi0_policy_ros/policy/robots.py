@@ -403,6 +403,28 @@ def finalize_actions(profile: RobotProfile, actions: np.ndarray, state: np.ndarr
     return values.astype(np.float32)
 
 
+def robot_actions_to_model(profile: RobotProfile, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """The inverse of `finalize_actions` on the robot's dims: robot actions [H, action_dim] back to
+    the model's unnormalized convention (deltas where trained on deltas, pi's gripper angle, signs).
+    RTC needs it to express the previous chunk the way the model predicts actions."""
+    values = np.array(actions, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != profile.action_dim:
+        raise ObservationError(
+            f"profile '{profile.name}': expected actions [H, {profile.action_dim}], found shape {values.shape}")
+    reference = _check_state(profile, state)
+    dims = list(profile.aloha_gripper_dims)
+    if dims:
+        values[:, dims] = aloha_gripper_from_pi_inverse(values[:, dims])
+    if profile.joint_signs:
+        values *= np.asarray(profile.joint_signs)  # ±1: its own inverse
+    if profile.delta_action_mask:
+        n = min(len(profile.delta_action_mask), profile.action_dim)
+        padded = np.zeros(n)
+        padded[: min(n, len(reference))] = reference[:n]
+        values[:, :n] -= np.where(np.asarray(profile.delta_action_mask[:n]), padded, 0.0)
+    return values
+
+
 def _add_delta_reference(mask: tuple[bool, ...], actions: np.ndarray, state: np.ndarray) -> np.ndarray:
     """openpi AbsoluteActions: actions[:, :n] += where(mask, state[:n], 0), n = len(mask)."""
     if not mask:

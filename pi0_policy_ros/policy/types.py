@@ -42,3 +42,18 @@ class ActionChunk:
     @property
     def horizon(self) -> int:
         return int(self.actions.shape[0])
+
+
+@dataclass(frozen=True)
+class ChunkGuidance:
+    """Real-time chunking: what the next chunk should continue (`control/scheduler.py` makes it).
+
+    prev_actions: [H, robot_action_dim], robot units: the actions that will be executed at
+        `stamp_s + i * period_s` of the new observation if no new chunk arrived.
+    delay_steps: d, the actions certainly executed from the previous chunk while inferring.
+    mask_end: rows [0, mask_end) of prev_actions continue the previous chunk; the rest is ignored.
+    """
+
+    prev_actions: np.ndarray
+    delay_steps: int
+    mask_end: int

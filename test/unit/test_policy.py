@@ -15,13 +15,14 @@ from safetensors.torch import save_file
 from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError
 from pi0_policy_ros.model.config import IMAGE_SLOTS
 from pi0_policy_ros.model.reference import load_reference
+from pi0_policy_ros.model.rtc import soft_mask
 from pi0_policy_ros.policy.checkpoint_dir import VOCAB_ROWS_METADATA, load_checkpoint_dir
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.inspect import describe
 from pi0_policy_ros.engine.types import EngineBatch
 from pi0_policy_ros.policy.policy import Policy
 from pi0_policy_ros.policy.tokenizer import train_tiny_tokenizer
-from pi0_policy_ros.policy.types import Observation
+from pi0_policy_ros.policy.types import ChunkGuidance, Observation
 from test.paths import PI0_FIXTURE, PI05_FIXTURE
 
 STATE_DIM, ACTION_DIM = 8, 7  # LIBERO
@@ -242,3 +243,31 @@ def test_generic_profile_takes_the_robots_dims_from_the_config() -> None:
     assert chunk.actions.shape == (12, 5) and chunk.period_s == 0.04
     with pytest.raises(ConfigError, match="action_dim must be ≥ 0"):
         PolicyConfig(action_dim=-1)
+
+
+@pytest.mark.parametrize("mode", ["rtc_fast", "rtc"])
+def test_rtc_policy_continues_the_previous_chunk(tmp_path: Path, libero_policy: Policy, mode: str) -> None:
+    """The previous chunk goes to the engine in the network's space (normalized, padded, masked
+    off on the padded dims); the guided chunk's first d actions move onto it; no guidance is the
+    plain chunk."""
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                             robot_profile="pi05_libero", default_prompt="put the bowl on the plate",
+                                             rtc_mode=mode))
+    obs = _observation(2)
+    plain = libero_policy.infer(obs).actions
+    np.testing.assert_allclose(policy.infer(obs).actions, plain, atol=1e-5)
+    prev = plain + np.random.default_rng(3).normal(scale=0.5, size=plain.shape).astype(np.float32)
+    guidance = ChunkGuidance(prev_actions=prev, delay_steps=2, mask_end=6)
+    _, robot_state = policy.network_batch(obs)
+    engine_guidance = policy.engine_guidance(guidance, robot_state)
+    np.testing.assert_allclose(engine_guidance.prev[:, :ACTION_DIM], policy.normalizer.normalize("actions", prev),
+                               atol=1e-5)
+    assert not engine_guidance.mask[:, ACTION_DIM:].any() and not engine_guidance.prev[:, ACTION_DIM:].any()
+    np.testing.assert_allclose(engine_guidance.mask[:, 0], soft_mask(10, 2, 6).numpy())
+    guided = policy.infer(obs, guidance).actions
+    assert np.abs(guided[:2] - prev[:2]).max() < 0.5 * np.abs(plain[:2] - prev[:2]).max()
+    with pytest.raises(ConfigError, match="rtc_mode 'off'"):
+        libero_policy.infer(obs, guidance)
+    with pytest.raises(ObservationError, match=r"RTC: expected finite previous actions \[10, 7\]"):
+        policy.infer(obs, ChunkGuidance(prev_actions=prev[:, :3], delay_steps=2, mask_end=6))

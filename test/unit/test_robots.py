@@ -17,6 +17,7 @@ from pi0_policy_ros.policy.robots import (
     make_bool_mask,
     prepare_inputs,
     resize_with_pad,
+    robot_actions_to_model,
 )
 
 BASE, LEFT, RIGHT = IMAGE_SLOTS
@@ -228,3 +229,18 @@ def test_generic_profile_from_parameters() -> None:
     assert inputs.image_masks == {BASE: True, LEFT: False, RIGHT: True}
     out = finalize_actions(profile, np.zeros((4, 32)), inputs.state)
     assert out.shape == (4, 6) and out[:, :5].tolist() == [[1.0] * 5] * 4 and not out[:, 5].any()
+
+
+@pytest.mark.parametrize("name", sorted({p.name for p in PROFILES.values()}))
+def test_robot_actions_to_model_inverts_finalize_actions(name: str) -> None:
+    """RTC expresses the executed chunk the way the model predicts it: the exact inverse of the
+    output transform (deltas, ALOHA signs and gripper map) on the robot's dims."""
+    profile = PROFILES[name]
+    rng = np.random.default_rng(7)
+    model_side = rng.normal(scale=0.3, size=(profile.action_horizon, 32))
+    state = rng.normal(scale=0.3, size=profile.state_dim)
+    robot = finalize_actions(profile, model_side, state)
+    back = robot_actions_to_model(profile, robot, state)
+    np.testing.assert_allclose(back, model_side[:, : profile.action_dim], atol=1e-5)
+    with pytest.raises(ObservationError, match=rf"expected actions \[H, {profile.action_dim}\]"):
+        robot_actions_to_model(profile, robot[:, :-1], state)

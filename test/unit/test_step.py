@@ -201,3 +201,33 @@ def test_monitor_counts_holds_per_kind_on_the_callers_clock() -> None:
     values = monitor.report(1.1).values
     assert values["clock_jumps"] == "1" and values["skipped_ticks"] == "0"
     assert float(values["achieved_rate_hz"]) == pytest.approx(10.0)
+
+
+def test_rtc_modes_pass_the_scheduler_guidance_to_the_policy() -> None:
+    """rtc: the first inference has no previous chunk (plain sampling); the next one gets the
+    actions the first chunk will execute from its observation time on, d and the mask end."""
+    policy = FakePolicy(PolicyConfig())
+    step = make_step(policy, scheduler=SchedulerConfig(mode="rtc", execute_horizon=4))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    assert policy.guidance[-1] is None
+    first = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    feed(step, 10.2, STATE + 1.0)
+    assert step.run(lambda: 10.2).published
+    guidance = policy.guidance[-1]
+    assert guidance is not None and guidance.prev_actions.shape == (PROFILE.action_horizon, PROFILE.action_dim)
+    # The new observation is 4 action periods after the first: row i is the first chunk's row 4 + i,
+    # held at its last action past the end; rows [0, 6) continue it.
+    np.testing.assert_allclose(guidance.prev_actions[:6], first[4:], rtol=1e-6)
+    np.testing.assert_allclose(guidance.prev_actions[6:], np.repeat(first[-1:], 4, axis=0), rtol=1e-6)
+    assert guidance.mask_end == 6 and guidance.delay_steps == 0  # inference here takes no clock time
+
+
+def test_naive_and_ensemble_modes_pass_no_guidance() -> None:
+    for mode in ("naive", "temporal_ensemble"):
+        policy = FakePolicy(PolicyConfig())
+        step = make_step(policy, scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
+        for k in range(3):
+            feed(step, 10.0 + 0.2 * k)
+            step.run(lambda k=k: 10.0 + 0.2 * k)
+        assert len(policy.guidance) == 3 and all(g is None for g in policy.guidance)

@@ -1,0 +1,25 @@
+"""The Triton denoise-step variants under Triton's CPU interpreter (`test/triton_interpreter_check.py`):
+every `CANDIDATES` config against the torch step and the default kernels, twice on the same buffers.
+Skipped where Triton is not installed (the project's CPU venv has none). A process of its own,
+because `TRITON_INTERPRET=1` must be set before Triton decorates the kernels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test.paths import REPO_ROOT
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("geometry", [["--steps", "2", "--depth", "1"], ["--pi0", "--steps", "1", "--depth", "1"]],
+                         ids=["pi05", "pi0"])
+def test_candidates_match_under_interpreter(geometry: list[str]) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "test.triton_interpreter_check", *geometry], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
