@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("pi0_policy_ros.policy.inspect", "describe an openpi or LeRobot checkpoint directory"),
     "demo": ("pi0_policy_ros.ros.demo", "run the node against a synthetic robot over DDS and report rate and latency"),
     "soak": ("pi0_policy_ros.soak", "run the demo for a long time and check that memory stays flat"),
+    "load-bench": ("pi0_policy_ros.load_bench", "control rate under 3 x 60 Hz cameras and 1 kHz joint states (JSON)"),
     "demo-bag": ("pi0_policy_ros.bag.demo", "write a synthetic robot bag (cameras + joint states)"),
     "replay": ("pi0_policy_ros.bag.replay", "replay a bag through the policy (offline or --realtime) and record its output"),
     "bench": ("pi0_policy_ros.engine.bench", "time the engine per stage against the eager reference (JSON)"),

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -35,7 +35,7 @@ from trajectory_msgs.msg import JointTrajectory
 from pi0_policy_ros.control.rate_meter import PERCENTILES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros import convert
-from pi0_policy_ros.ros.node import NODE_NAME, PolicyFactory, PolicyNode, spin_until_shutdown
+from pi0_policy_ros.ros.node import NODE_NAME, PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
 from pi0_policy_ros.ros.params import CameraConfig
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, SENSOR_QOS
 
@@ -171,7 +171,7 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     """
     context = Context()
     rclpy.init(context=context)
-    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    executor = make_executor(context)
     overrides = [Parameter("device", value=device)] if device else []
     policy_node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
                              cli_args=["--ros-args", "--params-file", str(params_file)],

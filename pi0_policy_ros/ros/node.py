@@ -11,7 +11,11 @@ Lifecycle:
 
 Topics (relative names resolve in the node's namespace; remap them in the launch file):
 - subscribed: one per camera (`camera_topics`, Image or CompressedImage, sensor-data QoS),
-  `joint_states` (JointState, mapped by name), `~/prompt` (String).
+  `joint_states` (JointState, mapped by name), `~/prompt` (String). Cameras and joint_states are
+  taken serialized (`raw`) by one polling thread every `input_poll_period_s` (2 ms; ros/poller.py),
+  not by the executor, whose Python cost per message starved CPU inference of the GIL at 1 kHz:
+  a camera callback reads only the header stamp (frames are deserialized and decoded when a tick
+  uses them), a joint_states callback checks every message (convert.JointStateReader).
 - published, once per chunk and in this order:
   1. `~/action_chunk_stamp` (std_msgs/Header): `stamp` = the observation stamp of the chunk,
      `frame_id` = the chunk's sequence number (decimal, from 0 at each activation);
@@ -33,10 +37,11 @@ Chunk modes (`chunk_mode`, control/scheduler.py):
   less than one control period ahead dropped.
 - `temporal_ensemble`: an inference every `execute_horizon` action periods; the trajectory is the
   ACT-weighted average (`ensemble_decay`) of every chunk covering each time.
-- `rtc_fast`, `rtc`: an inference every `execute_horizon` action periods; the new chunk replaces
-  the previous one from the current time on. ENGINE-SIDE RTC GUIDANCE IS NOT WIRED INTO THE NODE
-  YET: `Policy.infer` takes no previous chunk, so these modes are a temporal splice without
-  guided inpainting (the guided sampler exists in model/rtc.py and is exercised by `rtc-eval`).
+- `rtc_fast`, `rtc`: an inference every `execute_horizon` action periods; each one is guided toward
+  the actions the previous chunk will still execute (real-time chunking: the scheduler's previous
+  actions, the predicted delay d as the frozen prefix; the guidance is captured with the engine's
+  denoise chain, `engine/guidance.py`), and the new chunk replaces the previous one from the
+  current time on. `rtc` takes the true vector-Jacobian product, `rtc_fast` the error alone.
 /diagnostics shows `scheduler.mode`, the measured latency and the delay in action steps.
 
 Safety (`safety_*` parameters, control/safety.py): a NaN/Inf guard, then gripper range, joint
@@ -88,6 +93,7 @@ from rclpy.exceptions import (
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.serialization import deserialize_message
 from rclpy.timer import Timer
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
@@ -121,6 +127,7 @@ from pi0_policy_ros.ros.params import (
     config_from_params,
     control_config_from,
 )
+from pi0_policy_ros.ros.poller import PolledCallbackGroup, SubscriptionPoller
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, PROMPT_QOS, SENSOR_QOS
 
 LOG_THROTTLE_S = 2.0
@@ -197,6 +204,10 @@ class PolicyNode(LifecycleNode):
 
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self._control_group = MutuallyExclusiveCallbackGroup()
+        # Cameras and joint_states, taken by `_poller` rather than the executor (ros/poller.py).
+        self._polled_group = PolledCallbackGroup()
+        self._poller: SubscriptionPoller | None = None
+        self._joint_reader: convert.JointStateReader | None = None
         # Held by a control tick and by transitions, so that deactivate/cleanup wait for an
         # in-flight inference and no tick publishes after deactivate returns.
         self._lock = threading.Lock()
@@ -370,13 +381,26 @@ class PolicyNode(LifecycleNode):
         self._step.prepare(chunk.horizon, chunk.period_s)
         self._monitor = ControlMonitor(config.control.control_rate_hz)
         self._check_prompt()
+        polled = config.input_poll_period_s > 0
+        input_group = self._polled_group if polled else self._sensor_group
+        inputs = []
         for camera in config.cameras:
             msg_type = CompressedImage if camera.compressed else Image
-            self._subscriptions_.append(self.create_subscription(
+            # raw: frames stay serialized until a tick uses one (most never are).
+            inputs.append(self.create_subscription(
                 msg_type, camera.topic, functools.partial(self._on_image, camera.name), SENSOR_QOS,
-                callback_group=self._sensor_group))
-        self._subscriptions_.append(self.create_subscription(
-            JointState, "joint_states", self._on_joint_state, SENSOR_QOS, callback_group=self._sensor_group))
+                callback_group=input_group, raw=True))
+        # raw too: JointStateReader reads the positions in place when the names repeat.
+        self._joint_reader = convert.JointStateReader(
+            config.joint_names, functools.partial(deserialize_message, message_type=JointState))
+        inputs.append(self.create_subscription(
+            JointState, "joint_states", self._on_joint_state, SENSOR_QOS, callback_group=input_group, raw=True))
+        self._subscriptions_.extend(inputs)
+        if polled:
+            self._poller = SubscriptionPoller(config.input_poll_period_s, self._on_poll_error,
+                                              name=f"{self.get_name()}_inputs")
+            for sub in inputs:
+                self._poller.add(sub)
         self._subscriptions_.append(self.create_subscription(
             String, "~/prompt", self._on_prompt, PROMPT_QOS, callback_group=self._sensor_group))
         self._stamp_pub = self.create_lifecycle_publisher(Header, "~/action_chunk_stamp", CHUNK_QOS)
@@ -385,6 +409,8 @@ class PolicyNode(LifecycleNode):
         self._diagnostics_timer = self.create_timer(
             config.diagnostics_period_s, self._publish_diagnostics, callback_group=self._sensor_group)
         self._config = config
+        if self._poller is not None:
+            self._poller.start()  # last: its callbacks need the config
 
     def _warm_up(self, policy: PolicyLike, config: NodeConfig) -> ActionChunk:
         """One inference on a black frame per camera: fails configure early, and pays first-call costs now."""
@@ -445,6 +471,7 @@ class PolicyNode(LifecycleNode):
             if self._diagnostics_timer is not None:
                 self.destroy_timer(self._diagnostics_timer)
                 self._diagnostics_timer = None
+            self._stop_poller()  # before its subscriptions go
             for sub in self._subscriptions_:
                 self.destroy_subscription(sub)
             self._subscriptions_.clear()
@@ -459,6 +486,7 @@ class PolicyNode(LifecycleNode):
             self._monitor = None
             self._step = None
             self._safety = None
+            self._joint_reader = None
         if policy is not None:
             try:
                 policy.close()
@@ -471,28 +499,30 @@ class PolicyNode(LifecycleNode):
         """Seconds on the node's clock (ROS time; sim time under use_sim_time)."""
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _on_image(self, camera: str, msg: Image | CompressedImage) -> None:
+    def _on_image(self, camera: str, data: bytes) -> None:
+        """A serialized Image / CompressedImage (raw subscription): only its stamp is read here."""
         buffer, monitor = self._buffer, self._monitor
         if buffer is None or monitor is None:
             return
         now_s = self._now_s()
-        stamp_s = convert.stamp_to_seconds(msg.header.stamp)
         try:
-            # Decoding waits for the control tick: most frames are never used.
-            buffer.put_image(camera, msg, stamp_s, now_s)
+            stamp_s = convert.stamp_from_cdr(data)
+            # Deserializing and decoding wait for the control tick (`_decode`): most frames are never used.
+            buffer.put_image(camera, data, stamp_s, now_s)
         except ObservationError as exc:
             self._input_rejected(f"camera {camera!r}: {exc}", camera)
             return
         monitor.input_received(camera, now_s - stamp_s)
 
-    def _on_joint_state(self, msg: JointState) -> None:
-        buffer, config, monitor = self._buffer, self._config, self._monitor
-        if buffer is None or config is None or monitor is None:
+    def _on_joint_state(self, data: bytes) -> None:
+        """A serialized JointState (raw subscription), checked and mapped as `convert.joint_positions` does."""
+        buffer, reader, monitor = self._buffer, self._joint_reader, self._monitor
+        if buffer is None or reader is None or monitor is None:
             return
         now_s = self._now_s()
-        stamp_s = convert.stamp_to_seconds(msg.header.stamp)
         try:
-            state = convert.joint_positions(msg, config.joint_names)
+            stamp_s = convert.stamp_from_cdr(data)
+            state = reader.positions(data)
             buffer.put_state(state, stamp_s, now_s)
         except ObservationError as exc:
             self._input_rejected(str(exc), STATE_SOURCE)
@@ -507,6 +537,20 @@ class PolicyNode(LifecycleNode):
         if monitor is not None:
             monitor.input_rejected(reason, source)
         self.get_logger().warning(f"input rejected: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+
+    def _on_poll_error(self, subscription: Any, exc: Exception) -> None:
+        """A take or a sensor callback raised on the poller thread (a bug, not a bad input): logged
+        as an error and counted in /diagnostics (`input_errors.poller`); the poller goes on."""
+        reason = f"{subscription.topic_name}: {type(exc).__name__}: {exc}"
+        monitor = self._monitor
+        if monitor is not None:
+            monitor.input_rejected(reason, "poller")
+        self.get_logger().error(f"input failed: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+
+    def _stop_poller(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.stop()
 
     # ---- control loop -----------------------------------------------------------------------
 
@@ -556,6 +600,14 @@ class PolicyNode(LifecycleNode):
 
     @staticmethod
     def _decode(compressed: bool, msg: Any) -> np.ndarray:
+        """A stored frame (serialized bytes from the raw subscription, or a message) -> uint8 RGB."""
+        msg_type = CompressedImage if compressed else Image
+        if isinstance(msg, bytes):
+            try:
+                msg = deserialize_message(msg, msg_type)
+            except Exception as exc:  # noqa: BLE001 - rclpy raises its RMWError for malformed CDR
+                raise ObservationError(f"cannot deserialize {len(msg)} bytes as {msg_type.__name__}: expected "
+                                       f"CDR of sensor_msgs/{msg_type.__name__} ({exc})") from None
         return convert.compressed_image_to_rgb(msg) if compressed else convert.image_to_rgb(msg)
 
     def _publish_diagnostics(self) -> None:
@@ -579,6 +631,7 @@ class PolicyNode(LifecycleNode):
                 self._diagnostics.publish(report)
 
     def destroy_node(self) -> None:
+        self._stop_poller()  # normally done by _release(); its thread must not outlive the subscriptions
         with self._diagnostics_lock:
             self._diagnostics = None  # destroyed with the node's other publishers
         super().destroy_node()
@@ -592,6 +645,17 @@ class PolicyNode(LifecycleNode):
     @property
     def policy(self) -> PolicyLike | None:
         return self._policy
+
+
+def make_executor(context: Any = None) -> MultiThreadedExecutor:
+    """The executor `main()` spins the node with (the demo and load-bench use it too). Threads: the
+    control tick (inference) runs on one while services, timers and the prompt run on the others;
+    cameras and joint_states never reach it (`input_poll_period_s` > 0, ros/poller.py). Not rclpy's
+    EventsExecutor: in the Jazzy wheels (rclpy 7.1.6) its spin() ran neither timers nor
+    subscriptions, and with spin_once() it runs every callback on one thread, so each inference
+    blocked the inputs (it took 243 of 1,000 joint states a second) and would block the lifecycle
+    services (bench/results/load_cpu.md)."""
+    return MultiThreadedExecutor(num_threads=4, context=context)
 
 
 def spin_until_shutdown(executor: Any) -> None:
@@ -610,7 +674,7 @@ def main(args: list[str] | None = None) -> None:
     node: PolicyNode | None = None
     try:
         node = PolicyNode()
-        executor = MultiThreadedExecutor(num_threads=4)
+        executor = make_executor()
         executor.add_node(node)
         spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -43,7 +43,7 @@ from pi0_policy_ros.control.config import (
 )
 from pi0_policy_ros.control.safety import POLICIES as SAFETY_POLICIES
 from pi0_policy_ros.control.safety import SafetyConfig
-from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, SCHEDULER_MODES, SchedulerConfig
+from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES, SCHEDULER_MODES, SchedulerConfig
 from pi0_policy_ros.control.step import HOLD_MODES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.policy.config import BACKENDS, PRECISIONS, PolicyConfig
@@ -99,6 +99,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "configure); 0 leaves Python's 5 ms. Short: eager CPU inference gives up the GIL at every "
               "torch op, and with sensor callbacks busy each op would otherwise wait up to the interval",
               True, float_range=(0.0, 0.1)),
+    ParamSpec("input_poll_period_s", DOUBLE, 0.002, "period at which one thread takes the camera and "
+              "joint_states messages that arrived (ros/poller.py); keep it below 5 / the fastest input rate "
+              "(sensor QoS depth 5). 0 = the executor runs one callback per message: far more Python per "
+              "message, which at 1 kHz starves CPU inference of the GIL (bench/results/load_cpu.md)", True,
+              float_range=(0.0, 0.1)),
     ParamSpec("camera_names", STRING_ARRAY, [], "camera names of the robot profile, one per camera", True),
     ParamSpec("camera_topics", STRING_ARRAY, [], "topic per camera_names entry; [] = <name>/image_raw "
               "(or <name>/image_raw/compressed)", True),
@@ -126,8 +131,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "position, one control period ahead", False, choices=HOLD_MODES),
     # Chunk scheduling (control/scheduler.py).
     ParamSpec("chunk_mode", STRING, "naive", "how chunks follow each other: naive (one inference per tick, each "
-              "chunk sent as it is), temporal_ensemble, rtc_fast or rtc (splice without guidance: engine-side "
-              "RTC guidance is not wired into the node yet)", True, choices=SCHEDULER_MODES),
+              "chunk sent as it is), temporal_ensemble, rtc_fast (guided by the error alone) or rtc (guided "
+              "by the true vector-Jacobian product)", True, choices=SCHEDULER_MODES),
     ParamSpec("execute_horizon", INTEGER, 5, "non-naive modes: action periods between inference starts", True,
               int_range=(1, 1000)),
     ParamSpec("rtc_max_guidance_weight", DOUBLE, 5.0, "rtc modes: clip of the guidance weight (beta)", True,
@@ -195,6 +200,7 @@ class NodeConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     hold_mode: str = "stop"
     switch_interval_s: float = 2e-4
+    input_poll_period_s: float = 0.002
 
     def resolve(self, profile: RobotProfileLike) -> "NodeConfig":
         """Fill empty joint names from the loaded policy's profile and check that everything fits it."""
@@ -266,6 +272,10 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         action_dim=int(_get(values, "profile_action_dim")),
         action_horizon=int(_get(values, "profile_action_horizon")),
         action_period_s=float(_get(values, "profile_action_period_s")),
+        # The rtc chunk modes build their guidance into the engine (captured with the chain).
+        rtc_mode=_get(values, "chunk_mode") if _get(values, "chunk_mode") in RTC_SCHEDULER_MODES else "off",
+        max_guidance_weight=float(_get(values, "rtc_max_guidance_weight")),
+        rtc_mask_schedule=_get(values, "rtc_mask_schedule"),
     )
     return NodeConfig(
         policy=policy,
@@ -278,6 +288,7 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         scheduler=scheduler_config_from(values),
         hold_mode=str(_get(values, "hold_mode")),
         switch_interval_s=float(_get(values, "switch_interval_s")),
+        input_poll_period_s=float(_get(values, "input_poll_period_s")),
     )
 
 

@@ -49,8 +49,10 @@ def test_lifecycle_gates_publishing(make_node, probe) -> None:
     assert node.trigger_shutdown() == SUCCESS
 
 
-def test_trajectory_equals_policy_output(make_node, probe) -> None:
-    active(make_node)
+# 0: the executor runs a callback per message instead of the sensor poller (ros/poller.py).
+@pytest.mark.parametrize("poll_s", [0.002, 0.0], ids=["poller", "executor"])
+def test_trajectory_equals_policy_output(make_node, probe, poll_s: float) -> None:
+    active(make_node, params={"input_poll_period_s": poll_s})
     wait_for(lambda: probe.counts()[0] >= 3 and probe.counts()[1] >= 3)
     expected = expected_actions(PROFILE, probe.state, {"cam_a": IMAGE_A, "cam_b": IMAGE_B})
     velocities = finite_difference_velocities(expected, PROFILE.action_period_s)

@@ -103,3 +103,25 @@ def test_published_chunk_equals_policy_infer(make_node, robot: LiberoRobot) -> N
         times = np.array([duration_s(p.time_from_start) for p in msg.points])
         assert times[0] >= 1.0 / PARAMS["control_rate_hz"] - 1e-6
         np.testing.assert_allclose(np.diff(times), period_s, atol=1e-6)
+
+
+def test_rtc_mode_guides_the_next_chunks(make_node, robot: LiberoRobot) -> None:
+    """chunk_mode rtc: the policy is built with the guidance in its engine; the first chunk has
+    no previous one (plain: equals Policy.infer), the later ones are pulled toward what the
+    previous chunk still executes, so they differ from the plain chunk of the same observation."""
+    params = dict(PARAMS, chunk_mode="rtc", execute_horizon=3, control_rate_hz=5.0)
+    node = make_node(params=params, policy_factory=Policy.from_config)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.policy.engine.rtc_mode == "rtc" and node.policy.config.rtc_mode == "rtc"
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    wait_for(lambda: len(robot.chunks) >= 3, timeout_s=60.0)
+    node.trigger_deactivate()
+
+    policy = Policy.from_config(config_from_params(PARAMS).policy)
+    expected = policy.infer(Observation(images={"image": AGENT_VIEW, "wrist_image": WRIST},
+                                        state=STATE.astype(np.float32), prompt=PARAMS["prompt"])).actions
+    with robot.lock:
+        chunks = [action_chunk_from_message(c) for c in robot.chunks]
+    np.testing.assert_allclose(chunks[0], expected, rtol=0, atol=1e-5)
+    for chunk in chunks[1:]:
+        assert np.all(np.isfinite(chunk)) and np.abs(chunk - expected).max() > 1e-3

@@ -196,3 +196,114 @@ def test_trajectory_message() -> None:
 def test_seconds_to_stamp() -> None:
     stamp = convert.seconds_to_stamp(1700000000.25)
     assert (stamp.sec, stamp.nanosec) == (1700000000, 250000000)
+
+
+# ---- header stamps from serialized bytes (the node's raw camera subscriptions) -----------------
+
+def _serialized(typename: str, little_endian: bool, **fields) -> bytes:
+    """A message serialized as an RMW writes it (rosbags' CDR is byte-identical to rclpy's)."""
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_JAZZY)
+    stamp = ts.types["builtin_interfaces/msg/Time"](sec=1700000000, nanosec=250_000_001)
+    header = ts.types["std_msgs/msg/Header"](stamp=stamp, frame_id="camera_optical_frame")
+    msg = ts.types[typename](header=header, **fields)
+    return bytes(ts.serialize_cdr(msg, typename, little_endian=little_endian))
+
+
+STAMPED = {
+    "sensor_msgs/msg/Image": dict(height=5, width=7, encoding="rgb8", is_bigendian=0, step=21,
+                                  data=RGB.reshape(-1)),
+    "sensor_msgs/msg/CompressedImage": dict(format="jpeg", data=np.arange(9, dtype=np.uint8)),
+    "sensor_msgs/msg/JointState": dict(name=["a"], position=np.array([0.5]), velocity=np.array([], np.float64),
+                                       effort=np.array([], np.float64)),
+}
+
+
+@pytest.mark.parametrize("little_endian", [True, False])
+@pytest.mark.parametrize("typename", sorted(STAMPED))
+def test_stamp_from_cdr_reads_the_header_stamp(typename: str, little_endian: bool) -> None:
+    data = _serialized(typename, little_endian, **STAMPED[typename])
+    assert convert.stamp_from_cdr(data) == pytest.approx(1700000000.250000001, abs=1e-9)
+
+
+@pytest.mark.parametrize("data, pattern", [
+    (b"\x00\x01\x00\x00\x01", "expected >= 12 serialized bytes"),
+    (b"\x00\x03\x00\x00" + bytes(12), "expected plain CDR .* found 0x0003"),  # parameter list CDR
+    (b"\x01\x01\x00\x00" + bytes(12), "found 0x0101"),
+])
+def test_stamp_from_cdr_refuses_what_it_cannot_read(data: bytes, pattern: str) -> None:
+    with pytest.raises(ObservationError, match=pattern):
+        convert.stamp_from_cdr(data)
+
+
+# ---- joint states from serialized bytes (JointStateReader) --------------------------------------
+
+def _typestore():
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_JAZZY)
+
+
+def serialized_js(names, positions, frame_id: str = "", little_endian: bool = True, velocities=()) -> bytes:
+    ts = _typestore()
+    header = ts.types["std_msgs/msg/Header"](stamp=ts.types["builtin_interfaces/msg/Time"](sec=3, nanosec=0),
+                                             frame_id=frame_id)
+    msg = ts.types["sensor_msgs/msg/JointState"](
+        header=header, name=list(names), position=np.asarray(positions, np.float64),
+        velocity=np.asarray(velocities, np.float64), effort=np.array([], np.float64))
+    return bytes(ts.serialize_cdr(msg, "sensor_msgs/msg/JointState", little_endian=little_endian))
+
+
+class CountingDeserializer:
+    """rosbags' CDR decoder, counting calls: the reader's full path."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._ts = _typestore()
+
+    def __call__(self, data: bytes):
+        self.calls += 1
+        return self._ts.deserialize_cdr(data, "sensor_msgs/msg/JointState")
+
+
+@pytest.mark.parametrize("little_endian", [True, False])
+def test_joint_state_reader_reads_repeated_names_in_place(little_endian: bool) -> None:
+    deserialize = CountingDeserializer()
+    reader = convert.JointStateReader(NAMES, deserialize)
+    names = ["wrist", "gripper_finger", "shoulder", "elbow"]  # odd lengths: padding between names
+    for i, frame_id in enumerate(["", "base", "a", "base_link_12", "ab", ""]):
+        positions = [3.0 + i, 0.5, 1.0 - i, 2.0 * i]
+        state = reader.positions(serialized_js(names, positions, frame_id, little_endian, velocities=[0.1] * 4))
+        np.testing.assert_array_equal(state, [1.0 - i, 2.0 * i, 3.0 + i])
+        assert state.dtype == np.float64 and state.flags.writeable
+    assert deserialize.calls == 1  # the first message only; frame_id lengths move the names around
+    reader.positions(serialized_js(["shoulder", "elbow", "wrist"], [1.0, 2.0, 3.0]))  # other names: full path
+    assert deserialize.calls == 2
+
+
+@pytest.mark.parametrize("names,positions,pattern", [
+    ([], [], "empty joint_states"),
+    (["shoulder", "elbow"], [1.0, 2.0], r"lacks joints \['wrist'\]: expected all of"),
+    (["shoulder", "elbow", "wrist", "elbow"], [1, 2, 3, 4], r"duplicate names.*\['elbow'\]"),
+    (["shoulder", "elbow", "wrist"], [1.0, 2.0], r"position too short: expected one per name \(3\), found 2"),
+    (["shoulder", "elbow", "wrist"], [1.0, float("nan"), 3.0], r"non-finite.*'elbow'"),
+    (["shoulder", "elbow", "wrist"], [float("inf"), 2.0, 3.0], r"non-finite.*'shoulder'"),
+])
+def test_joint_state_reader_refuses_as_joint_positions_does(names, positions, pattern) -> None:
+    reader = convert.JointStateReader(NAMES, CountingDeserializer())
+    reader.positions(serialized_js(NAMES, [1.0, 2.0, 3.0]))  # a known layout first: no shortcut may skip a check
+    with pytest.raises(ObservationError, match=pattern):
+        reader.positions(serialized_js(names, positions))
+
+
+def test_joint_state_reader_ignores_nan_in_an_unused_joint_and_refuses_garbage() -> None:
+    reader = convert.JointStateReader(NAMES, CountingDeserializer())
+    for _ in range(2):
+        state = reader.positions(serialized_js(NAMES + ["gripper"], [1.0, 2.0, 3.0, float("nan")]))
+        np.testing.assert_array_equal(state, [1.0, 2.0, 3.0])
+    good = serialized_js(NAMES, [1.0, 2.0, 3.0])
+    with pytest.raises(ObservationError, match="cannot deserialize 30 bytes as sensor_msgs/JointState"):
+        reader.positions(good[:30])  # truncated: the in-place read declines, the decoder refuses
+    with pytest.raises(ObservationError, match="expected >= 16 serialized bytes, found 8"):
+        reader.positions(good[:8])
