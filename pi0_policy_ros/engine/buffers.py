@@ -27,11 +27,15 @@ class HostBuffers:
     actions: torch.Tensor  # float32 [H, A]
 
     def load(self, batch: EngineBatch) -> None:
-        """Copy one batch into the (pinned) host buffers: plain CPU memcpy, no device work."""
+        """Copy one batch into the (pinned) host buffers: plain CPU memcpy, no device work.
+        numpy inputs are copied by numpy, on this thread: torch's CPU `copy_` of the images would
+        use its intra-op thread pool, whose wake-up is a latency risk in the control loop."""
         for name in ("images", "image_masks", "tokens", "token_mask", "state", "noise"):
             value = getattr(batch, name)
-            src = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-            getattr(self, name).copy_(src)
+            if isinstance(value, torch.Tensor):
+                getattr(self, name).copy_(value)
+            else:
+                np.copyto(getattr(self, name).numpy(), value, casting="no")
 
 
 @dataclass
