@@ -12,19 +12,10 @@ from test.paths import PI0_FIXTURE, PI05_FIXTURE
 from pi0_policy_ros.engine.engine import Engine, eager_inputs
 from pi0_policy_ros.engine.types import EngineBatch, EngineShape, random_batch
 from pi0_policy_ros.model.checkpoint import random_model, read_safetensors
-from pi0_policy_ros.model.config import GemmaConfig, ModelConfig, SiglipConfig
 from pi0_policy_ros.model.reference import load_reference, reference_model
+from test.gpu.medium import medium_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-# Big enough for the Triton kernels' tiles (head_dim 64, width 256), small enough to be quick.
-_GEMMA = GemmaConfig(width=256, depth=3, mlp_dim=512, num_heads=8, num_kv_heads=1, head_dim=64)
-_SIGLIP = SiglipConfig(width=128, depth=2, mlp_dim=256, num_heads=4, projection_dim=256)
-
-
-def _medium(pi05: bool) -> ModelConfig:
-    return ModelConfig("medium", pi05=pi05, siglip=_SIGLIP, paligemma=_GEMMA, expert=_GEMMA,
-                       action_horizon=10 if pi05 else 50, max_token_len=200 if pi05 else 48)
 
 
 def _fixture_batch(path) -> EngineBatch:
@@ -49,7 +40,7 @@ def test_graph_chain_equals_eager(pi05: bool, precision: str, kernels: str) -> N
     """float32: the graphs equal the eager model to 1e-3. bf16: the engine is within 2e-2 of the
     eager model in bf16, or at least as close to the float32 eager model as eager bf16 itself is
     (on this small random model bf16 rounding alone moves actions by a few 1e-2)."""
-    cfg = _medium(pi05)
+    cfg = medium_config(pi05)
     ref_model = random_model(cfg, "cuda", torch.float32, seed=7)
     model = ref_model if precision == "float32" else random_model(cfg, "cuda", torch.bfloat16, seed=7)
     shape = EngineShape.for_model(cfg)
@@ -75,7 +66,7 @@ def test_graph_chain_equals_eager(pi05: bool, precision: str, kernels: str) -> N
 
 
 def test_fp8_prefix_within_tolerance() -> None:
-    cfg = _medium(True)
+    cfg = medium_config(True)
     model = random_model(cfg, "cuda", torch.bfloat16, seed=3)
     shape = EngineShape.for_model(cfg)
     batch = random_batch(shape, 0, valid_slots=2)

@@ -12,18 +12,11 @@ from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import EngineShape, random_batch
 from pi0_policy_ros.model.checkpoint import random_model
-from pi0_policy_ros.model.config import GemmaConfig, ModelConfig, SiglipConfig
+from pi0_policy_ros.model.config import ModelConfig
 from pi0_policy_ros.model.rtc import soft_mask
+from test.gpu.medium import medium_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-_GEMMA = GemmaConfig(width=256, depth=3, mlp_dim=512, num_heads=8, num_kv_heads=1, head_dim=64)
-_SIGLIP = SiglipConfig(width=128, depth=2, mlp_dim=256, num_heads=4, projection_dim=256)
-
-
-def _medium(pi05: bool) -> ModelConfig:
-    return ModelConfig("medium", pi05=pi05, siglip=_SIGLIP, paligemma=_GEMMA, expert=_GEMMA,
-                       action_horizon=10 if pi05 else 50, max_token_len=200 if pi05 else 48)
 
 
 def _guidance(cfg: ModelConfig, seed: int) -> EngineGuidance:
@@ -37,7 +30,7 @@ def _guidance(cfg: ModelConfig, seed: int) -> EngineGuidance:
 @pytest.mark.parametrize("pi05", [True, False])
 @pytest.mark.parametrize("mode", ["rtc_fast", "rtc"])
 def test_guided_graphs_equal_eager_guided_fp32(pi05: bool, mode: str) -> None:
-    cfg = _medium(pi05)
+    cfg = medium_config(pi05)
     model = random_model(cfg, "cuda", torch.float32, seed=7)
     shape = EngineShape.for_model(cfg)
     engine = Engine.create(model, shape, "cuda", "float32", rtc_mode=mode)
@@ -58,7 +51,7 @@ def test_guided_graphs_equal_eager_guided_fp32(pi05: bool, mode: str) -> None:
 def test_guided_graphs_bf16_close_to_eager(mode: str) -> None:
     """bf16 (rtc_fast on the Triton kernels, rtc on torch ops): within 2e-2 of the bf16 eager
     guided sampler, or as close to the float32 one as that is."""
-    cfg = _medium(True)
+    cfg = medium_config(True)
     ref_model = random_model(cfg, "cuda", torch.float32, seed=7)
     model = random_model(cfg, "cuda", torch.bfloat16, seed=7)
     shape = EngineShape.for_model(cfg)
