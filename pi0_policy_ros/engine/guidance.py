@@ -19,6 +19,7 @@ An all-zero mask (no previous chunk yet) makes both forms equal the plain step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
