@@ -417,21 +417,23 @@ def robot_actions_to_model(profile: RobotProfile, actions: np.ndarray, state: np
         values[:, dims] = aloha_gripper_from_pi_inverse(values[:, dims])
     if profile.joint_signs:
         values *= np.asarray(profile.joint_signs)  # ±1: its own inverse
-    if profile.delta_action_mask:
-        n = min(len(profile.delta_action_mask), profile.action_dim)
-        padded = np.zeros(n)
-        padded[: min(n, len(reference))] = reference[:n]
-        values[:, :n] -= np.where(np.asarray(profile.delta_action_mask[:n]), padded, 0.0)
+    mask = profile.delta_action_mask  # at most action_dim entries (RobotProfile checks it)
+    if mask:
+        values[:, : len(mask)] -= _delta_reference(mask, reference)
     return values
 
 
 def _add_delta_reference(mask: tuple[bool, ...], actions: np.ndarray, state: np.ndarray) -> np.ndarray:
     """openpi AbsoluteActions: actions[:, :n] += where(mask, state[:n], 0), n = len(mask)."""
-    if not mask:
-        return actions
+    if mask:
+        actions[:, : len(mask)] += _delta_reference(mask, state)
+    return actions
+
+
+def _delta_reference(mask: tuple[bool, ...], state: np.ndarray) -> np.ndarray:
+    """[len(mask)]: the state where the mask is set, else 0. The model-side state is zero-padded,
+    so dims past the robot's state add nothing."""
     n = len(mask)
-    # The model-side state is zero-padded, so dims past the robot's state add nothing.
     reference = np.zeros(n)
     reference[: min(n, len(state))] = state[:n]
-    actions[:, :n] += np.where(np.asarray(mask), reference, 0.0)
-    return actions
+    return np.where(np.asarray(mask), reference, 0.0)
