@@ -52,6 +52,7 @@ from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor
 from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_QOS
+from pi0_policy_ros.soak import proc_status_value
 
 REQUIRED_RATIO = 0.95
 SAMPLE_S = 2.0
@@ -148,15 +149,6 @@ def _spin(executor: Any, stop: threading.Event) -> None:
             executor.spin_once(timeout_sec=0.1)
         except InvalidHandle:
             continue
-
-
-def _status_value(name: str) -> int:
-    """A field of /proc/self/status: kB for memory, a count for Threads."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {name} in /proc/self/status")
 
 
 class CpuClock:
@@ -278,8 +270,8 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
         threads: list[int] = []
 
         def sample() -> None:
-            rss_mib.append(round(_status_value("VmRSS") / 1024.0, 1))
-            threads.append(_status_value("Threads"))
+            rss_mib.append(round(proc_status_value("VmRSS") / 1024.0, 1))
+            threads.append(proc_status_value("Threads"))
 
         loaded = _phase("loaded", LOADED, loaded_s, warmup_s, node, observer, on_sample=sample)
         after = _phase("unloaded_after", UNLOADED, unloaded_s, warmup_s, node, observer) if unloaded_after else None

@@ -22,13 +22,18 @@ from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros.demo import DemoReport, default_params_file, run_demo
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc)."""
+def proc_status_value(name: str) -> int:
+    """A field of /proc/self/status (Linux): kB for memory (VmRSS), a count for Threads."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmRSS in /proc/self/status")
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {name} in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    return proc_status_value("VmRSS") * 1024
 
 
 def gpu_bytes() -> dict[str, int] | None:

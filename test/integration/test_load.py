@@ -24,21 +24,13 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from test.integration.harness import wait_for
 from test.paths import REPO_ROOT
 from pi0_policy_ros.load_bench import LOADED, _override, _summarise, run_load_bench
+from pi0_policy_ros.soak import proc_status_value
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 LOAD_S = float(os.environ.get("PI0_LOAD_TEST_S", "60"))
 UNLOADED_S = 10.0
 SETTLE_S = 10.0  # the bench settles 60 s; the generous bounds need less
 DEMO = REPO_ROOT / "config" / "demo.yaml"
-
-
-def status_value(name: str) -> int:
-    """A field of /proc/self/status, in kB for memory or a count for Threads."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"no {name} in /proc/self/status")
 
 
 def test_control_rate_holds_under_sensor_load_with_the_tiny_model(record_property) -> None:
@@ -95,10 +87,10 @@ def test_deactivate_activate_100_times_leaks_nothing(make_node, probe) -> None:
 
     cycle(10)  # warm-up: first-use allocations
     time.sleep(0.2)
-    rss_kb, threads = status_value("VmRSS"), status_value("Threads")
+    rss_kb, threads = proc_status_value("VmRSS"), proc_status_value("Threads")
     cycle(100)
     time.sleep(0.2)
-    assert status_value("Threads") <= threads
-    assert status_value("VmRSS") - rss_kb < 4_000, (rss_kb, status_value("VmRSS"))
+    assert proc_status_value("Threads") <= threads
+    assert proc_status_value("VmRSS") - rss_kb < 4_000, (rss_kb, proc_status_value("VmRSS"))
     assert node.trigger_activate() == SUCCESS  # and it still works
     wait_for(lambda: probe.counts()[0] >= 1)

@@ -152,14 +152,18 @@ def test_joint_states_map_by_name() -> None:
     np.testing.assert_array_equal(convert.joint_positions(msg, NAMES), [1.0, 2.0, 3.0])
 
 
-@pytest.mark.parametrize("names,positions,pattern", [
+# Bad joint states and the error each must give (joint_positions and JointStateReader alike).
+BAD_JOINT_STATES = [
     ([], [], "empty joint_states"),
     (["shoulder", "elbow"], [1.0, 2.0], r"lacks joints \['wrist'\]: expected all of"),
     (["shoulder", "elbow", "wrist", "elbow"], [1, 2, 3, 4], r"duplicate names.*\['elbow'\]"),
     (["shoulder", "elbow", "wrist"], [1.0, 2.0], r"position too short: expected one per name \(3\), found 2"),
     (["shoulder", "elbow", "wrist"], [1.0, float("nan"), 3.0], r"non-finite.*'elbow'"),
     (["shoulder", "elbow", "wrist"], [float("inf"), 2.0, 3.0], r"non-finite.*'shoulder'"),
-])
+]
+
+
+@pytest.mark.parametrize("names,positions,pattern", BAD_JOINT_STATES)
 def test_bad_joint_states(names, positions, pattern) -> None:
     with pytest.raises(ObservationError, match=pattern):
         convert.joint_positions(js(names, positions), NAMES)
@@ -282,14 +286,7 @@ def test_joint_state_reader_reads_repeated_names_in_place(little_endian: bool) -
     assert deserialize.calls == 2
 
 
-@pytest.mark.parametrize("names,positions,pattern", [
-    ([], [], "empty joint_states"),
-    (["shoulder", "elbow"], [1.0, 2.0], r"lacks joints \['wrist'\]: expected all of"),
-    (["shoulder", "elbow", "wrist", "elbow"], [1, 2, 3, 4], r"duplicate names.*\['elbow'\]"),
-    (["shoulder", "elbow", "wrist"], [1.0, 2.0], r"position too short: expected one per name \(3\), found 2"),
-    (["shoulder", "elbow", "wrist"], [1.0, float("nan"), 3.0], r"non-finite.*'elbow'"),
-    (["shoulder", "elbow", "wrist"], [float("inf"), 2.0, 3.0], r"non-finite.*'shoulder'"),
-])
+@pytest.mark.parametrize("names,positions,pattern", BAD_JOINT_STATES)
 def test_joint_state_reader_refuses_as_joint_positions_does(names, positions, pattern) -> None:
     reader = convert.JointStateReader(NAMES, CountingDeserializer())
     reader.positions(serialized_js(NAMES, [1.0, 2.0, 3.0]))  # a known layout first: no shortcut may skip a check
