@@ -324,6 +324,9 @@ def _bench_precision(model: Pi0Model, shape: EngineShape, device: torch.device, 
 
 
 RTC_BENCH_MODES = ("rtc_fast", "rtc")
+# (label, rtc mode, denoise kernels or None for --denoise-kernels): the torch-op `rtc` (autograd)
+# is timed beside the default one for comparison.
+RTC_BENCH_RUNS = (("rtc_fast", "rtc_fast", None), ("rtc", "rtc", None), ("rtc_torch_ops", "rtc", "torch"))
 
 
 def rtc_guidance(shape: EngineShape, seed: int, delay: int = 2) -> EngineGuidance:
@@ -353,10 +356,11 @@ def _bench_rtc(model: Pi0Model, shape: EngineShape, device: torch.device, batche
     guided sampler (bf16) on the first batch."""
     plain = result["precisions"].get("bfloat16", {}).get("timings_ms", {}).get("denoise", {}).get("median")
     out: dict[str, object] = {"delay_steps": 2, "execute_horizon": shape.action_horizon // 2, "mask_dims": "all"}
-    for mode in RTC_BENCH_MODES:
+    for label, mode, kernels in RTC_BENCH_RUNS:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        engine = Engine.create(model, shape, device, "bfloat16", denoise_kernels=args.denoise_kernels, rtc_mode=mode)
+        engine = Engine.create(model, shape, device, "bfloat16", denoise_kernels=kernels or args.denoise_kernels,
+                               rtc_mode=mode)
         got = engine.infer(batches[0], guidance)
         entry: dict[str, object] = {"denoise_kernels": engine.report.denoise_kernels,
                                     "capture_s": engine.report.capture_s,
@@ -367,7 +371,7 @@ def _bench_rtc(model: Pi0Model, shape: EngineShape, device: torch.device, batche
             entry["denoise_over_plain_chain"] = entry["timings_ms"]["denoise"]["median"] / plain
         if device.type == "cuda":
             entry["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
-        out[mode] = entry
+        out[label] = entry
         _free(engine)
         del engine
         _free()
@@ -405,11 +409,11 @@ def format_table(result: dict) -> str:
             else:
                 lines.append(f"  variant {v['variant']:<24}: chain {v['chain_ms']['median']:.3f} ms "
                              f"(diff {v['max_abs_vs_torch_ops']:.1e}, replay spread {v['replay_spread']:.1e})")
-    for mode in RTC_BENCH_MODES:
-        r = result.get("rtc", {}).get(mode)
+    for label, _, _ in RTC_BENCH_RUNS:
+        r = result.get("rtc", {}).get(label)
         if r:
             t = r["timings_ms"]
-            lines.append(f"\n[bfloat16 {mode}] denoise={r['denoise_kernels']}  chain {t['denoise']['median']:.3f} ms "
+            lines.append(f"\n[bfloat16 {label}] denoise={r['denoise_kernels']}  chain {t['denoise']['median']:.3f} ms "
                          f"median, p99 {t['denoise']['p99']:.3f} = {r.get('denoise_over_plain_chain', float('nan')):.2f}x "
                          f"the plain chain; e2e {t['e2e']['median']:.3f} ms; max |actions - eager guided bf16| "
                          f"{r['vs_eager_guided_bf16']['max_abs']:.2e}")

@@ -102,13 +102,47 @@ def _split_block_k(k: int, splits: int, block_k: int) -> int:
     return block
 
 
+@dataclass
+class ForwardSaves:
+    """What the forward keeps per layer for RTC's backward (`rtc_triton`); all else is recomputed.
+    resid: float32 [L, 2, S, W], the residual rows entering the input / post-attention norms;
+    pre: float32 [L, S, 2·mlp], GEGLU's [gate | up]; q, attn: [L, S, heads·hd] (RoPE'd queries,
+    attention output); lse: float32 [L, S·heads], the attention rows' log-sum-exp."""
+
+    resid: torch.Tensor
+    pre: torch.Tensor
+    q: torch.Tensor
+    attn: torch.Tensor
+    lse: torch.Tensor
+
+    @classmethod
+    def allocate(cls, weights: ExpertWeights, suffix_len: int, device: torch.device) -> ForwardSaves:
+        ec, layers = weights.cfg, len(weights.layers)
+        act_dtype = weights.layers[0].qkv.weight.dtype
+        f32 = torch.float32
+        q_size = (layers, suffix_len, ec.num_heads * ec.head_dim)
+        return cls(resid=torch.zeros(layers, 2, suffix_len, ec.width, dtype=f32, device=device),
+                   pre=torch.zeros(layers, suffix_len, 2 * ec.mlp_dim, dtype=f32, device=device),
+                   q=torch.zeros(q_size, dtype=act_dtype, device=device),
+                   attn=torch.zeros(q_size, dtype=act_dtype, device=device),
+                   lse=torch.zeros(layers, suffix_len * ec.num_heads, dtype=f32, device=device))
+
+
 class TritonDenoiseStep:
+    """`saves`: also keep the activations RTC's backward needs (needs the default pair kernels,
+    no split-K there, and the "wide" attention combine, which writes the log-sum-exp)."""
+
     def __init__(self, weights: ExpertWeights, tables: StepTables, shape: EngineShape, buf: DeviceBuffers,
-                 config: TritonConfig | None = None) -> None:
+                 config: TritonConfig | None = None, saves: ForwardSaves | None = None) -> None:
         self.w = weights
         self.tables = tables
         self.shape = shape
         self.cfg = config or DEFAULT_CONFIG
+        self.saves = saves
+        if saves is not None and (self.cfg.qkv_splits > 1 or self.cfg.gate_up_splits > 1
+                                  or self.cfg.attn_combine != "wide"):
+            raise ConfigError("saving activations for RTC needs qkv_splits = gate_up_splits = 1 and "
+                              f"attn_combine 'wide', found {self.cfg}")
         ec = weights.cfg
         if ec.head_dim // 2 % self.cfg.pair_block_n:
             raise ConfigError(f"pair_block_n {self.cfg.pair_block_n} must divide head_dim/2 = {ec.head_dim // 2}")
@@ -170,7 +204,8 @@ class TritonDenoiseStep:
 
     def _pair(self, w: torch.Tensor, out: torch.Tensor, epi: int, mul: torch.Tensor | None, bias: torch.Tensor | None,
               pair_offset: int, k_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
-              cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> None:
+              cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+              save_x: torch.Tensor | None = None, save_pre: torch.Tensor | None = None) -> None:
         c, ec = self.cfg, self.w.cfg
         x = self.resid
         pairs = w.shape[0] // 2
@@ -184,24 +219,27 @@ class TritonDenoiseStep:
                 "num_stages": c.pair_stages}
         if splits == 1:
             K.norm_linear_pair_kernel[(pairs // c.pair_block_n,)](
-                *args, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, BLOCK_K=c.pair_block_k, **meta)
+                *args, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, BLOCK_K=c.pair_block_k,
+                xsave_ptr=d if save_x is None else save_x, pre_ptr=d if save_pre is None else save_pre,
+                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, **meta)
             return
         K.norm_linear_pair_splitk_kernel[(pairs // c.pair_block_n, splits)](
             *args, self.pair_part, self.counters, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,
             SPLITS=splits, FENCE=K.FENCE, BLOCK_K=_split_block_k(x.shape[1], splits, c.pair_block_k), **meta)
 
-    def _attention(self, buf: DeviceBuffers, layer: int) -> None:
+    def _attention(self, buf: DeviceBuffers, layer: int, q: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor | None) -> None:
         c, ec = self.cfg, self.w.cfg
         keys, values = buf.keys[layer], buf.values[layer]
         grid = (self.n_splits, triton.cdiv(self.rows, c.attn_block_r))
-        args = (self.q, keys, values, buf.suffix_bias, self.part_o, self.part_ml)
+        args = (q, keys, values, buf.suffix_bias, self.part_o, self.part_ml)
         scalars = (self.rows, keys.shape[0], c.attn_keys_per_split, buf.suffix_bias.stride(0), self.shape.suffix_len,
                    ec.head_dim**-0.5)
         meta = {"HEADS": ec.num_heads, "HD": ec.head_dim, "BLOCK_R": c.attn_block_r, "BLOCK_N": c.attn_block_n,
                 "num_warps": c.attn_warps, "num_stages": 2}
         splits_p2 = triton.next_power_of_2(self.n_splits)
         if c.attn_combine == "fused":
-            K.attention_fused_kernel[grid](*args, self.attn, self.counters, *scalars, self.n_splits,
+            K.attention_fused_kernel[grid](*args, out, self.counters, *scalars, self.n_splits,
                                            SPLITS_P2=splits_p2, BLOCK_D=min(c.combine_block_d, ec.head_dim),
                                            FENCE=K.FENCE, **meta)
             return
@@ -209,12 +247,12 @@ class TritonDenoiseStep:
         grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
         if c.attn_combine == "wide":
             K.attention_combine_wide_kernel[grid](
-                self.part_o, self.part_ml, self.attn, self.rows, self.n_splits,
+                self.part_o, self.part_ml, out, self.rows, self.n_splits,
                 HD=ec.head_dim, SPLITS_P2=splits_p2, BLOCK_R=c.combine_block_r, BLOCK_D=c.combine_block_d,
-                num_warps=4)
+                lse_ptr=self.dummy if lse is None else lse, SAVE_LSE=lse is not None, num_warps=4)
             return
         K.attention_combine_kernel[grid](
-            self.part_o, self.part_ml, self.attn, self.rows, self.n_splits,
+            self.part_o, self.part_ml, out, self.rows, self.n_splits,
             HD=ec.head_dim, BLOCK_R=c.combine_block_r, BLOCK_D=c.combine_block_d, num_warps=4)
 
     # ---- one step -----------------------------------------------------------------------------
@@ -229,15 +267,18 @@ class TritonDenoiseStep:
             self._splitk(x_in, w.action_in.weight, self.pre, K.EPI_SILU, bias=tab.action_time_bias[step])
             self._splitk(self.pre, w.time_mlp_out.weight, self.resid[1:], K.EPI_STORE, bias=w.time_mlp_out.bias)
             self.resid[0].copy_(buf.state_token)
+        sv = self.saves
         for i, lw in enumerate(w.layers):
-            self._pair(lw.qkv.weight, self.q, K.EPI_ROPE, tab.norm_mul[step, i, 0] if ada else None,
+            q, attn = (self.q, self.attn) if sv is None else (sv.q[i], sv.attn[i])
+            self._pair(lw.qkv.weight, q, K.EPI_ROPE, tab.norm_mul[step, i, 0] if ada else None,
                        tab.qkv_bias[step, i] if ada else None, 0, k_out=buf.keys[i, pp:], v_out=buf.values[i, pp:],
-                       cos=buf.suffix_cos, sin=buf.suffix_sin)
-            self._attention(buf, i)
-            self._splitk(self.attn, lw.out.weight, self.resid, K.EPI_RESIDUAL,
+                       cos=buf.suffix_cos, sin=buf.suffix_sin, save_x=None if sv is None else sv.resid[i, 0])
+            self._attention(buf, i, q, attn, None if sv is None else sv.lse[i])
+            self._splitk(attn, lw.out.weight, self.resid, K.EPI_RESIDUAL,
                          gate=tab.gate[step, i, 0] if ada else None, splits=self.cfg.o_splits)
             self._pair(lw.gate_up.weight, self.act, K.EPI_GEGLU, tab.norm_mul[step, i, 1] if ada else None,
-                       tab.gate_up_bias[step, i] if ada else None, ec.mlp_dim)
+                       tab.gate_up_bias[step, i] if ada else None, ec.mlp_dim,
+                       save_x=None if sv is None else sv.resid[i, 1], save_pre=None if sv is None else sv.pre[i])
             self._splitk(self.act, lw.down.weight, self.resid, K.EPI_RESIDUAL,
                          gate=tab.gate[step, i, 1] if ada else None, splits=self.cfg.down_splits)
         self._head(buf, step)

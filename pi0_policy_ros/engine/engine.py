@@ -142,30 +142,35 @@ class Engine:
         return engine
 
     def _make_step(self, kernels: str) -> DenoiseStep:
-        """The plain step, wrapped in the RTC guidance when configured. `rtc` needs a
-        differentiable step, so it always runs the torch ops (the Triton kernels have no backward)."""
+        """The plain step, wrapped in the RTC guidance when configured. `rtc` on the torch ops
+        differentiates them with autograd; on the Triton kernels it runs their hand-written
+        backward (`rtc_triton`)."""
+        triton = self._want_triton(kernels)
+        self.report.denoise_kernels = "triton" if triton else "torch"
         if self.rtc_mode == "rtc":
-            self.report.denoise_kernels = "torch"
             assert self.guide is not None
+            if triton:
+                from pi0_policy_ros.engine.rtc_triton import TritonRtcStep
+                return TritonRtcStep.build(self.expert_weights, self.tables, self.shape, self.buf, self.guide,
+                                           self.max_guidance_weight)
             step = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
             return RtcStep(step, self.guide, self.tables.times, self.max_guidance_weight)
-        plain = self._make_plain_step(kernels)
+        if triton:
+            from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
+            plain: DenoiseStep = TritonDenoiseStep(self.expert_weights, self.tables, self.shape, self.buf)
+        else:
+            plain = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
         if self.rtc_mode == "rtc_fast":
             assert self.guide is not None
             return RtcFastStep(plain, self.guide, self.tables.times, self.max_guidance_weight)
         return plain
 
-    def _make_plain_step(self, kernels: str) -> DenoiseStep:
-        want_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
-                                              and self.dtype == torch.bfloat16)
-        if want_triton:
-            if self.dtype != torch.bfloat16 or self.device.type != "cuda":
-                raise ConfigError("the triton denoise kernels need CUDA and bf16 (precision 'bfloat16' or 'fp8')")
-            from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
-            self.report.denoise_kernels = "triton"
-            return TritonDenoiseStep(self.expert_weights, self.tables, self.shape, self.buf)
-        self.report.denoise_kernels = "torch"
-        return TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
+    def _want_triton(self, kernels: str) -> bool:
+        """`auto`: the Triton kernels on CUDA in bf16 (and fp8, whose expert is bf16)."""
+        if kernels == "triton" and (self.dtype != torch.bfloat16 or self.device.type != "cuda"):
+            raise ConfigError("the triton denoise kernels need CUDA and bf16 (precision 'bfloat16' or 'fp8')")
+        return kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
+                                       and self.dtype == torch.bfloat16)
 
     # ---- stages -------------------------------------------------------------------------------
     def _stage_fns(self) -> dict[str, list]:

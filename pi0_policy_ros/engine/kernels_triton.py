@@ -88,9 +88,11 @@ def _pair_columns(p0, pair_offset, EPI: tl.constexpr, HD: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col_lo, col_hi,
-                     HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     xsave_ptr, SAVE_X: tl.constexpr):
     """(x ⊙ mul)·W over k in [k_start, k_end) for both column sets, and Σ x² of the rows there.
-    RMSNorm is a per-row scale, so it is applied to the accumulators afterwards: one pass over x."""
+    RMSNorm is a per-row scale, so it is applied to the accumulators afterwards: one pass over x.
+    SAVE_X: program 0 also copies the rows of x it reads to `xsave` [M, K] (RTC's backward)."""
     rm = tl.arange(0, BLOCK_M)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -98,6 +100,8 @@ def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
+        if SAVE_X:
+            tl.store(xsave_ptr + rm[:, None] * K + rk[None, :], xv, mask=(rm[:, None] < M) & (tl.program_id(0) == 0))
         ss += tl.sum(xv * xv, axis=1)
         if HAS_MUL:
             xv = xv * tl.load(mul_ptr + rk)[None, :]
@@ -113,8 +117,9 @@ def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col
 def _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
                    M, K, eps, p0, head, cin, col_lo, col_hi,
                    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """inv-rms, bias, then RoPE → q / the K and V cache rows, or GEGLU → act."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, pre_ptr, stride_pre, SAVE_PRE: tl.constexpr):
+    """inv-rms, bias, then RoPE → q / the K and V cache rows, or GEGLU → act. SAVE_PRE (GEGLU):
+    also the float32 pre-activations [gate | up] to `pre` (row stride `stride_pre`; RTC's backward)."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     HALF: tl.constexpr = HD // 2
@@ -126,6 +131,9 @@ def _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, 
         acc_hi += tl.load(bias_ptr + col_hi)[None, :]
     mmask = rm[:, None] < M
     if EPI == 1:
+        if SAVE_PRE:
+            tl.store(pre_ptr + rm[:, None] * stride_pre + col_lo[None, :], acc_lo, mask=mmask)
+            tl.store(pre_ptr + rm[:, None] * stride_pre + col_hi[None, :], acc_hi, mask=mmask)
         act = _gelu_tanh(acc_lo) * acc_hi
         tl.store(out_ptr + rm[:, None] * stride_om + (p0 + rn)[None, :], act.to(out_ptr.dtype.element_ty), mask=mmask)
     else:
@@ -155,13 +163,15 @@ def norm_linear_pair_kernel(
         out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
         M, K, eps, pair_offset,
         EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        xsave_ptr, pre_ptr, SAVE_X: tl.constexpr, SAVE_PRE: tl.constexpr):
     p0 = tl.program_id(0) * BLOCK_N
     head, cin, col_lo, col_hi = _pair_columns(p0, pair_offset, EPI, HD, BLOCK_N)
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, 0, K, col_lo, col_hi,
-                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K)
+                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X)
     _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
-                   M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N)
+                   M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N,
+                   pre_ptr, 2 * pair_offset, SAVE_PRE)
 
 
 @triton.jit
@@ -183,7 +193,7 @@ def norm_linear_pair_splitk_kernel(
     k_per_split = K // SPLITS
     k_start = pid_k * k_per_split
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_start + k_per_split,
-                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K)
+                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, x_ptr, False)
     rm = tl.arange(0, BLOCK_M)
     rp = p0 + tl.arange(0, BLOCK_N)
     mmask = rm[:, None] < M
@@ -203,7 +213,8 @@ def norm_linear_pair_splitk_kernel(
                             other=0.0, cache_modifier=".cg"), axis=0)
         tl.store(cnt_ptr + pid, 0)
         _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
-                       M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N)
+                       M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N,
+                       part_ptr, 0, False)
 
 
 @triton.jit
@@ -395,10 +406,12 @@ def attention_combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, R, n_splits,
 
 @triton.jit
 def _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0,
-                  HD: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                  HD: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                  lse_ptr, SAVE_LSE: tl.constexpr):
     """out[rows, d0:d0 + BLOCK_D] from all splits' partials with one load per operand (a
     [SPLITS_P2, BLOCK_R, BLOCK_D] tile): every split's bytes in flight at once, not one split per
-    round trip as in `attention_combine`."""
+    round trip as in `attention_combine`. SAVE_LSE: the rows' log-sum-exp of the scaled, biased
+    scores to `lse` [R] (RTC's backward recomputes the probabilities from it)."""
     sp = tl.arange(0, SPLITS_P2)
     ml_mask = (sp[:, None] < n_splits) & rmask[None, :]
     m = tl.load(part_ml_ptr + (sp[:, None] * 2) * R + rows[None, :], mask=ml_mask, other=float("-inf"),
@@ -408,6 +421,8 @@ def _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0
     m_tot = tl.where(rmask, tl.max(m, axis=0), 0.0)  # padded rows: finite, never stored
     w = tl.exp(m - m_tot[None, :])  # [SPLITS_P2, BLOCK_R]; 0 for the padded splits
     denom = tl.where(rmask, tl.sum(w * l, axis=0), 1.0)
+    if SAVE_LSE:
+        tl.store(lse_ptr + rows, m_tot + tl.log(denom), mask=rmask & (d0 == 0))
     d = d0 + tl.arange(0, BLOCK_D)
     o = tl.load(part_o_ptr + ((sp[:, None, None] * R + rows[None, :, None]) * HD + d[None, None, :]),
                 mask=ml_mask[:, :, None], other=0.0, cache_modifier=".cg")
@@ -418,10 +433,10 @@ def _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0
 @triton.jit
 def attention_combine_wide_kernel(part_o_ptr, part_ml_ptr, out_ptr, R, n_splits,
                                   HD: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr,
-                                  BLOCK_D: tl.constexpr):
+                                  BLOCK_D: tl.constexpr, lse_ptr, SAVE_LSE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rows < R, R, n_splits, tl.program_id(1) * BLOCK_D,
-                  HD, SPLITS_P2, BLOCK_R, BLOCK_D)
+                  HD, SPLITS_P2, BLOCK_R, BLOCK_D, lse_ptr, SAVE_LSE)
 
 
 @triton.jit
@@ -441,7 +456,7 @@ def attention_fused_kernel(
     if _arrive(cnt_ptr + pid_r, FENCE) == n_splits - 1:
         for d0 in tl.static_range(0, HD, BLOCK_D):
             _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0,
-                          HD, SPLITS_P2, BLOCK_R, BLOCK_D)
+                          HD, SPLITS_P2, BLOCK_R, BLOCK_D, part_ml_ptr, False)
         tl.store(cnt_ptr + pid_r, 0)
 
 

@@ -1,5 +1,6 @@
-"""The Triton denoise-step variants under Triton's CPU interpreter (`test/triton_interpreter_check.py`):
-every `CANDIDATES` config against the torch step and the default kernels, twice on the same buffers.
+"""The Triton denoise kernels under Triton's CPU interpreter: every `CANDIDATES` config against
+the torch step and the default kernels, twice on the same buffers (`test/triton_interpreter_check.py`),
+and the `rtc` step's backward against autograd (`test/triton_rtc_check.py`).
 Skipped where Triton is not installed (the project's CPU venv has none). A process of its own,
 because `TRITON_INTERPRET=1` must be set before Triton decorates the kernels."""
 
@@ -21,5 +22,15 @@ pytest.importorskip("triton")
 def test_candidates_match_under_interpreter(geometry: list[str]) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "test.triton_interpreter_check", *geometry], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("geometry", [["--steps", "2", "--depth", "2"], ["--pi0", "--steps", "1", "--depth", "1"]],
+                         ids=["pi05", "pi0"])
+def test_rtc_backward_matches_autograd_under_interpreter(geometry: list[str]) -> None:
+    """`test/triton_rtc_check.py`: the Triton `rtc` step's hand-written VJP against autograd."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "test.triton_rtc_check", *geometry], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=1800, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
