@@ -76,7 +76,9 @@ class TritonExpertVjp:
             sv.q[layer], keys, buf.values[layer], buf.suffix_bias, sv.lse[layer], sv.attn[layer], self.do,
             self.dq, self.dk, self.dv, f.rows, keys.shape[0], f.shape.padded_prefix_len, c.attn_keys_per_split,
             buf.suffix_bias.stride(0), f.shape.suffix_len, ec.head_dim**-0.5,
-            HEADS=ec.num_heads, HD=ec.head_dim, BLOCK_R=c.attn_block_r, BLOCK_N=c.attn_block_n, num_warps=8)
+            HEADS=ec.num_heads, HD=ec.head_dim, BLOCK_R=c.attn_block_r, BLOCK_N=c.attn_block_n, num_warps=8,
+            num_stages=1)  # one key tile per program at 64 keys per split: nothing to pipeline (and hd 256
+        # at 3 stages asks for 232 KB of shared memory, over the H100's limit)
         KB.rope_backward_kernel[(f.shape.suffix_len, ec.num_heads + 2)](
             self.dq, self.dk, self.dv, buf.suffix_cos, buf.suffix_sin, self.dqkv, NQ=ec.num_heads, HD=ec.head_dim,
             num_warps=1)

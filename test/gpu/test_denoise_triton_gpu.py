@@ -138,7 +138,7 @@ def test_last_arriver_kernels_are_deterministic(inputs: StepInputs, splits: tupl
 
     def attention_launch(step: TritonDenoiseStep) -> tuple[torch.Tensor, ...]:
         step.q.copy_(q_in)
-        step._attention(buf, 0)
+        step._attention(buf, 0, step.q, step.attn, None)
         return (step.attn.clone(),)
 
     def head_launch(step: TritonDenoiseStep) -> tuple[torch.Tensor, ...]:
