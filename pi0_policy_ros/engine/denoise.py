@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pi0_policy_ros.engine.buffers import DeviceBuffers
-from pi0_policy_ros.engine.stages import rotate
+from pi0_policy_ros.engine.rowops import rotate
 from pi0_policy_ros.engine.tables import StepTables
 from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights

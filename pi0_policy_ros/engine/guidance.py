@@ -10,10 +10,12 @@ An all-zero mask (no previous chunk yet) makes both forms equal the plain step.
 
 - `rtc_fast`: the plain step (any kernels) writes x[k+1] = x[k] + dt·v, then one elementwise
   correction: `x[k+1] −= dt·w·W ⊙ (Y − x̂)` with `x̂ = x[k] − t·v`.
-- `rtc`: the step's velocity comes from the differentiable torch step (`TorchDenoiseStep.delta`,
-  which writes no buffer) and the vector-Jacobian product of the error through
-  `x̂ = x − t·v(x)` is taken by autograd, which CUDA graphs capture like any other kernels:
-  `x[k+1] = x[k] + dt·(v − w·g)`, `g = (W ⊙ (Y − x̂))ᵀ ∂x̂/∂x`.
+- `rtc`: `x[k+1] = x[k] + dt·(v − w·g)`, `g = (W ⊙ (Y − x̂))ᵀ ∂x̂/∂x`, the vector-Jacobian
+  product of the error through `x̂ = x − t·v(x)`. Two implementations: `RtcStep` here takes it
+  by autograd through the differentiable torch step (`TorchDenoiseStep.delta`, which writes no
+  buffer; CUDA graphs capture autograd's kernels like any others; every precision), and
+  `rtc_triton.TritonRtcStep` runs the Triton step with a hand-written backward (bf16 on CUDA,
+  the engine's default there).
 """
 
 from __future__ import annotations

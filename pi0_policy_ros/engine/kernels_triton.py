@@ -462,13 +462,23 @@ def attention_fused_kernel(
 
 @triton.jit
 def geglu_rows_kernel(gu_ptr, out_ptr, scale_ptr, N, stride_gu, stride_out,
-                      QUANT: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+                      QUANT: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     """One row of gelu_tanh(gate) ⊙ up (gu = [gate | up], N columns each). QUANT: e4m3 with the
-    row's scale amax / FP8_MAX written to scale_ptr[row] (the act is recomputed, not stored)."""
+    row's scale amax / FP8_MAX written to scale_ptr[row]. ONE_PASS (BLOCK ≥ N): the whole row in
+    registers, so gate / up are read once; otherwise the act is recomputed in a second pass."""
     row = tl.program_id(0)
     g_row = gu_ptr + row.to(tl.int64) * stride_gu
     o_row = out_ptr + row.to(tl.int64) * stride_out
-    if QUANT:
+    if QUANT and ONE_PASS:
+        cols = tl.arange(0, BLOCK)
+        g = tl.load(g_row + cols, mask=cols < N, other=0.0).to(tl.float32)
+        u = tl.load(g_row + N + cols, mask=cols < N, other=0.0).to(tl.float32)
+        act = _gelu_tanh(g) * u
+        scale = tl.maximum(tl.max(tl.abs(act), axis=0), 1e-12) / FP8_MAX
+        tl.store(scale_ptr + row, scale)
+        q = tl.minimum(tl.maximum(act / scale, -FP8_MAX), FP8_MAX)
+        tl.store(o_row + cols, q.to(out_ptr.dtype.element_ty), mask=cols < N)
+    elif QUANT:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for c0 in range(0, N, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
@@ -508,6 +518,37 @@ def quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, N, stride_x, stride_out, FP8
         x = tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
         tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, q.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def rope_qkv_rows_kernel(qkv_ptr, stride_qkv, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, P,
+                         NQ: tl.constexpr, HD: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The prefix's fused-QKV output [P, (NQ + 2)·HD] (NQ may be 0: K/V only), program (row block,
+    head): head < NQ → RoPE → q [P, NQ·HD]; NQ → RoPE → k [P, HD]; NQ + 1 → v [P, HD] (the
+    static cache rows). Rotate-half RoPE as in `rowops.rotate`, in float32, rounded once."""
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    head = tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    c = tl.arange(0, HALF)
+    rmask = rows[:, None] < P
+    src = qkv_ptr + rows[:, None].to(tl.int64) * stride_qkv + head * HD + c[None, :]
+    lo = tl.load(src, mask=rmask, other=0.0).to(tl.float32)
+    hi = tl.load(src + HALF, mask=rmask, other=0.0).to(tl.float32)
+    if head <= NQ:
+        tab = rows[:, None] * HD + c[None, :]
+        c_lo = tl.load(cos_ptr + tab, mask=rmask, other=0.0).to(tl.float32)
+        c_hi = tl.load(cos_ptr + tab + HALF, mask=rmask, other=0.0).to(tl.float32)
+        s_lo = tl.load(sin_ptr + tab, mask=rmask, other=0.0).to(tl.float32)
+        s_hi = tl.load(sin_ptr + tab + HALF, mask=rmask, other=0.0).to(tl.float32)
+        lo, hi = lo * c_lo - hi * s_lo, hi * c_hi + lo * s_hi
+    if head < NQ:
+        dst = q_ptr + rows[:, None] * (NQ * HD) + head * HD
+    elif head == NQ:
+        dst = k_ptr + rows[:, None] * HD
+    else:
+        dst = v_ptr + rows[:, None] * HD
+    tl.store(dst + c[None, :], lo.to(k_ptr.dtype.element_ty), mask=rmask)
+    tl.store(dst + HALF + c[None, :], hi.to(k_ptr.dtype.element_ty), mask=rmask)
 
 
 # Under TRITON_INTERPRET=1 (fixed when the kernels are decorated) `triton.jit` gives interpreted

@@ -1,8 +1,12 @@
-"""Row-wise elementwise ops of the prefix: GEGLU and per-token FP8 quantization.
+"""Row-wise elementwise ops of the prefix: RoPE of the fused QKV output into q and the K/V cache,
+GEGLU, and per-token FP8 quantization.
 
 On CUDA with Triton they are single fused kernels (`kernels_triton`); elsewhere plain torch. In
 torch, GEGLU is three passes over the [P, 2·mlp] activations, and quantizing its output five more;
-fused, it is one read of gate/up and one write of the result.
+fused, it is one read of gate/up and one write of the result. RoPE in torch is ~10 kernels a layer
+(two rotations, their concatenations, the cache copies); fused, one.
+The `*_triton` functions take any tensors Triton can address (the CPU under TRITON_INTERPRET=1
+too: `test/triton_prefix_check.py`); the dispatchers pick them on CUDA only.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from pi0_policy_ros.engine.weights import FP8_MAX, quantize_rows as quantize_rows_torch
 
 _BLOCK = 1024
+_ONE_PASS_MAX = 16384  # GEGLU + quantization keeps rows up to this long in registers (16 warps)
 
 
 @functools.cache
@@ -30,28 +35,74 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, rotate-half convention. x [..., hd]; cos/sin broadcastable to x."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, k_out: torch.Tensor,
+             v_out: torch.Tensor) -> torch.Tensor | None:
+    """qkv [P, (heads + 2)·hd] (heads = 0: K/V only) → RoPE'd k and v written to `k_out` / `v_out`
+    [P, hd]; returns RoPE'd q [P, heads·hd] (None when heads = 0)."""
+    if _use_triton(qkv):
+        return rope_qkv_triton(qkv, cos, sin, heads, k_out, v_out)
+    p, hd = qkv.shape[0], k_out.shape[1]
+    q_cols = heads * hd
+    k_out.copy_(rotate(qkv[:, q_cols: q_cols + hd], cos, sin))
+    v_out.copy_(qkv[:, q_cols + hd: q_cols + 2 * hd])
+    if not heads:
+        return None
+    return rotate(qkv[:, :q_cols].view(p, heads, hd), cos[:, None], sin[:, None]).reshape(p, q_cols)
+
+
+def rope_qkv_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, k_out: torch.Tensor,
+                    v_out: torch.Tensor) -> torch.Tensor | None:
+    from pi0_policy_ros.engine import kernels_triton as K
+    p, hd = qkv.shape[0], k_out.shape[1]
+    q = torch.empty(p, max(heads, 1) * hd, dtype=k_out.dtype, device=qkv.device)
+    block_p = 32
+    K.rope_qkv_rows_kernel[((p + block_p - 1) // block_p, heads + 2)](
+        qkv, qkv.stride(0), cos, sin, q, k_out, v_out, p, NQ=heads, HD=hd, BLOCK_P=block_p, num_warps=4)
+    return q if heads else None
+
+
 def geglu(gu: torch.Tensor) -> torch.Tensor:
     """gu = [gate | up] [P, 2·mlp] → gelu_tanh(gate) ⊙ up [P, mlp], gu's dtype."""
+    if _use_triton(gu):
+        return geglu_triton(gu)
     mlp = gu.shape[1] // 2
-    if not _use_triton(gu):
-        return F.gelu(gu[:, :mlp], approximate="tanh") * gu[:, mlp:]
+    return F.gelu(gu[:, :mlp], approximate="tanh") * gu[:, mlp:]
+
+
+def geglu_triton(gu: torch.Tensor) -> torch.Tensor:
     from pi0_policy_ros.engine import kernels_triton as K
+    mlp = gu.shape[1] // 2
     out = torch.empty(gu.shape[0], mlp, dtype=gu.dtype, device=gu.device)
     K.geglu_rows_kernel[(gu.shape[0],)](gu, out, out, mlp, gu.stride(0), out.stride(0),
-                                        QUANT=False, FP8_MAX=FP8_MAX, BLOCK=_BLOCK, num_warps=4)
+                                        QUANT=False, FP8_MAX=FP8_MAX, BLOCK=_BLOCK, ONE_PASS=False, num_warps=4)
     return out
 
 
 def geglu_quantized(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GEGLU straight to per-row e4m3: (q [P, mlp], scale [P, 1] float32)."""
-    if not _use_triton(gu):
-        return quantize_rows(geglu(gu))
+    if _use_triton(gu):
+        return geglu_quantized_triton(gu)
+    return quantize_rows(geglu(gu))
+
+
+def geglu_quantized_triton(gu: torch.Tensor, one_pass: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`one_pass` None: whenever the row fits (`_ONE_PASS_MAX`); the two-pass form otherwise."""
     from pi0_policy_ros.engine import kernels_triton as K
     mlp = gu.shape[1] // 2
+    row_block = 1 << max(mlp - 1, 0).bit_length()
+    one_pass = row_block <= _ONE_PASS_MAX if one_pass is None else one_pass
     out = torch.empty(gu.shape[0], mlp, dtype=torch.float8_e4m3fn, device=gu.device)
     scale = torch.empty(gu.shape[0], 1, dtype=torch.float32, device=gu.device)
     K.geglu_rows_kernel[(gu.shape[0],)](gu, out, scale, mlp, gu.stride(0), out.stride(0),
-                                        QUANT=True, FP8_MAX=FP8_MAX, BLOCK=_BLOCK, num_warps=4)
+                                        QUANT=True, FP8_MAX=FP8_MAX, BLOCK=row_block if one_pass else _BLOCK,
+                                        ONE_PASS=one_pass, num_warps=max(4, min(16, row_block // 1024))
+                                        if one_pass else 4)
     return out, scale
 
 

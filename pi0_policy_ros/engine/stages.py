@@ -13,17 +13,11 @@ import torch.nn.functional as F
 
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.preprocess import ResizePlan, preprocess_images
+from pi0_policy_ros.engine.rowops import geglu, geglu_quantized, rope_qkv
 from pi0_policy_ros.engine.tables import rope_tables, suffix_attention_bias, suffix_positions
 from pi0_policy_ros.engine.types import EngineShape
-from pi0_policy_ros.engine.rowops import geglu, geglu_quantized
 from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWeights, fp8_linear
 from pi0_policy_ros.model.gemma import MASK_VALUE
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE, rotate-half convention. x [..., hd]; cos/sin broadcastable to x."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class VisionStage:
@@ -96,18 +90,17 @@ class PrefixStage:
         x = buf.prefix_embs
         for i, lw in enumerate(self.w.layers):
             h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
-            qkv = lw.qkv(h)
             kv_only = lw.out is None
-            q_cols = 0 if kv_only else nh * hd
-            buf.keys[i, :pp].copy_(rotate(qkv[:, q_cols: q_cols + hd], cos, sin))
-            buf.values[i, :pp].copy_(qkv[:, q_cols + hd: q_cols + 2 * hd])
+            q = rope_qkv(lw.qkv(h), cos, sin, 0 if kv_only else nh, buf.keys[i, :pp], buf.values[i, :pp])
             if kv_only:
                 continue
-            q = rotate(qkv[:, :q_cols].view(pp, nh, hd), cos[:, None], sin[:, None]).transpose(0, 1)[None]
+            # q [Pp, nh·hd] seen as [1, nh, Pp, hd]: SDPA keeps that layout for its output, so the
+            # heads go back to [Pp, nh·hd] without a copy.
+            q = q.view(1, pp, nh, hd).transpose(1, 2)
             k = buf.keys[i, :pp][None, None].expand(1, nh, pp, hd)
             v = buf.values[i, :pp][None, None].expand(1, nh, pp, hd)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=buf.prefix_bias)  # [1, nh, Pp, hd]
-            x = x + lw.out(attn[0].transpose(0, 1).reshape(pp, nh * hd))
+            x = x + lw.out(attn.transpose(1, 2).reshape(pp, nh * hd))
             h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
             gu = lw.gate_up(h)
             if lw.down.scale is not None:

@@ -84,3 +84,10 @@ def test_fixture_fp32_on_gpu(path) -> None:
     batch = _fixture_batch(path)
     got = Engine.create(model, shape, "cuda", "float32").infer(batch)
     assert np.abs(got - ref.expected["outputs/actions"][0].numpy()).max() <= 5e-3
+
+
+def test_prefix_row_kernels_on_gpu() -> None:
+    """`test/triton_prefix_check.py` on the GPU, where e4m3 rounding is the hardware's."""
+    pytest.importorskip("triton")
+    from test.triton_prefix_check import main
+    assert main(["--device", "cuda"]) == 0

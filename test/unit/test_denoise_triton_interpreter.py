@@ -1,7 +1,8 @@
 """The Triton denoise kernels under Triton's CPU interpreter: every `CANDIDATES` config against
 the torch step and the default kernels, twice on the same buffers (`test/triton_interpreter_check.py`),
-and the `rtc` step's backward against autograd (`test/triton_rtc_check.py`).
-Skipped where Triton is not installed (the project's CPU venv has none). A process of its own,
+and the `rtc` step's backward against autograd (`test/triton_rtc_check.py`), and the prefix's row
+kernels against their torch forms (`test/triton_prefix_check.py`).
+Skipped where Triton is not installed (requirements-dev.txt installs it). A process of its own,
 because `TRITON_INTERPRET=1` must be set before Triton decorates the kernels."""
 
 from __future__ import annotations
@@ -33,4 +34,12 @@ def test_rtc_backward_matches_autograd_under_interpreter(geometry: list[str]) ->
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "test.triton_rtc_check", *geometry], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_prefix_row_kernels_under_interpreter() -> None:
+    """`test/triton_prefix_check.py`: the prefix's RoPE / GEGLU / quantization kernels."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "test.triton_prefix_check"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,0 +1,77 @@
+"""The prefix's fused row kernels (`engine/rowops.py`) against their torch forms.
+
+Run as `TRITON_INTERPRET=1 python -m test.triton_prefix_check` on the CPU, or with `--device cuda`
+on a GPU. Checks RoPE into q and the K/V cache rows (with and without q heads, a row count that
+is not a multiple of the row block), GEGLU, and GEGLU + per-row e4m3 quantization in its one-pass
+and two-pass forms (equal to each other, the row scales right, and on a GPU the values equal to
+the torch GEGLU within e4m3 rounding).
+Exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("on the CPU, set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    from pi0_policy_ros.engine import rowops
+    from pi0_policy_ros.engine.tables import rope_tables
+    from pi0_policy_ros.engine.weights import FP8_MAX
+
+    dev, dtype = torch.device(args.device), torch.float16
+    gen = torch.Generator().manual_seed(0)
+    ok = True
+
+    def report(name: str, err: float, tol: float) -> None:
+        nonlocal ok
+        ok &= err <= tol
+        print(f"{name:<34} max err {err:.2e} (tol {tol:.0e}) {'ok' if err <= tol else 'FAIL'}", flush=True)
+
+    rows, hd = 37, 64
+    positions = torch.randint(0, 900, (rows,), generator=gen).to(dev)
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)).to(dev)
+    cos, sin = rope_tables(positions, inv_freq, dtype)
+    for heads in (8, 0):
+        qkv = torch.randn(rows, (heads + 2) * hd, generator=gen).to(dev, dtype)
+        k_got, v_got = torch.zeros(rows, hd, dtype=dtype, device=dev), torch.zeros(rows, hd, dtype=dtype, device=dev)
+        # the torch form on float32 copies: the kernel rotates in float32 and rounds once
+        k32, v32 = torch.zeros(rows, hd), torch.zeros(rows, hd)
+        q32 = rowops.rope_qkv(qkv.float().cpu(), cos.float().cpu(), sin.float().cpu(), heads, k32, v32)
+        q_got = rowops.rope_qkv_triton(qkv, cos, sin, heads, k_got, v_got)
+        report(f"rope_qkv heads={heads}: k", float((k_got.float().cpu() - k32).abs().max()), 4e-3)
+        report(f"rope_qkv heads={heads}: v", float((v_got.float().cpu() - v32).abs().max()), 0.0)
+        if heads:
+            report(f"rope_qkv heads={heads}: q", float((q_got.float().cpu() - q32).abs().max()), 4e-3)
+        else:
+            ok &= q_got is None and q32 is None
+
+    gu = torch.randn(5, 2 * 3000, generator=gen).to(dev, dtype)  # a row that is not a power of two
+    want = torch.nn.functional.gelu(gu[:, :3000].float(), approximate="tanh") * gu[:, 3000:].float()
+    report("geglu", float((rowops.geglu_triton(gu).float() - want).abs().max()), 4e-3)
+    q1, s1 = rowops.geglu_quantized_triton(gu, one_pass=True)
+    q2, s2 = rowops.geglu_quantized_triton(gu, one_pass=False)
+    report("geglu+e4m3 one pass vs two", float((q1.float() * s1 - q2.float() * s2).abs().max()), 0.0)
+    amax = want.abs().amax(dim=1, keepdim=True)
+    report("geglu+e4m3 row scale", float((s1 * FP8_MAX / amax - 1).abs().max()), 4e-3)
+    if dev.type == "cuda":
+        # Triton 3.6's interpreter rounds some values to e4m3 wrongly (126.2 → 64: the mantissa
+        # carry is lost), so the quantized values are compared on the GPU only. e4m3 keeps 3
+        # mantissa bits: half an ulp is 1/16 of the value; subnormals are 2^-9 of the scale apart.
+        deq = q1.float() * s1
+        report("geglu+e4m3 vs torch geglu", float(((deq - want).abs() / (want.abs() + s1)).max()), 7e-2)
+    print("ok" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
