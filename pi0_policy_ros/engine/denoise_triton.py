@@ -57,6 +57,9 @@ class TritonConfig:
     # "separate": split + combine kernels; "wide": the combine loads all splits at once;
     # "fused": the split kernel's last arriving program per row block combines (one launch)
     attn_combine: str = "separate"
+    # Programmatic dependent launch for the default kernels (`kernels_triton._pdl_enter`): the next
+    # kernel's programs become resident while this one runs. sm_90+ only; off under the interpreter.
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -67,19 +70,25 @@ class TritonConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ConfigError(f"TritonConfig.{name} must be a power of two ≥ 1, found {value}")
+        if self.pdl and (self.qkv_splits > 1 or self.gate_up_splits > 1 or self.attn_combine != "wide"):
+            raise ConfigError("pdl is implemented for the default kernels only: qkv_splits = gate_up_splits = 1 "
+                              f"and attn_combine 'wide', found {self}")
 
 
 # Named configs the benchmark times side by side (and the kernel tests check). Chain medians on the
 # H100 (pi0.5, 10 steps), device run 4: run3 9.04 ms, relaxed 8.80, + 4-way pair splits 9.29,
-# + head split 9.16, + wide combine 8.41; fused combine 15.9; 8-way pair splits 10.6.
+# + head split 9.16, + wide combine 8.41; fused combine 15.9; 8-way pair splits 10.6. On an H200
+# (runs 8-9): the run-4 default 7.83-7.86 ms, with PDL 7.31-7.37 (`bench/engine_notes.md`).
 _RELAXED = TritonConfig(residual_atomic_sem="relaxed")
 _SPLIT = replace(_RELAXED, qkv_splits=4, gate_up_splits=4)  # 160 + 512 programs, ~125 registers
-# The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine.
-DEFAULT_CONFIG = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)
+_RUN4_DEFAULT = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)
+# The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL.
+DEFAULT_CONFIG = replace(_RUN4_DEFAULT, pdl=True)
 CANDIDATES: dict[str, TritonConfig] = {
     "run3": TritonConfig(),  # the kernels of run 3 (acq_rel atomics, separate combine)
     "relaxed": _RELAXED,
     "relaxed_wide": replace(_RELAXED, attn_combine="wide", combine_block_d=16),
+    "run4_default": _RUN4_DEFAULT,
     "engine_default": DEFAULT_CONFIG,
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
@@ -160,6 +169,9 @@ class TritonDenoiseStep:
         self.pre = torch.zeros(shape.action_horizon, ec.width, dtype=f32, device=dev)
         self.dummy = torch.zeros(1, dtype=f32, device=dev)
         self.block_m = _block_m(s)
+        # PDL: sm_90+ (griddepcontrol) and compiled kernels only
+        pdl = self.cfg.pdl and K.FENCE and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0)
+        self.pdl_launch = {"PDL": True, "launch_pdl": True} if pdl else {}
         # Last-arriver state: float32 partial slots (fully rewritten each launch) and int32
         # counters that every launch leaves at zero. One set serves all layers and both pair
         # projections: the kernels run one after another on one stream.
@@ -200,7 +212,7 @@ class TritonDenoiseStep:
             out, out.stride(0), m, n, k, k // splits,
             EPI=epi, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, IEEE=ieee,
             BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k, SEM=c.residual_atomic_sem,
-            num_warps=c.splitk_warps, num_stages=c.splitk_stages)
+            num_warps=c.splitk_warps, num_stages=c.splitk_stages, **self.pdl_launch)
 
     def _pair(self, w: torch.Tensor, out: torch.Tensor, epi: int, mul: torch.Tensor | None, bias: torch.Tensor | None,
               pair_offset: int, k_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
@@ -221,7 +233,7 @@ class TritonDenoiseStep:
             K.norm_linear_pair_kernel[(pairs // c.pair_block_n,)](
                 *args, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, BLOCK_K=c.pair_block_k,
                 xsave_ptr=d if save_x is None else save_x, pre_ptr=d if save_pre is None else save_pre,
-                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, **meta)
+                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, **meta, **self.pdl_launch)
             return
         K.norm_linear_pair_splitk_kernel[(pairs // c.pair_block_n, splits)](
             *args, self.pair_part, self.counters, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,
@@ -243,13 +255,14 @@ class TritonDenoiseStep:
                                            SPLITS_P2=splits_p2, BLOCK_D=min(c.combine_block_d, ec.head_dim),
                                            FENCE=K.FENCE, **meta)
             return
-        K.attention_split_kernel[grid](*args, *scalars, **meta)
+        K.attention_split_kernel[grid](*args, *scalars, **meta, **self.pdl_launch)
         grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
         if c.attn_combine == "wide":
             K.attention_combine_wide_kernel[grid](
                 self.part_o, self.part_ml, out, self.rows, self.n_splits,
                 HD=ec.head_dim, SPLITS_P2=splits_p2, BLOCK_R=c.combine_block_r, BLOCK_D=c.combine_block_d,
-                lse_ptr=self.dummy if lse is None else lse, SAVE_LSE=lse is not None, num_warps=4)
+                lse_ptr=self.dummy if lse is None else lse, SAVE_LSE=lse is not None, num_warps=4,
+                **self.pdl_launch)
             return
         K.attention_combine_kernel[grid](
             self.part_o, self.part_ml, out, self.rows, self.n_splits,
@@ -299,7 +312,7 @@ class TritonDenoiseStep:
             K.norm_head_kernel[(triton.cdiv(n, block_n),)](
                 *args, hrows.shape[0], n, k, ec.rms_norm_eps,
                 HAS_MUL=ada, ROUND_TO=round_to, BLOCK_M=_block_m(hrows.shape[0]), BLOCK_N=block_n, BLOCK_K=128,
-                num_warps=4)
+                num_warps=4, **self.pdl_launch)
             return
         block_m = _block_m(hrows.shape[0])
         block_kall = min(triton.next_power_of_2(k), max(128, 16384 // block_m))  # ≤ 128 fp32 registers a thread
@@ -308,4 +321,5 @@ class TritonDenoiseStep:
         K.norm_head_splitk_kernel[(triton.cdiv(n, block_n), c.head_splits)](
             *args, self.head_part, self.counters, hrows.shape[0], n, k, ec.rms_norm_eps,
             HAS_MUL=ada, ROUND_TO=round_to, SPLITS=c.head_splits, FENCE=K.FENCE, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=_split_block_k(k, c.head_splits, 128), BLOCK_KALL=block_kall, num_warps=4)
+            BLOCK_N=block_n, BLOCK_K=_split_block_k(k, c.head_splits, 128), BLOCK_KALL=block_kall, num_warps=4,
+            **self.pdl_launch)

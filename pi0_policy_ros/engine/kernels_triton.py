@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 EPI_STORE, EPI_SILU, EPI_RESIDUAL = 0, 1, 2
 EPI_ROPE, EPI_GEGLU = 0, 1
@@ -66,6 +67,19 @@ def _arrive(cnt_ptr, FENCE: tl.constexpr):
                                   is_pure=False, pack=1)
     tl.debug_barrier()
     return tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """Programmatic dependent launch (sm_90+, launched with `launch_pdl=True`): wait until the
+    previous kernel in the stream has finished and its writes are visible, then let the next
+    kernel's programs be scheduled, so they are resident and waiting when this one ends: the
+    launch gap between the step's ~110 small dependent kernels overlaps with their work. Every
+    kernel launched that way must call this before touching memory (the ordering is transitive
+    only through the waits)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -164,7 +178,8 @@ def norm_linear_pair_kernel(
         M, K, eps, pair_offset,
         EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        xsave_ptr, pre_ptr, SAVE_X: tl.constexpr, SAVE_PRE: tl.constexpr):
+        xsave_ptr, pre_ptr, SAVE_X: tl.constexpr, SAVE_PRE: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     p0 = tl.program_id(0) * BLOCK_N
     head, cin, col_lo, col_hi = _pair_columns(p0, pair_offset, EPI, HD, BLOCK_N)
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, 0, K, col_lo, col_hi,
@@ -222,10 +237,12 @@ def linear_splitk_kernel(
         x_ptr, stride_xm, w_ptr, bias_ptr, gate_ptr, out_ptr, stride_om,
         M, N, K, k_per_split,
         EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEM: tl.constexpr = "acq_rel"):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEM: tl.constexpr = "acq_rel",
+        PDL: tl.constexpr = False):
     """SEM: the residual atomics' memory order. "acq_rel" (Triton's default) puts a MEMBAR.GPU before
     and an L1 invalidate after every atomic (sm_90 SASS); "relaxed" is a plain RED: the sum only needs
     atomicity, and the next kernel sees it anyway (kernel boundary)."""
+    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -261,7 +278,8 @@ def norm_head_kernel(
         x_ptr, stride_xm, mul_ptr, w_ptr, bias_ptr, xin_ptr, xout_ptr,
         M, N, K, eps,
         HAS_MUL: tl.constexpr, ROUND_TO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -289,11 +307,13 @@ def norm_head_splitk_kernel(
         x_ptr, stride_xm, mul_ptr, w_ptr, bias_ptr, xin_ptr, xout_ptr, part_ptr, cnt_ptr,
         M, N, K, eps,
         HAS_MUL: tl.constexpr, ROUND_TO: tl.constexpr, SPLITS: tl.constexpr, FENCE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KALL: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KALL: tl.constexpr,
+        PDL: tl.constexpr = False):
     """`norm_head` with K split over grid axis 1. The activations are rounded to ROUND_TO after the
     norm, before the product (as in `norm_head`), so each program needs the whole row's inv-rms
     first: wide loads of x from L2 (BLOCK_KALL columns at a time, dividing K; one load at pi0.5's
     10 rows). Workspace `part` float32 [SPLITS, M, N]; `cnt` int32 [N blocks]."""
+    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -370,9 +390,10 @@ def _store_attention_partial(part_o_ptr, part_ml_ptr, acc, m_i, l_i, rows, rmask
 def attention_split_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, part_o_ptr, part_ml_ptr,
         R, NKEYS, keys_per_split, stride_bias, S, scale,
-        HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """Rows r = token·HEADS + head of q [S·HEADS, HD]; keys [NKEYS, HD] shared by all heads.
     Writes unnormalised partial outputs [splits, R, HD] and (max, sum) [splits, 2, R]."""
+    _pdl_enter(PDL)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     acc, m_i, l_i = _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split,
@@ -433,7 +454,8 @@ def _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0
 @triton.jit
 def attention_combine_wide_kernel(part_o_ptr, part_ml_ptr, out_ptr, R, n_splits,
                                   HD: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, lse_ptr, SAVE_LSE: tl.constexpr):
+                                  BLOCK_D: tl.constexpr, lse_ptr, SAVE_LSE: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rows < R, R, n_splits, tl.program_id(1) * BLOCK_D,
                   HD, SPLITS_P2, BLOCK_R, BLOCK_D, lse_ptr, SAVE_LSE)

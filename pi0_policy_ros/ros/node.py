@@ -661,12 +661,18 @@ def make_executor(context: Any = None) -> MultiThreadedExecutor:
 def spin_until_shutdown(executor: Any) -> None:
     """`executor.spin()`, except that an entity destroyed by a lifecycle transition (cleanup) while
     the executor was waiting on it does not end the process: rclpy raises InvalidHandle for it in
-    the spinning thread, and the next wait set no longer holds it."""
+    the spinning thread, and the next wait set no longer holds it. A shutdown that lands between
+    the `ok()` check and the wait ends the loop quietly: rclpy then fails to create the wait's
+    timeout timer on the dead context (RCLError "the given context is not valid")."""
     while rclpy.ok(context=executor.context):
         try:
             executor.spin_once(timeout_sec=0.1)
         except InvalidHandle:
             continue
+        except (ExternalShutdownException, RuntimeError):
+            if rclpy.ok(context=executor.context):
+                raise
+            return
 
 
 def main(args: list[str] | None = None) -> None:
