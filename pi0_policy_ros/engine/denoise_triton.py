@@ -8,7 +8,9 @@ Launch geometry comes from `TritonConfig`; the benchmark compares a few. Variant
 the kernels above): split-K for the two norm-fused projections and the output head, whose last
 arriving program runs the epilogue (`qkv_splits`, `gate_up_splits`, `head_splits`); attention's
 combine folded into its split kernel the same way, or made one load per operand
-(`attn_combine`); relaxed instead of acq_rel residual atomics (`residual_atomic_sem`).
+(`attn_combine`); relaxed instead of acq_rel residual atomics (`residual_atomic_sem`);
+programmatic dependent launch between the kernels (`pdl`). `ForwardSaves` keeps what `rtc`'s
+hand-written backward needs (`rtc_triton`).
 """
 
 from __future__ import annotations
@@ -78,12 +80,21 @@ class TritonConfig:
 # Named configs the benchmark times side by side (and the kernel tests check). Chain medians on the
 # H100 (pi0.5, 10 steps), device run 4: run3 9.04 ms, relaxed 8.80, + 4-way pair splits 9.29,
 # + head split 9.16, + wide combine 8.41; fused combine 15.9; 8-way pair splits 10.6. On an H200
-# (runs 8-9): the run-4 default 7.83-7.86 ms, with PDL 7.31-7.37 (`bench/engine_notes.md`).
+# (runs 8-9): the run-4 default 7.83-7.86 ms, with PDL 7.31-7.37; H100 run 10: 8.02 → 7.39
+# (`bench/engine_notes.md`).
 _RELAXED = TritonConfig(residual_atomic_sem="relaxed")
 _SPLIT = replace(_RELAXED, qkv_splits=4, gate_up_splits=4)  # 160 + 512 programs, ~125 registers
 _RUN4_DEFAULT = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)
 # The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL.
 DEFAULT_CONFIG = replace(_RUN4_DEFAULT, pdl=True)
+# Up to this many suffix rows (one 16-row MMA block: pi0.5's 10) PDL helps; at pi0's 51 it did not
+# (H100 run 10: pi0.5 chain 8.02 → 7.39 ms with PDL, pi0 12.84 → 13.50).
+PDL_MAX_ROWS = 16
+
+
+def default_config(shape: EngineShape) -> TritonConfig:
+    """The measured-fastest config for this geometry (`DEFAULT_CONFIG`, without PDL for tall suffixes)."""
+    return DEFAULT_CONFIG if shape.suffix_len <= PDL_MAX_ROWS else _RUN4_DEFAULT
 CANDIDATES: dict[str, TritonConfig] = {
     "run3": TritonConfig(),  # the kernels of run 3 (acq_rel atomics, separate combine)
     "relaxed": _RELAXED,
@@ -146,7 +157,7 @@ class TritonDenoiseStep:
         self.w = weights
         self.tables = tables
         self.shape = shape
-        self.cfg = config or DEFAULT_CONFIG
+        self.cfg = config or default_config(shape)
         self.saves = saves
         if saves is not None and (self.cfg.qkv_splits > 1 or self.cfg.gate_up_splits > 1
                                   or self.cfg.attn_combine != "wide"):
