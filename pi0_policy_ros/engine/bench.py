@@ -26,7 +26,7 @@ import torch
 
 from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
 from pi0_policy_ros.engine.guidance import EngineGuidance
-from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, random_batch
+from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, plan_prefix, random_batch
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
 from pi0_policy_ros.model.config import PRESETS, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fp32-reference", action="store_true", help="skip the float32 eager reference")
     parser.add_argument("--rtc", action="store_true", help="also time the RTC-guided chains (rtc_fast, rtc) in bf16 "
                         "against the plain chain, with their error against the eager guided sampler")
+    parser.add_argument("--full-prefix", action="store_true", help="compute every camera slot and the whole "
+                        "prompt (the model's fixed shapes) instead of the valid slots and the prompt's bucket")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="write the results here")
 
@@ -263,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, object] = {"environment": _environment(), "shape": {**vars(shape), "image_hw": list(hw)},
                                  "preset": cfg.name, "checkpoint": args.checkpoint or None,
                                  "valid_cameras": args.valid_cameras, "valid_tokens": args.valid_tokens,
+                                 "compact_prefix": not args.full_prefix,
+                                 "prefix_rows": _prefix_rows(shape, batches[0], not args.full_prefix),
                                  "iterations": args.iterations, "precisions": {}}
     want_ref = not args.no_fp32_reference
     model = _load_model(cfg, args, device, torch.float32 if (want_ref or "float32" in precisions) else torch.bfloat16)
@@ -298,7 +302,8 @@ def _bench_precision(model: Pi0Model, shape: EngineShape, device: torch.device, 
                      args: argparse.Namespace) -> dict[str, object]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    engine = Engine.create(model, shape, device, precision, denoise_kernels=args.denoise_kernels)
+    engine = Engine.create(model, shape, device, precision, denoise_kernels=args.denoise_kernels,
+                           compact_prefix=not args.full_prefix)
     out: dict[str, object] = {"mode": engine.mode, "denoise_kernels": engine.report.denoise_kernels,
                               "fuse_s": engine.report.fuse_s, "warmup_s": engine.report.warmup_s,
                               "capture_s": engine.report.capture_s}
@@ -360,7 +365,7 @@ def _bench_rtc(model: Pi0Model, shape: EngineShape, device: torch.device, batche
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         engine = Engine.create(model, shape, device, "bfloat16", denoise_kernels=kernels or args.denoise_kernels,
-                               rtc_mode=mode)
+                               rtc_mode=mode, compact_prefix=not args.full_prefix)
         got = engine.infer(batches[0], guidance)
         entry: dict[str, object] = {"denoise_kernels": engine.report.denoise_kernels,
                                     "capture_s": engine.report.capture_s,
@@ -378,12 +383,19 @@ def _bench_rtc(model: Pi0Model, shape: EngineShape, device: torch.device, batche
     return out
 
 
+def _prefix_rows(shape: EngineShape, batch: EngineBatch, compact: bool) -> dict[str, int]:
+    rows, _ = plan_prefix(shape, batch.image_masks, batch.token_mask, compact)
+    return {"slots": rows.slots, "prompt": rows.prompt, "rows": rows.rows(shape.tokens_per_image),
+            "full_rows": shape.padded_prefix_len}
+
+
 def format_table(result: dict) -> str:
     env = result["environment"]
     eager = result.get("eager_bfloat16", {})
     lines = [f"device: {env.get('device', 'cpu')}  torch {env['torch']}  CUDA {env['cuda']}  triton {env.get('triton')}  "
              f"git {env['git']['commit'][:10]}{' (dirty)' if env['git']['dirty'] else ''}",
-             f"preset {result['preset']}  shape {result['shape']}"]
+             f"preset {result['preset']}  shape {result['shape']}",
+             f"prefix rows computed: {result['prefix_rows']} ({'compact' if result['compact_prefix'] else 'full'})"]
     for p, r in result["precisions"].items():
         t = r["timings_ms"]
         lines.append(f"\n[{p}] mode={r['mode']} denoise={r['denoise_kernels']}  configure: fuse {r['fuse_s']:.1f}s "

@@ -26,16 +26,25 @@ class HostBuffers:
     noise: torch.Tensor  # float32 [H, A]
     actions: torch.Tensor  # float32 [H, A]
 
-    def load(self, batch: EngineBatch) -> None:
+    def load(self, batch: EngineBatch, slot_order: list[int] | None = None) -> None:
         """Copy one batch into the (pinned) host buffers: plain CPU memcpy, no device work.
+        `slot_order`: host slot i takes the batch's camera slot `slot_order[i]` (with its mask).
         numpy inputs are copied by numpy, on this thread: torch's CPU `copy_` of the images would
         use its intra-op thread pool, whose wake-up is a latency risk in the control loop."""
-        for name in ("images", "image_masks", "tokens", "token_mask", "state", "noise"):
-            value = getattr(batch, name)
-            if isinstance(value, torch.Tensor):
-                getattr(self, name).copy_(value)
-            else:
-                np.copyto(getattr(self, name).numpy(), value, casting="no")
+        order = range(len(self.images)) if slot_order is None else slot_order
+        for name in ("images", "image_masks"):
+            value, dst = getattr(batch, name), getattr(self, name)
+            for i, slot in enumerate(order):
+                _copy(dst[i], value[slot])
+        for name in ("tokens", "token_mask", "state", "noise"):
+            _copy(getattr(self, name), getattr(batch, name))
+
+
+def _copy(dst: torch.Tensor, value: np.ndarray | torch.Tensor) -> None:
+    if isinstance(value, torch.Tensor):
+        dst.copy_(value)
+    else:
+        np.copyto(dst.numpy(), value, casting="no")
 
 
 @dataclass

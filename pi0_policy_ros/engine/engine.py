@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from pi0_policy_ros.engine.guidance import (EngineGuidance, GuidanceBuffers, Rtc
 from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
 from pi0_policy_ros.engine.stages import PrefixStage, VisionStage
 from pi0_policy_ros.engine.tables import StepTables, build_step_tables
-from pi0_policy_ros.engine.types import EngineBatch, EngineShape, check_precision
+from pi0_policy_ros.engine.types import EngineBatch, EngineShape, PrefixRows, check_precision, plan_prefix
 from pi0_policy_ros.engine.weights import fuse_expert, fuse_prefix, fuse_vision
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model
@@ -60,7 +61,7 @@ class Engine:
 
     def __init__(self, model: Pi0Model, shape: EngineShape, device: torch.device, precision: str, mode: str,
                  denoise_kernels: str, rtc_mode: str = "off",
-                 max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT) -> None:
+                 max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT, compact_prefix: bool = True) -> None:
         self.model: Pi0Model | None = model
         self.shape = shape
         self.device = device
@@ -71,7 +72,11 @@ class Engine:
         self.report = ConfigureReport(mode, denoise_kernels, rtc_mode)
         self.rtc_mode = rtc_mode
         self.max_guidance_weight = max_guidance_weight
-        self._graphs: dict[str, list[torch.cuda.CUDAGraph]] = {}
+        self._vision_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefix_graphs: dict[PrefixRows, torch.cuda.CUDAGraph] = {}
+        self._denoise_graphs: list[torch.cuda.CUDAGraph] = []
+        self.compact_prefix = compact_prefix
+        self.last_prefix_rows = shape.full_prefix
         self._events: list[torch.cuda.Event] = []
         self.guide: GuidanceBuffers | None = None
         if mode == "eager":
@@ -100,12 +105,15 @@ class Engine:
     @classmethod
     def create(cls, model: Pi0Model, shape: EngineShape | None = None, device: str | torch.device = "cuda",
                precision: str = "bfloat16", mode: str = "auto", denoise_kernels: str = "auto",
-               rtc_mode: str = "off", max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT) -> Engine:
+               rtc_mode: str = "off", max_guidance_weight: float = DEFAULT_MAX_GUIDANCE_WEIGHT,
+               compact_prefix: bool = True) -> Engine:
         """Build, warm up and (in `graphs` mode) capture. `mode="auto"` is `graphs` on CUDA and
         `eager` elsewhere (logged once: the CPU works, slowly). The model may live on any device;
         the engine keeps its own fused weights on `device` and uses the model only in `eager` mode.
         `rtc_mode` other than "off" captures the guided chain (`engine/guidance.py`); β is
-        `max_guidance_weight`.
+        `max_guidance_weight`. `compact_prefix`: vision and prefix compute only the valid camera
+        slots and the prompt up to its bucket (`types.PrefixRows`; the same actions, less work),
+        else every slot and the whole prompt, as the model's fixed shapes do.
         """
         check_precision(precision)
         check_rtc_mode(rtc_mode)
@@ -133,7 +141,8 @@ class Engine:
                 _fallback_logged = True
             return cls(model, shape, next(model.parameters()).device, precision, "eager", "torch", rtc_mode,
                        max_guidance_weight)
-        engine = cls(model, shape, dev, precision, mode, denoise_kernels, rtc_mode, max_guidance_weight)
+        engine = cls(model, shape, dev, precision, mode, denoise_kernels, rtc_mode, max_guidance_weight,
+                     compact_prefix)
         if mode == "graphs":
             engine._capture()
             # The graphs replay the fused copies only: dropping the model lets the caller free its
@@ -172,17 +181,23 @@ class Engine:
         return kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
                                        and self.dtype == torch.bfloat16)
 
-    # ---- stages -------------------------------------------------------------------------------
-    def _stage_fns(self) -> dict[str, list]:
+    # ---- stages ----------------------------------------------------------------------------
+    def _buckets(self) -> list[PrefixRows]:
+        return self.shape.prefix_buckets() if self.compact_prefix else [self.shape.full_prefix]
+
+    def _stage_fns(self, rows: PrefixRows) -> dict[str, list[Callable[[], None]]]:
+        """One inference's work for the prefix layout `rows`, stage by stage."""
         steps = [lambda k=k: self.denoise.run_step(self.buf, k) for k in range(self.shape.num_steps)]
-        return {"vision": [lambda: self.vision.run(self.buf)], "prefix": [lambda: self.prefix.run(self.buf)],
-                "denoise": steps}
+        return {"vision": [lambda: self.vision.run(self.buf, rows.slots)],
+                "prefix": [lambda: self.prefix.run(self.buf, rows)], "denoise": steps}
 
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, cuBLAS handles, Triton compile and autotune),
-        then capture every stage into graphs sharing one memory pool. They are always replayed
-        in capture order, which makes sharing the pool safe."""
-        fns = self._stage_fns()
+        then capture into graphs sharing one memory pool: a vision graph per camera-slot count and
+        a prefix graph per `PrefixRows` bucket (`compact_prefix`), one per denoise step. Only the
+        static buffers carry data from one graph to the next; each graph's own temporaries are
+        dead when its capture ends, so replaying any subset, in any order, is safe."""
+        buckets = self._buckets()
         self.load(_dummy_batch(self.shape))
         upload(self.host, self.buf)
         t0 = time.perf_counter()
@@ -190,31 +205,43 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.no_grad(), torch.cuda.stream(side):
             for _ in range(2):
-                for name in STAGES:
-                    for fn in fns[name]:
-                        fn()
+                for slots in sorted({rows.slots for rows in buckets}):
+                    self.vision.run(self.buf, slots)
+                for rows in buckets:
+                    self.prefix.run(self.buf, rows)
+                for fn in self._stage_fns(buckets[-1])["denoise"]:
+                    fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         self.report.warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+
+        def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                fn()
+            return graph
+
         with torch.no_grad():
-            for name in STAGES:
-                graphs = []
-                for fn in fns[name]:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        fn()
-                    graphs.append(graph)
-                self._graphs[name] = graphs
+            for rows in buckets:
+                fns = self._stage_fns(rows)
+                if rows.slots not in self._vision_graphs:
+                    self._vision_graphs[rows.slots] = capture(fns["vision"][0])
+                self._prefix_graphs[rows] = capture(fns["prefix"][0])
+            self._denoise_graphs = [capture(fn) for fn in self._stage_fns(buckets[-1])["denoise"]]
         torch.cuda.synchronize(self.device)
         self.report.capture_s = time.perf_counter() - t0
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(STAGES) + 2)]
 
     # ---- inference ----------------------------------------------------------------------------
-    def load(self, batch: EngineBatch) -> None:
+    def load(self, batch: EngineBatch) -> PrefixRows:
+        """Check the batch, plan the prefix layout and copy the batch into the pinned host buffers
+        (valid camera slots first when `compact_prefix`)."""
         batch.check(self.shape)
-        self.host.load(batch)
+        rows, order = plan_prefix(self.shape, batch.image_masks, batch.token_mask, self.compact_prefix)
+        self.host.load(batch, order)
+        return rows
 
     def infer(self, batch: EngineBatch, guidance: EngineGuidance | None = None) -> np.ndarray:
         """Actions [H, action_dim] float32 for one batch; per-stage times in `last_timings_ms`.
@@ -226,7 +253,8 @@ class Engine:
         if self.mode == "eager":
             return self._infer_eager(batch, guidance)
         t_start = time.perf_counter()
-        self.load(batch)
+        rows = self.load(batch)
+        self.last_prefix_rows = rows
         if self.guide is not None:
             self.guide.load(guidance)
         if self.mode == "static":
@@ -235,16 +263,20 @@ class Engine:
                 upload(self.host, self.buf)
                 if self.guide is not None:
                     self.guide.upload()
-                fns = self._stage_fns()
+                fns = self._stage_fns(rows)
                 for name in STAGES:
                     for fn in fns[name]:
                         fn()
                 self.host.actions.copy_(self.buf.actions)
             self.last_timings_ms = {"total": (time.perf_counter() - t0) * 1e3}
             return self.host.actions.numpy().copy()
-        return self._replay(t_start)
+        return self._replay(rows, t_start)
 
-    def _replay(self, t_start: float) -> np.ndarray:
+    def _stage_graphs(self, rows: PrefixRows) -> dict[str, list[torch.cuda.CUDAGraph]]:
+        return {"vision": [self._vision_graphs[rows.slots]], "prefix": [self._prefix_graphs[rows]],
+                "denoise": self._denoise_graphs}
+
+    def _replay(self, rows: PrefixRows, t_start: float) -> np.ndarray:
         """Host timings besides the stage spans: `host_prepare` (batch check and pinned copies),
         `host_launch` (enqueueing the copies and the replays), `host_wait` (until the GPU is
         done), `total` (all of `infer`)."""
@@ -256,8 +288,8 @@ class Engine:
         if self.guide is not None:
             self.guide.upload()
         ev[1].record(stream)
-        for i, name in enumerate(STAGES):
-            for graph in self._graphs[name]:
+        for i, graphs in enumerate(self._stage_graphs(rows).values()):
+            for graph in graphs:
                 graph.replay()
             ev[2 + i].record(stream)
         self.host.actions.copy_(self.buf.actions, non_blocking=True)
@@ -273,9 +305,10 @@ class Engine:
         self.last_timings_ms = timings
         return actions
 
-    def replay_stage(self, name: str) -> None:
-        """Replay one captured stage (benchmarks); inputs are whatever the buffers hold."""
-        for graph in self._graphs[name]:
+    def replay_stage(self, name: str, rows: PrefixRows | None = None) -> None:
+        """Replay one captured stage (benchmarks) for `rows` (default: the last inference's);
+        inputs are whatever the buffers hold."""
+        for graph in self._stage_graphs(rows or self.last_prefix_rows)[name]:
             graph.replay()
 
     def _infer_eager(self, batch: EngineBatch, guidance: EngineGuidance | None) -> np.ndarray:

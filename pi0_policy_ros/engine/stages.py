@@ -15,14 +15,14 @@ from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.preprocess import ResizePlan, preprocess_images
 from pi0_policy_ros.engine.rowops import geglu, geglu_quantized, rope_qkv
 from pi0_policy_ros.engine.tables import rope_tables, suffix_attention_bias, suffix_positions
-from pi0_policy_ros.engine.types import EngineShape
+from pi0_policy_ros.engine.types import EngineShape, PrefixRows
 from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWeights, fp8_linear
 from pi0_policy_ros.model.gemma import MASK_VALUE
 
 
 class VisionStage:
-    """All camera slots in one batch: uint8 HWC → resize-with-pad → SigLIP → projected tokens,
-    written straight into the prefix embedding rows [0, N·T)."""
+    """The first `slots` camera slots (default: all) in one batch: uint8 HWC → resize-with-pad →
+    SigLIP → projected tokens, written straight into the prefix embedding rows [0, slots·T)."""
 
     def __init__(self, weights: VisionWeights, shape: EngineShape, dtype: torch.dtype) -> None:
         self.w = weights
@@ -31,10 +31,10 @@ class VisionStage:
         from pi0_policy_ros.engine.preprocess import plan_resize
         self.plan: ResizePlan = plan_resize(shape.image_hw, shape.model_image_size)
 
-    def run(self, buf: DeviceBuffers) -> None:
+    def run(self, buf: DeviceBuffers, slots: int | None = None) -> None:
         w, cfg = self.w, self.w.cfg
-        n, t = self.shape.num_slots, self.shape.tokens_per_image
-        pixels = preprocess_images(buf.images, self.plan, out=buf.pixels)
+        n, t = self.shape.num_slots if slots is None else slots, self.shape.tokens_per_image
+        pixels = preprocess_images(buf.images[:n], self.plan, out=buf.pixels[:n])
         patches = F.conv2d(pixels, w.patch_weight, w.patch_bias, stride=cfg.patch_size)  # [N, W, g, g]
         x = (patches.flatten(2).transpose(1, 2) + w.position).to(self.dtype).reshape(n * t, cfg.width)
         heads, hd = cfg.num_heads, cfg.head_dim
@@ -60,14 +60,17 @@ class PrefixStage:
         self.shape = shape
         self.dtype = dtype
 
-    def prepare(self, buf: DeviceBuffers) -> None:
-        """Everything derived from the masks and the state (no PaliGemma work)."""
+    def prepare(self, buf: DeviceBuffers, rows: PrefixRows) -> None:
+        """Everything derived from the masks and the state (no PaliGemma work), for the prefix laid
+        out as `rows` says: its slots' image tokens, then its prompt tokens; every row after them
+        is masked."""
         shape, cfg = self.shape, self.w.cfg
-        n, t, l = shape.num_slots, shape.tokens_per_image, shape.prompt_len
-        text = F.embedding(buf.tokens, self.w.embed)
+        n, t, l = rows.slots, shape.tokens_per_image, rows.prompt
+        text = F.embedding(buf.tokens[:l], self.w.embed)
         torch.mul(text, math.sqrt(cfg.width), out=buf.prefix_embs[n * t: n * t + l])
-        buf.prefix_pad[: n * t].view(n, t).copy_(buf.image_masks[:, None].expand(n, t))
-        buf.prefix_pad[n * t: n * t + l].copy_(buf.token_mask)
+        buf.prefix_pad[: n * t].view(n, t).copy_(buf.image_masks[:n, None].expand(n, t))
+        buf.prefix_pad[n * t: n * t + l].copy_(buf.token_mask[:l])
+        buf.prefix_pad[n * t + l:].zero_()
         zero = torch.zeros((), dtype=self.dtype, device=buf.prefix_bias.device)
         buf.prefix_bias.view(-1).copy_(torch.where(buf.prefix_pad, zero, torch.full_like(zero, MASK_VALUE)))
         positions = torch.cumsum(buf.prefix_pad.to(torch.int64), 0) - 1
@@ -81,13 +84,16 @@ class PrefixStage:
         if self.expert.state_proj is not None:
             buf.state_token.copy_(self.expert.state_proj(buf.state[None])[0])
 
-    def run(self, buf: DeviceBuffers) -> None:
-        self.prepare(buf)
+    def run(self, buf: DeviceBuffers, rows: PrefixRows | None = None) -> None:
+        """PaliGemma over the prefix rows `rows` covers (default: all), K/V into cache rows [0, P)."""
+        rows = self.shape.full_prefix if rows is None else rows
+        self.prepare(buf, rows)
         cfg = self.w.cfg
-        pp = self.shape.padded_prefix_len
+        pp = rows.rows(self.shape.tokens_per_image)
         nh, hd = cfg.num_heads, cfg.head_dim
         cos, sin = buf.prefix_cos, buf.prefix_sin
-        x = buf.prefix_embs
+        x = buf.prefix_embs[:pp]
+        cos, sin, bias = cos[:pp], sin[:pp], buf.prefix_bias[..., :pp]
         for i, lw in enumerate(self.w.layers):
             h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
             kv_only = lw.out is None
@@ -99,7 +105,7 @@ class PrefixStage:
             q = q.view(1, pp, nh, hd).transpose(1, 2)
             k = buf.keys[i, :pp][None, None].expand(1, nh, pp, hd)
             v = buf.values[i, :pp][None, None].expand(1, nh, pp, hd)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=buf.prefix_bias)  # [1, nh, Pp, hd]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [1, nh, Pp, hd]
             x = x + lw.out(attn.transpose(1, 2).reshape(pp, nh * hd))
             h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
             gu = lw.gate_up(h)

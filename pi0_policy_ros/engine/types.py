@@ -79,6 +79,38 @@ class EngineShape:
     def suffix_len(self) -> int:
         return self.action_horizon + (0 if self.pi05 else 1)
 
+    def prompt_buckets(self) -> list[int]:
+        """Prompt rows an inference may compute: 16, 32, 64, … below `prompt_len`, then it."""
+        buckets, p = [], 16
+        while p < self.prompt_len:
+            buckets.append(p)
+            p *= 2
+        return [*buckets, self.prompt_len]
+
+    def prefix_buckets(self) -> list[PrefixRows]:
+        """Every (camera slots, prompt rows) pair the engine captures a vision / prefix graph for."""
+        return [PrefixRows(n, p) for n in range(1, self.num_slots + 1) for p in self.prompt_buckets()]
+
+    @property
+    def full_prefix(self) -> PrefixRows:
+        return PrefixRows(self.num_slots, self.prompt_len)
+
+
+@dataclass(frozen=True)
+class PrefixRows:
+    """The part of the prefix one inference computes: the first `slots` camera slots (the valid
+    ones, moved to the front on the host) and the first `prompt` prompt tokens, padded with masked
+    rows to `PREFIX_ALIGN`. Rows past it are masked, so leaving them out changes no valid output:
+    masked tokens are no one's keys, do not advance the RoPE positions (a cumulative sum of the
+    mask), and their own outputs are never read; their stale K/V rows stay masked for the denoise
+    steps. Valid tokens keep their order, hence their positions."""
+
+    slots: int
+    prompt: int
+
+    def rows(self, tokens_per_image: int) -> int:
+        return -(-(self.slots * tokens_per_image + self.prompt) // PREFIX_ALIGN) * PREFIX_ALIGN
+
 
 @dataclass
 class EngineBatch:
@@ -135,6 +167,24 @@ def random_batch(shape: EngineShape, seed: int = 0, valid_slots: int | None = No
         state=rng.standard_normal(shape.action_dim).astype(np.float32),
         noise=rng.standard_normal((shape.action_horizon, shape.action_dim)).astype(np.float32),
     )
+
+
+def plan_prefix(shape: EngineShape, image_masks: np.ndarray | torch.Tensor, token_mask: np.ndarray | torch.Tensor,
+                compact: bool = True) -> tuple[PrefixRows, list[int]]:
+    """What one inference computes and in which order the camera slots go in: (rows, slot order).
+    compact: the valid slots first (each group in slot order), and the smallest prompt bucket that
+    holds the valid tokens when those are the prompt's first tokens (else the whole prompt).
+    Otherwise the full prefix in slot order."""
+    n = shape.num_slots
+    if not compact:
+        return shape.full_prefix, list(range(n))
+    masks = np.asarray(image_masks.cpu() if isinstance(image_masks, torch.Tensor) else image_masks, dtype=bool)
+    tokens = np.asarray(token_mask.cpu() if isinstance(token_mask, torch.Tensor) else token_mask, dtype=bool)
+    order = [i for i in range(n) if masks[i]] + [i for i in range(n) if not masks[i]]
+    valid = int(tokens.sum())
+    leading = bool(tokens[:valid].all())  # the valid tokens are exactly the first `valid`
+    prompt = next(b for b in shape.prompt_buckets() if b >= valid) if leading else shape.prompt_len
+    return PrefixRows(max(1, int(masks.sum())), prompt), order
 
 
 def check_precision(precision: str) -> str:

@@ -65,6 +65,29 @@ def test_graph_chain_equals_eager(pi05: bool, precision: str, kernels: str) -> N
     assert np.abs(again - outs[0]).max() <= (1e-5 if precision == "float32" else 2e-2)
 
 
+@pytest.mark.parametrize("pi05", [True, False])
+def test_compact_prefix_graphs_equal_full_prefix(pi05: bool) -> None:
+    """float32 graphs: the compact prefix (one graph per slot count and prompt bucket, switched
+    from call to call) against the full-prefix graphs and the eager model, including a missing
+    middle camera, no camera, and valid tokens that are not the prompt's first (whole prompt)."""
+    cfg = medium_config(pi05)
+    model = random_model(cfg, "cuda", torch.float32, seed=5)
+    shape = EngineShape.for_model(cfg)
+    compact = Engine.create(model, shape, "cuda", "float32")
+    full = Engine.create(model, shape, "cuda", "float32", compact_prefix=False)
+    cases = [((True, True, True), 40, None), ((True, False, True), 5, None), ((False, True, False), 100, None),
+             ((True, True, False), 6, 30), ((False, False, False), 3, None), ((True, True, True), 40, None)]
+    for seed, (masks, n_tokens, hole) in enumerate(cases):
+        batch = random_batch(shape, seed, valid_tokens=min(n_tokens, shape.prompt_len))
+        batch.image_masks = np.array(masks)
+        if hole is not None:
+            batch.token_mask[hole] = True
+        got = compact.infer(batch)
+        assert compact.last_prefix_rows.slots == max(1, sum(masks))
+        assert np.abs(got - full.infer(batch)).max() <= 1e-4, seed
+        assert np.abs(got - _eager(model, batch, shape)).max() <= 1e-3, seed
+
+
 def test_fp8_prefix_within_tolerance() -> None:
     cfg = medium_config(True)
     model = random_model(cfg, "cuda", torch.bfloat16, seed=3)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
 from pi0_policy_ros.engine.tables import build_step_tables, suffix_attention_bias, suffix_pattern
-from pi0_policy_ros.engine.types import EngineBatch, EngineShape, random_batch
+from pi0_policy_ros.engine.types import EngineBatch, EngineShape, PrefixRows, plan_prefix, random_batch
 from pi0_policy_ros.engine.weights import fuse_expert, quantize_rows, to_fp8, Linear
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.model.checkpoint import random_model, read_safetensors
@@ -103,6 +103,44 @@ def test_static_engine_equals_eager(small) -> None:
         batch = random_batch(shape, seed, valid_slots=valid_slots, valid_tokens=10 + seed)
         got = engine.infer(batch)
         assert got.shape == (cfg.action_horizon, cfg.action_dim) and got.dtype == np.float32
+        np.testing.assert_allclose(got, eager.infer(batch), atol=2e-5)
+
+
+def test_plan_prefix_buckets_and_slot_order() -> None:
+    shape = EngineShape.for_model(get_preset("pi05"))  # 3 slots of 256 tokens, a 200-token prompt
+    assert shape.prompt_buckets() == [16, 32, 64, 128, 200]
+    assert EngineShape.for_model(get_preset("pi0")).prompt_buckets() == [16, 32, 48]
+    leading = np.arange(200) < 24
+    rows, order = plan_prefix(shape, np.array([True, False, True]), leading)
+    assert (rows, order, rows.rows(256)) == (PrefixRows(2, 32), [0, 2, 1], 544)
+    holes = leading.copy()
+    holes[50] = True  # valid tokens that are not the prompt's first: the whole prompt
+    assert plan_prefix(shape, np.zeros(3, bool), holes) == (PrefixRows(1, 200), [0, 1, 2])
+    assert plan_prefix(shape, np.ones(3, bool), np.ones(200, bool))[0] == shape.full_prefix
+    assert shape.full_prefix.rows(256) == shape.padded_prefix_len
+    assert plan_prefix(shape, np.array([True, False, True]), leading, compact=False) == (shape.full_prefix, [0, 1, 2])
+
+
+def test_compact_prefix_equals_full_prefix_and_eager(small) -> None:
+    """Leaving the masked rows out (valid slots moved to the front, the prompt cut to its bucket)
+    changes no action. One engine switches layouts from call to call, so rows a larger layout
+    wrote before must stay masked for the next one."""
+    cfg, model = small
+    shape = EngineShape.for_model(cfg)
+    compact = Engine.create(model, shape, "cpu", "float32", mode="static")
+    full = Engine.create(model, shape, "cpu", "float32", mode="static", compact_prefix=False)
+    eager = Engine.create(model, shape, "cpu", "float32", mode="eager")
+    cases = [((True, True, True), 40, None), ((False, True, False), 5, None), ((True, False, True), 20, None),
+             ((True, True, False), 6, 30), ((False, False, False), 3, None)]
+    for seed, (masks, n_tokens, hole) in enumerate(cases):
+        batch = random_batch(shape, seed, valid_tokens=n_tokens)
+        batch.image_masks = np.array(masks)
+        if hole is not None:
+            batch.token_mask[hole] = True
+        got = compact.infer(batch)
+        bucket = shape.prompt_len if hole is not None else next(b for b in shape.prompt_buckets() if b >= n_tokens)
+        assert compact.last_prefix_rows == PrefixRows(max(1, sum(masks)), bucket)
+        np.testing.assert_allclose(got, full.infer(batch), atol=2e-5)
         np.testing.assert_allclose(got, eager.infer(batch), atol=2e-5)
 
 
