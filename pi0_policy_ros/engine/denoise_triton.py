@@ -62,6 +62,8 @@ class TritonConfig:
     # Programmatic dependent launch for the default kernels (`kernels_triton._pdl_enter`): the next
     # kernel's programs become resident while this one runs. sm_90+ only; off under the interpreter.
     pdl: bool = False
+    # "Swap AB": the weight tile is the MMA's M side (`kernels_triton._pair_accumulate`).
+    swap_ab: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -78,32 +80,31 @@ class TritonConfig:
 
 
 # Named configs the benchmark times side by side (and the kernel tests check). Chain medians on the
-# H100 (pi0.5, 10 steps), device run 4: run3 9.04 ms, relaxed 8.80, + 4-way pair splits 9.29,
-# + head split 9.16, + wide combine 8.41; fused combine 15.9; 8-way pair splits 10.6. On an H200
-# (runs 8-9): the run-4 default 7.83-7.86 ms, with PDL 7.31-7.37; H100 run 10: 8.02 → 7.39
-# (`bench/engine_notes.md`).
+# H100, pi0.5 (pi0), 10 steps: run 4: run3 9.04 ms, relaxed 8.80, + wide combine 8.41, + head
+# split 8.08; fused combine 15.9; 4- / 8-way pair splits 9.29 / 10.6. Run 13: run4_default 8.02
+# (12.92), + PDL 7.47 (13.62), + swap AB 6.30 (11.46), + 64-row split-K tiles and 8-way o / down
+# splits 5.90 (10.83; without PDL 6.46 / 11.14), + 4 stages 5.74 (10.56) = the default. Also tried
+# in run 13 on top of that config without 4 stages: BLOCK_K 64 6.78 (12.65), BLOCK_K 256 6.01 (pi0:
+# out of shared memory), 8 warps 6.31 (11.34), 16-way o / down splits 6.10 (10.78), 128-row
+# split-K tiles 6.03 (13.27). `bench/engine_notes.md`, attempts 8-9.
 _RELAXED = TritonConfig(residual_atomic_sem="relaxed")
 _SPLIT = replace(_RELAXED, qkv_splits=4, gate_up_splits=4)  # 160 + 512 programs, ~125 registers
 _RUN4_DEFAULT = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)
-# The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL.
-DEFAULT_CONFIG = replace(_RUN4_DEFAULT, pdl=True)
-# Up to this many suffix rows (one 16-row MMA block: pi0.5's 10) PDL helps; at pi0's 51 it did not
-# (H100 run 10: pi0.5 chain 8.02 → 7.39 ms with PDL, pi0 12.84 → 13.50).
-PDL_MAX_ROWS = 16
-
-
-def default_config(shape: EngineShape) -> TritonConfig:
-    """The measured-fastest config for this geometry (`DEFAULT_CONFIG`, without PDL for tall suffixes)."""
-    return DEFAULT_CONFIG if shape.suffix_len <= PDL_MAX_ROWS else _RUN4_DEFAULT
+_SWAP = replace(_RUN4_DEFAULT, pdl=True, swap_ab=True)
+# The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL,
+# swap AB with 64-row split-K tiles split 8 ways, 4 pipeline stages.
+DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pair_stages=4, splitk_stages=4)
 CANDIDATES: dict[str, TritonConfig] = {
     "run3": TritonConfig(),  # the kernels of run 3 (acq_rel atomics, separate combine)
     "relaxed": _RELAXED,
     "relaxed_wide": replace(_RELAXED, attn_combine="wide", combine_block_d=16),
     "run4_default": _RUN4_DEFAULT,
+    "run10_default": replace(_RUN4_DEFAULT, pdl=True),
+    "swap": _SWAP,
     "engine_default": DEFAULT_CONFIG,
+    "default_no_pdl": replace(DEFAULT_CONFIG, pdl=False),
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
-    "default_k128": replace(DEFAULT_CONFIG, attn_keys_per_split=128),
 }
 
 
@@ -157,7 +158,7 @@ class TritonDenoiseStep:
         self.w = weights
         self.tables = tables
         self.shape = shape
-        self.cfg = config or default_config(shape)
+        self.cfg = config or DEFAULT_CONFIG
         self.saves = saves
         if saves is not None and (self.cfg.qkv_splits > 1 or self.cfg.gate_up_splits > 1
                                   or self.cfg.attn_combine != "wide"):
@@ -223,7 +224,7 @@ class TritonDenoiseStep:
             out, out.stride(0), m, n, k, k // splits,
             EPI=epi, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, IEEE=ieee,
             BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k, SEM=c.residual_atomic_sem,
-            num_warps=c.splitk_warps, num_stages=c.splitk_stages, **self.pdl_launch)
+            num_warps=c.splitk_warps, num_stages=c.splitk_stages, SWAP=c.swap_ab, **self.pdl_launch)
 
     def _pair(self, w: torch.Tensor, out: torch.Tensor, epi: int, mul: torch.Tensor | None, bias: torch.Tensor | None,
               pair_offset: int, k_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
@@ -244,7 +245,8 @@ class TritonDenoiseStep:
             K.norm_linear_pair_kernel[(pairs // c.pair_block_n,)](
                 *args, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, BLOCK_K=c.pair_block_k,
                 xsave_ptr=d if save_x is None else save_x, pre_ptr=d if save_pre is None else save_pre,
-                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, **meta, **self.pdl_launch)
+                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, SWAP=c.swap_ab, **meta,
+                **self.pdl_launch)
             return
         K.norm_linear_pair_splitk_kernel[(pairs // c.pair_block_n, splits)](
             *args, self.pair_part, self.counters, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,

@@ -103,14 +103,22 @@ def _pair_columns(p0, pair_offset, EPI: tl.constexpr, HD: tl.constexpr, BLOCK_N:
 @triton.jit
 def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col_lo, col_hi,
                      HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     xsave_ptr, SAVE_X: tl.constexpr):
+                     xsave_ptr, SAVE_X: tl.constexpr, SWAP: tl.constexpr = False):
     """(x ⊙ mul)·W over k in [k_start, k_end) for both column sets, and Σ x² of the rows there.
     RMSNorm is a per-row scale, so it is applied to the accumulators afterwards: one pass over x.
-    SAVE_X: program 0 also copies the rows of x it reads to `xsave` [M, K] (RTC's backward)."""
+    SAVE_X: program 0 also copies the rows of x it reads to `xsave` [M, K] (RTC's backward).
+    SWAP: the transposed product W·xᵀ, both column sets stacked into one [2·BLOCK_N, BLOCK_K]
+    weight tile as the MMA's M side (64 rows at BLOCK_N 32: Hopper's wgmma), the few activation
+    rows as its N side ("swap AB" for skinny GEMMs); same result, transposed back at the end."""
     rm = tl.arange(0, BLOCK_M)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        rows2 = tl.arange(0, 2 * BLOCK_N)
+        w_rows = tl.where(rows2 < BLOCK_N, tl.min(col_lo, axis=0) + rows2, tl.min(col_hi, axis=0) + rows2 - BLOCK_N)
+        acc_t = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
@@ -120,10 +128,17 @@ def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col
         if HAS_MUL:
             xv = xv * tl.load(mul_ptr + rk)[None, :]
         a = xv.to(w_ptr.dtype.element_ty)
-        w_lo = tl.load(w_ptr + col_lo[:, None] * K + rk[None, :])
-        w_hi = tl.load(w_ptr + col_hi[:, None] * K + rk[None, :])
-        acc_lo += tl.dot(a, tl.trans(w_lo))
-        acc_hi += tl.dot(a, tl.trans(w_hi))
+        if SWAP:
+            acc_t += tl.dot(tl.load(w_ptr + w_rows[:, None] * K + rk[None, :]), tl.trans(a))
+        else:
+            w_lo = tl.load(w_ptr + col_lo[:, None] * K + rk[None, :])
+            w_hi = tl.load(w_ptr + col_hi[:, None] * K + rk[None, :])
+            acc_lo += tl.dot(a, tl.trans(w_lo))
+            acc_hi += tl.dot(a, tl.trans(w_hi))
+    if SWAP:
+        lo_t, hi_t = tl.split(tl.permute(tl.reshape(acc_t, [2, BLOCK_N, BLOCK_M]), (1, 2, 0)))
+        acc_lo = tl.trans(lo_t)
+        acc_hi = tl.trans(hi_t)
     return acc_lo, acc_hi, ss
 
 
@@ -178,12 +193,13 @@ def norm_linear_pair_kernel(
         M, K, eps, pair_offset,
         EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        xsave_ptr, pre_ptr, SAVE_X: tl.constexpr, SAVE_PRE: tl.constexpr, PDL: tl.constexpr = False):
+        xsave_ptr, pre_ptr, SAVE_X: tl.constexpr, SAVE_PRE: tl.constexpr, PDL: tl.constexpr = False,
+        SWAP: tl.constexpr = False):
     _pdl_enter(PDL)
     p0 = tl.program_id(0) * BLOCK_N
     head, cin, col_lo, col_hi = _pair_columns(p0, pair_offset, EPI, HD, BLOCK_N)
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, 0, K, col_lo, col_hi,
-                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X)
+                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X, SWAP)
     _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
                    M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N,
                    pre_ptr, 2 * pair_offset, SAVE_PRE)
@@ -238,7 +254,7 @@ def linear_splitk_kernel(
         M, N, K, k_per_split,
         EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEM: tl.constexpr = "acq_rel",
-        PDL: tl.constexpr = False):
+        PDL: tl.constexpr = False, SWAP: tl.constexpr = False):
     """SEM: the residual atomics' memory order. "acq_rel" (Triton's default) puts a MEMBAR.GPU before
     and an L1 invalidate after every atomic (sm_90 SASS); "relaxed" is a plain RED: the sum only needs
     atomicity, and the next kernel sees it anyway (kernel boundary)."""
@@ -249,6 +265,7 @@ def linear_splitk_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # SWAP: W·xᵀ (see `_pair_accumulate`)
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -257,8 +274,12 @@ def linear_splitk_kernel(
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None], other=0.0)
         if IEEE:
             acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+        elif SWAP:
+            acc_t += tl.dot(w, tl.trans(a))
         else:
             acc += tl.dot(a, tl.trans(w))
+    if SWAP and not IEEE:
+        acc = tl.trans(acc_t)
     mask = (rm[:, None] < M) & nmask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
