@@ -58,7 +58,6 @@ def make_step_inputs(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.d
     buf.keys[:, :pp].copy_(randn(cfg.paligemma.depth, pp, cfg.paligemma.head_dim))
     buf.values[:, :pp].copy_(randn(cfg.paligemma.depth, pp, cfg.paligemma.head_dim))
     buf.prefix_pad[:min(valid_prefix, pp)] = True
-    buf.prefix_rows.fill_(min(-(-valid_prefix // 16) * 16, pp))  # the denoise attention skips past it
     suffix_attention_bias(buf.prefix_pad, buf.suffix_pattern, buf.suffix_bias)
     cos, sin = rope_tables(suffix_positions(buf.prefix_pad, buf.suffix_offsets), buf.inv_freq, dtype)
     buf.suffix_cos.copy_(cos)

@@ -66,7 +66,6 @@ class DeviceBuffers:
     # prefix → denoise
     keys: torch.Tensor  # [layers, Pp + S, hd]; rows [Pp, Pp + S) are rewritten by every step
     values: torch.Tensor
-    prefix_rows: torch.Tensor  # int32 [1]: prefix rows this observation computed (the rest are masked)
     suffix_bias: torch.Tensor  # float32 [S, Pp + S]
     suffix_cos: torch.Tensor  # [S, hd]
     suffix_sin: torch.Tensor
@@ -124,7 +123,6 @@ def allocate_device(shape: EngineShape, lm: GemmaConfig, expert_width: int, dtyp
         prefix_sin=zeros(pp, hd),
         keys=zeros(lm.depth, pp + s, hd),
         values=zeros(lm.depth, pp + s, hd),
-        prefix_rows=torch.full((1,), pp, dtype=torch.int32, device=device),
         suffix_bias=zeros(s, pp + s, dt=torch.float32),
         suffix_cos=zeros(s, hd),
         suffix_sin=zeros(s, hd),

@@ -259,7 +259,7 @@ class TritonDenoiseStep:
         grid = (self.n_splits, triton.cdiv(self.rows, c.attn_block_r))
         args = (q, keys, values, buf.suffix_bias, self.part_o, self.part_ml)
         scalars = (self.rows, keys.shape[0], c.attn_keys_per_split, buf.suffix_bias.stride(0), self.shape.suffix_len,
-                   ec.head_dim**-0.5, buf.prefix_rows, self.shape.padded_prefix_len)
+                   ec.head_dim**-0.5)
         meta = {"HEADS": ec.num_heads, "HD": ec.head_dim, "BLOCK_R": c.attn_block_r, "BLOCK_N": c.attn_block_n,
                 "num_warps": c.attn_warps, "num_stages": 2}
         splits_p2 = triton.next_power_of_2(self.n_splits)

@@ -367,13 +367,22 @@ def norm_head_splitk_kernel(
 
 
 @triton.jit
-def _attend_keys(q, k_ptr, v_ptr, bias_ptr, tok, n_lo, n_hi, stride_bias, scale, acc, m_i, l_i,
-                 HD: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, m, l) with keys [n_lo, n_hi)."""
+def _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split, stride_bias, S, scale,
+                       HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of this program's query rows over keys [pid_s·keys_per_split, +keys_per_split):
+    the unnormalised output [BLOCK_R, HD], the row max and the row sum."""
+    pid_s = tl.program_id(0)
+    tok = tl.minimum(rows // HEADS, S - 1)
     d = tl.arange(0, HD)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
+    q = tl.load(q_ptr + rows[:, None] * HD + d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HD], dtype=tl.float32)
+    start = pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, NKEYS)
+    for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
-        kmask = keys < n_hi
+        kmask = keys < end
         k = tl.load(k_ptr + keys[:, None] * HD + d[None, :], mask=kmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
         b = tl.load(bias_ptr + tok[:, None] * stride_bias + keys[None, :], mask=kmask[None, :], other=float("-inf"))
@@ -385,32 +394,6 @@ def _attend_keys(q, k_ptr, v_ptr, bias_ptr, tok, n_lo, n_hi, stride_bias, scale,
         v = tl.load(v_ptr + keys[:, None] * HD + d[None, :], mask=kmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split, stride_bias, S, scale,
-                       prefix_rows_ptr, SUFFIX_START,
-                       HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax of this program's query rows over keys [pid_s·keys_per_split, +keys_per_split):
-    the unnormalised output [BLOCK_R, HD], the row max and the row sum. Prefix keys at or past
-    `prefix_rows` (int32, what this observation's prefix computed: `types.PrefixRows`) are masked
-    and skipped; the suffix keys start at SUFFIX_START. A split with no keys left stores m = -inf,
-    l = 0, which the combine weighs by exp(-inf) = 0."""
-    pid_s = tl.program_id(0)
-    tok = tl.minimum(rows // HEADS, S - 1)
-    d = tl.arange(0, HD)
-    q = tl.load(q_ptr + rows[:, None] * HD + d[None, :], mask=rmask[:, None], other=0.0)
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HD], dtype=tl.float32)
-    start = pid_s * keys_per_split
-    end = tl.minimum(start + keys_per_split, NKEYS)
-    limit = tl.load(prefix_rows_ptr)
-    acc, m_i, l_i = _attend_keys(q, k_ptr, v_ptr, bias_ptr, tok, start, tl.minimum(end, limit), stride_bias, scale,
-                                 acc, m_i, l_i, HD, BLOCK_N)
-    acc, m_i, l_i = _attend_keys(q, k_ptr, v_ptr, bias_ptr, tok, tl.maximum(start, SUFFIX_START), end, stride_bias,
-                                 scale, acc, m_i, l_i, HD, BLOCK_N)
     return acc, m_i, l_i
 
 
@@ -427,7 +410,7 @@ def _store_attention_partial(part_o_ptr, part_ml_ptr, acc, m_i, l_i, rows, rmask
 @triton.jit
 def attention_split_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, part_o_ptr, part_ml_ptr,
-        R, NKEYS, keys_per_split, stride_bias, S, scale, prefix_rows_ptr, SUFFIX_START,
+        R, NKEYS, keys_per_split, stride_bias, S, scale,
         HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """Rows r = token·HEADS + head of q [S·HEADS, HD]; keys [NKEYS, HD] shared by all heads.
     Writes unnormalised partial outputs [splits, R, HD] and (max, sum) [splits, 2, R]."""
@@ -435,8 +418,7 @@ def attention_split_kernel(
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     acc, m_i, l_i = _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split,
-                                       stride_bias, S, scale, prefix_rows_ptr, SUFFIX_START,
-                                       HEADS, HD, BLOCK_R, BLOCK_N)
+                                       stride_bias, S, scale, HEADS, HD, BLOCK_R, BLOCK_N)
     _store_attention_partial(part_o_ptr, part_ml_ptr, acc, m_i, l_i, rows, rmask, R, HD)
 
 
@@ -503,7 +485,7 @@ def attention_combine_wide_kernel(part_o_ptr, part_ml_ptr, out_ptr, R, n_splits,
 @triton.jit
 def attention_fused_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, part_o_ptr, part_ml_ptr, out_ptr, cnt_ptr,
-        R, NKEYS, keys_per_split, stride_bias, S, scale, prefix_rows_ptr, SUFFIX_START, n_splits,
+        R, NKEYS, keys_per_split, stride_bias, S, scale, n_splits,
         HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, FENCE: tl.constexpr):
     """`attention_split` whose last-arriving split program of each row block also combines that
@@ -512,8 +494,7 @@ def attention_fused_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     acc, m_i, l_i = _attention_partial(q_ptr, k_ptr, v_ptr, bias_ptr, rows, rmask, NKEYS, keys_per_split,
-                                       stride_bias, S, scale, prefix_rows_ptr, SUFFIX_START,
-                                       HEADS, HD, BLOCK_R, BLOCK_N)
+                                       stride_bias, S, scale, HEADS, HD, BLOCK_R, BLOCK_N)
     _store_attention_partial(part_o_ptr, part_ml_ptr, acc, m_i, l_i, rows, rmask, R, HD)
     if _arrive(cnt_ptr + pid_r, FENCE) == n_splits - 1:
         for d0 in tl.static_range(0, HD, BLOCK_D):

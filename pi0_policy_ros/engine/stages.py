@@ -71,7 +71,6 @@ class PrefixStage:
         buf.prefix_pad[: n * t].view(n, t).copy_(buf.image_masks[:n, None].expand(n, t))
         buf.prefix_pad[n * t: n * t + l].copy_(buf.token_mask[:l])
         buf.prefix_pad[n * t + l:].zero_()
-        buf.prefix_rows.fill_(rows.rows(t))  # the denoise attention skips the masked rows past it
         zero = torch.zeros((), dtype=self.dtype, device=buf.prefix_bias.device)
         buf.prefix_bias.view(-1).copy_(torch.where(buf.prefix_pad, zero, torch.full_like(zero, MASK_VALUE)))
         positions = torch.cumsum(buf.prefix_pad.to(torch.int64), 0) - 1
