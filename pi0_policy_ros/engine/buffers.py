@@ -34,17 +34,19 @@ class HostBuffers:
         order = range(len(self.images)) if slot_order is None else slot_order
         for name in ("images", "image_masks"):
             value, dst = getattr(batch, name), getattr(self, name)
-            for i, slot in enumerate(order):
-                _copy(dst[i], value[slot])
+            if isinstance(value, torch.Tensor):
+                for i, slot in enumerate(order):
+                    dst[i].copy_(value[slot])
+            else:
+                dst_np = dst.numpy()
+                for i, slot in enumerate(order):
+                    dst_np[i] = value[slot]
         for name in ("tokens", "token_mask", "state", "noise"):
-            _copy(getattr(self, name), getattr(batch, name))
-
-
-def _copy(dst: torch.Tensor, value: np.ndarray | torch.Tensor) -> None:
-    if isinstance(value, torch.Tensor):
-        dst.copy_(value)
-    else:
-        np.copyto(dst.numpy(), value, casting="no")
+            value = getattr(batch, name)
+            if isinstance(value, torch.Tensor):
+                getattr(self, name).copy_(value)
+            else:
+                np.copyto(getattr(self, name).numpy(), value, casting="no")
 
 
 @dataclass

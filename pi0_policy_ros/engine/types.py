@@ -112,6 +112,9 @@ class PrefixRows:
         return -(-(self.slots * tokens_per_image + self.prompt) // PREFIX_ALIGN) * PREFIX_ALIGN
 
 
+_TORCH_DTYPES = {"uint8": torch.uint8, "bool": torch.bool, "int64": torch.int64, "float32": torch.float32}
+
+
 @dataclass
 class EngineBatch:
     """One observation, already tokenized and normalized (batch 1).
@@ -141,8 +144,10 @@ class EngineBatch:
         problems = []
         for name, (dims, dtype) in want.items():
             value = getattr(self, name)
-            found_dtype = str(value.dtype).removeprefix("torch.")
-            if tuple(value.shape) != dims or found_dtype != dtype:
+            # numpy dtypes compare equal to their names without building strings (the hot path)
+            same_dtype = value.dtype == dtype if isinstance(value, np.ndarray) else value.dtype == _TORCH_DTYPES[dtype]
+            if value.shape != dims or not same_dtype:
+                found_dtype = str(value.dtype).removeprefix("torch.")
                 problems.append(f"{name}: expected {dtype} {list(dims)}, found {found_dtype} {list(value.shape)}")
         if problems:
             raise ObservationError("EngineBatch does not match the engine shape: " + "; ".join(problems))
