@@ -9,8 +9,8 @@ the kernels above): split-K for the two norm-fused projections and the output he
 arriving program runs the epilogue (`qkv_splits`, `gate_up_splits`, `head_splits`); attention's
 combine folded into its split kernel the same way, or made one load per operand
 (`attn_combine`); relaxed instead of acq_rel residual atomics (`residual_atomic_sem`);
-programmatic dependent launch between the kernels (`pdl`). `ForwardSaves` keeps what `rtc`'s
-hand-written backward needs (`rtc_triton`).
+programmatic dependent launch between the kernels (`pdl`); the weight tile on the MMA's M side
+(`swap_ab`). `ForwardSaves` keeps what `rtc`'s hand-written backward needs (`rtc_triton`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TritonConfig:
 # splits 5.90 (10.83; without PDL 6.46 / 11.14), + 4 stages 5.74 (10.56) = the default. Also tried
 # in run 13 on top of that config without 4 stages: BLOCK_K 64 6.78 (12.65), BLOCK_K 256 6.01 (pi0:
 # out of shared memory), 8 warps 6.31 (11.34), 16-way o / down splits 6.10 (10.78), 128-row
-# split-K tiles 6.03 (13.27). `bench/engine_notes.md`, attempts 8-9.
+# split-K tiles 6.03 (13.27). `bench/engine_notes.md`, attempts 8 and 10.
 _RELAXED = TritonConfig(residual_atomic_sem="relaxed")
 _SPLIT = replace(_RELAXED, qkv_splits=4, gate_up_splits=4)  # 160 + 512 programs, ~125 registers
 _RUN4_DEFAULT = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)

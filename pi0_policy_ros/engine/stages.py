@@ -91,9 +91,8 @@ class PrefixStage:
         cfg = self.w.cfg
         pp = rows.rows(self.shape.tokens_per_image)
         nh, hd = cfg.num_heads, cfg.head_dim
-        cos, sin = buf.prefix_cos, buf.prefix_sin
         x = buf.prefix_embs[:pp]
-        cos, sin, bias = cos[:pp], sin[:pp], buf.prefix_bias[..., :pp]
+        cos, sin, bias = buf.prefix_cos[:pp], buf.prefix_sin[:pp], buf.prefix_bias[..., :pp]
         for i, lw in enumerate(self.w.layers):
             h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
             kv_only = lw.out is None

@@ -18,28 +18,26 @@ from test.paths import REPO_ROOT
 pytest.importorskip("triton")
 
 
+def _check_under_interpreter(module: str, *args: str, timeout: int = 1800) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 @pytest.mark.parametrize("geometry", [["--steps", "2", "--depth", "1"], ["--pi0", "--steps", "1", "--depth", "1"]],
                          ids=["pi05", "pi0"])
 def test_candidates_match_under_interpreter(geometry: list[str]) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "test.triton_interpreter_check", *geometry], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _check_under_interpreter("test.triton_interpreter_check", *geometry)
 
 
 @pytest.mark.parametrize("geometry", [["--steps", "2", "--depth", "2"], ["--pi0", "--steps", "1", "--depth", "1"]],
                          ids=["pi05", "pi0"])
 def test_rtc_backward_matches_autograd_under_interpreter(geometry: list[str]) -> None:
     """`test/triton_rtc_check.py`: the Triton `rtc` step's hand-written VJP against autograd."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "test.triton_rtc_check", *geometry], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _check_under_interpreter("test.triton_rtc_check", *geometry)
 
 
 def test_prefix_row_kernels_under_interpreter() -> None:
     """`test/triton_prefix_check.py`: the prefix's RoPE / GEGLU / quantization kernels."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "test.triton_prefix_check"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _check_under_interpreter("test.triton_prefix_check", timeout=600)
