@@ -74,9 +74,14 @@ class TritonConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ConfigError(f"TritonConfig.{name} must be a power of two ≥ 1, found {value}")
-        if self.pdl and (self.qkv_splits > 1 or self.gate_up_splits > 1 or self.attn_combine != "wide"):
+        if self.pdl and not self.single_pass_kernels:
             raise ConfigError("pdl is implemented for the default kernels only: qkv_splits = gate_up_splits = 1 "
                               f"and attn_combine 'wide', found {self}")
+
+    @property
+    def single_pass_kernels(self) -> bool:
+        """No split-K pair kernels and the wide combine: the kernels PDL and the RTC saves exist for."""
+        return self.qkv_splits == 1 and self.gate_up_splits == 1 and self.attn_combine == "wide"
 
 
 # Named configs the benchmark times side by side (and the kernel tests check). Chain medians on the
@@ -160,8 +165,7 @@ class TritonDenoiseStep:
         self.shape = shape
         self.cfg = config or DEFAULT_CONFIG
         self.saves = saves
-        if saves is not None and (self.cfg.qkv_splits > 1 or self.cfg.gate_up_splits > 1
-                                  or self.cfg.attn_combine != "wide"):
+        if saves is not None and not self.cfg.single_pass_kernels:
             raise ConfigError("saving activations for RTC needs qkv_splits = gate_up_splits = 1 and "
                               f"attn_combine 'wide', found {self.cfg}")
         ec = weights.cfg

@@ -85,6 +85,20 @@ class GuidanceBuffers:
         self.mask.copy_(self.host_mask, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """The per-step constants every guided step bakes into its graphs: the Euler times, the guidance
+    weights clipped at β, and openpi's Euler step dt (t runs from 1 to 0)."""
+
+    times: list[float]
+    weights: list[float]
+    dt: float
+
+    @classmethod
+    def build(cls, times: list[float], max_guidance_weight: float) -> GuidanceSchedule:
+        return cls(list(times), guidance_weights(times, max_guidance_weight), -1.0 / len(times))
+
+
 class RtcFastStep:
     """The plain step, then the error-only correction (elementwise)."""
 
@@ -92,15 +106,13 @@ class RtcFastStep:
                  ) -> None:
         self.plain = plain
         self.guide = guide
-        self.times = times
-        self.weights = guidance_weights(times, max_guidance_weight)
-        self.dt = -1.0 / len(times)  # openpi's Euler step (t runs from 1 to 0)
+        self.schedule = GuidanceSchedule.build(times, max_guidance_weight)
 
     def run(self, buf: DeviceBuffers, step: int) -> None:
         self.plain.run(buf, step)
-        g = self.guide
+        g, sc = self.guide, self.schedule
         # [1, H, A] views: a 3-D mask is W per row and dim (model/rtc.py)
-        rtc_fast_update_(buf.x[step][None], buf.x[step + 1][None], self.times[step], self.dt, self.weights[step],
+        rtc_fast_update_(buf.x[step][None], buf.x[step + 1][None], sc.times[step], sc.dt, sc.weights[step],
                          g.prev[None], g.mask[None])
 
 
@@ -111,17 +123,15 @@ class RtcStep:
                  max_guidance_weight: float) -> None:
         self.torch_step = torch_step
         self.guide = guide
-        self.times = times
-        self.weights = guidance_weights(times, max_guidance_weight)
-        self.dt = -1.0 / len(times)
+        self.schedule = GuidanceSchedule.build(times, max_guidance_weight)
 
     def run(self, buf: DeviceBuffers, step: int) -> None:
         x_in = buf.x[step]
-        t, dt, g = self.times[step], self.dt, self.guide
+        t, dt, g = self.schedule.times[step], self.schedule.dt, self.guide
         with torch.enable_grad():
             x = x_in.detach().requires_grad_(True)
             delta = self.torch_step.delta(buf, step, x)  # dt·v
             x_hat = x - (t / dt) * delta
             error = (g.mask * (g.prev - x_hat)).detach()
             (vjp,) = torch.autograd.grad(x_hat, x, grad_outputs=error)
-        torch.add(x_in + delta.detach(), vjp, alpha=-dt * self.weights[step], out=buf.x[step + 1])
+        torch.add(x_in + delta.detach(), vjp, alpha=-dt * self.schedule.weights[step], out=buf.x[step + 1])

@@ -93,9 +93,11 @@ def geglu_quantized(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def geglu_quantized_triton(gu: torch.Tensor, one_pass: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`one_pass` None: whenever the row fits (`_ONE_PASS_MAX`); the two-pass form otherwise."""
+    import triton
+
     from pi0_policy_ros.engine import kernels_triton as K
     mlp = gu.shape[1] // 2
-    row_block = 1 << max(mlp - 1, 0).bit_length()
+    row_block = triton.next_power_of_2(mlp)
     one_pass = row_block <= _ONE_PASS_MAX if one_pass is None else one_pass
     out = torch.empty(gu.shape[0], mlp, dtype=torch.float8_e4m3fn, device=gu.device)
     scale = torch.empty(gu.shape[0], 1, dtype=torch.float32, device=gu.device)

@@ -20,11 +20,10 @@ import triton
 from pi0_policy_ros.engine import kernels_rtc_triton as KB
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.denoise_triton import ForwardSaves, TritonDenoiseStep
-from pi0_policy_ros.engine.guidance import GuidanceBuffers
+from pi0_policy_ros.engine.guidance import GuidanceBuffers, GuidanceSchedule
 from pi0_policy_ros.engine.tables import StepTables
 from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
-from pi0_policy_ros.model.rtc import guidance_weights
 
 
 class TritonExpertVjp:
@@ -129,9 +128,7 @@ class TritonRtcStep:
         self.fwd = forward
         self.vjp = TritonExpertVjp(forward)
         self.guide = guide
-        self.times = times
-        self.weights = guidance_weights(times, max_guidance_weight)
-        self.dt = -1.0 / len(times)
+        self.schedule = GuidanceSchedule.build(times, max_guidance_weight)
         size = guide.prev.shape
         dev = guide.prev.device
         self.err = torch.zeros(size, device=dev)
@@ -147,8 +144,8 @@ class TritonRtcStep:
 
     def run(self, buf: DeviceBuffers, step: int) -> None:
         self.fwd.run(buf, step)  # x[k+1] = x + δ, activations saved
-        x, x_next, g = buf.x[step], buf.x[step + 1], self.guide
-        ratio = self.times[step] / self.dt
+        x, x_next, g, sc = buf.x[step], buf.x[step + 1], self.guide, self.schedule
+        ratio = sc.times[step] / sc.dt
         # x̂ = x − (t/dt)·δ = x − ratio·(x_next − x);  e = W ⊙ (Y − x̂)
         torch.add(x * (1.0 + ratio), x_next, alpha=-ratio, out=self.err)
         torch.sub(g.prev, self.err, out=self.err)
@@ -156,4 +153,4 @@ class TritonRtcStep:
         torch.mul(self.err, -ratio, out=self.cot)
         self.vjp.run(buf, step, self.cot, self.gx)  # J_δᵀ·(−ratio·e)
         self.gx.add_(self.err)  # the VJP of x̂
-        x_next.add_(self.gx, alpha=-self.dt * self.weights[step])
+        x_next.add_(self.gx, alpha=-sc.dt * sc.weights[step])
