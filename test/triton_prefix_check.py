@@ -2,7 +2,7 @@
 
 Run as `TRITON_INTERPRET=1 python -m test.triton_prefix_check` on the CPU, or with `--device cuda`
 on a GPU. Checks RoPE into q and the K/V cache rows (with and without q heads, a row count that
-is not a multiple of the row block), GEGLU, and GEGLU + per-row e4m3 quantization in its one-pass
+is not a multiple of the row block), residual + bias + LayerNorm, GEGLU, and GEGLU + per-row e4m3 quantization in its one-pass
 and two-pass forms (equal to each other, the row scales right, and on a GPU the values equal to
 the torch GEGLU within e4m3 rounding).
 Exits non-zero on a mismatch.
@@ -63,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     report("geglu+e4m3 one pass vs two", float((q1.float() * s1 - q2.float() * s2).abs().max()), 0.0)
     amax = want.abs().amax(dim=1, keepdim=True)
     report("geglu+e4m3 row scale", float((s1 * FP8_MAX / amax - 1).abs().max()), 4e-3)
+
+    # residual + bias + LayerNorm (vision): a width that is not a power of two, rows offset by 3
+    x = (torch.randn(37, 1152, generator=gen) * 4 + 3).to(dev, dtype)
+    y, bias = torch.randn(37, 1152, generator=gen).to(dev, dtype), torch.randn(1152, generator=gen).to(dev, dtype)
+    x_want = (x.float() + y.float() + bias.float()).to(dtype).float()
+    h_want = torch.nn.functional.layer_norm(x_want, (1152,), eps=1e-6)
+    h = rowops.residual_layer_norm_triton(x, y, bias, 1e-6)
+    report("residual+layernorm: x", float((x.float() - x_want).abs().max() / x_want.abs().max()), 1e-3)
+    report("residual+layernorm: h", float((h.float() - h_want).abs().max()), 4e-3)
     if dev.type == "cuda":
         # Triton 3.6's interpreter rounds some values to e4m3 wrongly (126.2 → 64: the mantissa
         # carry is lost), so the quantized values are compared on the GPU only. e4m3 keeps 3

@@ -26,20 +26,22 @@ class HostBuffers:
     noise: torch.Tensor  # float32 [H, A]
     actions: torch.Tensor  # float32 [H, A]
 
-    def load(self, batch: EngineBatch, slot_order: list[int] | None = None) -> None:
+    def load(self, batch: EngineBatch, slot_order: list[int] | None = None, slots: int | None = None) -> None:
         """Copy one batch into the (pinned) host buffers: plain CPU memcpy, no device work.
         `slot_order`: host slot i takes the batch's camera slot `slot_order[i]` (with its mask).
+        `slots`: only the first that many images are copied (the ones vision computes); every mask is.
         numpy inputs are copied by numpy, on this thread: torch's CPU `copy_` of the images would
         use its intra-op thread pool, whose wake-up is a latency risk in the control loop."""
-        order = range(len(self.images)) if slot_order is None else slot_order
+        order = list(range(len(self.images)) if slot_order is None else slot_order)
         for name in ("images", "image_masks"):
             value, dst = getattr(batch, name), getattr(self, name)
+            order_here = order[:slots] if name == "images" else order
             if isinstance(value, torch.Tensor):
-                for i, slot in enumerate(order):
+                for i, slot in enumerate(order_here):
                     dst[i].copy_(value[slot])
             else:
                 dst_np = dst.numpy()
-                for i, slot in enumerate(order):
+                for i, slot in enumerate(order_here):
                     dst_np[i] = value[slot]
         for name in ("tokens", "token_mask", "state", "noise"):
             value = getattr(batch, name)
@@ -63,6 +65,7 @@ class DeviceBuffers:
     prefix_embs: torch.Tensor  # [Pp, D] compute dtype; rows [0, N·T) are the image tokens
     prefix_pad: torch.Tensor  # bool [Pp]; rows ≥ P stay False
     prefix_bias: torch.Tensor  # [1, 1, 1, Pp] compute dtype, additive key mask of the prefix
+    prefix_seq_ends: torch.Tensor  # int32 [2, 2]: [0, query rows], [0, valid keys] (flash varlen's cu_seqlens)
     prefix_cos: torch.Tensor  # [Pp, hd]
     prefix_sin: torch.Tensor
     # prefix → denoise
@@ -121,6 +124,7 @@ def allocate_device(shape: EngineShape, lm: GemmaConfig, expert_width: int, dtyp
         prefix_embs=zeros(pp, lm.width),
         prefix_pad=zeros(pp, dt=torch.bool),
         prefix_bias=zeros(1, 1, 1, pp),
+        prefix_seq_ends=zeros(2, 2, dt=torch.int32),
         prefix_cos=zeros(pp, hd),
         prefix_sin=zeros(pp, hd),
         keys=zeros(lm.depth, pp + s, hd),
@@ -135,9 +139,9 @@ def allocate_device(shape: EngineShape, lm: GemmaConfig, expert_width: int, dtyp
     )
 
 
-def upload(host: HostBuffers, dev: DeviceBuffers) -> None:
-    """Host → device, non-blocking from pinned memory."""
-    dev.images.copy_(host.images, non_blocking=True)
+def upload(host: HostBuffers, dev: DeviceBuffers, slots: int | None = None) -> None:
+    """Host → device, non-blocking from pinned memory; only the first `slots` images (default all)."""
+    dev.images[:slots].copy_(host.images[:slots], non_blocking=True)
     dev.image_masks.copy_(host.image_masks, non_blocking=True)
     dev.tokens.copy_(host.tokens, non_blocking=True)
     dev.token_mask.copy_(host.token_mask, non_blocking=True)

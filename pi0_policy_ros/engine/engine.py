@@ -237,10 +237,10 @@ class Engine:
     # ---- inference ----------------------------------------------------------------------------
     def load(self, batch: EngineBatch) -> PrefixRows:
         """Check the batch, plan the prefix layout and copy the batch into the pinned host buffers
-        (valid camera slots first when `compact_prefix`)."""
+        (valid camera slots first when `compact_prefix`, and only the images vision computes)."""
         batch.check(self.shape)
         rows, order = plan_prefix(self.shape, batch.image_masks, batch.token_mask, self.compact_prefix)
-        self.host.load(batch, order)
+        self.host.load(batch, order, rows.slots)
         return rows
 
     def infer(self, batch: EngineBatch, guidance: EngineGuidance | None = None) -> np.ndarray:
@@ -260,7 +260,7 @@ class Engine:
         if self.mode == "static":
             t0 = time.perf_counter()
             with torch.no_grad():
-                upload(self.host, self.buf)
+                upload(self.host, self.buf, rows.slots)
                 if self.guide is not None:
                     self.guide.upload()
                 fns = self._stage_fns(rows)
@@ -284,7 +284,7 @@ class Engine:
         stream = torch.cuda.current_stream(self.device)
         t0 = time.perf_counter()
         ev[0].record(stream)
-        upload(self.host, self.buf)
+        upload(self.host, self.buf, rows.slots)
         if self.guide is not None:
             self.guide.upload()
         ev[1].record(stream)

@@ -1,4 +1,5 @@
-"""Triton kernels for the denoise step (skinny M ≤ 64 rows, bandwidth bound).
+"""Triton kernels for the denoise step (skinny M ≤ 64 rows, bandwidth bound), and the row kernels of
+vision and prefix (`rowops`).
 
 Imported only by `denoise_triton` (never at package import), so the CPU CI never needs Triton.
 
@@ -501,6 +502,26 @@ def attention_fused_kernel(
             _combine_rows(part_o_ptr, part_ml_ptr, out_ptr, rows, rmask, R, n_splits, d0,
                           HD, SPLITS_P2, BLOCK_R, BLOCK_D, part_ml_ptr, False)
         tl.store(cnt_ptr + pid_r, 0)
+
+
+@triton.jit
+def residual_layer_norm_rows_kernel(x_ptr, y_ptr, bias_ptr, h_ptr, N, stride_x, stride_y, stride_h, eps,
+                                    BLOCK: tl.constexpr):
+    """One row: x ← x + y + bias (rounded once to x's dtype, in place), h = LayerNorm(x) without
+    gain or shift (folded into the next linear), from the rounded x as the unfused ops see it."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    x_new = (x + y + b).to(x_ptr.dtype.element_ty)
+    tl.store(x_ptr + row * stride_x + cols, x_new, mask=mask)
+    v = x_new.to(tl.float32)
+    mean = tl.sum(v, axis=0) / N
+    centred = tl.where(mask, v - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
+    tl.store(h_ptr + row * stride_h + cols, (centred * rstd).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -89,7 +89,8 @@ class EngineShape:
 
     def prefix_buckets(self) -> list[PrefixRows]:
         """Every (camera slots, prompt rows) pair the engine captures a vision / prefix graph for."""
-        return [PrefixRows(n, p) for n in range(1, self.num_slots + 1) for p in self.prompt_buckets()]
+        return [PrefixRows(n, p, lead) for n in range(1, self.num_slots + 1) for p in self.prompt_buckets()
+                for lead in (True, False)]
 
     @property
     def full_prefix(self) -> PrefixRows:
@@ -103,10 +104,13 @@ class PrefixRows:
     rows to `PREFIX_ALIGN`. Rows past it are masked, so leaving them out changes no valid output:
     masked tokens are no one's keys, do not advance the RoPE positions (a cumulative sum of the
     mask), and their own outputs are never read; their stale K/V rows stay masked for the denoise
-    steps. Valid tokens keep their order, hence their positions."""
+    steps. Valid tokens keep their order, hence their positions.
+    leading_keys: the valid tokens are exactly the first ones (valid slots, then a prompt whose
+    valid tokens come first), so attention can stop at their count instead of masking keys."""
 
     slots: int
     prompt: int
+    leading_keys: bool = False
 
     def rows(self, tokens_per_image: int) -> int:
         return -(-(self.slots * tokens_per_image + self.prompt) // PREFIX_ALIGN) * PREFIX_ALIGN
@@ -179,7 +183,7 @@ def plan_prefix(shape: EngineShape, image_masks: np.ndarray | torch.Tensor, toke
     """What one inference computes and in which order the camera slots go in: (rows, slot order).
     compact: the valid slots first (each group in slot order), and the smallest prompt bucket that
     holds the valid tokens when those are the prompt's first tokens (else the whole prompt).
-    Otherwise the full prefix in slot order."""
+    Otherwise the full prefix in slot order (never `leading_keys`)."""
     n = shape.num_slots
     if not compact:
         return shape.full_prefix, list(range(n))
@@ -189,7 +193,7 @@ def plan_prefix(shape: EngineShape, image_masks: np.ndarray | torch.Tensor, toke
     valid = int(tokens.sum())
     leading = bool(tokens[:valid].all())  # the valid tokens are exactly the first `valid`
     prompt = next(b for b in shape.prompt_buckets() if b >= valid) if leading else shape.prompt_len
-    return PrefixRows(max(1, int(masks.sum())), prompt), order
+    return PrefixRows(max(1, int(masks.sum())), prompt, leading_keys=leading and bool(masks.any())), order
 
 
 def check_precision(precision: str) -> str:

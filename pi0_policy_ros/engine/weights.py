@@ -48,6 +48,22 @@ class Linear:
             return torch.matmul(x, self.weight.t())
         return torch.addmm(self.bias, x, self.weight.t())
 
+    def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu_tanh(x·Wᵀ + b). On CUDA the GELU runs in cuBLASLt's GEMM epilogue (its tanh form,
+        checked against F.gelu in test/gpu/test_engine_gpu.py): one kernel, no extra pass over the
+        [P, mlp] output. The CPU's `_addmm_activation` uses the erf form, hence two ops there."""
+        if x.is_cuda and self.scale is None and self.bias is not None:
+            return torch._addmm_activation(self.bias, x, self.weight.t(), use_gelu=True)
+        return torch.nn.functional.gelu(self(x), approximate="tanh")
+
+    def add_into(self, resid: torch.Tensor, x: torch.Tensor) -> None:
+        """resid += x·Wᵀ (+ b), in place. Without bias or FP8 that is one GEMM with β = 1 (the
+        residual read in its epilogue, one rounding), instead of a GEMM and an add kernel."""
+        if self.scale is None and self.bias is None:
+            resid.addmm_(x, self.weight.t())
+        else:
+            resid += self(x)
+
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric e4m3 quantization: x [M, K] → (xq [M, K], scale [M, 1] float32)."""
@@ -105,9 +121,8 @@ class SiglipLayerWeights:
 @dataclass
 class VisionWeights:
     cfg: SiglipConfig
-    patch_weight: torch.Tensor  # [W, 3, p, p], float32 like openpi
-    patch_bias: torch.Tensor  # [W]
-    position: torch.Tensor  # [T, W] float32
+    patch_matrix: torch.Tensor  # [W, 3·p·p] float32 like openpi: the patch conv as a matmul, (c, i, j) columns
+    position_bias: torch.Tensor  # [T, W] float32: position embedding + the conv's bias
     layers: list[SiglipLayerWeights]
     head: Linear  # post_layernorm folded into the projector
 
@@ -126,9 +141,9 @@ def fuse_vision(tower: SiglipVisionTower, cfg: SiglipConfig, dtype: torch.dtype,
     emb = tower.embeddings
     return VisionWeights(
         cfg=cfg,
-        patch_weight=emb.patch_embedding.weight.detach().to(device, torch.float32).contiguous(),
-        patch_bias=emb.patch_embedding.bias.detach().to(device, torch.float32).contiguous(),
-        position=emb.position_embedding.weight.detach().to(device, torch.float32).contiguous(),
+        patch_matrix=emb.patch_embedding.weight.detach().to(device, torch.float32).flatten(1).contiguous(),
+        position_bias=(emb.position_embedding.weight.detach().float()
+                       + emb.patch_embedding.bias.detach().float()).to(device).contiguous(),
         layers=layers,
         head=_linear([tower.projector.weight], dtype, device, gain=tower.post_layernorm.weight,
                      pre_bias=tower.post_layernorm.bias, biases=[tower.projector.bias]),

@@ -114,3 +114,47 @@ def test_prefix_row_kernels_on_gpu() -> None:
     pytest.importorskip("triton")
     from test.triton_prefix_check import main
     assert main(["--device", "cuda"]) == 0
+
+
+
+
+def test_gelu_epilogue_is_the_tanh_form() -> None:
+    """`Linear.gelu_tanh` on CUDA puts the GELU in cuBLASLt's epilogue; it must be SigLIP's tanh
+    form. With a zero weight the pre-activation is exactly the bias, so the bf16 output can be
+    compared ulp for ulp: on about [-3.4, -2.3] the two forms round ≥ 2 bf16 ulps apart. Outputs
+    under 1e-3 are left out (the epilogue flushes GELU's far negative tail, ~1e-10, to 0)."""
+    from pi0_policy_ros.engine.weights import Linear
+    pre = torch.linspace(-6, 6, 4801).bfloat16().unique()[:1296].cuda()
+    lin = Linear(torch.zeros(pre.numel(), 64, dtype=torch.bfloat16, device="cuda"), pre)
+    x = torch.randn(32, 64, device="cuda").bfloat16()
+    got = lin.gelu_tanh(x).double()
+    tanh_form = torch.nn.functional.gelu(pre.double(), approximate="tanh").bfloat16().double()
+    erf_form = torch.nn.functional.gelu(pre.double()).bfloat16().double()
+    ulp = tanh_form.abs() * 2.0**-7
+    keep = tanh_form.abs() >= 1e-3
+    err = ((got - tanh_form).abs() / ulp)[:, keep]
+    assert bool((err <= 1.0).all()), float(err.max())
+    apart = ((tanh_form - erf_form).abs() >= 2 * ulp) & keep
+    assert int(apart.sum()) > 50
+    assert bool(((got - erf_form).abs()[:, apart] > ulp[apart]).all())
+
+
+def test_prefix_flash_varlen_equals_masked_attention() -> None:
+    """The prefix attention with the valid key count on the device (flash varlen) equals SDPA with
+    the additive key mask; the padded keys hold random values, so attending them would show."""
+    from pi0_policy_ros.engine.stages import flash_varlen_usable, prefix_attention
+    from pi0_policy_ros.model.gemma import MASK_VALUE
+    torch.manual_seed(0)
+    p, heads, hd, valid = 544, 8, 256, 536
+    q = torch.randn(p, heads * hd, device="cuda").bfloat16()
+    k, v = torch.randn(p, hd, device="cuda").bfloat16(), torch.randn(p, hd, device="cuda").bfloat16()
+    bias = torch.zeros(1, 1, 1, p, device="cuda", dtype=torch.bfloat16)
+    bias[..., valid:] = MASK_VALUE
+    ends = torch.tensor([[0, p * heads], [0, valid]], dtype=torch.int32, device="cuda")
+    assert flash_varlen_usable(q)
+    got = prefix_attention(q, k, v, bias, ends).float()
+    masked = prefix_attention(q, k, v, bias, None).float()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().view(1, 1, p * heads, hd), k.float()[None, None, :valid], v.float()[None, None, :valid]).view(p, -1)
+    assert float((masked - ref).abs().max()) <= 1e-2
+    assert float((got - ref).abs().max()) <= 1e-2, float((got - ref).abs().max())

@@ -112,11 +112,12 @@ def test_plan_prefix_buckets_and_slot_order() -> None:
     assert EngineShape.for_model(get_preset("pi0")).prompt_buckets() == [16, 32, 48]
     leading = np.arange(200) < 24
     rows, order = plan_prefix(shape, np.array([True, False, True]), leading)
-    assert (rows, order, rows.rows(256)) == (PrefixRows(2, 32), [0, 2, 1], 544)
+    assert (rows, order, rows.rows(256)) == (PrefixRows(2, 32, leading_keys=True), [0, 2, 1], 544)
     holes = leading.copy()
     holes[50] = True  # valid tokens that are not the prompt's first: the whole prompt
     assert plan_prefix(shape, np.zeros(3, bool), holes) == (PrefixRows(1, 200), [0, 1, 2])
-    assert plan_prefix(shape, np.ones(3, bool), np.ones(200, bool))[0] == shape.full_prefix
+    assert plan_prefix(shape, np.ones(3, bool), np.ones(200, bool))[0] == PrefixRows(3, 200, leading_keys=True)
+    assert plan_prefix(shape, np.array([False, True, True]), leading)[0] == PrefixRows(2, 32, leading_keys=True)
     assert shape.full_prefix.rows(256) == shape.padded_prefix_len
     assert plan_prefix(shape, np.array([True, False, True]), leading, compact=False) == (shape.full_prefix, [0, 1, 2])
 
@@ -139,7 +140,8 @@ def test_compact_prefix_equals_full_prefix_and_eager(small) -> None:
             batch.token_mask[hole] = True
         got = compact.infer(batch)
         bucket = shape.prompt_len if hole is not None else next(b for b in shape.prompt_buckets() if b >= n_tokens)
-        assert compact.last_prefix_rows == PrefixRows(max(1, sum(masks)), bucket)
+        assert compact.last_prefix_rows == PrefixRows(max(1, sum(masks)), bucket,
+                                                      leading_keys=hole is None and any(masks))
         np.testing.assert_allclose(got, full.infer(batch), atol=2e-5)
         np.testing.assert_allclose(got, eager.infer(batch), atol=2e-5)
 
