@@ -115,10 +115,12 @@ class PrefixStage:
         if self.expert.state_proj is not None:
             buf.state_token.copy_(self.expert.state_proj(buf.state[None])[0])
 
-    def run(self, buf: DeviceBuffers, rows: PrefixRows | None = None) -> None:
-        """PaliGemma over the prefix rows `rows` covers (default: all), K/V into cache rows [0, P)."""
+    def run(self, buf: DeviceBuffers, rows: PrefixRows | None = None, prepared: bool = False) -> None:
+        """PaliGemma over the prefix rows `rows` covers (default: all), K/V into cache rows [0, P).
+        `prepared`: `prepare(buf, rows)` has run already (the engine runs it beside vision)."""
         rows = self.shape.full_prefix if rows is None else rows
-        self.prepare(buf, rows)
+        if not prepared:
+            self.prepare(buf, rows)
         cfg = self.w.cfg
         pp = rows.rows(self.shape.tokens_per_image)
         nh, hd = cfg.num_heads, cfg.head_dim
