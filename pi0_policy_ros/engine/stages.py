@@ -21,8 +21,9 @@ from pi0_policy_ros.model.gemma import MASK_VALUE
 
 
 def flash_varlen_usable(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.flash_sdp_enabled() \
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    """torch's flash attention: built in, enabled, sm80+, half precision (else: SDPA with the mask)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.is_flash_attention_available()
+            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def prefix_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
@@ -59,8 +60,8 @@ class VisionStage:
         w, cfg = self.w, self.w.cfg
         n, t = self.shape.num_slots if slots is None else slots, self.shape.tokens_per_image
         pixels = preprocess_images(buf.images[:n], self.plan, out=buf.pixels[:n])
-        # The stride-p patch conv as one float32 matmul over the patches as rows (c, i, j): 56 → ~15
-        # µs on the H100 for two images (the conv ran as a small-tile implicit GEMM, notes attempt 14).
+        # The stride-p patch conv as one float32 matmul over the patches as rows (c, i, j): 56 → 22
+        # µs on the H100 for two images (the conv ran as a small-tile implicit GEMM; run 28 profile).
         p, g = cfg.patch_size, self.shape.model_image_size // cfg.patch_size
         patches = pixels.view(n, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n * t, 3 * p * p)
         x = torch.matmul(patches, w.patch_matrix.t()).view(n, t, cfg.width).add_(w.position_bias)
