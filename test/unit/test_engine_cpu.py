@@ -205,3 +205,20 @@ def test_fp8_quantization_round_trip() -> None:
     x = torch.randn(5, 32)
     q, s = quantize_rows(x)
     assert (q.float() * s - x).abs().max() <= 0.07 * x.abs().max()
+
+
+def test_host_load_copies_the_computed_images_in_slot_order() -> None:
+    """Only the images vision computes travel (valid slots first); every mask is copied, in order."""
+    from pi0_policy_ros.engine.buffers import allocate_host
+    shape = EngineShape.for_model(get_preset("pi05"))
+    batch = random_batch(shape, 0, valid_slots=3)
+    batch.image_masks = np.array([True, False, True])
+    rows, order = plan_prefix(shape, batch.image_masks, batch.token_mask)
+    host = allocate_host(shape, pin=False)
+    host.load(batch, order, rows.slots)
+    assert order == [0, 2, 1] and rows.slots == 2
+    np.testing.assert_array_equal(host.images[:2].numpy(), batch.images[[0, 2]])
+    assert not host.images[2].any()  # the invalid slot's image stays where it was (zeros here)
+    np.testing.assert_array_equal(host.image_masks.numpy(), [True, True, False])
+    host.load(batch, order)  # no slot count: every image
+    np.testing.assert_array_equal(host.images[2].numpy(), batch.images[1])
