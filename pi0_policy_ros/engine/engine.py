@@ -211,8 +211,8 @@ class Engine:
     def _capture(self) -> None:
         """Warm up on a side stream (allocator, cuBLAS handles, Triton compile and autotune),
         then capture into graphs sharing one memory pool: a vision graph (with the prefix's
-        preparation beside it) and a prefix graph per `PrefixRows` bucket (`compact_prefix`), one
-        per denoise step. Only the static buffers carry data from one graph to the next; each
+        preparation beside it) and a prefix graph per `PrefixRows` bucket (`compact_prefix`), and
+        one for the chain of denoise steps. Only the static buffers carry data from one graph to the next; each
         graph's own temporaries are dead when its capture ends, so replaying any subset, in any
         order, is safe."""
         buckets = self._buckets()
@@ -245,7 +245,9 @@ class Engine:
                 fns = self._stage_fns(rows)
                 self._vision_graphs[rows] = capture(fns["vision"][0])
                 self._prefix_graphs[rows] = capture(fns["prefix"][0])
-            self._denoise_graphs = [capture(fn) for fn in self._stage_fns(buckets[-1])["denoise"]]
+            steps = self._stage_fns(buckets[-1])["denoise"]
+            # the ten steps chained in one graph: one replay, and PDL edges across the step boundaries
+            self._denoise_graphs = [capture(lambda: [step() for step in steps])]
         torch.cuda.synchronize(self.device)
         self.report.capture_s = time.perf_counter() - t0
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(STAGES) + 2)]
