@@ -2,9 +2,9 @@
 
 Run as `TRITON_INTERPRET=1 python -m test.triton_prefix_check` on the CPU, or with `--device cuda`
 on a GPU. Checks RoPE into q and the K/V cache rows (with and without q heads, a row count that
-is not a multiple of the row block), residual + bias + LayerNorm, GEGLU, and GEGLU + per-row e4m3 quantization in its one-pass
-and two-pass forms (equal to each other, the row scales right, and on a GPU the values equal to
-the torch GEGLU within e4m3 rounding).
+is not a multiple of the row block), residual + bias + LayerNorm, GEGLU, and GEGLU + per-row e4m3
+quantization in its one-pass and two-pass forms (equal to each other, the row scales right, and on
+a GPU the values equal to the torch GEGLU within e4m3 rounding).
 Exits non-zero on a mismatch.
 """
 

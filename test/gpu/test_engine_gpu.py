@@ -116,8 +116,6 @@ def test_prefix_row_kernels_on_gpu() -> None:
     assert main(["--device", "cuda"]) == 0
 
 
-
-
 def test_gelu_epilogue_is_the_tanh_form() -> None:
     """`Linear.gelu_tanh` on CUDA puts the GELU in cuBLASLt's epilogue; it must be SigLIP's tanh
     form. With a zero weight the pre-activation is exactly the bias, so the bf16 output can be
