@@ -222,3 +222,17 @@ def test_host_load_copies_the_computed_images_in_slot_order() -> None:
     np.testing.assert_array_equal(host.image_masks.numpy(), [True, True, False])
     host.load(batch, order)  # no slot count: every image
     np.testing.assert_array_equal(host.images[2].numpy(), batch.images[1])
+
+
+def test_fp8_prefix_quantizes_the_mlp_only() -> None:
+    """`precision="fp8"`: gate_up (fast accumulation) and down in e4m3; qkv and out stay in the
+    compute dtype (FP8 measured slower for them, notes attempt 21); the KV-only last layer too."""
+    from pi0_policy_ros.engine.weights import fuse_prefix
+    model = random_model(get_preset("pi05_small"), "cpu", torch.float32, seed=1)
+    layers = fuse_prefix(model, torch.bfloat16, torch.device("cpu"), fp8=True).layers
+    for lw in layers[:-1]:
+        assert lw.qkv.scale is None and lw.qkv.weight.dtype == torch.bfloat16
+        assert lw.out.scale is None and lw.out.weight.dtype == torch.bfloat16
+        assert lw.gate_up.weight.dtype == torch.float8_e4m3fn and lw.gate_up.fast_accum
+        assert lw.down.weight.dtype == torch.float8_e4m3fn and not lw.down.fast_accum
+    assert layers[-1].qkv.scale is None and layers[-1].gate_up is None
