@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -27,7 +27,7 @@ from pi0_policy_ros.engine.denoise import DenoiseChain, DenoiseStep, TorchDenois
 from pi0_policy_ros.engine.guidance import (EngineGuidance, GuidanceBuffers, RtcFastStep, RtcStep,
                                             check_rtc_mode)
 from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
-from pi0_policy_ros.engine.stages import PrefixStage, VisionStage
+from pi0_policy_ros.engine.stages import PrefixStage, VisionStage, flash_varlen_usable
 from pi0_policy_ros.engine.tables import StepTables, build_step_tables
 from pi0_policy_ros.engine.types import EngineBatch, EngineShape, PrefixRows, check_precision, plan_prefix
 from pi0_policy_ros.engine.weights import fuse_expert, fuse_prefix, fuse_vision
@@ -76,6 +76,7 @@ class Engine:
         self._prefix_graphs: dict[PrefixRows, torch.cuda.CUDAGraph] = {}
         self._denoise_graphs: list[torch.cuda.CUDAGraph] = []
         self.compact_prefix = compact_prefix
+        self._flash_prefix = flash_varlen_usable(device, self.dtype)
         self.last_prefix_rows = shape.full_prefix
         self._events: list[torch.cuda.Event] = []
         self.guide: GuidanceBuffers | None = None
@@ -182,8 +183,21 @@ class Engine:
                                        and self.dtype == torch.bfloat16)
 
     # ---- stages ----------------------------------------------------------------------------
-    def _buckets(self) -> list[PrefixRows]:
-        return self.shape.prefix_buckets() if self.compact_prefix else [self.shape.full_prefix]
+    def _buckets(self) -> dict[PrefixRows, list[PrefixRows]]:
+        """The prefix layouts to capture, grouped by their vision graph. A vision graph (with the
+        prefix's preparation) depends on the slots and prompt rows only, so a layout with and
+        without `leading_keys` share one; where flash varlen is unusable (float32, a torch without
+        flash) a `leading_keys` layout would repeat its masked twin and is not captured."""
+        layouts = self.shape.prefix_buckets() if self.compact_prefix else [self.shape.full_prefix]
+        groups: dict[PrefixRows, list[PrefixRows]] = {}
+        for rows in layouts:
+            if rows == self._captured_layout(rows):
+                groups.setdefault(replace(rows, leading_keys=False), []).append(rows)
+        return groups
+
+    def _captured_layout(self, rows: PrefixRows) -> PrefixRows:
+        """The captured prefix layout that serves `rows`."""
+        return rows if self._flash_prefix else replace(rows, leading_keys=False)
 
     def _stage_fns(self, rows: PrefixRows) -> dict[str, list[Callable[[], None]]]:
         """One inference's work for the prefix layout `rows`, stage by stage."""
@@ -215,7 +229,7 @@ class Engine:
         one for the chain of denoise steps. Only the static buffers carry data from one graph to the next; each
         graph's own temporaries are dead when its capture ends, so replaying any subset, in any
         order, is safe."""
-        buckets = self._buckets()
+        groups = self._buckets()
         self.load(_dummy_batch(self.shape))
         upload(self.host, self.buf)
         t0 = time.perf_counter()
@@ -223,10 +237,11 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.no_grad(), torch.cuda.stream(side):
             for _ in range(2):
-                for rows in buckets:
-                    self._vision_and_prepare(rows)
-                    self.prefix.run(self.buf, rows, prepared=True)
-                for fn in self._stage_fns(buckets[-1])["denoise"]:
+                for vision_rows, layouts in groups.items():
+                    self._vision_and_prepare(vision_rows)
+                    for rows in layouts:
+                        self.prefix.run(self.buf, rows, prepared=True)
+                for fn in self._stage_fns(self.shape.full_prefix)["denoise"]:
                     fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
@@ -241,11 +256,11 @@ class Engine:
             return graph
 
         with torch.no_grad():
-            for rows in buckets:
-                fns = self._stage_fns(rows)
-                self._vision_graphs[rows] = capture(fns["vision"][0])
-                self._prefix_graphs[rows] = capture(fns["prefix"][0])
-            steps = self._stage_fns(buckets[-1])["denoise"]
+            for vision_rows, layouts in groups.items():
+                self._vision_graphs[vision_rows] = capture(self._stage_fns(vision_rows)["vision"][0])
+                for rows in layouts:
+                    self._prefix_graphs[rows] = capture(self._stage_fns(rows)["prefix"][0])
+            steps = self._stage_fns(self.shape.full_prefix)["denoise"]
             # the ten steps chained in one graph: one replay, and PDL edges across the step boundaries
             self._denoise_graphs = [capture(lambda: [step() for step in steps])]
         torch.cuda.synchronize(self.device)
@@ -291,7 +306,8 @@ class Engine:
         return self._replay(rows, t_start)
 
     def _stage_graphs(self, rows: PrefixRows) -> dict[str, list[torch.cuda.CUDAGraph]]:
-        return {"vision": [self._vision_graphs[rows]], "prefix": [self._prefix_graphs[rows]],
+        rows = self._captured_layout(rows)
+        return {"vision": [self._vision_graphs[replace(rows, leading_keys=False)]], "prefix": [self._prefix_graphs[rows]],
                 "denoise": self._denoise_graphs}
 
     def _replay(self, rows: PrefixRows, t_start: float) -> np.ndarray:

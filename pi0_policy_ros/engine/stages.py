@@ -20,10 +20,11 @@ from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWe
 from pi0_policy_ros.model.gemma import MASK_VALUE
 
 
-def flash_varlen_usable(q: torch.Tensor) -> bool:
+def flash_varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """torch's flash attention: built in, enabled, sm80+, half precision (else: SDPA with the mask)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.is_flash_attention_available()
-            and torch.backends.cuda.flash_sdp_enabled() and torch.cuda.get_device_capability(q.device) >= (8, 0))
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and torch.backends.cuda.is_flash_attention_available() and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def prefix_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
@@ -37,7 +38,7 @@ def prefix_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     544 rows, 20.8 against 40.2 µs (H100, notes attempt 14). Elsewhere (CPU, float32): the mask."""
     p, hd = keys.shape
     rows = q.numel() // hd
-    if seq_ends is not None and flash_varlen_usable(q):
+    if seq_ends is not None and flash_varlen_usable(q.device, q.dtype):
         out = torch.ops.aten._flash_attention_forward(q.view(rows, 1, hd), keys[:, None], values[:, None],
                                                       seq_ends[0], seq_ends[1], rows, p, 0.0, False, False)[0]
         return out.view(p, -1)
@@ -106,9 +107,10 @@ class PrefixStage:
         cos, sin = rope_tables(positions, buf.inv_freq, self.dtype)
         buf.prefix_cos.copy_(cos)
         buf.prefix_sin.copy_(sin)
-        if rows.leading_keys:  # flash varlen's sequence ends: all query rows; the valid keys
-            buf.prefix_seq_ends[0, 1].fill_(rows.rows(t) * cfg.num_heads)
-            buf.prefix_seq_ends[1, 1].copy_(buf.prefix_pad.sum())
+        # flash varlen's sequence ends (all query rows; the valid keys), written for every layout
+        # so that one vision graph serves a layout with and without `leading_keys`
+        buf.prefix_seq_ends[0, 1].fill_(rows.rows(t) * cfg.num_heads)
+        buf.prefix_seq_ends[1, 1].copy_(buf.prefix_pad.sum())
         suffix_attention_bias(buf.prefix_pad, buf.suffix_pattern, buf.suffix_bias)
         cos, sin = rope_tables(suffix_positions(buf.prefix_pad, buf.suffix_offsets), buf.inv_freq, self.dtype)
         buf.suffix_cos.copy_(cos)

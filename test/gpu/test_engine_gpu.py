@@ -149,7 +149,7 @@ def test_prefix_flash_varlen_equals_masked_attention() -> None:
     bias = torch.zeros(1, 1, 1, p, device="cuda", dtype=torch.bfloat16)
     bias[..., valid:] = MASK_VALUE
     ends = torch.tensor([[0, p * heads], [0, valid]], dtype=torch.int32, device="cuda")
-    assert flash_varlen_usable(q)
+    assert flash_varlen_usable(q.device, q.dtype)
     got = prefix_attention(q, k, v, bias, ends).float()
     masked = prefix_attention(q, k, v, bias, None).float()
     ref = torch.nn.functional.scaled_dot_product_attention(

@@ -122,6 +122,22 @@ def test_plan_prefix_buckets_and_slot_order() -> None:
     assert plan_prefix(shape, np.array([True, False, True]), leading, compact=False) == (shape.full_prefix, [0, 1, 2])
 
 
+def test_captured_layouts_share_vision_graphs(small) -> None:
+    """One vision graph per (slots, prompt) pair; the `leading_keys` twin of a layout gets a prefix
+    graph of its own only where flash varlen can use it, else it replays the masked one."""
+    cfg, model = small
+    shape = EngineShape.for_model(cfg)
+    engine = Engine.create(model, shape, "cpu", "float32", mode="static")
+    pairs = [PrefixRows(n, p) for n in range(1, shape.num_slots + 1) for p in shape.prompt_buckets()]
+    assert engine._buckets() == {rows: [rows] for rows in pairs}  # the CPU: no flash
+    assert engine._captured_layout(PrefixRows(2, 32, leading_keys=True)) == PrefixRows(2, 32)
+    engine._flash_prefix = True  # as on an sm80+ GPU in half precision
+    assert engine._buckets() == {rows: [PrefixRows(rows.slots, rows.prompt, True), rows] for rows in pairs}
+    assert engine._captured_layout(PrefixRows(2, 32, leading_keys=True)) == PrefixRows(2, 32, leading_keys=True)
+    full = Engine.create(model, shape, "cpu", "float32", mode="static", compact_prefix=False)
+    assert full._buckets() == {shape.full_prefix: [shape.full_prefix]}
+
+
 def test_compact_prefix_equals_full_prefix_and_eager(small) -> None:
     """Leaving the masked rows out (valid slots moved to the front, the prompt cut to its bucket)
     changes no action. One engine switches layouts from call to call, so rows a larger layout
