@@ -3,12 +3,13 @@
 Streams the expert's weight bytes in the denoise step's GEMM shapes (per layer: qkv [2560, 1024],
 out [1024, 2048] split-K 8, gate_up [8192, 1024], down [1024, 4096] split-K 8; 18 layers, 10
 steps), as [64, BLOCK_K] weight tiles times a [BLOCK_K, 16] activation tile on the tensor cores,
-three ways:
+four ways:
 - `launches`: one kernel per GEMM phase (grid = its tiles), all captured in one CUDA graph;
 - `tma_launches`: the same, the weight tiles loaded by the TMA engine (host tensor descriptors);
 - `persistent`: one kernel per step, a program per SM, a grid-wide barrier after every phase;
 - `persistent_nobarrier`: the same without the barriers (the streaming rate alone);
-and `barriers_only` (the phases with no tiles): the barriers' own cost.
+and `barriers_only` (the phases with no tiles): the barriers' own cost. Unless `--skip-prefetch`,
+also the persistent kernel asking L2 for the weights of the phase one or two ahead.
 Prints one JSON line. Numbers go to `bench/results/`; the engine's kernels are not involved.
 """
 
@@ -80,7 +81,8 @@ def phase_kernel(w_ptr, x_ptr, out_ptr, w_off, N, K, splits, BLOCK_N: tl.constex
                  BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     total = _tile_units(w_ptr, x_ptr, pid, tl.num_programs(0), w_off, N, K, splits, BLOCK_N, BLOCK_K, BLOCK_M)
-    tl.store(out_ptr + pid * BLOCK_N * BLOCK_M + tl.arange(0, BLOCK_N * BLOCK_M), tl.reshape(total, [BLOCK_N * BLOCK_M]))
+    tl.store(out_ptr + pid * BLOCK_N * BLOCK_M + tl.arange(0, BLOCK_N * BLOCK_M),
+             tl.reshape(total, [BLOCK_N * BLOCK_M]))
 
 
 @triton.jit
@@ -121,7 +123,8 @@ def persistent_kernel(w_ptr, x_ptr, out_ptr, table_ptr, cnt_ptr, n_phases, BARRI
         total += _tile_units(w_ptr, x_ptr, pid, g, w_off, n, k, splits, BLOCK_N, BLOCK_K, BLOCK_M)
         if BARRIER:
             _grid_barrier(cnt_ptr, (p + 1) * g)
-    tl.store(out_ptr + pid * BLOCK_N * BLOCK_M + tl.arange(0, BLOCK_N * BLOCK_M), tl.reshape(total, [BLOCK_N * BLOCK_M]))
+    tl.store(out_ptr + pid * BLOCK_N * BLOCK_M + tl.arange(0, BLOCK_N * BLOCK_M),
+             tl.reshape(total, [BLOCK_N * BLOCK_M]))
 
 
 def _phases(layers: int, empty: bool, block_k: int) -> list[tuple[int, int, int, int]]:
@@ -199,15 +202,18 @@ def main() -> None:
         return run
 
     table = torch.tensor(phases, dtype=torch.int64, device=dev).flatten()
-    empty = torch.tensor(_phases(args.layers, empty=True, block_k=args.block_k), dtype=torch.int64, device=dev).flatten()
+    empty_phases = _phases(args.layers, empty=True, block_k=args.block_k)
+    empty = torch.tensor(empty_phases, dtype=torch.int64, device=dev).flatten()
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
               "programs": programs, "steps": args.steps, "layers": args.layers, "block_k": args.block_k,
-              "stages": args.stages, "block_n": args.block_n, "warps": args.warps, "weight_bytes_per_step": 2 * n_weights, "phases_per_step": len(phases)}
+              "stages": args.stages, "block_n": args.block_n, "warps": args.warps,
+              "weight_bytes_per_step": 2 * n_weights, "phases_per_step": len(phases)}
     variants = [("launches", launches), ("tma_launches", tma_launches), ("persistent", persistent(table, True)),
                 ("persistent_nobarrier", persistent(table, False)), ("barriers_only", persistent(empty, True))]
     if not args.skip_prefetch:
         variants += [("persistent_l2_ahead1", persistent(table, True, 1)),
-                     ("persistent_l2_ahead2", persistent(table, True, 2)), ("nobarrier_l2_ahead2", persistent(table, False, 2))]
+                     ("persistent_l2_ahead2", persistent(table, True, 2)),
+                     ("nobarrier_l2_ahead2", persistent(table, False, 2))]
     for name, fn in variants:
         t = _time_graph(fn, args.reps)
         med = t[len(t) // 2]

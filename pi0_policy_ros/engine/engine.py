@@ -307,8 +307,8 @@ class Engine:
 
     def _stage_graphs(self, rows: PrefixRows) -> dict[str, list[torch.cuda.CUDAGraph]]:
         rows = self._captured_layout(rows)
-        return {"vision": [self._vision_graphs[replace(rows, leading_keys=False)]], "prefix": [self._prefix_graphs[rows]],
-                "denoise": self._denoise_graphs}
+        return {"vision": [self._vision_graphs[replace(rows, leading_keys=False)]],
+                "prefix": [self._prefix_graphs[rows]], "denoise": self._denoise_graphs}
 
     def _replay(self, rows: PrefixRows, t_start: float) -> np.ndarray:
         """Host timings besides the stage spans: `host_prepare` (batch check and pinned copies),

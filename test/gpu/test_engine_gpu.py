@@ -10,7 +10,7 @@ import torch
 
 from test.paths import PI0_FIXTURE, PI05_FIXTURE
 from pi0_policy_ros.engine.engine import Engine, eager_inputs
-from pi0_policy_ros.engine.types import EngineBatch, EngineShape, random_batch
+from pi0_policy_ros.engine.types import EngineBatch, EngineShape, PrefixRows, random_batch
 from pi0_policy_ros.model.checkpoint import random_model, read_safetensors
 from pi0_policy_ros.model.reference import load_reference, reference_model
 from test.gpu.medium import medium_config
@@ -86,6 +86,28 @@ def test_compact_prefix_graphs_equal_full_prefix(pi05: bool) -> None:
         assert compact.last_prefix_rows.slots == max(1, sum(masks))
         assert np.abs(got - full.infer(batch)).max() <= 1e-4, seed
         assert np.abs(got - _eager(model, batch, shape)).max() <= 1e-3, seed
+
+
+def test_bf16_layouts_sharing_a_vision_graph() -> None:
+    """bf16: a layout whose valid tokens lead (flash varlen) and its masked twin (a valid token
+    past the prompt's first ones) replay one vision graph, in turns, each within the tolerance of
+    `test_graph_chain_equals_eager`."""
+    cfg = medium_config(True)
+    ref_model = random_model(cfg, "cuda", torch.float32, seed=11)
+    model = random_model(cfg, "cuda", torch.bfloat16, seed=11)
+    shape = EngineShape.for_model(cfg)
+    engine = Engine.create(model, shape, "cuda", "bfloat16")
+    if engine._flash_prefix:  # two prefix graphs for each vision graph
+        assert 2 * len(engine._vision_graphs) == len(engine._prefix_graphs)
+    for seed, hole in enumerate((None, 30, None, 30)):
+        batch = random_batch(shape, seed, valid_slots=2, valid_tokens=shape.prompt_len if hole is None else 6)
+        if hole is not None:
+            batch.token_mask[hole] = True
+        got = engine.infer(batch)
+        assert engine.last_prefix_rows == PrefixRows(2, shape.prompt_len, leading_keys=hole is None)
+        same, exact = _eager(model, batch, shape), _eager(ref_model, batch, shape)
+        diff, eager_err = np.abs(got - same).max(), np.abs(same - exact).max()
+        assert diff <= 2e-2 or np.abs(got - exact).max() <= 2.0 * eager_err, (seed, diff, eager_err)
 
 
 def test_fp8_prefix_within_tolerance() -> None:
