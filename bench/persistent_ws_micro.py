@@ -10,7 +10,11 @@ memory), and free the slot.
 Same phases and bytes as `persistent_micro.py` (qkv, out split-K 8, gate_up, down split-K 8;
 18 layers; 623 MB a step); the weights are stored pre-tiled ([64, 256] tiles in consumption
 order: a layout the engine could make at fuse time). Throughput only: no epilogues, no
-numerics. Prints one JSON line.
+numerics. Variants: `ws_persistent` (a grid barrier after every phase), `_nobarrier`,
+`ws_barriers_only` (no tiles), and `ws_local_pause` (each program pauses ~1.2 µs on its own clock
+instead of the barrier: no atomics, no fences) with `_only`, and `ws_relaxed_barrier` (the barrier
+with relaxed atomics: no ordering, timing only), `_acquire_only_` / `_release_only_barrier` (one
+half ordered). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ BLOCK_N, BLOCK_K, BLOCK_M = 64, 256, 16
 LAYER_PHASES = ((2560, 1024, 1), (1024, 2048, 8), (8192, 1024, 1), (1024, 4096, 8))  # (N, K, K splits)
 X_COLS = 4096
 X_UNIT_COLS = 1024  # the most K columns one unit multiplies (qkv, gate_up)
+
+
+@gluon.jit
+def _clock():
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -84,7 +93,32 @@ def _consumer(ring, ready, empty, x_smem, x_ptr, out_ptr, table_ptr, cnt_ptr, n_
                     mbarrier.arrive(empty.index(slot), count=1)
                     i += 1
             total += acc
-        if BARRIER:  # grid-wide: every program's phase p is done before any starts p + 1
+        if BARRIER == 2:  # a local pause as long as a barrier, without its atomics and fences
+            start = _clock()
+            while _clock() - start < 2200:
+                pass
+        if BARRIER == 3:  # the same barrier with relaxed atomics (no ordering: timing only)
+            gl.thread_barrier()
+            gl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
+            seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
+            while seen < (p + 1) * g:
+                seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
+            gl.thread_barrier()
+        if BARRIER == 4:  # relaxed arrival, acquire polling (which half costs?)
+            gl.thread_barrier()
+            gl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
+            seen = gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+            while seen < (p + 1) * g:
+                seen = gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+            gl.thread_barrier()
+        if BARRIER == 5:  # release arrival, relaxed polling
+            gl.thread_barrier()
+            gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+            seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
+            while seen < (p + 1) * g:
+                seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
+            gl.thread_barrier()
+        if BARRIER == 1:  # grid-wide: every program's phase p is done before any starts p + 1
             gl.thread_barrier()
             gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
             seen = gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
@@ -174,7 +208,7 @@ def main() -> None:
     tables = {empty: torch.tensor(phase_table(args.layers, empty), dtype=torch.int32, device=dev).flatten()
               for empty in (False, True)}
 
-    def run(empty: bool, barrier: bool):
+    def run(empty: bool, barrier: int):
         def launch() -> None:
             counters.zero_()
             for step in range(args.steps):
@@ -186,8 +220,11 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
               "programs": programs, "steps": args.steps, "layers": args.layers, "slots": args.slots,
               "weight_bytes_per_step": 2 * n_tiles * BLOCK_N * BLOCK_K, "phases_per_step": len(phases)}
-    for name, fn in (("ws_persistent", run(False, True)), ("ws_persistent_nobarrier", run(False, False)),
-                     ("ws_barriers_only", run(True, True))):
+    for name, fn in (("ws_persistent", run(False, 1)), ("ws_persistent_nobarrier", run(False, 0)),
+                     ("ws_barriers_only", run(True, 1)), ("ws_local_pause", run(False, 2)),
+                     ("ws_local_pause_only", run(True, 2)),
+                     ("ws_relaxed_barrier", run(False, 3)), ("ws_acquire_only_barrier", run(False, 4)),
+                     ("ws_release_only_barrier", run(False, 5))):
         t = _time_graph(fn, args.reps)
         med = t[len(t) // 2]
         result[name] = {"median_ms": round(med, 4), "p90_ms": round(t[int(0.9 * (len(t) - 1))], 4),

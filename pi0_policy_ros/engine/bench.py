@@ -215,6 +215,14 @@ def run_variants(engine: Engine, batch: EngineBatch) -> list[dict[str, object]]:
     for name, cfg in CANDIDATES.items():
         variants.append((f"triton {name}", TritonDenoiseStep(engine.expert_weights, engine.tables, engine.shape,
                                                               engine.buf, cfg)))
+    if engine.device.type == "cuda" and torch.cuda.get_device_capability(engine.device) >= (9, 0):
+        from pi0_policy_ros.engine.denoise_gluon import GluonDenoiseStep
+        if GluonDenoiseStep.supports(engine.expert_weights, engine.shape):
+            try:  # one program per SM: needs ≥ 128 SMs
+                variants.append(("gluon persistent", GluonDenoiseStep(TritonDenoiseStep(
+                    engine.expert_weights, engine.tables, engine.shape, engine.buf))))
+            except ValueError as exc:
+                results.append({"variant": "gluon persistent", "error": str(exc)})
     ref = None
     for name, impl in variants:
         try:
