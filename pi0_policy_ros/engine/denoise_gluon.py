@@ -16,6 +16,11 @@ pi0.5 expert (width 1024, 8 query heads and 1 KV head of 256, mlp 4096) with ≤
 `GluonDenoiseStep.supports` says whether a geometry fits. Weights are re-laid out once as
 [64, 256] tiles in consumption order (qkv tiles hold a head's two RoPE halves, gate_up tiles a
 gate and its up): 0.6 GB more GPU memory.
+
+Status: correct (`test/gpu/test_denoise_gluon_gpu.py`), but slower than the Triton chain on the
+H100 (7.8 against 5.7 ms for ten steps, `bench/engine_notes.md` attempt 26: the gpu-scope release
+of every barrier stalls the weight stream), so the engine does not use it; the bench times it as
+the `gluon persistent` variant and `bench/gluon_step_profile.py` shows where each phase's time goes.
 """
 
 from __future__ import annotations
