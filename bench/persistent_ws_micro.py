@@ -30,8 +30,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from persistent_micro import LAYER_PHASES, time_graph  # bench/ is the script's folder
+
 BLOCK_N, BLOCK_K, BLOCK_M = 64, 256, 16
-LAYER_PHASES = ((2560, 1024, 1), (1024, 2048, 8), (8192, 1024, 1), (1024, 4096, 8))  # (N, K, K splits)
 X_COLS = 4096
 X_UNIT_COLS = 1024  # the most K columns one unit multiplies (qkv, gate_up)
 
@@ -39,6 +40,17 @@ X_UNIT_COLS = 1024  # the most K columns one unit multiplies (qkv, gate_up)
 @gluon.jit
 def _clock():
     return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _grid_barrier(cnt_ptr, target, ARRIVE: gl.constexpr, POLL: gl.constexpr):
+    """Arrive with memory order ARRIVE, poll with POLL ("release" / "acquire" is the correct pair)."""
+    gl.thread_barrier()
+    gl.atomic_add(cnt_ptr, 1, sem=ARRIVE, scope="gpu")
+    seen = gl.atomic_add(cnt_ptr, 0, sem=POLL, scope="gpu")
+    while seen < target:
+        seen = gl.atomic_add(cnt_ptr, 0, sem=POLL, scope="gpu")
+    gl.thread_barrier()
 
 
 @gluon.jit
@@ -63,7 +75,8 @@ def _producer(w_desc, ring, ready, empty, table_ptr, n_phases, pid, g):
 
 @gluon.jit
 def _consumer(ring, ready, empty, x_smem, x_ptr, out_ptr, table_ptr, cnt_ptr, n_phases, pid, g,
-              BARRIER: gl.constexpr, MMA_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr):
+              BARRIER: gl.constexpr, ARRIVE: gl.constexpr, POLL: gl.constexpr, MMA_LAYOUT: gl.constexpr,
+              X_LAYOUT: gl.constexpr):
     num_slots: gl.constexpr = ring.type.shape[0]
     rows: gl.constexpr = ring.type.shape[1]
     block_k: gl.constexpr = ring.type.shape[2]
@@ -93,38 +106,12 @@ def _consumer(ring, ready, empty, x_smem, x_ptr, out_ptr, table_ptr, cnt_ptr, n_
                     mbarrier.arrive(empty.index(slot), count=1)
                     i += 1
             total += acc
-        if BARRIER == 2:  # a local pause as long as a barrier, without its atomics and fences
+        if BARRIER == "pause":  # a local pause as long as a barrier, without its atomics and fences
             start = _clock()
             while _clock() - start < 2200:
                 pass
-        if BARRIER == 3:  # the same barrier with relaxed atomics (no ordering: timing only)
-            gl.thread_barrier()
-            gl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
-            seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
-            while seen < (p + 1) * g:
-                seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
-            gl.thread_barrier()
-        if BARRIER == 4:  # relaxed arrival, acquire polling (which half costs?)
-            gl.thread_barrier()
-            gl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
-            seen = gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-            while seen < (p + 1) * g:
-                seen = gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-            gl.thread_barrier()
-        if BARRIER == 5:  # release arrival, relaxed polling
-            gl.thread_barrier()
-            gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
-            seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
-            while seen < (p + 1) * g:
-                seen = gl.atomic_add(cnt_ptr, 0, sem="relaxed", scope="gpu")
-            gl.thread_barrier()
-        if BARRIER == 1:  # grid-wide: every program's phase p is done before any starts p + 1
-            gl.thread_barrier()
-            gl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
-            seen = gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-            while seen < (p + 1) * g:
-                seen = gl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-            gl.thread_barrier()
+        elif BARRIER != "none":  # grid-wide: every program's phase p is done before any starts p + 1
+            _grid_barrier(cnt_ptr, (p + 1) * g, ARRIVE, POLL)
     rn = gl.arange(0, rows, layout=gl.SliceLayout(1, MMA_LAYOUT))
     rm = gl.arange(0, block_m, layout=gl.SliceLayout(0, MMA_LAYOUT))
     gl.store(out_ptr + pid * rows * block_m + rn[:, None] * block_m + rm[None, :], total)
@@ -132,6 +119,7 @@ def _consumer(ring, ready, empty, x_smem, x_ptr, out_ptr, table_ptr, cnt_ptr, n_
 
 @gluon.jit
 def ws_persistent_kernel(w_desc, x_ptr, out_ptr, table_ptr, cnt_ptr, n_phases, BARRIER: gl.constexpr,
+                         ARRIVE: gl.constexpr, POLL: gl.constexpr,
                          NUM_SLOTS: gl.constexpr, BLOCK_M: gl.constexpr, X_SMEM_LAYOUT: gl.constexpr,
                          X_UNIT_COLS: gl.constexpr):
     rows: gl.constexpr = w_desc.block_type.shape[0]
@@ -150,7 +138,7 @@ def ws_persistent_kernel(w_desc, x_ptr, out_ptr, table_ptr, cnt_ptr, n_phases, B
     g = gl.num_programs(0)
     gl.warp_specialize([
         (_consumer, (ring, ready, empty, x_smem, x_ptr, out_ptr, table_ptr, cnt_ptr, n_phases, pid, g, BARRIER,
-                     mma_layout, x_layout)),
+                     ARRIVE, POLL, mma_layout, x_layout)),
         (_producer, (w_desc, ring, ready, empty, table_ptr, n_phases, pid, g)),
     ], [1], [24])
 
@@ -165,26 +153,6 @@ def phase_table(layers: int, empty: bool) -> list[tuple[int, int, int]]:
             rows.append((base, 0 if empty else units, k_tiles))
             base += units * k_tiles
     return rows
-
-
-def _time_graph(fn, reps: int) -> list[float]:
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)
 
 
 def main() -> None:
@@ -208,24 +176,26 @@ def main() -> None:
     tables = {empty: torch.tensor(phase_table(args.layers, empty), dtype=torch.int32, device=dev).flatten()
               for empty in (False, True)}
 
-    def run(empty: bool, barrier: int):
+    def run(empty: bool, barrier: str, arrive: str = "release", poll: str = "acquire"):
         def launch() -> None:
             counters.zero_()
             for step in range(args.steps):
                 ws_persistent_kernel[(programs,)](w_desc, x, out, tables[empty], counters[step:], len(phases),
-                                                  BARRIER=barrier, NUM_SLOTS=args.slots, BLOCK_M=BLOCK_M,
-                                                  X_SMEM_LAYOUT=x_layout, X_UNIT_COLS=X_UNIT_COLS, num_warps=4)
+                                                  BARRIER=barrier, ARRIVE=arrive, POLL=poll, NUM_SLOTS=args.slots,
+                                                  BLOCK_M=BLOCK_M, X_SMEM_LAYOUT=x_layout, X_UNIT_COLS=X_UNIT_COLS,
+                                                  num_warps=4)
         return launch
 
     result = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
               "programs": programs, "steps": args.steps, "layers": args.layers, "slots": args.slots,
               "weight_bytes_per_step": 2 * n_tiles * BLOCK_N * BLOCK_K, "phases_per_step": len(phases)}
-    for name, fn in (("ws_persistent", run(False, 1)), ("ws_persistent_nobarrier", run(False, 0)),
-                     ("ws_barriers_only", run(True, 1)), ("ws_local_pause", run(False, 2)),
-                     ("ws_local_pause_only", run(True, 2)),
-                     ("ws_relaxed_barrier", run(False, 3)), ("ws_acquire_only_barrier", run(False, 4)),
-                     ("ws_release_only_barrier", run(False, 5))):
-        t = _time_graph(fn, args.reps)
+    for name, fn in (("ws_persistent", run(False, "grid")), ("ws_persistent_nobarrier", run(False, "none")),
+                     ("ws_barriers_only", run(True, "grid")), ("ws_local_pause", run(False, "pause")),
+                     ("ws_local_pause_only", run(True, "pause")),
+                     ("ws_relaxed_barrier", run(False, "grid", "relaxed", "relaxed")),
+                     ("ws_acquire_only_barrier", run(False, "grid", "relaxed", "acquire")),
+                     ("ws_release_only_barrier", run(False, "grid", "release", "relaxed"))):
+        t = time_graph(fn, args.reps)
         med = t[len(t) // 2]
         result[name] = {"median_ms": round(med, 4), "p90_ms": round(t[int(0.9 * (len(t) - 1))], 4),
                         "per_step_us": round(1000 * med / args.steps, 2),

@@ -295,16 +295,18 @@ def _combine_phase(pid, part_o_ptr, part_ml_ptr, attn_ptr, cnt_ptr, target, tim_
 
 
 @gluon.jit
-def _out_phase(ring, ready, empty, x_smem, i, pid, attn_ptr, resid_ptr, gate_ptr, cnt_ptr, target, tim_ptr, S,
-               BL: gl.constexpr, MMA: gl.constexpr, TIMING: gl.constexpr = False):
-    """128 units: 64 output rows (pid // 8) × one head's 256 input columns (pid % 8)."""
+def _residual_phase(ring, ready, empty, x_smem, i, pid, src_ptr, src_stride, resid_ptr, gate_ptr, cnt_ptr, target,
+                    tim_ptr, S, KT: gl.constexpr, BL: gl.constexpr, MMA: gl.constexpr, TIMING: gl.constexpr = False):
+    """o_proj (src = attention output, KT = 1: one head per unit) or down (src = GEGLU activations,
+    KT = 2): 128 units of 64 output rows (pid // 8) × an eighth of the input columns (pid % 8),
+    added to the residual with its gate."""
     valid = pid < 128
     gate = gl.load(gate_ptr + (pid // 8) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA)), mask=valid,
                    other=0.0)
     _grid_sync(cnt_ptr, target, tim_ptr, TIMING)
     if valid:
-        _rows_to_smem(attn_ptr, 2048, (pid % 8) * 256, x_smem, S, 1, BL)
-        acc, i = _multiply_tiles(ring, ready, empty, x_smem, i, 1, MMA)
+        _rows_to_smem(src_ptr, src_stride, (pid % 8) * 256 * KT, x_smem, S, KT, BL)
+        acc, i = _multiply_tiles(ring, ready, empty, x_smem, i, KT, MMA)
         _residual_add(resid_ptr, gate, acc, (pid // 8) * 64, S, MMA)
     return i
 
@@ -332,21 +334,6 @@ def _gate_up_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers,
         up = up * inv[None, :] + b_up[:, None]
         act = _gelu_tanh(gate) * up
         gl.store(act_ptr + t[None, :] * 4096 + col[:, None], act.to(gl.bfloat16), mask=(t < S)[None, :])
-    return i
-
-
-@gluon.jit
-def _down_phase(ring, ready, empty, x_smem, i, pid, act_ptr, resid_ptr, gate_ptr, cnt_ptr, target, tim_ptr, S,
-                BL: gl.constexpr, MMA: gl.constexpr, TIMING: gl.constexpr = False):
-    """128 units: 64 output rows (pid // 8) × 512 of the 4096 input columns (pid % 8)."""
-    valid = pid < 128
-    gate = gl.load(gate_ptr + (pid // 8) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA)), mask=valid,
-                   other=0.0)
-    _grid_sync(cnt_ptr, target, tim_ptr, TIMING)
-    if valid:
-        _rows_to_smem(act_ptr, 4096, (pid % 8) * 512, x_smem, S, 2, BL)
-        acc, i = _multiply_tiles(ring, ready, empty, x_smem, i, 2, MMA)
-        _residual_add(resid_ptr, gate, acc, (pid // 8) * 64, S, MMA)
     return i
 
 
@@ -399,13 +386,13 @@ def _layers(ring, ready, empty, x_smem, p_smem, scratch, pid, g, n_layers, step,
                          part_o_ptr, part_ml_ptr, cnt_ptr, (k + 1) * g, tim_ptr, S, P, PP, NKEYS, stride_bias,
                          scale, n_splits, BL, MMA, TIMING)
         _combine_phase(pid, part_o_ptr, part_ml_ptr, attn_ptr, cnt_ptr, (k + 2) * g, tim_ptr, S, n_splits, L3, TIMING)
-        i = _out_phase(ring, ready, empty, x_smem, i, pid, attn_ptr, resid_ptr, gate0, cnt_ptr, (k + 3) * g, tim_ptr,
-                       S, BL, MMA, TIMING)
+        i = _residual_phase(ring, ready, empty, x_smem, i, pid, attn_ptr, 2048, resid_ptr, gate0, cnt_ptr,
+                            (k + 3) * g, tim_ptr, S, 1, BL, MMA, TIMING)
         i = _gate_up_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, resid_ptr, mul0 + 1024,
                            gu_bias_ptr + row * 8192, act_ptr, cnt_ptr, (k + 4) * g, tim_ptr, S, eps, BL, BLT, MMA,
                            TIMING)
-        i = _down_phase(ring, ready, empty, x_smem, i, pid, act_ptr, resid_ptr, gate0 + 1024, cnt_ptr, (k + 5) * g,
-                        tim_ptr, S, BL, MMA, TIMING)
+        i = _residual_phase(ring, ready, empty, x_smem, i, pid, act_ptr, 4096, resid_ptr, gate0 + 1024, cnt_ptr,
+                            (k + 5) * g, tim_ptr, S, 2, BL, MMA, TIMING)
     if TIMING:  # the end of the last phase
         gl.store(tim_ptr + 2 * 6 * n_layers, _clock())
 
