@@ -85,8 +85,8 @@ def main() -> None:
     for kind, r in rows.items():
         extra = (f"   norm {r['norm_cycles'] / ghz / 1e3:.2f}, MMAs {r['mma_cycles'] / ghz / 1e3:.2f}"
                  if "norm_cycles" in r else "")
-        print(f"{kind:10s} {r['slowest_program_cycles'] / ghz / 1e3:11.2f} {r['median_program_cycles'] / ghz / 1e3:10.2f} "
-              f"{r['mean_wait_cycles'] / ghz / 1e3:8.2f}{extra}")
+        slowest, median = r["slowest_program_cycles"] / ghz / 1e3, r["median_program_cycles"] / ghz / 1e3
+        print(f"{kind:10s} {slowest:11.2f} {median:10.2f} {r['mean_wait_cycles'] / ghz / 1e3:8.2f}{extra}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "step_ms_timing": step_ms,
                       "step_ms": sorted(plain_ms)[10], "span_cycles": span_cycles, "phases": rows}))
 

@@ -167,8 +167,8 @@ def _residual_add(resid_ptr, gate, acc, row0, S, MMA: gl.constexpr):
 # ---- the phases: one unit per program (programs ≥ units); what no other program writes is
 # ---- loaded before the phase's barrier, the rest in one round trip after it
 @gluon.jit
-def _qkv_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, resid_ptr, mul_ptr, bias_ptr, q_ptr, keys_ptr,
-               values_ptr, cos_ptr, sin_ptr, cnt_ptr, target, tim_ptr, S, P, PP, eps,
+def _qkv_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, resid_ptr, mul_ptr, bias_ptr, q_ptr,
+               keys_ptr, values_ptr, cos_ptr, sin_ptr, cnt_ptr, target, tim_ptr, S, P, PP, eps,
                BL: gl.constexpr, BLT: gl.constexpr, MMA: gl.constexpr, TIMING: gl.constexpr = False):
     """40 units of 32 RoPE pairs: head = pid // 4 (8 q heads, then k, then v)."""
     valid = pid < 40
@@ -267,7 +267,8 @@ def _attention_phase(x_smem, p_smem, pid, layer, q_ptr, keys_ptr, values_ptr, bi
 
 
 @gluon.jit
-def _combine_phase(pid, part_o_ptr, part_ml_ptr, attn_ptr, cnt_ptr, target, tim_ptr, S, n_splits, L3: gl.constexpr, TIMING: gl.constexpr = False):
+def _combine_phase(pid, part_o_ptr, part_ml_ptr, attn_ptr, cnt_ptr, target, tim_ptr, S, n_splits, L3: gl.constexpr,
+                   TIMING: gl.constexpr = False):
     """attn[row, d] from every split's partials (as `_combine_rows`); unit = (16 rows, 32 dims)."""
     _grid_sync(cnt_ptr, target, tim_ptr, TIMING)
     R = S * 8
@@ -312,8 +313,9 @@ def _residual_phase(ring, ready, empty, x_smem, i, pid, src_ptr, src_stride, res
 
 
 @gluon.jit
-def _gate_up_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, resid_ptr, mul_ptr, bias_ptr, act_ptr, cnt_ptr, target, tim_ptr,
-                   S, eps, BL: gl.constexpr, BLT: gl.constexpr, MMA: gl.constexpr, TIMING: gl.constexpr = False):
+def _gate_up_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, resid_ptr, mul_ptr, bias_ptr,
+                   act_ptr, cnt_ptr, target, tim_ptr, S, eps, BL: gl.constexpr, BLT: gl.constexpr, MMA: gl.constexpr,
+                   TIMING: gl.constexpr = False):
     """128 units of 32 (gate, up) column pairs."""
     valid = pid < 128
     col = pid * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, BLT))
@@ -379,9 +381,9 @@ def _layers(ring, ready, empty, x_smem, p_smem, scratch, pid, g, n_layers, step,
         mul0 = mul_ptr + (row * 2) * 1024
         gate0 = gate_ptr + (row * 2) * 1024
         k = layer * 6
-        i = _qkv_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, resid_ptr, mul0, qkv_bias_ptr + row * 2560,
-                       q_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, cnt_ptr, k * g, tim_ptr, S, P, PP, eps, BL, BLT, MMA,
-                       TIMING)
+        i = _qkv_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, resid_ptr, mul0,
+                       qkv_bias_ptr + row * 2560, q_ptr, keys_ptr, values_ptr, cos_ptr, sin_ptr, cnt_ptr, k * g,
+                       tim_ptr, S, P, PP, eps, BL, BLT, MMA, TIMING)
         _attention_phase(x_smem, p_smem, pid, layer, q_ptr, keys_ptr, values_ptr, bias_ptr,
                          part_o_ptr, part_ml_ptr, cnt_ptr, (k + 1) * g, tim_ptr, S, P, PP, NKEYS, stride_bias,
                          scale, n_splits, BL, MMA, TIMING)
@@ -470,9 +472,9 @@ class GluonDenoiseStep:
                         "P_LAYOUT": gl.NVMMASharedLayout.get_default_for([16, 64], gl.bfloat16)}
         self.programs = torch.cuda.get_device_properties(dev).multi_processor_count
         row_blocks = -(-shape.suffix_len * Q_HEADS // 16)
-        if self.programs < max(OUT_UNITS, plain.n_splits * row_blocks):
-            raise ValueError(f"the Gluon step runs one unit per SM: needs ≥ {max(OUT_UNITS, plain.n_splits * row_blocks)} "
-                             f"SMs, found {self.programs}")
+        units = max(OUT_UNITS, plain.n_splits * row_blocks)
+        if self.programs < units:
+            raise ValueError(f"the Gluon step runs one unit per SM: needs ≥ {units} SMs, found {self.programs}")
         self.counters = torch.zeros(shape.num_steps, dtype=torch.int32, device=dev)
         # TIMING builds only (`bench/gluon_step_profile.py`): int64 [programs, 16 · layers + 2] SM clocks
         self.timing: torch.Tensor | None = None
