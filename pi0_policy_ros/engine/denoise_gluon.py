@@ -11,9 +11,9 @@ writes, a gpu-scope fence, the CTA barrier, then one release arrival; readers ac
 action_in before and the final norm + head after stay the Triton kernels (`TritonDenoiseStep`).
 
 Needs every program resident at once (one per SM; nothing else on the GPU), a unit of every phase
-per SM (≥ 128 SMs: the H100 SXM and H200 have 132) and the full-size
-pi0.5 expert (width 1024, 8 query heads and 1 KV head of 256, mlp 4096) with ≤ 16 suffix tokens;
-`GluonDenoiseStep.supports` says whether a geometry fits. Weights are re-laid out once as
+per SM (≥ 128 SMs: the H100 SXM and H200 have 132) and the full-size pi0.5 expert (width 1024, 8
+query heads and 1 KV head of 256, mlp 4096) with ≤ 16 suffix tokens; `GluonDenoiseStep.supports`
+says whether a geometry fits. Weights are re-laid out once as
 [64, 256] tiles in consumption order (qkv tiles hold a head's two RoPE halves, gate_up tiles a
 gate and its up): 0.6 GB more GPU memory.
 
@@ -32,15 +32,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
-from pi0_policy_ros.engine.tables import StepTables
 from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
 
 WIDTH, HEAD_DIM, Q_HEADS, MLP = 1024, 256, 8, 4096
 TILE_N, TILE_K, TOKENS = 64, 256, 16  # weight tile rows × K; suffix tokens padded to 16 (the MMA's N)
-RING_SLOTS = 5  # × 32 KB; with the activation, P and scratch tiles: ~198 KB of shared memory
+RING_SLOTS = 5  # × 32 KB; with the activation, P and scratch tiles: 211 KB of shared memory (sm_90: 227)
 QKV_UNITS, QKV_KT = (Q_HEADS + 2) * HEAD_DIM // 2 // 32, WIDTH // TILE_K  # 40 units of 32 RoPE pairs
 OUT_UNITS, OUT_KT = WIDTH // TILE_N * Q_HEADS, HEAD_DIM // TILE_K  # 16 row blocks × 8 heads (K split)
 GU_UNITS, GU_KT = MLP // 32, WIDTH // TILE_K  # 32 (gate, up) pairs each
@@ -464,17 +464,17 @@ class GluonDenoiseStep:
         if not self.supports(w, shape):
             raise ValueError("the Gluon step needs the full-size pi0.5 expert and ≤ 16 suffix tokens")
         dev = plain.resid.device
+        self.programs = torch.cuda.get_device_properties(dev).multi_processor_count
+        row_blocks = -(-shape.suffix_len * Q_HEADS // 16)
+        units = max(OUT_UNITS, plain.n_splits * row_blocks)
+        if self.programs < units:
+            raise ValueError(f"the Gluon step runs one unit per SM: needs ≥ {units} SMs, found {self.programs}")
         self.tiles = tile_expert(w)
         layout = gl.NVMMASharedLayout.get_default_for([TILE_N, TILE_K], gl.bfloat16)
         self.w_desc = TensorDescriptor(self.tiles, list(self.tiles.shape), list(self.tiles.stride()), [TILE_N, TILE_K],
                                        layout)
         self.layouts = {"X_LAYOUT": gl.NVMMASharedLayout.get_default_for([16, 1024], gl.bfloat16),
                         "P_LAYOUT": gl.NVMMASharedLayout.get_default_for([16, 64], gl.bfloat16)}
-        self.programs = torch.cuda.get_device_properties(dev).multi_processor_count
-        row_blocks = -(-shape.suffix_len * Q_HEADS // 16)
-        units = max(OUT_UNITS, plain.n_splits * row_blocks)
-        if self.programs < units:
-            raise ValueError(f"the Gluon step runs one unit per SM: needs ≥ {units} SMs, found {self.programs}")
         self.counters = torch.zeros(shape.num_steps, dtype=torch.int32, device=dev)
         # TIMING builds only (`bench/gluon_step_profile.py`): int64 [programs, 16 · layers + 2] SM clocks
         self.timing: torch.Tensor | None = None
@@ -488,7 +488,6 @@ class GluonDenoiseStep:
 
     def run(self, buf: DeviceBuffers, step: int) -> None:
         p, tab, shape = self.plain, self.plain.tables, self.plain.shape
-        from pi0_policy_ros.engine import kernels_triton as K
         p._splitk(buf.x[step], p.w.action_in.weight, p.resid, K.EPI_STORE, bias=p.w.action_in.bias)
         self.counters[step].zero_()
         keys = buf.keys
