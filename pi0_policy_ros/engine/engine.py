@@ -74,6 +74,8 @@ class Engine:
         self.max_guidance_weight = max_guidance_weight
         self._vision_graphs: dict[PrefixRows, torch.cuda.CUDAGraph] = {}
         self._prefix_graphs: dict[PrefixRows, torch.cuda.CUDAGraph] = {}
+        # every layout an inference may plan → its (vision, prefix) graphs, twins resolved at capture
+        self._layout_graphs: dict[PrefixRows, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         self._denoise_graphs: list[torch.cuda.CUDAGraph] = []
         self.compact_prefix = compact_prefix
         self._flash_prefix = flash_varlen_usable(device, self.dtype)
@@ -188,12 +190,15 @@ class Engine:
         prefix's preparation) depends on the slots and prompt rows only, so a layout with and
         without `leading_keys` share one; where flash varlen is unusable (float32, a torch without
         flash) a `leading_keys` layout would repeat its masked twin and is not captured."""
-        layouts = self.shape.prefix_buckets() if self.compact_prefix else [self.shape.full_prefix]
         groups: dict[PrefixRows, list[PrefixRows]] = {}
-        for rows in layouts:
+        for rows in self._layouts():
             if rows == self._captured_layout(rows):
                 groups.setdefault(replace(rows, leading_keys=False), []).append(rows)
         return groups
+
+    def _layouts(self) -> list[PrefixRows]:
+        """Every prefix layout `plan_prefix` may return for this engine."""
+        return self.shape.prefix_buckets() if self.compact_prefix else [self.shape.full_prefix]
 
     def _captured_layout(self, rows: PrefixRows) -> PrefixRows:
         """The captured prefix layout that serves `rows`."""
@@ -260,6 +265,10 @@ class Engine:
                 self._vision_graphs[vision_rows] = capture(self._stage_fns(vision_rows)["vision"][0])
                 for rows in layouts:
                     self._prefix_graphs[rows] = capture(self._stage_fns(rows)["prefix"][0])
+            for rows in self._layouts():
+                captured = self._captured_layout(rows)
+                self._layout_graphs[rows] = (self._vision_graphs[replace(captured, leading_keys=False)],
+                                             self._prefix_graphs[captured])
             steps = self._stage_fns(self.shape.full_prefix)["denoise"]
             # the ten steps chained in one graph: one replay, and PDL edges across the step boundaries
             self._denoise_graphs = [capture(lambda: [step() for step in steps])]
@@ -306,9 +315,8 @@ class Engine:
         return self._replay(rows, t_start)
 
     def _stage_graphs(self, rows: PrefixRows) -> dict[str, list[torch.cuda.CUDAGraph]]:
-        rows = self._captured_layout(rows)
-        return {"vision": [self._vision_graphs[replace(rows, leading_keys=False)]],
-                "prefix": [self._prefix_graphs[rows]], "denoise": self._denoise_graphs}
+        vision, prefix = self._layout_graphs[rows]
+        return {"vision": [vision], "prefix": [prefix], "denoise": self._denoise_graphs}
 
     def _replay(self, rows: PrefixRows, t_start: float) -> np.ndarray:
         """Host timings besides the stage spans: `host_prepare` (batch check and pinned copies),
