@@ -164,6 +164,23 @@ def _residual_add(resid_ptr, gate, acc, row0, S, MMA: gl.constexpr):
                   sem="relaxed", scope="gpu")
 
 
+@gluon.jit
+def _normed_pair_unit(ring, ready, empty, x_smem, scratch, i, resid_ptr, mul_ptr, b_lo, b_hi, S, eps, tim_ptr,
+                      stamp, BL: gl.constexpr, BLT: gl.constexpr, MMA: gl.constexpr, TIMING: gl.constexpr):
+    """qkv's and gate_up's unit: RMSNorm(resid) × mul → 4 ring tiles → the two 32-row halves
+    (RoPE lo / hi, or gate / up) with the norm's row scale and their biases. TIMING: SM clocks
+    after the norm and after the MMAs at tim_ptr[stamp], [stamp + 1]."""
+    ss = _normed_rows_to_smem(resid_ptr, mul_ptr, x_smem, S, BL)
+    if TIMING:
+        gl.store(tim_ptr + stamp, _clock())
+    inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, BLT))
+    acc, i = _multiply_tiles(ring, ready, empty, x_smem, i, 4, MMA)
+    if TIMING:
+        gl.store(tim_ptr + stamp + 1, _clock())
+    lo, hi = _halves(acc, scratch, BLT)
+    return lo * inv[None, :] + b_lo[:, None], hi * inv[None, :] + b_hi[:, None], i
+
+
 # ---- the phases: one unit per program (programs ≥ units); what no other program writes is
 # ---- loaded before the phase's barrier, the rest in one round trip after it
 @gluon.jit
@@ -188,16 +205,8 @@ def _qkv_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers, res
     if layer > 0:  # the previous layer's down projection has finished the residual
         _grid_sync(cnt_ptr, target, tim_ptr, TIMING)
     if valid:
-        ss = _normed_rows_to_smem(resid_ptr, mul_ptr, x_smem, S, BL)
-        if TIMING:
-            gl.store(tim_ptr + 12 * n_layers + 2 + 4 * layer, _clock())
-        inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, BLT))
-        acc, i = _multiply_tiles(ring, ready, empty, x_smem, i, 4, MMA)
-        if TIMING:
-            gl.store(tim_ptr + 12 * n_layers + 3 + 4 * layer, _clock())
-        lo, hi = _halves(acc, scratch, BLT)
-        lo = lo * inv[None, :] + b_lo[:, None]
-        hi = hi * inv[None, :] + b_hi[:, None]
+        lo, hi, i = _normed_pair_unit(ring, ready, empty, x_smem, scratch, i, resid_ptr, mul_ptr, b_lo, b_hi, S, eps,
+                                      tim_ptr, 12 * n_layers + 2 + 4 * layer, BL, BLT, MMA, TIMING)
         if head <= 8:  # the q heads and the k head are rotated; v is not
             lo, hi = lo * c_lo - hi * s_lo, hi * c_hi + lo * s_hi
         if head < 8:
@@ -324,16 +333,8 @@ def _gate_up_phase(ring, ready, empty, x_smem, scratch, i, pid, layer, n_layers,
     b_up = gl.load(bias_ptr + 4096 + col, mask=(col < 4096) & valid, other=0.0)
     _grid_sync(cnt_ptr, target, tim_ptr, TIMING)
     if valid:
-        ss = _normed_rows_to_smem(resid_ptr, mul_ptr, x_smem, S, BL)
-        if TIMING:
-            gl.store(tim_ptr + 12 * n_layers + 4 + 4 * layer, _clock())
-        inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, BLT))
-        acc, i = _multiply_tiles(ring, ready, empty, x_smem, i, 4, MMA)
-        if TIMING:
-            gl.store(tim_ptr + 12 * n_layers + 5 + 4 * layer, _clock())
-        gate, up = _halves(acc, scratch, BLT)
-        gate = gate * inv[None, :] + b_gate[:, None]
-        up = up * inv[None, :] + b_up[:, None]
+        gate, up, i = _normed_pair_unit(ring, ready, empty, x_smem, scratch, i, resid_ptr, mul_ptr, b_gate, b_up, S,
+                                        eps, tim_ptr, 12 * n_layers + 4 + 4 * layer, BL, BLT, MMA, TIMING)
         act = _gelu_tanh(gate) * up
         gl.store(act_ptr + t[None, :] * 4096 + col[:, None], act.to(gl.bfloat16), mask=(t < S)[None, :])
     return i
