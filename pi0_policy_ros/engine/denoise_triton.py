@@ -15,11 +15,14 @@ programmatic dependent launch between the kernels (`pdl`); the weight tile on th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine.buffers import DeviceBuffers
@@ -28,7 +31,10 @@ from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
 from pi0_policy_ros.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 ATOMIC_SEMS = ("acq_rel", "relaxed")
+HEAD_STAGES = 3  # Triton's default pipeline depth, named so that `StageFit` can lower it
 ATTN_COMBINES = ("separate", "wide", "fused")
 
 
@@ -128,6 +134,38 @@ def _split_block_k(k: int, splits: int, block_k: int) -> int:
     return block
 
 
+class StageFit:
+    """Launches each kernel variant with the deepest software pipeline (`num_stages`) that fits
+    this GPU's shared memory. The configs are tuned on Hopper (227 KB a block); Jetson Orin and
+    A100 allow 163 KB, RTX 30xx-50xx 99 KB, and pi0's 64-row tiles need more than those at 4 stages
+    (`bench/compile_targets.py`). Triton refuses such a launch before it reaches the GPU
+    (`OutOfResources`), so the first launch of a variant (in warm-up, before any capture) steps
+    its stages down until it fits, and later launches reuse that depth."""
+
+    def __init__(self) -> None:
+        self.stages: dict[tuple, int] = {}
+
+    def launch(self, kernel: Any, grid: tuple[int, ...], *args: Any, num_stages: int, **meta: Any) -> None:
+        key = (kernel.__name__, tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+               tuple(sorted((k, v) for k, v in meta.items() if not isinstance(v, torch.Tensor))))
+        stages = self.stages.get(key, num_stages)
+        while True:
+            try:
+                kernel[grid](*args, num_stages=stages, **meta)
+                break
+            except OutOfResources as exc:
+                if exc.name != "shared memory" or stages == 1:
+                    raise ConfigError(f"denoise kernel {kernel.__name__} needs {exc.required} bytes of "
+                                      f"{exc.name} at {stages} pipeline stage(s); this GPU has {exc.limit}: use "
+                                      "denoise_kernels 'torch'") from exc
+                stages -= 1
+        if key not in self.stages:
+            self.stages[key] = stages
+            if stages < num_stages:
+                log.info("denoise kernel %s: %d pipeline stages need more shared memory than this GPU has; "
+                         "using %d", kernel.__name__, num_stages, stages)
+
+
 @dataclass
 class ForwardSaves:
     """What the forward keeps per layer for RTC's backward (`rtc_triton`); all else is recomputed.
@@ -185,6 +223,7 @@ class TritonDenoiseStep:
         self.pre = torch.zeros(shape.action_horizon, ec.width, dtype=f32, device=dev)
         self.dummy = torch.zeros(1, dtype=f32, device=dev)
         self.block_m = _block_m(s)
+        self.fit = StageFit()
         # PDL: sm_90+ (griddepcontrol) and compiled kernels only
         pdl = self.cfg.pdl and K.FENCE and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0)
         self.pdl_launch = {"PDL": True, "launch_pdl": True} if pdl else {}
@@ -223,8 +262,8 @@ class TritonDenoiseStep:
             raise ConfigError(f"K={k} is not a multiple of splits {splits} × BLOCK_K {block_k}")
         block_n = c.splitk_block_n
         grid = (triton.cdiv(n, block_n), splits)
-        K.linear_splitk_kernel[grid](
-            x, x.stride(0), w, self.dummy if bias is None else bias, self.dummy if gate is None else gate,
+        self.fit.launch(
+            K.linear_splitk_kernel, grid, x, x.stride(0), w, self.dummy if bias is None else bias, self.dummy if gate is None else gate,
             out, out.stride(0), m, n, k, k // splits,
             EPI=epi, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, IEEE=ieee,
             BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k, SEM=c.residual_atomic_sem,
@@ -246,14 +285,16 @@ class TritonDenoiseStep:
                 "HD": ec.head_dim, "BLOCK_M": self.block_m, "BLOCK_N": c.pair_block_n, "num_warps": c.pair_warps,
                 "num_stages": c.pair_stages}
         if splits == 1:
-            K.norm_linear_pair_kernel[(pairs // c.pair_block_n,)](
-                *args, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, BLOCK_K=c.pair_block_k,
+            self.fit.launch(
+                K.norm_linear_pair_kernel, (pairs // c.pair_block_n,), *args, x.shape[0], x.shape[1], ec.rms_norm_eps,
+                pair_offset, BLOCK_K=c.pair_block_k,
                 xsave_ptr=d if save_x is None else save_x, pre_ptr=d if save_pre is None else save_pre,
                 SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, SWAP=c.swap_ab, **meta,
                 **self.pdl_launch)
             return
-        K.norm_linear_pair_splitk_kernel[(pairs // c.pair_block_n, splits)](
-            *args, self.pair_part, self.counters, x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,
+        self.fit.launch(
+            K.norm_linear_pair_splitk_kernel, (pairs // c.pair_block_n, splits), *args, self.pair_part, self.counters,
+            x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,
             SPLITS=splits, FENCE=K.FENCE, BLOCK_K=_split_block_k(x.shape[1], splits, c.pair_block_k), **meta)
 
     def _attention(self, buf: DeviceBuffers, layer: int, q: torch.Tensor, out: torch.Tensor,
@@ -268,11 +309,10 @@ class TritonDenoiseStep:
                 "num_warps": c.attn_warps, "num_stages": 2}
         splits_p2 = triton.next_power_of_2(self.n_splits)
         if c.attn_combine == "fused":
-            K.attention_fused_kernel[grid](*args, out, self.counters, *scalars, self.n_splits,
-                                           SPLITS_P2=splits_p2, BLOCK_D=min(c.combine_block_d, ec.head_dim),
-                                           FENCE=K.FENCE, **meta)
+            self.fit.launch(K.attention_fused_kernel, grid, *args, out, self.counters, *scalars, self.n_splits,
+                            SPLITS_P2=splits_p2, BLOCK_D=min(c.combine_block_d, ec.head_dim), FENCE=K.FENCE, **meta)
             return
-        K.attention_split_kernel[grid](*args, *scalars, **meta, **self.pdl_launch)
+        self.fit.launch(K.attention_split_kernel, grid, *args, *scalars, **meta, **self.pdl_launch)
         grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
         if c.attn_combine == "wide":
             K.attention_combine_wide_kernel[grid](
@@ -326,17 +366,18 @@ class TritonDenoiseStep:
                 x_in, buf.x[step + 1])
         round_to = tl.float16 if self.q.dtype == torch.float16 else tl.bfloat16
         if c.head_splits == 1:
-            K.norm_head_kernel[(triton.cdiv(n, block_n),)](
-                *args, hrows.shape[0], n, k, ec.rms_norm_eps,
+            self.fit.launch(
+                K.norm_head_kernel, (triton.cdiv(n, block_n),), *args, hrows.shape[0], n, k, ec.rms_norm_eps,
                 HAS_MUL=ada, ROUND_TO=round_to, BLOCK_M=_block_m(hrows.shape[0]), BLOCK_N=block_n, BLOCK_K=128,
-                num_warps=4, **self.pdl_launch)
+                num_warps=4, num_stages=HEAD_STAGES, **self.pdl_launch)
             return
         block_m = _block_m(hrows.shape[0])
         block_kall = min(triton.next_power_of_2(k), max(128, 16384 // block_m))  # ≤ 128 fp32 registers a thread
         while k % block_kall:
             block_kall //= 2
-        K.norm_head_splitk_kernel[(triton.cdiv(n, block_n), c.head_splits)](
-            *args, self.head_part, self.counters, hrows.shape[0], n, k, ec.rms_norm_eps,
+        self.fit.launch(
+            K.norm_head_splitk_kernel, (triton.cdiv(n, block_n), c.head_splits), *args, self.head_part, self.counters,
+            hrows.shape[0], n, k, ec.rms_norm_eps,
             HAS_MUL=ada, ROUND_TO=round_to, SPLITS=c.head_splits, FENCE=K.FENCE, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=_split_block_k(k, c.head_splits, 128), BLOCK_KALL=block_kall, num_warps=4,
-            **self.pdl_launch)
+            num_stages=HEAD_STAGES, **self.pdl_launch)

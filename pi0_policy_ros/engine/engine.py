@@ -27,9 +27,11 @@ from pi0_policy_ros.engine.denoise import DenoiseChain, DenoiseStep, TorchDenois
 from pi0_policy_ros.engine.guidance import (EngineGuidance, GuidanceBuffers, RtcFastStep, RtcStep,
                                             check_rtc_mode)
 from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
+from pi0_policy_ros.engine.rowops import triton_available
 from pi0_policy_ros.engine.stages import PrefixStage, VisionStage, flash_varlen_usable
 from pi0_policy_ros.engine.tables import StepTables, build_step_tables
-from pi0_policy_ros.engine.types import EngineBatch, EngineShape, PrefixRows, check_precision, plan_prefix
+from pi0_policy_ros.engine.types import (EngineBatch, EngineShape, PrefixRows, check_precision, check_precision_on_gpu,
+                                        plan_prefix)
 from pi0_policy_ros.engine.weights import fuse_expert, fuse_prefix, fuse_vision
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model
@@ -41,6 +43,7 @@ MODES = ("auto", "graphs", "static", "eager")
 DENOISE_KERNELS = ("auto", "torch", "triton")
 STAGES = ("vision", "prefix", "denoise")
 _fallback_logged = False
+_no_triton_logged = False
 
 
 @dataclass
@@ -136,6 +139,8 @@ class Engine:
             mode = "graphs" if cuda else "eager"
         if mode == "graphs" and not cuda:
             raise ConfigError(f"mode 'graphs' needs CUDA; device {dev} (CUDA available: {torch.cuda.is_available()})")
+        if mode == "graphs":
+            check_precision_on_gpu(precision, torch.cuda.get_device_capability(dev), torch.cuda.get_device_name(dev))
         if mode == "eager":
             global _fallback_logged
             if not _fallback_logged:
@@ -178,11 +183,23 @@ class Engine:
         return plain
 
     def _want_triton(self, kernels: str) -> bool:
-        """`auto`: the Triton kernels on CUDA in bf16 (and fp8, whose expert is bf16)."""
+        """`auto`: the Triton kernels on CUDA in bf16 (and fp8, whose expert is bf16) where Triton is
+        installed (NVIDIA's Jetson torch wheels come without it); else the torch-op step, said once."""
         if kernels == "triton" and (self.dtype != torch.bfloat16 or self.device.type != "cuda"):
             raise ConfigError("the triton denoise kernels need CUDA and bf16 (precision 'bfloat16' or 'fp8')")
-        return kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
-                                       and self.dtype == torch.bfloat16)
+        if kernels == "triton" and not triton_available():
+            raise ConfigError("denoise_kernels 'triton' needs Triton, which is not installed: pip install the triton "
+                              "version that matches torch, or use denoise_kernels 'torch'")
+        wanted = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
+                                         and self.dtype == torch.bfloat16)
+        if wanted and not triton_available():
+            global _no_triton_logged
+            if not _no_triton_logged:
+                log.warning("Triton is not installed: the denoise chain runs as torch-op CUDA graphs, several times "
+                            "slower than the Triton kernels; pip install the triton version that matches torch")
+                _no_triton_logged = True
+            return False
+        return wanted
 
     # ---- stages ----------------------------------------------------------------------------
     def _buckets(self) -> dict[PrefixRows, list[PrefixRows]]:

@@ -200,3 +200,18 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"engine precision must be one of {PRECISIONS}, found {precision!r}")
     return precision
+
+
+# Oldest compute capability with the tensor-core formats each precision runs on: bf16 since Ampere
+# (sm_80; Jetson Orin is sm_87), FP8 e4m3 (`torch._scaled_mm`) since Ada (sm_89) and Hopper.
+MIN_CAPABILITY = {"bfloat16": (8, 0), "fp8": (8, 9), "float32": (0, 0)}
+
+
+def check_precision_on_gpu(precision: str, capability: tuple[int, int], gpu_name: str) -> None:
+    """A precision this GPU cannot run is refused at configure, naming what it needs, instead of
+    failing inside the first inference."""
+    need = MIN_CAPABILITY[check_precision(precision)]
+    if tuple(capability) < need:
+        fallback = "bfloat16" if tuple(capability) >= MIN_CAPABILITY["bfloat16"] else "float32"
+        raise ConfigError(f"precision {precision!r} needs a GPU of compute capability {need[0]}.{need[1]} or "
+                          f"newer; {gpu_name} is {capability[0]}.{capability[1]}: use precision {fallback!r}")

@@ -19,7 +19,7 @@ import torch
 from pi0_policy_ros.engine.backend import resolve_backend
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.guidance import EngineGuidance
-from pi0_policy_ros.engine.types import EngineBatch
+from pi0_policy_ros.engine.types import EngineBatch, check_precision_on_gpu
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
 from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
@@ -65,6 +65,9 @@ def _check_backend(config: PolicyConfig, device: torch.device) -> None:
             log.warning("backend auto: %s; using torch", message)
     if config.precision == "fp8" and device.type != "cuda":
         raise ConfigError("precision 'fp8' needs a CUDA device (torch._scaled_mm); use float32 or bfloat16 on the CPU")
+    if device.type == "cuda" and config.backend != "eager":
+        check_precision_on_gpu(config.precision, torch.cuda.get_device_capability(device),
+                               torch.cuda.get_device_name(device))
 
 
 def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -> Engine:

@@ -6,6 +6,8 @@ same inputs must give bit-identical outputs (a partial read before it landed wou
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ pytest.importorskip("triton")
 
 from pi0_policy_ros.engine import kernels_triton as K  # after the skip: needs triton
 from pi0_policy_ros.engine.denoise import TorchDenoiseStep
-from pi0_policy_ros.engine.denoise_triton import CANDIDATES, TritonConfig, TritonDenoiseStep
+from pi0_policy_ros.engine.denoise_triton import CANDIDATES, DEFAULT_CONFIG, TritonConfig, TritonDenoiseStep
 
 # bf16 on this small random model: the torch step (bf16 residual) and the kernels (float32
 # residual) differ by a few 1e-2 after 10 steps (test_engine_gpu.py); a variant may differ from the
@@ -157,3 +159,19 @@ def test_last_arriver_kernels_are_deterministic(inputs: StepInputs, splits: tupl
         for a, b in zip(first, want):
             scale = max(1.0, float(b.float().abs().max()))
             assert float((a.float() - b.float()).abs().max()) <= 1e-2 * scale, launch.__name__
+
+
+def test_pipelines_deeper_than_shared_memory_are_fitted() -> None:
+    """pi0's 64-row tiles at 8 stages need more than the H100's 227 KB a block (as 4 stages do on a
+    99 KB RTX card): `StageFit` launches them shallower, with the default config's results."""
+    inputs = _inputs(pi05=False)
+    n = inputs.shape.num_steps
+    deep = replace(DEFAULT_CONFIG, pair_stages=8, splitk_stages=8)
+    buf = inputs.fresh_buffers()
+    step = TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf, deep)
+    x = _chain(step, buf, n)
+    assert min(step.fit.stages.values()) < 8, step.fit.stages
+    buf = inputs.fresh_buffers()
+    default_x = _chain(TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf), buf, n)
+    assert torch.isfinite(x).all()
+    assert float((x - default_x).abs().max()) <= VARIANT_TOL

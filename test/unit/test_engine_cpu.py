@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
 from pi0_policy_ros.engine.tables import build_step_tables, suffix_attention_bias, suffix_pattern
-from pi0_policy_ros.engine.types import EngineBatch, EngineShape, PrefixRows, plan_prefix, random_batch
+from pi0_policy_ros.engine.types import (EngineBatch, EngineShape, PrefixRows, check_precision_on_gpu, plan_prefix,
+                                        random_batch)
 from pi0_policy_ros.engine.weights import fuse_expert, quantize_rows, to_fp8, Linear
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.model.checkpoint import random_model, read_safetensors
@@ -252,3 +253,45 @@ def test_fp8_prefix_quantizes_the_mlp_only() -> None:
         assert lw.gate_up.weight.dtype == torch.float8_e4m3fn and lw.gate_up.fast_accum
         assert lw.down.weight.dtype == torch.float8_e4m3fn and not lw.down.fast_accum
     assert layers[-1].qkv.scale is None and layers[-1].gate_up is None
+
+
+@pytest.mark.parametrize("precision, capability, name, fallback", [
+    ("fp8", (8, 7), "Orin", "bfloat16"),  # Jetson Orin: bf16 tensor cores, no FP8
+    ("fp8", (8, 6), "NVIDIA GeForce RTX 3090", "bfloat16"),
+    ("bfloat16", (7, 5), "Tesla T4", "float32"),
+    ("fp8", (7, 2), "Xavier", "float32"),
+])
+def test_precision_the_gpu_cannot_run_is_refused(precision, capability, name, fallback) -> None:
+    need = {"fp8": "8.9", "bfloat16": "8.0"}[precision]
+    with pytest.raises(ConfigError, match=rf"precision '{precision}' needs a GPU of compute capability {need} or "
+                                          rf"newer; {name} is {capability[0]}.{capability[1]}: use precision "
+                                          rf"'{fallback}'"):
+        check_precision_on_gpu(precision, capability, name)
+
+
+@pytest.mark.parametrize("precision, capability", [("fp8", (8, 9)), ("fp8", (9, 0)), ("bfloat16", (8, 0)),
+                                                   ("bfloat16", (8, 7)), ("float32", (7, 0)), ("fp8", (12, 0))])
+def test_precision_the_gpu_can_run_passes(precision, capability) -> None:
+    check_precision_on_gpu(precision, capability, "gpu")
+
+
+def test_auto_denoise_kernels_without_triton_use_torch_and_say_so_once(monkeypatch, caplog) -> None:
+    """NVIDIA's Jetson torch wheels ship without Triton: `auto` must not import it, `triton` must say
+    what is missing. (`_want_triton` only reads the engine's device and dtype.)"""
+    from types import SimpleNamespace
+
+    from pi0_policy_ros.engine import engine as engine_module
+
+    gpu_bf16 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    monkeypatch.setattr(engine_module, "_no_triton_logged", False)
+    monkeypatch.setattr(engine_module, "triton_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pi0_policy_ros.engine.engine"):
+        assert Engine._want_triton(gpu_bf16, "auto") is False
+        assert Engine._want_triton(gpu_bf16, "auto") is False
+    assert caplog.text.count("Triton is not installed") == 1
+    with pytest.raises(ConfigError, match="denoise_kernels 'triton' needs Triton, which is not installed"):
+        Engine._want_triton(gpu_bf16, "triton")
+    assert Engine._want_triton(gpu_bf16, "torch") is False
+    monkeypatch.setattr(engine_module, "triton_available", lambda: True)
+    assert Engine._want_triton(gpu_bf16, "auto") is True
+    assert Engine._want_triton(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32), "auto") is False
