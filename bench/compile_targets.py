@@ -89,12 +89,12 @@ def record_launches(pi05: bool, rtc: bool) -> list[Launch]:
     from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
     from pi0_policy_ros.engine.guidance import GuidanceBuffers
     from pi0_policy_ros.engine.rtc_triton import TritonRtcStep
-    from test.denoise_setup import make_step_inputs
     from pi0_policy_ros.model.config import GEMMA_2B, GEMMA_300M, SIGLIP_SMALL, get_preset
+    from test.denoise_setup import make_step_inputs  # needs PYTHONPATH=. (the repository root)
 
     cfg = get_preset("pi05" if pi05 else "pi0").replace(
-        siglip=dataclasses.replace(SIGLIP_SMALL, projection_dim=GEMMA_2B.width), paligemma=dataclasses.replace(GEMMA_2B, depth=1),
-        expert=dataclasses.replace(GEMMA_300M, depth=1))
+        siglip=dataclasses.replace(SIGLIP_SMALL, projection_dim=GEMMA_2B.width),
+        paligemma=dataclasses.replace(GEMMA_2B, depth=1), expert=dataclasses.replace(GEMMA_300M, depth=1))
     inputs = make_step_inputs(cfg, torch.bfloat16, "cpu")
     if rtc:  # the forward with its saves, then the hand-written backward's kernels
         guide = GuidanceBuffers.allocate(inputs.shape.action_horizon, inputs.shape.action_dim, torch.device("cpu"))

@@ -263,8 +263,8 @@ class TritonDenoiseStep:
         block_n = c.splitk_block_n
         grid = (triton.cdiv(n, block_n), splits)
         self.fit.launch(
-            K.linear_splitk_kernel, grid, x, x.stride(0), w, self.dummy if bias is None else bias, self.dummy if gate is None else gate,
-            out, out.stride(0), m, n, k, k // splits,
+            K.linear_splitk_kernel, grid, x, x.stride(0), w, self.dummy if bias is None else bias,
+            self.dummy if gate is None else gate, out, out.stride(0), m, n, k, k // splits,
             EPI=epi, HAS_BIAS=bias is not None, HAS_GATE=gate is not None, IEEE=ieee,
             BLOCK_M=_block_m(m), BLOCK_N=block_n, BLOCK_K=block_k, SEM=c.residual_atomic_sem,
             num_warps=c.splitk_warps, num_stages=c.splitk_stages, SWAP=c.swap_ab, **self.pdl_launch)
