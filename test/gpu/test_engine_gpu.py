@@ -178,3 +178,48 @@ def test_prefix_flash_varlen_equals_masked_attention() -> None:
         q.float().view(1, 1, p * heads, hd), k.float()[None, None, :valid], v.float()[None, None, :valid]).view(p, -1)
     assert float((masked - ref).abs().max()) <= 1e-2
     assert float((got - ref).abs().max()) <= 1e-2, float((got - ref).abs().max())
+
+
+_WITHOUT_TRITON = r"""
+import json, sys
+sys.modules["triton"] = None  # `import triton` raises ImportError, as with NVIDIA's Jetson torch wheels
+import numpy as np, torch
+from pi0_policy_ros.engine.engine import Engine
+from pi0_policy_ros.engine.types import EngineShape, random_batch
+from pi0_policy_ros.model.checkpoint import random_model
+from test.gpu.medium import medium_config
+from test.gpu.test_engine_gpu import _eager
+
+cfg = medium_config(True)
+model = random_model(cfg, "cuda", torch.bfloat16, seed=7)
+exact_model = random_model(cfg, "cuda", torch.float32, seed=7)
+shape = EngineShape.for_model(cfg)
+engine = Engine.create(model, shape, "cuda", "bfloat16")
+batch = random_batch(shape, 0, valid_slots=2, valid_tokens=20)
+got = engine.infer(batch)
+same, exact = _eager(model, batch, shape), _eager(exact_model, batch, shape)
+print(json.dumps({"mode": engine.mode, "kernels": engine.report.denoise_kernels,
+                  "diff": float(np.abs(got - same).max()), "eager_err": float(np.abs(same - exact).max()),
+                  "err": float(np.abs(got - exact).max())}))
+"""
+
+
+def test_engine_without_triton_runs_torch_graphs() -> None:
+    """Where Triton is missing (Jetson), `auto` captures the torch-op denoise step and torch row ops
+    instead, with one warning, and the actions are as correct as with the kernels. A process of its
+    own: this one has imported Triton already."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test.paths import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "graphs" and result["kernels"] == "torch", result
+    assert proc.stderr.count("Triton is not installed") == 1, proc.stderr[-3000:]
+    assert result["diff"] <= 2e-2 or result["err"] <= 2.0 * result["eager_err"], result
