@@ -157,7 +157,8 @@ class StageFit:
                 if exc.name != "shared memory" or stages == 1:
                     raise ConfigError(f"denoise kernel {kernel.__name__} needs {exc.required} bytes of "
                                       f"{exc.name} at {stages} pipeline stage(s); this GPU has {exc.limit}: use "
-                                      "denoise_kernels 'torch'") from exc
+                                      "the torch-op step (Engine.create(denoise_kernels='torch'), bench "
+                                      "--denoise-kernels torch)") from exc
                 stages -= 1
         if key not in self.stages:
             self.stages[key] = stages

@@ -72,7 +72,7 @@ def test_a_kernel_that_fits_runs_at_its_depth_silently(caplog) -> None:
 def test_no_depth_fits_is_a_clear_error() -> None:
     kernel = RefusingKernel(stage_bytes=200_000, limit=101_376)
     with pytest.raises(ConfigError, match=r"demo_kernel needs 200000 bytes of shared memory at 1 .*has 101376.*"
-                                          r"denoise_kernels 'torch'"):
+                                          r"torch-op step \(Engine.create\(denoise_kernels='torch'\)"):
         StageFit().launch(kernel, (1,), num_stages=3)
     assert kernel.attempts == [3, 2, 1]
 
