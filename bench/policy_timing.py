@@ -11,7 +11,9 @@ size for every camera of the profile.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -25,6 +27,15 @@ from pi0_policy_ros.policy.robots import get_profile
 from pi0_policy_ros.policy.types import Observation
 
 
+def _profile_prepare(policy: Policy, obs: Observation, calls: int = 50) -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        policy.network_batch(obs)
+    profiler.disable()
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(15)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="pi05_aloha")
@@ -35,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", default="bfloat16")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile-prepare", action="store_true",
+                        help="also print cProfile's top functions of the host-side preparation (network_batch)")
     args = parser.parse_args(argv)
     profile = get_profile(args.profile)
     config = PolicyConfig(model_preset=args.preset, robot_profile=args.profile, device=args.device,
@@ -58,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in chunk.timings_ms.items():
                 samples.setdefault(key, []).append(value)
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    if args.profile_prepare:
+        _profile_prepare(policy, obs)
     result = {"device": device, "profile": args.profile, "preset": args.preset,
               "image_hw": [args.height, args.width], "iterations": args.iterations, "build_s": round(build_s, 1),
               "wall_ms_p50": statistics.median(walls),

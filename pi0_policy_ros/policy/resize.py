@@ -133,8 +133,14 @@ def _resample_rows(x: np.ndarray, out_size: int) -> np.ndarray:
     """One PIL 8-bit pass along axis 0 of uint8 [in_size, M] -> uint8 [out_size, M]."""
     taps = _taps(x.shape[0], out_size)
     acc = np.full((out_size, x.shape[1]), _HALF, dtype=np.int32)
-    for j, rows in enumerate(taps.rows):  # tap j of every output pixel at once; exact in int32
-        acc += taps.fixed[:, j, None] * x[rows].astype(np.int32)
+    # Three buffers for the whole pass: large temporaries cost page faults (and under gVisor,
+    # mmap calls) on every tap.
+    rows = np.empty((out_size, x.shape[1]), dtype=np.uint8)
+    products = np.empty_like(acc)
+    for j, sources in enumerate(taps.rows):  # tap j of every output pixel at once; exact in int32
+        np.take(x, sources, axis=0, out=rows)
+        np.multiply(rows, taps.fixed[:, j, None], out=products)
+        acc += products
     acc >>= PRECISION_BITS  # arithmetic shift: floor, like PIL's clip8
     np.clip(acc, 0, 255, out=acc)
     return acc.astype(np.uint8)
