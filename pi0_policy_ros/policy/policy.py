@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,9 @@ class Policy:
         self.tokenizer = tokenizer
         self.engine: Engine | None = engine
         self.source = source
+        # Resizing the cameras (exact, on the CPU) is most of the host-side time per inference.
+        cameras = len(profile.camera_slots)
+        self._resize_pool = ThreadPoolExecutor(cameras, "pi0-resize") if cameras > 1 else None
 
     @classmethod
     def from_config(cls, config: PolicyConfig) -> Policy:
@@ -150,7 +154,7 @@ class Policy:
         """The network's inputs for one observation, and the robot-side state that the output
         transform needs."""
         cfg = self.model_config
-        prepared = prepare_inputs(self.profile, observation.images, np.asarray(observation.state))
+        prepared = prepare_inputs(self.profile, observation.images, np.asarray(observation.state), self._resize_pool)
         state = self.normalizer.normalize(STATE_KEY, prepared.state)
         prompt = observation.prompt or self.config.default_prompt
         if not prompt:
@@ -209,6 +213,9 @@ class Policy:
 
     def close(self) -> None:
         """Free the model (and GPU memory). Idempotent."""
+        if self._resize_pool is not None:
+            self._resize_pool.shutdown(wait=True)
+            self._resize_pool = None
         if self.engine is not None:
             self.engine = None  # drops the model, its fused weights, buffers and graphs
             if torch.cuda.is_available():

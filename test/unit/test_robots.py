@@ -244,3 +244,24 @@ def test_robot_actions_to_model_inverts_finalize_actions(name: str) -> None:
     np.testing.assert_allclose(back, model_side[:, : profile.action_dim], atol=1e-5)
     with pytest.raises(ObservationError, match=rf"expected actions \[H, {profile.action_dim}\]"):
         robot_actions_to_model(profile, robot[:, :-1], state)
+
+
+def test_parallel_resizing_gives_the_same_inputs_and_errors() -> None:
+    """`prepare_inputs` with an executor (what `Policy` passes: one thread per camera) resizes the
+    cameras concurrently; each slot gets exactly what the serial path gives it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    profile = get_profile("pi05_aloha")
+    images = {"cam_high": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+              "cam_left_wrist": rng.integers(0, 256, (240, 320, 3), dtype=np.uint8),
+              "cam_right_wrist": rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)}
+    serial = prepare_inputs(profile, images, np.zeros(14))
+    with ThreadPoolExecutor(3) as pool:
+        parallel = prepare_inputs(profile, images, np.zeros(14), pool)
+        assert parallel.image_masks == serial.image_masks
+        for slot in IMAGE_SLOTS:
+            np.testing.assert_array_equal(parallel.images[slot], serial.images[slot])
+        with pytest.raises(ObservationError, match="cam_left_wrist.*dtype float32"):
+            prepare_inputs(profile, {**images, "cam_left_wrist": np.zeros((224, 224, 3), np.float32)}, np.zeros(14),
+                           pool)
