@@ -18,8 +18,8 @@ would otherwise count against or for the load.
 Per phase: the control rate (chunk stamps received), the inputs the node took per second, their
 receipt delay as the node reports it (callback time minus header stamp, over windows of its last
 256 samples per source: p50 and p90 are the medians of the windows reported during the phase, p99
-their maximum), the inference and tick latency it reports (medians of the windows), and CPU in
-cores: this process, the robot, and the rest of the machine. A busy neighbour on a small machine
+their maximum), every latency it reports (medians of the windows: decode, infer and its policy /
+engine parts, plan, tick), and CPU in cores: this process, the robot, and the rest of the machine. A busy neighbour on a small machine
 skews every number, so `other` is reported to tell. RSS and thread count are sampled every 2 s
 through the loaded phase. The verdict is the issue's: loaded rate >= 0.95 x unloaded rate.
 """
@@ -235,7 +235,8 @@ def _phase(name: str, rates: Rates, seconds: float, warmup_s: float, node: Polic
         result.holds = _counter(last, "holds") - _counter(first, "holds")
         result.input_errors = _counter(last, "observation_errors") - _counter(first, "observation_errors")
     result.receipt_delay_ms = _summarise(reports, "input_delay_")
-    result.latency_ms = {k: v for k, v in _summarise(reports, "latency_").items() if k in ("infer", "tick", "decode")}
+    # every timing the node reports: decode, infer, plan, tick and the policy's and engine's parts
+    result.latency_ms = _summarise(reports, "latency_")
     return result
 
 
