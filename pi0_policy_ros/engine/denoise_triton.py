@@ -105,6 +105,19 @@ _SWAP = replace(_RUN4_DEFAULT, pdl=True, swap_ab=True)
 # The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL,
 # swap AB with 64-row split-K tiles split 8 ways, 4 pipeline stages.
 DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pair_stages=4, splitk_stages=4)
+# Long suffixes (pi0's 51 rows, pi0.5 with a 50-action horizon: 400+ attention rows): 128-key splits
+# of 128-key tiles and 32 rows per attention program, i.e. half the partials to combine. H100, chain of ten
+# steps (`bench/denoise_sweep.py`, runs 63-64): pi0 10.38 → 9.35 ms, pi0.5 at H = 50 10.62 → 9.35;
+# pi0.5 at H = 10 stays on the default (5.66 against 5.87 with these tiles).
+LONG_SUFFIX_CONFIG = replace(DEFAULT_CONFIG, attn_keys_per_split=128, attn_block_n=128, attn_block_r=32)
+LONG_SUFFIX_TOKENS = 32
+
+
+def default_config(suffix_len: int) -> TritonConfig:
+    """The engine's config for a suffix of `suffix_len` tokens (action rows, pi0's state row)."""
+    return LONG_SUFFIX_CONFIG if suffix_len >= LONG_SUFFIX_TOKENS else DEFAULT_CONFIG
+
+
 CANDIDATES: dict[str, TritonConfig] = {
     "run3": TritonConfig(),  # the kernels of run 3 (acq_rel atomics, separate combine)
     "relaxed": _RELAXED,
@@ -113,6 +126,7 @@ CANDIDATES: dict[str, TritonConfig] = {
     "run10_default": replace(_RUN4_DEFAULT, pdl=True),
     "swap": _SWAP,
     "engine_default": DEFAULT_CONFIG,
+    "long_suffix": LONG_SUFFIX_CONFIG,
     "default_no_pdl": replace(DEFAULT_CONFIG, pdl=False),
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
@@ -202,7 +216,7 @@ class TritonDenoiseStep:
         self.w = weights
         self.tables = tables
         self.shape = shape
-        self.cfg = config or DEFAULT_CONFIG
+        self.cfg = config or default_config(shape.suffix_len)
         self.saves = saves
         if saves is not None and not self.cfg.single_pass_kernels:
             raise ConfigError("saving activations for RTC needs qkv_splits = gate_up_splits = 1 and "

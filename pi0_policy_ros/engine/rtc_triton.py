@@ -26,6 +26,9 @@ from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
 
 
+BACKWARD_BLOCK_R, BACKWARD_BLOCK_N = 16, 64  # attention backward tiles; key splits are multiples of 64
+
+
 class TritonExpertVjp:
     """J_δᵀ·c for the step the forward (`saves` set) has just run: c [H, A] float32 → [H, A]."""
 
@@ -70,14 +73,15 @@ class TritonExpertVjp:
     def _attention(self, buf: DeviceBuffers, layer: int) -> None:
         f, sv, ec, c = self.fwd, self.fwd.saves, self.fwd.w.cfg, self.fwd.cfg
         keys = buf.keys[layer]
-        grid = (f.n_splits, triton.cdiv(f.rows, c.attn_block_r))
+        # The forward's key splits (its lse covers them), but the backward's own tiles: 16 rows and 64
+        # keys at hd 256 fit every GPU in one stage (3 stages ask for 232 KB, over the H100's limit).
+        grid = (f.n_splits, triton.cdiv(f.rows, BACKWARD_BLOCK_R))
         KB.attention_backward_kernel[grid](
             sv.q[layer], keys, buf.values[layer], buf.suffix_bias, sv.lse[layer], sv.attn[layer], self.do,
             self.dq, self.dk, self.dv, f.rows, keys.shape[0], f.shape.padded_prefix_len, c.attn_keys_per_split,
             buf.suffix_bias.stride(0), f.shape.suffix_len, ec.head_dim**-0.5,
-            HEADS=ec.num_heads, HD=ec.head_dim, BLOCK_R=c.attn_block_r, BLOCK_N=c.attn_block_n, num_warps=8,
-            num_stages=1)  # one key tile per program at 64 keys per split: nothing to pipeline (and hd 256
-        # at 3 stages asks for 232 KB of shared memory, over the H100's limit)
+            HEADS=ec.num_heads, HD=ec.head_dim, BLOCK_R=BACKWARD_BLOCK_R, BLOCK_N=BACKWARD_BLOCK_N, num_warps=8,
+            num_stages=1)
         KB.rope_backward_kernel[(f.shape.suffix_len, ec.num_heads + 2)](
             self.dq, self.dk, self.dv, buf.suffix_cos, buf.suffix_sin, self.dqkv, NQ=ec.num_heads, HD=ec.head_dim,
             num_warps=1)
