@@ -19,8 +19,8 @@ Per phase: the control rate (chunk stamps received), the inputs the node took pe
 receipt delay as the node reports it (callback time minus header stamp, over windows of its last
 256 samples per source: p50 and p90 are the medians of the windows reported during the phase, p99
 their maximum), every latency it reports (medians of the windows: decode, infer and its policy /
-engine parts, plan, tick), and CPU in cores: this process, the robot, and the rest of the machine. A busy neighbour on a small machine
-skews every number, so `other` is reported to tell. RSS and thread count are sampled every 2 s
+engine parts, plan, tick), and CPU in cores: this process, the robot, and the rest of the machine.
+A busy neighbour on a small machine skews every number, so `other` is reported to tell. RSS and thread count are sampled every 2 s
 through the loaded phase. The verdict is the issue's: loaded rate >= 0.95 x unloaded rate.
 """
 

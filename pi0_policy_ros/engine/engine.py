@@ -139,7 +139,7 @@ class Engine:
             mode = "graphs" if cuda else "eager"
         if mode == "graphs" and not cuda:
             raise ConfigError(f"mode 'graphs' needs CUDA; device {dev} (CUDA available: {torch.cuda.is_available()})")
-        if mode == "graphs":
+        if cuda and mode != "eager":
             check_precision_on_gpu(precision, torch.cuda.get_device_capability(dev), torch.cuda.get_device_name(dev))
         if mode == "eager":
             global _fallback_logged

@@ -26,7 +26,7 @@ from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
 
 
-BACKWARD_BLOCK_R, BACKWARD_BLOCK_N = 16, 64  # attention backward tiles; key splits are multiples of 64
+BACKWARD_BLOCK_R, BACKWARD_BLOCK_N = 16, 64  # attention backward tiles (any key split: the loop masks its end)
 
 
 class TritonExpertVjp:

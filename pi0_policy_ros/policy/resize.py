@@ -32,18 +32,18 @@ Public API:
 On another device the dense matrices give two matmuls: along the width `tmp = x @ Kw.T`, then
 along the height `out = Kh @ tmp`. For PIL's exact values use the fixed-point matrices,
 arithmetic that is exact on integers (int32, float64; float32 only with the weights split in
-two, e.g. `k = hi * 2**8 + lo`, and never TF32), and after *each* pass add 2**21, shift right by 22
-(floor) and clip to 0..255. Inexact shortcuts are off by at most one uint8 level, on noise 640x480 -> 224x168: the
-float64 matrices with one rounding at the end (like torch's antialiased bilinear) differ on ~11%
-of values, float32 matrices rounded after each pass on ~1%.
+two, e.g. `k = hi * 2**8 + lo`, and never TF32), and after *each* pass add 2**21, shift right by
+22 (floor) and clip to 0..255. Inexact shortcuts are off by at most one uint8 level, on noise
+640x480 -> 224x168: the float64 matrices with one rounding at the end (like torch's antialiased
+bilinear) differ on ~11% of values, float32 matrices rounded after each pass on ~1%.
 
 How the numpy passes stay exact and fast: a pass loops over the few tap positions j (3 for an
 enlargement, 7 for 640 -> 224), not over the output pixels: output pixel i adds
 `k[i, j] * x[start[i] + j]` for every i at once (a gather of rows, a multiply, an add) in int32. The
 weights of a pixel sum to 2**22 up to rounding (at most ksize / 2 more), so every partial sum stays
-below 255 * (2**22 + ksize) + 2**21 < 2**31: exact whatever the order. On the robot this is per
-camera per inference: 640x480 -> 224x168 takes ~2 ms on the 2-core CI machine, against ~11 ms for the earlier loop of
-one small matmul per output pixel.
+below 255 * (2**22 + ksize) + 2**21 < 2**31: exact whatever the order. On the robot this runs per
+camera per inference: 640x480 -> 224x168 takes ~2 ms on the 2-core CI machine, against ~11 ms for
+the earlier loop of one small matmul per output pixel.
 """
 
 from __future__ import annotations

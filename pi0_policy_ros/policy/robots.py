@@ -378,12 +378,9 @@ def prepare_inputs(profile: RobotProfile, images: Mapping[str, np.ndarray], stat
         resized = dict(zip(present, executor.map(resize_with_pad, present.values())))
     else:
         resized = {slot: resize_with_pad(image) for slot, image in present.items()}
-    slot_images: dict[str, np.ndarray] = {}
-    slot_masks: dict[str, bool] = {}
-    for slot in IMAGE_SLOTS:
-        slot_masks[slot] = slot in resized
-        slot_images[slot] = resized[slot] if slot in resized else np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3),
-                                                                           dtype=np.uint8)
+    black = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    slot_images = {slot: resized.get(slot, black) for slot in IMAGE_SLOTS}
+    slot_masks = {slot: slot in resized for slot in IMAGE_SLOTS}
     return PreparedInputs(images=slot_images, image_masks=slot_masks, state=transform_state(profile, state))
 
 
