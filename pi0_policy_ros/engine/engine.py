@@ -187,12 +187,12 @@ class Engine:
         installed (NVIDIA's Jetson torch wheels come without it); else the torch-op step, said once."""
         if kernels == "triton" and (self.dtype != torch.bfloat16 or self.device.type != "cuda"):
             raise ConfigError("the triton denoise kernels need CUDA and bf16 (precision 'bfloat16' or 'fp8')")
-        if kernels == "triton" and not triton_available():
-            raise ConfigError("denoise_kernels 'triton' needs Triton, which is not installed: pip install the triton "
-                              "version that matches torch, or use denoise_kernels 'torch'")
         wanted = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
                                          and self.dtype == torch.bfloat16)
         if wanted and not triton_available():
+            if kernels == "triton":
+                raise ConfigError("denoise_kernels 'triton' needs Triton, which is not installed: pip install the "
+                                  "triton version that matches torch, or use denoise_kernels 'torch'")
             global _no_triton_logged
             if not _no_triton_logged:
                 log.warning("Triton is not installed: the denoise chain runs as torch-op CUDA graphs (on the H100 "
@@ -210,12 +210,17 @@ class Engine:
         groups: dict[PrefixRows, list[PrefixRows]] = {}
         for rows in self._layouts():
             if rows == self._captured_layout(rows):
-                groups.setdefault(replace(rows, leading_keys=False), []).append(rows)
+                groups.setdefault(self._vision_layout(rows), []).append(rows)
         return groups
 
     def _layouts(self) -> list[PrefixRows]:
         """Every prefix layout `plan_prefix` may return for this engine."""
         return self.shape.prefix_buckets() if self.compact_prefix else [self.shape.full_prefix]
+
+    @staticmethod
+    def _vision_layout(rows: PrefixRows) -> PrefixRows:
+        """The key of the vision graph that serves `rows`: vision does not depend on `leading_keys`."""
+        return replace(rows, leading_keys=False)
 
     def _captured_layout(self, rows: PrefixRows) -> PrefixRows:
         """The captured prefix layout that serves `rows`."""
@@ -284,7 +289,7 @@ class Engine:
                     self._prefix_graphs[rows] = capture(self._stage_fns(rows)["prefix"][0])
             for rows in self._layouts():
                 captured = self._captured_layout(rows)
-                self._layout_graphs[rows] = (self._vision_graphs[replace(captured, leading_keys=False)],
+                self._layout_graphs[rows] = (self._vision_graphs[self._vision_layout(captured)],
                                              self._prefix_graphs[captured])
             steps = self._stage_fns(self.shape.full_prefix)["denoise"]
             # the ten steps chained in one graph: one replay, and PDL edges across the step boundaries
