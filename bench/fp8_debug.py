@@ -1,14 +1,10 @@
 """Run 70: the probe MLP of `bench/fp8_mlp_kernels.py` step by step on the GPU, and the down kernel's
 time with block and row scales. `PYTHONPATH=. python bench/fp8_debug.py`."""
-import torch, torch.nn.functional as F, time
+import torch, time
 from bench import fp8_mlp_kernels as M, fp8_mlp_kernels as K
-from pi0_policy_ros.engine.weights import Linear, to_fp8, quantize_rows, FP8_MAX
 dev = torch.device("cuda")
-g = torch.Generator().manual_seed(0)
 P, W, MLP = 544, 2048, 16384
-gu = to_fp8(Linear((torch.randn(2 * MLP, W, generator=g) / W**0.5).to(dev)))
-dn = to_fp8(Linear((torch.randn(W, MLP, generator=g) / MLP**0.5).to(dev)))
-x0 = (torch.randn(P, W, generator=g) * 4).to(dev, torch.bfloat16)
+gu, dn, x0 = K.probe_layer(dev, P, W, MLP)
 fp = M.Fp8Mlp(P, W, MLP, dev)
 x = x0.clone()
 # chain, step by step, as __call__ does

@@ -33,6 +33,23 @@ GROUP = 128  # columns sharing one activation scale: gate_up's column group = do
 
 
 @triton.jit
+def geglu_e4m3_epilogue(acc_g, acc_u, rm, rn, group, P, MLP, sx_ptr, sw_ptr, out_ptr, so_ptr, stride_out, stride_so,
+                         FP8_MAX: tl.constexpr):
+    """The gate and up sums of rows rm × columns rn (column group `group`) → GEGLU → e4m3 with one
+    scale per row of the group; the scales to so[rm, group]."""
+    rows_ok = rm < P
+    sx = tl.load(sx_ptr + rm, mask=rows_ok, other=0.0)
+    gate = acc_g * sx[:, None] * tl.load(sw_ptr + rn)[None, :]
+    up = acc_u * sx[:, None] * tl.load(sw_ptr + MLP + rn)[None, :]
+    act = _gelu_tanh(gate) * up
+    scale = tl.maximum(tl.max(tl.abs(act), axis=1), 1e-12) / FP8_MAX
+    q = tl.minimum(tl.maximum(act / scale[:, None], -FP8_MAX), FP8_MAX)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_out + rn[None, :], q.to(out_ptr.dtype.element_ty),
+             mask=rows_ok[:, None])
+    tl.store(so_ptr + rm * stride_so + group, scale, mask=rows_ok)
+
+
+@triton.jit
 def gate_up_geglu_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, so_ptr, P, K, MLP, stride_x, stride_w, stride_out,
                          stride_so, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
@@ -58,15 +75,8 @@ def gate_up_geglu_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, so_ptr, P, K, ML
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    sx = tl.load(sx_ptr + rm, mask=rows_ok, other=0.0)
-    gate = acc_g * sx[:, None] * tl.load(sw_ptr + rn)[None, :]
-    up = acc_u * sx[:, None] * tl.load(sw_ptr + MLP + rn)[None, :]
-    act = _gelu_tanh(gate) * up
-    scale = tl.maximum(tl.max(tl.abs(act), axis=1), 1e-12) / FP8_MAX
-    q = tl.minimum(tl.maximum(act / scale[:, None], -FP8_MAX), FP8_MAX)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_out + rn[None, :], q.to(out_ptr.dtype.element_ty),
-             mask=rows_ok[:, None])
-    tl.store(so_ptr + rm * stride_so + group, scale, mask=rows_ok)
+    geglu_e4m3_epilogue(acc_g, acc_u, rm, rn, group, P, MLP, sx_ptr, sw_ptr, out_ptr, so_ptr, stride_out, stride_so,
+                         FP8_MAX)
 
 
 @triton.jit
@@ -215,3 +225,15 @@ class Fp8Mlp:
         norm_rows_kernel[(x.shape[0],)](x, self.acc, out, scale, x.shape[1], x.stride(0), self.acc.stride(0),
                                         out.stride(0), eps, ADD_ACC=fold, CLEAR_ACC=clear, QUANT=quant,
                                         FP8_MAX=FP8_MAX, BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4)
+
+
+def probe_layer(device: torch.device, rows: int = 544, width: int = 2048, mlp: int = 16384, seed: int = 0
+                ) -> tuple[Linear, Linear, torch.Tensor]:
+    """The probes' layer: e4m3 gate_up [2·mlp, width] and down [width, mlp] from random normal
+    weights (1/√fan-in), and a bf16 residual [rows, width] of scale 4."""
+    gen = torch.Generator().manual_seed(seed)
+    from pi0_policy_ros.engine.weights import to_fp8
+    gate_up = to_fp8(Linear((torch.randn(2 * mlp, width, generator=gen) / width**0.5).to(device)))
+    down = to_fp8(Linear((torch.randn(width, mlp, generator=gen) / mlp**0.5).to(device)))
+    x0 = (torch.randn(rows, width, generator=gen) * 4).to(device, torch.bfloat16)
+    return gate_up, down, x0

@@ -15,10 +15,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from bench import fp8_mlp_kernels as K
 from bench import fp8_mlp_kernels as M
-from pi0_policy_ros.engine.kernels_triton import _gelu_tanh
-from pi0_policy_ros.engine.weights import Linear, quantize_rows, to_fp8
+from bench.fp8_mlp_kernels import geglu_e4m3_epilogue
+from pi0_policy_ros.engine.weights import quantize_rows
 
 
 @triton.jit
@@ -36,16 +35,8 @@ def gate_up_tma_kernel(x_desc, sx_ptr, w_desc, sw_ptr, out_ptr, so_ptr, P, K, ML
         acc_u = tl.dot(a, w_desc.load([MLP + off_n, k]).T, acc_u)
     rm = off_m + tl.arange(0, BLOCK_M)
     rn = off_n + tl.arange(0, GROUP_N)
-    rows_ok = rm < P
-    sx = tl.load(sx_ptr + rm, mask=rows_ok, other=0.0)
-    gate = acc_g * sx[:, None] * tl.load(sw_ptr + rn)[None, :]
-    up = acc_u * sx[:, None] * tl.load(sw_ptr + MLP + rn)[None, :]
-    act = _gelu_tanh(gate) * up
-    scale = tl.maximum(tl.max(tl.abs(act), axis=1), 1e-12) / FP8_MAX
-    q = tl.minimum(tl.maximum(act / scale[:, None], -FP8_MAX), FP8_MAX)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_out + rn[None, :], q.to(out_ptr.dtype.element_ty),
-             mask=rows_ok[:, None])
-    tl.store(so_ptr + rm * stride_so + group, scale, mask=rows_ok)
+    geglu_e4m3_epilogue(acc_g, acc_u, rm, rn, group, P, MLP, sx_ptr, sw_ptr, out_ptr, so_ptr, stride_out,
+                           stride_so, FP8_MAX)
 
 
 @triton.jit
@@ -94,11 +85,8 @@ def timed_us(fn, n: int = 50) -> float:
 
 def main() -> None:
     dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
     P, W, MLP = 544, 2048, 16384
-    gu = to_fp8(Linear((torch.randn(2 * MLP, W, generator=gen) / W**0.5).to(dev)))
-    dn = to_fp8(Linear((torch.randn(W, MLP, generator=gen) / MLP**0.5).to(dev)))
-    x0 = (torch.randn(P, W, generator=gen) * 4).to(dev, torch.bfloat16)
+    gu, dn, x0 = M.probe_layer(dev, P, W, MLP)
     # the whole-MLP error, as the check computes it, step by step
     fp = M.Fp8Mlp(P, W, MLP, dev)
     want_h = F.rms_norm(x0.float(), (W,), eps=1e-6)
