@@ -128,6 +128,9 @@ def norm_rows_kernel(x_ptr, acc_ptr, out_ptr, scale_ptr, N, stride_x, stride_acc
     if ADD_ACC:
         x = (x.to(tl.float32) + tl.load(acc_ptr + row * stride_acc + cols, mask=mask, other=0.0)).to(x.dtype)
         tl.store(x_ptr + row * stride_x + cols, x, mask=mask)
+    # The clear below is laid out 4 floats a thread, the load above 8 (to match bf16 x): without a
+    # barrier one warp zeroes values another has not loaded yet (runs 68-77: 5-20 of 20 folds wrong).
+    tl.debug_barrier()
     if CLEAR_ACC:
         tl.store(acc_ptr + row * stride_acc + cols, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
     v = x.to(tl.float32)

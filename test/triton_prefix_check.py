@@ -4,7 +4,8 @@ Run as `TRITON_INTERPRET=1 python -m test.triton_prefix_check` on the CPU, or wi
 on a GPU. Checks RoPE into q and the K/V cache rows (with and without q heads, a row count that
 is not a multiple of the row block), residual + bias + LayerNorm, GEGLU, and GEGLU + per-row e4m3
 quantization in its one-pass and two-pass forms (equal to each other, the row scales right, and on
-a GPU the values equal to the torch GEGLU within e4m3 rounding).
+a GPU the values equal to the torch GEGLU within e4m3 rounding), and the FP8 down projection with
+the residual in its epilogue.
 Exits non-zero on a mismatch.
 """
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pi0_policy_ros.engine import rowops
     from pi0_policy_ros.engine.tables import rope_tables
-    from pi0_policy_ros.engine.weights import FP8_MAX
+    from pi0_policy_ros.engine.weights import FP8_MAX, Linear, quantize_rows as quantize_rows_torch, to_fp8
 
     dev, dtype = torch.device(args.device), torch.float16
     gen = torch.Generator().manual_seed(0)
@@ -72,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     h = rowops.residual_layer_norm_triton(x, y, bias, 1e-6)
     report("residual+layernorm: x", float((x.float() - x_want).abs().max() / x_want.abs().max()), 1e-3)
     report("residual+layernorm: h", float((h.float() - h_want).abs().max()), 4e-3)
+    # FP8 down projection + residual (TMA descriptors): rows and columns past a tile's end (37 rows
+    # in 64-row tiles, 192 columns in 128-column tiles), against float32 math rounded once to x
+    w = torch.randn(192, 256, generator=gen) / 16
+    lin = to_fp8(Linear(w))
+    lin = Linear(lin.weight.to(dev), None, lin.scale.to(dev))
+    xq, sx = quantize_rows_torch(torch.randn(37, 256, generator=gen))
+    xq, sx = xq.to(dev), sx.to(dev)
+    x0 = (torch.randn(37, 192, generator=gen) * 4).to(dev, dtype)
+    y = (xq.float() * sx) @ (lin.weight.float() * lin.scale.t()).t()
+    want = (x0.float() + y).to(dtype).float()
+    x = x0.clone()
+    rowops.fp8_linear_residual_triton(x, xq, sx, lin)
+    # beyond one rounding step of x, relative to the products: the GPU's e4m3 tensor cores sum with
+    # fewer bits than float32 (~1e-4 of the largest output at K = 16384, notes attempt 29)
+    excess = ((x.float() - want).abs() - _ulp(want, dtype)).clamp(min=0)
+    report("fp8 linear + residual", float(excess.max() / y.abs().max()), 1e-3)
     if dev.type == "cuda":
         # Triton 3.6's interpreter rounds some values to e4m3 wrongly (126.2 → 64: the mantissa
         # carry is lost), so the quantized values are compared on the GPU only. e4m3 keeps 3
@@ -80,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         report("geglu+e4m3 vs torch geglu", float(((deq - want).abs() / (want.abs() + s1)).max()), 7e-2)
     print("ok" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` values at each |x| (its smallest normal's below it)."""
+    info = torch.finfo(dtype)
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=info.tiny)))) * info.eps
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Triton kernels for the denoise step (skinny M ≤ 64 rows, bandwidth bound), and the row kernels of
-vision and prefix (`rowops`).
+"""Triton kernels for the denoise step (skinny M ≤ 64 rows, bandwidth bound), and the row kernels and
+FP8 down projection of vision and prefix (`rowops`).
 
 Imported only by `denoise_triton` (never at package import), so the CPU CI never needs Triton.
 
@@ -11,6 +11,7 @@ Imported only by `denoise_triton` (never at package import), so the CPU CI never
 - `norm_head`: final norm → float32 output projection (dt folded) → x_next = x + W'h + b'.
 - `attention_split` + `attention_combine`: flash-decoding over the one KV head; the query rows
   are (token, head) pairs, so all heads share each K/V tile.
+- `fp8_linear_residual`: the FP8 prefix's down projection with the residual add in its epilogue.
 
 Split-K / split-KV variants with a last-arriver epilogue (`norm_linear_pair_splitk`,
 `attention_fused`, `norm_head_splitk`): every program stores its partial result to a float32
@@ -582,6 +583,30 @@ def quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, N, stride_x, stride_out, FP8
         x = tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
         tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, q.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def fp8_linear_residual_kernel(a_desc, sa_ptr, w_desc, sw_ptr, x_ptr, P, N, K, stride_x,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[P, N] += (a · sa) · (W · sw)ᵀ in place, rounded once to x's dtype: a [P, K] e4m3 with row
+    scales sa [P], W [N, K] e4m3 with row scales sw [N], both read through TMA descriptors of
+    [BLOCK_M | BLOCK_N, BLOCK_K] tiles (rows and columns past the ends read as 0). One program per
+    output tile, so the residual needs no atomics."""
+    num_m = tl.cdiv(P, BLOCK_M)
+    pid = tl.program_id(0)
+    # the row blocks of one column block are neighbours: its weight tiles come from HBM once
+    off_m, off_n = (pid % num_m) * BLOCK_M, (pid // num_m) * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        acc = tl.dot(a_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    mask = (rm < P)[:, None] & (rn < N)[None, :]
+    y = acc * tl.load(sa_ptr + rm, mask=rm < P, other=0.0)[:, None] * tl.load(sw_ptr + rn, mask=rn < N,
+                                                                                other=0.0)[None, :]
+    ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_x + rn[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, (x.to(tl.float32) + y).to(x.dtype), mask=mask)
 
 
 @triton.jit

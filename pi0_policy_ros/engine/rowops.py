@@ -1,5 +1,6 @@
 """Row-wise elementwise ops of vision and prefix: the residual add + LayerNorm of SigLIP, RoPE of the
-fused QKV output into q and the K/V cache, GEGLU, and per-token FP8 quantization.
+fused QKV output into q and the K/V cache, GEGLU, and per-token FP8 quantization; and the FP8
+prefix's down projection with the residual add in its epilogue.
 
 On CUDA with Triton they are single fused kernels (`kernels_triton`); elsewhere plain torch. In
 torch, GEGLU is three passes over the [P, 2·mlp] activations, and quantizing its output five more;
@@ -16,10 +17,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pi0_policy_ros.engine.weights import FP8_MAX, quantize_rows as quantize_rows_torch
+from pi0_policy_ros.engine.weights import FP8_MAX, Linear, fp8_linear, quantize_rows as quantize_rows_torch
 
 _BLOCK = 1024
 _ONE_PASS_MAX = 16384  # GEGLU + quantization keeps rows up to this long in registers (16 warps)
+# fp8_linear_residual's tiles (BLOCK_M, BLOCK_N, BLOCK_K), warps, stages: Gemma's down projection at
+# 544 rows in 45 µs against 59 for cuBLASLt + the add (H100, `bench/prefix_mlp_probe.py`, run 78)
+_FP8_RESIDUAL_CONFIG = ((64, 128, 128), 4, 4)
 
 
 @functools.cache
@@ -33,6 +37,11 @@ def triton_available() -> bool:
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
+
+
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -139,3 +148,27 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     K.quantize_rows_kernel[(x.shape[0],)](x, out, scale, x.shape[1], x.stride(0), out.stride(0),
                                           FP8_MAX=FP8_MAX, BLOCK=_BLOCK, num_warps=4)
     return out, scale
+
+
+def fp8_linear_residual(x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor], lin: Linear) -> None:
+    """x += (xq · sx) · (W · sw)ᵀ in place, for e4m3 rows `quantized` = (xq [P, K], sx [P, 1]) and an
+    FP8 `lin` without bias. On Hopper and newer one Triton kernel with the add in its epilogue (TMA
+    loads; one rounding of x); elsewhere cuBLASLt's row-scaled GEMM and an add."""
+    xq, sx = quantized
+    if _use_triton(x) and _has_tma(x.device.index or 0) and lin.bias is None and xq.shape[1] % 16 == 0:
+        fp8_linear_residual_triton(x, xq, sx, lin)
+    else:
+        x += fp8_linear(xq, lin, quantized)
+
+
+def fp8_linear_residual_triton(x: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, lin: Linear) -> None:
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from pi0_policy_ros.engine import kernels_triton as K
+    (bm, bn, bk), warps, stages = _FP8_RESIDUAL_CONFIG
+    p, n = x.shape
+    K.fp8_linear_residual_kernel[(triton.cdiv(p, bm) * triton.cdiv(n, bn),)](
+        TensorDescriptor.from_tensor(xq, [bm, bk]), sx, TensorDescriptor.from_tensor(lin.weight, [bn, bk]),
+        lin.scale, x, p, n, xq.shape[1], x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.preprocess import ResizePlan, preprocess_images
-from pi0_policy_ros.engine.rowops import geglu, geglu_quantized, residual_layer_norm, rope_qkv
+from pi0_policy_ros.engine.rowops import (fp8_linear_residual, geglu, geglu_quantized, residual_layer_norm,
+                                          rope_qkv)
 from pi0_policy_ros.engine.tables import rope_tables, suffix_attention_bias, suffix_positions
 from pi0_policy_ros.engine.types import EngineShape, PrefixRows
-from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWeights, fp8_linear
+from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWeights
 from pi0_policy_ros.model.gemma import MASK_VALUE
 
 
@@ -141,6 +142,6 @@ class PrefixStage:
             h = F.rms_norm(x, (cfg.width,), eps=cfg.rms_norm_eps)
             gu = lw.gate_up(h)
             if lw.down.scale is not None:
-                x += fp8_linear(gu, lw.down, quantized=geglu_quantized(gu))
+                fp8_linear_residual(x, geglu_quantized(gu), lw.down)
             else:
                 lw.down.add_into(x, geglu(gu))
