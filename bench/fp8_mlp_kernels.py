@@ -50,6 +50,20 @@ def geglu_e4m3_epilogue(acc_g, acc_u, rm, rn, group, P, MLP, sx_ptr, sw_ptr, out
 
 
 @triton.jit
+def gate_up_tma_sums(x_desc, w_desc, off_m, off_n, K, MLP, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """The gate and up sums of one [BLOCK_M, GROUP_N] tile from TMA descriptors of x [P, K] and
+    W = [gate; up] [2·MLP, K] (any dtype the MMA takes)."""
+    acc_g = tl.zeros([BLOCK_M, GROUP_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, GROUP_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = x_desc.load([off_m, k])
+        acc_g = tl.dot(a, w_desc.load([off_n, k]).T, acc_g)
+        acc_u = tl.dot(a, w_desc.load([MLP + off_n, k]).T, acc_u)
+    return acc_g, acc_u
+
+
+@triton.jit
 def gate_up_geglu_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, so_ptr, P, K, MLP, stride_x, stride_w, stride_out,
                          stride_so, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bench import fp8_mlp_kernels as M
-from bench.fp8_mlp_kernels import geglu_e4m3_epilogue
+from bench.fp8_mlp_kernels import gate_up_tma_sums, geglu_e4m3_epilogue
 from pi0_policy_ros.engine.weights import quantize_rows
 
 
@@ -27,12 +27,7 @@ def gate_up_tma_kernel(x_desc, sx_ptr, w_desc, sw_ptr, out_ptr, so_ptr, P, K, ML
     pid = tl.program_id(0)
     pid_m, group = pid % num_m, pid // num_m
     off_m, off_n = pid_m * BLOCK_M, group * GROUP_N
-    acc_g = tl.zeros([BLOCK_M, GROUP_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, GROUP_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        a = x_desc.load([off_m, k])
-        acc_g = tl.dot(a, w_desc.load([off_n, k]).T, acc_g)
-        acc_u = tl.dot(a, w_desc.load([MLP + off_n, k]).T, acc_u)
+    acc_g, acc_u = gate_up_tma_sums(x_desc, w_desc, off_m, off_n, K, MLP, BLOCK_M, GROUP_N, BLOCK_K)
     rm = off_m + tl.arange(0, BLOCK_M)
     rn = off_n + tl.arange(0, GROUP_N)
     geglu_e4m3_epilogue(acc_g, acc_u, rm, rn, group, P, MLP, sx_ptr, sw_ptr, out_ptr, so_ptr, stride_out,

@@ -4,7 +4,8 @@ stream from HBM as in the prefix), median of 20 replays, µs per call:
 
 - FP8 down with the residual in its epilogue (TMA loads, one scale per activation row as the
   engine's GEGLU kernel writes them, no split-K so each output tile is one program's: x += y in
-  place, no workspace): against `_scaled_mm` + the add;
+  place, no workspace): against `_scaled_mm` + the add. Since run 78 this is the engine's
+  `kernels_triton.fp8_linear_residual_kernel` (the probe's kernel plus a column mask);
 - bf16 gate_up with GEGLU in its epilogue (TMA): against cuBLAS gate_up + the GEGLU row kernel.
 
     PYTHONPATH=. python bench/prefix_mlp_probe.py
@@ -19,31 +20,13 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from bench.fp8_mlp_kernels import gate_up_tma_sums
+from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine import rowops
 from pi0_policy_ros.engine.kernels_triton import _gelu_tanh
 from pi0_policy_ros.engine.weights import Linear, fp8_linear, to_fp8
 
 ROWS, WIDTH, MLP, LAYERS, CALLS = 544, 2048, 16384, 4, 16
-
-
-@triton.jit
-def down_residual_tma_kernel(a_desc, sa_ptr, w_desc, sw_ptr, x_ptr, P, N, K, stride_x,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x[P, N] += (a · sa) · (W · sw)ᵀ: a [P, K] e4m3 with row scales sa [P], W [N, K] e4m3 with row
-    scales sw [N], x bf16 updated in place (rounded once)."""
-    num_m = tl.cdiv(P, BLOCK_M)
-    pid = tl.program_id(0)
-    off_m, off_n = (pid % num_m) * BLOCK_M, (pid // num_m) * BLOCK_N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        acc = tl.dot(a_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
-    rm = off_m + tl.arange(0, BLOCK_M)
-    rn = off_n + tl.arange(0, BLOCK_N)
-    rows_ok = rm < P
-    y = acc * tl.load(sa_ptr + rm, mask=rows_ok, other=0.0)[:, None] * tl.load(sw_ptr + rn)[None, :]
-    ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_x + rn[None, :]
-    x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
-    tl.store(ptrs, (x.to(tl.float32) + y).to(x.dtype), mask=rows_ok[:, None])
 
 
 @triton.jit
@@ -53,12 +36,7 @@ def gate_up_geglu_bf16_kernel(x_desc, w_desc, out_ptr, P, K, MLP, stride_out,
     num_m = tl.cdiv(P, BLOCK_M)
     pid = tl.program_id(0)
     off_m, off_n = (pid % num_m) * BLOCK_M, (pid // num_m) * GROUP_N
-    acc_g = tl.zeros([BLOCK_M, GROUP_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, GROUP_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        a = x_desc.load([off_m, k])
-        acc_g = tl.dot(a, w_desc.load([off_n, k]).T, acc_g)
-        acc_u = tl.dot(a, w_desc.load([MLP + off_n, k]).T, acc_u)
+    acc_g, acc_u = gate_up_tma_sums(x_desc, w_desc, off_m, off_n, K, MLP, BLOCK_M, GROUP_N, BLOCK_K)
     rm = off_m + tl.arange(0, BLOCK_M)
     rn = off_n + tl.arange(0, GROUP_N)
     act = _gelu_tanh(acc_g) * acc_u
@@ -109,7 +87,7 @@ def main() -> None:
         w_descs = [TensorDescriptor.from_tensor(d.weight, [bn, 128]) for d in downs]
 
         def run(i: int, x: torch.Tensor) -> None:
-            down_residual_tma_kernel[(triton.cdiv(ROWS, bm) * (WIDTH // bn),)](
+            K.fp8_linear_residual_kernel[(triton.cdiv(ROWS, bm) * (WIDTH // bn),)](
                 a_desc, sa, w_descs[i % LAYERS], downs[i % LAYERS].scale, x, ROWS, WIDTH, MLP, x.stride(0),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=warps, num_stages=stages)
 
@@ -121,7 +99,7 @@ def main() -> None:
                   f"(max |Δ| to cuBLASLt + add in float32: {err:.3f})", flush=True)
         except Exception as exc:  # noqa: BLE001 - a probe
             print(f"fp8 down residual tma bm{bm} bn{bn} s{stages}: {type(exc).__name__} {str(exc)[:90]}")
-    del downs
+    downs.clear()  # frees the FP8 weights before the bf16 ones
     # bf16 gate_up + GEGLU
     gate_ups = [torch.randn(2 * MLP, WIDTH, device=dev, dtype=torch.bfloat16) / WIDTH**0.5 for _ in range(LAYERS)]
     h = torch.randn(ROWS, WIDTH, device=dev, dtype=torch.bfloat16)
