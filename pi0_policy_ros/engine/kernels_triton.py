@@ -1,7 +1,8 @@
 """Triton kernels for the denoise step (skinny M ≤ 64 rows, bandwidth bound), and the row kernels and
 FP8 down projection of vision and prefix (`rowops`).
 
-Imported only by `denoise_triton` (never at package import), so the CPU CI never needs Triton.
+Imported only when used, by `denoise_triton` and `rowops` (never at package import), so the CPU CI
+never needs Triton.
 
 - `norm_linear_pair`: RMSNorm (×(1 + scale)) in the prologue, two column sets per program:
   RoPE pairs (d, d + hd/2) of each head for the fused QKV — writing q to a buffer and the suffix

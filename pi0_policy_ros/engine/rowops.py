@@ -155,7 +155,9 @@ def fp8_linear_residual(x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Te
     FP8 `lin` without bias. On Hopper and newer one Triton kernel with the add in its epilogue (TMA
     loads; one rounding of x); elsewhere cuBLASLt's row-scaled GEMM and an add."""
     xq, sx = quantized
-    if _use_triton(x) and _has_tma(x.device.index or 0) and lin.bias is None and xq.shape[1] % 16 == 0:
+    # TMA reads whole rows of 16-byte multiples: contiguous e4m3 rows of K % 16 == 0 bytes
+    tma_ok = xq.is_contiguous() and lin.weight.is_contiguous() and xq.shape[1] % 16 == 0
+    if _use_triton(x) and _has_tma(x.device.index or 0) and tma_ok and lin.bias is None and x.stride(1) == 1:
         fp8_linear_residual_triton(x, xq, sx, lin)
     else:
         x += fp8_linear(xq, lin, quantized)
