@@ -127,7 +127,7 @@ class PrefixStage:
             self.prepare(buf, rows)
         cfg = self.w.cfg
         pp = rows.rows(self.shape.tokens_per_image)
-        nh, hd = cfg.num_heads, cfg.head_dim
+        nh = cfg.num_heads
         x = buf.prefix_embs[:pp].clone()  # the residual stream, updated in place from here on
         cos, sin, bias = buf.prefix_cos[:pp], buf.prefix_sin[:pp], buf.prefix_bias[..., :pp]
         for i, lw in enumerate(self.w.layers):
