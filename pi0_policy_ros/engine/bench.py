@@ -26,7 +26,7 @@ import torch
 
 from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
 from pi0_policy_ros.engine.guidance import EngineGuidance
-from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, plan_prefix, random_batch
+from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, hopper_or_newer, plan_prefix, random_batch
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
 from pi0_policy_ros.model.config import PRESETS, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
@@ -215,7 +215,7 @@ def run_variants(engine: Engine, batch: EngineBatch) -> list[dict[str, object]]:
     for name, cfg in CANDIDATES.items():
         variants.append((f"triton {name}", TritonDenoiseStep(engine.expert_weights, engine.tables, engine.shape,
                                                               engine.buf, cfg)))
-    if engine.device.type == "cuda" and torch.cuda.get_device_capability(engine.device) >= (9, 0):
+    if hopper_or_newer(engine.device):
         from pi0_policy_ros.engine.denoise_gluon import GluonDenoiseStep
         if GluonDenoiseStep.supports(engine.expert_weights, engine.shape):
             try:  # one program per SM: needs ≥ 128 SMs

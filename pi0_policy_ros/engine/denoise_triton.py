@@ -27,7 +27,7 @@ from triton.runtime.errors import OutOfResources
 from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.tables import StepTables
-from pi0_policy_ros.engine.types import EngineShape
+from pi0_policy_ros.engine.types import EngineShape, hopper_or_newer
 from pi0_policy_ros.engine.weights import ExpertWeights
 from pi0_policy_ros.errors import ConfigError
 
@@ -240,7 +240,7 @@ class TritonDenoiseStep:
         self.block_m = _block_m(s)
         self.fit = StageFit()
         # PDL: sm_90+ (griddepcontrol) and compiled kernels only
-        pdl = self.cfg.pdl and K.FENCE and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0)
+        pdl = self.cfg.pdl and K.FENCE and hopper_or_newer(dev)
         self.pdl_launch = {"PDL": True, "launch_pdl": True} if pdl else {}
         # Last-arriver state: float32 partial slots (fully rewritten each launch) and int32
         # counters that every launch leaves at zero. One set serves all layers and both pair

@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from pi0_policy_ros.engine.types import hopper_or_newer
 from pi0_policy_ros.engine.weights import FP8_MAX, Linear, fp8_linear, quantize_rows as quantize_rows_torch
 
 _BLOCK = 1024
@@ -37,11 +38,6 @@ def triton_available() -> bool:
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
-
-
-@functools.cache
-def _has_tma(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
 def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -157,7 +153,7 @@ def fp8_linear_residual(x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Te
     xq, sx = quantized
     # TMA reads whole rows of 16-byte multiples: contiguous e4m3 rows of K % 16 == 0 bytes
     tma_ok = xq.is_contiguous() and lin.weight.is_contiguous() and xq.shape[1] % 16 == 0
-    if _use_triton(x) and _has_tma(x.device.index or 0) and tma_ok and lin.bias is None and x.stride(1) == 1:
+    if _use_triton(x) and hopper_or_newer(x.device) and tma_ok and lin.bias is None and x.stride(1) == 1:
         fp8_linear_residual_triton(x, xq, sx, lin)
     else:
         x += fp8_linear(xq, lin, quantized)

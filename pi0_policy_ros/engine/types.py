@@ -215,3 +215,8 @@ def check_precision_on_gpu(precision: str, capability: tuple[int, int], gpu_name
         fallback = "bfloat16" if tuple(capability) >= MIN_CAPABILITY["bfloat16"] else "float32"
         raise ConfigError(f"precision {precision!r} needs a GPU of compute capability {need[0]}.{need[1]} or "
                           f"newer; {gpu_name} is {capability[0]}.{capability[1]}: use precision {fallback!r}")
+
+
+def hopper_or_newer(device: torch.device) -> bool:
+    """A CUDA GPU of compute capability 9.0 or newer: TMA, wgmma and programmatic dependent launch."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)

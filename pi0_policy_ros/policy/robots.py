@@ -379,6 +379,7 @@ def prepare_inputs(profile: RobotProfile, images: Mapping[str, np.ndarray], stat
     else:
         resized = {slot: resize_with_pad(image) for slot, image in present.items()}
     black = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    black.flags.writeable = False  # one array serves every empty slot
     slot_images = {slot: resized.get(slot, black) for slot in IMAGE_SLOTS}
     slot_masks = {slot: slot in resized for slot in IMAGE_SLOTS}
     return PreparedInputs(images=slot_images, image_masks=slot_masks, state=transform_state(profile, state))
