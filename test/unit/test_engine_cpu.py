@@ -4,6 +4,7 @@ GPU-style preprocessing, and the eager fallback."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -239,6 +240,33 @@ def test_host_load_copies_the_computed_images_in_slot_order() -> None:
     np.testing.assert_array_equal(host.image_masks.numpy(), [True, True, False])
     host.load(batch, order)  # no slot count: every image
     np.testing.assert_array_equal(host.images[2].numpy(), batch.images[1])
+
+
+def test_upload_moves_every_input_and_the_computed_images_in_one_copy() -> None:
+    """Host and device share one slab layout: after one upload of `slots` images every input view
+    on the device equals the host's, the skipped slots' images stay as they were, and no two
+    inputs overlap."""
+    from pi0_policy_ros.engine.buffers import SlabLayout, allocate_device, allocate_host, upload
+    cfg = get_preset("pi05")
+    shape = EngineShape.for_model(cfg, num_slots=3, image_hw=(30, 40))
+    host = allocate_host(shape, pin=False)
+    dev = allocate_device(shape, cfg.paligemma, cfg.expert.width, torch.float32, torch.device("cpu"))
+    batch = random_batch(shape, 3, valid_slots=2, valid_tokens=7)
+    rows, order = plan_prefix(shape, batch.image_masks, batch.token_mask)
+    host.load(batch, order, rows.slots)
+    dev.images.fill_(77)
+    upload(host, dev, rows.slots)
+    for name in ("image_masks", "tokens", "token_mask", "state"):
+        torch.testing.assert_close(getattr(dev, name), getattr(host, name), rtol=0, atol=0)
+    torch.testing.assert_close(dev.x[0], torch.from_numpy(batch.noise), rtol=0, atol=0)
+    np.testing.assert_array_equal(dev.images[:2].numpy(), batch.images[:2])
+    assert (dev.images[2] == 77).all()  # the slot vision skips was not copied
+    layout = SlabLayout.for_shape(shape)
+    spans = sorted((off, off + int(np.prod(size)) * dtype.itemsize) for off, size, dtype in layout.fields.values())
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
+    assert layout.copied_bytes(rows.slots) == layout.nbytes - 30 * 40 * 3
+    upload(host, dev)  # no slot count: every image
+    np.testing.assert_array_equal(dev.images[2].numpy(), host.images[2].numpy())
 
 
 def test_fp8_prefix_quantizes_the_mlp_only() -> None:
