@@ -80,9 +80,8 @@ class TritonConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ConfigError(f"TritonConfig.{name} must be a power of two ≥ 1, found {value}")
-        if self.pdl and not self.single_pass_kernels:
-            raise ConfigError("pdl is implemented for the default kernels only: qkv_splits = gate_up_splits = 1 "
-                              f"and attn_combine 'wide', found {self}")
+        if self.pdl and self.attn_combine != "wide":
+            raise ConfigError(f"pdl is implemented for the 'wide' attention combine only, found {self}")
 
     @property
     def single_pass_kernels(self) -> bool:
@@ -130,6 +129,7 @@ CANDIDATES: dict[str, TritonConfig] = {
     "default_no_pdl": replace(DEFAULT_CONFIG, pdl=False),
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
+    "qkv_split2": replace(DEFAULT_CONFIG, qkv_splits=2),
 }
 
 
@@ -310,7 +310,8 @@ class TritonDenoiseStep:
         self.fit.launch(
             K.norm_linear_pair_splitk_kernel, (pairs // c.pair_block_n, splits), *args, self.pair_part, self.counters,
             x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,
-            SPLITS=splits, FENCE=K.FENCE, BLOCK_K=_split_block_k(x.shape[1], splits, c.pair_block_k), **meta)
+            SPLITS=splits, FENCE=K.FENCE, BLOCK_K=_split_block_k(x.shape[1], splits, c.pair_block_k), SWAP=c.swap_ab,
+            **meta, **self.pdl_launch)
 
     def _attention(self, buf: DeviceBuffers, layer: int, q: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor | None) -> None:

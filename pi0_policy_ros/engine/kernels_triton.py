@@ -215,10 +215,12 @@ def norm_linear_pair_splitk_kernel(
         M, K, eps, pair_offset, n_pairs,
         EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         SPLITS: tl.constexpr, FENCE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+        SWAP: tl.constexpr = False):
     """`norm_linear_pair` with K split over grid axis 1 (SPLITS programs per pair block, K/SPLITS
     each). Workspace `part` (float32): [SPLITS, 2, M, n_pairs] partial sums of the lo/hi columns,
     then [SPLITS, pair blocks, M] partial Σ x²; `cnt` int32 [pair blocks], zero between launches."""
+    _pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_blocks = tl.num_programs(0)
@@ -227,7 +229,7 @@ def norm_linear_pair_splitk_kernel(
     k_per_split = K // SPLITS
     k_start = pid_k * k_per_split
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_start + k_per_split,
-                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, x_ptr, False)
+                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, x_ptr, False, SWAP)
     rm = tl.arange(0, BLOCK_M)
     rp = p0 + tl.arange(0, BLOCK_N)
     mmask = rm[:, None] < M
