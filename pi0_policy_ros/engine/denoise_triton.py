@@ -70,6 +70,8 @@ class TritonConfig:
     pdl: bool = False
     # "Swap AB": the weight tile is the MMA's M side (`kernels_triton._pair_accumulate`).
     swap_ab: bool = False
+    # The pair kernels' Σ x² summed across columns once after the K loop, not per K tile (LATE_SS).
+    pair_late_norm_sum: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -130,6 +132,7 @@ CANDIDATES: dict[str, TritonConfig] = {
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
     "qkv_split2": replace(DEFAULT_CONFIG, qkv_splits=2),
+    "late_norm_sum": replace(DEFAULT_CONFIG, pair_late_norm_sum=True),
 }
 
 
@@ -298,7 +301,7 @@ class TritonDenoiseStep:
                 d if cos is None else cos, d if sin is None else sin)
         meta = {"EPI": epi, "HAS_MUL": mul is not None, "HAS_BIAS": bias is not None, "NQ": ec.num_heads,
                 "HD": ec.head_dim, "BLOCK_M": self.block_m, "BLOCK_N": c.pair_block_n, "num_warps": c.pair_warps,
-                "num_stages": c.pair_stages}
+                "num_stages": c.pair_stages, "LATE_SS": c.pair_late_norm_sum}
         if splits == 1:
             self.fit.launch(
                 K.norm_linear_pair_kernel, (pairs // c.pair_block_n,), *args, x.shape[0], x.shape[1], ec.rms_norm_eps,

@@ -106,15 +106,18 @@ def _pair_columns(p0, pair_offset, EPI: tl.constexpr, HD: tl.constexpr, BLOCK_N:
 @triton.jit
 def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col_lo, col_hi,
                      HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     xsave_ptr, SAVE_X: tl.constexpr, SWAP: tl.constexpr = False):
+                     xsave_ptr, SAVE_X: tl.constexpr, SWAP: tl.constexpr = False, LATE_SS: tl.constexpr = False):
     """(x ⊙ mul)·W over k in [k_start, k_end) for both column sets, and Σ x² of the rows there.
     RMSNorm is a per-row scale, so it is applied to the accumulators afterwards: one pass over x.
+    LATE_SS: the squares are summed elementwise in the loop and across the columns once after it,
+    instead of a cross-thread row sum (shuffles) in every K tile.
     SAVE_X: program 0 also copies the rows of x it reads to `xsave` [M, K] (RTC's backward).
     SWAP: the transposed product W·xᵀ, both column sets stacked into one [2·BLOCK_N, BLOCK_K]
     weight tile as the MMA's M side (64 rows at BLOCK_N 32: Hopper's wgmma), the few activation
     rows as its N side ("swap AB" for skinny GEMMs); same result, transposed back at the end."""
     rm = tl.arange(0, BLOCK_M)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     if SWAP:
         rows2 = tl.arange(0, 2 * BLOCK_N)
         w_rows = tl.where(rows2 < BLOCK_N, tl.min(col_lo, axis=0) + rows2, tl.min(col_hi, axis=0) + rows2 - BLOCK_N)
@@ -127,7 +130,10 @@ def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col
         xv = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0).to(tl.float32)
         if SAVE_X:
             tl.store(xsave_ptr + rm[:, None] * K + rk[None, :], xv, mask=(rm[:, None] < M) & (tl.program_id(0) == 0))
-        ss += tl.sum(xv * xv, axis=1)
+        if LATE_SS:
+            sq += xv * xv
+        else:
+            ss += tl.sum(xv * xv, axis=1)
         if HAS_MUL:
             xv = xv * tl.load(mul_ptr + rk)[None, :]
         a = xv.to(w_ptr.dtype.element_ty)
@@ -138,6 +144,8 @@ def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col
             w_hi = tl.load(w_ptr + col_hi[:, None] * K + rk[None, :])
             acc_lo += tl.dot(a, tl.trans(w_lo))
             acc_hi += tl.dot(a, tl.trans(w_hi))
+    if LATE_SS:
+        ss = tl.sum(sq, axis=1)
     if SWAP:
         lo_t, hi_t = tl.split(tl.permute(tl.reshape(acc_t, [2, BLOCK_N, BLOCK_M]), (1, 2, 0)))
         acc_lo = tl.trans(lo_t)
@@ -197,12 +205,12 @@ def norm_linear_pair_kernel(
         EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         xsave_ptr, pre_ptr, SAVE_X: tl.constexpr, SAVE_PRE: tl.constexpr, PDL: tl.constexpr = False,
-        SWAP: tl.constexpr = False):
+        SWAP: tl.constexpr = False, LATE_SS: tl.constexpr = False):
     _pdl_enter(PDL)
     p0 = tl.program_id(0) * BLOCK_N
     head, cin, col_lo, col_hi = _pair_columns(p0, pair_offset, EPI, HD, BLOCK_N)
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, 0, K, col_lo, col_hi,
-                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X, SWAP)
+                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X, SWAP, LATE_SS)
     _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
                    M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N,
                    pre_ptr, 2 * pair_offset, SAVE_PRE)
@@ -216,7 +224,7 @@ def norm_linear_pair_splitk_kernel(
         EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         SPLITS: tl.constexpr, FENCE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
-        SWAP: tl.constexpr = False):
+        SWAP: tl.constexpr = False, LATE_SS: tl.constexpr = False):
     """`norm_linear_pair` with K split over grid axis 1 (SPLITS programs per pair block, K/SPLITS
     each). Workspace `part` (float32): [SPLITS, 2, M, n_pairs] partial sums of the lo/hi columns,
     then [SPLITS, pair blocks, M] partial Σ x²; `cnt` int32 [pair blocks], zero between launches."""
@@ -229,7 +237,7 @@ def norm_linear_pair_splitk_kernel(
     k_per_split = K // SPLITS
     k_start = pid_k * k_per_split
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_start + k_per_split,
-                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, x_ptr, False, SWAP)
+                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, x_ptr, False, SWAP, LATE_SS)
     rm = tl.arange(0, BLOCK_M)
     rp = p0 + tl.arange(0, BLOCK_N)
     mmask = rm[:, None] < M
