@@ -104,8 +104,11 @@ _SPLIT = replace(_RELAXED, qkv_splits=4, gate_up_splits=4)  # 160 + 512 programs
 _RUN4_DEFAULT = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)
 _SWAP = replace(_RUN4_DEFAULT, pdl=True, swap_ab=True)
 # The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL,
-# swap AB with 64-row split-K tiles split 8 ways, 4 pipeline stages.
-DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pair_stages=4, splitk_stages=4)
+# swap AB with 64-row split-K tiles split 8 ways, 4 pipeline stages (5 in the pair kernels), and the
+# pair kernels' Σ x² summed after their K loop. The last two (runs 88-91, `bench/denoise_sweep.py`,
+# H100, same call): pi0.5 5.67-5.72 → 5.52 ms; pi0 9.38 → 9.12 (notes attempt 35).
+DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pair_stages=5, splitk_stages=4,
+                         pair_late_norm_sum=True)
 # Long suffixes (pi0's 51 rows, pi0.5 with a 50-action horizon: 400+ attention rows): 128-key splits
 # of 128-key tiles and 32 rows per attention program, i.e. half the partials to combine. H100, chain of ten
 # steps (`bench/denoise_sweep.py`, runs 63-64): pi0 10.38 → 9.35 ms, pi0.5 at H = 50 10.62 → 9.35;
@@ -132,7 +135,7 @@ CANDIDATES: dict[str, TritonConfig] = {
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
     "qkv_split2": replace(DEFAULT_CONFIG, qkv_splits=2),
-    "late_norm_sum": replace(DEFAULT_CONFIG, pair_late_norm_sum=True),
+    "per_tile_norm_sum": replace(DEFAULT_CONFIG, pair_late_norm_sum=False, pair_stages=4),  # the default until run 91
 }
 
 
