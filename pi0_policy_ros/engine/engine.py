@@ -1,8 +1,9 @@
 """`Engine`: configure once (fuse weights, precompute tables, allocate, warm up, capture), then
-every `infer` is pinned-host copies, a handful of CUDA graph replays and one sync.
+every `infer` is one pinned-host copy in, a handful of CUDA graph replays, one copy out and one sync.
 
 Modes:
-- `graphs` (CUDA): vision, prefix and each denoise step captured as CUDA graphs.
+- `graphs` (CUDA): vision and prefix captured as CUDA graphs per prefix layout, the chain of denoise
+  steps as one graph.
 - `static`: the same stage code run op by op on static buffers (any device; the CPU tests use it
   to check the engine's math against the eager model without a GPU).
 - `eager`: the model's own `sample_actions` (what runs where CUDA is missing).
