@@ -2,47 +2,25 @@
 over one KV head of 256), every backend torch offers, for the notes (attempt 32).
 
 Each variant is checked against float32 attention with the key mask (rows of the valid keys
-only), then timed as a CUDA graph of 18 calls (one per layer), median of 20 replays, in µs a call.
+only), then timed as a CUDA graph of 17 calls (one per layer but the KV-only last), median of 30 replays,
+in µs a call (`prefix_compact_micro.graph_time_us`; run 84 used 18 calls and 20 replays).
 
-Usage (GPU machine): python3 bench/prefix_attention_micro.py [--rows 544] [--valid 536] [--json OUT]
+Usage (GPU machine): PYTHONPATH=. python3 bench/prefix_attention_micro.py [--rows 544] [--valid 536] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-HEADS, HD, LAYERS = 8, 256, 18
+from bench.prefix_compact_micro import graph_time_us
 
-
-def graph_us(fn: Callable[[], object], calls: int = LAYERS, replays: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+HEADS, HD = 8, 256
 
 
 def main() -> None:
@@ -100,7 +78,7 @@ def main() -> None:
         try:
             out = to_rows(fn()).float()
             err = float((out - ref).abs().max()) if "timing_only" not in name else None
-            results[name] = {"us": graph_us(fn), "max_abs_err": err}
+            results[name] = {"us": graph_time_us(fn)[0], "max_abs_err": err}
         except (RuntimeError, NotImplementedError) as exc:  # a backend this build or shape lacks: recorded
             results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

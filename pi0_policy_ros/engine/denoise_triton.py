@@ -105,15 +105,19 @@ _RUN4_DEFAULT = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_bl
 _SWAP = replace(_RUN4_DEFAULT, pdl=True, swap_ab=True)
 # The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL,
 # swap AB with 64-row split-K tiles split 8 ways, 4 pipeline stages (5 in the pair kernels), and the
-# pair kernels' Σ x² summed after their K loop. The last two (runs 88-91, `bench/denoise_sweep.py`,
-# H100, same call): pi0.5 5.67-5.72 → 5.52 ms; pi0 9.38 → 9.12 (notes attempt 35).
+# pair kernels' Σ x² summed after their K loop. The last two (runs 88-90, `bench/denoise_sweep.py`,
+# H100, same call): pi0.5 5.67-5.72 → 5.52 ms (notes attempt 35; not in the long-suffix config below).
 DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pair_stages=5, splitk_stages=4,
                          pair_late_norm_sum=True)
 # Long suffixes (pi0's 51 rows, pi0.5 with a 50-action horizon: 400+ attention rows): 128-key splits
 # of 128-key tiles and 32 rows per attention program, i.e. half the partials to combine. H100, chain of ten
 # steps (`bench/denoise_sweep.py`, runs 63-64): pi0 10.38 → 9.35 ms, pi0.5 at H = 50 10.62 → 9.35;
-# pi0.5 at H = 10 stays on the default (5.66 against 5.87 with these tiles).
-LONG_SUFFIX_CONFIG = replace(DEFAULT_CONFIG, attn_keys_per_split=128, attn_block_n=128, attn_block_r=32)
+# pi0.5 at H = 10 stays on the default (5.66 against 5.87 with these tiles). The pair kernels keep
+# their per-tile Σ x² and 4 stages here: the late sum's [64, 128] float32 accumulator took pi0's
+# 9.38 ms to 9.13 on the H100 (run 91) but its pair kernel to 254 registers there and into spills
+# on sm_80-sm_120 (`bench/compile_targets.py`), none of which has been timed.
+LONG_SUFFIX_CONFIG = replace(DEFAULT_CONFIG, attn_keys_per_split=128, attn_block_n=128, attn_block_r=32,
+                             pair_late_norm_sum=False, pair_stages=4)
 LONG_SUFFIX_TOKENS = 32
 
 
