@@ -16,7 +16,8 @@ from pi0_policy_ros.engine.types import EngineBatch, EngineShape
 from pi0_policy_ros.model.config import GemmaConfig
 
 # The inputs' order in one slab of bytes, the same on the host and on the device, so that one copy
-# moves a whole batch (six copies cost ~0.1 ms of launch gaps on the H100 host, notes attempt 31).
+# moves a whole batch (on the H100 machines six copies spanned 0.06-0.18 ms of the GPU's timeline,
+# one spans 0.03-0.04: notes attempt 31).
 # x (the noise, then every step's output) comes along whole: each step writes its x before the
 # next step reads it, so the host bytes it carries there (14-70 KB) are never read. The images go
 # last: a copy that ends after the first `slots` images leaves the slots vision skips behind.

@@ -10,7 +10,7 @@ arriving program runs the epilogue (`qkv_splits`, `gate_up_splits`, `head_splits
 combine folded into its split kernel the same way, or made one load per operand
 (`attn_combine`); relaxed instead of acq_rel residual atomics (`residual_atomic_sem`);
 programmatic dependent launch between the kernels (`pdl`); the weight tile on the MMA's M side
-(`swap_ab`). `ForwardSaves` keeps what `rtc`'s hand-written backward needs (`rtc_triton`).
+(`swap_ab`); the norm's Σ x² summed once after the K loop (`pair_late_norm_sum`). `ForwardSaves` keeps what `rtc`'s hand-written backward needs (`rtc_triton`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class TritonConfig:
 
     @property
     def single_pass_kernels(self) -> bool:
-        """No split-K pair kernels and the wide combine: the kernels PDL and the RTC saves exist for."""
+        """No split-K pair kernels and the wide combine: the kernels RTC's saves exist for."""
         return self.qkv_splits == 1 and self.gate_up_splits == 1 and self.attn_combine == "wide"
 
 
@@ -114,8 +114,8 @@ DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pa
 # steps (`bench/denoise_sweep.py`, runs 63-64): pi0 10.38 → 9.35 ms, pi0.5 at H = 50 10.62 → 9.35;
 # pi0.5 at H = 10 stays on the default (5.66 against 5.87 with these tiles). The pair kernels keep
 # their per-tile Σ x² and 4 stages here: the late sum's [64, 128] float32 accumulator took pi0's
-# 9.38 ms to 9.13 on the H100 (run 91) but its pair kernel to 254 registers there and into spills
-# on sm_80-sm_120 (`bench/compile_targets.py`), none of which has been timed.
+# 9.38 ms to 9.13 on the H100 (run 91) but its pair kernel to 254-255 registers everywhere and into
+# spills on sm_86-sm_120 (`bench/compile_targets.py`), none of which has been timed.
 LONG_SUFFIX_CONFIG = replace(DEFAULT_CONFIG, attn_keys_per_split=128, attn_block_n=128, attn_block_r=32,
                              pair_late_norm_sum=False, pair_stages=4)
 LONG_SUFFIX_TOKENS = 32
@@ -139,7 +139,7 @@ CANDIDATES: dict[str, TritonConfig] = {
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
     "qkv_split2": replace(DEFAULT_CONFIG, qkv_splits=2),
-    "per_tile_norm_sum": replace(DEFAULT_CONFIG, pair_late_norm_sum=False, pair_stages=4),  # the default until run 91
+    "per_tile_norm_sum": replace(DEFAULT_CONFIG, pair_late_norm_sum=False, pair_stages=4),  # the default before a45dd55
 }
 
 
