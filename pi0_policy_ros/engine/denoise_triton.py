@@ -72,9 +72,6 @@ class TritonConfig:
     swap_ab: bool = False
     # The pair kernels' Σ x² summed across columns once after the K loop, not per K tile (LATE_SS).
     pair_late_norm_sum: bool = False
-    # The pair kernels' two K halves side by side on the MMA's M side (`_pair_accumulate_k_halves`:
-    # half the loop steps, 8 warps). Needs swap_ab and pair_late_norm_sum, K a multiple of 2·BLOCK_K.
-    pair_k_halves: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -85,8 +82,6 @@ class TritonConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ConfigError(f"TritonConfig.{name} must be a power of two ≥ 1, found {value}")
-        if self.pair_k_halves and not (self.swap_ab and self.pair_late_norm_sum and self.pair_warps == 8):
-            raise ConfigError(f"pair_k_halves needs swap_ab, pair_late_norm_sum and pair_warps 8, found {self}")
         if self.pdl and self.attn_combine != "wide":
             raise ConfigError(f"pdl is implemented for the 'wide' attention combine only, found {self}")
 
@@ -145,7 +140,6 @@ CANDIDATES: dict[str, TritonConfig] = {
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
     "qkv_split2": replace(DEFAULT_CONFIG, qkv_splits=2),
     "per_tile_norm_sum": replace(DEFAULT_CONFIG, pair_late_norm_sum=False, pair_stages=4),  # the default before a45dd55
-    "k_halves": replace(DEFAULT_CONFIG, pair_k_halves=True, pair_warps=8, pair_stages=4),
 }
 
 
@@ -240,9 +234,6 @@ class TritonDenoiseStep:
         ec = weights.cfg
         if ec.head_dim // 2 % self.cfg.pair_block_n:
             raise ConfigError(f"pair_block_n {self.cfg.pair_block_n} must divide head_dim/2 = {ec.head_dim // 2}")
-        if self.cfg.pair_k_halves and ec.width % (2 * self.cfg.pair_block_k):
-            raise ConfigError(f"pair_k_halves needs the width {ec.width} to be a multiple of 2 × pair_block_k "
-                              f"{self.cfg.pair_block_k}")
         dev = buf.x.device
         s = shape.suffix_len
         self.rows = s * ec.num_heads
@@ -323,8 +314,8 @@ class TritonDenoiseStep:
                 K.norm_linear_pair_kernel, (pairs // c.pair_block_n,), *args, x.shape[0], x.shape[1], ec.rms_norm_eps,
                 pair_offset, BLOCK_K=c.pair_block_k,
                 xsave_ptr=d if save_x is None else save_x, pre_ptr=d if save_pre is None else save_pre,
-                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, SWAP=c.swap_ab, K_HALVES=c.pair_k_halves,
-                **meta, **self.pdl_launch)
+                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, SWAP=c.swap_ab, **meta,
+                **self.pdl_launch)
             return
         self.fit.launch(
             K.norm_linear_pair_splitk_kernel, (pairs // c.pair_block_n, splits), *args, self.pair_part, self.counters,

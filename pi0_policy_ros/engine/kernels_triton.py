@@ -154,49 +154,6 @@ def _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_end, col
 
 
 @triton.jit
-def _pair_accumulate_k_halves(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, col_lo, col_hi,
-                              HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, xsave_ptr, SAVE_X: tl.constexpr):
-    """`_pair_accumulate` (swap AB, Σ x² after the loop) over all of K in half the loop steps: K's
-    two halves sit side by side on the MMA's M side. The [2·BLOCK_N, K] weight block is read as
-    [4·BLOCK_N, K/2] (rows 2·BLOCK_N.. hold the second half) and the activation tile as
-    [2·BLOCK_M, K/2] (rows BLOCK_M.. hold the second half), so each step is one MMA of
-    4·BLOCK_N × 2·BLOCK_M (two warpgroups: 8 warps), and the product is the sum of its two diagonal
-    blocks. The off-diagonal blocks are wasted MMA work, which the tensor cores have to spare at
-    these few rows; what it buys is half the dependent steps, each with twice the loads in flight."""
-    half = K // 2
-    r4 = tl.arange(0, 4 * BLOCK_N)
-    rr = r4 % (2 * BLOCK_N)
-    w_rows = tl.where(rr < BLOCK_N, tl.min(col_lo, axis=0) + rr, tl.min(col_hi, axis=0) + rr - BLOCK_N)
-    w_koff = (r4 // (2 * BLOCK_N)) * half
-    r2 = tl.arange(0, 2 * BLOCK_M)
-    xr = r2 % BLOCK_M
-    x_koff = (r2 // BLOCK_M) * half
-    xmask = xr[:, None] < M
-    sq = tl.zeros([2 * BLOCK_M, BLOCK_K], dtype=tl.float32)
-    acc = tl.zeros([4 * BLOCK_N, 2 * BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, half, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        xk = x_koff[:, None] + rk[None, :]
-        xv = tl.load(x_ptr + xr[:, None] * stride_xm + xk, mask=xmask, other=0.0).to(tl.float32)
-        if SAVE_X:
-            tl.store(xsave_ptr + xr[:, None] * K + xk, xv, mask=xmask & (tl.program_id(0) == 0))
-        sq += xv * xv
-        if HAS_MUL:
-            xv = xv * tl.load(mul_ptr + xk)
-        w = tl.load(w_ptr + w_rows[:, None] * K + (w_koff[:, None] + rk[None, :]))
-        acc += tl.dot(w, tl.trans(xv.to(w_ptr.dtype.element_ty)))
-    ss = tl.sum(tl.reshape(tl.sum(sq, axis=1), [2, BLOCK_M]), axis=0)
-    # acc[kh·2·BLOCK_N + r, xh·BLOCK_M + m]: keep the blocks where kh = xh
-    blocks = tl.permute(tl.reshape(acc, [2, 2 * BLOCK_N, 2, BLOCK_M]), (1, 3, 0, 2))  # [r, m, kh, xh]
-    xh0, xh1 = tl.split(blocks)
-    first, _ = tl.split(xh0)
-    _, second = tl.split(xh1)
-    lo_t, hi_t = tl.split(tl.permute(tl.reshape(first + second, [2, BLOCK_N, BLOCK_M]), (1, 2, 0)))
-    return tl.trans(lo_t), tl.trans(hi_t), ss
-
-
-@triton.jit
 def _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
                    M, K, eps, p0, head, cin, col_lo, col_hi,
                    EPI: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
@@ -248,16 +205,12 @@ def norm_linear_pair_kernel(
         EPI: tl.constexpr, HAS_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         xsave_ptr, pre_ptr, SAVE_X: tl.constexpr, SAVE_PRE: tl.constexpr, PDL: tl.constexpr = False,
-        SWAP: tl.constexpr = False, LATE_SS: tl.constexpr = False, K_HALVES: tl.constexpr = False):
+        SWAP: tl.constexpr = False, LATE_SS: tl.constexpr = False):
     _pdl_enter(PDL)
     p0 = tl.program_id(0) * BLOCK_N
     head, cin, col_lo, col_hi = _pair_columns(p0, pair_offset, EPI, HD, BLOCK_N)
-    if K_HALVES:
-        acc_lo, acc_hi, ss = _pair_accumulate_k_halves(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, col_lo, col_hi,
-                                                       HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X)
-    else:
-        acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, 0, K, col_lo, col_hi,
-                                              HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X, SWAP, LATE_SS)
+    acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, 0, K, col_lo, col_hi,
+                                          HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, xsave_ptr, SAVE_X, SWAP, LATE_SS)
     _pair_epilogue(acc_lo, acc_hi, ss, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
                    M, K, eps, p0, head, cin, col_lo, col_hi, EPI, HAS_BIAS, NQ, HD, BLOCK_M, BLOCK_N,
                    pre_ptr, 2 * pair_offset, SAVE_PRE)
