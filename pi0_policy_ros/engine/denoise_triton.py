@@ -10,7 +10,8 @@ arriving program runs the epilogue (`qkv_splits`, `gate_up_splits`, `head_splits
 combine folded into its split kernel the same way, or made one load per operand
 (`attn_combine`); relaxed instead of acq_rel residual atomics (`residual_atomic_sem`);
 programmatic dependent launch between the kernels (`pdl`); the weight tile on the MMA's M side
-(`swap_ab`); the norm's Σ x² summed once after the K loop (`pair_late_norm_sum`). `ForwardSaves` keeps what `rtc`'s hand-written backward needs (`rtc_triton`).
+(`swap_ab`); the norm's Σ x² summed once after the K loop (`pair_late_norm_sum`). `ForwardSaves`
+keeps what `rtc`'s hand-written backward needs (`rtc_triton`).
 """
 
 from __future__ import annotations

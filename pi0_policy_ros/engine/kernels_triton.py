@@ -237,7 +237,8 @@ def norm_linear_pair_splitk_kernel(
     k_per_split = K // SPLITS
     k_start = pid_k * k_per_split
     acc_lo, acc_hi, ss = _pair_accumulate(x_ptr, stride_xm, w_ptr, mul_ptr, M, K, k_start, k_start + k_per_split,
-                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, x_ptr, False, SWAP, LATE_SS)
+                                          col_lo, col_hi, HAS_MUL, BLOCK_M, BLOCK_N, BLOCK_K, x_ptr, False, SWAP,
+                                          LATE_SS)
     rm = tl.arange(0, BLOCK_M)
     rp = p0 + tl.arange(0, BLOCK_N)
     mmask = rm[:, None] < M
