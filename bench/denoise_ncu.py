@@ -3,7 +3,8 @@ cudaProfilerStart / Stop, for Nsight Compute to read the step's kernels' counter
 
 Usage (GPU machine):
     ncu --profile-from-start off --clock-control none --cache-control none --launch-count 8 \
-        --section SpeedOfLight --section WarpStateStats ... python3 bench/denoise_ncu.py
+        --section SpeedOfLight --section WarpStateStats ... python3 bench/denoise_ncu.py   (PYTHONPATH=.; the
+    exact command of run 86 is in bench/results/README_engine.md)
 """
 
 from __future__ import annotations
