@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from pi0_policy_ros.engine import rowops
 from bench.fp8_mlp_kernels import Fp8Mlp, Fp8MlpConfig
+from bench.graph_timing import graph_time_us
 from pi0_policy_ros.engine.weights import Linear, fp8_linear, to_fp8
 
 WIDTH, MLP, LAYERS, CALLS, EPS = 2048, 16384, 4, 16, 1e-6
@@ -32,22 +32,7 @@ DOWN = [(128, 128, 4, 8, 4), (128, 128, 8, 8, 4), (128, 128, 2, 8, 4), (128, 128
 
 def graph_time(fn: Callable[[int], None], calls: int = CALLS) -> float:
     """ms per call of fn(i), i = 0..calls-1, captured in one graph."""
-    for i in range(calls):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    times = []
-    for _ in range(30):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+    return graph_time_us(fn, calls)[0] / 1e3
 
 
 def main() -> None:

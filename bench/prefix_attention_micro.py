@@ -3,7 +3,7 @@ over one KV head of 256), every backend torch offers, for the notes (attempt 32)
 
 Each variant is checked against float32 attention with the key mask (rows of the valid keys
 only), then timed as a CUDA graph of 17 calls (one per layer but the KV-only last), median of 30 replays,
-in µs a call (`prefix_compact_micro.graph_time_us`; run 84 used 18 calls and 20 replays).
+in µs a call (`graph_timing.graph_time_us`; run 84 used 18 calls and 20 replays).
 
 Usage (GPU machine): PYTHONPATH=. python3 bench/prefix_attention_micro.py [--rows 544] [--valid 536] [--json OUT]
 """
@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.prefix_compact_micro import graph_time_us
+from bench.graph_timing import graph_time_us
 
 HEADS, HD = 8, 256
+LAYERS = 17  # attention calls a prefix makes (the last layer only writes K/V)
 
 
 def main() -> None:
@@ -78,7 +79,7 @@ def main() -> None:
         try:
             out = to_rows(fn()).float()
             err = float((out - ref).abs().max()) if "timing_only" not in name else None
-            results[name] = {"us": graph_time_us(fn)[0], "max_abs_err": err}
+            results[name] = {"us": graph_time_us(lambda _: fn(), LAYERS)[0], "max_abs_err": err}
         except (RuntimeError, NotImplementedError) as exc:  # a backend this build or shape lacks: recorded
             results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -13,36 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.graph_timing import graph_time_us
+
 ROWS, VALID, HEADS, HD, LAYERS = 544, 536, 8, 256, 17
-
-
-def graph_time_us(fn: Callable[[], torch.Tensor], calls: int = LAYERS) -> tuple[float, torch.Tensor]:
-    """Median replay time per call of `calls` calls of `fn` captured in one CUDA graph, and its output."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            out = fn()
-    times = []
-    for _ in range(30):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times), out
 
 
 def main() -> None:
@@ -86,7 +64,7 @@ def main() -> None:
     out: dict[str, dict[str, float]] = {}
     for name, fn in variants.items():
         try:
-            us, got = graph_time_us(fn)
+            us, got = graph_time_us(lambda _: fn(), LAYERS)
             err = float((got.float() - ref).abs().max())
             out[name] = {"us_per_call": us, "max_abs_vs_fp32_masked": err}
             print(f"{name:<52}{us:8.1f} us  max|Δ| {err:.2e}", flush=True)
@@ -102,7 +80,7 @@ def main() -> None:
             K.geglu_rows_kernel[(ROWS,)](gu, act, act, 16384, gu.stride(0), act.stride(0), QUANT=False, FP8_MAX=448.0,
                                          BLOCK=block, ONE_PASS=False, num_warps=warps)
             return act
-        us, got = graph_time_us(geglu)
+        us, got = graph_time_us(lambda _: geglu(), LAYERS)
         name = f"geglu block {block} warps {warps}"
         out[name] = {"us_per_call": us, "max_abs_vs_fp32": float((got.float() - want).abs().max())}
         print(f"{name:<52}{us:8.1f} us", flush=True)

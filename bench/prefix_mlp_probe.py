@@ -13,14 +13,13 @@ stream from HBM as in the prefix), median of 20 replays, µs per call:
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bench.fp8_mlp_kernels import gate_up_tma_sums
+from bench.graph_timing import graph_time_us
 from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine import rowops
 from pi0_policy_ros.engine.kernels_triton import _gelu_tanh
@@ -45,26 +44,8 @@ def gate_up_geglu_bf16_kernel(x_desc, w_desc, out_ptr, P, K, MLP, stride_out,
 
 
 def graph_us(fn) -> float:
-    """µs per call of fn(i), i = 0..CALLS-1, captured in one graph (warmed up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(CALLS):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(i)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return statistics.median(times)
+    """µs per call of fn(i), i = 0..CALLS-1, captured in one graph."""
+    return graph_time_us(fn, CALLS, replays=20)[0]
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.prefix_compact_micro import graph_time_us
+from bench.graph_timing import graph_time_us
 
 IMAGES, TOKENS, HEADS, HD = 2, 256, 16, 72
 
@@ -38,7 +38,7 @@ def main() -> None:
             with sdpa_kernel(backends):
                 return F.scaled_dot_product_attention(q, k, v)
         try:
-            us, got = graph_time_us(attention, calls=27)
+            us, got = graph_time_us(lambda _: attention(), 27)
             out[name] = {"us_per_call": us, "max_abs_vs_fp32": float((got.float() - ref).abs().max())}
             print(f"{name:<12}{us:8.1f} us  max|Δ| {out[name]['max_abs_vs_fp32']:.2e}", flush=True)
         except Exception as exc:  # a backend may not take this shape: report and go on
