@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from test.check_report import CheckReport
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         config = Fp8MlpConfig(gate_up_block_m=32, gate_up_warps=4, down_block_m=32, down_block_n=64, down_splits=2,
                               down_warps=4)
     gen = torch.Generator().manual_seed(0)
-    ok = True
-
-    def report(name: str, err: float, tol: float) -> None:
-        nonlocal ok
-        ok &= err <= tol
-        print(f"{name:<40} max err {err:.2e} (tol {tol:.0e}) {'ok' if err <= tol else 'FAIL'}", flush=True)
+    report = CheckReport(40)
 
     gate_up = to_fp8(Linear(torch.randn(2 * mlp, width, generator=gen) / width**0.5))
     down = to_fp8(Linear(torch.randn(width, mlp, generator=gen) / mlp**0.5))
@@ -143,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in (("gate_up+geglu", run_gate_up), ("down", run_down),
                          ("mlp", lambda: fp(x, gate_up, down, 1e-6))):
             print(f"{name:<40} {_time_ms(fn) * 1e3:.1f} µs")
-    print("ok" if ok else "FAIL")
-    return 0 if ok else 1
+    print("ok" if report.ok else "FAIL")
+    return 0 if report.ok else 1
 
 
 def _e4m3_err(got: torch.Tensor, want: torch.Tensor, interpreted: bool) -> float:

@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from test.check_report import CheckReport
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -31,12 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dev, dtype = torch.device(args.device), torch.float16
     gen = torch.Generator().manual_seed(0)
-    ok = True
-
-    def report(name: str, err: float, tol: float) -> None:
-        nonlocal ok
-        ok &= err <= tol
-        print(f"{name:<34} max err {err:.2e} (tol {tol:.0e}) {'ok' if err <= tol else 'FAIL'}", flush=True)
+    report = CheckReport(34)
 
     rows, hd = 37, 64
     positions = torch.randint(0, 900, (rows,), generator=gen).to(dev)
@@ -54,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if heads:
             report(f"rope_qkv heads={heads}: q", float((q_got.float().cpu() - q32).abs().max()), 4e-3)
         else:
-            ok &= q_got is None and q32 is None
+            report.ok &= q_got is None and q32 is None
 
     gu = torch.randn(5, 2 * 3000, generator=gen).to(dev, dtype)  # a row that is not a power of two
     want = torch.nn.functional.gelu(gu[:, :3000].float(), approximate="tanh") * gu[:, 3000:].float()
@@ -95,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     # fewer bits than float32 (~1e-4 of the largest output at K = 16384, notes attempt 29)
     excess = ((x.float() - want).abs() - _ulp(want, dtype)).clamp(min=0)
     report("fp8 linear + residual", float(excess.max() / y.abs().max()), 1e-3)
-    print("ok" if ok else "FAIL")
-    return 0 if ok else 1
+    print("ok" if report.ok else "FAIL")
+    return 0 if report.ok else 1
 
 
 def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
