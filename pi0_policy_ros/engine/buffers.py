@@ -15,25 +15,24 @@ import torch
 from pi0_policy_ros.engine.types import EngineBatch, EngineShape
 from pi0_policy_ros.model.config import GemmaConfig
 
-# The inputs' order in one slab of bytes, the same on the host and on the device, so that one copy
+# The inputs in one slab of bytes, laid out the same on the host and on the device, so that one copy
 # moves a whole batch (on the H100 machines six copies spanned 0.06-0.18 ms of the GPU's timeline,
 # one spans 0.03-0.04: notes attempt 31).
-# x (the noise, then every step's output) comes along whole: each step writes its x before the
-# next step reads it, so the host bytes it carries there (14-70 KB) are never read. The images go
-# last: a copy that ends after the first `slots` images leaves the slots vision skips behind.
-SLAB_ORDER = ("image_masks", "tokens", "token_mask", "state", "x", "images")
 SLAB_ALIGN = 256  # bytes; any dtype's view may start at an offset that is a multiple of this
 
 
 @dataclass(frozen=True)
 class SlabLayout:
-    """Where each input lives in the slab: name → (byte offset, shape, dtype)."""
+    """Where each input lives in the slab: name → (byte offset, shape, dtype), in slab order."""
     fields: dict[str, tuple[int, tuple[int, ...], torch.dtype]]
-    image_bytes: int  # one camera slot's image
 
     @classmethod
     def for_shape(cls, shape: EngineShape) -> SlabLayout:
         h, w = shape.image_hw
+        # In slab order. x (the noise, then every step's output) comes along whole: each step writes
+        # its x before the next step reads it, so the host bytes it carries there (14-70 KB) are
+        # never read. The images go last: a copy that ends after the first `slots` images leaves
+        # the slots vision skips behind.
         dims = {
             "image_masks": ((shape.num_slots,), torch.bool),
             "tokens": ((shape.prompt_len,), torch.int64),
@@ -43,22 +42,20 @@ class SlabLayout:
             "images": ((shape.num_slots, h, w, 3), torch.uint8),
         }
         fields, offset = {}, 0
-        for name in SLAB_ORDER:
-            size, dtype = dims[name]
+        for name, (size, dtype) in dims.items():
             fields[name] = (offset, size, dtype)
             offset += -(-_nbytes(size, dtype) // SLAB_ALIGN) * SLAB_ALIGN
-        return cls(fields, image_bytes=h * w * 3)
+        return cls(fields)
+
+    def copied_bytes(self, slots: int | None = None) -> int:
+        """The slab's first bytes that one upload moves: everything up to the `slots`-th image
+        (default: every slot's, i.e. the whole slab)."""
+        offset, size, dtype = self.fields["images"]
+        return offset + _nbytes(size[1:], dtype) * (size[0] if slots is None else slots)
 
     @property
     def nbytes(self) -> int:
-        offset, size, dtype = self.fields[SLAB_ORDER[-1]]
-        return offset + _nbytes(size, dtype)
-
-    def copied_bytes(self, slots: int | None) -> int:
-        """The slab's first bytes that one upload moves: everything up to the `slots`-th image."""
-        if slots is None:
-            return self.nbytes
-        return self.fields["images"][0] + slots * self.image_bytes
+        return self.copied_bytes()
 
     def allocate(self, device: torch.device, pin: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The zeroed slab and a typed view of it per input."""
