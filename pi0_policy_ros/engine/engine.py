@@ -87,7 +87,7 @@ class Engine:
         self._events: list[torch.cuda.Event] = []
         self.guide: GuidanceBuffers | None = None
         if mode == "eager":
-            self._plan = plan_resize(shape.image_hw, shape.model_image_size)
+            plan_resize(shape.image_hw, shape.model_image_size)  # refuses a camera size it cannot resize
             return
         t0 = time.perf_counter()
         cfg = model.cfg

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pi0_policy_ros.engine.buffers import DeviceBuffers
-from pi0_policy_ros.engine.preprocess import ResizePlan, preprocess_images
+from pi0_policy_ros.engine.preprocess import ImagePreprocessor, plan_resize
 from pi0_policy_ros.engine.rowops import (fp8_linear_residual, geglu, geglu_quantized, residual_layer_norm,
                                           rope_qkv)
 from pi0_policy_ros.engine.tables import rope_tables, suffix_attention_bias, suffix_positions
@@ -55,13 +55,13 @@ class VisionStage:
         self.w = weights
         self.shape = shape
         self.dtype = dtype
-        from pi0_policy_ros.engine.preprocess import plan_resize
-        self.plan: ResizePlan = plan_resize(shape.image_hw, shape.model_image_size)
+        self.preprocess = ImagePreprocessor(plan_resize(shape.image_hw, shape.model_image_size),
+                                            weights.patch_matrix.device)
 
     def run(self, buf: DeviceBuffers, slots: int | None = None) -> None:
         w, cfg = self.w, self.w.cfg
         n, t = self.shape.num_slots if slots is None else slots, self.shape.tokens_per_image
-        pixels = preprocess_images(buf.images[:n], self.plan, out=buf.pixels[:n])
+        pixels = self.preprocess(buf.images[:n], out=buf.pixels[:n])
         # The stride-p patch conv as one float32 matmul over the patches as rows (c, i, j): 56 → 22
         # µs on the H100 for two images (the conv ran as a small-tile implicit GEMM; run 28 profile).
         p, g = cfg.patch_size, self.shape.model_image_size // cfg.patch_size

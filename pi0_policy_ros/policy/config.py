@@ -34,6 +34,9 @@ class PolicyConfig:
     cpu_threads: torch's intra-op threads for CPU inference (process-wide, set when the policy is
         built); 0 leaves torch's default. On a small machine 1 is fastest: more threads compete
         with the ROS executor and the camera callbacks.
+    camera_height, camera_width: the size every camera sends; when set (both > 0) the frames go to
+        the engine as they are and are resized with pad inside its vision stage (on the GPU, in
+        the vision graph; the same pixels as the CPU resize). 0 = resized to 224x224 on the CPU.
     rtc_mode: real-time chunking guidance built into the engine: "off", "rtc_fast" (error only) or
         "rtc" (true vector-Jacobian product); `infer(observation, guidance)` then continues the
         previous chunk. max_guidance_weight: its clip β. rtc_mask_schedule: the soft mask's decay.
@@ -54,6 +57,8 @@ class PolicyConfig:
     action_dim: int = 0
     action_horizon: int = 0
     action_period_s: float = 0.0
+    camera_height: int = 0
+    camera_width: int = 0
     rtc_mode: str = "off"
     max_guidance_weight: float = 5.0
     rtc_mask_schedule: str = "exp"
@@ -74,8 +79,16 @@ class PolicyConfig:
             raise ConfigError(f"max_guidance_weight must be finite and >= 0, found {self.max_guidance_weight!r}")
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be ≥ 0, found {self.cpu_threads}")
+        if min(self.camera_height, self.camera_width) < 0 or (self.camera_height > 0) != (self.camera_width > 0):
+            raise ConfigError("camera_height and camera_width must both be > 0 (frames resized by the engine) or "
+                              f"both 0 (resized on the CPU), found {self.camera_height} x {self.camera_width}")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES} (optionally 'cuda:N'), found {self.device!r}")
+
+    @property
+    def camera_hw(self) -> tuple[int, int] | None:
+        """The cameras' (height, width) when the engine resizes them, else None."""
+        return (self.camera_height, self.camera_width) if self.camera_height else None
 
     def profile_overrides(self) -> dict[str, int | float]:
         """The robot profile fields this configuration replaces (the non-zero ones)."""

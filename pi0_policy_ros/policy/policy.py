@@ -20,7 +20,7 @@ import torch
 from pi0_policy_ros.engine.backend import resolve_backend
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.guidance import EngineGuidance
-from pi0_policy_ros.engine.types import EngineBatch, check_precision_on_gpu
+from pi0_policy_ros.engine.types import EngineBatch, EngineShape, check_precision_on_gpu
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
 from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
@@ -76,7 +76,8 @@ def _build_engine(model: Pi0Model, config: PolicyConfig, device: torch.device) -
     (the engine logs that once)."""
     mode = "eager" if config.backend == "eager" else "auto"
     precision = config.precision if device.type == "cuda" else str(next(model.parameters()).dtype).removeprefix("torch.")
-    return Engine.create(model, device=device, precision=precision, mode=mode, rtc_mode=config.rtc_mode,
+    shape = EngineShape.for_model(model.cfg, image_hw=config.camera_hw)
+    return Engine.create(model, shape, device=device, precision=precision, mode=mode, rtc_mode=config.rtc_mode,
                          max_guidance_weight=config.max_guidance_weight)
 
 
@@ -106,9 +107,11 @@ class Policy:
         self.tokenizer = tokenizer
         self.engine: Engine | None = engine
         self.source = source
-        # Resizing the cameras (exact, on the CPU) is most of the host-side time per inference.
+        # Resizing the cameras (exact, on the CPU) is most of the host-side time per inference,
+        # unless the engine does it (camera_height / camera_width set).
         cameras = len(profile.camera_slots)
-        self._resize_pool = ThreadPoolExecutor(cameras, "pi0-resize") if cameras > 1 else None
+        on_cpu = config.camera_hw is None
+        self._resize_pool = ThreadPoolExecutor(cameras, "pi0-resize") if cameras > 1 and on_cpu else None
 
     @classmethod
     def from_config(cls, config: PolicyConfig) -> Policy:
@@ -154,7 +157,8 @@ class Policy:
         """The network's inputs for one observation, and the robot-side state that the output
         transform needs."""
         cfg = self.model_config
-        prepared = prepare_inputs(self.profile, observation.images, np.asarray(observation.state), self._resize_pool)
+        prepared = prepare_inputs(self.profile, observation.images, np.asarray(observation.state), self._resize_pool,
+                                  self.config.camera_hw)
         state = self.normalizer.normalize(STATE_KEY, prepared.state)
         prompt = observation.prompt or self.config.default_prompt
         if not prompt:

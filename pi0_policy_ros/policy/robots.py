@@ -9,7 +9,7 @@ Public API:
     RobotProfile (frozen dataclass), PROFILES, get_profile(name, **overrides) -> RobotProfile
     make_bool_mask(*runs) -> tuple[bool, ...]
     resize_with_pad(image, height=224, width=224) -> uint8 [height, width, 3]
-    prepare_inputs(profile, images, state) -> PreparedInputs(images, image_masks, state)
+    prepare_inputs(profile, images, state, executor=None, frame_hw=None) -> PreparedInputs
     transform_state(profile, state) -> float32 [state_dim]      (the state part of prepare_inputs)
     finalize_actions(profile, actions, state) -> float32 [H, action_dim]
     aloha_gripper_to_pi / aloha_gripper_from_pi / aloha_gripper_from_pi_inverse
@@ -34,7 +34,7 @@ from typing import Mapping, NamedTuple
 import numpy as np
 
 from pi0_policy_ros.errors import ConfigError, ObservationError
-from pi0_policy_ros.policy.resize import pil_bilinear_resize
+from pi0_policy_ros.resize import pad_geometry, pil_bilinear_resize
 
 BASE_SLOT = "base_0_rgb"
 LEFT_WRIST_SLOT = "left_wrist_0_rgb"
@@ -241,26 +241,21 @@ def resize_with_pad(image: np.ndarray, height: int = IMAGE_SIZE, width: int = IM
     at (int((width - w') / 2), int((height - h') / 2)), any odd pixel of padding going bottom /
     right. Pixel for pixel what openpi_client returns for a uint8 RGB image.
     """
-    in_height, in_width = image.shape[:2]
-    if (in_height, in_width) == (height, width):
+    if image.shape[:2] == (height, width):
         return image
-    ratio = max(in_width / width, in_height / height)
-    new_width, new_height = int(in_width / ratio), int(in_height / ratio)
-    if new_width == 0 or new_height == 0:
-        raise ObservationError(
-            f"image {in_width}x{in_height} is too thin to resize into {width}x{height} (it becomes "
-            f"{new_width}x{new_height})"
-        )
+    try:
+        (new_height, new_width), (top, left) = pad_geometry(image.shape[:2], (height, width))
+    except ValueError as exc:
+        raise ObservationError(str(exc)) from None
     resized = pil_bilinear_resize(image, new_height, new_width)
     canvas = np.zeros((height, width) + image.shape[2:], dtype=image.dtype)
-    top = max(0, int((height - new_height) / 2))
-    left = max(0, int((width - new_width) / 2))
     canvas[top : top + new_height, left : left + new_width] = resized
     return canvas
 
 
-def _check_image(camera: str, image: object) -> np.ndarray:
-    expected = "a uint8 RGB image [H, W, 3]"
+def _check_image(camera: str, image: object, frame_hw: tuple[int, int] | None = None) -> np.ndarray:
+    size = "H, W" if frame_hw is None else f"{frame_hw[0]}, {frame_hw[1]}"
+    expected = f"a uint8 RGB image [{size}, 3]"
     if not isinstance(image, np.ndarray):
         raise ObservationError(f"camera '{camera}': expected {expected}, found {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -269,6 +264,9 @@ def _check_image(camera: str, image: object) -> np.ndarray:
         raise ObservationError(f"camera '{camera}': expected {expected}, found shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ObservationError(f"camera '{camera}': expected a non-empty image, found shape {image.shape}")
+    if frame_hw is not None and image.shape[:2] != tuple(frame_hw):
+        raise ObservationError(f"camera '{camera}': expected {expected} (camera_height x camera_width, resized "
+                               f"on the GPU), found shape {image.shape}")
     return image
 
 
@@ -351,7 +349,7 @@ def transform_state(profile: RobotProfile, state: np.ndarray) -> np.ndarray:
 class PreparedInputs(NamedTuple):
     """Model-side inputs of one observation, before normalization.
 
-    images: slot -> uint8 [224, 224, 3], every slot of IMAGE_SLOTS, in that order.
+    images: slot -> uint8 [224, 224, 3] (or [*frame_hw, 3]), every slot of IMAGE_SLOTS, in that order.
     image_masks: slot -> bool, False for a slot without a camera (its image is black).
     state: float32 [state_dim], after the robot input transform.
     """
@@ -362,23 +360,27 @@ class PreparedInputs(NamedTuple):
 
 
 def prepare_inputs(profile: RobotProfile, images: Mapping[str, np.ndarray], state: np.ndarray,
-                   executor: Executor | None = None) -> PreparedInputs:
+                   executor: Executor | None = None, frame_hw: tuple[int, int] | None = None) -> PreparedInputs:
     """Map a robot observation to the model's image slots, masks and transformed state.
 
     executor: resizes the cameras in parallel when given (numpy's passes release the GIL: 3
     cameras of 640x480 take ~2x less on two cores); the results are the same.
+    frame_hw: the engine resizes (on the GPU): every camera must send frames of exactly this
+    (height, width), which pass as they are; empty slots are black at that size.
     Raises ObservationError for an unknown or missing required camera, a bad image (not uint8
-    [H, W, 3]) or a state of the wrong length.
+    [H, W, 3], or not frame_hw when given) or a state of the wrong length.
     """
     _check_camera_names(profile, images)
     camera_of_slot = profile.camera_of_slot
-    present = {slot: _check_image(camera, images[camera]) for slot in IMAGE_SLOTS
+    present = {slot: _check_image(camera, images[camera], frame_hw) for slot in IMAGE_SLOTS
                if (camera := camera_of_slot.get(slot)) is not None and camera in images}
-    if executor is not None and len(present) > 1:
+    if frame_hw is not None:
+        resized = present
+    elif executor is not None and len(present) > 1:
         resized = dict(zip(present, executor.map(resize_with_pad, present.values())))
     else:
         resized = {slot: resize_with_pad(image) for slot, image in present.items()}
-    black = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    black = np.zeros(((IMAGE_SIZE, IMAGE_SIZE) if frame_hw is None else tuple(frame_hw)) + (3,), dtype=np.uint8)
     black.flags.writeable = False  # one array serves every empty slot
     slot_images = {slot: resized.get(slot, black) for slot in IMAGE_SLOTS}
     slot_masks = {slot: slot in resized for slot in IMAGE_SLOTS}

@@ -109,6 +109,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "(or <name>/image_raw/compressed)", True),
     ParamSpec("camera_types", STRING_ARRAY, [], "message type per camera: raw (sensor_msgs/Image) or "
               "compressed (sensor_msgs/CompressedImage); [] = all raw", True, choices=CAMERA_TYPES),
+    ParamSpec("camera_height", INTEGER, 0, "height every camera sends; with camera_width > 0 the frames are "
+              "resized with pad inside the engine (on the GPU: no CPU resize) and any other size is refused. "
+              "0 = resized to 224x224 on the CPU, any size", True, int_range=(0, 8192)),
+    ParamSpec("camera_width", INTEGER, 0, "width every camera sends (see camera_height); 0 with camera_height 0",
+              True, int_range=(0, 8192)),
     ParamSpec("joint_names", STRING_ARRAY, [], "joint_states names, in the profile's state order; "
               "[] = the profile's joint names", True),
     ParamSpec("action_joint_names", STRING_ARRAY, [], "JointTrajectory joint names, one per action dim; "
@@ -272,6 +277,8 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         action_dim=int(_get(values, "profile_action_dim")),
         action_horizon=int(_get(values, "profile_action_horizon")),
         action_period_s=float(_get(values, "profile_action_period_s")),
+        camera_height=int(_get(values, "camera_height")),
+        camera_width=int(_get(values, "camera_width")),
         # The rtc chunk modes build their guidance into the engine (captured with the chain).
         rtc_mode=_get(values, "chunk_mode") if _get(values, "chunk_mode") in RTC_SCHEDULER_MODES else "off",
         max_guidance_weight=float(_get(values, "rtc_max_guidance_weight")),

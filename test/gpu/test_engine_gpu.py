@@ -4,15 +4,19 @@ correct outputs (no stale buffers)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from test.paths import PI0_FIXTURE, PI05_FIXTURE
 from pi0_policy_ros.engine.engine import Engine, eager_inputs
+from pi0_policy_ros.engine.preprocess import ImagePreprocessor, plan_resize, preprocess_images
 from pi0_policy_ros.engine.types import EngineBatch, EngineShape, PrefixRows, random_batch
 from pi0_policy_ros.model.checkpoint import random_model, read_safetensors
 from pi0_policy_ros.model.reference import load_reference, reference_model
+from pi0_policy_ros.policy.robots import resize_with_pad
 from test.gpu.medium import medium_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -223,3 +227,42 @@ def test_engine_without_triton_runs_torch_graphs() -> None:
     assert result["mode"] == "graphs" and result["kernels"] == "torch", result
     assert proc.stderr.count("Triton is not installed") == 1, proc.stderr[-3000:]
     assert result["diff"] <= 2e-2 or result["err"] <= 2.0 * result["eager_err"], result
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (120, 160), (300, 224)])
+def test_resize_on_the_gpu_equals_the_cpu_resize_inside_a_graph(hw: tuple[int, int]) -> None:
+    """The int32 tap passes on CUDA, captured in a graph and replayed on new frames, give the
+    canvas of the policy's numpy (PIL-exact) resize, preprocessed on the same GPU."""
+    rng = np.random.default_rng(sum(hw))
+    preprocess = ImagePreprocessor(plan_resize(hw, 224), "cuda")
+    frames = torch.zeros((3,) + hw + (3,), dtype=torch.uint8, device="cuda")
+    out = torch.zeros(3, 3, 224, 224, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        preprocess(frames, out)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        preprocess(frames, out)
+    for _ in range(2):
+        images = rng.integers(0, 256, frames.shape, dtype=np.uint8)
+        frames.copy_(torch.from_numpy(images))
+        graph.replay()
+        canvas = torch.from_numpy(np.stack([resize_with_pad(image) for image in images])).cuda()
+        assert torch.equal(out, preprocess_images(canvas, plan_resize((224, 224), 224)))
+
+
+def test_engine_resizing_camera_frames_gives_the_cpu_resized_pixels_and_actions() -> None:
+    """An engine configured for 480x640 frames (resized in its vision graph) against one fed the
+    CPU-resized 224x224 frames: the same pixels in the vision stage, the same actions."""
+    cfg = medium_config(True)
+    model = random_model(cfg, "cuda", torch.float32, seed=3)
+    on_gpu = Engine.create(model, EngineShape.for_model(cfg, image_hw=(480, 640)), "cuda", "float32")
+    on_cpu = Engine.create(model, EngineShape.for_model(cfg), "cuda", "float32")
+    for seed in (0, 1):
+        batch = random_batch(on_gpu.shape, seed, valid_slots=2)
+        resized = replace(batch, images=np.stack([resize_with_pad(image) for image in batch.images]))
+        got, want = on_gpu.infer(batch), on_cpu.infer(resized)
+        assert torch.equal(on_gpu.buf.pixels[:2], on_cpu.buf.pixels[:2])
+        assert np.abs(got - want).max() <= 1e-5, seed

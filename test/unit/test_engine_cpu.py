@@ -5,6 +5,7 @@ GPU-style preprocessing, and the eager fallback."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import logging
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pi0_policy_ros.engine.engine import Engine
-from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
+from pi0_policy_ros.engine.preprocess import ImagePreprocessor, plan_resize, preprocess_images
 from pi0_policy_ros.engine.tables import build_step_tables, suffix_attention_bias, suffix_pattern
 from pi0_policy_ros.engine.types import (EngineBatch, EngineShape, PrefixRows, check_precision_on_gpu, plan_prefix,
                                         random_batch)
@@ -24,6 +25,7 @@ from pi0_policy_ros.model.config import get_preset
 from pi0_policy_ros.model.gemma import MASK_VALUE
 from pi0_policy_ros.model.pi0 import euler_times
 from pi0_policy_ros.model.reference import load_reference, reference_model
+from pi0_policy_ros.policy.robots import resize_with_pad
 from test.paths import PI0_FIXTURE, PI05_FIXTURE
 
 SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
@@ -140,6 +142,22 @@ def test_captured_layouts_share_vision_graphs(small) -> None:
     assert full._buckets() == {shape.full_prefix: [shape.full_prefix]}
 
 
+def test_engine_with_camera_sized_frames_equals_the_cpu_resized_frames(small) -> None:
+    """Static buffers with 240x320 frames (the upload slab, the vision stage's resize) and the eager
+    fallback give what the 224 engine gives on the numpy-resized frames: the same pixels, actions."""
+    cfg, model = small
+    shape = EngineShape.for_model(cfg, image_hw=(240, 320))
+    static = Engine.create(model, shape, "cpu", "float32", mode="static")
+    eager = Engine.create(model, shape, "cpu", "float32", mode="eager")
+    on_cpu = Engine.create(model, EngineShape.for_model(cfg), "cpu", "float32", mode="static")
+    batch = random_batch(shape, 0, valid_slots=2)
+    resized = replace(batch, images=np.stack([resize_with_pad(image) for image in batch.images]))
+    want = on_cpu.infer(resized)
+    np.testing.assert_array_equal(static.infer(batch), want)
+    assert torch.equal(static.buf.pixels[:2], on_cpu.buf.pixels[:2])
+    np.testing.assert_allclose(eager.infer(batch), want, atol=1e-5)
+
+
 def test_compact_prefix_equals_full_prefix_and_eager(small) -> None:
     """Leaving the masked rows out (valid slots moved to the front, the prompt cut to its bucket)
     changes no action. One engine switches layouts from call to call, so rows a larger layout
@@ -203,16 +221,31 @@ def test_fallback_without_cuda_logs_once(small, caplog) -> None:
         Engine.create(model, shape, "cpu", mode="graphs")
 
 
-def test_preprocess_identity_and_resize_with_pad() -> None:
-    u8 = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
-    out = preprocess_images(u8, plan_resize((224, 224), 224))
-    torch.testing.assert_close(out, u8.float().permute(0, 3, 1, 2) / 255.0 * 2.0 - 1.0)
+@pytest.mark.parametrize("hw", [(224, 224), (480, 640), (120, 160), (7, 13), (300, 224), (224, 500), (50, 224)])
+def test_engine_resize_equals_the_policys_cpu_resize_exactly(hw: tuple[int, int]) -> None:
+    """The engine's resize-with-pad (int32 taps, any torch device) gives the very pixels of the
+    policy's numpy resize (PIL-exact, test_resize.py) followed by the identity preprocessing:
+    shrinking, enlarging, one axis unchanged (PIL skips that pass), padding either way."""
+    images = np.random.default_rng(sum(hw)).integers(0, 256, (3,) + hw + (3,), dtype=np.uint8)
+    resized_on_cpu = torch.from_numpy(np.stack([resize_with_pad(image) for image in images]))
+    want = preprocess_images(resized_on_cpu, plan_resize((224, 224), 224))
+    torch.testing.assert_close(want, resized_on_cpu.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0)
+    preprocess = ImagePreprocessor(plan_resize(hw, 224), "cpu")
+    out = torch.full((3, 3, 224, 224), 7.0)
+    assert preprocess(torch.from_numpy(images), out) is out
+    assert torch.equal(out, want)
+    # The tables are reused: new frames into the same buffer give the new frames' pixels.
+    assert torch.equal(preprocess(torch.from_numpy(images[::-1].copy()), out), want.flip(0))
+
+
+def test_resize_plan_pads_black_and_refuses_a_too_thin_camera() -> None:
     plan = plan_resize((120, 160), 224)  # 4:3 → 224 × 168, centred with 28 black rows each side
     assert plan.dst_hw == (168, 224) and plan.offset_yx == (28, 0)
-    flat = torch.full((1, 120, 160, 3), 200, dtype=torch.uint8)
-    out = preprocess_images(flat, plan)
+    out = preprocess_images(torch.full((1, 120, 160, 3), 200, dtype=torch.uint8), plan)
     assert torch.all(out[:, :, :28] == -1) and torch.all(out[:, :, 196:] == -1)
     torch.testing.assert_close(out[:, :, 28:196], torch.full_like(out[:, :, 28:196], 200 / 255 * 2 - 1))
+    with pytest.raises(ConfigError, match=r"camera images of 1000x3 \(HxW\).*too thin"):
+        plan_resize((1000, 3), 224)
 
 
 def test_fp8_quantization_round_trip() -> None:

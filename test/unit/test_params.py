@@ -31,10 +31,18 @@ def test_defaults_and_camera_topics() -> None:
     ({**BASE, "seed": -3}, r"seed: expected a value in"),
     ({**BASE, "camera_topics": ["x", ""]}, r"camera_topics\[1\].*expected a topic name"),
     ({**BASE, "joint_names": ["a", "b", "a"]}, r"joint_names: expected unique entries"),
+    ({**BASE, "camera_height": 480}, r"camera_height and camera_width must both be > 0 .* found 480 x 0"),
+    ({**BASE, "camera_width": -1}, r"camera_width: expected a value in \[0, 8192\], found -1"),
 ])
 def test_invalid_values_give_reasons(values, pattern) -> None:
     with pytest.raises(ConfigError, match=pattern):
         config_from_params(values)
+
+
+def test_camera_size_reaches_the_policy_config() -> None:
+    assert config_from_params(BASE).policy.camera_hw is None  # default: resized on the CPU
+    cfg = config_from_params({**BASE, "camera_height": 480, "camera_width": 640})
+    assert (cfg.policy.camera_height, cfg.policy.camera_width, cfg.policy.camera_hw) == (480, 640, (480, 640))
 
 
 def test_every_spec_default_is_valid() -> None:

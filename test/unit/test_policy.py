@@ -220,6 +220,29 @@ def test_observation_errors_name_what_was_expected(libero_policy: Policy) -> Non
         libero_policy.infer(Observation(images={"image": obs.images["image"]}, state=obs.state))
 
 
+def test_cameras_resized_in_the_engine_give_the_same_actions(tmp_path: Path, libero_policy: Policy) -> None:
+    """camera_height / camera_width: the frames go to the engine unresized and its resize (on the
+    GPU in the vision graph; here the eager engine on the CPU) gives the CPU resize's actions, bit
+    for bit. A frame of another size is refused, naming the size expected."""
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                             robot_profile="pi05_libero", default_prompt="put the bowl on the plate",
+                                             camera_height=256, camera_width=320))
+    assert policy.engine.shape.image_hw == (256, 320) and policy._resize_pool is None
+    rng = np.random.default_rng(4)
+    obs = Observation(images={name: rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)
+                              for name in ("image", "wrist_image")},
+                      state=rng.normal(size=STATE_DIM).astype(np.float32))
+    batch, _ = policy.network_batch(obs)
+    assert batch.images.shape == (3, 256, 320, 3)
+    np.testing.assert_array_equal(policy.infer(obs).actions, libero_policy.infer(obs).actions)
+    with pytest.raises(ObservationError, match=r"camera 'wrist_image': expected a uint8 RGB image \[256, 320, 3\]"):
+        policy.infer(Observation(images={**obs.images, "wrist_image": obs.images["wrist_image"][:224, :224]},
+                                 state=obs.state))
+    with pytest.raises(ConfigError, match="camera_height and camera_width must both be > 0"):
+        PolicyConfig(camera_height=256)
+
+
 def test_backend_tensorrt_without_tensorrt_is_a_config_error(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigError, match="backend 'tensorrt' requested, but"):
         Policy.from_config(PolicyConfig(model_preset="pi05_small", backend="tensorrt"))

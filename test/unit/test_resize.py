@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pi0_policy_ros.policy.resize import (
+from pi0_policy_ros.policy.robots import resize_with_pad
+from pi0_policy_ros.resize import (
     PRECISION_BITS,
     pil_bilinear_resize,
     resize_weights,
     resize_weights_fixed,
 )
-from pi0_policy_ros.policy.robots import resize_with_pad
 
 
 def _pattern() -> np.ndarray:

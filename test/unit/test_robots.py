@@ -98,6 +98,22 @@ def test_aloha_missing_wrist_is_black_and_masked_cam_low_is_ignored() -> None:
     assert not inputs.images[LEFT].any() and inputs.images[RIGHT].max() == 7
 
 
+def test_frames_for_the_engine_pass_unresized_and_other_sizes_are_refused() -> None:
+    """frame_hw (the engine resizes on the GPU): frames pass as they are, empty slots are black at
+    that size, and a camera sending another size is one error naming the size expected."""
+    profile = get_profile("pi0_aloha")
+    high = image(480, 640, 3)
+    inputs = prepare_inputs(profile, {"cam_high": high, "cam_right_wrist": image(480, 640, 7)}, np.zeros(14),
+                            frame_hw=(480, 640))
+    assert inputs.images[BASE] is high
+    assert inputs.image_masks == {BASE: True, LEFT: False, RIGHT: True}
+    assert inputs.images[LEFT].shape == (480, 640, 3) and not inputs.images[LEFT].any()
+    with pytest.raises(ObservationError, match=r"camera 'cam_right_wrist': expected a uint8 RGB image \[480, 640, 3\] "
+                                               r"\(camera_height x camera_width.*found shape \(240, 320, 3\)"):
+        prepare_inputs(profile, {"cam_high": high, "cam_right_wrist": image(240, 320)}, np.zeros(14),
+                       frame_hw=(480, 640))
+
+
 def test_missing_required_and_unknown_cameras_are_observation_errors() -> None:
     profile = get_profile("pi0_aloha")
     with pytest.raises(ObservationError, match=r"requires cameras \['cam_high'\], missing \['cam_high'\]"):

@@ -1,4 +1,5 @@
-"""PIL's bilinear resize of uint8 images, bit for bit, in numpy (spec: openpi_pipeline.md, 4).
+"""PIL's bilinear resize of uint8 images, bit for bit, in numpy (spec: openpi_pipeline.md, 4), and
+the geometry and tap tables that `engine/preprocess.py` runs on the GPU.
 
 openpi_client's `resize_with_pad` calls `PIL.Image.resize(..., resample=Image.BILINEAR)`. That is
 not the textbook 2x2 interpolation: PIL convolves with a triangle filter whose support grows with
@@ -25,6 +26,8 @@ order of operations, the sums with integer-exact arithmetic, so results equal Pi
 
 Public API:
     PRECISION_BITS
+    PadGeometry, pad_geometry(in_hw, out_hw) -> where resize-with-pad puts the image (ValueError if too thin)
+    tap_tables(in_size, out_size) -> (rows int64 [ksize, out_size], fixed int32 [ksize, out_size])
     resize_weights(in_size, out_size) -> float64 [out_size, in_size], each row sums to 1
     resize_weights_fixed(in_size, out_size) -> int32 [out_size, in_size], PIL's fixed point
     pil_bilinear_resize(image, out_h, out_w) -> uint8 [out_h, out_w, C] (or [out_h, out_w])
@@ -105,6 +108,37 @@ def _taps(in_size: int, out_size: int) -> _Taps:
     for array in (starts, counts, weights, fixed, rows):
         array.flags.writeable = False
     return taps
+
+
+def tap_tables(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass as `ksize` taps: output pixel i adds `fixed[j, i] * x[rows[j, i]]` over j, then
+    (sum + 2**21) >> 22, clipped to 0..255. Read-only arrays, cached per size pair."""
+    taps = _taps(in_size, out_size)
+    fixed_by_tap = np.ascontiguousarray(taps.fixed.T)
+    fixed_by_tap.flags.writeable = False
+    return taps.rows, fixed_by_tap
+
+
+class PadGeometry(NamedTuple):
+    """resize-with-pad: the image is resized to `new_hw` and pasted at `offset_yx` of a black canvas."""
+
+    new_hw: tuple[int, int]
+    offset_yx: tuple[int, int]
+
+
+def pad_geometry(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> PadGeometry:
+    """openpi_client's resize_with_pad: ratio = max(w / W, h / H), new size int(w / ratio) x
+    int(h / ratio), pasted at (int((W - w') / 2), int((H - h') / 2)), any odd pixel of padding
+    going bottom / right. ValueError when a side becomes 0 pixels."""
+    (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    if (in_h, in_w) == (out_h, out_w):
+        return PadGeometry((out_h, out_w), (0, 0))
+    ratio = max(in_w / out_w, in_h / out_h)
+    new_h, new_w = int(in_h / ratio), int(in_w / ratio)
+    if new_h == 0 or new_w == 0:
+        raise ValueError(f"image {in_w}x{in_h} is too thin to resize into {out_w}x{out_h} "
+                         f"(it becomes {new_w}x{new_h})")
+    return PadGeometry((new_h, new_w), (max(0, int((out_h - new_h) / 2)), max(0, int((out_w - new_w) / 2))))
 
 
 def _dense(in_size: int, out_size: int, band: np.ndarray, dtype: type) -> np.ndarray:
