@@ -265,8 +265,8 @@ def _check_image(camera: str, image: object, frame_hw: tuple[int, int] | None = 
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ObservationError(f"camera '{camera}': expected a non-empty image, found shape {image.shape}")
     if frame_hw is not None and image.shape[:2] != tuple(frame_hw):
-        raise ObservationError(f"camera '{camera}': expected {expected} (camera_height x camera_width, resized "
-                               f"on the GPU), found shape {image.shape}")
+        raise ObservationError(f"camera '{camera}': expected {expected} (camera_height x camera_width: the "
+                               f"engine resizes them), found shape {image.shape}")
     return image
 
 

@@ -131,7 +131,7 @@ from pi0_policy_ros.ros.poller import PolledCallbackGroup, SubscriptionPoller
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, PROMPT_QOS, SENSOR_QOS
 
 LOG_THROTTLE_S = 2.0
-WARMUP_IMAGE_SHAPE = (224, 224, 3)
+WARMUP_IMAGE_HW = (224, 224)
 WARMUP_PROMPT = "warm up"
 
 _PARAM_TYPES = {
@@ -414,7 +414,8 @@ class PolicyNode(LifecycleNode):
 
     def _warm_up(self, policy: PolicyLike, config: NodeConfig) -> ActionChunk:
         """One inference on a black frame per camera: fails configure early, and pays first-call costs now."""
-        images = {c.name: np.zeros(WARMUP_IMAGE_SHAPE, np.uint8) for c in config.cameras}
+        frame_hw = config.policy.camera_hw or WARMUP_IMAGE_HW  # the size the policy takes, if it names one
+        images = {c.name: np.zeros(frame_hw + (3,), np.uint8) for c in config.cameras}
         state = np.zeros(len(config.joint_names), np.float64)
         # A prompt may come later (~/prompt): the warm-up must not need one.
         prompt = self._prompt or WARMUP_PROMPT

@@ -5,6 +5,7 @@ the state (sent in reversed joint order) feeds both the state token and the delt
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import cv2
@@ -42,15 +43,14 @@ PARAMS = {
 class LiberoRobot(Node):
     """Publishes one fixed observation (raw rgb8 + lossless PNG + 8 joints) and records outputs."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, wrist: np.ndarray = WRIST) -> None:
         super().__init__("libero_robot", namespace=namespace)
         self.lock = threading.Lock()
         self.trajectories: list[JointTrajectory] = []
         self.chunks: list[Float32MultiArray] = []
         self.image = Image(height=48, width=64, encoding="rgb8", step=64 * 3, data=AGENT_VIEW.tobytes())
-        ok, png = cv2.imencode(".png", np.ascontiguousarray(WRIST[:, :, ::-1]))
-        assert ok
-        self.wrist = CompressedImage(format="rgb8; png compressed bgr8", data=png.tobytes())
+        self.wrist = CompressedImage()
+        self.set_wrist(wrist)
         self._pubs = (self.create_publisher(Image, "agentview/image_raw", qos_profile_sensor_data),
                       self.create_publisher(CompressedImage, "wrist/image_raw/compressed", qos_profile_sensor_data),
                       self.create_publisher(JointState, "joint_states", 10))
@@ -58,6 +58,12 @@ class LiberoRobot(Node):
                                  COMMAND_QOS)
         self.create_subscription(Float32MultiArray, "pi0_policy/action_chunk", self._store(self.chunks), CHUNK_QOS)
         self.create_timer(0.05, self._publish)
+
+    def set_wrist(self, image: np.ndarray) -> None:
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
+        assert ok
+        with self.lock:
+            self.wrist = CompressedImage(header=self.wrist.header, format="rgb8; png compressed bgr8", data=png.tobytes())
 
     def _store(self, sink: list) -> Any:
         def callback(msg: Any) -> None:
@@ -67,11 +73,13 @@ class LiberoRobot(Node):
 
     def _publish(self) -> None:
         stamp = self.get_clock().now().to_msg()
-        self.image.header.stamp = self.wrist.header.stamp = stamp
+        with self.lock:
+            wrist = self.wrist
+        self.image.header.stamp = wrist.header.stamp = stamp
         # Joint order reversed on the wire: the node must map by name.
         joints = JointState(name=STATE_NAMES[::-1], position=STATE[::-1].tolist())
         joints.header.stamp = stamp
-        for pub, msg in zip(self._pubs, (self.image, self.wrist, joints)):
+        for pub, msg in zip(self._pubs, (self.image, wrist, joints)):
             pub.publish(msg)
 
 
@@ -103,6 +111,36 @@ def test_published_chunk_equals_policy_infer(make_node, robot: LiberoRobot) -> N
         times = np.array([duration_s(p.time_from_start) for p in msg.points])
         assert times[0] >= 1.0 / PARAMS["control_rate_hz"] - 1e-6
         np.testing.assert_allclose(np.diff(times), period_s, atol=1e-6)
+
+
+def test_cameras_resized_in_the_engine(make_node, attach, namespace: str) -> None:
+    """camera_height / camera_width: the warm-up and every frame reach the engine at the cameras'
+    size, and the chunk equals Policy.infer with the CPU resize. A camera that then sends another
+    size holds the node with an error naming the size expected, and nothing is published."""
+    wrist = np.ascontiguousarray(AGENT_VIEW[::-1, ::-1])  # the agent view's size, other pixels
+    robot = attach(LiberoRobot(namespace, wrist=wrist))
+    node = make_node(params=dict(PARAMS, camera_height=48, camera_width=64), policy_factory=Policy.from_config)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.policy.engine.shape.image_hw == (48, 64)
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    wait_for(lambda: len(robot.chunks) >= 1, timeout_s=60.0)
+
+    policy = Policy.from_config(config_from_params(PARAMS).policy)  # resizes on the CPU
+    expected = policy.infer(Observation(images={"image": AGENT_VIEW, "wrist_image": wrist},
+                                        state=STATE.astype(np.float32), prompt=PARAMS["prompt"])).actions
+    with robot.lock:
+        first = robot.chunks[0]
+    np.testing.assert_allclose(action_chunk_from_message(first), expected, rtol=0, atol=1e-5)
+
+    robot.set_wrist(WRIST)  # 32x40
+    reason = "camera 'wrist_image': expected a uint8 RGB image [48, 64, 3]"
+    wait_for(lambda: reason in node._monitor.report(0.0).values["last_hold_reason"], timeout_s=30.0)
+    with robot.lock:
+        published = len(robot.chunks)
+    time.sleep(1.2)  # two more ticks at 2 Hz, both held
+    with robot.lock:
+        assert len(robot.chunks) == published
+    node.trigger_deactivate()
 
 
 def test_rtc_mode_guides_the_next_chunks(make_node, robot: LiberoRobot) -> None:
