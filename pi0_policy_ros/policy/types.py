@@ -12,7 +12,8 @@ import numpy as np
 class Observation:
     """One robot observation, as the robot produced it.
 
-    images: camera name -> uint8 RGB image [H, W, 3] (any size; the policy resizes with pad).
+    images: camera name -> uint8 RGB image [H, W, 3] (any size, resized with pad; exactly
+        camera_height x camera_width when the policy is configured with them).
     state: the robot's own state vector (its own dims, not padded), float.
     prompt: the task instruction; None uses the configured default prompt.
     stamp_s: the observation time in seconds (ROS time of the newest sample used).
