@@ -37,6 +37,8 @@ class PolicyConfig:
     camera_height, camera_width: the size every camera sends; when set (both > 0) the frames go to
         the engine as they are and are resized with pad inside its vision stage (on the GPU, in
         the vision graph; the same pixels as the CPU resize). 0 = resized to 224x224 on the CPU.
+        Meant for CUDA: with device cpu the engine's torch resize is slower than the default numpy
+        one (22.5 against 8.5 ms for three 640x480 cameras on 2 cores).
     rtc_mode: real-time chunking guidance built into the engine: "off", "rtc_fast" (error only) or
         "rtc" (true vector-Jacobian product); `infer(observation, guidance)` then continues the
         previous chunk. max_guidance_weight: its clip β. rtc_mask_schedule: the soft mask's decay.
