@@ -110,8 +110,8 @@ class Policy:
         # Resizing the cameras (exact, on the CPU) is most of the host-side time per inference,
         # unless the engine does it (camera_height / camera_width set).
         cameras = len(profile.camera_slots)
-        on_cpu = config.camera_hw is None
-        self._resize_pool = ThreadPoolExecutor(cameras, "pi0-resize") if cameras > 1 and on_cpu else None
+        resize_on_host = config.camera_hw is None
+        self._resize_pool = ThreadPoolExecutor(cameras, "pi0-resize") if cameras > 1 and resize_on_host else None
 
     @classmethod
     def from_config(cls, config: PolicyConfig) -> Policy:

@@ -235,11 +235,9 @@ def get_profile(name: str, **overrides: object) -> RobotProfile:
 def resize_with_pad(image: np.ndarray, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> np.ndarray:
     """openpi_client's resize_with_pad: scale to fit, keep the aspect ratio, pad black, centred.
 
-    An image already at the size is returned as is. Otherwise ratio = max(w / width, h / height),
-    the new size is int(w / ratio) x int(h / ratio), resized with PIL's bilinear filter (which
-    antialiases when shrinking; reproduced exactly by `resize.pil_bilinear_resize`), and pasted
-    at (int((width - w') / 2), int((height - h') / 2)), any odd pixel of padding going bottom /
-    right. Pixel for pixel what openpi_client returns for a uint8 RGB image.
+    An image already at the size is returned as is. Otherwise the geometry is `resize.pad_geometry`
+    and the resize PIL's bilinear filter (which antialiases when shrinking; reproduced exactly by
+    `resize.pil_bilinear_resize`). Pixel for pixel what openpi_client returns for a uint8 RGB image.
     """
     if image.shape[:2] == (height, width):
         return image
