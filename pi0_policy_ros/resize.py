@@ -32,13 +32,13 @@ Public API:
     resize_weights_fixed(in_size, out_size) -> int32 [out_size, in_size], PIL's fixed point
     pil_bilinear_resize(image, out_h, out_w) -> uint8 [out_h, out_w, C] (or [out_h, out_w])
 
-On another device the dense matrices give two matmuls: along the width `tmp = x @ Kw.T`, then
-along the height `out = Kh @ tmp`. For PIL's exact values use the fixed-point matrices,
-arithmetic that is exact on integers (int32, float64; float32 only with the weights split in
-two, e.g. `k = hi * 2**8 + lo`, and never TF32), and after *each* pass add 2**21, shift right by
-22 (floor) and clip to 0..255. Inexact shortcuts are off by at most one uint8 level, on noise
-640x480 -> 224x168: the float64 matrices with one rounding at the end (like torch's antialiased
-bilinear) differ on ~11% of values, float32 matrices rounded after each pass on ~1%.
+On another device (`engine/preprocess.py`) the same taps run as int32 gathers, products and sums
+(`tap_tables`), with 2**21 added, a right shift by 22 (floor) and a clip to 0..255 after *each*
+pass. The dense matrices (`resize_weights_fixed`) would do as two matmuls only in arithmetic that is
+exact on integers (int32, float64; float32 only with the weights split in two, and never TF32).
+Inexact shortcuts are off by at most one uint8 level, on noise 640x480 -> 224x168: the float64
+matrices with one rounding at the end (like torch's antialiased bilinear) differ on ~11% of values,
+float32 matrices rounded after each pass on ~1%.
 
 How the numpy passes stay exact and fast: a pass loops over the few tap positions j (3 for an
 enlargement, 7 for 640 -> 224), not over the output pixels: output pixel i adds
