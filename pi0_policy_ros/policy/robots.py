@@ -378,7 +378,7 @@ def prepare_inputs(profile: RobotProfile, images: Mapping[str, np.ndarray], stat
         resized = dict(zip(present, executor.map(resize_with_pad, present.values())))
     else:
         resized = {slot: resize_with_pad(image) for slot, image in present.items()}
-    black = np.zeros(((IMAGE_SIZE, IMAGE_SIZE) if frame_hw is None else tuple(frame_hw)) + (3,), dtype=np.uint8)
+    black = np.zeros((*(frame_hw or (IMAGE_SIZE, IMAGE_SIZE)), 3), dtype=np.uint8)
     black.flags.writeable = False  # one array serves every empty slot
     slot_images = {slot: resized.get(slot, black) for slot in IMAGE_SLOTS}
     slot_masks = {slot: slot in resized for slot in IMAGE_SLOTS}
