@@ -73,10 +73,6 @@ class TritonConfig:
     swap_ab: bool = False
     # The pair kernels' Σ x² summed across columns once after the K loop, not per K tile (LATE_SS).
     pair_late_norm_sum: bool = False
-    # > 0: the pair kernels' activation rows padded to this many and not swapped (64: Hopper's wgmma
-    # takes the activation as its register operand A, which Triton keeps asynchronous; the swapped
-    # form stores it to shared memory every K tile and waits for each MMA).
-    pair_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -145,8 +141,6 @@ CANDIDATES: dict[str, TritonConfig] = {
     "fused_combine": replace(_RELAXED, head_splits=8, attn_combine="fused", combine_block_d=32),
     "qkv_split2": replace(DEFAULT_CONFIG, qkv_splits=2),
     "per_tile_norm_sum": replace(DEFAULT_CONFIG, pair_late_norm_sum=False, pair_stages=4),  # the default before a45dd55
-    # the pair kernels' activation as wgmma's register operand (64 padded rows; the late sum spills there)
-    "register_a": replace(DEFAULT_CONFIG, pair_rows=64, pair_late_norm_sum=False, pair_stages=4),
 }
 
 
@@ -314,21 +308,20 @@ class TritonDenoiseStep:
                 out, out.stride(0), d if k_out is None else k_out, d if v_out is None else v_out,
                 d if cos is None else cos, d if sin is None else sin)
         meta = {"EPI": epi, "HAS_MUL": mul is not None, "HAS_BIAS": bias is not None, "NQ": ec.num_heads,
-                "HD": ec.head_dim, "BLOCK_M": max(self.block_m, c.pair_rows), "BLOCK_N": c.pair_block_n,
-                "num_warps": c.pair_warps, "num_stages": c.pair_stages, "LATE_SS": c.pair_late_norm_sum,
-                "SWAP": c.swap_ab and not c.pair_rows}
+                "HD": ec.head_dim, "BLOCK_M": self.block_m, "BLOCK_N": c.pair_block_n, "num_warps": c.pair_warps,
+                "num_stages": c.pair_stages, "LATE_SS": c.pair_late_norm_sum}
         if splits == 1:
             self.fit.launch(
                 K.norm_linear_pair_kernel, (pairs // c.pair_block_n,), *args, x.shape[0], x.shape[1], ec.rms_norm_eps,
                 pair_offset, BLOCK_K=c.pair_block_k,
                 xsave_ptr=d if save_x is None else save_x, pre_ptr=d if save_pre is None else save_pre,
-                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, **meta,
+                SAVE_X=save_x is not None, SAVE_PRE=save_pre is not None, SWAP=c.swap_ab, **meta,
                 **self.pdl_launch)
             return
         self.fit.launch(
             K.norm_linear_pair_splitk_kernel, (pairs // c.pair_block_n, splits), *args, self.pair_part, self.counters,
             x.shape[0], x.shape[1], ec.rms_norm_eps, pair_offset, pairs,
-            SPLITS=splits, FENCE=K.FENCE, BLOCK_K=_split_block_k(x.shape[1], splits, c.pair_block_k),
+            SPLITS=splits, FENCE=K.FENCE, BLOCK_K=_split_block_k(x.shape[1], splits, c.pair_block_k), SWAP=c.swap_ab,
             **meta, **self.pdl_launch)
 
     def _attention(self, buf: DeviceBuffers, layer: int, q: torch.Tensor, out: torch.Tensor,
