@@ -1,0 +1,235 @@
+"""The denoise step's two norm-fused projections (qkv, gate_up) as Gluon kernels that fetch their
+whole weight block before the programmatic-dependent-launch wait, timed against the Triton chain.
+
+    PYTHONPATH=. python bench/gluon_pair_probe.py [--iterations 100] [--json OUT]
+    PYTHONPATH=. python bench/gluon_pair_probe.py --compile-only   # sm_90 compile check, no GPU
+
+Why (notes attempt 40): a Triton pair kernel program streams its 64 weight rows in 8 dependent K
+steps whose wgmma is synchronous (the activation goes registers → shared memory every step), and its
+first weight bytes are requested only after `griddepcontrol.wait`. Here a program issues the TMA
+copies of its whole [64, 1024] weight block (4 tiles, 128 KB; weights are no kernel's output) as
+soon as it is resident, which under PDL is while the previous kernel still runs; after the wait it
+normalises the residual rows once into shared memory, then runs four asynchronous wgmmas.
+
+Needs sm_90, the full-size pi0.5 expert, and programs that fit beside the previous kernel's
+(168 KB here: the split-K kernels' 82 KB at 4 stages and 61 KB at 3 are too many; 2 stages, 41 KB, fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from pi0_policy_ros.engine import kernels_triton as K
+from pi0_policy_ros.engine.denoise_gluon import _gelu_tanh, _halves, _normed_rows_to_smem, tile_expert
+from pi0_policy_ros.engine.denoise_triton import DEFAULT_CONFIG, TritonConfig, TritonDenoiseStep
+
+KT = gl.constexpr(4)  # [64, 256] weight tiles per program: K = 1024
+QKV_FIRST, GATE_UP_FIRST, TILES_PER_LAYER = 0, 288, 1056  # `tile_expert`'s order
+
+
+@gluon.jit
+def _pdl_enter(PDL: gl.constexpr):
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;",
+                                  "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def gluon_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
+                      M, eps, first_tile, pair_offset,
+                      EPI: gl.constexpr, NQ: gl.constexpr, X_LAYOUT: gl.constexpr, PDL: gl.constexpr):
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
+    bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    blt: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [KT, 64, 256], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 1024], X_LAYOUT)
+    scratch = gl.allocate_shared_memory(gl.float32, [64, 16], plain)
+    pid = gl.program_id(0)
+    for j in gl.static_range(KT):
+        mbarrier.init(bars.index(j), count=1)
+    gl.thread_barrier()
+    for j in gl.static_range(KT):  # the weights: before the wait, they are no kernel's output
+        mbarrier.expect(bars.index(j), w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [(first_tile + pid * KT + j) * 64, 0], bars.index(j), w_smem.index(j))
+    t = gl.arange(0, 16, layout=gl.SliceLayout(0, blt))
+    tmask = (t < M)[None, :]
+    if EPI == 0:  # 32 RoPE pairs of one head (8 q heads, then k, then v)
+        head = pid // 4
+        cin = (pid % 4) * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, blt))
+        col = head * 256 + cin
+        b_lo = gl.load(bias_ptr + col)
+        b_hi = gl.load(bias_ptr + col + 128)
+        trig = t[None, :] * 256 + cin[:, None]
+        c_lo = gl.load(cos_ptr + trig, mask=tmask, other=0.0).to(gl.float32)
+        c_hi = gl.load(cos_ptr + trig + 128, mask=tmask, other=0.0).to(gl.float32)
+        s_lo = gl.load(sin_ptr + trig, mask=tmask, other=0.0).to(gl.float32)
+        s_hi = gl.load(sin_ptr + trig + 128, mask=tmask, other=0.0).to(gl.float32)
+    else:  # 32 (gate, up) column pairs
+        col = pid * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, blt))
+        b_lo = gl.load(bias_ptr + col)
+        b_hi = gl.load(bias_ptr + pair_offset + col)
+    _pdl_enter(PDL)
+    ss = _normed_rows_to_smem(x_ptr, mul_ptr, x_smem, M, bl)
+    inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, blt))
+    acc = gl.zeros([64, 16], gl.float32, layout=mma)
+    for j in gl.static_range(KT):
+        mbarrier.wait(bars.index(j), 0)
+        acc = warpgroup_mma(w_smem.index(j), x_smem.slice(j * 256, 256, dim=1).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    lo, hi = _halves(acc, scratch, blt)
+    lo = lo * inv[None, :] + b_lo[:, None]
+    hi = hi * inv[None, :] + b_hi[:, None]
+    if EPI == 0:
+        if head <= NQ:  # the q heads and the k head are rotated; v is not
+            lo, hi = lo * c_lo - hi * s_lo, hi * c_hi + lo * s_hi
+        if head < NQ:
+            dst = out_ptr + t[None, :] * stride_om + col[:, None]
+        elif head == NQ:
+            dst = k_out_ptr + t[None, :] * 256 + cin[:, None]
+        else:
+            dst = v_out_ptr + t[None, :] * 256 + cin[:, None]
+        gl.store(dst, lo.to(gl.bfloat16), mask=tmask)
+        gl.store(dst + 128, hi.to(gl.bfloat16), mask=tmask)
+    else:
+        act = _gelu_tanh(lo) * hi
+        gl.store(out_ptr + t[None, :] * stride_om + col[:, None], act.to(gl.bfloat16), mask=tmask)
+    for j in gl.static_range(KT):
+        mbarrier.invalidate(bars.index(j))
+
+
+class GluonPairStep(TritonDenoiseStep):
+    """The Triton step with qkv and gate_up through `gluon_pair_kernel` (pi0.5, no RTC saves)."""
+
+    def __init__(self, weights, tables, shape, buf, config: TritonConfig = DEFAULT_CONFIG) -> None:
+        super().__init__(weights, tables, shape, buf, config)
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        self.tiles = tile_expert(weights)
+        layout = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
+        self.w_desc = TensorDescriptor(self.tiles, list(self.tiles.shape), list(self.tiles.stride()), [64, 256], layout)
+        self.x_layout = gl.NVMMASharedLayout.get_default_for([16, 1024], gl.bfloat16)
+        self.first_tile = {}
+        for i, lw in enumerate(weights.layers):
+            self.first_tile[lw.qkv.weight.data_ptr()] = i * TILES_PER_LAYER + QKV_FIRST
+            self.first_tile[lw.gate_up.weight.data_ptr()] = i * TILES_PER_LAYER + GATE_UP_FIRST
+
+    def _pair(self, w, out, epi, mul, bias, pair_offset, k_out=None, v_out=None, cos=None, sin=None, save_x=None,
+              save_pre=None) -> None:
+        assert save_x is None and save_pre is None and mul is not None and bias is not None
+        d = self.dummy
+        pdl = bool(self.pdl_launch)
+        gluon_pair_kernel[(w.shape[0] // 64,)](
+            self.w_desc, self.resid, mul, bias, out, out.stride(0), d if k_out is None else k_out,
+            d if v_out is None else v_out, d if cos is None else cos, d if sin is None else sin,
+            self.resid.shape[0], self.w.cfg.rms_norm_eps, self.first_tile[w.data_ptr()], pair_offset,
+            EPI=epi, NQ=self.w.cfg.num_heads, X_LAYOUT=self.x_layout, PDL=pdl, num_warps=4, launch_pdl=pdl)
+
+
+def compile_only() -> int:
+    """Compile the kernel for sm_90 on this machine (no GPU): both epilogues, PDL on."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as triton_compile, make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    fn = gluon_pair_kernel
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    tiles = torch.zeros(64 * 8, 256, dtype=torch.bfloat16)
+    layout = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
+    desc = TensorDescriptor(tiles, list(tiles.shape), list(tiles.stride()), [64, 256], layout)
+    f32, bf16 = torch.zeros(16 * 8192), torch.zeros(16 * 4096, dtype=torch.bfloat16)
+    for epi in (0, 1):
+        kwargs = dict(EPI=epi, NQ=8, X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 1024], gl.bfloat16), PDL=True,
+                      num_warps=4, launch_pdl=True)
+        args = (desc, f32, f32, f32, bf16, 2048, bf16, bf16, bf16, bf16, 10, 1e-6, 0, 4096)
+        bound, spec, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+        compiled = triton_compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        print(f"EPI={epi}: shared {compiled.metadata.shared} bytes, {compiled.asm['ptx'].count('wgmma.mma_async')} "
+              f"wgmma, {compiled.asm['ptx'].count('cp.async.bulk.tensor')} TMA copies", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if args.compile_only:
+        return compile_only()
+    from pi0_policy_ros.engine.bench import time_chain_variant
+    from pi0_policy_ros.engine.engine import Engine
+    from pi0_policy_ros.engine.types import EngineShape, random_batch
+    from pi0_policy_ros.model.checkpoint import random_model
+    from pi0_policy_ros.model.config import get_preset
+    cfg = get_preset("pi05")
+    model = random_model(cfg, "cuda", torch.bfloat16, seed=0)
+    shape = EngineShape.for_model(cfg, num_slots=3)
+    engine = Engine.create(model, shape, "cuda", "bfloat16")
+    engine.infer(random_batch(shape, 0, valid_slots=2, valid_tokens=24))
+    ew, tab, buf = engine.expert_weights, engine.tables, engine.buf
+
+    # one layer's projections, Triton against Gluon, on the same residual rows
+    triton_step = TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG)
+    gluon_step = GluonPairStep(ew, tab, shape, buf, DEFAULT_CONFIG)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    resid = torch.randn(triton_step.resid.shape, device="cuda", generator=gen)
+    lw, pp = ew.layers[3], shape.padded_prefix_len
+    results = {}
+    for name, step in (("triton", triton_step), ("gluon", gluon_step)):
+        step.resid.copy_(resid)
+        step._pair(lw.qkv.weight, step.q, K.EPI_ROPE, tab.norm_mul[2, 3, 0], tab.qkv_bias[2, 3], 0,
+                   k_out=buf.keys[3, pp:], v_out=buf.values[3, pp:], cos=buf.suffix_cos, sin=buf.suffix_sin)
+        step._pair(lw.gate_up.weight, step.act, K.EPI_GEGLU, tab.norm_mul[2, 3, 1], tab.gate_up_bias[2, 3], ew.cfg.mlp_dim)
+        torch.cuda.synchronize()
+        rows = shape.suffix_len
+        results[name] = [step.q.float().clone(), buf.keys[3, pp:pp + rows].float().clone(),
+                         buf.values[3, pp:pp + rows].float().clone(), step.act.float().clone()]
+    check = {}
+    for label, a, b in zip(("q", "k", "v", "act"), results["triton"], results["gluon"]):
+        check[label] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
+    print(json.dumps({"one_layer_rel_diff": check}), flush=True)
+
+    rows = []
+    base = None
+    runs = [("triton default", TritonDenoiseStep, DEFAULT_CONFIG),
+            ("gluon pair", GluonPairStep, DEFAULT_CONFIG),
+            ("triton, split-K 3 stages", TritonDenoiseStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=3)),
+            ("gluon pair, split-K 3 stages", GluonPairStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=3)),
+            ("triton, split-K 2 stages", TritonDenoiseStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=2)),
+            ("gluon pair, split-K 2 stages", GluonPairStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=2)),
+            ("gluon pair, no PDL", GluonPairStep, dataclasses.replace(DEFAULT_CONFIG, pdl=False)),
+            ("triton default again", TritonDenoiseStep, DEFAULT_CONFIG)]
+    for name, cls, config in runs:
+        try:
+            step = cls(ew, tab, shape, buf, config)
+            timing = time_chain_variant(engine, step, iterations=args.iterations)
+        except Exception as exc:  # report and go on
+            print(json.dumps({"variant": name, "error": repr(exc)[:400]}), flush=True)
+            continue
+        base = timing.actions if base is None else base
+        row = {"variant": name, "chain_ms": round(timing.chain_ms["median"], 3), "p90": round(timing.chain_ms["p90"], 3),
+               "max_abs_vs_default": float(abs(timing.actions - base).max()), "replay_spread": timing.replay_spread}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "one_layer_rel_diff": check, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
