@@ -28,11 +28,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from pi0_policy_ros.engine import kernels_triton as K
-from pi0_policy_ros.engine.denoise_gluon import _gelu_tanh, _halves, _normed_rows_to_smem, tile_expert
+from pi0_policy_ros.engine.denoise_gluon import _gelu_tanh, _halves, _normed_rows_to_smem
 from pi0_policy_ros.engine.denoise_triton import DEFAULT_CONFIG, TritonConfig, TritonDenoiseStep
 
 KT = gl.constexpr(4)  # [64, 256] weight tiles per program: K = 1024
-QKV_FIRST, GATE_UP_FIRST, TILES_PER_LAYER = 0, 288, 1056  # `tile_expert`'s order
 
 
 @gluon.jit
@@ -44,49 +43,55 @@ def _pdl_enter(PDL: gl.constexpr):
 
 @gluon.jit
 def gluon_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
-                      M, eps, first_tile, pair_offset,
-                      EPI: gl.constexpr, NQ: gl.constexpr, X_LAYOUT: gl.constexpr, PDL: gl.constexpr):
+                      M, eps, pair_offset,
+                      EPI: gl.constexpr, NQ: gl.constexpr, X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr,
+                      OUT_LAYOUT: gl.constexpr, PDL: gl.constexpr):
+    """One program: 32 column pairs (RoPE halves of one head, or gate and up) = 64 weight rows, all
+    of K. w_desc: the layer's [rows, 1024] matrix in [32, 256] boxes; each [64, 256] tile in
+    shared memory is two boxes, the pairs' first columns then their second ones."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
     bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    blt: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [KT, 64, 256], w_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.bfloat16, [KT, 64, 256], W_LAYOUT)
     bars = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 1024], X_LAYOUT)
     scratch = gl.allocate_shared_memory(gl.float32, [64, 16], plain)
     pid = gl.program_id(0)
+    if EPI == 0:
+        head = pid // 4
+        row_lo = head * 256 + (pid % 4) * 32
+        row_hi = row_lo + 128
+    else:
+        row_lo = pid * 32
+        row_hi = row_lo + pair_offset
     for j in gl.static_range(KT):
         mbarrier.init(bars.index(j), count=1)
     gl.thread_barrier()
     for j in gl.static_range(KT):  # the weights: before the wait, they are no kernel's output
-        mbarrier.expect(bars.index(j), w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [(first_tile + pid * KT + j) * 64, 0], bars.index(j), w_smem.index(j))
-    t = gl.arange(0, 16, layout=gl.SliceLayout(0, blt))
+        mbarrier.expect(bars.index(j), 2 * w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [row_lo, j * 256], bars.index(j), w_smem.index(j).slice(0, 32))
+        tma.async_copy_global_to_shared(w_desc, [row_hi, j * 256], bars.index(j), w_smem.index(j).slice(32, 32))
+    t = gl.arange(0, 16, layout=gl.SliceLayout(0, OUT_LAYOUT))
     tmask = (t < M)[None, :]
-    if EPI == 0:  # 32 RoPE pairs of one head (8 q heads, then k, then v)
-        head = pid // 4
-        cin = (pid % 4) * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, blt))
-        col = head * 256 + cin
-        b_lo = gl.load(bias_ptr + col)
-        b_hi = gl.load(bias_ptr + col + 128)
+    cin = row_lo % 256 + gl.arange(0, 32, layout=gl.SliceLayout(1, OUT_LAYOUT))  # RoPE: column in the head
+    col = row_lo + gl.arange(0, 32, layout=gl.SliceLayout(1, OUT_LAYOUT))
+    b_lo = gl.load(bias_ptr + col)
+    b_hi = gl.load(bias_ptr + col + (row_hi - row_lo))
+    if EPI == 0:
         trig = t[None, :] * 256 + cin[:, None]
         c_lo = gl.load(cos_ptr + trig, mask=tmask, other=0.0).to(gl.float32)
         c_hi = gl.load(cos_ptr + trig + 128, mask=tmask, other=0.0).to(gl.float32)
         s_lo = gl.load(sin_ptr + trig, mask=tmask, other=0.0).to(gl.float32)
         s_hi = gl.load(sin_ptr + trig + 128, mask=tmask, other=0.0).to(gl.float32)
-    else:  # 32 (gate, up) column pairs
-        col = pid * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, blt))
-        b_lo = gl.load(bias_ptr + col)
-        b_hi = gl.load(bias_ptr + pair_offset + col)
     _pdl_enter(PDL)
     ss = _normed_rows_to_smem(x_ptr, mul_ptr, x_smem, M, bl)
-    inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, blt))
+    inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, OUT_LAYOUT))
     acc = gl.zeros([64, 16], gl.float32, layout=mma)
     for j in gl.static_range(KT):
         mbarrier.wait(bars.index(j), 0)
         acc = warpgroup_mma(w_smem.index(j), x_smem.slice(j * 256, 256, dim=1).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    lo, hi = _halves(acc, scratch, blt)
+    lo, hi = _halves(acc, scratch, OUT_LAYOUT)
     lo = lo * inv[None, :] + b_lo[:, None]
     hi = hi * inv[None, :] + b_hi[:, None]
     if EPI == 0:
@@ -107,20 +112,31 @@ def gluon_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_ou
         mbarrier.invalidate(bars.index(j))
 
 
+# [32 columns, 16 tokens]: the tokens along a warp's lanes (as the persistent kernel), or the columns
+# (32 contiguous bf16 per store)
+TOKENS_ALONG_LANES = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
+COLUMNS_ALONG_LANES = gl.BlockedLayout([1, 1], [32, 1], [1, 4], [0, 1])
+
+
+def pair_descriptor(weight: torch.Tensor):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    layout = gl.NVMMASharedLayout.get_default_for([32, 256], gl.bfloat16)
+    return TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [32, 256], layout)
+
+
 class GluonPairStep(TritonDenoiseStep):
     """The Triton step with qkv and gate_up through `gluon_pair_kernel` (pi0.5, no RTC saves)."""
 
-    def __init__(self, weights, tables, shape, buf, config: TritonConfig = DEFAULT_CONFIG) -> None:
+    def __init__(self, weights, tables, shape, buf, config: TritonConfig = DEFAULT_CONFIG,
+                 out_layout=TOKENS_ALONG_LANES) -> None:
         super().__init__(weights, tables, shape, buf, config)
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-        self.tiles = tile_expert(weights)
-        layout = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
-        self.w_desc = TensorDescriptor(self.tiles, list(self.tiles.shape), list(self.tiles.stride()), [64, 256], layout)
-        self.x_layout = gl.NVMMASharedLayout.get_default_for([16, 1024], gl.bfloat16)
-        self.first_tile = {}
-        for i, lw in enumerate(weights.layers):
-            self.first_tile[lw.qkv.weight.data_ptr()] = i * TILES_PER_LAYER + QKV_FIRST
-            self.first_tile[lw.gate_up.weight.data_ptr()] = i * TILES_PER_LAYER + GATE_UP_FIRST
+        self.descriptors = {}
+        for lw in weights.layers:
+            for wt in (lw.qkv.weight, lw.gate_up.weight):
+                self.descriptors[wt.data_ptr()] = pair_descriptor(wt)
+        self.layouts = {"X_LAYOUT": gl.NVMMASharedLayout.get_default_for([16, 1024], gl.bfloat16),
+                        "W_LAYOUT": gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16),
+                        "OUT_LAYOUT": out_layout}
 
     def _pair(self, w, out, epi, mul, bias, pair_offset, k_out=None, v_out=None, cos=None, sin=None, save_x=None,
               save_pre=None) -> None:
@@ -128,10 +144,10 @@ class GluonPairStep(TritonDenoiseStep):
         d = self.dummy
         pdl = bool(self.pdl_launch)
         gluon_pair_kernel[(w.shape[0] // 64,)](
-            self.w_desc, self.resid, mul, bias, out, out.stride(0), d if k_out is None else k_out,
+            self.descriptors[w.data_ptr()], self.resid, mul, bias, out, out.stride(0), d if k_out is None else k_out,
             d if v_out is None else v_out, d if cos is None else cos, d if sin is None else sin,
-            self.resid.shape[0], self.w.cfg.rms_norm_eps, self.first_tile[w.data_ptr()], pair_offset,
-            EPI=epi, NQ=self.w.cfg.num_heads, X_LAYOUT=self.x_layout, PDL=pdl, num_warps=4, launch_pdl=pdl)
+            self.resid.shape[0], self.w.cfg.rms_norm_eps, pair_offset,
+            EPI=epi, NQ=self.w.cfg.num_heads, PDL=pdl, num_warps=4, launch_pdl=pdl, **self.layouts)
 
 
 def compile_only() -> int:
@@ -139,20 +155,18 @@ def compile_only() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile, make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import create_function_from_signature
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     fn = gluon_pair_kernel
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    tiles = torch.zeros(64 * 8, 256, dtype=torch.bfloat16)
-    layout = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
-    desc = TensorDescriptor(tiles, list(tiles.shape), list(tiles.stride()), [64, 256], layout)
+    desc = pair_descriptor(torch.zeros(8192, 1024, dtype=torch.bfloat16))
     f32, bf16 = torch.zeros(16 * 8192), torch.zeros(16 * 4096, dtype=torch.bfloat16)
-    for epi in (0, 1):
-        kwargs = dict(EPI=epi, NQ=8, X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 1024], gl.bfloat16), PDL=True,
-                      num_warps=4, launch_pdl=True)
-        args = (desc, f32, f32, f32, bf16, 2048, bf16, bf16, bf16, bf16, 10, 1e-6, 0, 4096)
+    for epi, out_layout in ((0, TOKENS_ALONG_LANES), (1, COLUMNS_ALONG_LANES)):
+        kwargs = dict(EPI=epi, NQ=8, X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 1024], gl.bfloat16),
+                      W_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16), OUT_LAYOUT=out_layout,
+                      PDL=True, num_warps=4, launch_pdl=True)
+        args = (desc, f32, f32, f32, bf16, 2048, bf16, bf16, bf16, bf16, 10, 1e-6, 4096)
         bound, spec, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
         compiled = triton_compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
@@ -185,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     # one layer's projections, Triton against Gluon, on the same residual rows
     triton_step = TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG)
     gluon_step = GluonPairStep(ew, tab, shape, buf, DEFAULT_CONFIG)
+    gluon_cols = GluonPairStep(ew, tab, shape, buf, DEFAULT_CONFIG, COLUMNS_ALONG_LANES)
     gen = torch.Generator(device="cuda").manual_seed(1)
     resid = torch.randn(triton_step.resid.shape, device="cuda", generator=gen)
     lw, pp = ew.layers[3], shape.padded_prefix_len
     results = {}
-    for name, step in (("triton", triton_step), ("gluon", gluon_step)):
+    for name, step in (("triton", triton_step), ("gluon", gluon_step), ("gluon_cols", gluon_cols)):
         step.resid.copy_(resid)
         step._pair(lw.qkv.weight, step.q, K.EPI_ROPE, tab.norm_mul[2, 3, 0], tab.qkv_bias[2, 3], 0,
                    k_out=buf.keys[3, pp:], v_out=buf.values[3, pp:], cos=buf.suffix_cos, sin=buf.suffix_sin)
@@ -199,23 +214,26 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = [step.q.float().clone(), buf.keys[3, pp:pp + rows].float().clone(),
                          buf.values[3, pp:pp + rows].float().clone(), step.act.float().clone()]
     check = {}
-    for label, a, b in zip(("q", "k", "v", "act"), results["triton"], results["gluon"]):
-        check[label] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
+    for other in ("gluon", "gluon_cols"):
+        for label, a, b in zip(("q", "k", "v", "act"), results["triton"], results[other]):
+            check[f"{other}.{label}"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
     print(json.dumps({"one_layer_rel_diff": check}), flush=True)
 
     rows = []
     base = None
-    runs = [("triton default", TritonDenoiseStep, DEFAULT_CONFIG),
-            ("gluon pair", GluonPairStep, DEFAULT_CONFIG),
-            ("triton, split-K 3 stages", TritonDenoiseStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=3)),
-            ("gluon pair, split-K 3 stages", GluonPairStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=3)),
-            ("triton, split-K 2 stages", TritonDenoiseStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=2)),
-            ("gluon pair, split-K 2 stages", GluonPairStep, dataclasses.replace(DEFAULT_CONFIG, splitk_stages=2)),
-            ("gluon pair, no PDL", GluonPairStep, dataclasses.replace(DEFAULT_CONFIG, pdl=False)),
-            ("triton default again", TritonDenoiseStep, DEFAULT_CONFIG)]
-    for name, cls, config in runs:
+    split3 = dataclasses.replace(DEFAULT_CONFIG, splitk_stages=3)
+    runs = [("triton default", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
+            ("gluon pair", lambda: GluonPairStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
+            ("gluon pair, columns along lanes",
+             lambda: GluonPairStep(ew, tab, shape, buf, DEFAULT_CONFIG, COLUMNS_ALONG_LANES)),
+            ("triton, split-K 3 stages", lambda: TritonDenoiseStep(ew, tab, shape, buf, split3)),
+            ("gluon pair, split-K 3 stages", lambda: GluonPairStep(ew, tab, shape, buf, split3)),
+            ("gluon pair, columns along lanes, split-K 3 stages",
+             lambda: GluonPairStep(ew, tab, shape, buf, split3, COLUMNS_ALONG_LANES)),
+            ("triton default again", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG))]
+    for name, make in runs:
         try:
-            step = cls(ew, tab, shape, buf, config)
+            step = make()
             timing = time_chain_variant(engine, step, iterations=args.iterations)
         except Exception as exc:  # report and go on
             print(json.dumps({"variant": name, "error": repr(exc)[:400]}), flush=True)
