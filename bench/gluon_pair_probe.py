@@ -28,7 +28,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from pi0_policy_ros.engine import kernels_triton as K
-from pi0_policy_ros.engine.denoise_gluon import _gelu_tanh, _halves, _normed_rows_to_smem
+from pi0_policy_ros.engine.denoise_gluon import (_gelu_tanh, _halves, _normed_rows_to_smem, _residual_add,
+                                                  _rows_to_smem)
 from pi0_policy_ros.engine.denoise_triton import DEFAULT_CONFIG, TritonConfig, TritonDenoiseStep
 
 KT = gl.constexpr(4)  # [64, 256] weight tiles per program: K = 1024
@@ -112,6 +113,37 @@ def gluon_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_ou
         mbarrier.invalidate(bars.index(j))
 
 
+@gluon.jit
+def gluon_residual_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, KT: gl.constexpr,
+                          X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr, PDL: gl.constexpr):
+    """o_proj / down, split over K: program (n block, k split) adds gate ⊙ (W[n0:n0 + 64, k0:k0 + 256·KT]
+    · x[:, k0:...]ᵀ) to the residual (float32 atomics). Its weight tiles are fetched before the wait."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
+    bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    w_smem = gl.allocate_shared_memory(gl.bfloat16, [KT, 64, 256], W_LAYOUT)
+    bars = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 256 * KT], X_LAYOUT)
+    n0 = gl.program_id(0) * 64
+    k0 = gl.program_id(1) * (256 * KT)
+    for j in gl.static_range(KT):
+        mbarrier.init(bars.index(j), count=1)
+    gl.thread_barrier()
+    for j in gl.static_range(KT):
+        mbarrier.expect(bars.index(j), w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [n0, k0 + j * 256], bars.index(j), w_smem.index(j))
+    gate = gl.load(gate_ptr + n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma)))
+    _pdl_enter(PDL)
+    _rows_to_smem(x_ptr, stride_x, k0, x_smem, M, KT, bl)
+    acc = gl.zeros([64, 16], gl.float32, layout=mma)
+    for j in gl.static_range(KT):
+        mbarrier.wait(bars.index(j), 0)
+        acc = warpgroup_mma(w_smem.index(j), x_smem.slice(j * 256, 256, dim=1).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    _residual_add(resid_ptr, gate, acc, n0, M, mma)
+    for j in gl.static_range(KT):
+        mbarrier.invalidate(bars.index(j))
+
+
 # [32 columns, 16 tokens]: the tokens along a warp's lanes (as the persistent kernel), or the columns
 # (32 contiguous bf16 per store)
 TOKENS_ALONG_LANES = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
@@ -150,6 +182,38 @@ class GluonPairStep(TritonDenoiseStep):
             EPI=epi, NQ=self.w.cfg.num_heads, PDL=pdl, num_warps=4, launch_pdl=pdl, **self.layouts)
 
 
+class GluonStep(GluonPairStep):
+    """`GluonPairStep` with o_proj and down through `gluon_residual_kernel` too (K split in
+    `o_splits` / `down_splits` programs, 256 · KT columns each); `pair` False: the Triton pair kernels."""
+
+    def __init__(self, weights, tables, shape, buf, config: TritonConfig = DEFAULT_CONFIG, pair: bool = True) -> None:
+        super().__init__(weights, tables, shape, buf, config)
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        self.gluon_pair = pair
+        layout = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
+        for lw in weights.layers:
+            for wt in (lw.out.weight, lw.down.weight):
+                self.descriptors[wt.data_ptr()] = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [64, 256],
+                                                                   layout)
+
+    def _pair(self, *args, **kwargs) -> None:
+        if self.gluon_pair:
+            return super()._pair(*args, **kwargs)
+        return TritonDenoiseStep._pair(self, *args, **kwargs)
+
+    def _splitk(self, x, w, out, epi, bias=None, gate=None, splits=1) -> None:
+        if epi != K.EPI_RESIDUAL or w.data_ptr() not in self.descriptors:
+            return super()._splitk(x, w, out, epi, bias=bias, gate=gate, splits=splits)
+        kt = w.shape[1] // splits // 256
+        assert kt * 256 * splits == w.shape[1] and gate is not None and out is self.resid
+        pdl = bool(self.pdl_launch)
+        gluon_residual_kernel[(w.shape[0] // 64, splits)](
+            self.descriptors[w.data_ptr()], x, x.stride(0), gate, out, x.shape[0], KT=kt,
+            X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 256 * kt], gl.bfloat16),
+            W_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16), PDL=pdl, num_warps=4,
+            launch_pdl=pdl)
+
+
 def compile_only() -> int:
     """Compile the kernel for sm_90 on this machine (no GPU): both epilogues, PDL on."""
     from triton.backends.compiler import GPUTarget
@@ -173,6 +237,21 @@ def compile_only() -> int:
                                   options=options.__dict__)
         print(f"EPI={epi}: shared {compiled.metadata.shared} bytes, {compiled.asm['ptx'].count('wgmma.mma_async')} "
               f"wgmma, {compiled.asm['ptx'].count('cp.async.bulk.tensor')} TMA copies", flush=True)
+    fn = gluon_residual_kernel
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    w = torch.zeros(1024, 4096, dtype=torch.bfloat16)
+    desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [64, 256],
+                            gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16))
+    for kt in (1, 2):
+        kwargs = dict(KT=kt, X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 256 * kt], gl.bfloat16),
+                      W_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16), PDL=True, num_warps=4,
+                      launch_pdl=True)
+        bound, spec, options = binder(desc, bf16, 4096, f32, f32, 10, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+        compiled = triton_compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        print(f"residual KT={kt}: shared {compiled.metadata.shared} bytes", flush=True)
     return 0
 
 
@@ -217,19 +296,30 @@ def main(argv: list[str] | None = None) -> int:
     for other in ("gluon", "gluon_cols"):
         for label, a, b in zip(("q", "k", "v", "act"), results["triton"], results[other]):
             check[f"{other}.{label}"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
+    residual_step = GluonStep(ew, tab, shape, buf, DEFAULT_CONFIG)
+    attn_in = torch.randn(shape.suffix_len, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    act_in = torch.randn(shape.suffix_len, ew.cfg.mlp_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    sums = {}
+    for name, step in (("triton", triton_step), ("gluon", residual_step)):
+        step.resid.copy_(resid)
+        step._splitk(attn_in, lw.out.weight, step.resid, K.EPI_RESIDUAL, gate=tab.gate[2, 3, 0], splits=8)
+        step._splitk(act_in, lw.down.weight, step.resid, K.EPI_RESIDUAL, gate=tab.gate[2, 3, 1], splits=8)
+        torch.cuda.synchronize()
+        sums[name] = step.resid - resid
+    check["residual_update"] = float((sums["triton"] - sums["gluon"]).abs().max() / sums["triton"].abs().max())
     print(json.dumps({"one_layer_rel_diff": check}), flush=True)
 
     rows = []
     base = None
     split3 = dataclasses.replace(DEFAULT_CONFIG, splitk_stages=3)
+    down16 = dataclasses.replace(DEFAULT_CONFIG, down_splits=16)
     runs = [("triton default", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
-            ("gluon pair", lambda: GluonPairStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
-            ("gluon pair, columns along lanes",
-             lambda: GluonPairStep(ew, tab, shape, buf, DEFAULT_CONFIG, COLUMNS_ALONG_LANES)),
-            ("triton, split-K 3 stages", lambda: TritonDenoiseStep(ew, tab, shape, buf, split3)),
             ("gluon pair, split-K 3 stages", lambda: GluonPairStep(ew, tab, shape, buf, split3)),
-            ("gluon pair, columns along lanes, split-K 3 stages",
-             lambda: GluonPairStep(ew, tab, shape, buf, split3, COLUMNS_ALONG_LANES)),
+            ("gluon pair + residual", lambda: GluonStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
+            ("gluon pair + residual, down split 16", lambda: GluonStep(ew, tab, shape, buf, down16)),
+            ("gluon residual only", lambda: GluonStep(ew, tab, shape, buf, DEFAULT_CONFIG, pair=False)),
+            ("gluon pair + residual, o split 4", lambda: GluonStep(ew, tab, shape, buf,
+                                                                   dataclasses.replace(DEFAULT_CONFIG, o_splits=4))),
             ("triton default again", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG))]
     for name, make in runs:
         try:
