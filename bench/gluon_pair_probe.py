@@ -25,11 +25,11 @@ import sys
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 from pi0_policy_ros.engine import kernels_triton as K
-from pi0_policy_ros.engine.denoise_gluon import (_gelu_tanh, _halves, _normed_rows_to_smem, _residual_add,
-                                                  _rows_to_smem)
+from pi0_policy_ros.engine.denoise_gluon import _gelu_tanh, _halves, _normed_rows_to_smem, _residual_add
 from pi0_policy_ros.engine.denoise_triton import DEFAULT_CONFIG, TritonConfig, TritonDenoiseStep
 
 KT = gl.constexpr(4)  # [64, 256] weight tiles per program: K = 1024
@@ -114,30 +114,36 @@ def gluon_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_ou
 
 
 @gluon.jit
-def gluon_residual_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, KT: gl.constexpr,
+def gluon_residual_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, KT: gl.constexpr, TILE_K: gl.constexpr,
                           X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr, PDL: gl.constexpr):
     """o_proj / down, split over K: program (n block, k split) adds gate ⊙ (W[n0:n0 + 64, k0:k0 + 256·KT]
     · x[:, k0:...]ᵀ) to the residual (float32 atomics). Its weight tiles are fetched before the wait."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
     bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    w_smem = gl.allocate_shared_memory(gl.bfloat16, [KT, 64, 256], W_LAYOUT)
+    w_smem = gl.allocate_shared_memory(gl.bfloat16, [KT, 64, TILE_K], W_LAYOUT)
     bars = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 256 * KT], X_LAYOUT)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [16, TILE_K * KT], X_LAYOUT)
     n0 = gl.program_id(0) * 64
-    k0 = gl.program_id(1) * (256 * KT)
+    k0 = gl.program_id(1) * (TILE_K * KT)
     for j in gl.static_range(KT):
         mbarrier.init(bars.index(j), count=1)
     gl.thread_barrier()
     for j in gl.static_range(KT):
         mbarrier.expect(bars.index(j), w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [n0, k0 + j * 256], bars.index(j), w_smem.index(j))
+        tma.async_copy_global_to_shared(w_desc, [n0, k0 + j * TILE_K], bars.index(j), w_smem.index(j))
     gate = gl.load(gate_ptr + n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma)))
     _pdl_enter(PDL)
-    _rows_to_smem(x_ptr, stride_x, k0, x_smem, M, KT, bl)
+    rm = gl.arange(0, 16, layout=gl.SliceLayout(1, bl))
+    rk = gl.arange(0, TILE_K * KT, layout=gl.SliceLayout(0, bl))
+    x = gl.load(x_ptr + rm[:, None] * stride_x + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
+    x_smem.store(x)
+    fence_async_shared()
+    gl.thread_barrier()
     acc = gl.zeros([64, 16], gl.float32, layout=mma)
     for j in gl.static_range(KT):
         mbarrier.wait(bars.index(j), 0)
-        acc = warpgroup_mma(w_smem.index(j), x_smem.slice(j * 256, 256, dim=1).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(w_smem.index(j), x_smem.slice(j * TILE_K, TILE_K, dim=1).permute((1, 0)), acc,
+                            is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     _residual_add(resid_ptr, gate, acc, n0, M, mma)
     for j in gl.static_range(KT):
@@ -186,15 +192,18 @@ class GluonStep(GluonPairStep):
     """`GluonPairStep` with o_proj and down through `gluon_residual_kernel` too (K split in
     `o_splits` / `down_splits` programs, 256 · KT columns each); `pair` False: the Triton pair kernels."""
 
-    def __init__(self, weights, tables, shape, buf, config: TritonConfig = DEFAULT_CONFIG, pair: bool = True) -> None:
+    def __init__(self, weights, tables, shape, buf, config: TritonConfig = DEFAULT_CONFIG, pair: bool = True,
+                 o_tile_k: int = 256, down_tile_k: int = 256) -> None:
         super().__init__(weights, tables, shape, buf, config)
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         self.gluon_pair = pair
-        layout = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
+        self.tile_k = {}
         for lw in weights.layers:
-            for wt in (lw.out.weight, lw.down.weight):
-                self.descriptors[wt.data_ptr()] = TensorDescriptor(wt, list(wt.shape), list(wt.stride()), [64, 256],
-                                                                   layout)
+            for wt, tile_k in ((lw.out.weight, o_tile_k), (lw.down.weight, down_tile_k)):
+                layout = gl.NVMMASharedLayout.get_default_for([64, tile_k], gl.bfloat16)
+                self.descriptors[wt.data_ptr()] = TensorDescriptor(wt, list(wt.shape), list(wt.stride()),
+                                                                   [64, tile_k], layout)
+                self.tile_k[wt.data_ptr()] = tile_k
 
     def _pair(self, *args, **kwargs) -> None:
         if self.gluon_pair:
@@ -204,13 +213,14 @@ class GluonStep(GluonPairStep):
     def _splitk(self, x, w, out, epi, bias=None, gate=None, splits=1) -> None:
         if epi != K.EPI_RESIDUAL or w.data_ptr() not in self.descriptors:
             return super()._splitk(x, w, out, epi, bias=bias, gate=gate, splits=splits)
-        kt = w.shape[1] // splits // 256
-        assert kt * 256 * splits == w.shape[1] and gate is not None and out is self.resid
+        tile_k = self.tile_k[w.data_ptr()]
+        kt = w.shape[1] // splits // tile_k
+        assert kt * tile_k * splits == w.shape[1] and gate is not None and out is self.resid
         pdl = bool(self.pdl_launch)
         gluon_residual_kernel[(w.shape[0] // 64, splits)](
-            self.descriptors[w.data_ptr()], x, x.stride(0), gate, out, x.shape[0], KT=kt,
-            X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 256 * kt], gl.bfloat16),
-            W_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16), PDL=pdl, num_warps=4,
+            self.descriptors[w.data_ptr()], x, x.stride(0), gate, out, x.shape[0], KT=kt, TILE_K=tile_k,
+            X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, tile_k * kt], gl.bfloat16),
+            W_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, tile_k], gl.bfloat16), PDL=pdl, num_warps=4,
             launch_pdl=pdl)
 
 
@@ -243,15 +253,15 @@ def compile_only() -> int:
     w = torch.zeros(1024, 4096, dtype=torch.bfloat16)
     desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [64, 256],
                             gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16))
-    for kt in (1, 2):
-        kwargs = dict(KT=kt, X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 256 * kt], gl.bfloat16),
-                      W_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16), PDL=True, num_warps=4,
+    for kt, tile_k in ((1, 256), (2, 256), (1, 128)):
+        kwargs = dict(KT=kt, TILE_K=tile_k, X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, tile_k * kt], gl.bfloat16),
+                      W_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, tile_k], gl.bfloat16), PDL=True, num_warps=4,
                       launch_pdl=True)
         bound, spec, options = binder(desc, bf16, 4096, f32, f32, 10, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
         compiled = triton_compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
-        print(f"residual KT={kt}: shared {compiled.metadata.shared} bytes", flush=True)
+        print(f"residual KT={kt} TILE_K={tile_k}: shared {compiled.metadata.shared} bytes", flush=True)
     return 0
 
 
@@ -311,15 +321,18 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     base = None
-    split3 = dataclasses.replace(DEFAULT_CONFIG, splitk_stages=3)
-    down16 = dataclasses.replace(DEFAULT_CONFIG, down_splits=16)
+    def config(**fields):
+        return dataclasses.replace(DEFAULT_CONFIG, **fields)
+
     runs = [("triton default", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
-            ("gluon pair, split-K 3 stages", lambda: GluonPairStep(ew, tab, shape, buf, split3)),
-            ("gluon pair + residual", lambda: GluonStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
-            ("gluon pair + residual, down split 16", lambda: GluonStep(ew, tab, shape, buf, down16)),
-            ("gluon residual only", lambda: GluonStep(ew, tab, shape, buf, DEFAULT_CONFIG, pair=False)),
-            ("gluon pair + residual, o split 4", lambda: GluonStep(ew, tab, shape, buf,
-                                                                   dataclasses.replace(DEFAULT_CONFIG, o_splits=4))),
+            ("gluon, down split 16", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=16))),
+            ("gluon, down split 32", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=32), down_tile_k=128)),
+            ("gluon, down 16, o 16", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=16, o_splits=16),
+                                                       o_tile_k=128)),
+            ("gluon, down 32, o 16", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=32, o_splits=16),
+                                                       o_tile_k=128, down_tile_k=128)),
+            ("gluon, down 16 in 128-wide tiles", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=16),
+                                                                   down_tile_k=128)),
             ("triton default again", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG))]
     for name, make in runs:
         try:
