@@ -23,6 +23,7 @@ import json
 import sys
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -150,6 +151,75 @@ def gluon_residual_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, KT: g
         mbarrier.invalidate(bars.index(j))
 
 
+@gluon.jit
+def gluon_attention_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_ptr, R, NKEYS, PP, stride_bias, S,
+                           scale, Q_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, PDL: gl.constexpr):
+    """`attention_split` for 64-key splits and 16 query rows (row r = token·8 + head) in one program,
+    the same partials. The prefix's K/V tiles (rows < PP: written by the prefix stage, the same for
+    the whole chain) are fetched before the wait; the tile holding the suffix rows after it."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
+    bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [64, 256], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [64, 256], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 256], Q_LAYOUT)
+    p_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 64], P_LAYOUT)
+    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    split = gl.program_id(0)
+    rb = gl.program_id(1)
+    key0 = split * 64
+    mbarrier.init(bars.index(0), count=1)
+    mbarrier.init(bars.index(1), count=1)
+    gl.thread_barrier()
+    prefix_only = key0 + 64 <= PP
+    if prefix_only:
+        mbarrier.expect(bars.index(0), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [key0, 0], bars.index(0), k_smem)
+        mbarrier.expect(bars.index(1), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [key0, 0], bars.index(1), v_smem)
+    keys_m = key0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+    r_m = rb * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, mma))
+    tok_m = gl.minimum(r_m // 8, S - 1)
+    b = gl.load(bias_ptr + tok_m[None, :] * stride_bias + keys_m[:, None], mask=(keys_m < NKEYS)[:, None],
+                other=float("-inf"))
+    _pdl_enter(PDL)
+    if not prefix_only:
+        mbarrier.expect(bars.index(0), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [key0, 0], bars.index(0), k_smem)
+        mbarrier.expect(bars.index(1), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [key0, 0], bars.index(1), v_smem)
+    r = rb * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, bl))
+    d = gl.arange(0, 256, layout=gl.SliceLayout(0, bl))
+    tok = gl.minimum(r // 8, S - 1)
+    q = gl.load(q_ptr + tok[:, None] * 2048 + (r % 8)[:, None] * 256 + d[None, :], mask=(r < R)[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+    gl.thread_barrier()
+    mbarrier.wait(bars.index(0), 0)
+    st = warpgroup_mma(k_smem, q_smem.permute((1, 0)), gl.zeros([64, 16], gl.float32, layout=mma))  # scoresᵀ
+    st = st * scale + b
+    m = gl.max(st, axis=0)
+    pt = gl.exp(st - m[None, :])
+    l = gl.sum(pt, axis=0)
+    p_smem.store(gl.permute(pt.to(gl.bfloat16), (1, 0)))
+    fence_async_shared()
+    gl.thread_barrier()
+    mbarrier.wait(bars.index(1), 0)
+    ot = warpgroup_mma(v_smem.permute((1, 0)), p_smem.permute((1, 0)), gl.zeros([256, 16], gl.float32, layout=mma))
+    d_m = gl.arange(0, 256, layout=gl.SliceLayout(1, mma))
+    rmask = r_m < R
+    gl.store(part_o_ptr + (split * R + r_m)[None, :] * 256 + d_m[:, None], ot, mask=rmask[None, :])
+    gl.store(part_ml_ptr + split * 2 * R + r_m, m, mask=rmask)
+    gl.store(part_ml_ptr + (split * 2 + 1) * R + r_m, l, mask=rmask)
+    mbarrier.invalidate(bars.index(0))
+    mbarrier.invalidate(bars.index(1))
+
+
+def kv_descriptor(rows: torch.Tensor):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    layout = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [64, 256], layout)
+
+
 # [32 columns, 16 tokens]: the tokens along a warp's lanes (as the persistent kernel), or the columns
 # (32 contiguous bf16 per store)
 TOKENS_ALONG_LANES = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
@@ -193,10 +263,12 @@ class GluonStep(GluonPairStep):
     `o_splits` / `down_splits` programs, 256 · KT columns each); `pair` False: the Triton pair kernels."""
 
     def __init__(self, weights, tables, shape, buf, config: TritonConfig = DEFAULT_CONFIG, pair: bool = True,
-                 o_tile_k: int = 256, down_tile_k: int = 256) -> None:
+                 o_tile_k: int = 256, down_tile_k: int = 256, attention: bool = False) -> None:
         super().__init__(weights, tables, shape, buf, config)
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         self.gluon_pair = pair
+        self.gluon_attention = attention
+        self.kv = {}  # id(keys[layer]) → (k_desc, v_desc), made on first use (the buffers are the engine's)
         self.tile_k = {}
         for lw in weights.layers:
             for wt, tile_k in ((lw.out.weight, o_tile_k), (lw.down.weight, down_tile_k)):
@@ -209,6 +281,30 @@ class GluonStep(GluonPairStep):
         if self.gluon_pair:
             return super()._pair(*args, **kwargs)
         return TritonDenoiseStep._pair(self, *args, **kwargs)
+
+    def _attention(self, buf, layer, q, out, lse) -> None:
+        if not self.gluon_attention or lse is not None:
+            return super()._attention(buf, layer, q, out, lse)
+        c, ec = self.cfg, self.w.cfg
+        keys = buf.keys[layer]
+        key = (keys.data_ptr(), layer)
+        if key not in self.kv:
+            self.kv[key] = (kv_descriptor(keys), kv_descriptor(buf.values[layer]))
+        k_desc, v_desc = self.kv[key]
+        assert c.attn_keys_per_split == 64 and c.attn_block_r == 16 and c.attn_combine == "wide"
+        pdl = bool(self.pdl_launch)
+        gluon_attention_kernel[(self.n_splits, -(-self.rows // 16))](
+            k_desc, v_desc, q, buf.suffix_bias, self.part_o, self.part_ml, self.rows, keys.shape[0],
+            self.shape.padded_prefix_len, buf.suffix_bias.stride(0), self.shape.suffix_len, ec.head_dim**-0.5,
+            Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 256], gl.bfloat16),
+            P_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 64], gl.bfloat16), PDL=pdl, num_warps=4,
+            launch_pdl=pdl)
+        splits_p2 = triton.next_power_of_2(self.n_splits)
+        grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
+        K.attention_combine_wide_kernel[grid](
+            self.part_o, self.part_ml, out, self.rows, self.n_splits, HD=ec.head_dim, SPLITS_P2=splits_p2,
+            BLOCK_R=c.combine_block_r, BLOCK_D=c.combine_block_d, lse_ptr=self.dummy, SAVE_LSE=False, num_warps=4,
+            **self.pdl_launch)
 
     def _splitk(self, x, w, out, epi, bias=None, gate=None, splits=1) -> None:
         if epi != K.EPI_RESIDUAL or w.data_ptr() not in self.descriptors:
@@ -262,6 +358,16 @@ def compile_only() -> int:
         compiled = triton_compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
         print(f"residual KT={kt} TILE_K={tile_k}: shared {compiled.metadata.shared} bytes", flush=True)
+    fn = gluon_attention_kernel
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kv = kv_descriptor(torch.zeros(986, 256, dtype=torch.bfloat16))
+    kwargs = dict(Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 256], gl.bfloat16),
+                  P_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, 64], gl.bfloat16), PDL=True, num_warps=4,
+                  launch_pdl=True)
+    bound, spec, options = binder(kv, kv, bf16, f32, f32, f32, 80, 986, 976, 986, 10, 0.0625, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    compiled = triton_compile(GluonASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    print(f"attention: shared {compiled.metadata.shared} bytes", flush=True)
     return 0
 
 
@@ -317,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         sums[name] = step.resid - resid
     check["residual_update"] = float((sums["triton"] - sums["gluon"]).abs().max() / sums["triton"].abs().max())
+    attention_step = GluonStep(ew, tab, shape, buf, DEFAULT_CONFIG, attention=True)
+    q_in = torch.randn(shape.suffix_len, 2048, device="cuda", generator=gen).to(torch.bfloat16)
+    outs = {}
+    for name, step in (("triton", triton_step), ("gluon", attention_step)):
+        step._attention(buf, 3, q_in, step.attn, None)
+        torch.cuda.synchronize()
+        outs[name] = step.attn.float().clone()
+    check["attention"] = float((outs["triton"] - outs["gluon"]).abs().max() / outs["triton"].abs().max())
     print(json.dumps({"one_layer_rel_diff": check}), flush=True)
 
     rows = []
@@ -326,13 +440,10 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [("triton default", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG)),
             ("gluon, down split 16", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=16))),
-            ("gluon, down split 32", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=32), down_tile_k=128)),
-            ("gluon, down 16, o 16", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=16, o_splits=16),
-                                                       o_tile_k=128)),
-            ("gluon, down 32, o 16", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=32, o_splits=16),
-                                                       o_tile_k=128, down_tile_k=128)),
-            ("gluon, down 16 in 128-wide tiles", lambda: GluonStep(ew, tab, shape, buf, config(down_splits=16),
-                                                                   down_tile_k=128)),
+            ("gluon + attention, down split 16",
+             lambda: GluonStep(ew, tab, shape, buf, config(down_splits=16), attention=True)),
+            ("gluon residual + attention, triton pair",
+             lambda: GluonStep(ew, tab, shape, buf, DEFAULT_CONFIG, pair=False, attention=True)),
             ("triton default again", lambda: TritonDenoiseStep(ew, tab, shape, buf, DEFAULT_CONFIG))]
     for name, make in runs:
         try:
