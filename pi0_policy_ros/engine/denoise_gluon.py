@@ -35,6 +35,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
+from pi0_policy_ros.engine.kernels_gluon import (
+    _gelu_tanh,
+    _halves,
+    _load_rows,
+    _normed_rows_to_smem,
+    _residual_add,
+)
 from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
 
@@ -79,44 +86,6 @@ def _grid_sync(cnt_ptr, target, tim_ptr, TIMING: gl.constexpr):
 
 
 @gluon.jit
-def _gelu_tanh(x):
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (1.0 + (2.0 / (1.0 + gl.exp(-2.0 * inner)) - 1.0))
-
-
-@gluon.jit
-def _load_rows(src_ptr, row_stride, col0, S, BL: gl.constexpr):
-    """src[t, col0 : col0 + 256] of the 16 token rows (rows ≥ S read as 0), in BL."""
-    rm = gl.arange(0, 16, layout=gl.SliceLayout(1, BL))
-    rk = gl.arange(0, 256, layout=gl.SliceLayout(0, BL))
-    return gl.load(src_ptr + rm[:, None] * row_stride + (col0 + rk)[None, :], mask=(rm < S)[:, None], other=0.0)
-
-
-@gluon.jit
-def _normed_rows_to_smem(resid_ptr, mul_ptr, x_smem, S, BL: gl.constexpr):
-    """x_smem ← bf16(resid ⊙ mul) for the S token rows; returns Σ resid² per row (the norm is a
-    per-row scale, applied to the products, as the Triton kernels do). Every load is issued
-    before the first is used: one round trip to L2."""
-    rk = gl.arange(0, 256, layout=gl.SliceLayout(0, BL))
-    x0 = _load_rows(resid_ptr, 1024, 0, S, BL)
-    x1 = _load_rows(resid_ptr, 1024, 256, S, BL)
-    x2 = _load_rows(resid_ptr, 1024, 512, S, BL)
-    x3 = _load_rows(resid_ptr, 1024, 768, S, BL)
-    m0 = gl.load(mul_ptr + rk)
-    m1 = gl.load(mul_ptr + 256 + rk)
-    m2 = gl.load(mul_ptr + 512 + rk)
-    m3 = gl.load(mul_ptr + 768 + rk)
-    ss = gl.sum(x0 * x0, axis=1) + gl.sum(x1 * x1, axis=1) + gl.sum(x2 * x2, axis=1) + gl.sum(x3 * x3, axis=1)
-    x_smem.slice(0, 256, dim=1).store((x0 * m0[None, :]).to(gl.bfloat16))
-    x_smem.slice(256, 256, dim=1).store((x1 * m1[None, :]).to(gl.bfloat16))
-    x_smem.slice(512, 256, dim=1).store((x2 * m2[None, :]).to(gl.bfloat16))
-    x_smem.slice(768, 256, dim=1).store((x3 * m3[None, :]).to(gl.bfloat16))
-    fence_async_shared()
-    gl.thread_barrier()
-    return ss
-
-
-@gluon.jit
 def _rows_to_smem(src_ptr, row_stride, col0, x_smem, S, CHUNKS: gl.constexpr, BL: gl.constexpr):
     """x_smem[:, :256·CHUNKS] ← the bf16 activations src[t, col0 : col0 + 256·CHUNKS] (1 or 2 chunks)."""
     x0 = _load_rows(src_ptr, row_stride, col0, S, BL)
@@ -142,26 +111,6 @@ def _multiply_tiles(ring, ready, empty, x_smem, i, KT: gl.constexpr, MMA: gl.con
         mbarrier.arrive(empty.index(slot), count=1)
         i += 1
     return acc, i
-
-
-@gluon.jit
-def _halves(acc, scratch, BLT: gl.constexpr):
-    """The two 32-row halves of a [64, 16] accumulator (RoPE's lo / hi, or gate / up), in BLT."""
-    scratch.store(acc)
-    gl.thread_barrier()
-    lo = scratch.slice(0, 32, dim=0).load(BLT)
-    hi = scratch.slice(32, 32, dim=0).load(BLT)
-    gl.thread_barrier()
-    return lo, hi
-
-
-@gluon.jit
-def _residual_add(resid_ptr, gate, acc, row0, S, MMA: gl.constexpr):
-    """resid[t, row0 + r] += gate[r] · acc[r, t] (float32 atomics: split-K partial sums)."""
-    rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
-    t = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
-    gl.atomic_add(resid_ptr + t[None, :] * 1024 + rows[:, None], acc * gate[:, None], mask=(t < S)[None, :],
-                  sem="relaxed", scope="gpu")
 
 
 @gluon.jit

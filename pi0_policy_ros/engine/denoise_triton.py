@@ -10,7 +10,8 @@ arriving program runs the epilogue (`qkv_splits`, `gate_up_splits`, `head_splits
 combine folded into its split kernel the same way, or made one load per operand
 (`attn_combine`); relaxed instead of acq_rel residual atomics (`residual_atomic_sem`);
 programmatic dependent launch between the kernels (`pdl`); the weight tile on the MMA's M side
-(`swap_ab`); the norm's Σ x² summed once after the K loop (`pair_late_norm_sum`). `ForwardSaves`
+(`swap_ab`); the norm's Σ x² summed once after the K loop (`pair_late_norm_sum`); qkv, gate_up, o_proj,
+down and the split attention as Gluon kernels on sm_90 (`gluon`, `kernels_gluon`). `ForwardSaves`
 keeps what `rtc`'s hand-written backward needs (`rtc_triton`).
 """
 
@@ -73,6 +74,9 @@ class TritonConfig:
     swap_ab: bool = False
     # The pair kernels' Σ x² summed across columns once after the K loop, not per K tile (LATE_SS).
     pair_late_norm_sum: bool = False
+    # qkv, gate_up, o_proj, down and the split attention as Gluon kernels that fetch their weights
+    # (the attention: the prefix's K/V) before the PDL wait (`kernels_gluon`; sm_90, full-size pi0.5).
+    gluon: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -85,6 +89,10 @@ class TritonConfig:
                 raise ConfigError(f"TritonConfig.{name} must be a power of two ≥ 1, found {value}")
         if self.pdl and self.attn_combine != "wide":
             raise ConfigError(f"pdl is implemented for the 'wide' attention combine only, found {self}")
+        if self.gluon and (self.attn_keys_per_split, self.attn_block_r, self.attn_combine, self.qkv_splits,
+                           self.gate_up_splits) != (64, 16, "wide", 1, 1):
+            raise ConfigError("the Gluon kernels split the attention in 64 keys × 16 rows, combine it 'wide', and "
+                              f"do not split qkv / gate_up over K; found {self}")
 
     @property
     def single_pass_kernels(self) -> bool:
@@ -104,7 +112,8 @@ _RELAXED = TritonConfig(residual_atomic_sem="relaxed")
 _SPLIT = replace(_RELAXED, qkv_splits=4, gate_up_splits=4)  # 160 + 512 programs, ~125 registers
 _RUN4_DEFAULT = replace(_RELAXED, head_splits=8, attn_combine="wide", combine_block_d=16)
 _SWAP = replace(_RUN4_DEFAULT, pdl=True, swap_ab=True)
-# The engine's default: relaxed residual atomics, the head split 8 ways, the wide combine, PDL,
+# The engine's default where the Gluon kernels cannot run (`GLUON_CONFIG` below): relaxed residual
+# atomics, the head split 8 ways, the wide combine, PDL,
 # swap AB with 64-row split-K tiles split 8 ways, 4 pipeline stages (5 in the pair kernels), and the
 # pair kernels' Σ x² summed after their K loop. The last two (runs 88-90, `bench/denoise_sweep.py`,
 # H100, same call): pi0.5 5.67-5.72 → 5.52 ms (notes attempt 35; not in the long-suffix config below).
@@ -120,11 +129,18 @@ DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pa
 LONG_SUFFIX_CONFIG = replace(DEFAULT_CONFIG, attn_keys_per_split=128, attn_block_n=128, attn_block_r=32,
                              pair_late_norm_sum=False, pair_stages=4)
 LONG_SUFFIX_TOKENS = 32
+# Where `kernels_gluon.supported` holds (the H100 / H200 and full-size pi0.5 with ≤ 16 rows): four of
+# a layer's six kernels in Gluon, with down split 16 ways so that its programs fit beside gate_up's.
+# H100, chain of ten steps (`bench/gluon_pair_probe.py`, run 107): 5.46 → 4.30 ms (notes attempt 40).
+GLUON_CONFIG = replace(DEFAULT_CONFIG, gluon=True, down_splits=16)
 
 
-def default_config(suffix_len: int) -> TritonConfig:
-    """The engine's config for a suffix of `suffix_len` tokens (action rows, pi0's state row)."""
-    return LONG_SUFFIX_CONFIG if suffix_len >= LONG_SUFFIX_TOKENS else DEFAULT_CONFIG
+def default_config(suffix_len: int, gluon: bool = False) -> TritonConfig:
+    """The engine's config for a suffix of `suffix_len` tokens (action rows, pi0's state row);
+    `gluon`: the Gluon kernels can run this step (`kernels_gluon.supported`)."""
+    if suffix_len >= LONG_SUFFIX_TOKENS:
+        return LONG_SUFFIX_CONFIG
+    return GLUON_CONFIG if gluon else DEFAULT_CONFIG
 
 
 CANDIDATES: dict[str, TritonConfig] = {
@@ -134,7 +150,7 @@ CANDIDATES: dict[str, TritonConfig] = {
     "run4_default": _RUN4_DEFAULT,
     "run10_default": replace(_RUN4_DEFAULT, pdl=True),
     "swap": _SWAP,
-    "engine_default": DEFAULT_CONFIG,
+    "triton_default": DEFAULT_CONFIG,  # the engine's config where the Gluon kernels cannot run
     "long_suffix": LONG_SUFFIX_CONFIG,
     "default_no_pdl": replace(DEFAULT_CONFIG, pdl=False),
     "split4_head8_wide": replace(_SPLIT, head_splits=8, attn_combine="wide", combine_block_d=16),
@@ -157,6 +173,18 @@ def _split_block_k(k: int, splits: int, block_k: int) -> int:
         raise ConfigError(f"K / splits = {k // splits} is not a multiple of a power-of-two BLOCK_K ≥ 16 "
                           f"(at most {block_k})")
     return block
+
+
+def _why_not_gluon(weights: ExpertWeights, shape: EngineShape, device: torch.device,
+                   saves: ForwardSaves | None) -> str | None:
+    """None where `kernels_gluon` can run this step, else why not."""
+    if saves is not None:
+        return "keep no saves for RTC's backward"
+    try:
+        from pi0_policy_ros.engine import kernels_gluon
+    except ImportError as exc:  # a Triton without Gluon (before 3.5)
+        return f"need Triton's Gluon dialect ({exc})"
+    return kernels_gluon.supported(weights, shape.suffix_len, shape.pi05, device)
 
 
 class StageFit:
@@ -227,15 +255,18 @@ class TritonDenoiseStep:
         self.w = weights
         self.tables = tables
         self.shape = shape
-        self.cfg = config or default_config(shape.suffix_len)
+        dev = buf.x.device
+        why_not_gluon = _why_not_gluon(weights, shape, dev, saves)
+        self.cfg = config or default_config(shape.suffix_len, gluon=why_not_gluon is None)
         self.saves = saves
         if saves is not None and not self.cfg.single_pass_kernels:
             raise ConfigError("saving activations for RTC needs qkv_splits = gate_up_splits = 1 and "
                               f"attn_combine 'wide', found {self.cfg}")
+        if self.cfg.gluon and why_not_gluon:
+            raise ConfigError(f"TritonConfig.gluon: the Gluon kernels {why_not_gluon}")
         ec = weights.cfg
         if ec.head_dim // 2 % self.cfg.pair_block_n:
             raise ConfigError(f"pair_block_n {self.cfg.pair_block_n} must divide head_dim/2 = {ec.head_dim // 2}")
-        dev = buf.x.device
         s = shape.suffix_len
         self.rows = s * ec.num_heads
         self.n_splits = triton.cdiv(buf.keys.shape[1], self.cfg.attn_keys_per_split)
@@ -253,6 +284,15 @@ class TritonDenoiseStep:
         # PDL: sm_90+ (griddepcontrol) and compiled kernels only
         pdl = self.cfg.pdl and K.FENCE and hopper_or_newer(dev)
         self.pdl_launch = {"PDL": True, "launch_pdl": True} if pdl else {}
+        self.gluon = None
+        if self.cfg.gluon:
+            from pi0_policy_ros.engine.kernels_gluon import TILE_K, GluonLaunches
+            for name, k, splits in (("o", ec.num_heads * ec.head_dim, self.cfg.o_splits),
+                                    ("down", ec.mlp_dim, self.cfg.down_splits)):
+                if k % (splits * TILE_K):
+                    raise ConfigError(f"TritonConfig.gluon: {name}'s K = {k} is not a multiple of {splits} splits × "
+                                      f"{TILE_K}")
+            self.gluon = GluonLaunches(weights, pdl)
         # Last-arriver state: float32 partial slots (fully rewritten each launch) and int32
         # counters that every launch leaves at zero. One set serves all layers and both pair
         # projections: the kernels run one after another on one stream.
@@ -279,6 +319,9 @@ class TritonDenoiseStep:
     def _splitk(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, epi: int, bias: torch.Tensor | None = None,
                 gate: torch.Tensor | None = None, splits: int = 1) -> None:
         c = self.cfg
+        if self.gluon is not None and epi == K.EPI_RESIDUAL and gate is not None and w.data_ptr() in self.gluon.weights:
+            self.gluon.residual(w, x, gate, out, splits)
+            return
         m, k = x.shape
         n = w.shape[0]
         ieee = w.dtype == torch.float32
@@ -304,6 +347,10 @@ class TritonDenoiseStep:
         pairs = w.shape[0] // 2
         splits = c.qkv_splits if epi == K.EPI_ROPE else c.gate_up_splits
         d = self.dummy
+        if self.gluon is not None and save_x is None and save_pre is None:
+            self.gluon.pair(w, x, mul, bias, out, epi, pair_offset, ec.rms_norm_eps, d if k_out is None else k_out,
+                            d if v_out is None else v_out, d if cos is None else cos, d if sin is None else sin)
+            return
         args = (x, x.stride(0), w, d if mul is None else mul, d if bias is None else bias,
                 out, out.stride(0), d if k_out is None else k_out, d if v_out is None else v_out,
                 d if cos is None else cos, d if sin is None else sin)
@@ -339,7 +386,11 @@ class TritonDenoiseStep:
             self.fit.launch(K.attention_fused_kernel, grid, *args, out, self.counters, *scalars, self.n_splits,
                             SPLITS_P2=splits_p2, BLOCK_D=min(c.combine_block_d, ec.head_dim), FENCE=K.FENCE, **meta)
             return
-        self.fit.launch(K.attention_split_kernel, grid, *args, *scalars, **meta, **self.pdl_launch)
+        if self.gluon is not None and lse is None:
+            self.gluon.attention(keys, values, q, buf.suffix_bias, self.part_o, self.part_ml, self.rows, self.n_splits,
+                                 self.shape.padded_prefix_len, self.shape.suffix_len)
+        else:
+            self.fit.launch(K.attention_split_kernel, grid, *args, *scalars, **meta, **self.pdl_launch)
         grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
         if c.attn_combine == "wide":
             K.attention_combine_wide_kernel[grid](
