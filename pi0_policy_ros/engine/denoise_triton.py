@@ -77,10 +77,6 @@ class TritonConfig:
     # qkv, gate_up, o_proj, down and the split attention as Gluon kernels that fetch their weights
     # (the attention: the prefix's K/V) before the PDL wait (`kernels_gluon`; sm_90, full-size pi0.5).
     gluon: bool = False
-    # L2 prefetches issued by the Gluon kernels before their PDL wait: "target@source" items joined by
-    # "+", e.g. "gate_up@attention" (this layer's gate_up weights, asked for by its attention kernel).
-    # targets: qkv_next (the next layer's qkv), o, gate_up, down; sources: qkv, attention, o, gate_up, down.
-    gluon_prefetch: str = ""
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -289,7 +285,6 @@ class TritonDenoiseStep:
         pdl = self.cfg.pdl and K.FENCE and hopper_or_newer(dev)
         self.pdl_launch = {"PDL": True, "launch_pdl": True} if pdl else {}
         self.gluon = None
-        self._layer = 0  # the layer `run` is in (the Gluon kernels' L2 prefetch)
         if self.cfg.gluon:
             from pi0_policy_ros.engine.kernels_gluon import TILE_K, GluonLaunches
             for name, k, splits in (("o", ec.num_heads * ec.head_dim, self.cfg.o_splits),
@@ -320,26 +315,12 @@ class TritonDenoiseStep:
                          triton.cdiv(self.rows, c.attn_block_r), triton.cdiv(n_head, self.head_block_n))
         self.counters = torch.zeros(n_counters, dtype=torch.int32, device=dev)
 
-    def _prefetch(self, source: str) -> torch.Tensor | None:
-        """The weights kernel `source` of the current layer asks L2 for (`TritonConfig.gluon_prefetch`)."""
-        for item in filter(None, self.cfg.gluon_prefetch.split("+")):
-            target, _, src = item.partition("@")
-            if src != source:
-                continue
-            layer = self._layer + (target == "qkv_next")
-            if layer >= len(self.w.layers):
-                return None
-            lw = self.w.layers[layer]
-            return {"qkv_next": lw.qkv, "o": lw.out, "gate_up": lw.gate_up, "down": lw.down}[target].weight
-        return None
-
     # ---- launchers ----------------------------------------------------------------------------
     def _splitk(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, epi: int, bias: torch.Tensor | None = None,
                 gate: torch.Tensor | None = None, splits: int = 1) -> None:
         c = self.cfg
         if self.gluon is not None and epi == K.EPI_RESIDUAL and gate is not None and w.data_ptr() in self.gluon.weights:
-            source = "o" if w is self.w.layers[self._layer].out.weight else "down"
-            self.gluon.residual(w, x, gate, out, splits, self._prefetch(source))
+            self.gluon.residual(w, x, gate, out, splits)
             return
         m, k = x.shape
         n = w.shape[0]
@@ -368,8 +349,7 @@ class TritonDenoiseStep:
         d = self.dummy
         if self.gluon is not None and save_x is None and save_pre is None:
             self.gluon.pair(w, x, mul, bias, out, epi, pair_offset, ec.rms_norm_eps, d if k_out is None else k_out,
-                            d if v_out is None else v_out, d if cos is None else cos, d if sin is None else sin,
-                            self._prefetch("qkv" if epi == K.EPI_ROPE else "gate_up"))
+                            d if v_out is None else v_out, d if cos is None else cos, d if sin is None else sin)
             return
         args = (x, x.stride(0), w, d if mul is None else mul, d if bias is None else bias,
                 out, out.stride(0), d if k_out is None else k_out, d if v_out is None else v_out,
@@ -408,7 +388,7 @@ class TritonDenoiseStep:
             return
         if self.gluon is not None and lse is None:
             self.gluon.attention(keys, values, q, buf.suffix_bias, self.part_o, self.part_ml, self.rows, self.n_splits,
-                                 self.shape.padded_prefix_len, self.shape.suffix_len, self._prefetch("attention"))
+                                 self.shape.padded_prefix_len, self.shape.suffix_len)
         else:
             self.fit.launch(K.attention_split_kernel, grid, *args, *scalars, **meta, **self.pdl_launch)
         grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
@@ -437,7 +417,6 @@ class TritonDenoiseStep:
             self.resid[0].copy_(buf.state_token)
         sv = self.saves
         for i, lw in enumerate(w.layers):
-            self._layer = i
             q, attn = (self.q, self.attn) if sv is None else (sv.q[i], sv.attn[i])
             self._pair(lw.qkv.weight, q, K.EPI_ROPE, tab.norm_mul[step, i, 0] if ada else None,
                        tab.qkv_bias[step, i] if ada else None, 0, k_out=buf.keys[i, pp:], v_out=buf.values[i, pp:],

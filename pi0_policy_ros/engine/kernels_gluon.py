@@ -102,29 +102,12 @@ def _pdl_enter(PDL: gl.constexpr):
                                   "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
-@gluon.jit
-def _prefetch_to_l2(base_ptr, nbytes, PREFETCH: gl.constexpr):
-    """Ask L2 for bytes [0, nbytes) at base_ptr (u8), shared out over every thread of the grid: one
-    `cp.async.bulk.prefetch.L2` each (no registers or shared memory held; nbytes a multiple of 16)."""
-    if PREFETCH:
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        programs = gl.num_programs(0) * gl.num_programs(1)
-        program = gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
-        chunk = (nbytes + programs * 128 * 16 - 1) // (programs * 128 * 16) * 16
-        off = (program * 128 + gl.arange(0, 128, layout=layout)) * chunk
-        size = gl.minimum(gl.maximum(nbytes - off, 0), chunk)
-        gl.inline_asm_elementwise(
-            "{\n\t.reg .pred p;\n\tsetp.ne.s32 p, $2, 0;\n\t@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\t}"
-            "\n\tmov.u32 $0, 0;", "=r,l,r", [base_ptr + off, size], dtype=gl.int32, is_pure=False, pack=1)
-
-
 # ---- kernels -------------------------------------------------------------------------------------
 @gluon.jit
 def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
                      M, eps, pair_offset,
-                     pf_ptr, pf_bytes,
                      EPI: gl.constexpr, NQ: gl.constexpr, X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr,
-                     PDL: gl.constexpr, PREFETCH: gl.constexpr = False):
+                     PDL: gl.constexpr):
     """`kernels_triton.norm_linear_pair` for one program's 32 column pairs (RoPE halves of one head,
     EPI 0; gate and up, EPI 1): 64 weight rows × all of K, fetched as four [64, 256] tiles, each
     two [32, 256] boxes (the pairs' first columns, then their second ones)."""
@@ -162,7 +145,6 @@ def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out
         c_hi = gl.load(cos_ptr + trig + 128, mask=tmask, other=0.0).to(gl.float32)
         s_lo = gl.load(sin_ptr + trig, mask=tmask, other=0.0).to(gl.float32)
         s_hi = gl.load(sin_ptr + trig + 128, mask=tmask, other=0.0).to(gl.float32)
-    _prefetch_to_l2(pf_ptr, pf_bytes, PREFETCH)
     _pdl_enter(PDL)
     ss = _normed_rows_to_smem(x_ptr, mul_ptr, x_smem, M, bl)
     inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, blt))
@@ -194,9 +176,8 @@ def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out
 
 
 @gluon.jit
-def residual_splitk_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, pf_ptr, pf_bytes, KT: gl.constexpr,
-                           X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr, PDL: gl.constexpr,
-                           PREFETCH: gl.constexpr = False):
+def residual_splitk_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, KT: gl.constexpr,
+                           X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr, PDL: gl.constexpr):
     """`kernels_triton.linear_splitk` with the gated residual epilogue: program (n block, k split)
     adds gate ⊙ (W[n0 : n0 + 64, k0 : k0 + 256·KT] · x[:, k0 : …]ᵀ) to the residual rows."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
@@ -213,7 +194,6 @@ def residual_splitk_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, pf_p
         mbarrier.expect(bars.index(j), w_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(w_desc, [n0, k0 + j * 256], bars.index(j), w_smem.index(j))
     gate = gl.load(gate_ptr + n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma)))
-    _prefetch_to_l2(pf_ptr, pf_bytes, PREFETCH)
     _pdl_enter(PDL)
     rm = gl.arange(0, 16, layout=gl.SliceLayout(1, bl))
     rk = gl.arange(0, 256 * KT, layout=gl.SliceLayout(0, bl))
@@ -232,8 +212,7 @@ def residual_splitk_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, pf_p
 
 @gluon.jit
 def attention_split_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_ptr, R, NKEYS, PP, stride_bias, S,
-                           scale, pf_ptr, pf_bytes, Q_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, PDL: gl.constexpr,
-                           PREFETCH: gl.constexpr = False):
+                           scale, Q_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, PDL: gl.constexpr):
     """`kernels_triton.attention_split` for 64-key splits and 16 query rows (r = token·8 + head) a
     program, the same partials. The K/V tiles of the prefix (rows < PP: the prefix stage wrote them,
     the chain never does) are fetched before the wait; the tile holding the suffix rows after it."""
@@ -260,7 +239,6 @@ def attention_split_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_
     tok_m = gl.minimum(r_m // 8, S - 1)
     b = gl.load(bias_ptr + tok_m[None, :] * stride_bias + keys_m[:, None], mask=(keys_m < NKEYS)[:, None],
                 other=float("-inf"))
-    _prefetch_to_l2(pf_ptr, pf_bytes, PREFETCH)
     _pdl_enter(PDL)
     if not prefix_only:
         mbarrier.expect(bars.index(0), k_desc.block_type.nbytes)
@@ -311,13 +289,6 @@ def supported(weights, suffix_len: int, pi05: bool, device: torch.device) -> str
     return None
 
 
-def _prefetch_args(prefetch: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
-    """(u8 pointer, bytes) of what a kernel asks L2 for, or nothing."""
-    if prefetch is None:
-        return dummy, 0
-    return prefetch.view(torch.uint8).view(-1), prefetch.numel() * prefetch.element_size()
-
-
 def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
@@ -342,24 +313,22 @@ class GluonLaunches:
 
     def pair(self, w: torch.Tensor, resid: torch.Tensor, mul: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
              epi: int, pair_offset: int, eps: float, k_out: torch.Tensor, v_out: torch.Tensor, cos: torch.Tensor,
-             sin: torch.Tensor, prefetch: torch.Tensor | None = None) -> None:
+             sin: torch.Tensor) -> None:
         norm_pair_kernel[(w.shape[0] // 64,)](
             self.weights[w.data_ptr()], resid, mul, bias, out, out.stride(0), k_out, v_out, cos, sin,
-            resid.shape[0], eps, pair_offset, *_prefetch_args(prefetch, resid), EPI=epi, NQ=Q_HEADS,
-            X_LAYOUT=self.layouts["x_pair"], W_LAYOUT=self.layouts["w"], PDL=self.pdl, PREFETCH=prefetch is not None,
-            num_warps=4, launch_pdl=self.pdl)
+            resid.shape[0], eps, pair_offset, EPI=epi, NQ=Q_HEADS, X_LAYOUT=self.layouts["x_pair"],
+            W_LAYOUT=self.layouts["w"], PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
 
-    def residual(self, w: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, resid: torch.Tensor, splits: int,
-                 prefetch: torch.Tensor | None = None) -> None:
+    def residual(self, w: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, resid: torch.Tensor, splits: int) -> None:
         kt = w.shape[1] // splits // TILE_K
         residual_splitk_kernel[(w.shape[0] // 64, splits)](
-            self.weights[w.data_ptr()], x, x.stride(0), gate, resid, x.shape[0], *_prefetch_args(prefetch, resid),
-            KT=kt, X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, TILE_K * kt], gl.bfloat16),
-            W_LAYOUT=self.layouts["w"], PDL=self.pdl, PREFETCH=prefetch is not None, num_warps=4, launch_pdl=self.pdl)
+            self.weights[w.data_ptr()], x, x.stride(0), gate, resid, x.shape[0], KT=kt,
+            X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, TILE_K * kt], gl.bfloat16), W_LAYOUT=self.layouts["w"],
+            PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
 
     def attention(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, bias: torch.Tensor,
                   part_o: torch.Tensor, part_ml: torch.Tensor, rows: int, n_splits: int, prefix_rows: int,
-                  suffix_len: int, prefetch: torch.Tensor | None = None) -> None:
+                  suffix_len: int) -> None:
         """keys, values: one layer's cache rows [Pp + S, 256]; rows [0, prefix_rows) are the prefix's."""
         key = (keys.data_ptr(), values.data_ptr())
         if key not in self.cache:
@@ -368,5 +337,5 @@ class GluonLaunches:
         k_desc, v_desc = self.cache[key]
         attention_split_kernel[(n_splits, -(-rows // ROWS_PER_PROGRAM))](
             k_desc, v_desc, q, bias, part_o, part_ml, rows, keys.shape[0], prefix_rows, bias.stride(0),
-            suffix_len, HEAD_DIM**-0.5, *_prefetch_args(prefetch, q), Q_LAYOUT=self.layouts["q"],
-            P_LAYOUT=self.layouts["p"], PDL=self.pdl, PREFETCH=prefetch is not None, num_warps=4, launch_pdl=self.pdl)
+            suffix_len, HEAD_DIM**-0.5, Q_LAYOUT=self.layouts["q"], P_LAYOUT=self.layouts["p"], PDL=self.pdl,
+            num_warps=4, launch_pdl=self.pdl)

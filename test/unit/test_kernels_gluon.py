@@ -50,16 +50,15 @@ def compiled() -> dict[str, object]:
     pair_w = G._descriptor(torch.zeros(8192, G.WIDTH, dtype=torch.bfloat16), [32, G.TILE_K])
     for epi, name in ((0, "qkv"), (1, "gate_up")):
         out[name] = _compile(G.norm_pair_kernel, (pair_w, f32, f32, f32, bf16, 2048, bf16, bf16, bf16, bf16, 10,
-                                                  1e-6, 4096, f32, 0),
+                                                  1e-6, 4096),
                              EPI=epi, NQ=8, X_LAYOUT=WIDE([16, G.WIDTH], G.gl.bfloat16), **w, **pdl)
     for name, k, splits in (("o", 2048, GLUON_CONFIG.o_splits), ("down", G.MLP, GLUON_CONFIG.down_splits)):
         kt = k // splits // G.TILE_K
         desc = G._descriptor(torch.zeros(G.WIDTH, k, dtype=torch.bfloat16), [64, G.TILE_K])
-        out[name] = _compile(G.residual_splitk_kernel, (desc, bf16, k, f32, f32, 10, f32, 0), KT=kt,
+        out[name] = _compile(G.residual_splitk_kernel, (desc, bf16, k, f32, f32, 10), KT=kt,
                              X_LAYOUT=WIDE([16, G.TILE_K * kt], G.gl.bfloat16), **w, **pdl)
     kv = G._descriptor(torch.zeros(986, G.HEAD_DIM, dtype=torch.bfloat16), [G.KEYS_PER_SPLIT, G.HEAD_DIM])
-    out["attention"] = _compile(G.attention_split_kernel, (kv, kv, bf16, f32, f32, f32, 80, 986, 976, 986, 10, 0.0625,
-                                                           f32, 0),
+    out["attention"] = _compile(G.attention_split_kernel, (kv, kv, bf16, f32, f32, f32, 80, 986, 976, 986, 10, 0.0625),
                                 Q_LAYOUT=WIDE([16, G.HEAD_DIM], G.gl.bfloat16),
                                 P_LAYOUT=WIDE([16, G.KEYS_PER_SPLIT], G.gl.bfloat16), **pdl)
     return out
@@ -89,7 +88,7 @@ def test_each_kernel_fits_beside_its_neighbours(compiled: dict[str, object]) -> 
     # down split 8 ways (the Triton config's) would not fit beside gate_up: why GLUON_CONFIG splits it 16
     desc = G._descriptor(torch.zeros(G.WIDTH, G.MLP, dtype=torch.bfloat16), [64, G.TILE_K])
     down8 = _compile(G.residual_splitk_kernel, (desc, torch.zeros(8, dtype=torch.bfloat16), G.MLP, torch.zeros(8),
-                                                torch.zeros(8), 10, torch.zeros(8), 0), KT=2,
+                                                torch.zeros(8), 10), KT=2,
                      X_LAYOUT=WIDE([16, 2 * G.TILE_K], G.gl.bfloat16), W_LAYOUT=WIDE([64, G.TILE_K], G.gl.bfloat16),
                      PDL=True, num_warps=4, launch_pdl=True)
     assert shared["gate_up"] + down8.metadata.shared + 2048 > SM_SHARED
