@@ -137,3 +137,40 @@ def test_full_size_engine_uses_them_and_matches_eager() -> None:
         assert np.abs(got - want).max() <= 2e-2, (seed, np.abs(got - want).max())
         outs.append(got)
     assert np.abs(outs[0] - outs[1]).max() > 1e-2
+
+
+def test_attention_takes_the_suffix_rows_after_the_wait(inputs: StepInputs) -> None:
+    """The tile that holds the first suffix row is copied early with whatever its suffix rows held,
+    then those rows again after the wait. Give the two copies different caches (stale suffix rows
+    in the early one): the output must be the attention over the fresh rows."""
+    from pi0_policy_ros.engine import kernels_gluon as G
+
+    shape, layer = inputs.shape, 2
+    pp, s = shape.padded_prefix_len, shape.suffix_len
+    assert pp % G.KEYS_PER_SPLIT + G.TOKENS <= G.KEYS_PER_SPLIT  # pi0.5: the suffix box fits its tile
+    buf = inputs.fresh_buffers()
+    step = TritonDenoiseStep(inputs.weights, inputs.tables, shape, buf, DEFAULT_CONFIG)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(s, step.q.shape[1], device="cuda", generator=gen).to(torch.bfloat16)
+    for cache in (buf.keys, buf.values):
+        cache[layer, pp:].copy_(torch.randn(cache[layer, pp:].shape, device="cuda", generator=gen))
+    want = torch.empty_like(step.attn)
+    step._attention(buf, layer, q, want, None)  # the Triton kernels on the fresh rows
+    stale = {name: getattr(buf, name)[layer].clone() for name in ("keys", "values")}
+    for t in stale.values():
+        t[pp:] = 1e4  # an early copy that was not overwritten would dominate every score
+    launches = G.GluonLaunches(inputs.weights, pdl=True)
+    launches.cache[(stale["keys"].data_ptr(), stale["values"].data_ptr())] = (
+        G._descriptor(stale["keys"], [G.KEYS_PER_SPLIT, G.HEAD_DIM]),
+        G._descriptor(stale["values"], [G.KEYS_PER_SPLIT, G.HEAD_DIM]),
+        G._descriptor(buf.keys[layer], [G.TOKENS, G.HEAD_DIM]),
+        G._descriptor(buf.values[layer], [G.TOKENS, G.HEAD_DIM]))
+    launches.attention(stale["keys"], stale["values"], q, buf.suffix_bias, step.part_o, step.part_ml, step.rows,
+                       step.n_splits, pp, s)
+    got = torch.empty_like(step.attn)
+    K.attention_combine_wide_kernel[(-(-step.rows // 16), 256 // DEFAULT_CONFIG.combine_block_d)](
+        step.part_o, step.part_ml, got, step.rows, step.n_splits, HD=256,
+        SPLITS_P2=1 << (step.n_splits - 1).bit_length(), BLOCK_R=16, BLOCK_D=DEFAULT_CONFIG.combine_block_d,
+        lse_ptr=step.dummy, SAVE_LSE=False, num_warps=4)
+    torch.cuda.synchronize()
+    assert _rel(got, want) <= 1e-5, _rel(got, want)
