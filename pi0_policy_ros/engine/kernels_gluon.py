@@ -102,14 +102,6 @@ def _pdl_enter(PDL: gl.constexpr):
                                   "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
-@gluon.jit
-def _fetch_kv(k_desc, v_desc, row0, k_smem, v_smem, bars):
-    mbarrier.expect(bars.index(0), k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [row0, 0], bars.index(0), k_smem)
-    mbarrier.expect(bars.index(1), v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(v_desc, [row0, 0], bars.index(1), v_smem)
-
-
 # ---- kernels -------------------------------------------------------------------------------------
 @gluon.jit
 def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
@@ -219,48 +211,40 @@ def residual_splitk_kernel(w_desc, x_ptr, stride_x, gate_ptr, resid_ptr, M, KT: 
 
 
 @gluon.jit
-def attention_split_kernel(k_desc, v_desc, ks_desc, vs_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_ptr, R, NKEYS, PP,
-                           stride_bias, S, scale, SUFFIX_ROW0: gl.constexpr, Q_LAYOUT: gl.constexpr,
-                           P_LAYOUT: gl.constexpr, PDL: gl.constexpr):
+def attention_split_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_ptr, R, NKEYS, PP, stride_bias, S,
+                           scale, Q_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr, PDL: gl.constexpr):
     """`kernels_triton.attention_split` for 64-key splits and 16 query rows (r = token·8 + head) a
-    program, the same partials. The K/V rows of the prefix (rows < PP: the prefix stage wrote them,
-    the chain never does) are fetched before the wait, as whole [64, 256] tiles, and the suffix rows
-    after it: one [16, 256] box (ks_desc, vs_desc) over the tile's rows from SUFFIX_ROW0 = PP % 64 on,
-    issued once the early copy under it has landed (so that the later copy wins); or, where that box
-    does not fit in the tile, the whole tile after the wait."""
+    program, the same partials. The K/V tiles of the prefix (rows < PP: the prefix stage wrote them,
+    the chain never does) are fetched before the wait; the tile holding the suffix rows after it."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
     bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     k_smem = gl.allocate_shared_memory(gl.bfloat16, [64, 256], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.bfloat16, [64, 256], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 256], Q_LAYOUT)
     p_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 64], P_LAYOUT)
-    bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # K, V, suffix K, suffix V
+    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     split = gl.program_id(0)
     key0 = split * 64
-    for i in gl.static_range(4):
-        mbarrier.init(bars.index(i), count=1)
+    mbarrier.init(bars.index(0), count=1)
+    mbarrier.init(bars.index(1), count=1)
     gl.thread_barrier()
-    # the tile holding the first suffix row gets its prefix rows early too, where the suffix box fits
-    mixed = (key0 < PP) & (PP < key0 + 64) & (SUFFIX_ROW0 + 16 <= 64)
-    early = (key0 + 64 <= PP) | mixed
-    if early:
-        _fetch_kv(k_desc, v_desc, key0, k_smem, v_smem, bars)
+    prefix_only = key0 + 64 <= PP
+    if prefix_only:
+        mbarrier.expect(bars.index(0), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [key0, 0], bars.index(0), k_smem)
+        mbarrier.expect(bars.index(1), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [key0, 0], bars.index(1), v_smem)
     keys_m = key0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
     r_m = gl.program_id(1) * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, mma))
     tok_m = gl.minimum(r_m // 8, S - 1)
     b = gl.load(bias_ptr + tok_m[None, :] * stride_bias + keys_m[:, None], mask=(keys_m < NKEYS)[:, None],
                 other=float("-inf"))
     _pdl_enter(PDL)
-    if SUFFIX_ROW0 + 16 <= 64:
-        if mixed:  # once the early copy has landed, the suffix rows (and zeros past them) over its last rows
-            mbarrier.wait(bars.index(0), 0)
-            mbarrier.wait(bars.index(1), 0)
-            mbarrier.expect(bars.index(2), ks_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(ks_desc, [PP, 0], bars.index(2), k_smem.slice(SUFFIX_ROW0, 16))
-            mbarrier.expect(bars.index(3), vs_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(vs_desc, [PP, 0], bars.index(3), v_smem.slice(SUFFIX_ROW0, 16))
-    if not early:  # the whole tile now (rows past the cache's end come as zeros)
-        _fetch_kv(k_desc, v_desc, key0, k_smem, v_smem, bars)
+    if not prefix_only:
+        mbarrier.expect(bars.index(0), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [key0, 0], bars.index(0), k_smem)
+        mbarrier.expect(bars.index(1), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [key0, 0], bars.index(1), v_smem)
     r = gl.program_id(1) * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, bl))
     d = gl.arange(0, 256, layout=gl.SliceLayout(0, bl))
     tok = gl.minimum(r // 8, S - 1)
@@ -269,8 +253,6 @@ def attention_split_kernel(k_desc, v_desc, ks_desc, vs_desc, q_ptr, bias_ptr, pa
     fence_async_shared()
     gl.thread_barrier()
     mbarrier.wait(bars.index(0), 0)
-    if mixed:
-        mbarrier.wait(bars.index(2), 0)
     st = warpgroup_mma(k_smem, q_smem.permute((1, 0)), gl.zeros([64, 16], gl.float32, layout=mma))  # scoresᵀ
     st = st * scale + b
     m = gl.max(st, axis=0)
@@ -280,16 +262,14 @@ def attention_split_kernel(k_desc, v_desc, ks_desc, vs_desc, q_ptr, bias_ptr, pa
     fence_async_shared()
     gl.thread_barrier()
     mbarrier.wait(bars.index(1), 0)
-    if mixed:
-        mbarrier.wait(bars.index(3), 0)
     ot = warpgroup_mma(v_smem.permute((1, 0)), p_smem.permute((1, 0)), gl.zeros([256, 16], gl.float32, layout=mma))
     d_m = gl.arange(0, 256, layout=gl.SliceLayout(1, mma))
     rmask = r_m < R
     gl.store(part_o_ptr + (split * R + r_m)[None, :] * 256 + d_m[:, None], ot, mask=rmask[None, :])
     gl.store(part_ml_ptr + split * 2 * R + r_m, m, mask=rmask)
     gl.store(part_ml_ptr + (split * 2 + 1) * R + r_m, l, mask=rmask)
-    for i in gl.static_range(4):
-        mbarrier.invalidate(bars.index(i))
+    mbarrier.invalidate(bars.index(0))
+    mbarrier.invalidate(bars.index(1))
 
 
 # ---- host side -----------------------------------------------------------------------------------
@@ -352,10 +332,10 @@ class GluonLaunches:
         """keys, values: one layer's cache rows [Pp + S, 256]; rows [0, prefix_rows) are the prefix's."""
         key = (keys.data_ptr(), values.data_ptr())
         if key not in self.cache:
-            self.cache[key] = tuple(_descriptor(t, [rows_, HEAD_DIM]) for rows_ in (KEYS_PER_SPLIT, TOKENS)
-                                    for t in (keys, values))
+            self.cache[key] = (_descriptor(keys, [KEYS_PER_SPLIT, HEAD_DIM]), _descriptor(values, [KEYS_PER_SPLIT,
+                                                                                                 HEAD_DIM]))
+        k_desc, v_desc = self.cache[key]
         attention_split_kernel[(n_splits, -(-rows // ROWS_PER_PROGRAM))](
-            *self.cache[key], q, bias, part_o, part_ml, rows, keys.shape[0], prefix_rows, bias.stride(0),
-            suffix_len, HEAD_DIM**-0.5, SUFFIX_ROW0=prefix_rows % KEYS_PER_SPLIT, Q_LAYOUT=self.layouts["q"],
-            P_LAYOUT=self.layouts["p"], PDL=self.pdl,
+            k_desc, v_desc, q, bias, part_o, part_ml, rows, keys.shape[0], prefix_rows, bias.stride(0),
+            suffix_len, HEAD_DIM**-0.5, Q_LAYOUT=self.layouts["q"], P_LAYOUT=self.layouts["p"], PDL=self.pdl,
             num_warps=4, launch_pdl=self.pdl)
