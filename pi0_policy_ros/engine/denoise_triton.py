@@ -77,6 +77,9 @@ class TritonConfig:
     # qkv, gate_up, o_proj, down and the split attention as Gluon kernels that fetch their weights
     # (the attention: the prefix's K/V) before the PDL wait (`kernels_gluon`; sm_90, full-size pi0.5).
     gluon: bool = False
+    # The Gluon kernels let the next kernel launch before their own PDL wait (`kernels_gluon._pdl_enter`).
+    gluon_early_dependents: bool = False
+    triton_early_dependents: bool = False  # the same for the Triton kernels (`kernels_triton._pdl_enter`)
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -283,7 +286,7 @@ class TritonDenoiseStep:
         self.fit = StageFit()
         # PDL: sm_90+ (griddepcontrol) and compiled kernels only
         pdl = self.cfg.pdl and K.FENCE and hopper_or_newer(dev)
-        self.pdl_launch = {"PDL": True, "launch_pdl": True} if pdl else {}
+        self.pdl_launch = {"PDL": 2 if self.cfg.triton_early_dependents else True, "launch_pdl": True} if pdl else {}
         self.gluon = None
         if self.cfg.gluon:
             from pi0_policy_ros.engine.kernels_gluon import TILE_K, GluonLaunches
@@ -292,7 +295,7 @@ class TritonDenoiseStep:
                 if k % (splits * TILE_K):
                     raise ConfigError(f"TritonConfig.gluon: {name}'s K = {k} is not a multiple of {splits} splits × "
                                       f"{TILE_K}")
-            self.gluon = GluonLaunches(weights, pdl)
+            self.gluon = GluonLaunches(weights, pdl, self.cfg.gluon_early_dependents)
         # Last-arriver state: float32 partial slots (fully rewritten each launch) and int32
         # counters that every launch leaves at zero. One set serves all layers and both pair
         # projections: the kernels run one after another on one stream.

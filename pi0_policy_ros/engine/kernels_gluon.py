@@ -95,10 +95,16 @@ def _residual_add(resid_ptr, gate, acc, row0, S, MMA: gl.constexpr):
 
 @gluon.jit
 def _pdl_enter(PDL: gl.constexpr):
-    """As `kernels_triton._pdl_enter`: wait for the previous kernel, then let the next one's
-    programs become resident. Everything before it may only read what no kernel of the chain writes."""
-    if PDL:
+    """As `kernels_triton._pdl_enter` (PDL 1): wait for the previous kernel, then let the next one's
+    programs become resident. PDL 2: the other way round, so that the next kernel's programs (and
+    their weight copies) can start while this one still waits. Either way a kernel writes nothing
+    before its wait, and the wait returns only once the previous kernel has finished, which itself
+    waited for the one before it. Everything before it may only read what no kernel of the chain writes."""
+    if PDL == 1:
         gl.inline_asm_elementwise("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.u32 $0, 0;",
+                                  "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    if PDL == 2:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;\n\tmov.u32 $0, 0;",
                                   "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
@@ -298,8 +304,9 @@ class GluonLaunches:
     """The TMA descriptors of the expert's weights and of the K/V cache, and the launches. A
     descriptor is a host object holding the address: made once here, captured into the graphs."""
 
-    def __init__(self, weights, pdl: bool) -> None:
-        self.pdl = pdl
+    def __init__(self, weights, pdl: bool, early_dependents: bool = False) -> None:
+        self.launch_pdl = pdl
+        self.pdl = (2 if early_dependents else 1) if pdl else 0  # `_pdl_enter`'s PDL
         self.weights = {}  # data_ptr → descriptor
         for lw in weights.layers:
             self.weights[lw.qkv.weight.data_ptr()] = _descriptor(lw.qkv.weight, [32, TILE_K])
@@ -317,14 +324,14 @@ class GluonLaunches:
         norm_pair_kernel[(w.shape[0] // 64,)](
             self.weights[w.data_ptr()], resid, mul, bias, out, out.stride(0), k_out, v_out, cos, sin,
             resid.shape[0], eps, pair_offset, EPI=epi, NQ=Q_HEADS, X_LAYOUT=self.layouts["x_pair"],
-            W_LAYOUT=self.layouts["w"], PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
+            W_LAYOUT=self.layouts["w"], PDL=self.pdl, num_warps=4, launch_pdl=self.launch_pdl)
 
     def residual(self, w: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, resid: torch.Tensor, splits: int) -> None:
         kt = w.shape[1] // splits // TILE_K
         residual_splitk_kernel[(w.shape[0] // 64, splits)](
             self.weights[w.data_ptr()], x, x.stride(0), gate, resid, x.shape[0], KT=kt,
             X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, TILE_K * kt], gl.bfloat16), W_LAYOUT=self.layouts["w"],
-            PDL=self.pdl, num_warps=4, launch_pdl=self.pdl)
+            PDL=self.pdl, num_warps=4, launch_pdl=self.launch_pdl)
 
     def attention(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, bias: torch.Tensor,
                   part_o: torch.Tensor, part_ml: torch.Tensor, rows: int, n_splits: int, prefix_rows: int,
@@ -338,4 +345,4 @@ class GluonLaunches:
         attention_split_kernel[(n_splits, -(-rows // ROWS_PER_PROGRAM))](
             k_desc, v_desc, q, bias, part_o, part_ml, rows, keys.shape[0], prefix_rows, bias.stride(0),
             suffix_len, HEAD_DIM**-0.5, Q_LAYOUT=self.layouts["q"], P_LAYOUT=self.layouts["p"], PDL=self.pdl,
-            num_warps=4, launch_pdl=self.pdl)
+            num_warps=4, launch_pdl=self.launch_pdl)

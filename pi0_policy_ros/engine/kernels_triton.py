@@ -80,7 +80,10 @@ def _pdl_enter(PDL: tl.constexpr):
     launch gap between the step's ~110 small dependent kernels overlaps with their work. Every
     kernel launched that way must call this before touching memory (the ordering is transitive
     only through the waits)."""
-    if PDL:
+    if PDL == 2:  # the next kernel may launch while this one still waits (nothing is written before the wait)
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
         gdc_wait()
         gdc_launch_dependents()
 
