@@ -77,9 +77,9 @@ class TritonConfig:
     # qkv, gate_up, o_proj, down and the split attention as Gluon kernels that fetch their weights
     # (the attention: the prefix's K/V) before the PDL wait (`kernels_gluon`; sm_90, full-size pi0.5).
     gluon: bool = False
-    # The Gluon kernels let the next kernel launch before their own PDL wait (`kernels_gluon._pdl_enter`).
-    gluon_early_dependents: bool = False
-    triton_early_dependents: bool = False  # the same for the Triton kernels (`kernels_triton._pdl_enter`)
+    # PDL: every kernel lets the next one launch before its own wait, not after it (`kernels_triton._pdl_enter`,
+    # `kernels_gluon._pdl_enter`), so the next kernel's programs can start, and fetch their weights, sooner.
+    pdl_early: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -132,10 +132,13 @@ DEFAULT_CONFIG = replace(_SWAP, splitk_block_n=64, o_splits=8, down_splits=8, pa
 LONG_SUFFIX_CONFIG = replace(DEFAULT_CONFIG, attn_keys_per_split=128, attn_block_n=128, attn_block_r=32,
                              pair_late_norm_sum=False, pair_stages=4)
 LONG_SUFFIX_TOKENS = 32
-# Where `kernels_gluon.supported` holds (the H100 / H200 and full-size pi0.5 with ≤ 16 rows): four of
-# a layer's six kernels in Gluon, with down split 16 ways so that its programs fit beside gate_up's.
-# H100, chain of ten steps (`bench/gluon_pair_probe.py`, run 107): 5.46 → 4.30 ms (notes attempt 40).
-GLUON_CONFIG = replace(DEFAULT_CONFIG, gluon=True, down_splits=16)
+# Where `kernels_gluon.supported` holds (the H100 / H200 and full-size pi0.5 with ≤ 16 rows): five of
+# a layer's six kernels in Gluon, with down split 16 ways so that its programs fit beside gate_up's,
+# and every kernel letting the next one launch before its own wait. H100, chain of ten steps (notes
+# attempts 40-41): 5.45-5.50 → 4.29-4.33 ms (run 107, `bench/denoise_sweep.py` runs 114-116) → with
+# `pdl_early` 3.97-3.98 (runs 115-116; early launches from the Gluon kernels alone 4.38, from the
+# Triton ones alone 4.44; and `pdl_early` on the Triton-only default 5.55).
+GLUON_CONFIG = replace(DEFAULT_CONFIG, gluon=True, down_splits=16, pdl_early=True)
 
 
 def default_config(suffix_len: int, gluon: bool = False) -> TritonConfig:
@@ -286,7 +289,7 @@ class TritonDenoiseStep:
         self.fit = StageFit()
         # PDL: sm_90+ (griddepcontrol) and compiled kernels only
         pdl = self.cfg.pdl and K.FENCE and hopper_or_newer(dev)
-        self.pdl_launch = {"PDL": 2 if self.cfg.triton_early_dependents else True, "launch_pdl": True} if pdl else {}
+        self.pdl_launch = {"PDL": 2 if self.cfg.pdl_early else True, "launch_pdl": True} if pdl else {}
         self.gluon = None
         if self.cfg.gluon:
             from pi0_policy_ros.engine.kernels_gluon import TILE_K, GluonLaunches
@@ -295,7 +298,7 @@ class TritonDenoiseStep:
                 if k % (splits * TILE_K):
                     raise ConfigError(f"TritonConfig.gluon: {name}'s K = {k} is not a multiple of {splits} splits × "
                                       f"{TILE_K}")
-            self.gluon = GluonLaunches(weights, pdl, self.cfg.gluon_early_dependents)
+            self.gluon = GluonLaunches(weights, pdl, self.cfg.pdl_early)
         # Last-arriver state: float32 partial slots (fully rewritten each launch) and int32
         # counters that every launch leaves at zero. One set serves all layers and both pair
         # projections: the kernels run one after another on one stream.

@@ -176,7 +176,7 @@ class Engine:
         if triton:
             from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
             plain: DenoiseStep = TritonDenoiseStep(self.expert_weights, self.tables, self.shape, self.buf)
-            if plain.gluon is not None:  # four of each layer's kernels in Gluon (sm_90, full-size pi0.5)
+            if plain.gluon is not None:  # five of each layer's six kernels in Gluon (sm_90, full-size pi0.5)
                 self.report.denoise_kernels = "triton+gluon"
         else:
             plain = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)

@@ -1,17 +1,18 @@
-"""Gluon (sm_90) forms of four of the denoise step's six kernels per layer: qkv and gate_up (RMSNorm
+"""Gluon (sm_90) forms of five of the denoise step's six kernels per layer: qkv and gate_up (RMSNorm
 in the prologue, RoPE / GEGLU in the epilogue), o_proj and down (split over K, gated residual by
 float32 atomics), and the split-KV attention. Same inputs, outputs and launch order as their Triton
-counterparts in `kernels_triton` (the combine stays Triton); `TritonDenoiseStep` launches them when
-`TritonConfig.gluon` is set and `supported` holds.
+counterparts in `kernels_triton` (the attention's combine stays Triton); `TritonDenoiseStep`
+launches them when `TritonConfig.gluon` is set and `supported` holds.
 
-Why they are faster (`bench/engine_notes.md` attempt 40): every kernel of the chain is launched with
-programmatic dependent launch, so its programs are resident while the kernel before it still runs.
-These copy what no earlier kernel writes (their weight block, or the attention's prefix K/V tiles)
-into shared memory with TMA as soon as they are resident, then wait (`griddepcontrol.wait`), then
-read the previous kernel's output once and run asynchronous wgmmas on the weights already there.
-The Triton kernels can only request their first weight bytes after the wait. A program must fit
-beside the previous kernel's on an SM (228 KB of shared memory): the pair kernels take 164 KB, so
-down is split 16 ways (40 KB a program) instead of 8 (`GLUON_CONFIG`).
+Why they are faster (`bench/engine_notes.md` attempts 40-41): every kernel of the chain is launched
+with programmatic dependent launch, so its programs are resident while the kernel before it still
+runs. These copy what no earlier kernel writes (their weight block, or the attention's prefix K/V
+tiles) into shared memory with TMA as soon as they are resident, then wait (`griddepcontrol.wait`),
+then read the previous kernel's output once and run asynchronous wgmmas on the weights already
+there. The Triton kernels can only request their first weight bytes after the wait. A program must
+fit beside the previous kernel's on an SM (228 KB of shared memory): the pair kernels take 164 KB,
+so down is split 16 ways (40 KB a program) instead of 8. With `TritonConfig.pdl_early` every
+kernel lets the next one launch before its own wait, so the weight copies start one kernel sooner.
 
 Geometry: the full-size pi0.5 expert only (width 1024, 8 query heads and 1 KV head of 256, mlp
 4096, adaRMS) with at most 16 suffix rows (the MMA's N side), in bf16.
@@ -304,9 +305,9 @@ class GluonLaunches:
     """The TMA descriptors of the expert's weights and of the K/V cache, and the launches. A
     descriptor is a host object holding the address: made once here, captured into the graphs."""
 
-    def __init__(self, weights, pdl: bool, early_dependents: bool = False) -> None:
+    def __init__(self, weights, pdl: bool, pdl_early: bool = False) -> None:
         self.launch_pdl = pdl
-        self.pdl = (2 if early_dependents else 1) if pdl else 0  # `_pdl_enter`'s PDL
+        self.pdl = (2 if pdl_early else 1) if pdl else 0  # `_pdl_enter`'s PDL
         self.weights = {}  # data_ptr → descriptor
         for lw in weights.layers:
             self.weights[lw.qkv.weight.data_ptr()] = _descriptor(lw.qkv.weight, [32, TILE_K])

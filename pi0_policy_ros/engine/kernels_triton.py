@@ -79,8 +79,10 @@ def _pdl_enter(PDL: tl.constexpr):
     kernel's programs be scheduled, so they are resident and waiting when this one ends: the
     launch gap between the step's ~110 small dependent kernels overlaps with their work. Every
     kernel launched that way must call this before touching memory (the ordering is transitive
-    only through the waits)."""
-    if PDL == 2:  # the next kernel may launch while this one still waits (nothing is written before the wait)
+    only through the waits). PDL 2 (`TritonConfig.pdl_early`): the next kernel may launch first, while
+    this one still waits; still nothing is read or written before the wait, and the wait returns only
+    once the previous kernel has finished, which itself passed its own wait."""
+    if PDL == 2:
         gdc_launch_dependents()
         gdc_wait()
     elif PDL:

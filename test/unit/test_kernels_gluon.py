@@ -41,10 +41,12 @@ def _compile(fn, args: tuple, **kwargs):
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, object]:
-    """The engine's launches of the four kernels (pi0.5 at H = 10), compiled for sm_90 with PDL."""
+    """The engine's launches of the five kernels (pi0.5 at H = 10), compiled for sm_90 with PDL as
+    `GLUON_CONFIG` launches them (`pdl_early`: the next kernel may launch before this one's wait)."""
     bf16 = torch.zeros(16 * 8192, dtype=torch.bfloat16)
     f32 = torch.zeros(16 * 8192)
-    pdl = {"PDL": True, "num_warps": 4, "launch_pdl": True}
+    assert GLUON_CONFIG.pdl and GLUON_CONFIG.pdl_early
+    pdl = {"PDL": 2, "num_warps": 4, "launch_pdl": True}
     w = {"W_LAYOUT": WIDE([64, G.TILE_K], G.gl.bfloat16)}
     out = {}
     pair_w = G._descriptor(torch.zeros(8192, G.WIDTH, dtype=torch.bfloat16), [32, G.TILE_K])
@@ -72,6 +74,9 @@ def _copies_before_wait(ptx: str) -> tuple[int, int]:
 
 
 def test_weights_are_fetched_before_the_wait(compiled: dict[str, object]) -> None:
+    for name, c in compiled.items():
+        ptx = c.asm["ptx"]
+        assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait"), name
     for name in ("qkv", "gate_up", "o", "down"):
         before, total = _copies_before_wait(compiled[name].asm["ptx"])
         assert total > 0 and before == total, (name, before, total)
