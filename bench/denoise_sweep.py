@@ -3,8 +3,9 @@
     python bench/denoise_sweep.py --preset pi0 [--cameras 3 --valid-cameras 3] \
         rows32:attn_block_r=32 stages3:pair_stages=3,splitk_stages=3 ...
 
-Each argument is NAME:FIELD=VALUE[,FIELD=VALUE...] over `denoise_triton.DEFAULT_CONFIG`; the default
-itself is always timed first, and again last (drift check). Prints one JSON line per config: chain
+Each argument is NAME:FIELD=VALUE[,FIELD=VALUE...] over `denoise_triton.DEFAULT_CONFIG` (the Triton
+kernels; `gluon:gluon=True,down_splits=16,pdl_early=True` is `GLUON_CONFIG`, the engine's choice on
+sm_90 for full-size pi0.5); that default itself is always timed first, and again last (drift check). Prints one JSON line per config: chain
 median / p90 ms, max |actions - default's|, and the replay spread (`bench.time_chain_variant`).
 """
 
