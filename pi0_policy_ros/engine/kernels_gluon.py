@@ -29,6 +29,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from pi0_policy_ros.engine.weights import ExpertWeights
+
 WIDTH, HEAD_DIM, Q_HEADS, MLP, TOKENS = 1024, 256, 8, 4096, 16
 TILE_K = 256  # K per weight tile (wgmma's K loop inside one [64, 256] tile)
 PAIR_TILES = gl.constexpr(WIDTH // TILE_K)
@@ -280,7 +282,7 @@ def attention_split_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_
 
 
 # ---- host side -----------------------------------------------------------------------------------
-def supported(weights, suffix_len: int, pi05: bool, device: torch.device) -> str | None:
+def supported(weights: ExpertWeights, suffix_len: int, pi05: bool, device: torch.device) -> str | None:
     """None where these kernels can run the step, else why not (one line)."""
     ec = weights.cfg
     if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
@@ -305,16 +307,17 @@ class GluonLaunches:
     """The TMA descriptors of the expert's weights and of the K/V cache, and the launches. A
     descriptor is a host object holding the address: made once here, captured into the graphs."""
 
-    def __init__(self, weights, pdl: bool, pdl_early: bool = False) -> None:
+    def __init__(self, weights: ExpertWeights, pdl: bool, pdl_early: bool = False) -> None:
         self.launch_pdl = pdl
         self.pdl = (2 if pdl_early else 1) if pdl else 0  # `_pdl_enter`'s PDL
-        self.weights = {}  # data_ptr → descriptor
+        self.weights: dict[int, TensorDescriptor] = {}  # a matrix's data_ptr → its descriptor
         for lw in weights.layers:
             self.weights[lw.qkv.weight.data_ptr()] = _descriptor(lw.qkv.weight, [32, TILE_K])
             self.weights[lw.gate_up.weight.data_ptr()] = _descriptor(lw.gate_up.weight, [32, TILE_K])
             self.weights[lw.out.weight.data_ptr()] = _descriptor(lw.out.weight, [64, TILE_K])
             self.weights[lw.down.weight.data_ptr()] = _descriptor(lw.down.weight, [64, TILE_K])
-        self.cache = {}  # (K cache rows' data_ptr, V's) → their descriptors, made on first use
+        # (K cache rows' data_ptr, V's) → their descriptors, made on first use
+        self.cache: dict[tuple[int, int], tuple[TensorDescriptor, TensorDescriptor]] = {}
         self.layouts = {n: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)
                         for n, shape in (("x_pair", [16, WIDTH]), ("w", [64, TILE_K]), ("q", [16, HEAD_DIM]),
                                          ("p", [16, KEYS_PER_SPLIT]))}
