@@ -80,9 +80,6 @@ class TritonConfig:
     # PDL: every kernel lets the next one launch before its own wait, not after it (`kernels_triton._pdl_enter`,
     # `kernels_gluon._pdl_enter`), so the next kernel's programs can start, and fetch their weights, sooner.
     pdl_early: bool = False
-    # K tiles of qkv's / gate_up's Gluon programs in shared memory at once (4: all, fetched before the wait)
-    gluon_qkv_slots: int = 4
-    gluon_gate_up_slots: int = 4
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -99,9 +96,6 @@ class TritonConfig:
                            self.gate_up_splits) != (64, 16, "wide", 1, 1):
             raise ConfigError("the Gluon kernels split the attention in 64 keys × 16 rows, combine it 'wide', and "
                               f"do not split qkv / gate_up over K; found {self}")
-        for name in ("gluon_qkv_slots", "gluon_gate_up_slots"):
-            if not 1 <= getattr(self, name) <= 4:
-                raise ConfigError(f"TritonConfig.{name} must be 1-4 (K tiles of 256 in K = 1024), found {getattr(self, name)}")
 
     @property
     def single_pass_kernels(self) -> bool:
@@ -361,8 +355,7 @@ class TritonDenoiseStep:
         d = self.dummy
         if self.gluon is not None and save_x is None and save_pre is None:
             self.gluon.pair(w, x, mul, bias, out, epi, pair_offset, ec.rms_norm_eps, d if k_out is None else k_out,
-                            d if v_out is None else v_out, d if cos is None else cos, d if sin is None else sin,
-                            c.gluon_qkv_slots if epi == K.EPI_ROPE else c.gluon_gate_up_slots)
+                            d if v_out is None else v_out, d if cos is None else cos, d if sin is None else sin)
             return
         args = (x, x.stride(0), w, d if mul is None else mul, d if bias is None else bias,
                 out, out.stride(0), d if k_out is None else k_out, d if v_out is None else v_out,

@@ -111,31 +111,21 @@ def _pdl_enter(PDL: gl.constexpr):
                                   "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
-@gluon.jit
-def _fetch_pair_tile(w_desc, row_lo, row_hi, j, slot, bar):
-    """K tile j of a pair program's 64 weight rows into `slot`: its 32 first columns, then the 32 second."""
-    mbarrier.expect(bar, 2 * w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(w_desc, [row_lo, j * 256], bar, slot.slice(0, 32))
-    tma.async_copy_global_to_shared(w_desc, [row_hi, j * 256], bar, slot.slice(32, 32))
-
-
 # ---- kernels -------------------------------------------------------------------------------------
 @gluon.jit
 def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr,
                      M, eps, pair_offset,
-                     EPI: gl.constexpr, NQ: gl.constexpr, SLOTS: gl.constexpr, X_LAYOUT: gl.constexpr,
-                     W_LAYOUT: gl.constexpr, PDL: gl.constexpr):
+                     EPI: gl.constexpr, NQ: gl.constexpr, X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr,
+                     PDL: gl.constexpr):
     """`kernels_triton.norm_linear_pair` for one program's 32 column pairs (RoPE halves of one head,
     EPI 0; gate and up, EPI 1): 64 weight rows × all of K, fetched as four [64, 256] tiles, each
-    two [32, 256] boxes (the pairs' first columns, then their second ones). SLOTS < 4: the first
-    SLOTS tiles are fetched before the wait, each later one into the slot its MMA freed (less
-    shared memory, so that the program fits beside more of the previous kernel's)."""
+    two [32, 256] boxes (the pairs' first columns, then their second ones)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
     bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     blt: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])  # [32 columns, 16 tokens]
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    w_smem = gl.allocate_shared_memory(gl.bfloat16, [SLOTS, 64, 256], W_LAYOUT)
-    bars = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    w_smem = gl.allocate_shared_memory(gl.bfloat16, [PAIR_TILES, 64, 256], W_LAYOUT)
+    bars = gl.allocate_shared_memory(gl.int64, [PAIR_TILES, 1], mbarrier.MBarrierLayout())
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 1024], X_LAYOUT)
     scratch = gl.allocate_shared_memory(gl.float32, [64, 16], plain)
     pid = gl.program_id(0)
@@ -145,11 +135,13 @@ def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out
     else:
         row_lo = pid * 32
         row_hi = row_lo + pair_offset
-    for j in gl.static_range(SLOTS):
+    for j in gl.static_range(PAIR_TILES):
         mbarrier.init(bars.index(j), count=1)
     gl.thread_barrier()
-    for j in gl.static_range(SLOTS):
-        _fetch_pair_tile(w_desc, row_lo, row_hi, j, w_smem.index(j), bars.index(j))
+    for j in gl.static_range(PAIR_TILES):
+        mbarrier.expect(bars.index(j), 2 * w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [row_lo, j * 256], bars.index(j), w_smem.index(j).slice(0, 32))
+        tma.async_copy_global_to_shared(w_desc, [row_hi, j * 256], bars.index(j), w_smem.index(j).slice(32, 32))
     t = gl.arange(0, 16, layout=gl.SliceLayout(0, blt))
     tmask = (t < M)[None, :]
     col = row_lo + gl.arange(0, 32, layout=gl.SliceLayout(1, blt))
@@ -167,12 +159,8 @@ def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out
     inv = gl.convert_layout(1.0 / gl.sqrt(ss / 1024 + eps), gl.SliceLayout(0, blt))
     acc = gl.zeros([64, 16], gl.float32, layout=mma)
     for j in gl.static_range(PAIR_TILES):
-        mbarrier.wait(bars.index(j % SLOTS), (j // SLOTS) & 1)
-        acc = warpgroup_mma(w_smem.index(j % SLOTS), x_smem.slice(j * 256, 256, dim=1).permute((1, 0)), acc,
-                            is_async=True)
-        if j + SLOTS < PAIR_TILES:  # its slot is free once this MMA has read it
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            _fetch_pair_tile(w_desc, row_lo, row_hi, j + SLOTS, w_smem.index(j % SLOTS), bars.index(j % SLOTS))
+        mbarrier.wait(bars.index(j), 0)
+        acc = warpgroup_mma(w_smem.index(j), x_smem.slice(j * 256, 256, dim=1).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     lo, hi = _halves(acc, scratch, blt)
     lo = lo * inv[None, :] + b_lo[:, None]
@@ -192,7 +180,7 @@ def norm_pair_kernel(w_desc, x_ptr, mul_ptr, bias_ptr, out_ptr, stride_om, k_out
     else:
         act = _gelu_tanh(lo) * hi
         gl.store(out_ptr + t[None, :] * stride_om + col[:, None], act.to(gl.bfloat16), mask=tmask)
-    for j in gl.static_range(SLOTS):
+    for j in gl.static_range(PAIR_TILES):
         mbarrier.invalidate(bars.index(j))
 
 
@@ -336,10 +324,10 @@ class GluonLaunches:
 
     def pair(self, w: torch.Tensor, resid: torch.Tensor, mul: torch.Tensor, bias: torch.Tensor, out: torch.Tensor,
              epi: int, pair_offset: int, eps: float, k_out: torch.Tensor, v_out: torch.Tensor, cos: torch.Tensor,
-             sin: torch.Tensor, slots: int) -> None:
+             sin: torch.Tensor) -> None:
         norm_pair_kernel[(w.shape[0] // 64,)](
             self.weights[w.data_ptr()], resid, mul, bias, out, out.stride(0), k_out, v_out, cos, sin,
-            resid.shape[0], eps, pair_offset, EPI=epi, NQ=Q_HEADS, SLOTS=slots, X_LAYOUT=self.layouts["x_pair"],
+            resid.shape[0], eps, pair_offset, EPI=epi, NQ=Q_HEADS, X_LAYOUT=self.layouts["x_pair"],
             W_LAYOUT=self.layouts["w"], PDL=self.pdl, num_warps=4, launch_pdl=self.launch_pdl)
 
     def residual(self, w: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, resid: torch.Tensor, splits: int) -> None:

@@ -53,7 +53,7 @@ def compiled() -> dict[str, object]:
     for epi, name in ((0, "qkv"), (1, "gate_up")):
         out[name] = _compile(G.norm_pair_kernel, (pair_w, f32, f32, f32, bf16, 2048, bf16, bf16, bf16, bf16, 10,
                                                   1e-6, 4096),
-                             EPI=epi, NQ=8, SLOTS=4, X_LAYOUT=WIDE([16, G.WIDTH], G.gl.bfloat16), **w, **pdl)
+                             EPI=epi, NQ=8, X_LAYOUT=WIDE([16, G.WIDTH], G.gl.bfloat16), **w, **pdl)
     for name, k, splits in (("o", 2048, GLUON_CONFIG.o_splits), ("down", G.MLP, GLUON_CONFIG.down_splits)):
         kt = k // splits // G.TILE_K
         desc = G._descriptor(torch.zeros(G.WIDTH, k, dtype=torch.bfloat16), [64, G.TILE_K])
