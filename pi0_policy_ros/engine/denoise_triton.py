@@ -188,8 +188,8 @@ def _why_not_gluon(weights: ExpertWeights, shape: EngineShape, device: torch.dev
         return "keep no saves for RTC's backward"
     try:
         from pi0_policy_ros.engine import kernels_gluon
-    except ImportError as exc:  # a Triton without Gluon (before 3.5)
-        return f"need Triton's Gluon dialect ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a Triton without Gluon, or with another Gluon API
+        return f"need Triton's Gluon dialect as in Triton 3.6 ({type(exc).__name__}: {exc})"
     return kernels_gluon.supported(weights, shape.suffix_len, shape.pi05, device)
 
 

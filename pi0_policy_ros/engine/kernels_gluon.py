@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -285,6 +286,8 @@ def attention_split_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_
 def supported(weights: ExpertWeights, suffix_len: int, pi05: bool, device: torch.device) -> str | None:
     """None where these kernels can run the step, else why not (one line)."""
     ec = weights.cfg
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 6):
+        return f"need Triton ≥ 3.6 (written against its Gluon API; found {triton.__version__})"
     if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
         return "need a CUDA GPU (not the interpreter)"
     if torch.cuda.get_device_capability(device) != (9, 0):

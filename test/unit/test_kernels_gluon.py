@@ -117,3 +117,11 @@ def test_gluon_config_keeps_the_attention_tiles_it_is_written_for() -> None:
         replace(GLUON_CONFIG, attn_keys_per_split=128)
     with pytest.raises(ConfigError, match="64 keys × 16 rows"):
         replace(GLUON_CONFIG, qkv_splits=2)
+
+
+def test_an_older_triton_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written against Triton 3.6's Gluon API: an older Triton keeps the Triton kernels, and says why."""
+    inputs = make_step_inputs(medium_config(pi05=True), torch.float16, "cpu")
+    monkeypatch.setattr(G.triton, "__version__", "3.5.1")
+    why = G.supported(inputs.weights, inputs.shape.suffix_len, True, torch.device("cpu"))
+    assert why is not None and "Triton ≥ 3.6" in why and "3.5.1" in why
