@@ -35,13 +35,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
-from pi0_policy_ros.engine.kernels_gluon import (
-    _gelu_tanh,
-    _halves,
-    _load_rows,
-    _normed_rows_to_smem,
-    _residual_add,
-)
+from pi0_policy_ros.engine.kernels_gluon import (_gelu_tanh, _halves, _load_rows, _normed_rows_to_smem, _residual_add,
+                                                 _softmax_to_smem, _store_partial)
 from pi0_policy_ros.engine.types import EngineShape
 from pi0_policy_ros.engine.weights import ExpertWeights
 
@@ -208,20 +203,10 @@ def _attention_phase(x_smem, p_smem, pid, layer, q_ptr, keys_ptr, values_ptr, bi
         gl.thread_barrier()
         s = warpgroup_mma(gl.convert_layout(k, kv_dot), x_smem.slice(0, 256, dim=1).permute((1, 0)),
                           gl.zeros([64, 16], gl.float32, layout=MMA))  # scoresᵀ [64 keys, 16 rows]
-        s = s * scale + b
-        m = gl.max(s, axis=0)
-        p = gl.exp(s - m[None, :])
-        l = gl.sum(p, axis=0)
-        p_smem.store(gl.permute(p.to(gl.bfloat16), (1, 0)))
-        fence_async_shared()
-        gl.thread_barrier()
+        m, l = _softmax_to_smem(s, b, scale, p_smem)
         o = warpgroup_mma(gl.convert_layout(gl.permute(v, (1, 0)), kv_dot), p_smem.permute((1, 0)),
                           gl.zeros([256, 16], gl.float32, layout=MMA))  # outputᵀ [256 dims, 16 rows] = Vᵀ·Pᵀ
-        d_m = gl.arange(0, 256, layout=gl.SliceLayout(1, MMA))
-        rmask = r_m < R
-        gl.store(part_o_ptr + (split * R + r_m)[None, :] * 256 + d_m[:, None], o, mask=rmask[None, :])
-        gl.store(part_ml_ptr + split * 2 * R + r_m, m, mask=rmask)
-        gl.store(part_ml_ptr + (split * 2 + 1) * R + r_m, l, mask=rmask)
+        _store_partial(part_o_ptr, part_ml_ptr, o, m, l, split, r_m, R, MMA)
 
 
 @gluon.jit

@@ -98,6 +98,30 @@ def _residual_add(resid_ptr, gate, acc, row0, S, MMA: gl.constexpr):
 
 
 @gluon.jit
+def _softmax_to_smem(st, bias, scale, p_smem):
+    """One split's scoresᵀ [64 keys, 16 rows] → p_smem ← Pᵀ = exp(scaled, biased scores − row max) in
+    bf16; returns the rows' (max, sum) for the combine."""
+    st = st * scale + bias
+    m = gl.max(st, axis=0)
+    pt = gl.exp(st - m[None, :])
+    p_smem.store(gl.permute(pt.to(gl.bfloat16), (1, 0)))
+    fence_async_shared()
+    gl.thread_barrier()
+    return m, gl.sum(pt, axis=0)
+
+
+@gluon.jit
+def _store_partial(part_o_ptr, part_ml_ptr, ot, m, l, split, r_m, R, MMA: gl.constexpr):
+    """Split `split`'s unnormalised outputᵀ [256 dims, 16 rows] and (max, sum) of rows r_m (as
+    `kernels_triton._store_attention_partial`)."""
+    d_m = gl.arange(0, 256, layout=gl.SliceLayout(1, MMA))
+    rmask = r_m < R
+    gl.store(part_o_ptr + (split * R + r_m)[None, :] * 256 + d_m[:, None], ot, mask=rmask[None, :])
+    gl.store(part_ml_ptr + split * 2 * R + r_m, m, mask=rmask)
+    gl.store(part_ml_ptr + (split * 2 + 1) * R + r_m, l, mask=rmask)
+
+
+@gluon.jit
 def _pdl_enter(PDL: gl.constexpr):
     """As `kernels_triton._pdl_enter` (PDL 1): wait for the previous kernel, then let the next one's
     programs become resident. PDL 2: the other way round, so that the next kernel's programs (and
@@ -264,20 +288,10 @@ def attention_split_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_
     gl.thread_barrier()
     mbarrier.wait(bars.index(0), 0)
     st = warpgroup_mma(k_smem, q_smem.permute((1, 0)), gl.zeros([64, 16], gl.float32, layout=mma))  # scoresᵀ
-    st = st * scale + b
-    m = gl.max(st, axis=0)
-    pt = gl.exp(st - m[None, :])
-    l = gl.sum(pt, axis=0)
-    p_smem.store(gl.permute(pt.to(gl.bfloat16), (1, 0)))
-    fence_async_shared()
-    gl.thread_barrier()
+    m, l = _softmax_to_smem(st, b, scale, p_smem)
     mbarrier.wait(bars.index(1), 0)
     ot = warpgroup_mma(v_smem.permute((1, 0)), p_smem.permute((1, 0)), gl.zeros([256, 16], gl.float32, layout=mma))
-    d_m = gl.arange(0, 256, layout=gl.SliceLayout(1, mma))
-    rmask = r_m < R
-    gl.store(part_o_ptr + (split * R + r_m)[None, :] * 256 + d_m[:, None], ot, mask=rmask[None, :])
-    gl.store(part_ml_ptr + split * 2 * R + r_m, m, mask=rmask)
-    gl.store(part_ml_ptr + (split * 2 + 1) * R + r_m, l, mask=rmask)
+    _store_partial(part_o_ptr, part_ml_ptr, ot, m, l, split, r_m, R, mma)
     mbarrier.invalidate(bars.index(0))
     mbarrier.invalidate(bars.index(1))
 
