@@ -65,3 +65,20 @@ def make_step_inputs(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.d
     buf.state_token.copy_(randn(cfg.expert.width))
     buf.x[0].copy_(randn(shape.action_horizon, shape.action_dim))
     return StepInputs(weights, tables, shape, buf)
+
+
+def chain_x(step: object, buf: DeviceBuffers, steps: int) -> torch.Tensor:
+    """Run a denoise step implementation eagerly for `steps` steps on `buf`: x[1 .. steps], copied."""
+    with torch.no_grad():
+        for k in range(steps):
+            step.run(buf, k)
+    return buf.x[1:steps + 1].float().clone()
+
+
+def warm_up_on_side_stream(step: object, buf: DeviceBuffers, steps: int) -> None:
+    """Run the chain once on a side stream, as the engine does before it captures one (CUDA)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain_x(step, buf, steps)
+    torch.cuda.current_stream().wait_stream(side)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from test.denoise_setup import StepInputs, make_step_inputs, medium_config
+from test.denoise_setup import StepInputs, chain_x, make_step_inputs, medium_config, warm_up_on_side_stream
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytest.importorskip("triton")
@@ -40,20 +40,13 @@ def pi05_inputs() -> StepInputs:
     return _inputs(True)
 
 
-def _chain(step: object, buf: object, steps: int) -> torch.Tensor:
-    with torch.no_grad():
-        for k in range(steps):
-            step.run(buf, k)
-    return buf.x[1:steps + 1].float().clone()
-
-
 @pytest.fixture(scope="module")
 def references(inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     n = inputs.shape.num_steps
-    torch_x = _chain(TorchDenoiseStep(inputs.weights, inputs.tables, inputs.shape, torch.bfloat16),
-                     inputs.fresh_buffers(), n)
+    torch_x = chain_x(TorchDenoiseStep(inputs.weights, inputs.tables, inputs.shape, torch.bfloat16),
+                      inputs.fresh_buffers(), n)
     buf = inputs.fresh_buffers()
-    triton_x = _chain(TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf, TritonConfig()), buf, n)
+    triton_x = chain_x(TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf, TritonConfig()), buf, n)
     return torch_x, triton_x
 
 
@@ -65,7 +58,7 @@ def test_variant_matches_torch_and_default(inputs: StepInputs, references, name:
     step = TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf, CANDIDATES[name])
     runs = []
     for _ in range(3):  # the same step object and buffers: every launch must leave zeroed state
-        runs.append(_chain(step, buf, n))
+        runs.append(chain_x(step, buf, n))
         torch.cuda.synchronize()
         assert int(step.counters.abs().sum()) == 0
     for x in runs:
@@ -83,12 +76,8 @@ def test_variant_graph_replays(pi05_inputs: StepInputs, name: str) -> None:
     n = inputs.shape.num_steps
     buf = inputs.fresh_buffers()
     step = TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf, CANDIDATES[name])
-    eager = _chain(step, buf, n)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _chain(step, buf, n)
-    torch.cuda.current_stream().wait_stream(side)
+    eager = chain_x(step, buf, n)
+    warm_up_on_side_stream(step, buf, n)
     graphs = []
     with torch.no_grad():
         for k in range(n):
@@ -169,9 +158,9 @@ def test_pipelines_deeper_than_shared_memory_are_fitted() -> None:
     deep = replace(DEFAULT_CONFIG, pair_stages=8, splitk_stages=8)
     buf = inputs.fresh_buffers()
     step = TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf, deep)
-    x = _chain(step, buf, n)
+    x = chain_x(step, buf, n)
     assert min(step.fit.stages.values()) < 8, step.fit.stages
     buf = inputs.fresh_buffers()
-    default_x = _chain(TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf), buf, n)
+    default_x = chain_x(TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf), buf, n)
     assert torch.isfinite(x).all()
     assert float((x - default_x).abs().max()) <= VARIANT_TOL

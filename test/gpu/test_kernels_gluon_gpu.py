@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pi0_policy_ros.model.config import get_preset
-from test.denoise_setup import StepInputs, make_step_inputs
+from test.denoise_setup import StepInputs, chain_x, make_step_inputs, warm_up_on_side_stream
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                 reason="needs an sm_90 GPU (H100 / H200)")
@@ -64,23 +64,15 @@ def test_each_kernel_equals_its_triton_form(inputs: StepInputs) -> None:
         assert _rel(got, want) <= 1e-5, (key, _rel(got, want))
 
 
-def _chain(step: TritonDenoiseStep, buf, steps: int) -> torch.Tensor:
-    with torch.no_grad():
-        for k in range(steps):
-            step.run(buf, k)
-    torch.cuda.synchronize()
-    return buf.x[1:steps + 1].float().clone()
-
-
 def test_chain_matches_the_triton_chain(inputs: StepInputs) -> None:
     shape, n = inputs.shape, inputs.shape.num_steps
     pp = shape.padded_prefix_len
     want_buf = inputs.fresh_buffers()
-    want = _chain(TritonDenoiseStep(inputs.weights, inputs.tables, shape, want_buf, DEFAULT_CONFIG), want_buf, n)
+    want = chain_x(TritonDenoiseStep(inputs.weights, inputs.tables, shape, want_buf, DEFAULT_CONFIG), want_buf, n)
     got_buf = inputs.fresh_buffers()
     step = TritonDenoiseStep(inputs.weights, inputs.tables, shape, got_buf)  # the engine's choice here
     assert step.cfg is GLUON_CONFIG and step.gluon is not None
-    runs = [_chain(step, got_buf, n) for _ in range(3)]  # the same step and buffers each time
+    runs = [chain_x(step, got_buf, n) for _ in range(3)]  # the same step and buffers each time
     scale = float(want.abs().max())
     assert torch.isfinite(runs[0]).all()
     # both sum split-K partials with float32 atomics in no fixed order: a few bf16 ulps apart
@@ -97,12 +89,8 @@ def test_graph_replays_equal_the_eager_chain(inputs: StepInputs) -> None:
     n = inputs.shape.num_steps
     buf = inputs.fresh_buffers()
     step = TritonDenoiseStep(inputs.weights, inputs.tables, inputs.shape, buf, GLUON_CONFIG)
-    eager = _chain(step, buf, n)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _chain(step, buf, n)
-    torch.cuda.current_stream().wait_stream(side)
+    eager = chain_x(step, buf, n)
+    warm_up_on_side_stream(step, buf, n)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
         for k in range(n):
