@@ -80,10 +80,6 @@ class TritonConfig:
     # PDL: every kernel lets the next one launch before its own wait, not after it (`kernels_triton._pdl_enter`,
     # `kernels_gluon._pdl_enter`), so the next kernel's programs can start, and fetch their weights, sooner.
     pdl_early: bool = False
-    # The attention's combine inside o_proj's Gluon kernel (`kernels_gluon.combine_residual_kernel`):
-    # one kernel a layer fewer; the split attention writes its partial outputs in bf16. Needs `gluon`
-    # and o_proj split by head (o_splits = the number of query heads).
-    fuse_combine: bool = False
 
     def __post_init__(self) -> None:
         if self.residual_atomic_sem not in ATOMIC_SEMS:
@@ -100,8 +96,6 @@ class TritonConfig:
                            self.gate_up_splits) != (64, 16, "wide", 1, 1):
             raise ConfigError("the Gluon kernels split the attention in 64 keys × 16 rows, combine it 'wide', and "
                               f"do not split qkv / gate_up over K; found {self}")
-        if self.fuse_combine and not (self.gluon and self.o_splits == 8):
-            raise ConfigError(f"fuse_combine needs the Gluon kernels and o_proj split by head (o_splits 8); found {self}")
 
     @property
     def single_pass_kernels(self) -> bool:
@@ -287,8 +281,7 @@ class TritonDenoiseStep:
         self.q = torch.zeros(s, ec.num_heads * ec.head_dim, dtype=bf16, device=dev)
         self.attn = torch.zeros_like(self.q)
         self.act = torch.zeros(s, ec.mlp_dim, dtype=bf16, device=dev)
-        part_dtype = torch.bfloat16 if self.cfg.fuse_combine else f32
-        self.part_o = torch.zeros(self.n_splits, self.rows, ec.head_dim, dtype=part_dtype, device=dev)
+        self.part_o = torch.zeros(self.n_splits, self.rows, ec.head_dim, dtype=f32, device=dev)
         self.part_ml = torch.zeros(self.n_splits, 2, self.rows, dtype=f32, device=dev)
         self.pre = torch.zeros(shape.action_horizon, ec.width, dtype=f32, device=dev)
         self.dummy = torch.zeros(1, dtype=f32, device=dev)
@@ -402,8 +395,6 @@ class TritonDenoiseStep:
         if self.gluon is not None and lse is None:
             self.gluon.attention(keys, values, q, buf.suffix_bias, self.part_o, self.part_ml, self.rows, self.n_splits,
                                  self.shape.padded_prefix_len, self.shape.suffix_len)
-            if c.fuse_combine:  # o_proj combines the partials (`_attention_out`)
-                return
         else:
             self.fit.launch(K.attention_split_kernel, grid, *args, *scalars, **meta, **self.pdl_launch)
         grid = (triton.cdiv(self.rows, c.combine_block_r), ec.head_dim // c.combine_block_d)
@@ -437,21 +428,14 @@ class TritonDenoiseStep:
                        tab.qkv_bias[step, i] if ada else None, 0, k_out=buf.keys[i, pp:], v_out=buf.values[i, pp:],
                        cos=buf.suffix_cos, sin=buf.suffix_sin, save_x=None if sv is None else sv.resid[i, 0])
             self._attention(buf, i, q, attn, None if sv is None else sv.lse[i])
-            self._attention_out(attn, lw.out.weight, tab.gate[step, i, 0] if ada else None)
+            self._splitk(attn, lw.out.weight, self.resid, K.EPI_RESIDUAL,
+                         gate=tab.gate[step, i, 0] if ada else None, splits=self.cfg.o_splits)
             self._pair(lw.gate_up.weight, self.act, K.EPI_GEGLU, tab.norm_mul[step, i, 1] if ada else None,
                        tab.gate_up_bias[step, i] if ada else None, ec.mlp_dim,
                        save_x=None if sv is None else sv.resid[i, 1], save_pre=None if sv is None else sv.pre[i])
             self._splitk(self.act, lw.down.weight, self.resid, K.EPI_RESIDUAL,
                          gate=tab.gate[step, i, 1] if ada else None, splits=self.cfg.down_splits)
         self._head(buf, step)
-
-    def _attention_out(self, attn: torch.Tensor, w: torch.Tensor, gate: torch.Tensor | None) -> None:
-        """resid += gate ⊙ o_proj(attention output); with `fuse_combine` the output is combined from the
-        attention's partials inside the same kernel."""
-        if self.cfg.fuse_combine:
-            self.gluon.combine_residual(w, self.part_o, self.part_ml, gate, self.resid, self.rows, self.n_splits)
-            return
-        self._splitk(attn, w, self.resid, K.EPI_RESIDUAL, gate=gate, splits=self.cfg.o_splits)
 
     def _head(self, buf: DeviceBuffers, step: int) -> None:
         """Final norm → float32 output projection → x[step + 1] = x[step] + W'h + b'."""

@@ -113,12 +113,10 @@ def _softmax_to_smem(st, bias, scale, p_smem):
 @gluon.jit
 def _store_partial(part_o_ptr, part_ml_ptr, ot, m, l, split, r_m, R, MMA: gl.constexpr):
     """Split `split`'s unnormalised outputᵀ [256 dims, 16 rows] and (max, sum) of rows r_m (as
-    `kernels_triton._store_attention_partial`; the outputs in part_o's dtype: float32, or bf16 for
-    `combine_residual_kernel`)."""
+    `kernels_triton._store_attention_partial`)."""
     d_m = gl.arange(0, 256, layout=gl.SliceLayout(1, MMA))
     rmask = r_m < R
-    gl.store(part_o_ptr + (split * R + r_m)[None, :] * 256 + d_m[:, None], ot.to(part_o_ptr.dtype.element_ty),
-             mask=rmask[None, :])
+    gl.store(part_o_ptr + (split * R + r_m)[None, :] * 256 + d_m[:, None], ot, mask=rmask[None, :])
     gl.store(part_ml_ptr + split * 2 * R + r_m, m, mask=rmask)
     gl.store(part_ml_ptr + (split * 2 + 1) * R + r_m, l, mask=rmask)
 
@@ -298,57 +296,6 @@ def attention_split_kernel(k_desc, v_desc, q_ptr, bias_ptr, part_o_ptr, part_ml_
     mbarrier.invalidate(bars.index(1))
 
 
-@gluon.jit
-def combine_residual_kernel(w_desc, part_o_ptr, part_ml_ptr, gate_ptr, resid_ptr, S, R,
-                            SPLITS: gl.constexpr, X_LAYOUT: gl.constexpr, W_LAYOUT: gl.constexpr,
-                            PDL: gl.constexpr):
-    """o_proj that first combines its head's split-KV attention partials, so that no combine kernel
-    runs between the attention and o_proj (`TritonConfig.fuse_combine`). Program (n block, head h)
-    is `residual_splitk_kernel`'s for the K split of head h's 256 columns: it fetches its weight tile
-    before the wait, then reads the SPLITS partial outputs (bf16) and (max, sum) of rows t·8 + h,
-    combines them as `kernels_triton._combine_rows` does, and multiplies the result."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16])
-    bl: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    w_smem = gl.allocate_shared_memory(gl.bfloat16, [64, 256], W_LAYOUT)
-    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [16, 256], X_LAYOUT)
-    n0 = gl.program_id(0) * 64
-    head = gl.program_id(1)
-    mbarrier.init(bar, count=1)
-    gl.thread_barrier()
-    mbarrier.expect(bar, w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(w_desc, [n0, head * 256], bar, w_smem)
-    gate = gl.load(gate_ptr + n0 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma)))
-    t = gl.arange(0, 16, layout=gl.SliceLayout(1, bl))
-    d = gl.arange(0, 256, layout=gl.SliceLayout(0, bl))
-    rows = t * 8 + head
-    tmask = t < S
-    _pdl_enter(PDL)
-    m_tot = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, bl))
-    for s in gl.static_range(SPLITS):
-        m_tot = gl.maximum(m_tot, gl.load(part_ml_ptr + s * 2 * R + rows, mask=tmask, other=float("-inf"),
-                                          cache_modifier=".cg"))
-    m_tot = gl.where(tmask, m_tot, 0.0)  # padded rows: finite, never stored
-    denom = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, bl))
-    out = gl.zeros([16, 256], gl.float32, layout=bl)
-    for s in gl.static_range(SPLITS):
-        m = gl.load(part_ml_ptr + s * 2 * R + rows, mask=tmask, other=float("-inf"), cache_modifier=".cg")
-        l = gl.load(part_ml_ptr + (s * 2 + 1) * R + rows, mask=tmask, other=0.0, cache_modifier=".cg")
-        o = gl.load(part_o_ptr + (s * R + rows)[:, None] * 256 + d[None, :], mask=tmask[:, None], other=0.0,
-                    cache_modifier=".cg")
-        w = gl.exp(m - m_tot)
-        denom += w * l
-        out += w[:, None] * o.to(gl.float32)
-    denom = gl.where(tmask, denom, 1.0)
-    x_smem.store((out / denom[:, None]).to(gl.bfloat16))
-    fence_async_shared()
-    gl.thread_barrier()
-    mbarrier.wait(bar, 0)
-    acc = warpgroup_mma(w_smem, x_smem.permute((1, 0)), gl.zeros([64, 16], gl.float32, layout=mma))
-    _residual_add(resid_ptr, gate, acc, n0, S, mma)
-    mbarrier.invalidate(bar)
-
-
 # ---- host side -----------------------------------------------------------------------------------
 def supported(weights: ExpertWeights, suffix_len: int, pi05: bool, device: torch.device) -> str | None:
     """None where these kernels can run the step, else why not (one line)."""
@@ -406,14 +353,6 @@ class GluonLaunches:
             self.weights[w.data_ptr()], x, x.stride(0), gate, resid, x.shape[0], KT=kt,
             X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, TILE_K * kt], gl.bfloat16), W_LAYOUT=self.layouts["w"],
             PDL=self.pdl, num_warps=4, launch_pdl=self.launch_pdl)
-
-    def combine_residual(self, w: torch.Tensor, part_o: torch.Tensor, part_ml: torch.Tensor, gate: torch.Tensor,
-                         resid: torch.Tensor, rows: int, n_splits: int) -> None:
-        """resid += gate ⊙ (W · attention outputᵀ), the output combined from the attention's partials."""
-        combine_residual_kernel[(w.shape[0] // 64, Q_HEADS)](
-            self.weights[w.data_ptr()], part_o, part_ml, gate, resid, resid.shape[0], rows, SPLITS=n_splits,
-            X_LAYOUT=self.layouts["q"], W_LAYOUT=self.layouts["w"], PDL=self.pdl, num_warps=4,
-            launch_pdl=self.launch_pdl)
 
     def attention(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, bias: torch.Tensor,
                   part_o: torch.Tensor, part_ml: torch.Tensor, rows: int, n_splits: int, prefix_rows: int,
