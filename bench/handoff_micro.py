@@ -6,7 +6,9 @@
 - `pdl_early`: `launch_dependents` then the wait (`GLUON_CONFIG`);
 - `flags`: `launch_dependents`, then no grid wait at all: each program polls a counter the previous
   kernel's programs increment (release, gpu scope) once their stores are done, until it reaches the
-  previous grid's size (acquire), as a grid barrier would, but between kernels.
+  previous grid's size (acquire), as a grid barrier would, but between kernels. Every thread polls;
+- `flags_one` (run 129): one thread a program polls, the others wait at the CTA barrier, and the next
+  kernel may launch only once the counter is reached (no cascade of polling kernels).
 
 Kernel k of the chain reads one [N] row that another program of kernel k - 1 wrote and writes its own
 row + 1, so after L kernels every element equals L: the script checks that, so that a handoff that
@@ -28,7 +30,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from bench.graph_timing import graph_time_us
 
-MODES = {"plain": 0, "pdl": 1, "pdl_early": 2, "flags": 3}
+MODES = {"plain": 0, "pdl": 1, "pdl_early": 2, "flags": 3, "flags_one": 4}
 
 
 @triton.jit
@@ -46,6 +48,28 @@ def _spin_until(cnt_ptr, target):
         @p bra SPIN${:uid};
         mov.u32 $0, v;
         }""", "=r,l,r", [cnt_ptr, target], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _spin_one(cnt_ptr, target):
+    """Thread 0 polls cnt (acquire, gpu scope) until it is ≥ target; the CTA barrier after it orders
+    the other threads' later loads after its acquire (the cooperative-groups grid sync pattern)."""
+    tl.inline_asm_elementwise(
+        """{
+        .reg .pred p;
+        .reg .u32 v, t;
+        mov.u32 t, %tid.x;
+        setp.ne.u32 p, t, 0;
+        @p bra DONE${:uid};
+        SPIN${:uid}:
+        ld.acquire.gpu.global.u32 v, [$1];
+        setp.lt.u32 p, v, $2;
+        @p nanosleep.u32 64;
+        @p bra SPIN${:uid};
+        DONE${:uid}:
+        mov.u32 $0, 0;
+        }""", "=r,l,r", [cnt_ptr, target], dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -70,11 +94,15 @@ def hop_kernel(src_ptr, dst_ptr, cnt_ptr, k, G, N: tl.constexpr, MODE: tl.conste
         gdc_launch_dependents()
         if k > 0:
             _spin_until(cnt_ptr + k - 1, G)
+    if MODE == 4:
+        if k > 0:
+            _spin_one(cnt_ptr + k - 1, G)
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs = tl.arange(0, N)
     v = tl.load(src_ptr + ((pid * 7 + 3) % G) * N + offs, cache_modifier=".cg")
     tl.store(dst_ptr + pid * N + offs, v + 1)
-    if MODE == 3:
+    if MODE >= 3:
         _signal(cnt_ptr + k)
 
 
