@@ -15,6 +15,9 @@ are then wrong; only the time is used):
   the attention's place in the chain costs apart from its work, and whether its shared memory (76 KB,
   which does not fit beside a qkv or gate_up program's 164 KB) is what costs.
 
+The probe kernel is a copy of the engine's with the knobs added (the engine's stays free of them);
+it times the same as the engine's (`copy` row), and is kept as the script of runs 126-127.
+
     PYTHONPATH=. python bench/attention_probe.py [--own-weights] [--json OUT]
 """
 
@@ -35,13 +38,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
 )
 
+from bench.chain_setup import bench_pi05_engine
 from pi0_policy_ros.engine import kernels_gluon as G
 from pi0_policy_ros.engine.bench import time_chain_variant
 from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
-from pi0_policy_ros.engine.engine import Engine
-from pi0_policy_ros.engine.types import EngineShape, random_batch
-from pi0_policy_ros.model.checkpoint import random_model
-from pi0_policy_ros.model.config import get_preset
 
 VARIANTS = {"copy": {}, "no_q": {"NO_Q": True}, "early": {"EARLY": True}, "no_qk": {"NO_QK": True},
             "no_pv": {"NO_PV": True}, "no_store": {"NO_STORE": True}, "share_kv": {"SHARE_KV": True}}
@@ -166,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--own-weights", action="store_true", help="each layer its own weights (default: layer 0's)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    cfg = get_preset("pi05")
-    model = random_model(cfg, "cuda", torch.bfloat16, seed=0)
-    shape = EngineShape.for_model(cfg, num_slots=3)
-    engine = Engine.create(model, shape, "cuda", "bfloat16")
-    engine.infer(random_batch(shape, 0, valid_slots=2, valid_tokens=24))
+    engine = bench_pi05_engine()
     ew = engine.expert_weights
     weights = ew if args.own_weights else dataclasses.replace(ew, layers=[ew.layers[0]] * len(ew.layers))
     engine_kernel = G.attention_split_kernel

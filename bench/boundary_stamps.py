@@ -26,13 +26,10 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from bench.chain_setup import bench_pi05_engine
 from pi0_policy_ros.engine import kernels_gluon as G
 from pi0_policy_ros.engine.bench import time_chain_variant
 from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
-from pi0_policy_ros.engine.engine import Engine
-from pi0_policy_ros.engine.types import EngineShape, random_batch
-from pi0_policy_ros.model.checkpoint import random_model
-from pi0_policy_ros.model.config import get_preset
 
 
 @gluon.jit
@@ -77,12 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    cfg = get_preset("pi05")
-    model = random_model(cfg, "cuda", torch.bfloat16, seed=0)
-    shape = EngineShape.for_model(cfg, num_slots=3)
-    engine = Engine.create(model, shape, "cuda", "bfloat16")
-    engine.infer(random_batch(shape, 0, valid_slots=2, valid_tokens=24))
-    layers, steps = len(engine.expert_weights.layers), shape.num_steps
+    engine = bench_pi05_engine()
+    layers, steps = len(engine.expert_weights.layers), engine.shape.num_steps
     stamps = torch.zeros(steps * layers * 2, args.grid, 2, dtype=torch.int64, device="cuda")
     plain = TritonDenoiseStep(engine.expert_weights, engine.tables, engine.shape, engine.buf)
     stamped = StampedStep(engine.expert_weights, engine.tables, engine.shape, engine.buf, stamps=stamps,

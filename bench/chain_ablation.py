@@ -19,14 +19,12 @@ import sys
 
 import torch
 
+from bench.chain_setup import bench_pi05_engine
 from pi0_policy_ros.engine import kernels_triton as K
 from pi0_policy_ros.engine.bench import time_chain_variant
 from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
 from pi0_policy_ros.engine.engine import Engine
-from pi0_policy_ros.engine.types import EngineShape, random_batch
 from pi0_policy_ros.engine.weights import ExpertWeights
-from pi0_policy_ros.model.checkpoint import random_model
-from pi0_policy_ros.model.config import get_preset
 
 
 class AblatedStep(TritonDenoiseStep):
@@ -72,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time every row with all layers on layer 0's weights (L2-resident)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    cfg = get_preset("pi05")
-    model = random_model(cfg, "cuda", torch.bfloat16, seed=0)
-    shape = EngineShape.for_model(cfg, num_slots=3)
-    engine = Engine.create(model, shape, "cuda", "bfloat16")
-    engine.infer(random_batch(shape, 0, valid_slots=2, valid_tokens=24))
+    engine = bench_pi05_engine()
     rows = []
     weight_sets = [("own", engine.expert_weights)]
     if args.shared_weights:
