@@ -1,6 +1,6 @@
 """Microbenchmarks of the prefix stage's pieces at pi0.5 geometry (968 rows, Gemma 2B), for the
-notes: each linear in bf16 and as FP8 `torch._scaled_mm` (row-wise scales), the row quantization,
-and attention variants. Each number is the median of CUDA-event timings of 50 back-to-back calls.
+notes: each linear in bf16 and as FP8 `torch._scaled_mm` (row-wise scales, and tensor-wise ones:
+cuBLASLt, run 130), the row quantization, and attention variants. Each number is the median of CUDA-event timings of 50 back-to-back calls.
 
 Usage (GPU machine): python3 bench/prefix_micro.py [--rows N] [--json OUT]
 """
@@ -57,6 +57,10 @@ def main() -> None:
         out[f"{name}_fp8_mm"] = time_ms(lambda: fp8_linear(x, lin8, quantized=xq))
         out[f"{name}_fp8_mm_fast_accum"] = time_ms(lambda: torch._scaled_mm(
             xq[0], lin8.weight.t(), scale_a=xq[1], scale_b=lin8.scale, out_dtype=torch.bfloat16, use_fast_accum=True))
+        one = torch.ones((), device=dev)  # tensor-wise scales (cuBLASLt), the row / column scales left to the caller
+        for fast in (False, True):
+            out[f"{name}_fp8_tensorwise{'_fast_accum' if fast else ''}"] = time_ms(lambda: torch._scaled_mm(
+                xq[0], lin8.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=fast))
         out[f"{name}_fp8_with_quant"] = time_ms(lambda: fp8_linear(x, lin8))
         out[f"{name}_quant"] = time_ms(lambda: quantize_rows(x))
         resid = torch.randn(rows, n, device=dev, dtype=torch.bfloat16)

@@ -349,10 +349,13 @@ class GluonLaunches:
 
     def residual(self, w: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, resid: torch.Tensor, splits: int) -> None:
         kt = w.shape[1] // splits // TILE_K
+        x_layout = self.layouts.get(f"x_splitk{kt}")
+        if x_layout is None:
+            x_layout = self.layouts[f"x_splitk{kt}"] = gl.NVMMASharedLayout.get_default_for([16, TILE_K * kt],
+                                                                                             gl.bfloat16)
         residual_splitk_kernel[(w.shape[0] // 64, splits)](
-            self.weights[w.data_ptr()], x, x.stride(0), gate, resid, x.shape[0], KT=kt,
-            X_LAYOUT=gl.NVMMASharedLayout.get_default_for([16, TILE_K * kt], gl.bfloat16), W_LAYOUT=self.layouts["w"],
-            PDL=self.pdl, num_warps=4, launch_pdl=self.launch_pdl)
+            self.weights[w.data_ptr()], x, x.stride(0), gate, resid, x.shape[0], KT=kt, X_LAYOUT=x_layout,
+            W_LAYOUT=self.layouts["w"], PDL=self.pdl, num_warps=4, launch_pdl=self.launch_pdl)
 
     def attention(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, bias: torch.Tensor,
                   part_o: torch.Tensor, part_ml: torch.Tensor, rows: int, n_splits: int, prefix_rows: int,
