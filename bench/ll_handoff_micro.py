@@ -11,7 +11,9 @@ either side (the LL protocol of NCCL). One kernel, a program per SM, `--length` 
 - `ll_all`: element j of that row comes from program (7p + 3 + j) mod G, so every program waits
   for every other one, as a norm over a split-K residual would.
 
-Every word a thread reads is polled by that thread alone until its flag is the epoch. Each phase
+Every word a thread reads is polled by that thread alone until its flag is the epoch, one word
+after the other (`ll_one`, `ll_all`), or the whole row is loaded at once and loaded again while
+the CTA counts a word still pending (`ll_one_vec`, `ll_all_vec`, run 133). Each phase
 writes its own slot (no slot is reused within a replay), and value = epoch + phase, so a stale or
 torn read shows up as a wrong element, not only as a time.
 
@@ -50,6 +52,25 @@ def _poll_word(ptr, epoch):
 
 
 @triton.jit
+def _load_word(ptr):
+    """One relaxed 64-bit load, not waited on until its value is used."""
+    return tl.inline_asm_elementwise("ld.relaxed.gpu.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _poll_row(ptrs, epoch):
+    """The row's values once every word's flag is epoch: all of the row's loads issued at once, then
+    one CTA-wide count of the words still pending, again until none is."""
+    words = _load_word(ptrs)
+    pending = tl.sum(((words >> 32).to(tl.int32) != epoch).to(tl.int32), axis=0)
+    while pending > 0:
+        words = _load_word(ptrs)
+        pending = tl.sum(((words >> 32).to(tl.int32) != epoch).to(tl.int32), axis=0)
+    return (words & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
 def _put_word(ptr, value, epoch):
     """One relaxed 64-bit store of (epoch << 32) | value: the flag and the value land together."""
     return tl.inline_asm_elementwise(
@@ -62,7 +83,7 @@ def _put_word(ptr, value, epoch):
 
 
 @triton.jit
-def ll_chain_kernel(slots_ptr, epoch_ptr, L, G, N: tl.constexpr, ALL: tl.constexpr):
+def ll_chain_kernel(slots_ptr, epoch_ptr, L, G, N: tl.constexpr, ALL: tl.constexpr, VEC: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, N)
     epoch = tl.load(epoch_ptr)
@@ -74,7 +95,10 @@ def ll_chain_kernel(slots_ptr, epoch_ptr, L, G, N: tl.constexpr, ALL: tl.constex
             else:
                 src = (pid * 7 + 3) % G + offs * 0
             prev = slots_ptr + (k - 1).to(tl.int64) * G * N
-            value = _poll_word(prev + src * N + offs, epoch)
+            if VEC:
+                value = _poll_row(prev + src * N + offs, epoch)
+            else:
+                value = _poll_word(prev + src * N + offs, epoch)
         _put_word(slots_ptr + k.to(tl.int64) * G * N + pid * N + offs, value + 1, epoch)
 
 
@@ -85,7 +109,8 @@ def run(mode: str, grid: int, n: int, length: int, warps: int) -> dict:
     epoch = torch.ones(1, dtype=torch.int32, device=dev)
 
     def chain(_: int) -> torch.Tensor:
-        ll_chain_kernel[(grid,)](slots, epoch, length, grid, N=n, ALL=mode == "ll_all", num_warps=warps)
+        ll_chain_kernel[(grid,)](slots, epoch, length, grid, N=n, ALL=mode.startswith("ll_all"),
+                              VEC=mode.endswith("_vec"), num_warps=warps)
         epoch.add_(1)  # the next replay's flags differ from every word this one wrote
         return slots[length]
 
@@ -106,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for grid, n in ((128, 256), (128, 2048)):
-        for mode in ("ll_one", "ll_all"):
+        for mode in ("ll_one", "ll_all", "ll_one_vec", "ll_all_vec"):
             rows.append(run(mode, grid, n, args.length, 4))
             print(json.dumps(rows[-1]), flush=True)
         # The boundary it would replace, in the same call: int32 rows of the same byte count.
