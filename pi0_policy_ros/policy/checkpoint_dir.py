@@ -148,9 +148,12 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     cfg = resolve_geometry(tensors, preset, truncated, path)
     if cfg.pi05 != (policy_type == "pi05"):
         raise CheckpointError(f"{path}: config.json says {policy_type}, the weights are {'pi05' if cfg.pi05 else 'pi0'}")
+    # LeRobot's pi05 preprocessor (Pi05PrepareStateTokenizerProcessorStep) always writes the
+    # normalized state into the prompt; it has no switch like openpi's pi05_libero.
     cfg = cfg.replace(action_horizon=int(config.get("chunk_size", cfg.action_horizon)),
                       max_token_len=int(config.get("tokenizer_max_length", cfg.max_token_len)),
-                      num_denoise_steps=int(config.get("num_inference_steps", cfg.num_denoise_steps)))
+                      num_denoise_steps=int(config.get("num_inference_steps", cfg.num_denoise_steps)),
+                      discrete_state_input=cfg.pi05)
     normalization = load_lerobot_normalization(path)
     return LoadedCheckpoint(path, "lerobot", cfg, tensors, truncated, normalization.normalizer(),
                             normalization.stats, "", _dtype_name(tensors), lerobot_config=config)

@@ -95,6 +95,16 @@ def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state:
     return PromptTokenizer(path, model_cfg.max_token_len, discrete_state_input=discrete_state)
 
 
+def _discrete_state_input(model_cfg: ModelConfig, profile: RobotProfile, checkpoint: LoadedCheckpoint | None) -> bool:
+    """Whether the pi0.5 prompt carries the discretized state. A LeRobot checkpoint decides (its
+    pi05 always does); otherwise the profile's openpi config does."""
+    if not model_cfg.pi05:
+        return False
+    if checkpoint is not None and checkpoint.format == "lerobot":
+        return model_cfg.discrete_state_input
+    return profile.discrete_state_input
+
+
 class Policy:
     """`Policy.from_config(config)`, then `infer(observation) -> ActionChunk`."""
 
@@ -146,7 +156,7 @@ class Policy:
         if profile.model_type and profile.model_type != ("pi05" if model_cfg.pi05 else "pi0"):
             log.warning("robot profile %s was made for %s, the model is %s", profile.name, profile.model_type,
                         "pi05" if model_cfg.pi05 else "pi0")
-        discrete_state = model_cfg.pi05 and profile.discrete_state_input
+        discrete_state = _discrete_state_input(model_cfg, profile, checkpoint)
         tokenizer = _tokenizer_for(config, model_cfg, discrete_state,
                                    checkpoint.path if checkpoint is not None else None)
         engine = _build_engine(model, config, device)

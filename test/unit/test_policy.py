@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
@@ -294,3 +295,21 @@ def test_rtc_policy_continues_the_previous_chunk(tmp_path: Path, libero_policy: 
         libero_policy.infer(obs, guidance)
     with pytest.raises(ObservationError, match=r"RTC: expected finite previous actions \[10, 7\]"):
         policy.infer(obs, ChunkGuidance(prev_actions=prev[:, :3], delay_steps=2, mask_end=6))
+
+
+def test_lerobot_pi05_writes_the_state_into_the_prompt(tmp_path: Path) -> None:
+    # LeRobot's pi05 preprocessor (Pi05PrepareStateTokenizerProcessorStep, lerobot 0.5-0.6) always
+    # writes the quantile-normalized, unpadded state into the prompt, whatever the robot profile.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                             robot_profile="pi05_libero", default_prompt="put_the bowl\n"))
+    obs = _observation()
+    batch, _ = policy.network_batch(obs)
+    stats = _stats(STATE_DIM, 1)
+    q01, q99 = np.float32(stats["q01"]), np.float32(stats["q99"])
+    normalized = 2.0 * (obs.state - q01) / (q99 - q01) - 1.0  # lerobot normalize_processor, QUANTILES
+    bins = np.digitize(normalized, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+    text = f"Task: put the bowl, State: {' '.join(map(str, bins))};\nAction: "
+    expected = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).encode(text, add_bos=True)
+    assert batch.tokens[: len(expected)].tolist() == expected
+    assert int(batch.token_mask.sum()) == len(expected)
