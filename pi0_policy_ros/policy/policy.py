@@ -97,10 +97,11 @@ def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state:
 
 def _discrete_state_input(model_cfg: ModelConfig, profile: RobotProfile, checkpoint: LoadedCheckpoint | None) -> bool:
     """Whether the pi0.5 prompt carries the discretized state. A LeRobot checkpoint decides (its
-    pi05 always does); otherwise the profile's openpi config does."""
+    pi05 always does), then a profile made for one openpi config; the generic profile has no
+    config, so the model's (the preset's: openpi's default is on) decides."""
     if not model_cfg.pi05:
         return False
-    if checkpoint is not None and checkpoint.format == "lerobot":
+    if (checkpoint is not None and checkpoint.format == "lerobot") or not profile.model_type:
         return model_cfg.discrete_state_input
     return profile.discrete_state_input
 

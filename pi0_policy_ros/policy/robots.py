@@ -72,7 +72,8 @@ class RobotProfile:
     joint_signs: per-dim sign flips applied to state and actions (ALOHA adapt_to_pi); () for none.
     aloha_gripper_dims: dims converted with ALOHA's gripper maps (state: linear -> pi angular,
         actions: pi angular -> ALOHA gripper joint); () for none.
-    discrete_state_input: pi0.5 writes the discretized state into the prompt.
+    discrete_state_input: pi0.5 writes the discretized state into the prompt. Ignored where the
+        profile has no model_type (generic) or the checkpoint is LeRobot's: the model config decides.
     action_horizon: actions per chunk of the openpi config.
     action_period_s: time between two actions (the rate the policy was trained at).
     action_space: what the action dims mean, one of ACTION_SPACES.

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError
-from pi0_policy_ros.model.config import IMAGE_SLOTS
+from pi0_policy_ros.model.config import IMAGE_SLOTS, PRESETS
 from pi0_policy_ros.model.reference import load_reference
 from pi0_policy_ros.model.rtc import soft_mask
 from pi0_policy_ros.policy.checkpoint_dir import VOCAB_ROWS_METADATA, load_checkpoint_dir
@@ -313,3 +313,18 @@ def test_lerobot_pi05_writes_the_state_into_the_prompt(tmp_path: Path) -> None:
     expected = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).encode(text, add_bos=True)
     assert batch.tokens[: len(expected)].tolist() == expected
     assert int(batch.token_mask.sum()) == len(expected)
+
+
+def test_generic_profile_takes_discrete_state_input_from_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    # openpi's Pi0Config defaults discrete_state_input to True for pi05 (only pi05_libero turns it
+    # off); the generic profile follows no openpi config, so the model's (the preset's) setting decides.
+    monkeypatch.setitem(PRESETS, "pi05_small_state", PRESETS["pi05_small"].replace(discrete_state_input=True))
+    policy = Policy.from_config(PolicyConfig(model_preset="pi05_small_state", robot_profile="generic",
+                                             default_prompt="go", state_dim=3, action_dim=3))
+    state = np.array([-0.5, 0.0, 0.99], np.float32)
+    batch, _ = policy.network_batch(Observation(images={"base": np.zeros((224, 224, 3), np.uint8)}, state=state))
+    # openpi transforms.Normalize._normalize_quantile with the identity stats (q01 -1, q99 1).
+    normalized = (state.astype(np.float64) + 1.0) / (2.0 + 1e-6) * 2.0 - 1.0
+    bins = np.digitize(normalized, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+    expected = policy.tokenizer.encode(f"Task: go, State: {' '.join(map(str, bins))};\nAction: ")
+    assert batch.tokens[: len(expected) + 1].tolist() == [policy.tokenizer.bos_id, *expected]
