@@ -56,6 +56,19 @@ class SafetyConfig:
             raise ValueError(f"gripper_range needs (lower, upper), found {self.gripper_range}")
         if bool(self.gripper_dims) != bool(self.gripper_range):
             raise ValueError("gripper_dims and gripper_range go together")
+        # NaN compares false, so a NaN limit would silently switch the limit off.
+        for name in ("position_lower", "position_upper", "max_step", "max_velocity", "gripper_range"):
+            values = np.atleast_1d(np.asarray(getattr(self, name), dtype=np.float64))
+            if np.any(np.isnan(values)):
+                raise ValueError(f"{name} must be numbers, found NaN in {values.tolist()}")
+        # np.clip with a negative bound moves every action by that bound: a negative or zero limit
+        # would drive the robot steadily one way instead of limiting it.
+        for name in ("max_step", "max_velocity"):
+            values = np.atleast_1d(np.asarray(getattr(self, name), dtype=np.float64))
+            if np.any(values <= 0.0):
+                raise ValueError(f"{name} must be > 0 (per action dim), found {values.tolist()}")
+        if self.gripper_range and not self.gripper_range[0] <= self.gripper_range[1]:
+            raise ValueError(f"gripper_range needs lower <= upper, found {list(self.gripper_range)}")
 
 
 @dataclass(frozen=True)

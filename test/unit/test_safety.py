@@ -95,3 +95,16 @@ def test_configuration_errors_name_what_was_expected() -> None:
         make(gripper_dims=(5,), gripper_range=(0, 1))
     with pytest.raises(ValueError, match="go together"):
         make(position_lower=(0,))
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    # np.clip with a negative bound moved a still chunk by -0.1 per step: the robot drifted.
+    ({"max_step": (-0.1,)}, "max_step must be > 0"),
+    ({"max_velocity": (0.5, -1.0, 0.5)}, "max_velocity must be > 0"),
+    ({"max_step": (np.nan,)}, "max_step must be numbers, found NaN"),
+    ({"position_lower": (np.nan,), "position_upper": (1.0,)}, "position_lower must be numbers"),
+    ({"gripper_dims": (2,), "gripper_range": (1.0, 0.0)}, "lower <= upper"),
+])
+def test_limits_that_cannot_limit_are_refused(kwargs, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        make(**kwargs)
