@@ -36,7 +36,7 @@ from pi0_policy_ros.control.observation_buffer import ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.scheduler import ChunkScheduler, InferenceRequest, SchedulerConfig, SchedulerStatus
 from pi0_policy_ros.control.trajectory import (TrajectoryPlan, expired_reason, finite_difference_velocities,
-                                               plan_trajectory)
+                                               plan_trajectory, rest_at_end)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 
@@ -263,7 +263,7 @@ class ControlStep:
         return TrajectoryPlan(first_index=scheduler.horizon - count,
                               times_from_start_s=min_lead_s + np.arange(count, dtype=np.float64) * period_s,
                               positions=positions.astype(np.float64),
-                              velocities=finite_difference_velocities(positions, period_s))
+                              velocities=rest_at_end(finite_difference_velocities(positions, period_s)))
 
     def _hold(self, kind: str, reason: str, now_s: float, level: int = WARN, **seen: Any) -> StepResult:
         """A hold: with `hold_position`, the first hold after our own trajectory also sends a hold point."""

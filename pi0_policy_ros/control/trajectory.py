@@ -10,7 +10,10 @@ the current state to the first point):
   controller to reach smoothly; the node passes one control period;
 - `time_from_start` strictly increases (consecutive points are `period_s` apart);
 - velocities are finite differences over the whole chunk (central inside, one-sided at the ends),
-  taken before dropping so that the first point sent keeps its true slope.
+  taken before dropping so that the first point sent keeps its true slope;
+- the last point's velocity is zero (`rest_at_end`): Jazzy's controller rejects a trajectory that
+  ends moving (`allow_nonzero_velocity_at_trajectory_end` defaults to false there), and a robot
+  that runs to the end of a chunk (a hold with `hold_mode: stop`) must stop there, not coast.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def finite_difference_velocities(actions: np.ndarray, period_s: float) -> np.nda
     return np.gradient(actions.astype(np.float64), period_s, axis=0)
 
 
+def rest_at_end(velocities: np.ndarray) -> np.ndarray:
+    """A copy of [K, A] velocities with the last point's set to zero (see the module docstring)."""
+    out = np.array(velocities, dtype=np.float64)
+    if out.shape[0]:
+        out[-1] = 0.0
+    return out
+
+
 def plan_trajectory(actions: np.ndarray, period_s: float, stamp_s: float, now_s: float,
                     min_lead_s: float) -> TrajectoryPlan:
     """Keep the actions at least `min_lead_s` ahead of `now_s`, with their times and velocities."""
@@ -75,7 +86,7 @@ def plan_trajectory(actions: np.ndarray, period_s: float, stamp_s: float, now_s:
         first_index=first,
         times_from_start_s=ahead_s[first:],
         positions=actions[first:].astype(np.float64),
-        velocities=velocities[first:],
+        velocities=rest_at_end(velocities[first:]),
     )
 
 

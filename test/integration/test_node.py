@@ -56,6 +56,7 @@ def test_trajectory_equals_policy_output(make_node, probe, poll_s: float) -> Non
     wait_for(lambda: probe.counts()[0] >= 3 and probe.counts()[1] >= 3)
     expected = expected_actions(PROFILE, probe.state, {"cam_a": IMAGE_A, "cam_b": IMAGE_B})
     velocities = finite_difference_velocities(expected, PROFILE.action_period_s)
+    velocities[-1] = 0.0  # the last point is at rest (control/trajectory.py, rest_at_end)
     period_s, lead_s = PROFILE.action_period_s, 1.0 / RATE_HZ
     with probe.lock:
         trajectories, chunks, stamps = list(probe.trajectories), list(probe.chunks), list(probe.stamps)

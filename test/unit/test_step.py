@@ -165,6 +165,9 @@ def test_temporal_ensemble_infers_every_execute_horizon_and_blends() -> None:
     a0 = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
     a1 = expected_actions(PROFILE, STATE + 1.0, {"cam_a": IMAGE, "cam_b": IMAGE})
     np.testing.assert_allclose(second.plan.positions[0], (a0[5] + a1[1]) / 2, rtol=1e-6)
+    # The controller (Jazzy) rejects a trajectory whose last point still moves.
+    assert np.any(second.plan.velocities[0] != 0.0)
+    np.testing.assert_array_equal(second.plan.velocities[-1], np.zeros(PROFILE.action_dim))
 
 
 def test_execute_horizon_longer_than_the_chunk_is_a_config_error() -> None:

@@ -43,7 +43,15 @@ def test_velocities_are_finite_differences_of_the_whole_chunk() -> None:
     assert v[0, 0] == pytest.approx(10.0) and v[-1, 0] == pytest.approx(170.0)
     np.testing.assert_allclose(v[:, 1], -10.0)
     plan = plan_trajectory(ACTIONS, 0.1, 10.0, 10.25, 0.05)
-    np.testing.assert_allclose(plan.velocities, v[plan.first_index:])
+    np.testing.assert_allclose(plan.velocities[:-1], v[plan.first_index:-1])
+
+
+def test_the_last_point_is_at_rest() -> None:
+    # Jazzy's joint_trajectory_controller (allow_nonzero_velocity_at_trajectory_end: false by
+    # default) rejected every trajectory of a moving chunk: its last velocity was 170 and -10.
+    plan = plan_trajectory(ACTIONS, 0.1, 10.0, 10.25, 0.05)
+    np.testing.assert_array_equal(plan.velocities[-1], [0.0, 0.0])
+    assert np.all(plan.velocities[0] != 0.0)
 
 
 def test_single_action_has_zero_velocity() -> None:
