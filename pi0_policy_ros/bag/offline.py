@@ -175,6 +175,8 @@ class OfflineReplay:
             timings.update(tick=(time.perf_counter() - t0) * 1e3)
             summary.record_latencies(timings)
             self.monitor.published(now_s, timings, result.age_s, result.camera_skew_s)
+        else:
+            self.monitor.waited(now_s)
         if self.keep_ticks and result.outcome != "wait":
             self.ticks.append(_record(tick_ns, result))
 

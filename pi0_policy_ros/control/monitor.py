@@ -96,6 +96,13 @@ class ControlMonitor:
             self._hold_kind = kind
             self._hold_level = level
 
+    def waited(self, now_s: float) -> None:
+        """A tick that started no inference because the chunk schedule said not yet (non-naive chunk
+        modes infer every `execute_horizon` action periods): on schedule, so it counts toward the
+        achieved rate like a published tick. Otherwise those modes always looked slow."""
+        with self._lock:
+            self._rate.record(now_s)
+
     def input_received(self, source: str, delay_s: float) -> None:
         """An input message accepted; delay_s: receipt time minus its stamp (how far callbacks lag)."""
         with self._lock:

@@ -578,6 +578,7 @@ class PolicyNode(LifecycleNode):
         monitor.tick_started(self._now_s())
         result = step.run(self._now_s)
         if result.outcome == WAIT:
+            monitor.waited(self._now_s())
             return
         if result.outcome == HOLD:
             if result.plan is not None:  # hold_position: one point at the measured position
