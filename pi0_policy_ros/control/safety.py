@@ -9,6 +9,10 @@ the whole chunk, count it). A NaN / Inf anywhere always rejects. Limits, in the 
 Steps 3 and 4 act as a rate limiter when clamping: each action moves at most the allowed amount
 from the previous (already limited) one, so the clamped chunk is continuous from the robot's
 current position. A rejected chunk means the caller holds (see the node's hold policy).
+
+`limit_start` applies steps 3 and 4 once more to the points actually sent: by then the chunk's
+first actions lie in the past, and the controller goes from where it is to the first point sent in
+less time than the skipped actions stood for.
 """
 
 from __future__ import annotations
@@ -162,22 +166,57 @@ class SafetyFilter:
             self.clamp_counts[name] += 1
         return SafetyResult(out.astype(np.float32), rejected=False, reason=",".join(clamped), clamped=tuple(clamped))
 
+    def limit_start(self, positions: np.ndarray, first_lead_s: float, reference: np.ndarray | None) -> SafetyResult:
+        """The step and velocity limits on the points sent [K, action_dim], the first of them reached
+        `first_lead_s` after now from `reference` (the controller's set point now: our last trajectory
+        there, or the measured position when none runs), the others one action period apart. The
+        first segment's allowance is the limit scaled by first_lead_s / period_s. Nothing to check
+        without a reference or with neither limit set."""
+        positions = np.asarray(positions, dtype=np.float64)
+        if reference is None or positions.shape[0] == 0:
+            return SafetyResult(positions.astype(np.float32), rejected=False)
+        reference = np.asarray(reference, dtype=np.float64)
+        if reference.shape != (self.action_dim,) or not np.all(np.isfinite(reference)):
+            return SafetyResult(positions.astype(np.float32), rejected=False)
+        scale = np.ones((positions.shape[0], 1))
+        scale[0] = max(first_lead_s, 0.0) / self.period_s
+        out = positions
+        clamped: list[str] = []
+        for name, limit, policy in (("step", self._max_step, self.config.step_policy),
+                                    ("velocity", self._max_velocity_step, self.config.velocity_policy)):
+            if limit is None:
+                continue
+            limited, violated = _rate_limit(out, reference, limit * scale)
+            if violated:
+                if policy == "reject":
+                    first = limit * scale[0]
+                    return self._reject(name, f"the first point sent moves over {np.abs(out[0] - reference).max():.4g} "
+                                              f"from the set point in {first_lead_s:.3f} s, the {name} limit allows "
+                                              f"{first.tolist()}")
+                out = limited
+                clamped.append(name)
+        for name in clamped:
+            self.clamp_counts[name] += 1
+        return SafetyResult(out.astype(np.float32), rejected=False, reason=",".join(clamped), clamped=tuple(clamped))
+
     def _reject(self, limit: str, reason: str) -> SafetyResult:
         self.reject_counts[limit] += 1
         return SafetyResult(None, rejected=True, reason=f"{limit}: {reason}")
 
 
 def _rate_limit(actions: np.ndarray, current: np.ndarray | None, max_step: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Limit each action's change from the previous one to ±max_step, in order. Returns the
-    limited chunk and whether anything was over the limit (with a small tolerance for rounding)."""
+    """Limit each action's change from the previous one to ±max_step ([A], or [H, A] per action),
+    in order. Returns the limited chunk and whether anything was over the limit (with a small
+    tolerance for rounding)."""
     out = actions.copy()
+    steps = np.broadcast_to(max_step, out.shape)
     previous = current
     violated = False
     for k in range(out.shape[0]):
         if previous is not None:
             delta = out[k] - previous
-            if np.any(np.abs(delta) > max_step * (1 + 1e-9) + 1e-12):
+            if np.any(np.abs(delta) > steps[k] * (1 + 1e-9) + 1e-12):
                 violated = True
-                out[k] = previous + np.clip(delta, -max_step, max_step)
+                out[k] = previous + np.clip(delta, -steps[k], steps[k])
         previous = out[k]
     return out, violated

@@ -11,7 +11,10 @@
    control period ahead dropped (`plan_trajectory`), one inference per tick. Other modes: an
    inference every `execute_horizon` action periods, and the scheduler's splice / ensemble
    sampled one action period apart from one control period ahead;
-5. a `StepResult`: PUBLISH (chunk and trajectory), HOLD (reason, kind, level; with
+5. `SafetyFilter.limit_start`: the step and velocity limits again on the points sent, from the
+   latest measured position to the first of them in the time the plan gives it (its actions
+   before were never executed, so without this a chunk after a rest could start too fast);
+6. a `StepResult`: PUBLISH (chunk and trajectory), HOLD (reason, kind, level; with
    `hold_position` a one-point trajectory at the measured position) or WAIT (non-naive modes
    between inference starts: the controller keeps executing what it has).
 
@@ -233,11 +236,20 @@ class ControlStep:
         if plan is None or plan.empty:
             reason = expired_reason(chunk.horizon, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
             return self._hold(EXPIRED_CHUNK, reason, now_s, chunk=chunk, **seen)
+        start = self.safety.limit_start(plan.positions, float(plan.times_from_start_s[0]), self._measured(now_s))
+        if start.rejected:
+            return self._hold(SAFETY_REJECT, f"safety filter rejected the chunk: {start.reason}", now_s,
+                              chunk=chunk, **seen)
+        if start.clamped:
+            positions = start.actions.astype(np.float64)
+            plan = dataclasses.replace(plan, positions=positions, velocities=rest_at_end(
+                finite_difference_velocities(positions, chunk.period_s)))
         self._executing = True
         timings = {f"policy_{k}": v for k, v in chunk.timings_ms.items()}
         timings.update(decode=(t_decoded - t0) * 1e3, infer=(t_inferred - t_decoded) * 1e3,
                        plan=(time.perf_counter() - t_inferred) * 1e3)
-        return StepResult(PUBLISH, chunk=chunk, plan=plan, clamped=filtered.clamped, timings_ms=timings, **seen)
+        clamped = filtered.clamped + tuple(name for name in start.clamped if name not in filtered.clamped)
+        return StepResult(PUBLISH, chunk=chunk, plan=plan, clamped=clamped, timings_ms=timings, **seen)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -276,12 +288,21 @@ class ControlStep:
                 self._executing = False
         return StepResult(HOLD, reason, kind, level, plan=plan, **seen)
 
-    def _hold_plan(self, now_s: float) -> TrajectoryPlan | None:
-        """One point at the measured position of the action joints, one control period ahead."""
+    def _measured(self, now_s: float) -> np.ndarray | None:
+        """The latest measured position of the action joints; None when there is none fresh enough
+        (or the actions are not joint positions). joint_trajectory_controller starts a new
+        trajectory from here (unless `interpolate_from_desired_state` is set)."""
         sample = self.buffer.latest_state()
         config = self.buffer.config
         if self.state_indices is None or sample is None or now_s - sample.stamp_s > config.max_observation_age_s:
             return None
-        position = np.asarray(sample.value, dtype=np.float64)[list(self.state_indices)]
+        return np.asarray(sample.value, dtype=np.float64)[list(self.state_indices)]
+
+    def _hold_plan(self, now_s: float) -> TrajectoryPlan | None:
+        """One point at the measured position of the action joints, one control period ahead."""
+        position = self._measured(now_s)
+        config = self.buffer.config
+        if position is None:
+            return None
         return TrajectoryPlan(first_index=0, times_from_start_s=np.array([config.control_period_s]),
                               positions=position[None, :], velocities=np.zeros((1, position.size)))

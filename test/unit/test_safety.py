@@ -108,3 +108,23 @@ def test_configuration_errors_name_what_was_expected() -> None:
 def test_limits_that_cannot_limit_are_refused(kwargs, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         make(**kwargs)
+
+
+def test_limit_start_scales_the_first_segment_to_its_lead_time() -> None:
+    # 1 unit/s: 0.1 per 0.1 s action step, 0.05 for a first point only 0.05 s ahead.
+    f = make(max_velocity=(1.0,))
+    sent = np.array([[0.2] * 3, [0.25] * 3, [0.3] * 3])
+    result = f.limit_start(sent, first_lead_s=0.05, reference=np.zeros(3))
+    np.testing.assert_allclose(result.actions[:, 0], [0.05, 0.15, 0.25], atol=1e-6)
+    assert result.clamped == ("velocity",) and f.clamp_counts["velocity"] == 1
+    # Within the scaled allowance, or without a reference: untouched.
+    ok = f.limit_start(sent, first_lead_s=0.2, reference=np.full(3, 0.01))
+    assert ok.clamped == () and np.array_equal(ok.actions, sent.astype(np.float32))
+    assert f.limit_start(sent, 0.05, None).clamped == () and f.clamp_counts["velocity"] == 1
+
+
+def test_limit_start_reject_names_the_segment() -> None:
+    f = make(max_step=(0.1,), step_policy="reject")
+    result = f.limit_start(np.full((2, 3), 0.3), first_lead_s=0.1, reference=np.zeros(3))
+    assert result.rejected and result.reason.startswith("step: the first point sent moves over 0.3")
+    assert "0.100 s" in result.reason and f.reject_counts["step"] == 1

@@ -234,3 +234,28 @@ def test_naive_and_ensemble_modes_pass_no_guidance() -> None:
             feed(step, 10.0 + 0.2 * k)
             step.run(lambda k=k: 10.0 + 0.2 * k)
         assert len(policy.guidance) == 3 and all(g is None for g in policy.guidance)
+
+
+def test_the_first_point_sent_keeps_the_velocity_limit_from_rest() -> None:
+    # The chunk starts at the observation (10.0) and moves 0.2 units/s; at 10.12 its actions 0-3 are
+    # past, so the first point sent (action 4) is 0.07 from the measured position but only 0.08 s
+    # ahead: 0.875 units/s. The chunk itself passes the 0.7 units/s limit (0.035 per 0.05 s step).
+    safety = SafetyConfig(max_velocity=(0.7,))
+    step = make_step(safety=safety)
+    feed(step, 10.0)
+    result = step.run(lambda: 10.12)
+    assert result.published and result.clamped == ("velocity",)
+    assert result.plan.first_index == 4 and result.plan.times_from_start_s[0] == pytest.approx(0.08)
+    np.testing.assert_allclose(result.plan.positions[0], STATE + 0.7 * 0.08, rtol=1e-6)
+    assert np.all(np.abs(np.diff(result.plan.positions, axis=0)) <= 0.035 + 1e-9)
+    np.testing.assert_array_equal(result.plan.velocities[-1], np.zeros(3))
+
+    reject = make_step(safety=SafetyConfig(max_velocity=(0.7,), velocity_policy="reject"))
+    feed(reject, 10.0)
+    held = reject.run(lambda: 10.12)
+    assert (held.outcome, held.kind) == (HOLD, SAFETY_REJECT) and "first point sent" in held.reason
+    sooner = make_step(safety=SafetyConfig(max_velocity=(0.7,), velocity_policy="reject"))
+    feed(sooner, 10.0)
+    # At 10.02 the first point sent is action 2: 0.05 away, 0.08 s ahead (0.625 units/s).
+    result = sooner.run(lambda: 10.02)
+    assert result.published and result.plan.first_index == 2 and result.clamped == ()
