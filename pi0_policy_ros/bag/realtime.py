@@ -53,7 +53,7 @@ class RealtimeOptions:
     rate: playback speed factor. node_cmd: shell-style command line, ROS arguments appended.
     startup_timeout_s: for the process to come up and configure. node_log: keep its output here.
     clock_hz: /clock messages per second of bag time between messages. drain_s: wall seconds to
-    wait after the last message for the last outputs."""
+    wait after the last message for the last outputs. distro: the output bag's (`record.DISTROS`)."""
 
     params_file: str | Path
     overrides: Sequence[str] = ()
@@ -63,6 +63,7 @@ class RealtimeOptions:
     node_log: str | Path | None = None
     clock_hz: float = 100.0
     drain_s: float = 1.0
+    distro: str = "jazzy"
 
 
 def message_class(msgtype: str) -> Any:
@@ -376,7 +377,7 @@ def replay_realtime(bag_path: str | Path, out_path: str | Path, setup: ReplaySet
         with player.lock:
             records = list(player.records)
         _summarize(summary, player, setup)
-        with OutputBag(out_path, overwrite=overwrite) as out:
+        with OutputBag(out_path, distro=options.distro, overwrite=overwrite) as out:
             for topic, msgtype in player.output_types.items():
                 out.add_topic(topic, msgtype)
             for topic, msgtype, t_ns, raw in records:

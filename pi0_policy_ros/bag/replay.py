@@ -5,8 +5,8 @@
 - `--realtime`: the bag is played over DDS at bag timing (times `--rate`), with `/clock`, to a
   real node started with `use_sim_time`, and what the node publishes is recorded
   (`bag/realtime.py`).
-Either way OUT_BAG (MCAP, Jazzy definitions) holds the node's `~/action_chunk_stamp`,
-`~/action_chunk` and `~/joint_trajectory` at their bag times, and `--report DIR` adds
+Either way OUT_BAG (MCAP; Jazzy definitions, or Humble's with `--distro humble`) holds the node's
+`~/action_chunk_stamp`, `~/action_chunk` and `~/joint_trajectory` at their bag times, and `--report DIR` adds
 summary.json and plots. A bad bag is one error naming the bag, the topic and the problem, with
 exit code 1; the output is then not written at all.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pi0_policy_ros.bag.inputs import NODE_NAME, ReplaySetup, make_setup, parse_param_overrides
 from pi0_policy_ros.bag.reader import InputBag
-from pi0_policy_ros.bag.record import OutputBag
+from pi0_policy_ros.bag.record import DISTROS, OutputBag
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary
 from pi0_policy_ros.errors import Pi0PolicyError
 
@@ -27,12 +27,13 @@ EXIT_OK, EXIT_ERROR = 0, 1
 
 
 def replay_offline(bag_path: str | Path, out_path: str | Path, setup: ReplaySetup, policy: object | None = None,
-                   overwrite: bool = False, progress: bool = False, keep_ticks: bool = False
-                   ) -> tuple[ReplaySummary, object]:
+                   overwrite: bool = False, progress: bool = False, keep_ticks: bool = False,
+                   distro: str = "jazzy") -> tuple[ReplaySummary, object]:
     """Offline replay; returns the summary and the `OfflineReplay` (its `ticks` when keep_ticks).
 
     policy: a `Policy`-like object; None loads `Policy.from_config` from the parameters (and
-    closes it afterwards). The bag is checked before the policy is loaded.
+    closes it afterwards). The bag is checked before the policy is loaded. distro: the output bag's
+    metadata version and definitions (`record.DISTROS`).
     """
     from pi0_policy_ros.bag.offline import OfflineReplay
 
@@ -47,7 +48,7 @@ def replay_offline(bag_path: str | Path, out_path: str | Path, setup: ReplaySetu
         try:
             replay = OfflineReplay(setup, policy, keep_ticks=keep_ticks)  # type: ignore[arg-type]
             meter = Progress("replay", (bag.end_ns - bag.start_ns) / 1e9, enabled=progress)
-            with OutputBag(out_path, overwrite=overwrite) as out:
+            with OutputBag(out_path, distro=distro, overwrite=overwrite) as out:
                 replay.run(bag, out, summary, meter)
             meter.finish(f"{summary.chunks} chunks")
         finally:
@@ -77,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-log", default=None, help="realtime: keep the node's output in this file")
     parser.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_BAG if it exists")
+    # Humble's rosbag2 cannot read Jazzy's metadata.yaml (version 9 lists the QoS profiles where
+    # Humble expects a string): a Humble user needs a version 8 output bag.
+    parser.add_argument("--distro", choices=sorted(DISTROS), default="jazzy",
+                        help="ROS distro whose `ros2 bag` must read OUT_BAG (default jazzy)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -90,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
 
             options = RealtimeOptions(params_file=args.params, overrides=args.param, rate=args.rate,
                                       node_cmd=args.node_cmd, startup_timeout_s=args.startup_timeout,
-                                      node_log=args.node_log)
+                                      node_log=args.node_log, distro=args.distro)
             summary, config, period_s = replay_realtime(args.bag, args.out, setup, options,
                                                         overwrite=args.overwrite, progress=not args.quiet)
         else:
             summary, replay = replay_offline(args.bag, args.out, setup, overwrite=args.overwrite,
-                                             progress=not args.quiet)
+                                             progress=not args.quiet, distro=args.distro)
             config, period_s = replay.config, replay.policy.profile.action_period_s  # type: ignore[attr-defined]
         if args.report:
             from pi0_policy_ros.bag.report import write_report
