@@ -89,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not args.rate > 0:
             raise Pi0PolicyError(f"--rate: expected a factor > 0, found {args.rate}")
+        # --overwrite replaces OUT_BAG only after the replay, by when the input is read: an output
+        # on (or inside) the input bag would delete the recording without a word.
+        bag_path, out_path = Path(args.bag).resolve(), Path(args.out).resolve()
+        if out_path == bag_path or out_path in bag_path.parents or bag_path in out_path.parents:
+            raise Pi0PolicyError(f"--out {args.out}: expected a path apart from the input bag {args.bag}, "
+                                 "found the input bag itself or a path inside it")
         setup = make_setup(args.params, parse_param_overrides(args.param), args.map, args.namespace, args.node_name)
         if args.realtime:
             from pi0_policy_ros.bag.realtime import RealtimeOptions, replay_realtime

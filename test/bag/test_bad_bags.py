@@ -96,3 +96,19 @@ def test_corrupt_message_mid_bag_leaves_no_output(params_file: Path, tmp_path: P
             writer.write(conns[c.id], t_ns, raw[:12] if late_joint else raw)
     error = replay(bad, params_file, tmp_path / "out", capsys)
     assert "topic /joint_states: message at" in error and "cannot be decoded as sensor_msgs/msg/JointState" in error
+
+
+@pytest.mark.parametrize("out_name", ["bag", "bag/bag.mcap"])
+def test_output_over_the_input_bag_is_refused(make_bag, params_file: Path, tmp_path: Path, capsys,
+                                              out_name: str) -> None:
+    bag = tmp_path / "bag"
+    shutil.copytree(make_bag("to_keep", 0.5), bag)
+    (bag / "to_keep.mcap").rename(bag / "bag.mcap")  # rosbag2 names the storage file after its directory
+    metadata = bag / "metadata.yaml"
+    metadata.write_text(metadata.read_text().replace("to_keep.mcap", "bag.mcap"))
+    before = sorted((p.name, p.read_bytes()) for p in bag.iterdir())
+    code = main([str(bag), "--params", str(params_file), "--out", str(tmp_path / out_name), "--overwrite", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "input bag" in err
+    assert sorted((p.name, p.read_bytes()) for p in bag.iterdir()) == before  # the recording is untouched
