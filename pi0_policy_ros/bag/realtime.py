@@ -128,10 +128,16 @@ class NodeProcess:
         return self.process.returncode
 
 
+def recorded_types(setup: ReplaySetup) -> dict[str, str]:
+    """What the replay records from the node: its outputs and /diagnostics, topic -> type."""
+    return {**setup.outputs, "/diagnostics": DIAGNOSTIC_ARRAY_TYPE}
+
+
 class Player:
     """The replayer's own rclpy node: publishers of the inputs and /clock, recorder of the outputs."""
 
-    def __init__(self, setup: ReplaySetup, input_types: dict[str, str], rate: float) -> None:
+    def __init__(self, setup: ReplaySetup, input_types: dict[str, str], rate: float,
+                 sink: Callable[[str, str, int, bytes], None] | None = None) -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -149,9 +155,14 @@ class Player:
         self.publishers = {topic: self.node.create_publisher(message_class(msgtype), topic, reliable)
                            for topic, msgtype in input_types.items()}
         self.lock = threading.Lock()
+        # What the summary reads: stamps and /diagnostics in full, chunk messages as their receipt
+        # time only. Every message goes to `sink` (the output bag) as it arrives, so memory does not
+        # grow with the chunks' payload over a long replay.
         self.records: list[tuple[str, str, int, bytes]] = []
+        self._sink = sink
+        self.sink_error: Exception | None = None  # the first failed write; recording stops there
         self.chunk_count = 0
-        self.output_types = {**setup.outputs, "/diagnostics": DIAGNOSTIC_ARRAY_TYPE}
+        self.output_types = recorded_types(setup)
         self.subscriptions = [
             self.node.create_subscription(message_class(msgtype), topic, self._recorder(topic, msgtype), reliable,
                                           raw=True)
@@ -174,7 +185,14 @@ class Player:
         def record(raw: bytes) -> None:
             t_ns = self.bag_now_ns()
             with self.lock:
-                self.records.append((topic, msgtype, t_ns, bytes(raw)))
+                if self._sink is not None:
+                    try:
+                        self._sink(topic, msgtype, t_ns, bytes(raw))
+                    except Exception as exc:  # noqa: BLE001 - raised on the caller's thread after the run
+                        self.sink_error, self._sink = exc, None
+                if msgtype in (HEADER_TYPE, DIAGNOSTIC_ARRAY_TYPE, FLOAT32_MULTI_ARRAY_TYPE):
+                    kept = b"" if msgtype == FLOAT32_MULTI_ARRAY_TYPE else bytes(raw)
+                    self.records.append((topic, msgtype, t_ns, kept))
                 self.chunk_count += msgtype == FLOAT32_MULTI_ARRAY_TYPE
         return record
 
@@ -222,6 +240,8 @@ class Player:
             time.sleep(0.05)
 
     def close(self) -> None:
+        with self.lock:  # no write into the output bag after this, even from a late callback
+            self._sink = None
         self.executor.shutdown()
         self._thread.join(timeout=5.0)
         self.node.destroy_node()
@@ -338,8 +358,6 @@ def replay_realtime(bag_path: str | Path, out_path: str | Path, setup: ReplaySet
                     overwrite: bool = False, progress: bool = False) -> tuple[ReplaySummary, NodeConfig, float]:
     """Play the bag to a node started here; returns the summary, the node's resolved config and its
     action period."""
-    from lifecycle_msgs.msg import Transition
-
     if not options.rate > 0:
         raise ConfigError(f"rate: expected a factor > 0, found {options.rate}")
     config = resolved_config(setup)
@@ -353,33 +371,48 @@ def replay_realtime(bag_path: str | Path, out_path: str | Path, setup: ReplaySet
         topics = {t.bag_topic: t.node_topic for t in present}
         first_ns = next(bag.raw_messages(list(topics)))[2]
         log_path = Path(options.node_log) if options.node_log else Path(tmp) / "node.log"
-        player = Player(setup, {t.node_topic: t.msgtype for t in present}, options.rate)
-        node: NodeProcess | None = None
-        try:
-            player.t0_ns = summary.start_ns = first_ns
-            node = NodeProcess(setup, options, log_path)
-            _transition(player, node, setup, Transition.TRANSITION_CONFIGURE, "configure",
-                        options.startup_timeout_s, first_ns)
-            _transition(player, node, setup, Transition.TRANSITION_ACTIVATE, "activate", 30.0, first_ns)
-            player.wait_matched(30.0, node)
-            meter = Progress("replay (realtime)", (bag.end_ns - first_ns) / NS_PER_S, enabled=progress)
-            summary.end_ns = _play(player, bag, topics, options, node, meter)
-            time.sleep(options.drain_s)
-            _transition(player, node, setup, Transition.TRANSITION_DEACTIVATE, "deactivate", 30.0, summary.end_ns)
-            # The node's /diagnostics timer runs on sim time: move the clock on (the node is inactive
-            # now, so nothing else happens) until it has reported its final counters.
-            _advance_clock(player, summary.end_ns, config.diagnostics_period_s * 1.5 + 0.1, options.clock_hz)
-            meter.finish(f"{player.chunk_count} chunks")
-        finally:
-            if node is not None:
-                node.stop()
-            player.close()
-        with player.lock:
-            records = list(player.records)
-        _summarize(summary, player, setup)
+        # Staged: a failed replay leaves no output (OutputBag).
         with OutputBag(out_path, distro=options.distro, overwrite=overwrite) as out:
-            for topic, msgtype in player.output_types.items():
+            for topic, msgtype in recorded_types(setup).items():
                 out.add_topic(topic, msgtype)
-            for topic, msgtype, t_ns, raw in records:
+
+            def write(topic: str, msgtype: str, t_ns: int, raw: bytes) -> None:
                 out.write(topic, msgtype, t_ns, canonical_cdr(raw, msgtype, out.store))
+
+            input_types = {t.node_topic: t.msgtype for t in present}
+            _run_node(summary, setup, options, bag, topics, input_types, first_ns, log_path, write, progress)
     return summary, config, period_s
+
+
+def _run_node(summary: ReplaySummary, setup: ReplaySetup, options: RealtimeOptions, bag: InputBag,
+              topics: dict[str, str], input_types: dict[str, str], first_ns: int, log_path: Path,
+              sink: Callable[[str, str, int, bytes], None], progress: bool) -> None:
+    """Start the node, play the bag to it at bag timing, stop it and summarize what it published;
+    every message it publishes also goes to `sink` as it arrives."""
+    from lifecycle_msgs.msg import Transition
+
+    config = resolved_config(setup)
+    player = Player(setup, input_types, options.rate, sink)
+    node: NodeProcess | None = None
+    try:
+        player.t0_ns = summary.start_ns = first_ns
+        node = NodeProcess(setup, options, log_path)
+        _transition(player, node, setup, Transition.TRANSITION_CONFIGURE, "configure",
+                    options.startup_timeout_s, first_ns)
+        _transition(player, node, setup, Transition.TRANSITION_ACTIVATE, "activate", 30.0, first_ns)
+        player.wait_matched(30.0, node)
+        meter = Progress("replay (realtime)", (bag.end_ns - first_ns) / NS_PER_S, enabled=progress)
+        summary.end_ns = _play(player, bag, topics, options, node, meter)
+        time.sleep(options.drain_s)
+        _transition(player, node, setup, Transition.TRANSITION_DEACTIVATE, "deactivate", 30.0, summary.end_ns)
+        # The node's /diagnostics timer runs on sim time: move the clock on (the node is inactive
+        # now, so nothing else happens) until it has reported its final counters.
+        _advance_clock(player, summary.end_ns, config.diagnostics_period_s * 1.5 + 0.1, options.clock_hz)
+        meter.finish(f"{player.chunk_count} chunks")
+    finally:
+        if node is not None:
+            node.stop()
+        player.close()
+    if player.sink_error is not None:
+        raise RealtimeError(f"writing the output bag failed: {player.sink_error!r}") from player.sink_error
+    _summarize(summary, player, setup)

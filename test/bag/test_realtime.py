@@ -51,3 +51,37 @@ def test_realtime_replay_through_the_node(make_bag, params_file: Path, tmp_path:
     assert chunks >= 0.5 * possible_hz * duration_s - 1
     assert summary["achieved_rate_hz"] == pytest.approx(chunks / duration_s)
     assert summary["ticks"] >= chunks  # the node's own count, from its final /diagnostics report
+
+
+def test_the_recorder_streams_to_the_sink_and_keeps_only_the_summarys_share(params_file: Path) -> None:
+    # A long real-time replay must not hold every chunk in memory: each message goes to the sink
+    # (the output bag) as it arrives; the summary keeps stamps, /diagnostics and chunk receipt times.
+    from pi0_policy_ros.bag.inputs import (DIAGNOSTIC_ARRAY_TYPE, FLOAT32_MULTI_ARRAY_TYPE, HEADER_TYPE,
+                                           JOINT_TRAJECTORY_TYPE, make_setup)
+    from pi0_policy_ros.bag.realtime import Player
+
+    sunk: list[tuple[str, str, int, bytes]] = []
+    player = Player(make_setup(params_file), {}, 1.0, lambda *record: sunk.append(record))
+    try:
+        for topic, msgtype in (("/c", FLOAT32_MULTI_ARRAY_TYPE), ("/t", JOINT_TRAJECTORY_TYPE),
+                               ("/s", HEADER_TYPE), ("/diagnostics", DIAGNOSTIC_ARRAY_TYPE)):
+            player._recorder(topic, msgtype)(b"payload-" + topic.encode())
+    finally:
+        player.close()
+    player._recorder("/t", JOINT_TRAJECTORY_TYPE)(b"late")  # a callback after close writes nothing
+    assert [(topic, raw) for topic, _, _, raw in sunk] == [
+        ("/c", b"payload-/c"), ("/t", b"payload-/t"), ("/s", b"payload-/s"), ("/diagnostics", b"payload-/diagnostics")]
+    assert [(topic, raw) for topic, _, _, raw in player.records] == [
+        ("/c", b""), ("/s", b"payload-/s"), ("/diagnostics", b"payload-/diagnostics")]
+    assert player.chunk_count == 1
+
+    def broken(*_: object) -> None:
+        raise ValueError("bad CDR")
+
+    failing = Player(make_setup(params_file), {}, 1.0, broken)
+    try:
+        failing._recorder("/t", JOINT_TRAJECTORY_TYPE)(b"x")  # caught here, not in the executor thread
+        failing._recorder("/t", JOINT_TRAJECTORY_TYPE)(b"y")
+    finally:
+        failing.close()
+    assert isinstance(failing.sink_error, ValueError) and str(failing.sink_error) == "bad CDR"
