@@ -61,5 +61,5 @@ def generate_launch_description() -> LaunchDescription:
         remappings=REMAPPINGS,
         arguments=["--ros-args", "--log-level", log_level],
     )
-    # Unbuffered output, so that log lines reach the screen as they happen.
+    # Line-buffered log output, so that each line reaches the screen as it is written.
     return LaunchDescription([*arguments, SetEnvironmentVariable("RCUTILS_LOGGING_BUFFERED_STREAM", "1"), node])
