@@ -41,6 +41,10 @@ UNUSED_KEYS = (
     "paligemma_with_expert.gemma_expert.lm_head.weight",
 )
 EMBED_KEY = _PALIGEMMA + "language_model.embed_tokens.weight"
+# PaliGemma's LM head is tied to embed_tokens. `safetensors.torch.save_model` (how openpi's JAX
+# converter and train_pytorch.py save) keeps one name per shared tensor, the first in sort order:
+# the lm_head. Such a file holds the token table under this name only.
+TIED_EMBED_KEY = UNUSED_KEYS[0]
 
 # Parameters kept in fp32 in bf16 mode, as openpi's `to_bfloat16_for_selected_params` does.
 _FP32_IN_BF16 = ("patch_embedding", "position_embedding", "input_layernorm", "post_attention_layernorm",
@@ -77,9 +81,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
 
 
+def with_tied_embedding(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """`tensors`, with the token table taken from the tied PaliGemma lm_head where the file stores
+    it only under that name (see TIED_EMBED_KEY)."""
+    if EMBED_KEY in tensors or TIED_EMBED_KEY not in tensors:
+        return tensors
+    return {**tensors, EMBED_KEY: tensors[TIED_EMBED_KEY]}
+
+
 def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: bool = False,
                   source: str = "checkpoint") -> None:
     """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
+    tensors = with_tied_embedding(tensors)
     expected = expected_tensors(cfg)
     missing = [f"missing {name}: expected shape {list(expected[name][1])}"
                for name in sorted(set(expected) - set(tensors))]
@@ -117,6 +130,7 @@ def load_state(model: Pi0Model, tensors: Mapping[str, torch.Tensor], allow_trunc
                source: str = "checkpoint") -> Pi0Model:
     """Copy openpi-named tensors into `model` (checked first). A truncated embedding table (the
     fixtures store only the first rows) is zero-padded: those rows are never read."""
+    tensors = with_tied_embedding(tensors)
     check_tensors(model.cfg, tensors, allow_truncated_vocab, source)
     state = {}
     for openpi, (ours, shape) in expected_tensors(model.cfg).items():

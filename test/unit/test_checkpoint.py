@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from pi0_policy_ros.errors import CheckpointError
-from pi0_policy_ros.model.checkpoint import EMBED_KEY, UNUSED_KEYS, check_tensors, expected_tensors, load_checkpoint
+from pi0_policy_ros.model.checkpoint import (EMBED_KEY, UNUSED_KEYS, check_tensors, expected_tensors, load_checkpoint,
+                                            load_state, read_safetensors)
 from pi0_policy_ros.model.config import get_preset
+from pi0_policy_ros.model.pi0 import Pi0Model
 from pi0_policy_ros.model.reference import load_reference
 from test.paths import PI05_FIXTURE
 
@@ -156,3 +158,36 @@ def test_full_size_parameter_count_is_about_3_3_billion() -> None:
 def test_fixture_key_names_are_exactly_ours(preset: str) -> None:
     path = PI05_FIXTURE if preset == "pi05_small" else PI05_FIXTURE.with_name("pi0_small.safetensors")
     assert set(load_reference(path).weights) == set(expected_tensors(get_preset(preset)))
+
+
+def test_checkpoint_saved_with_tied_lm_head_only_loads(weights, tmp_path: Path) -> None:
+    """openpi's convert_jax_model_to_pytorch.py and train_pytorch.py save with
+    `safetensors.torch.save_model`, which keeps one name per shared tensor: the PaliGemma lm_head
+    (tied to embed_tokens) sorts first, so the file has `...paligemma.lm_head.weight` and no
+    embed_tokens. That table is the token embedding and must load as such."""
+    from safetensors.torch import save_model
+    from torch import nn
+
+    def child(parent: nn.Module, path: str) -> nn.Module:
+        for name in path.split("."):
+            if not hasattr(parent, name):
+                parent.add_module(name, nn.Module())
+            parent = getattr(parent, name)
+        return parent
+
+    # openpi's tie, at openpi's module paths, saved the way openpi saves it
+    root = nn.Module()
+    table = nn.Parameter(weights[EMBED_KEY].clone())
+    child(root, EMBED_KEY.removesuffix(".weight")).weight = table
+    child(root, UNUSED_KEYS[0].removesuffix(".weight")).weight = table
+    path = tmp_path / "tied.safetensors"
+    save_model(root, str(path))
+    saved, _ = read_safetensors(path)
+    assert list(saved) == [UNUSED_KEYS[0]]  # save_model dropped embed_tokens
+    tensors = {k: v for k, v in weights.items() if k != EMBED_KEY} | saved
+
+    check_tensors(PI05, tensors, allow_truncated_vocab=True)
+    with torch.device("meta"):
+        model = Pi0Model(PI05)
+    load_state(model, tensors, allow_truncated_vocab=True)
+    assert torch.equal(model.embed_tokens.weight[:1024], weights[EMBED_KEY])
