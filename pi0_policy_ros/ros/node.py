@@ -199,8 +199,11 @@ class PolicyNode(LifecycleNode):
         self._bad_overrides: dict[str, str] = {}
         for spec in PARAMS:
             self._declare(spec)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        if hasattr(self, "add_post_set_parameters_callback"):  # Iron and later
+            self.add_on_set_parameters_callback(self._validate_parameters)
+            self.add_post_set_parameters_callback(self._apply_parameters)
+        else:  # Humble: rclpy has no post-set callbacks (rclpy PR #966, Iron+)
+            self.add_on_set_parameters_callback(self._validate_and_apply_parameters)
 
         self._sensor_group = MutuallyExclusiveCallbackGroup()
         self._control_group = MutuallyExclusiveCallbackGroup()
@@ -278,17 +281,26 @@ class PolicyNode(LifecycleNode):
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
 
+    def _validate_and_apply_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Humble's only hook, called before the values are stored: validate, then apply the new values."""
+        result = self._validate_parameters(params)
+        if result.successful:
+            self._apply_parameters(params)
+        return result
+
     def _apply_parameters(self, params: list[Parameter]) -> None:
         names = {p.name for p in params}
+        # The new values from `params`: on Humble they are not stored yet when this runs.
+        values = {**self.parameter_values(), **{p.name: p.value for p in params if p.name in SPECS}}
         for name in names:
             self._bad_overrides.pop(name, None)
         if "prompt" in names:
-            self._set_prompt(self.get_parameter("prompt").value)
+            self._set_prompt(values["prompt"])
         step = self._step
         if "hold_mode" in names and step is not None:
-            step.hold_mode = self.get_parameter("hold_mode").value
+            step.hold_mode = values["hold_mode"]
         if names & {"control_rate_hz", "max_observation_age_s", "max_camera_skew_s", "max_future_stamp_s"}:
-            control = control_config_from(self.parameter_values())
+            control = control_config_from(values)
             buffer, monitor, timer = self._buffer, self._monitor, self._control_timer
             if buffer is not None:
                 buffer.config = control

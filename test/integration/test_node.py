@@ -142,6 +142,21 @@ def test_prompt_topic_and_parameter(make_node, probe) -> None:
     wait_for(lambda: node.policy.calls[-1].prompt == "again")
 
 
+def test_dynamic_parameters_without_post_set_callbacks(make_node, probe, monkeypatch) -> None:
+    # Humble's rclpy has no add_post_set_parameters_callback (Iron+, rclpy PR #966): the node must
+    # still start there and apply its dynamic parameters.
+    from rclpy.node import Node
+    monkeypatch.delattr(Node, "add_post_set_parameters_callback")
+    node = active(make_node, params={"prompt": "from param"})
+    wait_for(lambda: node.policy.calls and node.policy.calls[-1].prompt == "from param")
+    assert node.set_parameters([Parameter("control_rate_hz", value=5.0)])[0].successful
+    assert node._control_timer.timer_period_ns == 200_000_000
+    assert node.set_parameters([Parameter("prompt", value="again")])[0].successful
+    wait_for(lambda: node.policy.calls[-1].prompt == "again")
+    result = node.set_parameters([Parameter("checkpoint_path", value="/x")])[0]
+    assert not result.successful and "configure-time" in result.reason
+
+
 def test_autostart(make_node, probe) -> None:
     make_node(params={"autostart": True})
     wait_for(lambda: probe.counts()[0] >= 1)
