@@ -26,6 +26,8 @@ def node_from(attach):
 @pytest.mark.parametrize("namespace", ["", "/robot1"])
 def test_shipped_config_loads(node_from, path, namespace: str) -> None:
     node = node_from(path, namespace)
+    # A value rclpy refuses (an int for a double, ...) falls back to the default and fails configure.
+    assert node._bad_overrides == {}
     values = node.parameter_values()
     assert values["camera_names"], "camera_names came from the file"
     config = config_from_params(values)
