@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 from pi0_policy_ros.bag.inputs import DIAGNOSTIC_ARRAY_TYPE, FLOAT32_MULTI_ARRAY_TYPE, HEADER_TYPE, ReplaySetup
 from pi0_policy_ros.bag.reader import InputBag
-from pi0_policy_ros.bag.record import OutputBag, canonical_cdr, decode_cdr, typestore
+from pi0_policy_ros.bag.record import OutputBag, canonical_cdr, check_output_path, decode_cdr, typestore
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary, reason_kind
 from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
 from pi0_policy_ros.policy.robots import get_profile
@@ -364,8 +364,7 @@ def replay_realtime(bag_path: str | Path, out_path: str | Path, setup: ReplaySet
     period_s = get_profile(setup.config.policy.robot_profile).action_period_s
     summary = ReplaySummary("realtime", str(bag_path), str(out_path), config.control.control_rate_hz)
     summary.extra["rate"] = options.rate
-    if Path(out_path).exists() and not overwrite:
-        raise Pi0PolicyError(f"output {out_path} already exists: remove it or pass --overwrite")
+    check_output_path(out_path, overwrite)
     with InputBag(bag_path) as bag, tempfile.TemporaryDirectory(prefix="pi0_replay_") as tmp:
         present = bag.check(setup.inputs)
         topics = {t.bag_topic: t.node_topic for t in present}

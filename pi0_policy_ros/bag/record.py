@@ -46,6 +46,21 @@ class OutputError(Pi0PolicyError):
     """The output bag cannot be written where asked."""
 
 
+def check_output_path(path: str | Path, overwrite: bool) -> None:
+    """OutputError unless a bag may be written at `path`: nothing there, or, with `overwrite`, a
+    bag directory (one with metadata.yaml). --overwrite deletes what is there, so a file or a
+    directory that is not a bag (a checkpoint, a config folder, a typo for one) is refused."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise OutputError(f"output {path} already exists: remove it or pass --overwrite")
+    if not (path.is_dir() and (path / "metadata.yaml").is_file()):
+        found = "a directory without metadata.yaml" if path.is_dir() else "a file"
+        raise OutputError(f"output {path}: --overwrite replaces only a bag directory (with metadata.yaml), "
+                          f"found {found}; remove it yourself or choose another path")
+
+
 def rclpy_to_cdr(msg: Any, msgtype: str, store: Typestore | None = None) -> bytes:
     """An rclpy message -> canonical CDR bytes (the message content exactly as rclpy has it)."""
     from rclpy.serialization import serialize_message  # only the output path needs rclpy
@@ -100,8 +115,7 @@ class OutputBag:
         self._connections: dict[str, Any] = {}
 
     def __enter__(self) -> OutputBag:
-        if self.path.exists() and not self.overwrite:
-            raise OutputError(f"output {self.path} already exists: remove it or pass --overwrite")
+        check_output_path(self.path, self.overwrite)
         parent = self.path.parent
         if not parent.is_dir():
             raise OutputError(f"output {self.path}: expected an existing directory {parent}, found none")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pi0_policy_ros.bag.inputs import NODE_NAME, ReplaySetup, make_setup, parse_param_overrides
 from pi0_policy_ros.bag.reader import InputBag
-from pi0_policy_ros.bag.record import DISTROS, OutputBag
+from pi0_policy_ros.bag.record import DISTROS, OutputBag, check_output_path
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary
 from pi0_policy_ros.errors import Pi0PolicyError
 
@@ -38,6 +38,7 @@ def replay_offline(bag_path: str | Path, out_path: str | Path, setup: ReplaySetu
     from pi0_policy_ros.bag.offline import OfflineReplay
 
     summary = ReplaySummary("offline", str(bag_path), str(out_path), setup.config.control.control_rate_hz)
+    check_output_path(out_path, overwrite)  # before the minutes a full-size model takes to load
     with InputBag(bag_path) as bag:
         bag.check(setup.inputs)
         owned = policy is None

@@ -112,3 +112,30 @@ def test_output_over_the_input_bag_is_refused(make_bag, params_file: Path, tmp_p
     assert code == 1, err
     assert "input bag" in err
     assert sorted((p.name, p.read_bytes()) for p in bag.iterdir()) == before  # the recording is untouched
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_overwrite_refuses_what_is_not_a_bag(make_bag, params_file: Path, tmp_path: Path, capsys, kind: str) -> None:
+    # --overwrite deletes OUT: a mistyped path (a checkpoint, a config folder) must survive it.
+    out = tmp_path / "precious"
+    if kind == "directory":
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"weights")
+    else:
+        out.write_text("data")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([str(make_bag("to_replay", 0.5)), "--params", str(params_file), "--out", str(out), "--overwrite",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "--overwrite replaces only a bag directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # untouched, no staging left
+    assert (out / "model.safetensors").read_bytes() == b"weights" if kind == "directory" else out.read_text() == "data"
+
+
+def test_overwrite_replaces_a_bag(make_bag, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(make_bag("old_output", 0.5), out)
+    with OutputBag(out, overwrite=True) as bag:
+        bag.write_message("/t", "std_msgs/msg/String", 1, bag.store.types["std_msgs/msg/String"](data="x"))
+    assert bag.message_count == 1 and (out / "metadata.yaml").is_file()
