@@ -37,6 +37,7 @@ from pi0_policy_ros.control.scheduler import (
     ScheduledAction,
     SchedulerConfig,
 )
+from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
 from pi0_policy_ros.model.checkpoint import random_model
 from pi0_policy_ros.model.config import get_preset
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model, Prefix
@@ -60,6 +61,17 @@ class EvalSettings:
     mask_schedule: str = "exp"
     ensemble_decay: float = 0.01
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # The closed loop stops after num_chunks chunks: with none (or fewer) it would never stop.
+        if self.num_chunks < 1:
+            raise ConfigError(f"chunks: expected at least 1, found {self.num_chunks}")
+        if not self.delays or min(self.delays) < 0:
+            raise ConfigError(f"delays: expected whole action periods >= 0, found {list(self.delays)}")
+        if self.execute_horizon is not None and self.execute_horizon < 1:
+            raise ConfigError(f"execute_horizon: expected at least 1 step, found {self.execute_horizon}")
+        if not self.period_s > 0:
+            raise ConfigError(f"period_s: expected > 0 s, found {self.period_s}")
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,11 @@ def _max(x: np.ndarray) -> float:
     return float(x.max()) if x.size else float("nan")
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is 0 (no jump to compare with, e.g. one step of overlap)."""
+    return a / b if b else float("nan")
+
+
 def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(x**2))) if x.size else float("nan")
 
@@ -230,6 +247,10 @@ def synthetic_inputs(max_token_len: int, action_dim: int, num_slots: int, seed: 
 
 
 def evaluate(source: ChunkSource, settings: EvalSettings) -> dict:
+    too_late = [d for d in settings.delays if d >= source.horizon]
+    if too_late:  # every chunk would arrive after its last action: nothing is ever executed
+        raise ConfigError(f"delays: expected fewer steps than {source.model.cfg.name}'s chunk horizon "
+                          f"{source.horizon}, found {too_late}")
     results = [simulate(source, mode, d, settings) for d in settings.delays for mode in settings.modes]
     by_key = {(r.delay_steps, r.mode): r for r in results}
     ratios = {}
@@ -239,12 +260,12 @@ def evaluate(source: ChunkSource, settings: EvalSettings) -> dict:
         for mode in settings.modes:
             r = by_key[(d, mode)]
             if naive is not None and mode != "naive":
-                row[f"{mode}_over_naive_position_rms"] = r.position_jump_rms / naive.position_jump_rms
-                row[f"{mode}_over_naive_velocity_rms"] = r.velocity_jump_rms / naive.velocity_jump_rms
+                row[f"{mode}_over_naive_position_rms"] = _ratio(r.position_jump_rms, naive.position_jump_rms)
+                row[f"{mode}_over_naive_velocity_rms"] = _ratio(r.velocity_jump_rms, naive.velocity_jump_rms)
         if (d, "rtc") in by_key and (d, "rtc_fast") in by_key:
             vjp, fast = by_key[(d, "rtc")], by_key[(d, "rtc_fast")]
-            row["rtc_over_rtc_fast_position_rms"] = vjp.position_jump_rms / fast.position_jump_rms
-            row["rtc_over_rtc_fast_velocity_rms"] = vjp.velocity_jump_rms / fast.velocity_jump_rms
+            row["rtc_over_rtc_fast_position_rms"] = _ratio(vjp.position_jump_rms, fast.position_jump_rms)
+            row["rtc_over_rtc_fast_velocity_rms"] = _ratio(vjp.velocity_jump_rms, fast.velocity_jump_rms)
         ratios[str(d)] = row
     s = settings.execute_horizon or max(1, source.horizon // 2)
     return {"model": source.model.cfg.name, "horizon": source.horizon, "execute_horizon": s,
@@ -275,7 +296,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="injected latency, in action periods")
     parser.add_argument("--modes", nargs="+", default=list(SCHEDULER_MODES), choices=SCHEDULER_MODES)
     parser.add_argument("--chunks", type=int, default=10, help="inferences per (model, delay, mode) run")
-    parser.add_argument("--execute-horizon", type=int, default=None, help="s (default: half the chunk)")
+    parser.add_argument("--execute-horizon", type=int, default=None,
+                        help="s, the actions executed per chunk (default: half the chunk)")
     parser.add_argument("--period-s", type=float, default=0.02, help="action period, for the velocities")
     parser.add_argument("--max-guidance-weight", type=float, default=DEFAULT_MAX_GUIDANCE_WEIGHT)
     parser.add_argument("--mask-schedule", default="exp", choices=("exp", "linear"))
@@ -292,20 +314,27 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"error": "--device cuda requested, but torch sees no CUDA device"}))
         return 2
+    if args.cpu_threads < 1:
+        print(f"error: --cpu-threads: expected at least 1, found {args.cpu_threads}", file=sys.stderr)
+        return 2
     if args.device == "cpu":
         torch.set_num_threads(args.cpu_threads)
-    settings = EvalSettings(delays=tuple(args.delays), modes=tuple(args.modes), num_chunks=args.chunks,
-                            execute_horizon=args.execute_horizon, period_s=args.period_s,
-                            max_guidance_weight=args.max_guidance_weight, mask_schedule=args.mask_schedule,
-                            ensemble_decay=args.ensemble_decay, seed=args.seed)
     t0 = time.perf_counter()
-    report = {"argv": sys.argv,
-              "device": (torch.cuda.get_device_name() if args.device == "cuda"
-                         else f"cpu ({platform.processor() or platform.machine()})"),
-              "torch": torch.__version__, "settings": asdict(settings), "models": {}}
-    for name in args.model:
-        source = load_source(name, args.device, DTYPES[args.dtype], settings, args.fixture_dir)
-        report["models"][name] = evaluate(source, settings)
+    try:
+        settings = EvalSettings(delays=tuple(args.delays), modes=tuple(args.modes), num_chunks=args.chunks,
+                                execute_horizon=args.execute_horizon, period_s=args.period_s,
+                                max_guidance_weight=args.max_guidance_weight, mask_schedule=args.mask_schedule,
+                                ensemble_decay=args.ensemble_decay, seed=args.seed)
+        report = {"argv": sys.argv,
+                  "device": (torch.cuda.get_device_name() if args.device == "cuda"
+                             else f"cpu ({platform.processor() or platform.machine()})"),
+                  "torch": torch.__version__, "settings": asdict(settings), "models": {}}
+        for name in args.model:
+            source = load_source(name, args.device, DTYPES[args.dtype], settings, args.fixture_dir)
+            report["models"][name] = evaluate(source, settings)
+    except Pi0PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(format_table(report))
     if args.output is not None:

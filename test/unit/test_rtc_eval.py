@@ -36,3 +36,32 @@ def test_boundary_jumps_order_naive_ensemble_rtc(tmp_path: Path, restore_threads
     assert jump["temporal_ensemble"] >= jump["rtc_fast"], jump
     velocity = {mode: r["velocity_jump_rms"] for mode, r in results.items()}
     assert velocity["naive"] > velocity["temporal_ensemble"] >= velocity["rtc"], velocity
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--chunks", "-3"], "chunks: expected at least 1"),  # used to loop forever
+    (["--chunks", "0"], "chunks: expected at least 1"),
+    (["--delays", "-1"], "delays: expected whole action periods >= 0"),
+    (["--delays", "10"], "chunk horizon 10, found [10]"),  # pi05_small: H = 10; nothing would run
+    (["--execute-horizon", "0"], "execute_horizon: expected at least 1"),
+    (["--period-s", "0"], "period_s: expected > 0"),
+    (["--cpu-threads", "0"], "--cpu-threads: expected at least 1"),
+    (["--fixture-dir", "/nonexistent"], "checkpoint file not found"),
+])
+def test_bad_arguments_are_one_error_line(argv: list[str], expected: str, restore_threads: None,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    rtc_eval.add_arguments(parser)
+    args = parser.parse_args(["--model", "fixture-pi05", "--modes", "naive", "--chunks", "2", *argv])
+    assert rtc_eval.run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and "\n" not in err, err
+
+
+def test_one_step_of_overlap_gives_nan_ratios(restore_threads: None) -> None:
+    # d = H - 1: naive's jumps can all be 0; the ratios are then NaN, not a ZeroDivisionError.
+    settings = rtc_eval.EvalSettings(delays=(9,), modes=("naive", "rtc_fast"), num_chunks=3)
+    source = rtc_eval.load_source("fixture-pi05", "cpu", torch.float32, settings)
+    report = rtc_eval.evaluate(source, settings)
+    assert len(report["results"]) == 2 and set(report["ratios"]["9"]) == {
+        "rtc_fast_over_naive_position_rms", "rtc_fast_over_naive_velocity_rms"}
