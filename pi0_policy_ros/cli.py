@@ -9,6 +9,8 @@ import importlib
 import logging
 import sys
 
+from pi0_policy_ros.errors import Pi0PolicyError
+
 # name → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "selftest": ("pi0_policy_ros.selftest", "compare our model with openpi's reference vectors"),
@@ -24,10 +26,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _module_for(argv: list[str]) -> str | None:
-    for arg in argv:
+    args = iter(argv)
+    for arg in args:
         if arg in COMMANDS:
             return COMMANDS[arg][0]
+        if len(arg) > 2 and "--log-level".startswith(arg):  # `--log-level INFO` (or argparse's `--log INFO`)
+            next(args, None)
+            continue
         if not arg.startswith("-"):
             return None
     return None
@@ -36,7 +45,8 @@ def _module_for(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="pi0-policy", description="pi0 / pi0.5 policies for ROS 2")
-    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="Python logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = _module_for(argv)
     for name, (module_name, help_text) in COMMANDS.items():
@@ -44,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         if module_name == chosen:
             importlib.import_module(module_name).add_arguments(command_parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
+    except (Pi0PolicyError, OSError) as exc:
+        # A bad input that a command did not report itself (a missing file, an output path that
+        # is a file, a checkpoint that does not match): one line, not a traceback.
+        logging.getLogger(__name__).debug("pi0-policy %s failed", args.command, exc_info=True)
+        print(f"pi0-policy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -57,8 +57,12 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         ref = load_reference(args.reference)
         return reference_model(ref), ref
     if args.checkpoint is None:
+        try:
+            preset = get_preset(args.model_preset)
+        except KeyError as exc:
+            raise ExportError(str(exc.args[0])) from None
         print(f"note: no --checkpoint: random weights at preset {args.model_preset!r}", file=sys.stderr)
-        return random_model(get_preset(args.model_preset), seed=args.seed), None
+        return random_model(preset, seed=args.seed), None
     from pi0_policy_ros.policy.checkpoint_dir import load_checkpoint_dir
 
     ckpt = load_checkpoint_dir(args.checkpoint, args.model_preset)

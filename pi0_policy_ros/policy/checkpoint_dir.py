@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from pi0_policy_ros.errors import CheckpointError
+from pi0_policy_ros.errors import CheckpointError, ConfigError
 from pi0_policy_ros.model.checkpoint import EMBED_KEY, check_tensors, read_safetensors
 from pi0_policy_ros.model.config import PRESETS, ModelConfig, get_preset
 from pi0_policy_ros.policy.normalize import (NormStats, Normalizer, find_openpi_norm_stats,
@@ -83,7 +83,10 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], preset: str, allow_tru
     """The preset named by `preset`, checked strictly against the tensors; `auto` picks the preset
     of the right model type whose shapes all match."""
     if preset != AUTO_PRESET:
-        cfg = get_preset(preset)
+        try:
+            cfg = get_preset(preset)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
         check_tensors(cfg, tensors, allow_truncated_vocab, source=f"{where} (model_preset {preset!r})")
         return cfg
     pi05 = _is_pi05(tensors, where)

@@ -1,0 +1,57 @@
+"""`pi0-policy` itself: the global options before the command, and bad inputs as one error line
+(exit code 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pi0_policy_ros.cli import main
+from test.paths import PI05_FIXTURE
+from test.unit.test_policy import write_openpi_dir
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+    assert len(lines) == 1 and "error: " in lines[0] and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def test_log_level_before_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    # `--log-level INFO selftest ...` stopped the command lookup at "INFO", so the command's own
+    # arguments were "unrecognized".
+    assert main(["--log-level", "info", "selftest", "--reference", str(PI05_FIXTURE)]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"] is True
+
+
+def test_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--log-level", "chatty", "selftest", "--reference", str(PI05_FIXTURE)])
+    assert exc.value.code == 2
+    assert "invalid choice: 'CHATTY'" in capsys.readouterr().err
+
+
+def test_missing_reference_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["selftest", "--reference", str(tmp_path / "none.safetensors")]) == 2
+    assert "checkpoint file not found" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_unknown_preset_lists_the_valid_ones(command: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    argv = ([command, str(ckpt), "--model-preset", "pi5"] if command == "inspect"
+            else [command, "--model-preset", "pi5", "--out", str(tmp_path / "onnx")])
+    assert main(argv) == 2
+    assert "unknown model preset 'pi5'; valid presets: ['pi0', 'pi05'" in one_error_line(capsys)
+
+
+def test_export_into_a_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "taken"
+    out.write_text("not a directory")
+    assert main(["export", "--reference", str(PI05_FIXTURE), "--stages", "vision", "--out", str(out)]) == 2
+    assert str(out) in one_error_line(capsys)
+    assert out.read_text() == "not a directory"
