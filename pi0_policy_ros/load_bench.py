@@ -52,7 +52,7 @@ from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor
 from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_QOS
-from pi0_policy_ros.soak import proc_status_value
+from pi0_policy_ros.soak import prepare_output_file, proc_status_value
 
 REQUIRED_RATIO = 0.95
 SAMPLE_S = 2.0
@@ -331,6 +331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params = Path(args.params) if args.params else default_params_file("demo.yaml")
     try:
+        prepare_output_file(args.json)
         result = run_load_bench(params, loaded_s=args.seconds, unloaded_s=args.unloaded_s,
                                 warmup_s=args.warmup_s, settle_s=args.settle_s, overrides=dict(args.set))
     except ConfigError as exc:

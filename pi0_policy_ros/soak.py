@@ -110,6 +110,20 @@ def soak(params: Path, minutes: float, sample_s: float, warmup_s: float, device:
     return result
 
 
+def prepare_output_file(path: str | Path | None) -> None:
+    """Make `--json PATH` writable before a run of minutes, not after it: create its folder,
+    refuse a directory (ConfigError)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--json {path}: expected a file name, found a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--json {path}: cannot create its directory: {exc.strerror or exc}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="how long to run (default 30)")
     parser.add_argument("--params", default=None, help="parameter file (default: the package's config/demo.yaml)")
@@ -124,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     params = Path(args.params) if args.params else default_params_file(
         "demo_cuda.yaml" if args.device == "cuda" else "demo.yaml")
     try:
+        prepare_output_file(args.json)
         result = soak(params, args.minutes, args.sample_s, args.warmup_s, args.device)
     except ConfigError as exc:
         print(f"error: {exc}")

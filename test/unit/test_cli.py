@@ -55,3 +55,18 @@ def test_export_into_a_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["export", "--reference", str(PI05_FIXTURE), "--stages", "vision", "--out", str(out)]) == 2
     assert str(out) in one_error_line(capsys)
     assert out.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("command", ["soak", "load-bench"])
+def test_json_that_cannot_be_written_fails_before_the_run(command: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # The result used to be written after the whole run (30 min for soak) and then lost.
+    assert main([command, "--json", str(tmp_path)]) == 2
+    assert "expected a file name, found a directory" in one_error_line(capsys)
+
+
+def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
+    from pi0_policy_ros.soak import prepare_output_file
+
+    prepare_output_file(tmp_path / "results" / "soak.json")
+    assert (tmp_path / "results").is_dir() and not (tmp_path / "results" / "soak.json").exists()
