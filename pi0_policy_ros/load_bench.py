@@ -47,7 +47,7 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import Header
 
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.ros.demo import default_params_file
+from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor
 from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING
@@ -248,6 +248,13 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
 
     Raises ConfigError when the node fails to configure or activate (the reason is in its log).
     """
+    check_params_file(params_file)
+    for name, value in (("seconds", loaded_s), ("unloaded_s", unloaded_s)):
+        if not value > 0:
+            raise ConfigError(f"{name}: expected > 0 s, found {value}")
+    for name, value in (("warmup_s", warmup_s), ("settle_s", settle_s)):
+        if not value >= 0:
+            raise ConfigError(f"{name}: expected >= 0 s, found {value}")
     overrides = dict(overrides or {})
     context = Context()
     rclpy.init(context=context)

@@ -84,6 +84,12 @@ def _value(sample: Sample, key: str) -> float | None:
 
 def soak(params: Path, minutes: float, sample_s: float, warmup_s: float, device: str | None,
          max_growth: float = 0.01) -> SoakResult:
+    # A sampling period <= 0 made the sampler spin, taking a core from the node it measures.
+    for name, value in (("minutes", minutes), ("sample_s", sample_s)):
+        if not value > 0:
+            raise ConfigError(f"{name}: expected > 0, found {value}")
+    if not warmup_s >= 0:
+        raise ConfigError(f"warmup_s: expected >= 0 s, found {warmup_s}")
     result = SoakResult(minutes=minutes, sample_s=sample_s, warmup_s=warmup_s)
     outcome: dict[str, Any] = {}
 

@@ -36,20 +36,38 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 
 
+def _image_size(text: str) -> str:
+    """`HxW` with positive integers (kept as text: `run` parses it)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 480x640, found {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:  # no timed iteration leaves nothing to take a median of
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="pi05", choices=sorted(PRESETS), help="model geometry")
     parser.add_argument("--checkpoint", default="", help="openpi-named safetensors file; default: random weights")
     parser.add_argument("--cameras", type=int, default=3, help="camera slots in the graph")
     parser.add_argument("--valid-cameras", type=int, default=2, help="slots marked valid in the inputs")
-    parser.add_argument("--image-size", default="224x224", help="source image HxW (resized with pad on the GPU)")
+    parser.add_argument("--image-size", default="224x224", type=_image_size, help="source image HxW (resized with pad on the GPU)")
     parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: the preset's)")
     parser.add_argument("--valid-tokens", type=int, default=24, help="valid prompt tokens in the inputs")
     parser.add_argument("--steps", type=int, default=0, help="denoise steps (0: the preset's)")
     parser.add_argument("--precision", default="bfloat16",
                         help=f"comma-separated list from {PRECISIONS}, e.g. bfloat16,fp8,float32")
     parser.add_argument("--denoise-kernels", default="auto", choices=("auto", "torch", "triton"))
-    parser.add_argument("--iterations", type=int, default=200, help="timed engine inferences per precision")
-    parser.add_argument("--eager-iterations", type=int, default=10, help="timed eager inferences")
+    parser.add_argument("--iterations", type=_positive_int, default=200, help="timed engine inferences per precision")
+    parser.add_argument("--eager-iterations", type=_positive_int, default=10, help="timed eager inferences")
     parser.add_argument("--variants", action="store_true", help="also time denoise-chain variants (torch ops, "
                         "Triton launch configs) on the bf16 engine")
     parser.add_argument("--no-fp32-reference", action="store_true", help="skip the float32 eager reference")

@@ -169,6 +169,9 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     device: overrides the file's `device` parameter (e.g. "cpu"). policy_factory: as PolicyNode's.
     Raises ConfigError when the node fails to configure (the reason is in the node's log).
     """
+    check_params_file(params_file)
+    if not duration_s > 0:
+        raise ConfigError(f"duration: expected > 0 s, found {duration_s}")
     context = Context()
     rclpy.init(context=context)
     executor = make_executor(context)
@@ -251,6 +254,14 @@ def _report(latencies_ms: Sequence[float], arrivals_s: Sequence[float], active_s
     rate = (len(arrivals_s) - 1) / span_s if span_s > 0 else 0.0
     return DemoReport(duration_s=active_s, chunks=len(arrivals_s), achieved_rate_hz=rate,
                       target_rate_hz=target_rate_hz, latency_ms=latency)
+
+
+def check_params_file(path: str | Path) -> None:
+    """ConfigError unless `path` is a file: rcl would refuse it with an RCLInvalidROSArgsError
+    traceback when the node is created."""
+    if not Path(path).is_file():
+        raise ConfigError(f"params file {path}: expected a ROS parameter file, found "
+                          f"{'a directory' if Path(path).is_dir() else 'nothing'}")
 
 
 def default_params_file(name: str = "demo.yaml") -> Path:

@@ -70,3 +70,29 @@ def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
 
     prepare_output_file(tmp_path / "results" / "soak.json")
     assert (tmp_path / "results").is_dir() and not (tmp_path / "results" / "soak.json").exists()
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["demo", "--params", "no_such.yaml"], "params file no_such.yaml: expected a ROS parameter file"),
+    (["demo", "--duration", "-5"], "duration: expected > 0 s, found -5.0"),  # was time.sleep's ValueError
+    (["load-bench", "--params", "no_such.yaml"], "params file no_such.yaml"),  # was an rcl traceback
+    (["load-bench", "--seconds", "-1"], "seconds: expected > 0 s"),  # ran, then reported 0 Hz
+    (["soak", "--sample-s", "0"], "sample_s: expected > 0"),  # the sampler spun, 170k samples in 6 s
+    (["soak", "--minutes", "-1"], "minutes: expected > 0"),
+])
+def test_bad_run_arguments_fail_before_the_node_starts(argv: list[str], expected: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert expected in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--image-size", "abc"], "--image-size: expected HxW in pixels"),  # was int()'s ValueError
+    (["--iterations", "0"], "--iterations: expected an integer >= 1"),  # was an IndexError after the run
+    (["--eager-iterations", "0"], "--eager-iterations: expected an integer >= 1"),
+])
+def test_bench_usage_errors(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--preset", "pi05_small", *argv])
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
