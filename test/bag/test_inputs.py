@@ -46,3 +46,11 @@ def test_setup_maps_and_overrides(tmp_path: Path) -> None:
         make_setup(params, remaps=["/nope:=/x"])
     with pytest.raises(ConfigError, match="expected NAME:=VALUE"):
         parse_param_overrides(["control_rate_hz=2"])
+
+
+def test_override_of_an_unknown_parameter_is_refused(tmp_path: Path) -> None:
+    # The node ignores undeclared parameters, so a typo in --param silently changed nothing.
+    params = write_params(tmp_path / "p.yaml")
+    with pytest.raises(ConfigError, match=r"--param: .*'control_rate' \(did you mean 'control_rate_hz'\?\)"):
+        make_setup(params, parse_param_overrides(["control_rate:=2.5"]))
+    assert make_setup(params, {"use_sim_time": True}).params["use_sim_time"] is True  # rclpy's own
