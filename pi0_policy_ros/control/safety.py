@@ -151,48 +151,40 @@ class SafetyFilter:
                                                     f"[{self._lower[dim]:.4g}, {self._upper[dim]:.4g}]")
                 out = np.clip(out, self._lower, self._upper)
                 clamped.append("position")
-        for name, limit, policy in (("step", self._max_step, cfg.step_policy),
-                                    ("velocity", self._max_velocity_step, cfg.velocity_policy)):
-            if limit is None:
-                continue
-            limited, violated = _rate_limit(out, current, limit)
-            if violated:
-                if policy == "reject":
-                    return self._reject(name, f"an action step exceeds the {name} limit {limit.tolist()}"
-                                              f" per {self.period_s:g} s step")
-                out = limited
-                clamped.append(name)
-        for name in clamped:
-            self.clamp_counts[name] += 1
-        return SafetyResult(out.astype(np.float32), rejected=False, reason=",".join(clamped), clamped=tuple(clamped))
+        return self._limit_rates(out, current, np.full(out.shape[0], self.period_s), clamped, "action")
 
     def limit_start(self, positions: np.ndarray, first_lead_s: float, reference: np.ndarray | None) -> SafetyResult:
-        """The step and velocity limits on the points sent [K, action_dim], the first of them reached
-        `first_lead_s` after now from `reference` (the controller's set point now: our last trajectory
-        there, or the measured position when none runs), the others one action period apart. The
-        first segment's allowance is the limit scaled by first_lead_s / period_s. Nothing to check
-        without a reference or with neither limit set."""
+        """The step and velocity limits on the points sent [K, action_dim]: the first is reached
+        `first_lead_s` after now from `reference` (where the controller starts the new trajectory:
+        the latest measured position), the others one action period apart. The first segment's
+        allowance is the limit scaled by first_lead_s / period_s. Nothing to check without a
+        reference."""
         positions = np.asarray(positions, dtype=np.float64)
         if reference is None or positions.shape[0] == 0:
             return SafetyResult(positions.astype(np.float32), rejected=False)
         reference = np.asarray(reference, dtype=np.float64)
         if reference.shape != (self.action_dim,) or not np.all(np.isfinite(reference)):
             return SafetyResult(positions.astype(np.float32), rejected=False)
-        scale = np.ones((positions.shape[0], 1))
-        scale[0] = max(first_lead_s, 0.0) / self.period_s
-        out = positions
-        clamped: list[str] = []
+        spans_s = np.full(positions.shape[0], self.period_s)
+        spans_s[0] = max(first_lead_s, 0.0)
+        return self._limit_rates(positions, reference, spans_s, [], "point sent")
+
+    def _limit_rates(self, out: np.ndarray, reference: np.ndarray | None, spans_s: np.ndarray, clamped: list[str],
+                     what: str) -> SafetyResult:
+        """The step and velocity limits (steps 3-4) on out [K, action_dim] from `reference`, row k
+        reached spans_s[k] after the one before it (its allowance: the per-period limit scaled by
+        spans_s[k] / period_s); then the result, with every limit that clamped counted once (those
+        already in `clamped` included)."""
+        scale = (spans_s / self.period_s)[:, None]
         for name, limit, policy in (("step", self._max_step, self.config.step_policy),
                                     ("velocity", self._max_velocity_step, self.config.velocity_policy)):
             if limit is None:
                 continue
-            limited, violated = _rate_limit(out, reference, limit * scale)
+            allowance = limit * scale
+            limited, violated = _rate_limit(out, reference, allowance)
             if violated:
                 if policy == "reject":
-                    first = limit * scale[0]
-                    return self._reject(name, f"the first point sent moves over {np.abs(out[0] - reference).max():.4g} "
-                                              f"from the set point in {first_lead_s:.3f} s, the {name} limit allows "
-                                              f"{first.tolist()}")
+                    return self._reject(name, _first_violation(out, reference, allowance, spans_s, name, what))
                 out = limited
                 clamped.append(name)
         for name in clamped:
@@ -202,6 +194,19 @@ class SafetyFilter:
     def _reject(self, limit: str, reason: str) -> SafetyResult:
         self.reject_counts[limit] += 1
         return SafetyResult(None, rejected=True, reason=f"{limit}: {reason}")
+
+
+def _first_violation(out: np.ndarray, reference: np.ndarray | None, allowance: np.ndarray, spans_s: np.ndarray,
+                     name: str, what: str) -> str:
+    """A reject's reason: the first row of out whose change from the one before it (from
+    `reference` for row 0; none without one) is over its allowance."""
+    start = 0 if reference is not None else 1
+    previous = out[:-1] if reference is None else np.vstack([reference[None, :], out[:-1]])
+    over = np.argwhere(np.abs(out[start:] - previous) > allowance[start:] * (1 + 1e-9) + 1e-12)[0]
+    k, dim = start + int(over[0]), int(over[1])
+    change = abs(float(out[k, dim] - previous[k - start, dim]))
+    return (f"{what} {k} moves dim {dim} by {change:.4g} in {spans_s[k]:.3g} s, over the {name} limit's "
+            f"{allowance[k, dim]:.4g}")
 
 
 def _rate_limit(actions: np.ndarray, current: np.ndarray | None, max_step: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -253,7 +253,7 @@ def test_the_first_point_sent_keeps_the_velocity_limit_from_rest() -> None:
     reject = make_step(safety=SafetyConfig(max_velocity=(0.7,), velocity_policy="reject"))
     feed(reject, 10.0)
     held = reject.run(lambda: 10.12)
-    assert (held.outcome, held.kind) == (HOLD, SAFETY_REJECT) and "first point sent" in held.reason
+    assert (held.outcome, held.kind) == (HOLD, SAFETY_REJECT) and "point sent 0 moves dim 0 by 0.07" in held.reason
     sooner = make_step(safety=SafetyConfig(max_velocity=(0.7,), velocity_policy="reject"))
     feed(sooner, 10.0)
     # At 10.02 the first point sent is action 2: 0.05 away, 0.08 s ahead (0.625 units/s).
