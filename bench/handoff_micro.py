@@ -138,10 +138,15 @@ def main() -> None:
             row = run(mode, grid, n, args.length, 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    write_report(rows, args.json)
+
+
+def write_report(rows: list[dict], path: str | None) -> None:
+    """The rows with the device and versions, as JSON at path (nothing without one)."""
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "host": platform.node(), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(report, f, indent=1)
 
 

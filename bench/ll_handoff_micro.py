@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 import triton
@@ -137,11 +136,7 @@ def main() -> None:
         # The boundary it would replace, in the same call: int32 rows of the same byte count.
         rows.append(handoff_micro.run("pdl_early", grid, 2 * n, args.length, 4))
         print(json.dumps(rows[-1]), flush=True)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "host": platform.node(), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    handoff_micro.write_report(rows, args.json)
 
 
 if __name__ == "__main__":
