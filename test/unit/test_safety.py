@@ -134,3 +134,23 @@ def test_limit_start_reject_names_the_segment() -> None:
     # A later point: its step from the one before it.
     later = f.limit_start(np.array([[0.05] * 3, [0.3] * 3]), first_lead_s=0.1, reference=np.zeros(3))
     assert later.reason == "step: point sent 1 moves dim 0 by 0.25 in 0.1 s, over the step limit's 0.1"
+
+
+@pytest.mark.parametrize("limits", [{"max_step": (0.1, 0.2, 0.3)}, {"max_velocity": (1.0, 2.0, 3.0)}])
+def test_rate_limits_hold_downward_moves_per_dim(limits: dict) -> None:
+    # A jump of -0.5 from the current position 0: each dim moves down by at most its own
+    # allowance per step (0.1, 0.2, 0.3; the velocity limits times the 0.1 s period) until it
+    # reaches the target. Limits only ever tested upward and with one value for every dim would
+    # not see a filter that checks one direction or applies dim 0's limit everywhere.
+    name = next(iter(limits))[4:]  # "step" or "velocity"
+    f = make(**limits)
+    result = f.apply(np.full((4, 3), -0.5), current=np.zeros(3))
+    assert result.clamped == (name,)
+    expected = np.array([[-0.1, -0.2, -0.3], [-0.2, -0.4, -0.5], [-0.3, -0.5, -0.5], [-0.4, -0.5, -0.5]])
+    np.testing.assert_allclose(result.actions, expected, atol=1e-6)
+    # Within the chunk, without a reference: the drop from step 1 to step 2 is limited the same way.
+    chunk = np.array([[0.0] * 3, [0.0] * 3, [-0.5] * 3])
+    np.testing.assert_allclose(f.apply(chunk).actions[2], [-0.1, -0.2, -0.3], atol=1e-6)
+    reject = make(**limits, **{f"{name}_policy": "reject"})
+    assert reject.apply(np.full((4, 3), -0.5), current=np.zeros(3)).rejected
+    assert reject.reject_counts[name] == 1
