@@ -1,5 +1,6 @@
 """control/observation_buffer.py: latest-of-each snapshots with age, skew and stamp checks."""
 
+import sys
 import threading
 
 import numpy as np
@@ -127,6 +128,10 @@ def test_control_config_validation(kwargs) -> None:
 
 
 def test_concurrent_puts_and_snapshots() -> None:
+    """The writer stores image t, then state t, t rising by 1e-4. A snapshot reads its sources
+    together, so it sees state t (or the one before it while image t is new): never a state newer
+    than the image, never more than one step older. Reading them apart lets the writer slip in
+    between. (The old check, image value <= snapshot stamp, was true by construction.)"""
     buf = ObservationBuffer(["a"], ControlConfig(max_observation_age_s=10.0))
     stop = threading.Event()
 
@@ -137,17 +142,21 @@ def test_concurrent_puts_and_snapshots() -> None:
             buf.put_image("a", t, t, t)
             buf.put_state(np.array([t]), t, t)
 
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so that an unguarded read would be caught
     thread = threading.Thread(target=writer)
     thread.start()
     try:
         seen = 0
-        while seen < 200:
+        while seen < 50_000:
             try:
                 snap = buf.snapshot(T0 + 1.0)
             except ObservationError:
                 continue
-            assert snap.images["a"] <= snap.stamp_s + 1e-9
+            image_t, state_t = snap.images["a"], float(snap.state[0])
+            assert image_t - 1e-4 - 1e-9 <= state_t <= image_t, (image_t, state_t)
             seen += 1
     finally:
         stop.set()
         thread.join()
+        sys.setswitchinterval(interval)
