@@ -221,3 +221,39 @@ def test_ensemble_mode_on_schedule_is_not_reported_slow(make_node, probe) -> Non
     values = {kv.key: kv.value for kv in status.values}
     assert status.level == b"\x00", status.message
     assert float(values["achieved_rate_hz"]) > 0.8 * RATE_HZ
+
+
+# Limits the fake's chunk crosses: with the probe's state its actions are state + 0.258 (image term)
+# + 0.01 (k + 1), so dims 0 and 2 pass 0.4 and 0.6 from action 4 on.
+SAFETY_LIMITS = {"safety_position_lower": [-1.0], "safety_position_upper": [0.4, 1.0, 0.6]}
+
+
+def test_safety_parameters_clamp_what_is_published(make_node, probe) -> None:
+    active(make_node, params=SAFETY_LIMITS)
+    wait_for(lambda: probe.counts()[0] >= 2 and probe.counts()[1] >= 2)
+    raw = expected_actions(PROFILE, probe.state, {"cam_a": IMAGE_A, "cam_b": IMAGE_B})
+    clamped = np.clip(raw, -1.0, [0.4, 1.0, 0.6]).astype(np.float32)
+    assert np.any(clamped != raw)  # the limits do bite
+    with probe.lock:
+        trajectories, chunks = list(probe.trajectories), list(probe.chunks)
+    for msg in chunks:
+        np.testing.assert_array_equal(action_chunk_from_message(msg), clamped)
+    for msg in trajectories:
+        k = PROFILE.action_horizon - len(msg.points)
+        np.testing.assert_array_equal([p.positions for p in msg.points], clamped[k:].astype(np.float64))
+    values = wait_for(lambda: probe.latest_values("running"))
+    assert int(values["safety.clamp.position"]) >= 1 and int(values["safety.reject.position"]) == 0
+
+
+def test_safety_reject_holds_and_the_node_recovers(make_node, probe) -> None:
+    node = active(make_node, params={**SAFETY_LIMITS, "safety_position_policy": "reject"})
+    values = wait_for(lambda: (v := probe.latest_values("holding")) and int(v.get("holds.safety_reject", 0)) >= 3
+                      and v)
+    assert int(values["safety.reject.position"]) >= 3 and "position" in values["last_hold_reason"]
+    assert probe.counts() == (0, 0, 0)
+    with probe.lock:  # actions now inside the limits: the next chunk goes out
+        probe.state = np.array([0.0, -0.2, 0.0])
+    wait_for(lambda: probe.counts()[1] >= 1)
+    expected = expected_actions(PROFILE, np.array([0.0, -0.2, 0.0]), {"cam_a": IMAGE_A, "cam_b": IMAGE_B})
+    np.testing.assert_array_equal(action_chunk_from_message(probe.chunks[-1]), expected)
+    assert node.policy.calls[-1].state.tolist() == [0.0, -0.2, 0.0]
