@@ -257,3 +257,33 @@ def test_safety_reject_holds_and_the_node_recovers(make_node, probe) -> None:
     expected = expected_actions(PROFILE, np.array([0.0, -0.2, 0.0]), {"cam_a": IMAGE_A, "cam_b": IMAGE_B})
     np.testing.assert_array_equal(action_chunk_from_message(probe.chunks[-1]), expected)
     assert node.policy.calls[-1].state.tolist() == [0.0, -0.2, 0.0]
+
+
+def test_inference_failure_holds_as_an_error_and_the_node_recovers(make_node, probe) -> None:
+    """A failed inference is an ERROR hold; the loop goes on. Here it follows the ordinary WARN
+    holds of a start-up (cam_b not yet sending), as it would on a robot."""
+    from test.fakes import FakePolicy
+
+    class Flaky(FakePolicy):
+        fail = False
+
+        def infer(self, observation, guidance=None):  # noqa: ANN001, ANN201
+            if self.fail:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().infer(observation, guidance)
+
+    with probe.lock:
+        probe.cameras_on["cam_b"] = False
+    node = active(make_node, policy_factory=lambda cfg: Flaky(cfg))
+    wait_for(lambda: probe.latest_values("holding").get("holds.missing_input"))
+    with probe.lock:
+        probe.cameras_on["cam_b"] = True
+    wait_for(lambda: probe.counts()[1] >= 1)
+    node.policy.fail = True
+    status = wait_for(lambda: probe.latest_status("illegal memory access"))
+    values = {kv.key: kv.value for kv in status.values}
+    assert status.level == b"\x02" and int(values["holds.inference_failed"]) >= 1
+    assert values["last_hold_kind"] == "inference_failed"
+    published = probe.counts()[1]
+    node.policy.fail = False
+    wait_for(lambda: probe.counts()[1] > published)
