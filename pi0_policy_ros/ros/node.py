@@ -580,8 +580,13 @@ class PolicyNode(LifecycleNode):
         monitor = self._monitor
         if monitor is not None:
             monitor.held(reason, level, kind)
-        log = self.get_logger().error if level == ERROR else self.get_logger().warning
-        log(f"holding ({kind}): {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+        # One call site per severity: rclpy refuses a throttled call site whose severity changes
+        # ("Logger severity cannot be changed between calls."), and a WARN hold then an ERROR hold
+        # (start-up without inputs, later a failed inference) raised in the control timer.
+        if level == ERROR:
+            self.get_logger().error(f"holding ({kind}): {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+        else:
+            self.get_logger().warning(f"holding ({kind}): {reason}", throttle_duration_sec=LOG_THROTTLE_S)
 
     def _control_step(self) -> None:
         config, step, monitor = self._config, self._step, self._monitor
