@@ -79,6 +79,7 @@ def test_every_hold_has_a_kind_and_a_reason(case: str, kind: str, level: int) ->
     policy = {"refused": FailingPolicy(ObservationError("no prompt")),
               "failed": FailingPolicy(RuntimeError("boom"))}.get(case)
     step = make_step(policy)
+    step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)  # as the node does at configure
     now = 10.05
     if case != "missing":
         feed(step, 10.0, image="yuv422" if case == "bad_image" else IMAGE)
@@ -90,6 +91,7 @@ def test_every_hold_has_a_kind_and_a_reason(case: str, kind: str, level: int) ->
     result = step.run(lambda: now)
     assert (result.outcome, result.kind, result.level) == (HOLD, kind, level)
     assert result.reason and result.plan is None
+    assert not step.scheduler_status().in_flight  # a hold never leaves the scheduler waiting
     if case == "bad_image":
         assert "camera 'cam_a'" in result.reason and "yuv422" in result.reason
 
@@ -102,6 +104,7 @@ def test_safety_clamp_and_reject() -> None:
     assert np.all(np.abs(result.chunk.actions) <= 0.05) and clamp.safety.clamp_counts["position"] == 1
 
     reject = make_step(safety=SafetyConfig(position_lower=(-0.05,), position_upper=(0.05,), position_policy="reject"))
+    reject.prepare(PROFILE.action_horizon, PROFILE.action_period_s)  # else there is no scheduler to wedge
     feed(reject, 10.0)
     result = reject.run(lambda: 10.01)
     assert (result.outcome, result.kind) == (HOLD, SAFETY_REJECT) and "position" in result.reason
