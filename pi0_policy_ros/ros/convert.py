@@ -81,11 +81,14 @@ def image_to_rgb(msg: Any) -> np.ndarray:
         raise ObservationError(
             f"image step too small: expected >= width*channels = {width}*{channels} = {row_bytes} bytes, found {step}")
     data = np.frombuffer(msg.data, dtype=np.uint8)
-    if data.size < step * height:
+    if data.size != step * height:
+        # Longer is refused too (as cv_bridge does): it is what a wrong encoding, width or height
+        # looks like (e.g. rgba8 pixels labelled rgb8), and reading a prefix would scramble them.
         raise ObservationError(
-            f"image data too short: expected step*height = {step}*{height} = {step * height} bytes, found {data.size}")
+            f"image data too {'short' if data.size < step * height else 'long'}: expected step*height = "
+            f"{step}*{height} = {step * height} bytes, found {data.size}")
     # Rows may be padded to `step`; slice the padding off, then view as pixels.
-    pixels = data[: step * height].reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
+    pixels = data.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
     if conversion is None:
         return pixels if step == row_bytes else np.ascontiguousarray(pixels)
     if channels == 1:

@@ -59,6 +59,7 @@ IMAGE_CASES = {
     "made_up": (dict(GOOD_A, encoding="rgb8_but_not_really"), "found 'rgb8_but_not_really'"),
     "step_too_small": (dict(GOOD_A, step=20), "expected >= width*channels = 8*3 = 24 bytes, found 20"),
     "data_too_short": (dict(GOOD_A, data=bytes(100)), "expected step*height = 24*6 = 144 bytes, found 100"),
+    "data_too_long": (dict(GOOD_A, data=bytes(192)), "too long: expected step*height = 24*6 = 144 bytes, found 192"),
     "zero_size": (dict(GOOD_A, height=0, width=0, step=0, data=b""), "expected width and height > 0, found 0x0"),
 }
 

@@ -49,10 +49,20 @@ def test_mono8_is_replicated_to_three_channels(pad: int) -> None:
         np.testing.assert_array_equal(out[:, :, c], gray)
 
 
-def test_longer_data_than_step_times_height_is_accepted() -> None:
+def test_longer_data_than_step_times_height_is_refused() -> None:
     msg = make_image(RGB, "rgb8")
     msg.data = bytes(msg.data) + b"\x00" * 10
-    np.testing.assert_array_equal(convert.image_to_rgb(msg), RGB)
+    with pytest.raises(ObservationError, match=r"data too long: expected step\*height = 21\*5 = 105 bytes, found 115"):
+        convert.image_to_rgb(msg)
+
+
+def test_rgba_pixels_labelled_rgb8_are_refused() -> None:
+    # A mislabelled encoding: 4 bytes a pixel sent as rgb8 with step = width*3. Reading the first
+    # step*height bytes gives scrambled colours (cv_bridge refuses height*step != data size).
+    rgba = np.ascontiguousarray(encode("rgba8"))
+    msg = Image(height=5, width=7, encoding="rgb8", step=21, data=rgba.tobytes())
+    with pytest.raises(ObservationError, match=r"data too long: expected step\*height = 21\*5 = 105 bytes, found 140"):
+        convert.image_to_rgb(msg)
 
 
 def test_rosbags_message_with_numpy_data() -> None:
