@@ -104,8 +104,9 @@ def compressed_image_to_rgb(msg: Any) -> np.ndarray:
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
         raise ObservationError(f"empty compressed image (format {fmt!r}): expected JPEG or PNG bytes, found 0 bytes")
-    # imdecode returns BGR whatever the format string says the source pixels were.
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    # imdecode returns BGR whatever the format string says the source pixels were. EXIF orientation
+    # is ignored, as image_transport's compressed subscriber and cv_bridge do: the pixels as sent.
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None or bgr.size == 0:
         raise ObservationError(
             f"cannot decode compressed image (format {fmt!r}): expected JPEG or PNG, found {data.size} "

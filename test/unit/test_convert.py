@@ -1,5 +1,7 @@
 """ros/convert.py: every image encoding, row padding, compressed images, joint states, and each bad case."""
 
+import struct
+
 import cv2
 import numpy as np
 import pytest
@@ -134,6 +136,26 @@ def test_jpeg_channel_order(fmt: str) -> None:
     out = convert.compressed_image_to_rgb(compressed(".jpg", np.ascontiguousarray(red_rgb[:, :, ::-1]), fmt))
     assert out.shape == (16, 16, 3)
     assert abs(int(out[..., 0].mean()) - 200) <= 3 and out[..., 2].mean() < 5
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """`jpeg` with an APP1 Exif segment holding one IFD0 entry: Orientation (0x0112, SHORT)."""
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+    app1 = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def test_jpeg_exif_orientation_is_ignored() -> None:
+    # image_transport's compressed subscriber (imdecode mode "unchanged") and cv_bridge keep the
+    # pixels as sent; a rotated frame is not what the policy was trained on.
+    rgb = np.zeros((16, 32, 3), np.uint8)
+    rgb[:, :16, 0] = 200  # left half red
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]))
+    assert ok
+    msg = CompressedImage(format="rgb8; jpeg compressed bgr8", data=_with_exif_orientation(buf.tobytes(), 6))
+    out = convert.compressed_image_to_rgb(msg)
+    assert out.shape == (16, 32, 3)
+    assert out[:, 2:14, 0].min() > 190 and out[:, 18:30, 0].max() < 10
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00" * 64, b"not a jpeg at all", b"\xff\xd8\xff\xe0" + b"\x00" * 10])
