@@ -124,9 +124,12 @@ def joint_positions(msg: Any, joint_names: Sequence[str]) -> np.ndarray:
     if len(index) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         raise ObservationError(f"joint_states has duplicate names: expected each joint once, found {duplicates} repeated")
-    if len(positions) < len(names):
+    if len(positions) != len(names):
+        # Longer is refused too: JointState's arrays have one entry per name, and with extras which
+        # value belongs to which joint is unknown.
         raise ObservationError(
-            f"joint_states position too short: expected one per name ({len(names)}), found {len(positions)}")
+            f"joint_states position too {'short' if len(positions) < len(names) else 'long'}: expected one "
+            f"per name ({len(names)}), found {len(positions)}")
     missing = [n for n in joint_names if n not in index]
     if missing:
         raise ObservationError(f"joint_states lacks joints {missing}: expected all of {list(joint_names)}, found {names}")
@@ -154,9 +157,9 @@ class JointStateReader:
     (`deserialize`: bytes -> JointState, rclpy's deserialize_message in the node) and mapped by
     `joint_positions`; its layout is kept: the bytes of its name list, alignment padding excluded
     (Fast-CDR leaves padding uninitialised), and where its positions follow. A later message whose
-    name bytes match is read in place (positions as a numpy view). Anything else, other names, too
-    few positions, a non-finite value, XCDR2, takes the full path, so that a bad message is refused
-    with exactly the words of `joint_positions`.
+    name bytes match is read in place (positions as a numpy view). Anything else, other names, a
+    position count other than the name count, a non-finite value, XCDR2, takes the full path, so
+    that a bad message is refused with exactly the words of `joint_positions`.
 
     XCDR1 layout after the 4-byte encapsulation: stamp (8 bytes), frame_id (uint32 length incl. NUL,
     chars), name (uint32 count, then per name: padding to 4, uint32 length, chars), position (padding
@@ -236,7 +239,7 @@ class _NameLayout:
         (count,) = self._u32.unpack_from(data, count_at)
         first = count_at + 4
         first += (first - 4) % 8  # 0 or 4: float64 aligns to 8 from the end of the encapsulation
-        if count < self._name_count or count * 8 > len(data) - first:
+        if count != self._name_count or count * 8 > len(data) - first:
             return None
         state = np.frombuffer(data, self._dtype, count=count, offset=first)[self._index].astype(np.float64)
         return state if np.isfinite(state).all() else None

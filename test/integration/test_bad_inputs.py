@@ -107,6 +107,7 @@ JOINT_CASES = {
     "missing_name": ((["j0", "j1"], [0.1, 0.2]), "lacks joints ['j2']"),
     "duplicate_names": ((["j0", "j1", "j2", "j1"], [0.1, 0.2, 0.3, 0.4]), "duplicate names"),
     "position_short": ((list(JOINTS), [0.1]), "expected one per name (3), found 1"),
+    "position_long": ((list(JOINTS), [0.1, 0.2, 0.3, 0.4]), "too long: expected one per name (3), found 4"),
     "nan": ((list(JOINTS), [0.1, math.nan, 0.3]), "expected finite values"),
     "inf": ((list(JOINTS), [math.inf, 0.2, 0.3]), "expected finite values"),
     "empty": (([], []), "empty joint_states"),

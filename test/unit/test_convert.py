@@ -190,6 +190,9 @@ BAD_JOINT_STATES = [
     (["shoulder", "elbow"], [1.0, 2.0], r"lacks joints \['wrist'\]: expected all of"),
     (["shoulder", "elbow", "wrist", "elbow"], [1, 2, 3, 4], r"duplicate names.*\['elbow'\]"),
     (["shoulder", "elbow", "wrist"], [1.0, 2.0], r"position too short: expected one per name \(3\), found 2"),
+    # JointState.msg: the arrays have the same size or are empty; with more positions than names
+    # which value belongs to which joint is unknown.
+    (["shoulder", "elbow", "wrist"], [1.0, 2.0, 3.0, 4.0], r"position too long: expected one per name \(3\), found 4"),
     (["shoulder", "elbow", "wrist"], [1.0, float("nan"), 3.0], r"non-finite.*'elbow'"),
     (["shoulder", "elbow", "wrist"], [float("inf"), 2.0, 3.0], r"non-finite.*'shoulder'"),
 ]
