@@ -1,0 +1,300 @@
+"""`engine/tensorrt.py` against a STAND-IN `tensorrt` module, because TensorRT cannot run here.
+
+The fake below is not TensorRT: it only has TensorRT 10's Python API surface as this module uses
+it, with the keyword names and return conventions of the real bindings (NVIDIA/TensorRT
+python/src/infer/pyCore.cpp and python/src/parsers/pyOnnx.cpp at v10.0.0 and v10.16): e.g.
+`set_tensor_address(name, memory) -> bool`, `execute_async_v3(stream_handle) -> bool`,
+`set_timing_cache(cache, ignore_mismatch) -> bool`. TensorRT 8 names that 10 removed
+(`build_engine`, `max_workspace_size`, `execute_async_v2`, `get_binding_*`) are absent, and the
+objects take no new attributes, so using one fails here as it would there. It records the CUDA
+device current at each call (through a patched `torch.cuda.device`). Passing these tests says the
+calls are well-formed, nothing about engines."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import gc
+import sys
+import types
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from pi0_policy_ros.engine import tensorrt as trt_mod
+from pi0_policy_ros.engine.onnx_export import StageSignature, TensorSpec
+
+
+class _DataType(enum.Enum):
+    FLOAT = "float32"
+    HALF = "float16"
+    BF16 = "bfloat16"
+    INT32 = "int32"
+    INT64 = "int64"
+    BOOL = "bool"
+    UINT8 = "uint8"
+    INT8 = "int8"
+    FP8 = "fp8"
+
+
+class _NetworkDefinitionCreationFlag(enum.IntEnum):
+    EXPLICIT_BATCH = 0  # deprecated and ignored in TensorRT 10
+    STRONGLY_TYPED = 1
+
+
+class _MemoryPoolType(enum.Enum):
+    WORKSPACE = 0
+
+
+class _TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class _Severity(enum.IntEnum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class FakeTRT:
+    """State shared by the fake's objects: the current device, the calls made, the engine's I/O."""
+
+    def __init__(self) -> None:
+        self.current_device = "cuda:0"
+        self.calls: list[tuple[str, str]] = []  # (call, device current at the call)
+        # name → (is input, shape, dtype) of the engine that `deserialize_cuda_engine` returns
+        self.io = {"x": (True, (2, 4), _DataType.HALF), "y": (False, (2, 4), _DataType.HALF)}
+        self.cache_device = "H100"  # what `set_timing_cache` accepts without ignore_mismatch
+        self.rejected_addresses: set[str] = set()  # names `set_tensor_address` refuses
+
+    def record(self, call: str) -> None:
+        self.calls.append((call, self.current_device))
+
+
+class _Logger:
+    __slots__ = ("min_severity",)
+
+    def __init__(self, min_severity: _Severity = _Severity.WARNING) -> None:
+        self.min_severity = min_severity
+
+
+for _name, _value in _Severity.__members__.items():
+    setattr(_Logger, _name, _value)
+
+
+class _HostMemory(bytes):
+    """IHostMemory: the real one exposes the buffer protocol, which `bytes(...)` reads."""
+
+
+class _TimingCache:
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def serialize(self) -> _HostMemory:
+        return _HostMemory(self.blob)
+
+
+class _Network:
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+
+
+class _BuilderConfig:
+    __slots__ = ("fake", "pools", "cache")
+
+    def __init__(self, fake: FakeTRT) -> None:
+        self.fake, self.pools, self.cache = fake, {}, None
+
+    def set_memory_pool_limit(self, pool: _MemoryPoolType, pool_size: int) -> None:
+        assert isinstance(pool, _MemoryPoolType) and isinstance(pool_size, int)
+        self.pools[pool] = pool_size
+
+    def create_timing_cache(self, serialized_timing_cache: bytes) -> _TimingCache | None:
+        blob = bytes(memoryview(serialized_timing_cache))
+        if blob and not blob.startswith(b"CACHE:"):
+            return None  # an unreadable blob
+        return _TimingCache(blob or f"CACHE:{self.fake.cache_device}".encode())
+
+    def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        if not isinstance(cache, _TimingCache):  # pybind: None does not convert to `ITimingCache const&`
+            raise TypeError(f"set_timing_cache(): incompatible function arguments: {cache!r}")
+        if not ignore_mismatch and cache.blob != f"CACHE:{self.fake.cache_device}".encode():
+            return False  # "a failure will be reported if the CUDA device property ... is different"
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self) -> _TimingCache | None:
+        return self.cache
+
+
+class _Builder:
+    __slots__ = ("fake", "logger")
+
+    def __init__(self, logger: _Logger) -> None:
+        self.fake, self.logger = _FAKE[0], logger
+
+    def create_network(self, flags: int = 0) -> _Network:
+        assert isinstance(flags, int)
+        return _Network(flags)
+
+    def create_builder_config(self) -> _BuilderConfig:
+        return _BuilderConfig(self.fake)
+
+    def build_serialized_network(self, network: _Network, config: _BuilderConfig) -> _HostMemory:
+        assert network.flags & (1 << int(_NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        self.fake.record("build_serialized_network")
+        return _HostMemory(b"ENGINE")
+
+
+class _OnnxParser:
+    __slots__ = ("network",)
+
+    def __init__(self, network: _Network, logger: _Logger) -> None:
+        self.network = network
+
+    def parse_from_file(self, model: str) -> bool:
+        assert isinstance(model, str) and Path(model).exists()
+        return True
+
+    @property
+    def num_errors(self) -> int:
+        return 0
+
+    def get_error(self, index: int) -> str:
+        raise IndexError(index)
+
+
+class _Context:
+    __slots__ = ("fake", "addresses")
+
+    def __init__(self, fake: FakeTRT) -> None:
+        self.fake, self.addresses = fake, {}
+
+    def set_tensor_address(self, name: str, memory: int) -> bool:
+        assert isinstance(name, str) and isinstance(memory, int)
+        if name not in self.fake.io or name in self.fake.rejected_addresses:
+            return False
+        self.addresses[name] = memory
+        return True
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        assert isinstance(stream_handle, int)
+        self.fake.record("execute_async_v3")
+        return set(self.addresses) == set(self.fake.io)
+
+
+class _Engine:
+    __slots__ = ("fake", "names")
+
+    def __init__(self, fake: FakeTRT) -> None:
+        self.fake, self.names = fake, list(fake.io)
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.names)
+
+    def get_tensor_name(self, index: int) -> str:
+        return self.names[index]
+
+    def get_tensor_mode(self, name: str) -> _TensorIOMode:
+        return _TensorIOMode.INPUT if self.fake.io[name][0] else _TensorIOMode.OUTPUT
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.fake.io[name][1]
+
+    def get_tensor_dtype(self, name: str) -> _DataType:
+        return self.fake.io[name][2]
+
+    def create_execution_context(self) -> _Context:
+        self.fake.record("create_execution_context")
+        return _Context(self.fake)
+
+
+class _Runtime:
+    __slots__ = ("fake",)
+
+    def __init__(self, logger: _Logger) -> None:
+        self.fake = _FAKE[0]
+
+    def deserialize_cuda_engine(self, serialized_engine: bytes) -> _Engine | None:
+        self.fake.record("deserialize_cuda_engine")
+        return _Engine(self.fake) if bytes(serialized_engine) == b"ENGINE" else None
+
+
+_FAKE: list[FakeTRT] = []
+
+
+def _fake_module(fake: FakeTRT) -> types.ModuleType:
+    m = types.ModuleType("tensorrt")
+    m.__version__ = "10.3.0.26"
+    m.Logger, m.Builder, m.OnnxParser, m.Runtime = _Logger, _Builder, _OnnxParser, _Runtime
+    m.NetworkDefinitionCreationFlag, m.MemoryPoolType, m.TensorIOMode = (_NetworkDefinitionCreationFlag,
+                                                                         _MemoryPoolType, _TensorIOMode)
+    m.DataType = _DataType
+    # the module-level aliases of pyFoundationalTypes.cpp
+    for alias, member in (("float32", "FLOAT"), ("float16", "HALF"), ("bfloat16", "BF16"), ("int32", "INT32"),
+                          ("int64", "INT64"), ("bool", "BOOL"), ("uint8", "UINT8"), ("int8", "INT8"), ("fp8", "FP8")):
+        setattr(m, alias, _DataType[member])
+    return m
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTRT]:
+    """The fake `tensorrt` in sys.modules, and torch.cuda's device / stream calls made CPU-safe."""
+    fake = FakeTRT()
+    _FAKE[:] = [fake]
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_module(fake))
+
+    @contextlib.contextmanager
+    def device(d: Any) -> Iterator[None]:
+        before, fake.current_device = fake.current_device, str(torch.device(d))
+        try:
+            yield
+        finally:
+            fake.current_device = before
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: types.SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100")
+    trt_mod._import_tensorrt.cache_clear()
+    trt_mod._trt_logger.cache_clear()
+    yield fake
+    trt_mod._import_tensorrt.cache_clear()
+    trt_mod._trt_logger.cache_clear()
+
+
+def _engine_file(tmp_path: Path) -> Path:
+    path = tmp_path / "stage.engine"
+    path.write_bytes(b"ENGINE")
+    return path
+
+
+def test_build_uses_the_tensorrt_10_builder_api(fake_trt: FakeTRT, tmp_path: Path) -> None:
+    onnx_path = tmp_path / "stage.onnx"
+    onnx_path.write_bytes(b"onnx")
+    cache = tmp_path / "timing.cache"
+    assert trt_mod.build_serialized_engine(onnx_path, cache, workspace_bytes=1 << 30) == b"ENGINE"
+    assert cache.read_bytes() == b"CACHE:H100"
+    assert trt_mod.build_serialized_engine(onnx_path, cache) == b"ENGINE"  # with the cache it wrote
+
+
+def test_stage_binds_and_runs_with_the_tensorrt_10_runtime_api(fake_trt: FakeTRT, tmp_path: Path) -> None:
+    stage = trt_mod.TensorRTStage(_engine_file(tmp_path), torch.device("cpu"))
+    assert stage.io == {"x": (True, (2, 4), torch.float16), "y": (False, (2, 4), torch.float16)}
+    x, y = torch.ones(2, 4), torch.zeros(2, 4)  # float32: both go through staging copies
+    stage.bind({"x": x, "y": y})
+    stage.run()
+    assert [c for c, _ in fake_trt.calls][-1] == "execute_async_v3"
