@@ -429,7 +429,9 @@ def ensure_engine(stage: ExportableStage, precision: str, cache: EngineCache, ch
     with tempfile.TemporaryDirectory(dir=cache.directory, prefix=".onnx-") as tmp:
         exported = export_stage(stage, Path(tmp) / f"{stage.signature.stage}.onnx", precision,
                                 fp8_calibration=calibration)
-        engine = build_serialized_engine(exported.path, cache.timing_cache_path(key))
+        # TensorRT builds for the current CUDA device, which need not be the stage's (cuda:1)
+        with torch.cuda.device(device):
+            engine = build_serialized_engine(exported.path, cache.timing_cache_path(key))
     return cache.store(key, engine)
 
 
@@ -451,12 +453,17 @@ class TensorRTStage:
 
     def __init__(self, engine_path: str | Path, device: torch.device) -> None:
         trt = require_tensorrt()
-        self.device = device
+        # With an index: tensors report one ("cuda:0"), and `bind` compares devices.
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._runtime = trt.Runtime(_trt_logger())
-        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise TensorRTError(f"TensorRT could not deserialize {engine_path} (built by another version or GPU?)")
-        self.context = self.engine.create_execution_context()
+        # An engine and its contexts belong to the CUDA device current at deserialization.
+        with torch.cuda.device(self.device):
+            self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            if self.engine is None:
+                raise TensorRTError(f"TensorRT could not deserialize {engine_path} (built by another version or GPU?)")
+            self.context = self.engine.create_execution_context()
         self.io: dict[str, tuple[bool, tuple[int, ...], torch.dtype]] = {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -493,8 +500,9 @@ class TensorRTStage:
         stream = torch.cuda.current_stream(self.device)
         for staging, source in self._before:
             staging.copy_(source)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise TensorRTError("TensorRT execute_async_v3 failed")
+        with torch.cuda.device(self.device):  # enqueue from the engine's device, as TensorRT requires
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise TensorRTError("TensorRT execute_async_v3 failed")
         for destination, staging in self._after:
             destination.copy_(staging)
 
