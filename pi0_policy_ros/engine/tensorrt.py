@@ -491,7 +491,9 @@ class TensorRTStage:
                 self._before.append((target, t))
             elif not direct:
                 self._after.append((t, target))
-            self.context.set_tensor_address(name, target.data_ptr())
+            # False (never an exception) for an unknown name or an address TensorRT cannot use
+            if not self.context.set_tensor_address(name, target.data_ptr()):
+                raise TensorRTError(f"TensorRT refused the address of {name} ({target.data_ptr():#x})")
         self._bound = True
 
     def run(self) -> None:

@@ -332,3 +332,12 @@ def test_engine_is_built_loaded_and_run_on_the_stage_device(fake_trt: FakeTRT, t
     assert fake_trt.current_device == "cuda:0"
     assert fake_trt.calls == [("build_serialized_network", "cuda:1"), ("deserialize_cuda_engine", "cuda:1"),
                               ("create_execution_context", "cuda:1"), ("execute_async_v3", "cuda:1")]
+
+
+def test_a_refused_tensor_address_fails_bind(fake_trt: FakeTRT, tmp_path: Path) -> None:
+    """`set_tensor_address` returns False (it does not raise) for a name or an address TensorRT
+    refuses (NvInferRuntime.h: 'The pointer must have at least 256-byte alignment')."""
+    stage = trt_mod.TensorRTStage(_engine_file(tmp_path), torch.device("cpu"))
+    fake_trt.rejected_addresses.add("y")
+    with pytest.raises(trt_mod.TensorRTError, match="refused the address of y"):
+        stage.bind({"x": torch.ones(2, 4), "y": torch.zeros(2, 4)})
