@@ -472,6 +472,9 @@ class TensorRTStage:
                              _torch_dtype(trt, self.engine.get_tensor_dtype(name)))
         self._before: list[tuple[torch.Tensor, torch.Tensor]] = []  # (staging, source)
         self._after: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination, staging)
+        # Every tensor whose address the context holds: TensorRT keeps only the raw pointer, so a
+        # tensor bound in place must not be freed (and its memory reused) while bound.
+        self._addressed: dict[str, torch.Tensor] = {}
         self._bound = False
 
     def bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -479,7 +482,7 @@ class TensorRTStage:
         missing = sorted(set(self.io) - set(tensors))
         if missing:
             raise TensorRTError(f"TensorRT engine tensors not bound: {missing}")
-        self._before, self._after = [], []
+        self._before, self._after, self._addressed = [], [], {}
         for name, (is_input, shape, dtype) in self.io.items():
             t = tensors[name]
             if tuple(t.shape) != shape or t.device != self.device:
@@ -494,6 +497,7 @@ class TensorRTStage:
             # False (never an exception) for an unknown name or an address TensorRT cannot use
             if not self.context.set_tensor_address(name, target.data_ptr()):
                 raise TensorRTError(f"TensorRT refused the address of {name} ({target.data_ptr():#x})")
+            self._addressed[name] = target
         self._bound = True
 
     def run(self) -> None:

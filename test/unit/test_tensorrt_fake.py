@@ -341,3 +341,24 @@ def test_a_refused_tensor_address_fails_bind(fake_trt: FakeTRT, tmp_path: Path) 
     fake_trt.rejected_addresses.add("y")
     with pytest.raises(trt_mod.TensorRTError, match="refused the address of y"):
         stage.bind({"x": torch.ones(2, 4), "y": torch.zeros(2, 4)})
+
+
+def _aligned(numel: int) -> torch.Tensor:
+    """A float16 tensor at a 256-byte aligned address (bound in place), its base not kept here."""
+    base = torch.zeros(numel + 128, dtype=torch.float16)
+    offset = (-base.data_ptr() % trt_mod.IO_ALIGNMENT) // base.element_size()
+    return base[offset:offset + numel]
+
+
+def test_bound_tensors_live_while_bound(fake_trt: FakeTRT, tmp_path: Path) -> None:
+    """The context holds raw addresses only: a tensor bound in place must stay alive (held by the
+    stage) even when the caller drops it, or the engine would read and write freed memory."""
+    stage = trt_mod.TensorRTStage(_engine_file(tmp_path), torch.device("cpu"))
+    x, y = _aligned(8).view(2, 4), _aligned(8).view(2, 4)
+    refs = [weakref.ref(x), weakref.ref(y)]
+    stage.bind({"x": x, "y": y})
+    assert not stage._before and not stage._after  # both bound in place
+    del x, y
+    gc.collect()
+    assert all(r() is not None for r in refs)
+    stage.run()
