@@ -402,7 +402,12 @@ def build_serialized_engine(onnx_path: str | Path, timing_cache: Path | None = N
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # set_timing_cache returns False for a cache from other device properties (same GPU name,
+    # e.g. another Jetson power mode); an unreadable file gives no cache. Start a fresh one then.
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("TensorRT timing cache %s is unusable here; building without it", timing_cache)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")

@@ -362,3 +362,15 @@ def test_bound_tensors_live_while_bound(fake_trt: FakeTRT, tmp_path: Path) -> No
     gc.collect()
     assert all(r() is not None for r in refs)
     stage.run()
+
+
+@pytest.mark.parametrize("stale", [b"CACHE:H100 at another clock", b"garbage"])
+def test_an_unusable_timing_cache_is_replaced(fake_trt: FakeTRT, tmp_path: Path, stale: bytes) -> None:
+    """`set_timing_cache` returns False for a cache whose device properties differ (it does not
+    raise); the build must then start a fresh cache. What TensorRT does when the False is ignored
+    is undocumented: the fake then has no cache to serialize, and None for an unreadable blob."""
+    onnx_path, cache = tmp_path / "stage.onnx", tmp_path / "timing.cache"
+    onnx_path.write_bytes(b"onnx")
+    cache.write_bytes(stale)
+    assert trt_mod.build_serialized_engine(onnx_path, cache) == b"ENGINE"
+    assert cache.read_bytes() == b"CACHE:H100"
