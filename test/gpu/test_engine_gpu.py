@@ -69,6 +69,42 @@ def test_graph_chain_equals_eager(pi05: bool, precision: str, kernels: str) -> N
     assert np.abs(again - outs[0]).max() <= (1e-5 if precision == "float32" else 2e-2)
 
 
+@pytest.mark.parametrize("precision,kernels", [("bfloat16", "triton"), ("bfloat16", "torch"), ("fp8", "triton")])
+def test_an_inference_allocates_nothing_and_waits_only_for_its_actions(precision: str, kernels: str) -> None:
+    """No device tensor creation and no host sync inside an inference but the one wait for the
+    actions: across warm inferences with new inputs (every camera layout) the CUDA allocator counts
+    no allocation, and torch's sync debug mode reports synchronizing calls only from the lines that
+    call `synchronize()` (an `.item()`, a pageable copy or a sync inside an op would be reported
+    from elsewhere)."""
+    import linecache
+    import warnings
+
+    cfg = medium_config(True)
+    model = random_model(cfg, "cuda", torch.bfloat16, seed=7)
+    shape = EngineShape.for_model(cfg)
+    engine = Engine.create(model, shape, "cuda", precision, denoise_kernels=kernels)
+    assert engine.mode == "graphs"
+    batches = [random_batch(shape, seed, valid_slots=valid, valid_tokens=20 + seed)
+               for seed, valid in ((0, 2), (1, 3), (2, 1), (3, 2))]
+    for batch in batches:
+        engine.infer(batch)
+    torch.cuda.synchronize()
+    allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            outs = [engine.infer(batch) for batch in batches]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
+    syncs = [(w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message)]
+    elsewhere = [(f, n, linecache.getline(f, n).strip()) for f, n in syncs
+                 if "synchronize()" not in linecache.getline(f, n)]
+    assert not elsewhere, elsewhere
+    assert np.abs(outs[0] - outs[1]).max() > 1e-2  # they did run, on new inputs
+
+
 @pytest.mark.parametrize("pi05", [True, False])
 def test_compact_prefix_graphs_equal_full_prefix(pi05: bool) -> None:
     """float32 graphs: the compact prefix (one graph per slot count and prompt bucket, switched

@@ -1,0 +1,32 @@
+"""Shows that `test_an_inference_allocates_nothing_and_waits_only_for_its_actions` (test/gpu/test_engine_gpu.py)
+can fail: it runs the test on an engine mutated two ways, a host sync (`.item()`) and a device tensor made
+inside each inference, and prints whether the test caught each (run 135).
+
+    PYTHONPATH=. python bench/sync_test_mutations.py
+"""
+import torch
+from pi0_policy_ros.engine import engine as engine_mod
+from test.gpu import test_engine_gpu as t
+
+original = engine_mod.Engine._replay
+
+
+def with_item(self, rows, t_start):
+    float(self.buf.actions.sum().item())  # a host sync inside the inference
+    return original(self, rows, t_start)
+
+
+def with_alloc(self, rows, t_start):
+    self._scratch = torch.empty(1024, device=self.device)  # a device tensor made per inference
+    return original(self, rows, t_start)
+
+
+for name, patched in (("item", with_item), ("alloc", with_alloc)):
+    engine_mod.Engine._replay = patched
+    try:
+        t.test_an_inference_allocates_nothing_and_waits_only_for_its_actions("bfloat16", "triton")
+        print(name, "MUTATION NOT CAUGHT")
+    except AssertionError as exc:
+        print(name, "caught:", str(exc).splitlines()[0][:200])
+    finally:
+        engine_mod.Engine._replay = original
