@@ -4,19 +4,23 @@ inside each inference, and prints whether the test caught each (run 135).
 
     PYTHONPATH=. python bench/sync_test_mutations.py
 """
+
+from __future__ import annotations
+
 import torch
+
 from pi0_policy_ros.engine import engine as engine_mod
 from test.gpu import test_engine_gpu as t
 
 original = engine_mod.Engine._replay
 
 
-def with_item(self, rows, t_start):
+def with_item(self: engine_mod.Engine, rows: object, t_start: float) -> object:
     float(self.buf.actions.sum().item())  # a host sync inside the inference
     return original(self, rows, t_start)
 
 
-def with_alloc(self, rows, t_start):
+def with_alloc(self: engine_mod.Engine, rows: object, t_start: float) -> object:
     self._scratch = torch.empty(1024, device=self.device)  # a device tensor made per inference
     return original(self, rows, t_start)
 
