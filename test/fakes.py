@@ -35,6 +35,7 @@ class FakeProfile:
     action_horizon: int = 10
     action_period_s: float = 0.05
     joint_names: tuple[str, ...] = ()
+    action_space: str = "joint_position"
 
 
 def expected_actions(profile: FakeProfile, state: np.ndarray, images: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -18,12 +18,14 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.policy.robots import get_profile
 from pi0_policy_ros.ros.params import (  # noqa: F401 - load_params_file, resolve_topic: re-exported
     NODE_NAME,
     SPECS,
     NodeConfig,
     config_from_params,
     load_params_file,
+    publishes_trajectory,
     resolve_topic,
 )
 
@@ -100,12 +102,16 @@ class ReplaySetup:
 
     @property
     def outputs(self) -> dict[str, str]:
-        """Resolved output topic -> message type, as ros/node.py publishes them."""
-        return {
+        """Resolved output topic -> message type, as ros/node.py publishes them (no trajectory for a
+        profile whose actions are not joint positions)."""
+        topics = {
             self.output_topic("~/action_chunk_stamp"): HEADER_TYPE,
             self.output_topic("~/action_chunk"): FLOAT32_MULTI_ARRAY_TYPE,
-            self.output_topic("~/joint_trajectory"): JOINT_TRAJECTORY_TYPE,
         }
+        action_space = get_profile(self.config.policy.robot_profile).action_space
+        if publishes_trajectory(self.config.trajectory_actions, action_space):
+            topics[self.output_topic("~/joint_trajectory")] = JOINT_TRAJECTORY_TYPE
+        return topics
 
     def input_for_bag_topic(self) -> dict[str, InputTopic]:
         return {topic.bag_topic: topic for topic in self.inputs}

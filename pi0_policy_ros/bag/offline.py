@@ -192,5 +192,6 @@ class OfflineReplay:
         for msgtype, msg in ((HEADER_TYPE, header),
                              (FLOAT32_MULTI_ARRAY_TYPE, convert.action_chunk_message(chunk.actions)),
                              (JOINT_TRAJECTORY_TYPE, trajectory)):
-            out.write(topics[msgtype], msgtype, tick_ns, rclpy_to_cdr(msg, msgtype, out.store))
+            if msgtype in topics:  # no trajectory where the node publishes none (ReplaySetup.outputs)
+                out.write(topics[msgtype], msgtype, tick_ns, rclpy_to_cdr(msg, msgtype, out.store))
 

@@ -43,6 +43,9 @@ IMAGE_SLOTS = (BASE_SLOT, LEFT_WRIST_SLOT, RIGHT_WRIST_SLOT)
 IMAGE_SIZE = 224
 MODEL_TYPES = ("pi0", "pi05", "")
 ACTION_SPACES = ("joint_position", "joint_velocity", "eef_delta", "unspecified")
+# What a joint_trajectory_controller may receive as joint positions: never velocities or end-effector
+# deltas (it would drive the joints to those values); "unspecified" (the generic profile) is the user's call.
+TRAJECTORY_ACTION_SPACES = ("joint_position", "unspecified")
 
 
 def make_bool_mask(*runs: int) -> tuple[bool, ...]:

@@ -23,7 +23,10 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      safety filter, dims `horizon` / `action`, data_offset 0. It has no header: pair the n-th
      chunk with the n-th stamp (both reliable, depth 10, published back to back from one thread);
   3. `~/joint_trajectory` (trajectory_msgs/JointTrajectory) for joint_trajectory_controller:
-     header stamp zero, past points dropped, first point >= one control period ahead.
+     header stamp zero, past points dropped, first point >= one control period ahead. Not
+     published (not even advertised) when the profile's actions are joint velocities or
+     end-effector deltas, which a controller would take for joint positions, unless
+     `trajectory_actions: any`.
 - `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, and
   once after a failed configure.
 
@@ -126,6 +129,7 @@ from pi0_policy_ros.ros.params import (
     check_value,
     config_from_params,
     control_config_from,
+    publishes_trajectory,
 )
 from pi0_policy_ros.ros.poller import PolledCallbackGroup, SubscriptionPoller
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, PROMPT_QOS, SENSOR_QOS
@@ -227,6 +231,7 @@ class PolicyNode(LifecycleNode):
         self._diagnostics: DiagnosticsPublisher | None = DiagnosticsPublisher(self)
         self._subscriptions_: list[Any] = []
         self._trajectory_pub: Any = None
+        self._trajectory_enabled = True  # False for velocity or end-effector actions (set at configure)
         self._chunk_pub: Any = None
         self._stamp_pub: Any = None
         self._control_timer: Timer | None = None
@@ -373,7 +378,13 @@ class PolicyNode(LifecycleNode):
         self._policy = policy  # owned from here on, so that _release() closes it on failure
         config = config.resolve(policy.profile)
         action_space = getattr(policy.profile, "action_space", "joint_position")
-        if action_space != "joint_position":
+        self._trajectory_enabled = publishes_trajectory(config.trajectory_actions, action_space)
+        if not self._trajectory_enabled:
+            self.get_logger().warning(
+                f"profile {policy.profile.name!r} predicts {action_space} actions: no ~/joint_trajectory "
+                "(a joint_trajectory_controller would drive the joints to those values); consume "
+                "~/action_chunk through an adapter for your robot, or set trajectory_actions: any")
+        elif action_space != "joint_position":
             self.get_logger().warning(
                 f"profile {policy.profile.name!r} predicts {action_space} actions: ~/joint_trajectory "
                 "positions carry them as they are; a robot that needs joint positions should consume "
@@ -417,7 +428,9 @@ class PolicyNode(LifecycleNode):
             String, "~/prompt", self._on_prompt, PROMPT_QOS, callback_group=self._sensor_group))
         self._stamp_pub = self.create_lifecycle_publisher(Header, "~/action_chunk_stamp", CHUNK_QOS)
         self._chunk_pub = self.create_lifecycle_publisher(Float32MultiArray, "~/action_chunk", CHUNK_QOS)
-        self._trajectory_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory", COMMAND_QOS)
+        if self._trajectory_enabled:
+            self._trajectory_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory",
+                                                                   COMMAND_QOS)
         self._diagnostics_timer = self.create_timer(
             config.diagnostics_period_s, self._publish_diagnostics, callback_group=self._sensor_group)
         self._config = config
@@ -598,16 +611,16 @@ class PolicyNode(LifecycleNode):
             monitor.waited(self._now_s())
             return
         if result.outcome == HOLD:
-            if result.plan is not None:  # hold_position: one point at the measured position
+            if result.plan is not None and self._trajectory_pub is not None:  # hold_position's point
                 self._trajectory_pub.publish(convert.trajectory_message(result.plan, config.action_joint_names))
             self._hold(result.reason, result.level, result.kind)
             return
         chunk, plan = result.chunk, result.plan
         assert chunk is not None and plan is not None
-        trajectory = convert.trajectory_message(plan, config.action_joint_names)
         self._stamp_pub.publish(Header(stamp=convert.seconds_to_stamp(chunk.stamp_s), frame_id=str(self._sequence)))
         self._chunk_pub.publish(convert.action_chunk_message(chunk.actions))
-        self._trajectory_pub.publish(trajectory)
+        if self._trajectory_pub is not None:
+            self._trajectory_pub.publish(convert.trajectory_message(plan, config.action_joint_names))
         self._sequence += 1
         if result.clamped:
             self.get_logger().warning(f"safety filter clamped the chunk ({', '.join(result.clamped)})",

@@ -47,6 +47,7 @@ from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES
 from pi0_policy_ros.control.step import HOLD_MODES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.policy.config import BACKENDS, PRECISIONS, PolicyConfig
+from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES
 
 NODE_NAME = "pi0_policy"
 PARAMS_KEY = "ros__parameters"
@@ -70,6 +71,14 @@ class ParamSpec:
     float_range: tuple[float, float] | None = None
     int_range: tuple[int, int] | None = None
     choices: tuple[str, ...] | None = None  # for strings, or for every element of a string array
+
+
+TRAJECTORY_ACTIONS = ("positions", "any")
+
+
+def publishes_trajectory(trajectory_actions: str, action_space: str) -> bool:
+    """Whether the node publishes ~/joint_trajectory for a profile with this action space."""
+    return trajectory_actions == "any" or action_space in TRAJECTORY_ACTION_SPACES
 
 
 PARAMS: tuple[ParamSpec, ...] = (
@@ -134,6 +143,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("hold_mode", STRING, "stop", "what a hold sends: stop = no new trajectory (the controller "
               "finishes the last one and stays at its end point); hold_position = one point at the measured "
               "position, one control period ahead", False, choices=HOLD_MODES),
+    ParamSpec("trajectory_actions", STRING, "positions", "which actions go out on ~/joint_trajectory: positions "
+              "= only a profile's joint positions (and the generic profile's), never joint velocities or "
+              "end-effector deltas, which a joint_trajectory_controller would drive the joints to; any = every "
+              "profile's (for an adapter of your own that reads them)", True, choices=TRAJECTORY_ACTIONS),
     # Chunk scheduling (control/scheduler.py).
     ParamSpec("chunk_mode", STRING, "naive", "how chunks follow each other: naive (one inference per tick, each "
               "chunk sent as it is), temporal_ensemble, rtc_fast (guided by the error alone) or rtc (guided "
@@ -204,6 +217,7 @@ class NodeConfig:
     safety: SafetyConfig = SafetyConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     hold_mode: str = "stop"
+    trajectory_actions: str = "positions"
     switch_interval_s: float = 2e-4
     input_poll_period_s: float = 0.002
 
@@ -294,6 +308,7 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         safety=safety_config_from(values),
         scheduler=scheduler_config_from(values),
         hold_mode=str(_get(values, "hold_mode")),
+        trajectory_actions=str(_get(values, "trajectory_actions")),
         switch_interval_s=float(_get(values, "switch_interval_s")),
         input_poll_period_s=float(_get(values, "input_poll_period_s")),
     )

@@ -29,6 +29,9 @@ LIBERO_PARAMS: dict[str, Any] = {
     "max_observation_age_s": 0.3,
     "max_camera_skew_s": 0.05,
     "diagnostics_period_s": 0.5,
+    # LIBERO's actions are end-effector deltas, which the node keeps off ~/joint_trajectory by
+    # default; the bag tests check that topic too.
+    "trajectory_actions": "any",
 }
 
 

@@ -130,3 +130,17 @@ def test_replay_writes_a_bag_humble_can_open(first_run, make_bag, params_file: P
     assert code == 0, capsys.readouterr().err
     assert humble_can_read(humble_out / "metadata.yaml") == []
     assert messages(humble_out) == messages(out)  # the output messages are the same in both distros
+
+
+def test_end_effector_deltas_stay_off_the_trajectory_topic(first_run, params_file: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    # LIBERO's actions are end-effector deltas: with the default trajectory_actions the replay, like
+    # the node, writes the chunks and no ~/joint_trajectory (the fixture's parameters say "any").
+    bag, out, _, _, _ = first_run
+    default_out = tmp_path / "out_positions"
+    code = main([str(bag), "--params", str(params_file), "--out", str(default_out), "--quiet",
+                 "--param", "trajectory_actions:=positions"])
+    assert code == 0, capsys.readouterr().err
+    kept = [m for m in messages(out) if not m[0].endswith("/joint_trajectory")]
+    assert len(kept) < len(messages(out))  # the fixture's run has trajectories
+    assert messages(default_out) == kept

@@ -287,3 +287,22 @@ def test_inference_failure_holds_as_an_error_and_the_node_recovers(make_node, pr
     published = probe.counts()[1]
     node.policy.fail = False
     wait_for(lambda: probe.counts()[1] > published)
+
+
+@pytest.mark.parametrize("trajectory_actions", ["positions", "any"])
+def test_velocity_actions_stay_off_the_trajectory_topic(make_node, probe, trajectory_actions: str) -> None:
+    """A joint_trajectory_controller takes every point for joint positions: a profile whose actions
+    are joint velocities (DROID) must not reach it, unless trajectory_actions says any. The chunk
+    topics carry them either way."""
+    from dataclasses import replace
+
+    node = active(make_node, profile=replace(PROFILE, action_space="joint_velocity"),
+                  params={"trajectory_actions": trajectory_actions})
+    wait_for(lambda: probe.counts()[1] >= 3)
+    topic = f"{node.get_fully_qualified_name()}/joint_trajectory"
+    advertised = len(node.get_publishers_info_by_topic(topic))
+    if trajectory_actions == "positions":
+        assert advertised == 0 and probe.counts()[0] == 0
+    else:
+        assert advertised == 1
+        wait_for(lambda: probe.counts()[0] >= 3)
