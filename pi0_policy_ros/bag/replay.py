@@ -6,7 +6,8 @@
   real node started with `use_sim_time`, and what the node publishes is recorded
   (`bag/realtime.py`).
 Either way OUT_BAG (MCAP; Jazzy definitions, or Humble's with `--distro humble`) holds the node's
-`~/action_chunk_stamp`, `~/action_chunk` and `~/joint_trajectory` at their bag times, and `--report DIR` adds
+`~/action_chunk_stamp`, `~/action_chunk` and (for joint-position actions, as the node) `~/joint_trajectory`
+at their bag times, and `--report DIR` adds
 summary.json and plots. A bad bag is one error naming the bag, the topic and the problem, with
 exit code 1; the output is then not written at all.
 """

@@ -128,7 +128,7 @@ def test_empty_prompt_holds_and_says_a_prompt_is_required(make_node, probe) -> N
     assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "policy default"
     assert probe.counts() == (0, 0, 0)
     assert node.set_parameters([Parameter("prompt", value="pick up the block")])[0].successful
-    wait_for(lambda: probe.counts()[0] >= 1, timeout_s=10.0)
+    wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)
 
 
 def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, probe) -> None:
@@ -136,4 +136,4 @@ def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, pr
     values = wait_for(lambda: (v := probe.latest_values()) and v.get("prompt.truncated") == "True" and v,
                       timeout_s=10.0)
     assert values["prompt.token_budget"] == "200"
-    wait_for(lambda: probe.counts()[0] >= 1, timeout_s=10.0)  # it still acts, on the cut prompt
+    wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)  # it still acts, on the cut prompt

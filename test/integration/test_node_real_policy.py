@@ -37,6 +37,9 @@ PARAMS = {
     "camera_topics": ["agentview/image_raw", "wrist/image_raw/compressed"],
     "joint_names": STATE_NAMES, "action_joint_names": ACTION_NAMES,
     "control_rate_hz": 2.0, "max_observation_age_s": 2.0, "max_camera_skew_s": 1.0,
+    # LIBERO's actions are end-effector deltas, kept off ~/joint_trajectory by default; this test
+    # checks the trajectory against Policy.infer too.
+    "trajectory_actions": "any",
 }
 
 
