@@ -29,7 +29,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Header
+from std_msgs.msg import Float32MultiArray, Header
 from trajectory_msgs.msg import JointTrajectory
 
 from pi0_policy_ros.control.rate_meter import PERCENTILES
@@ -75,10 +75,11 @@ def synthetic_frame(t_s: float, index: int, shape: tuple[int, int] = IMAGE_SHAPE
 
 
 class SyntheticRobot(Node):
-    """Cameras at 30 Hz, joint_states at 100 Hz, and the trajectory latency as the robot sees it."""
+    """Cameras at 30 Hz, joint_states at 100 Hz, and the latency of the node's output (its trajectory,
+    or its chunk where it publishes no trajectory: `trajectory_actions`) as the robot sees it."""
 
     def __init__(self, cameras: Sequence[CameraConfig], joint_names: Sequence[str], *, namespace: str = "",
-                 policy_node: str = NODE_NAME, context: Context | None = None) -> None:
+                 policy_node: str = NODE_NAME, context: Context | None = None, trajectory: bool = True) -> None:
         super().__init__("synthetic_robot", namespace=namespace, context=context)
         self._cameras = list(cameras)
         self._joint_names = list(joint_names)
@@ -92,7 +93,10 @@ class SyntheticRobot(Node):
                              for c in self._cameras]
         self._joint_pub = self.create_publisher(JointState, "joint_states", 10)
         self.create_subscription(Header, f"{policy_node}/action_chunk_stamp", self._on_stamp, CHUNK_QOS)
-        self.create_subscription(JointTrajectory, f"{policy_node}/joint_trajectory", self._on_trajectory, COMMAND_QOS)
+        if trajectory:
+            self.create_subscription(JointTrajectory, f"{policy_node}/joint_trajectory", self._on_output, COMMAND_QOS)
+        else:
+            self.create_subscription(Float32MultiArray, f"{policy_node}/action_chunk", self._on_output, CHUNK_QOS)
         self.create_timer(1.0 / CAMERA_RATE_HZ, self._publish_cameras)
         self.create_timer(1.0 / JOINT_RATE_HZ, self._publish_joints)
 
@@ -122,13 +126,13 @@ class SyntheticRobot(Node):
         msg.header.stamp = self.get_clock().now().to_msg()
         self._joint_pub.publish(msg)
 
-    # The n-th stamp belongs to the n-th trajectory; either may arrive first.
+    # The n-th stamp belongs to the n-th output; either may arrive first.
     def _on_stamp(self, msg: Header) -> None:
         with self._lock:
             self._stamps.append(convert.stamp_to_seconds(msg.stamp))
             self._pair()
 
-    def _on_trajectory(self, msg: JointTrajectory) -> None:
+    def _on_output(self, msg: JointTrajectory | Float32MultiArray) -> None:
         with self._lock:
             self._arrivals.append(self._now_s())
             self._pair()
@@ -140,12 +144,12 @@ class SyntheticRobot(Node):
             self.arrival_times_s.append(arrival)
 
 
-def _robot_main(cameras: Sequence[CameraConfig], joint_names: Sequence[str], namespace: str,
+def _robot_main(cameras: Sequence[CameraConfig], joint_names: Sequence[str], namespace: str, trajectory: bool,
                 stop: Any, results: Any) -> None:
     """The robot's own process: the policy's inference must not starve it of the GIL, as on a real robot."""
     context = Context()
     rclpy.init(context=context)
-    robot = SyntheticRobot(cameras, joint_names, namespace=namespace, context=context)
+    robot = SyntheticRobot(cameras, joint_names, namespace=namespace, context=context, trajectory=trajectory)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(robot)
     try:
@@ -193,10 +197,12 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
         assert config is not None
         if robot_process:
             robot = mp.Process(target=_robot_main, name="synthetic_robot", daemon=True,
-                               args=(config.cameras, config.joint_names, namespace, stop, results))
+                               args=(config.cameras, config.joint_names, namespace,
+                                     policy_node.publishes_trajectory, stop, results))
             robot.start()
         else:
-            local_robot = SyntheticRobot(config.cameras, config.joint_names, namespace=namespace, context=context)
+            local_robot = SyntheticRobot(config.cameras, config.joint_names, namespace=namespace, context=context,
+                                         trajectory=policy_node.publishes_trajectory)
             executor.add_node(local_robot)
         # Time the demo from when the robot and the node see each other: DDS discovery (and the
         # spawned robot's start) take a few seconds that are not the policy's.
@@ -230,10 +236,11 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
 
 
 def _wait_until_connected(node: PolicyNode, timeout_s: float) -> None:
-    """Until every camera / joint_states subscription of the node has a publisher and the
-    trajectory publisher a subscriber, or ConfigError after `timeout_s`."""
+    """Until every camera / joint_states subscription of the node has a publisher and the output
+    the robot times (the trajectory, else the chunk) a subscriber, or ConfigError after `timeout_s`."""
     inputs = [s.topic_name for s in node.subscriptions if not s.topic_name.endswith("/prompt")]
-    outputs = [p for p in node.publishers if p.topic_name.endswith("/joint_trajectory")]
+    output = "/joint_trajectory" if node.publishes_trajectory else "/action_chunk"
+    outputs = [p for p in node.publishers if p.topic_name.endswith(output)]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if (inputs and all(node.count_publishers(t) > 0 for t in inputs)
@@ -241,8 +248,9 @@ def _wait_until_connected(node: PolicyNode, timeout_s: float) -> None:
             return
         time.sleep(0.05)
     missing = [t for t in inputs if node.count_publishers(t) == 0]
+    counts = [p.get_subscription_count() for p in outputs]
     raise ConfigError(f"the synthetic robot did not connect within {timeout_s:g} s; topics without a "
-                      f"publisher: {missing}, trajectory subscribers: {[p.get_subscription_count() for p in outputs]}")
+                      f"publisher: {missing}, {output[1:]} subscribers: {counts}")
 
 
 def _report(latencies_ms: Sequence[float], arrivals_s: Sequence[float], active_s: float,

@@ -675,6 +675,11 @@ class PolicyNode(LifecycleNode):
         return self._config
 
     @property
+    def publishes_trajectory(self) -> bool:
+        """Whether the configured node publishes ~/joint_trajectory (see `trajectory_actions`)."""
+        return self._trajectory_pub is not None
+
+    @property
     def policy(self) -> PolicyLike | None:
         return self._policy
 

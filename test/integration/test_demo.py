@@ -39,3 +39,14 @@ def test_synthetic_frames_move() -> None:
     a, b = synthetic_frame(0.0, 0), synthetic_frame(0.5, 0)
     assert a.shape == (120, 160, 3) and a.dtype.name == "uint8"
     assert (a != b).any() and (synthetic_frame(0.0, 1) != a).any()
+
+
+def test_run_demo_times_the_chunk_where_no_trajectory_goes_out(executor) -> None:
+    # Joint velocities stay off ~/joint_trajectory (trajectory_actions); the robot then times
+    # ~/action_chunk, and the demo still reports the node's rate.
+    from dataclasses import replace
+
+    velocity = functools.partial(FakePolicy, profile=replace(ALOHA_LIKE, action_space="joint_velocity"))
+    report = run_demo(DEMO, duration_s=2.0, device="cpu", policy_factory=velocity, namespace="/demo_velocity",
+                      robot_process=False)
+    assert report.chunks >= 6, report.summary()
