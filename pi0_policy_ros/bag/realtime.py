@@ -41,6 +41,7 @@ NS_PER_S = 1_000_000_000
 DEFAULT_NODE_CMD = (sys.executable, "-c", "from pi0_policy_ros.ros.node import main; main()")
 LOG_TAIL_CHARS = 3000
 UNREPORTED_HOLD = "(reason not shown: cleared by a later chunk before the next /diagnostics report)"
+UNREPORTED_INPUT_ERROR = "(reasons not in /diagnostics: node_diagnostics.last_input_error shows the latest)"
 
 
 class RealtimeError(Pi0PolicyError):
@@ -343,6 +344,11 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
                 assigned += share
         if held > assigned:  # a hold followed by a chunk before the next report leaves no reason
             summary.holds[UNREPORTED_HOLD] += held - assigned
+        # /diagnostics counts refused inputs per source (with only the latest reason): without these
+        # the summary's input_rejections would read "none" whatever the node refused.
+        for key, value in last.items():
+            if key.startswith("input_errors.") and int(value) > 0:
+                summary.input_rejections[f"{key[len('input_errors.'):]}: {UNREPORTED_INPUT_ERROR}"] += int(value)
         node_latency: dict[str, dict[str, float]] = {}
         for key, value in last.items():
             if key.startswith("latency_") and key.endswith("_ms"):
@@ -350,6 +356,7 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
                 node_latency.setdefault(stage, {})[pct] = float(value)
         summary.extra["node_diagnostics"] = {"achieved_rate_hz_wall": float(last.get("achieved_rate_hz", 0.0)),
                                              "observation_errors": int(last.get("observation_errors", 0)),
+                                             "last_input_error": last.get("last_input_error", ""),
                                              "holds": held, "latency_ms": node_latency}
     summary.extra["hold_reasons_counted_from"] = "diagnostics reports (the node's hold count split over them)"
 

@@ -35,3 +35,35 @@ def test_report_json_and_plots(make_bag, tmp_path: Path, capsys) -> None:
     assert summary["plots"][0] == "overview.png" and len(summary["plots"]) == 1 + 7
     for name in summary["plots"]:
         assert (tmp_path / "report2" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def _diagnostics_cdr(values: dict[str, str]) -> bytes:
+    from pi0_policy_ros.bag.record import typestore
+
+    store = typestore()
+    msgs = store.types
+    status = msgs["diagnostic_msgs/msg/DiagnosticStatus"](
+        level=b"\x00"[0], name="pi0_policy: control", message="inactive", hardware_id="/pi0_policy",
+        values=[msgs["diagnostic_msgs/msg/KeyValue"](key=k, value=v) for k, v in values.items()])
+    header = msgs["std_msgs/msg/Header"](stamp=msgs["builtin_interfaces/msg/Time"](sec=0, nanosec=0), frame_id="")
+    array = msgs["diagnostic_msgs/msg/DiagnosticArray"](header=header, status=[status])
+    return bytes(store.serialize_cdr(array, "diagnostic_msgs/msg/DiagnosticArray"))
+
+
+def test_realtime_summary_counts_the_inputs_the_node_refused(params_file: Path) -> None:
+    from types import SimpleNamespace
+
+    from pi0_policy_ros.bag.inputs import DIAGNOSTIC_ARRAY_TYPE, make_setup
+    from pi0_policy_ros.bag.realtime import _summarize
+    from pi0_policy_ros.bag.summary import ReplaySummary
+
+    # The node's last /diagnostics report: 3 joint_states messages and 1 image refused.
+    values = {"ticks": "10", "holds": "0", "observation_errors": "4", "input_errors.image": "1",
+              "input_errors.joint_states": "3", "last_input_error": "empty joint_states: expected joints [...]"}
+    player = SimpleNamespace(records=[("/diagnostics", DIAGNOSTIC_ARRAY_TYPE, 0, _diagnostics_cdr(values))])
+    summary = ReplaySummary("realtime", "bag", "out", 5.0)
+    _summarize(summary, player, make_setup(params_file))  # type: ignore[arg-type]
+    content = summary.to_json()
+    assert summary.ticks == 10 and content["node_diagnostics"]["observation_errors"] == 4
+    # input_rejections is "input messages the node refused": the node's count, not an empty list.
+    assert sum(r["count"] for r in content["input_rejections"]) == 4
