@@ -12,6 +12,8 @@ RTC_MODES = ("off", "rtc_fast", "rtc")  # engine/guidance.py
 MASK_SCHEDULES = ("exp", "linear")
 PRECISIONS = ("float32", "bfloat16", "fp8")
 DEVICES = ("cpu", "cuda")
+# The ROS parameter's range too: numpy's generator refuses a negative seed (at every inference).
+SEED_RANGE = (0, 2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class PolicyConfig:
             raise ConfigError(f"rtc_mask_schedule must be one of {MASK_SCHEDULES}, found {self.rtc_mask_schedule!r}")
         if not (math.isfinite(self.max_guidance_weight) and self.max_guidance_weight >= 0.0):
             raise ConfigError(f"max_guidance_weight must be finite and >= 0, found {self.max_guidance_weight!r}")
+        if not (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ConfigError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], found {self.seed!r}")
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be ≥ 0, found {self.cpu_threads}")
         if min(self.camera_height, self.camera_width) < 0 or (self.camera_height > 0) != (self.camera_width > 0):

@@ -46,14 +46,13 @@ from pi0_policy_ros.control.safety import SafetyConfig
 from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES, SCHEDULER_MODES, SchedulerConfig
 from pi0_policy_ros.control.step import HOLD_MODES
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.policy.config import BACKENDS, PRECISIONS, PolicyConfig
+from pi0_policy_ros.policy.config import BACKENDS, PRECISIONS, SEED_RANGE, PolicyConfig
 from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES
 
 NODE_NAME = "pi0_policy"
 PARAMS_KEY = "ros__parameters"
 CAMERA_TYPES = ("raw", "compressed")
 DIAGNOSTICS_PERIOD_RANGE_S = (0.05, 60.0)
-SEED_RANGE = (0, 2**31 - 1)
 
 # Value kinds, mapped to rclpy parameter types in node.py.
 STRING, STRING_ARRAY, DOUBLE, INTEGER, BOOL = "string", "string_array", "double", "integer", "bool"

@@ -1,0 +1,36 @@
+"""Bad inputs at the `Policy` API: each one is a single ConfigError / ObservationError naming what
+was expected, never a bare numpy / torch exception, a NaN chunk or a silently wrong one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.policy.config import PolicyConfig
+from pi0_policy_ros.policy.policy import Policy
+from pi0_policy_ros.policy.types import ChunkGuidance, Observation
+
+STATE_DIM = 8  # LIBERO
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return Policy.from_config(PolicyConfig(model_preset="pi05_small", robot_profile="libero", default_prompt="go",
+                                           cpu_threads=1, rtc_mode="rtc_fast"))
+
+
+def _observation(**fields: object) -> Observation:
+    rng = np.random.default_rng(0)
+    values = dict(images={"image": rng.integers(0, 256, (256, 320, 3), dtype=np.uint8),
+                          "wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)},
+                  state=rng.normal(size=STATE_DIM).astype(np.float32), prompt="pick up the cup", stamp_s=1.0)
+    values.update(fields)
+    return Observation(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**70, 1.5, None])
+def test_seed_out_of_range_is_a_config_error(seed: object) -> None:
+    # A negative seed used to build a policy whose every inference raised numpy's ValueError.
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2147483647\]"):
+        PolicyConfig(seed=seed)  # type: ignore[arg-type]
