@@ -95,6 +95,15 @@ def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state:
     return PromptTokenizer(path, model_cfg.max_token_len, discrete_state_input=discrete_state)
 
 
+def _check_profile_fits(profile: RobotProfile, model_cfg: ModelConfig) -> None:
+    """The robot's state and actions are padded to the model's width, so neither may be wider
+    (else every inference would fail on the padding)."""
+    for name in ("state_dim", "action_dim"):
+        if getattr(profile, name) > model_cfg.action_dim:
+            raise ConfigError(f"robot profile {profile.name!r}: {name} must be at most the model's width "
+                              f"{model_cfg.action_dim} ({model_cfg.name}), found {getattr(profile, name)}")
+
+
 def _discrete_state_input(model_cfg: ModelConfig, profile: RobotProfile, checkpoint: LoadedCheckpoint | None) -> bool:
     """Whether the pi0.5 prompt carries the discretized state. A LeRobot checkpoint decides (its
     pi05 always does), then a profile made for one openpi config; the generic profile has no
@@ -138,6 +147,7 @@ class Policy:
             checkpoint = load_checkpoint_dir(config.checkpoint_path, config.model_preset or AUTO_PRESET,
                                              config.asset_id, horizon=profile.action_horizon)
             model_cfg = checkpoint.model_config
+            _check_profile_fits(profile, model_cfg)
             normalizer = checkpoint.normalizer
             check_stats_dims(checkpoint.stats, profile)
             with torch.device("meta"):
@@ -151,6 +161,7 @@ class Policy:
             except KeyError as exc:
                 raise ConfigError(str(exc.args[0])) from None
             model_cfg = preset.replace(action_horizon=profile.action_horizon)
+            _check_profile_fits(profile, model_cfg)
             normalizer = Normalizer(identity_stats(profile.state_dim, profile.action_dim), use_quantiles=model_cfg.pi05)
             model = random_model(model_cfg, device=device, dtype=dtype, seed=config.seed)
             source = f"random weights ({model_cfg.name}, seed {config.seed})"

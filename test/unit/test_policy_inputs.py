@@ -34,3 +34,11 @@ def test_seed_out_of_range_is_a_config_error(seed: object) -> None:
     # A negative seed used to build a policy whose every inference raised numpy's ValueError.
     with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2147483647\]"):
         PolicyConfig(seed=seed)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", ["state_dim", "action_dim"])
+def test_robot_dims_wider_than_the_model_are_a_config_error(field: str) -> None:
+    # state_dim 40 used to build a policy whose every infer raised numpy's broadcast ValueError.
+    config = PolicyConfig(model_preset="pi05_small", robot_profile="generic", default_prompt="go", **{field: 40})
+    with pytest.raises(ConfigError, match=rf"{field} must be at most the model's width 32 .*found 40"):
+        Policy.from_config(config)
