@@ -179,6 +179,11 @@ class Policy:
         """The network's inputs for one observation, and the robot-side state that the output
         transform needs."""
         cfg = self.model_config
+        stamp = observation.stamp_s
+        # The chunk carries the stamp on: its actions are timed from it downstream.
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(stamp):
+            raise ObservationError(f"stamp_s: expected a finite time in seconds, found {stamp!r}")
         prepared = prepare_inputs(self.profile, observation.images, np.asarray(observation.state), self._resize_pool,
                                   self.config.camera_hw)
         state = self.normalizer.normalize(STATE_KEY, prepared.state)

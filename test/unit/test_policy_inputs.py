@@ -42,3 +42,11 @@ def test_robot_dims_wider_than_the_model_are_a_config_error(field: str) -> None:
     config = PolicyConfig(model_preset="pi05_small", robot_profile="generic", default_prompt="go", **{field: 40})
     with pytest.raises(ConfigError, match=rf"{field} must be at most the model's width 32 .*found 40"):
         Policy.from_config(config)
+
+
+@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), None, "1.0", True])
+def test_bad_stamp_is_an_observation_error(policy: Policy, stamp: object) -> None:
+    # It used to pass through to ActionChunk.stamp_s, which times the actions downstream.
+    with pytest.raises(ObservationError, match="stamp_s: expected a finite time in seconds"):
+        policy.infer(_observation(stamp_s=stamp))
+    assert policy.infer(_observation(stamp_s=np.float64(-2.5))).stamp_s == -2.5
