@@ -184,7 +184,7 @@ class Policy:
         if isinstance(stamp, bool) or not isinstance(stamp, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(stamp):
             raise ObservationError(f"stamp_s: expected a finite time in seconds, found {stamp!r}")
-        prepared = prepare_inputs(self.profile, observation.images, np.asarray(observation.state), self._resize_pool,
+        prepared = prepare_inputs(self.profile, observation.images, observation.state, self._resize_pool,
                                   self.config.camera_hw)
         state = self.normalizer.normalize(STATE_KEY, prepared.state)
         prompt = observation.prompt or self.config.default_prompt

@@ -326,14 +326,24 @@ def aloha_gripper_from_pi_inverse(value: np.ndarray) -> np.ndarray:
     return _from_unit(np.asarray(value, dtype=np.float64), *_ALOHA_GRIPPER_JOINT_RAD) - _PI_GRIPPER_RAD[0]
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_state(profile: RobotProfile, state: np.ndarray) -> np.ndarray:
-    values = np.asarray(state, dtype=np.float64)
+    raw = np.asarray(state)
+    # Strings and objects would fail in numpy's cast; complex numbers would lose their imaginary part.
+    if raw.dtype.kind not in "biuf":
+        raise ObservationError(f"profile '{profile.name}': expected state of {profile.state_dim} real numbers, "
+                               f"found {type(state).__name__} of dtype {raw.dtype}")
+    values = raw.astype(np.float64)
     if values.shape != (profile.state_dim,):
         raise ObservationError(
             f"profile '{profile.name}': expected state of shape ({profile.state_dim},), found {values.shape}"
         )
-    if not np.all(np.isfinite(values)):
-        raise ObservationError(f"profile '{profile.name}': state must be finite, found {values.tolist()}")
+    # The model side is float32: a finite value beyond its range would become inf there.
+    if not np.all(np.abs(values) <= _FLOAT32_MAX):
+        raise ObservationError(f"profile '{profile.name}': state must be finite (float32 range), "
+                               f"found {values.tolist()}")
     return values
 
 

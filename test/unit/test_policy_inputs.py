@@ -50,3 +50,25 @@ def test_bad_stamp_is_an_observation_error(policy: Policy, stamp: object) -> Non
     with pytest.raises(ObservationError, match="stamp_s: expected a finite time in seconds"):
         policy.infer(_observation(stamp_s=stamp))
     assert policy.infer(_observation(stamp_s=np.float64(-2.5))).stamp_s == -2.5
+
+
+@pytest.mark.parametrize("state, found", [
+    (["a"] * STATE_DIM, "dtype <U1"),
+    (np.ones(STATE_DIM) + 1j, "dtype complex128"),
+    (np.array([None] * STATE_DIM), "dtype object"),
+    (None, "NoneType of dtype object"),
+])
+def test_state_that_is_not_real_numbers_is_an_observation_error(policy: Policy, state: object, found: str) -> None:
+    # Strings raised numpy's ValueError; complex values lost their imaginary part silently.
+    with pytest.raises(ObservationError, match=rf"expected state of 8 real numbers, found .*{found}"):
+        policy.infer(_observation(state=state))
+
+
+def test_state_beyond_float32_is_an_observation_error_before_the_network() -> None:
+    # 1e39 is finite in float64 but inf in the float32 model state: pi0 then ran the network and
+    # reported NaN actions instead of naming the state.
+    pi0 = Policy.from_config(PolicyConfig(model_preset="pi0_small", robot_profile="pi0_libero", default_prompt="go",
+                                          cpu_threads=1))
+    with pytest.raises(ObservationError, match=r"state must be finite \(float32 range\)"):
+        pi0.network_batch(_observation(state=np.full(STATE_DIM, 1e39)))
+    assert np.isfinite(pi0.infer(_observation(state=[0, 1, 2, 3, 4, 5, 6, True])).actions).all()
