@@ -274,6 +274,9 @@ def _check_image(camera: str, image: object, frame_hw: tuple[int, int] | None = 
 
 def _check_camera_names(profile: RobotProfile, images: Mapping[str, np.ndarray]) -> None:
     known = set(profile.slot_of_camera) | set(profile.ignored_cameras)
+    if not isinstance(images, Mapping):
+        raise ObservationError(f"profile '{profile.name}': expected images as a mapping of camera name -> image "
+                               f"(cameras {sorted(known)}), found {type(images).__name__}")
     unknown = sorted(set(images) - known)
     if unknown:
         raise ObservationError(

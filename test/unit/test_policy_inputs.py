@@ -72,3 +72,10 @@ def test_state_beyond_float32_is_an_observation_error_before_the_network() -> No
     with pytest.raises(ObservationError, match=r"state must be finite \(float32 range\)"):
         pi0.network_batch(_observation(state=np.full(STATE_DIM, 1e39)))
     assert np.isfinite(pi0.infer(_observation(state=[0, 1, 2, 3, 4, 5, 6, True])).actions).all()
+
+
+@pytest.mark.parametrize("images", [None, [np.zeros((224, 224, 3), np.uint8)] * 2])
+def test_images_that_are_not_a_mapping_are_an_observation_error(policy: Policy, images: object) -> None:
+    # None and a list raised bare TypeErrors from the camera name check.
+    with pytest.raises(ObservationError, match=r"expected images as a mapping of camera name -> image"):
+        policy.infer(_observation(images=images))
