@@ -206,10 +206,22 @@ class Policy:
         """The previous chunk in the network's space (the output transforms inverted, normalized,
         padded) and the soft mask, zero on the padded action dims the robot never executes."""
         cfg, profile = self.model_config, self.profile
-        prev = np.asarray(guidance.prev_actions, dtype=np.float64)
-        if prev.shape != (cfg.action_horizon, profile.action_dim) or not np.all(np.isfinite(prev)):
-            raise ObservationError(f"RTC: expected finite previous actions [{cfg.action_horizon}, "
-                                   f"{profile.action_dim}], found shape {prev.shape}")
+        for name in ("delay_steps", "mask_end"):
+            value = getattr(guidance, name)
+            # Row counts: a fractional or missing one would bend the soft mask or fail inside it.
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ObservationError(f"RTC: expected an integer {name}, found {value!r}")
+        if guidance.delay_steps < 0:
+            raise ObservationError(f"RTC: expected delay_steps >= 0, found {guidance.delay_steps}")
+        raw = np.asarray(guidance.prev_actions)
+        expected = f"RTC: expected finite previous actions [{cfg.action_horizon}, {profile.action_dim}]"
+        if raw.dtype.kind not in "biuf":
+            raise ObservationError(f"{expected}, found {type(guidance.prev_actions).__name__} of dtype {raw.dtype}")
+        prev = raw.astype(np.float64)
+        if prev.shape != (cfg.action_horizon, profile.action_dim):
+            raise ObservationError(f"{expected}, found shape {prev.shape}")
+        if not np.all(np.isfinite(prev)):
+            raise ObservationError(f"{expected}, found {int(np.sum(~np.isfinite(prev)))} NaN/Inf values")
         model_side = robot_actions_to_model(profile, prev, robot_state)
         padded = np.zeros((cfg.action_horizon, cfg.action_dim), dtype=np.float32)
         padded[:, : profile.action_dim] = self.normalizer.normalize(ACTIONS_KEY, model_side)

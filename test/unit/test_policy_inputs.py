@@ -79,3 +79,31 @@ def test_images_that_are_not_a_mapping_are_an_observation_error(policy: Policy, 
     # None and a list raised bare TypeErrors from the camera name check.
     with pytest.raises(ObservationError, match=r"expected images as a mapping of camera name -> image"):
         policy.infer(_observation(images=images))
+
+
+def _guidance(policy: Policy, **fields: object) -> ChunkGuidance:
+    prev = np.random.default_rng(1).normal(size=(policy.model_config.action_horizon, policy.profile.action_dim))
+    values = dict(prev_actions=prev, delay_steps=2, mask_end=8)
+    values.update(fields)
+    return ChunkGuidance(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(prev_actions=[["a"] * 7] * 10), r"expected finite previous actions \[10, 7\], found list of dtype <U1"),
+    (dict(prev_actions=np.zeros((10, 3))), r"expected finite previous actions \[10, 7\], found shape \(10, 3\)"),
+    (dict(prev_actions=np.full((10, 7), np.nan)), r"expected finite previous actions \[10, 7\], found 70 NaN/Inf"),
+    (dict(delay_steps=None), "expected an integer delay_steps, found None"),
+    (dict(delay_steps=2.5), "expected an integer delay_steps, found 2.5"),
+    (dict(delay_steps=-1), "expected delay_steps >= 0, found -1"),
+    (dict(mask_end=None), "expected an integer mask_end, found None"),
+])
+def test_bad_guidance_is_an_observation_error(policy: Policy, fields: dict, message: str) -> None:
+    # Strings / None raised bare ValueError / TypeError, a fractional delay bent the soft mask
+    # silently, and a NaN was reported as "found shape (10, 7)".
+    with pytest.raises(ObservationError, match=message):
+        policy.infer(_observation(), _guidance(policy, **fields))
+
+
+def test_guidance_with_numpy_integers_runs(policy: Policy) -> None:
+    chunk = policy.infer(_observation(), _guidance(policy, delay_steps=np.int64(2), mask_end=np.int32(8)))
+    assert chunk.actions.shape == (10, 7) and chunk.actions.dtype == np.float32 and np.isfinite(chunk.actions).all()
