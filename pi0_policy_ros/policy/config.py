@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
 
 from pi0_policy_ros.errors import ConfigError
 
@@ -12,6 +14,9 @@ RTC_MODES = ("off", "rtc_fast", "rtc")  # engine/guidance.py
 MASK_SCHEDULES = ("exp", "linear")
 PRECISIONS = ("float32", "bfloat16", "fp8")
 DEVICES = ("cpu", "cuda")
+_DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
+# Each field's type is its default's: an int field takes any integer, a float field any real.
+_FIELD_TYPES = {str: (str,), int: (Integral,), float: (Real,)}
 # The ROS parameter's range too: numpy's generator refuses a negative seed (at every inference).
 SEED_RANGE = (0, 2**31 - 1)
 
@@ -68,6 +73,12 @@ class PolicyConfig:
     rtc_mask_schedule: str = "exp"
 
     def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            kind = type(spec.default)
+            if isinstance(value, bool) or not isinstance(value, _FIELD_TYPES[kind]):
+                raise ConfigError(f"{spec.name} must be {'an' if kind is int else 'a'} {kind.__name__}, found "
+                                  f"{type(value).__name__} {value!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, found {self.backend!r}")
         if self.precision not in PRECISIONS:
@@ -81,14 +92,16 @@ class PolicyConfig:
             raise ConfigError(f"rtc_mask_schedule must be one of {MASK_SCHEDULES}, found {self.rtc_mask_schedule!r}")
         if not (math.isfinite(self.max_guidance_weight) and self.max_guidance_weight >= 0.0):
             raise ConfigError(f"max_guidance_weight must be finite and >= 0, found {self.max_guidance_weight!r}")
-        if not (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ConfigError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], found {self.seed!r}")
         if self.cpu_threads < 0:
             raise ConfigError(f"cpu_threads must be ≥ 0, found {self.cpu_threads}")
         if min(self.camera_height, self.camera_width) < 0 or (self.camera_height > 0) != (self.camera_width > 0):
             raise ConfigError("camera_height and camera_width must both be > 0 (frames resized by the engine) or "
                               f"both 0 (resized on the CPU), found {self.camera_height} x {self.camera_width}")
-        if self.device.split(":")[0] not in DEVICES:
+        if not math.isfinite(self.action_period_s):
+            raise ConfigError(f"action_period_s must be finite, found {self.action_period_s}")
+        if not _DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"device must be one of {DEVICES} (optionally 'cuda:N'), found {self.device!r}")
 
     @property

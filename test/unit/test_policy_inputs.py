@@ -3,6 +3,8 @@ was expected, never a bare numpy / torch exception, a NaN chunk or a silently wr
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -29,11 +31,30 @@ def _observation(**fields: object) -> Observation:
     return Observation(**values)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("seed", [-1, 2**70, 1.5, None])
+@pytest.mark.parametrize("seed", [-1, 2**70])
 def test_seed_out_of_range_is_a_config_error(seed: object) -> None:
     # A negative seed used to build a policy whose every inference raised numpy's ValueError.
     with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2147483647\]"):
         PolicyConfig(seed=seed)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(seed=1.5), "seed must be an int, found float 1.5"),
+    (dict(seed=None), "seed must be an int, found NoneType None"),
+    (dict(state_dim="8"), "state_dim must be an int, found str '8'"),
+    (dict(action_horizon=3.5), "action_horizon must be an int, found float 3.5"),
+    (dict(cpu_threads=True), "cpu_threads must be an int, found bool True"),
+    (dict(max_guidance_weight="5"), "max_guidance_weight must be a float, found str '5'"),
+    (dict(device=None), "device must be a str, found NoneType None"),
+    (dict(device="cuda:abc"), "device must be one of"),
+    (dict(action_period_s=float("inf")), "action_period_s must be finite, found inf"),
+])
+def test_config_fields_of_the_wrong_type_are_a_config_error(fields: dict, message: str) -> None:
+    # These raised bare TypeError / RuntimeError / AttributeError (from the comparisons,
+    # torch.device, torch.manual_seed, set_num_threads), or an infinite period was accepted.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PolicyConfig(**fields)
+    assert PolicyConfig(seed=np.int64(3), action_period_s=np.float32(0.05), max_guidance_weight=2).seed == 3
 
 
 @pytest.mark.parametrize("field", ["state_dim", "action_dim"])
