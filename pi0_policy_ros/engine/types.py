@@ -148,6 +148,9 @@ class EngineBatch:
         problems = []
         for name, (dims, dtype) in want.items():
             value = getattr(self, name)
+            if not isinstance(value, (np.ndarray, torch.Tensor)):  # a list or None has no dtype to compare
+                problems.append(f"{name}: expected {dtype} {list(dims)}, found {type(value).__name__}")
+                continue
             # numpy dtypes compare equal to their names without building strings (the hot path)
             same_dtype = value.dtype == dtype if isinstance(value, np.ndarray) else value.dtype == _TORCH_DTYPES[dtype]
             if value.shape != dims or not same_dtype:

@@ -128,3 +128,12 @@ def test_bad_guidance_is_an_observation_error(policy: Policy, fields: dict, mess
 def test_guidance_with_numpy_integers_runs(policy: Policy) -> None:
     chunk = policy.infer(_observation(), _guidance(policy, delay_steps=np.int64(2), mask_end=np.int32(8)))
     assert chunk.actions.shape == (10, 7) and chunk.actions.dtype == np.float32 and np.isfinite(chunk.actions).all()
+
+
+@pytest.mark.parametrize("field, value", [("state", [0.0] * 32), ("noise", None)])
+def test_engine_batch_check_names_a_field_that_is_not_an_array(policy: Policy, field: str, value: object) -> None:
+    # check() read value.dtype and raised AttributeError.
+    batch, _ = policy.network_batch(_observation())
+    setattr(batch, field, value)
+    with pytest.raises(ObservationError, match=rf"{field}: expected float32 \[.*\], found {type(value).__name__}"):
+        batch.check(policy.engine.shape)
