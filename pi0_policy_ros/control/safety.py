@@ -181,10 +181,12 @@ class SafetyFilter:
             if limit is None:
                 continue
             allowance = limit * scale
-            limited, violated = _rate_limit(out, reference, allowance)
-            if violated:
+            limited, first = _rate_limit(out, reference, allowance)
+            if first is not None:
                 if policy == "reject":
-                    return self._reject(name, _first_violation(out, reference, allowance, spans_s, name, what))
+                    k, dim, change = first
+                    return self._reject(name, f"{what} {k} moves dim {dim} by {change:.4g} in {spans_s[k]:.3g} s, "
+                                              f"over the {name} limit's {allowance[k, dim]:.4g}")
                 out = limited
                 clamped.append(name)
         for name in clamped:
@@ -196,32 +198,24 @@ class SafetyFilter:
         return SafetyResult(None, rejected=True, reason=f"{limit}: {reason}")
 
 
-def _first_violation(out: np.ndarray, reference: np.ndarray | None, allowance: np.ndarray, spans_s: np.ndarray,
-                     name: str, what: str) -> str:
-    """A reject's reason: the first row of out whose change from the one before it (from
-    `reference` for row 0; none without one) is over its allowance."""
-    start = 0 if reference is not None else 1
-    previous = out[:-1] if reference is None else np.vstack([reference[None, :], out[:-1]])
-    over = np.argwhere(np.abs(out[start:] - previous) > allowance[start:] * (1 + 1e-9) + 1e-12)[0]
-    k, dim = start + int(over[0]), int(over[1])
-    change = abs(float(out[k, dim] - previous[k - start, dim]))
-    return (f"{what} {k} moves dim {dim} by {change:.4g} in {spans_s[k]:.3g} s, over the {name} limit's "
-            f"{allowance[k, dim]:.4g}")
-
-
-def _rate_limit(actions: np.ndarray, current: np.ndarray | None, max_step: np.ndarray) -> tuple[np.ndarray, bool]:
+def _rate_limit(actions: np.ndarray, current: np.ndarray | None,
+                max_step: np.ndarray) -> tuple[np.ndarray, tuple[int, int, float] | None]:
     """Limit each action's change from the previous one to ±max_step ([A], or [H, A] per action),
-    in order. Returns the limited chunk and whether anything was over the limit (with a small
-    tolerance for rounding)."""
+    in order. Returns the limited chunk and the first change over the limit (with a small
+    tolerance for rounding) as (row, dim, |change|), or None when nothing was over it. Nothing is
+    limited before the first one, so it is the input's own change there."""
     out = actions.copy()
     steps = np.broadcast_to(max_step, out.shape)
     previous = current
-    violated = False
+    first: tuple[int, int, float] | None = None
     for k in range(out.shape[0]):
         if previous is not None:
             delta = out[k] - previous
-            if np.any(np.abs(delta) > steps[k] * (1 + 1e-9) + 1e-12):
-                violated = True
+            over = np.abs(delta) > steps[k] * (1 + 1e-9) + 1e-12
+            if np.any(over):
+                if first is None:
+                    dim = int(np.argmax(over))
+                    first = (k, dim, abs(float(delta[dim])))
                 out[k] = previous + np.clip(delta, -steps[k], steps[k])
         previous = out[k]
-    return out, violated
+    return out, first
