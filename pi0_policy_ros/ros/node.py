@@ -230,8 +230,7 @@ class PolicyNode(LifecycleNode):
         self._diagnostics_lock = threading.Lock()
         self._diagnostics: DiagnosticsPublisher | None = DiagnosticsPublisher(self)
         self._subscriptions_: list[Any] = []
-        self._trajectory_pub: Any = None
-        self._trajectory_enabled = True  # False for velocity or end-effector actions (set at configure)
+        self._trajectory_pub: Any = None  # stays None for velocity or end-effector actions (trajectory_actions)
         self._chunk_pub: Any = None
         self._stamp_pub: Any = None
         self._control_timer: Timer | None = None
@@ -378,8 +377,8 @@ class PolicyNode(LifecycleNode):
         self._policy = policy  # owned from here on, so that _release() closes it on failure
         config = config.resolve(policy.profile)
         action_space = getattr(policy.profile, "action_space", "joint_position")
-        self._trajectory_enabled = publishes_trajectory(config.trajectory_actions, action_space)
-        if not self._trajectory_enabled:
+        trajectory = publishes_trajectory(config.trajectory_actions, action_space)
+        if not trajectory:
             self.get_logger().warning(
                 f"profile {policy.profile.name!r} predicts {action_space} actions: no ~/joint_trajectory "
                 "(a joint_trajectory_controller would drive the joints to those values); consume "
@@ -428,7 +427,7 @@ class PolicyNode(LifecycleNode):
             String, "~/prompt", self._on_prompt, PROMPT_QOS, callback_group=self._sensor_group))
         self._stamp_pub = self.create_lifecycle_publisher(Header, "~/action_chunk_stamp", CHUNK_QOS)
         self._chunk_pub = self.create_lifecycle_publisher(Float32MultiArray, "~/action_chunk", CHUNK_QOS)
-        if self._trajectory_enabled:
+        if trajectory:
             self._trajectory_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory",
                                                                    COMMAND_QOS)
         self._diagnostics_timer = self.create_timer(
