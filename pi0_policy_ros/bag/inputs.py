@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -100,7 +101,7 @@ class ReplaySetup:
         """The resolved name of one of the node's `~/` outputs (or `/diagnostics`)."""
         return resolve_topic(name, self.namespace, self.node_name)
 
-    @property
+    @cached_property  # the offline replay reads it for every chunk it writes
     def outputs(self) -> dict[str, str]:
         """Resolved output topic -> message type, as ros/node.py publishes them (no trajectory for a
         profile whose actions are not joint positions)."""
