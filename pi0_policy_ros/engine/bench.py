@@ -36,12 +36,12 @@ log = logging.getLogger(__name__)
 GIB = 1024**3
 
 
-def _image_size(text: str) -> str:
-    """`HxW` with positive integers (kept as text: `run` parses it)."""
+def _image_size(text: str) -> tuple[int, int]:
+    """`HxW` with positive integers -> (H, W)."""
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 480x640, found {text!r}")
-    return text
+    return int(parts[0]), int(parts[1])
 
 
 def _positive_int(text: str) -> int:
@@ -284,11 +284,10 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_len:
         changes["max_token_len"] = args.prompt_len
     cfg = cfg.replace(**changes) if changes else cfg
-    hw = tuple(int(v) for v in args.image_size.lower().split("x"))
-    shape = EngineShape.for_model(cfg, num_slots=args.cameras, image_hw=hw)
+    shape = EngineShape.for_model(cfg, num_slots=args.cameras, image_hw=args.image_size)
     batches = [random_batch(shape, args.seed + i, valid_slots=min(args.valid_cameras, args.cameras),
                             valid_tokens=min(args.valid_tokens, shape.prompt_len)) for i in range(3)]
-    result: dict[str, object] = {"environment": _environment(), "shape": {**vars(shape), "image_hw": list(hw)},
+    result: dict[str, object] = {"environment": _environment(), "shape": {**vars(shape), "image_hw": list(args.image_size)},
                                  "preset": cfg.name, "checkpoint": args.checkpoint or None,
                                  "valid_cameras": args.valid_cameras, "valid_tokens": args.valid_tokens,
                                  "compact_prefix": not args.full_prefix,
