@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         if out_path == bag_path or out_path in bag_path.parents or bag_path in out_path.parents:
             raise Pi0PolicyError(f"--out {args.out}: expected a path apart from the input bag {args.bag}, "
                                  "found the input bag itself or a path inside it")
+        if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+            # The report is written last: found only then, a file in its place would cost the replay.
+            raise Pi0PolicyError(f"--report {args.report}: expected a directory (created if missing), found a file")
         setup = make_setup(args.params, parse_param_overrides(args.param), args.map, args.namespace, args.node_name)
         if args.realtime:
             from pi0_policy_ros.bag.realtime import RealtimeOptions, replay_realtime

@@ -139,3 +139,16 @@ def test_overwrite_replaces_a_bag(make_bag, tmp_path: Path) -> None:
     with OutputBag(out, overwrite=True) as bag:
         bag.write_message("/t", "std_msgs/msg/String", 1, bag.store.types["std_msgs/msg/String"](data="x"))
     assert bag.message_count == 1 and (out / "metadata.yaml").is_file()
+
+
+def test_report_path_that_is_a_file_is_refused_before_the_replay(make_bag, params_file: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    # The report comes last: a file in its place used to fail only after the whole replay.
+    report = tmp_path / "report"
+    report.write_text("notes")
+    code = main([str(make_bag("to_report", 0.5)), "--params", str(params_file), "--out", str(tmp_path / "out"),
+                 "--report", str(report), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"--report {report}: expected a directory" in err
+    assert not (tmp_path / "out").exists() and report.read_text() == "notes"
