@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pi0_policy_ros import __version__
 from pi0_policy_ros.engine.onnx_export import (STAGES, ExportableStage, ExportError, StageSignature, cast_inputs,
                                                export_stage, onnxruntime_session, random_inputs, save_onnx,
                                                stage_device, stage_module, stage_precision)
@@ -318,15 +319,18 @@ class EngineKey:
     compute_capability: str
     tensorrt_version: str
     signature: str  # names, shapes and dtypes of the inputs and outputs
+    exporter: str  # this package's version: its export code shapes the ONNX graph
+    calibration: str  # where an FP8 engine's activation scales came from
 
     @classmethod
-    def create(cls, signature: StageSignature, precision: str, checkpoint_sha256: str, device: torch.device
-               ) -> EngineKey:
+    def create(cls, signature: StageSignature, precision: str, checkpoint_sha256: str, device: torch.device,
+               calibration: Sequence[Sequence[torch.Tensor]] | None = None) -> EngineKey:
         trt = require_tensorrt()
         major, minor = torch.cuda.get_device_capability(device)
         io = [(s.name, list(s.shape), str(s.dtype)) for s in (*signature.inputs, *signature.outputs)]
         return cls(signature.stage, precision, checkpoint_sha256, torch.cuda.get_device_name(device),
-                   f"{major}.{minor}", str(trt.__version__), json.dumps(io))
+                   f"{major}.{minor}", str(trt.__version__), json.dumps(io), f"pi0_policy_ros {__version__}",
+                   calibration_digest(calibration))
 
     @property
     def digest(self) -> str:
@@ -335,6 +339,19 @@ class EngineKey:
     @property
     def filename(self) -> str:
         return f"{self.stage}-{self.precision}-{self.digest}.engine"
+
+
+def calibration_digest(batches: Sequence[Sequence[torch.Tensor]] | None) -> str:
+    """Content hash of FP8 calibration batches; without them export_stage calibrates on its seeded
+    random example inputs, which the package version pins."""
+    if batches is None:
+        return "example inputs"
+    digest = hashlib.sha256()
+    for batch in batches:
+        for tensor in batch:
+            digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -423,7 +440,7 @@ def ensure_engine(stage: ExportableStage, precision: str, cache: EngineCache, ch
     device = stage_device(stage)
     if precision == "fp8" and stage.quantizable_linears():
         check_fp8_support(device)
-    key = EngineKey.create(stage.signature, precision, checkpoint_sha256, device)
+    key = EngineKey.create(stage.signature, precision, checkpoint_sha256, device, calibration)
     path = cache.engine_path(key)
     if path.exists() and not force_engine_update:
         log.info("TensorRT %s engine from cache: %s", stage.signature.stage, path)

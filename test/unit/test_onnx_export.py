@@ -199,7 +199,8 @@ def test_cli_rejects_unknown_stage(tmp_path: Path) -> None:
 
 # ---- TensorRT pieces without a GPU ----------------------------------------------------------------
 def test_engine_key_changes_with_every_field(tmp_path: Path) -> None:
-    key = trt_mod.EngineKey("prefix", "fp8", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]")
+    key = trt_mod.EngineKey("prefix", "fp8", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]", "pi0_policy_ros 0.1.0",
+                            "example inputs")
     changed = [trt_mod.EngineKey(**{**vars(key), name: "x"}) for name in vars(key)]
     assert len({key.digest, *(k.digest for k in changed)}) == 1 + len(changed)
     cache = trt_mod.EngineCache(tmp_path)
@@ -207,6 +208,16 @@ def test_engine_key_changes_with_every_field(tmp_path: Path) -> None:
     path = cache.store(key, b"engine bytes")
     assert cache.load(key) == b"engine bytes" and json.loads(path.with_suffix(".json").read_text())["gpu_name"]
     assert "H100" in cache.timing_cache_path(key).name
+
+
+def test_calibration_digest_follows_the_calibration_data() -> None:
+    batch = [torch.zeros(2, 3), torch.ones(4, dtype=torch.int64)]
+    digest = trt_mod.calibration_digest([batch])
+    assert digest == trt_mod.calibration_digest([[t.clone() for t in batch]])
+    assert digest != trt_mod.calibration_digest([[torch.zeros(2, 3), torch.full((4,), 2, dtype=torch.int64)]])
+    assert digest != trt_mod.calibration_digest([[torch.zeros(3, 2), batch[1]]])  # same bytes, other shape
+    assert digest != trt_mod.calibration_digest([batch, batch])
+    assert trt_mod.calibration_digest(None) == "example inputs"
 
 
 def test_kv_cache_bindings_write_into_the_engine_cache() -> None:

@@ -300,30 +300,42 @@ def test_stage_binds_and_runs_with_the_tensorrt_10_runtime_api(fake_trt: FakeTRT
     assert [c for c, _ in fake_trt.calls][-1] == "execute_async_v3"
 
 
+class _TinyStage(nn.Module):
+    """An exportable stage of one input and one output, on cuda:1 as far as ensure_engine knows."""
+
+    signature = StageSignature("vision", (TensorSpec("x", (2, 4), torch.float16),),
+                               (TensorSpec("y", (2, 4), torch.float16),))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def quantizable_linears(self) -> dict[str, nn.Linear]:
+        return {}
+
+
+def _export_to_fake_onnx(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """export_stage writes a stand-in file; returns the calibrations it was given."""
+    calibrations: list[Any] = []
+
+    def export_stage(stage: Any, path: Path, precision: str, fp8_calibration: Any = None) -> Any:
+        calibrations.append(fp8_calibration)
+        path.write_bytes(b"onnx")
+        return types.SimpleNamespace(path=path)
+
+    monkeypatch.setattr(trt_mod, "export_stage", export_stage)
+    monkeypatch.setattr(trt_mod, "stage_device", lambda stage: torch.device("cuda", 1))
+    return calibrations
+
+
 def test_engine_is_built_loaded_and_run_on_the_stage_device(fake_trt: FakeTRT, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorRT binds an engine to the CUDA device current when it is built or deserialized, and
     enqueue must run there too (TensorRT FAQ, "How do I use TensorRT on multiple GPUs?"). With
     cuda:0 current, a stage on cuda:1 must switch for each of those calls."""
 
-    class Stage(nn.Module):
-        signature = StageSignature("vision", (TensorSpec("x", (2, 4), torch.float16),),
-                                   (TensorSpec("y", (2, 4), torch.float16),))
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(1))
-
-        def quantizable_linears(self) -> dict[str, nn.Linear]:
-            return {}
-
-    def export_stage(stage: Any, path: Path, precision: str, fp8_calibration: Any = None) -> Any:
-        path.write_bytes(b"onnx")
-        return types.SimpleNamespace(path=path)
-
-    monkeypatch.setattr(trt_mod, "export_stage", export_stage)
-    monkeypatch.setattr(trt_mod, "stage_device", lambda stage: torch.device("cuda", 1))
-    path = trt_mod.ensure_engine(Stage(), "fp16", trt_mod.EngineCache(tmp_path), "sha")
+    _export_to_fake_onnx(monkeypatch)
+    path = trt_mod.ensure_engine(_TinyStage(), "fp16", trt_mod.EngineCache(tmp_path), "sha")
     stage = trt_mod.TensorRTStage(path, torch.device("cuda", 1))
     stage.device = torch.device("cpu")  # the fake's tensors live on the CPU
     stage.bind({"x": torch.ones(2, 4), "y": torch.zeros(2, 4)})
@@ -332,6 +344,18 @@ def test_engine_is_built_loaded_and_run_on_the_stage_device(fake_trt: FakeTRT, t
     assert fake_trt.current_device == "cuda:0"
     assert fake_trt.calls == [("build_serialized_network", "cuda:1"), ("deserialize_cuda_engine", "cuda:1"),
                               ("create_execution_context", "cuda:1"), ("execute_async_v3", "cuda:1")]
+
+
+def test_each_calibration_gets_its_own_cached_engine(fake_trt: FakeTRT, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    calibrations = _export_to_fake_onnx(monkeypatch)
+    cache = trt_mod.EngineCache(tmp_path)
+    real = [[torch.ones(2, 4)]]
+    random_path = trt_mod.ensure_engine(_TinyStage(), "fp8", cache, "sha")
+    real_path = trt_mod.ensure_engine(_TinyStage(), "fp8", cache, "sha", calibration=real)
+    assert real_path != random_path and calibrations == [None, real]
+    assert trt_mod.ensure_engine(_TinyStage(), "fp8", cache, "sha", calibration=[[torch.ones(2, 4)]]) == real_path
+    assert len(calibrations) == 2  # the same data again: from the cache, no rebuild
 
 
 def test_a_refused_tensor_address_fails_bind(fake_trt: FakeTRT, tmp_path: Path) -> None:
