@@ -153,6 +153,7 @@ class ChunkScheduler:
         self._chunks: deque[_Chunk] = deque(maxlen=-(-horizon // config.execute_horizon) + 1)
         self._in_flight: InferenceRequest | None = None
         self._last_start_s: float | None = None
+        self._start_before_in_flight_s: float | None = None  # what abort restores
         self._last_arrival_s: float | None = None
         self._next_id = 0
         self._received = 0
@@ -207,6 +208,7 @@ class ChunkScheduler:
                                    prev_actions=prev, mask_end=mask_end)
         self._next_id += 1
         self._in_flight = request
+        self._start_before_in_flight_s = self._last_start_s
         self._last_start_s = now_s
         return request
 
@@ -234,9 +236,11 @@ class ChunkScheduler:
         return True
 
     def abort(self, request: InferenceRequest) -> None:
-        """The inference failed: forget it (the next tick may start another)."""
+        """The inference failed: forget it, its start time included, so that the next tick may start
+        another (waiting s periods from the failed start could let the previous chunk run out)."""
         self._check_in_flight(request)
         self._in_flight = None
+        self._last_start_s = self._start_before_in_flight_s
 
     def _check_in_flight(self, request: InferenceRequest) -> None:
         if self._in_flight is None or request.chunk_id != self._in_flight.chunk_id:

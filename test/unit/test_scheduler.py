@@ -233,3 +233,17 @@ def test_config_rejects_invalid_values(kwargs: dict) -> None:
 def test_execute_horizon_longer_than_the_chunk_is_rejected() -> None:
     with pytest.raises(ConfigError, match="execute_horizon"):
         ChunkScheduler(SchedulerConfig(execute_horizon=11), PERIOD_S, horizon=10)
+
+
+def test_a_failed_inference_does_not_delay_the_next_start() -> None:
+    """abort forgets the failed start: the next tick may start another at once, instead of s
+    periods after the failure (by then the previous chunk may have run out)."""
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=5), PERIOD_S, horizon=10)
+    sched.complete(sched.begin(T0_S), make_chunk(0, 10), T0_S)
+    failed = sched.begin(T0_S + 5 * PERIOD_S)
+    sched.abort(failed)
+    assert sched.should_start(T0_S + 6 * PERIOD_S)
+    retry = sched.begin(T0_S + 6 * PERIOD_S)
+    sched.complete(retry, make_chunk(retry.chunk_id, 10), T0_S + 6 * PERIOD_S)
+    # the schedule then runs from the start that succeeded
+    assert not sched.should_start(T0_S + 10 * PERIOD_S) and sched.should_start(T0_S + 11 * PERIOD_S)
