@@ -234,10 +234,12 @@ class ControlStep:
             self._abort(request)
             return self._hold(UNUSABLE_CHUNK, f"unusable chunk: {exc}", now_s, ERROR, chunk=chunk, **seen)
         if plan is None or plan.empty:
+            scheduler.withdraw(request)  # nothing of it goes out: the controller keeps the previous chunks
             reason = expired_reason(chunk.horizon, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
             return self._hold(EXPIRED_CHUNK, reason, now_s, chunk=chunk, **seen)
         start = self.safety.limit_start(plan.positions, float(plan.times_from_start_s[0]), self._measured(now_s))
         if start.rejected:
+            scheduler.withdraw(request)
             return self._hold(SAFETY_REJECT, f"safety filter rejected the chunk: {start.reason}", now_s,
                               chunk=chunk, **seen)
         if start.clamped:

@@ -262,3 +262,28 @@ def test_the_first_point_sent_keeps_the_velocity_limit_from_rest() -> None:
     # At 10.02 the first point sent is action 2: 0.05 away, 0.08 s ahead (0.625 units/s).
     result = sooner.run(lambda: 10.02)
     assert result.published and result.plan.first_index == 2 and result.clamped == ()
+
+
+def test_a_chunk_refused_at_its_start_leaves_the_schedule() -> None:
+    """A chunk that passed the safety filter but whose first point sent was refused never reached
+    the controller, which keeps executing the previous chunk: the next RTC request must continue
+    that one, not the refused chunk."""
+    policy = FakePolicy(PolicyConfig())
+    step = make_step(policy, safety=SafetyConfig(max_velocity=(0.9,), velocity_policy="reject"),
+                     scheduler=SchedulerConfig(mode="rtc", execute_horizon=4))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    first = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    # 0.12 s old at 10.32: the first point sent (index 3.4) is 0.064 from the measured position,
+    # 0.05 s ahead (1.28 units/s > 0.9), while the chunk itself moves 0.2 units/s.
+    feed(step, 10.2, STATE + 1.0)
+    refused = step.run(lambda: 10.32)
+    assert (refused.outcome, refused.kind) == (HOLD, SAFETY_REJECT)
+    feed(step, 10.4, STATE + 1.0)
+    assert step.run(lambda: 10.4).outcome != WAIT  # the refused start does not delay the next one
+    guidance = policy.guidance[-1]
+    assert guidance is not None
+    # stamp 10.4: index 8 of the first chunk, then its last action held
+    np.testing.assert_allclose(guidance.prev_actions, np.vstack([first[8:], np.repeat(first[-1:], 8, axis=0)]),
+                               rtol=1e-6)
+    assert guidance.mask_end == 3  # the 2 rows left, or d = 3 (0.12 s measured) if more
