@@ -36,7 +36,7 @@ from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
 SCHEDULER_MODES = ("naive", "temporal_ensemble", "rtc_fast", "rtc")
 RTC_SCHEDULER_MODES = ("rtc_fast", "rtc")
 MASK_SCHEDULES = ("exp", "linear")  # the same names as model/rtc.py (control/ must not import torch)
-_INDEX_EPS = 1e-3  # in action periods: within this of a grid point is on it (epoch-sized float64 stamps
+INDEX_TOLERANCE = 1e-3  # in action periods: within this of a grid point is on it (epoch-sized float64 stamps
 # carry ~2e-7 s of rounding, 5e-5 periods at 200 Hz)
 
 
@@ -169,7 +169,7 @@ class ChunkScheduler:
     @property
     def delay_steps(self) -> int:
         """d: whole action periods from the observation time to the chunk's availability."""
-        return max(0, math.ceil(self.latency_s / self.period_s - _INDEX_EPS))
+        return max(0, math.ceil(self.latency_s / self.period_s - INDEX_TOLERANCE))
 
     def status(self) -> SchedulerStatus:
         return SchedulerStatus(mode=self.config.mode, delay_steps=self.delay_steps,
@@ -185,7 +185,7 @@ class ChunkScheduler:
         if self._last_start_s is None:
             return True
         elapsed_steps = (now_s - self._last_start_s) / self.period_s
-        return elapsed_steps >= self.config.execute_horizon - _INDEX_EPS
+        return elapsed_steps >= self.config.execute_horizon - INDEX_TOLERANCE
 
     def begin(self, now_s: float, stamp_s: float | None = None) -> InferenceRequest:
         """Register an inference on the observation stamped `stamp_s` (default: now)."""
@@ -202,7 +202,7 @@ class ChunkScheduler:
             times = stamp_s + self.period_s * np.arange(self.horizon)
             prev = np.stack([self._sample(latest, t) for t in times])
             last_index = (stamp_s - latest.stamp_s) / self.period_s  # index of row 0 in the latest chunk
-            covered = math.floor(self.horizon - 1 - last_index + _INDEX_EPS) + 1
+            covered = math.floor(self.horizon - 1 - last_index + INDEX_TOLERANCE) + 1
             mask_end = min(self.horizon, max(covered, d, 0))
         request = InferenceRequest(chunk_id=self._next_id, stamp_s=stamp_s, delay_steps=d,
                                    prev_actions=prev, mask_end=mask_end)
@@ -227,7 +227,7 @@ class ChunkScheduler:
         self._latencies_s.append(now_s - request.stamp_s)
         self._last_arrival_s = now_s
         self._received += 1
-        if (now_s - request.stamp_s) / self.period_s > self.horizon - 1 + _INDEX_EPS:
+        if (now_s - request.stamp_s) / self.period_s > self.horizon - 1 + INDEX_TOLERANCE:
             self._dropped += 1
             return False
         if self._chunks and actions.shape[1] != self._chunks[-1].actions.shape[1]:
@@ -264,10 +264,10 @@ class ChunkScheduler:
         latest = self._chunks[-1]
         if self.config.mode == "temporal_ensemble":
             covering = tuple(c.chunk_id for c in self._chunks
-                             if 0.0 <= self._index(c, now_s) <= self.horizon - 1 + _INDEX_EPS)
+                             if 0.0 <= self._index(c, now_s) <= self.horizon - 1 + INDEX_TOLERANCE)
             if covering:
                 return ScheduledAction(self.compose(covering, now_s), covering, holding=False)
-        holding = self._index(latest, now_s) > self.horizon - 1 + _INDEX_EPS
+        holding = self._index(latest, now_s) > self.horizon - 1 + INDEX_TOLERANCE
         return ScheduledAction(self.compose((latest.chunk_id,), now_s), (latest.chunk_id,), holding)
 
     def compose(self, chunk_ids: tuple[int, ...], t_s: float) -> np.ndarray:
@@ -297,8 +297,8 @@ class ChunkScheduler:
     def _sample(self, chunk: _Chunk, t_s: float) -> np.ndarray:
         """Linear interpolation on the chunk's grid; the last action past its end (hold)."""
         f = min(max(self._index(chunk, t_s), 0.0), float(self.horizon - 1))
-        i0 = math.floor(f + _INDEX_EPS)
+        i0 = math.floor(f + INDEX_TOLERANCE)
         frac = f - i0
-        if i0 >= self.horizon - 1 or frac <= _INDEX_EPS:
+        if i0 >= self.horizon - 1 or frac <= INDEX_TOLERANCE:
             return chunk.actions[min(i0, self.horizon - 1)].copy()
         return (1.0 - frac) * chunk.actions[i0] + frac * chunk.actions[i0 + 1]

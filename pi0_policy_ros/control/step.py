@@ -37,7 +37,8 @@ import numpy as np
 from pi0_policy_ros.control.monitor import ERROR, OK, WARN
 from pi0_policy_ros.control.observation_buffer import ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
-from pi0_policy_ros.control.scheduler import ChunkScheduler, InferenceRequest, SchedulerConfig, SchedulerStatus
+from pi0_policy_ros.control.scheduler import (INDEX_TOLERANCE, ChunkScheduler, InferenceRequest, SchedulerConfig,
+                                              SchedulerStatus)
 from pi0_policy_ros.control.trajectory import (TrajectoryPlan, expired_reason, finite_difference_velocities,
                                                plan_trajectory, rest_at_end)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
@@ -60,7 +61,6 @@ CLOCK_JUMP = "clock_jump"
 
 # A clock this far behind the previous tick is a jump (simulation reset), not jitter.
 CLOCK_JUMP_TOLERANCE_S = 1e-3
-_GRID_EPS = 1e-9
 
 Decoder = Callable[[Any], np.ndarray]
 Clock = Callable[[], float]
@@ -267,8 +267,10 @@ class ControlStep:
         one action period apart."""
         period_s = scheduler.period_s
         start_s = now_s + min_lead_s
-        end_s = request.stamp_s + (scheduler.horizon - 1) * period_s
-        count = math.floor((end_s - start_s) / period_s + _GRID_EPS) + 1
+        # The chunk's last action in periods from start_s; the epoch-sized stamps subtracted first.
+        # A tick on the grid may land a rounding error short of it: within the tolerance is on it.
+        last_steps = ((request.stamp_s - now_s) - min_lead_s) / period_s + scheduler.horizon - 1
+        count = math.floor(last_steps + INDEX_TOLERANCE) + 1
         if count < 1:
             return None
         positions = scheduler.plan(start_s, count)

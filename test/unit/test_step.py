@@ -9,7 +9,7 @@ from pi0_policy_ros.control.config import ControlConfig
 from pi0_policy_ros.control.monitor import ERROR, WARN, ControlMonitor
 from pi0_policy_ros.control.observation_buffer import ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
-from pi0_policy_ros.control.scheduler import SchedulerConfig
+from pi0_policy_ros.control.scheduler import ChunkScheduler, SchedulerConfig
 from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, HOLD, HOLD_POSITION, INFERENCE_FAILED,
                                          POLICY_REFUSED, PUBLISH, SAFETY_REJECT, WAIT, ControlStep,
                                          action_state_indices)
@@ -287,3 +287,21 @@ def test_a_chunk_refused_at_its_start_leaves_the_schedule() -> None:
     np.testing.assert_allclose(guidance.prev_actions, np.vstack([first[8:], np.repeat(first[-1:], 8, axis=0)]),
                                rtol=1e-6)
     assert guidance.mask_end == 3  # the 2 rows left, or d = 3 (0.12 s measured) if more
+
+
+@pytest.mark.parametrize(("period_s", "lead_steps", "age_steps"), [(0.02, 1, 7), (0.05, 5, 3), (0.2, 2, 0)])
+def test_the_scheduled_plan_keeps_its_last_point_on_the_action_grid(period_s: float, lead_steps: int,
+                                                                    age_steps: int) -> None:
+    """Ticks on the action grid of an epoch-sized clock (offline replay, simulated time): the
+    trajectory runs to the chunk's last action, whatever the float rounding of the times."""
+    horizon = 50
+    rng = np.random.default_rng(0)
+    actions = np.arange(horizon, dtype=np.float64)[:, None] * np.ones((1, 3))
+    for stamp_s in 1.7e9 + rng.integers(0, 10**8, 100) * period_s:
+        scheduler = ChunkScheduler(SchedulerConfig(execute_horizon=10), period_s, horizon)
+        now_s = stamp_s + age_steps * period_s
+        request = scheduler.begin(now_s, float(stamp_s))
+        scheduler.complete(request, actions, now_s)
+        plan = ControlStep._scheduled_plan(scheduler, request, now_s, lead_steps * period_s)
+        assert plan is not None and len(plan.positions) == horizon - lead_steps - age_steps, stamp_s
+        np.testing.assert_array_equal(plan.positions[-1], actions[-1])
