@@ -136,11 +136,16 @@ class _Chunk:
 
 
 class ChunkScheduler:
-    """Not thread-safe: the node calls it from its one control callback group."""
+    """Not thread-safe: the node calls it from its one control callback group.
 
-    def __init__(self, config: SchedulerConfig, period_s: float, horizon: int) -> None:
+    `lead_s` is how long after its arrival a chunk's first point is executed (the node sends it one
+    control period ahead): the previous chunk runs that much longer, so it counts toward d."""
+
+    def __init__(self, config: SchedulerConfig, period_s: float, horizon: int, lead_s: float = 0.0) -> None:
         if not (math.isfinite(period_s) and period_s > 0.0):
             raise ConfigError(f"action period must be > 0 s, found {period_s!r}")
+        if not (math.isfinite(lead_s) and lead_s >= 0.0):
+            raise ConfigError(f"chunk lead time must be >= 0 s, found {lead_s!r}")
         if horizon < 1:
             raise ConfigError(f"chunk horizon must be >= 1, found {horizon}")
         if config.execute_horizon > horizon:
@@ -148,6 +153,7 @@ class ChunkScheduler:
         self.config = config
         self.period_s = period_s
         self.horizon = horizon
+        self.lead_s = lead_s
         self._latencies_s: deque[float] = deque(maxlen=config.latency_window)
         # temporal_ensemble needs every chunk that may still cover the future: ceil(H / s) + 1 of them
         self._chunks: deque[_Chunk] = deque(maxlen=-(-horizon // config.execute_horizon) + 1)
@@ -168,8 +174,9 @@ class ChunkScheduler:
 
     @property
     def delay_steps(self) -> int:
-        """d: whole action periods from the observation time to the chunk's availability."""
-        return max(0, math.ceil(self.latency_s / self.period_s - INDEX_TOLERANCE))
+        """d: whole action periods from the observation time to the chunk's first executed point
+        (its arrival plus the lead)."""
+        return max(0, math.ceil((self.latency_s + self.lead_s) / self.period_s - INDEX_TOLERANCE))
 
     def status(self) -> SchedulerStatus:
         return SchedulerStatus(mode=self.config.mode, delay_steps=self.delay_steps,

@@ -149,14 +149,18 @@ class ControlStep:
     def prepare(self, horizon: int, period_s: float) -> None:
         """Build the scheduler for chunks of `horizon` actions `period_s` apart (the node does it at
         configure, after the warm-up chunk, so that a bad `execute_horizon` fails configure). ConfigError."""
-        self._scheduler = ChunkScheduler(self.scheduler_config, period_s, horizon)
+        self._scheduler = self._new_scheduler(period_s, horizon)
+
+    def _new_scheduler(self, period_s: float, horizon: int) -> ChunkScheduler:
+        # Each chunk's first point is sent one control period ahead (min_lead_s in run).
+        return ChunkScheduler(self.scheduler_config, period_s, horizon, lead_s=self.buffer.config.control_period_s)
 
     def reset(self) -> None:
         """Forget samples, chunks and timing (activation, clock jump). The scheduler keeps its
         geometry but starts over."""
         self.buffer.reset()
         if self._scheduler is not None:
-            self._scheduler = ChunkScheduler(self.scheduler_config, self._scheduler.period_s, self._scheduler.horizon)
+            self._scheduler = self._new_scheduler(self._scheduler.period_s, self._scheduler.horizon)
         self._executing = False
         self._last_now_s = None
 
@@ -222,7 +226,7 @@ class ControlStep:
         min_lead_s = self.buffer.config.control_period_s
         try:
             if scheduler is None:
-                scheduler = self._scheduler = ChunkScheduler(self.scheduler_config, chunk.period_s, chunk.horizon)
+                scheduler = self._scheduler = self._new_scheduler(chunk.period_s, chunk.horizon)
                 request = scheduler.begin(start_s, stamp_s)
             assert request is not None
             kept = scheduler.complete(request, chunk.actions, now_s)

@@ -247,3 +247,14 @@ def test_a_failed_inference_does_not_delay_the_next_start() -> None:
     sched.complete(retry, make_chunk(retry.chunk_id, 10), T0_S + 6 * PERIOD_S)
     # the schedule then runs from the start that succeeded
     assert not sched.should_start(T0_S + 10 * PERIOD_S) and sched.should_start(T0_S + 11 * PERIOD_S)
+
+
+def test_the_lead_of_the_first_point_counts_toward_the_delay() -> None:
+    """The node sends a chunk's first point one control period after it arrives; the previous chunk
+    is executed until then, so d covers latency + lead (here 0.25 + 0.1 s at 0.1 s periods)."""
+    config = SchedulerConfig(mode="rtc", execute_horizon=4, initial_latency_s=0.25)
+    assert ChunkScheduler(config, PERIOD_S, horizon=10).delay_steps == 3
+    led = ChunkScheduler(config, PERIOD_S, horizon=10, lead_s=0.1)
+    assert led.delay_steps == 4 and led.begin(T0_S).delay_steps == 4
+    with pytest.raises(ConfigError, match="lead"):
+        ChunkScheduler(config, PERIOD_S, horizon=10, lead_s=-0.1)

@@ -226,7 +226,9 @@ def test_rtc_modes_pass_the_scheduler_guidance_to_the_policy() -> None:
     # held at its last action past the end; rows [0, 6) continue it.
     np.testing.assert_allclose(guidance.prev_actions[:6], first[4:], rtol=1e-6)
     np.testing.assert_allclose(guidance.prev_actions[6:], np.repeat(first[-1:], 4, axis=0), rtol=1e-6)
-    assert guidance.mask_end == 6 and guidance.delay_steps == 0  # inference here takes no clock time
+    # inference here takes no clock time, but the chunk's first point goes out one control period
+    # (one action period) after it arrives: the first chunk's row 4 is still executed
+    assert guidance.mask_end == 6 and guidance.delay_steps == 1
 
 
 def test_naive_and_ensemble_modes_pass_no_guidance() -> None:
@@ -286,7 +288,7 @@ def test_a_chunk_refused_at_its_start_leaves_the_schedule() -> None:
     # stamp 10.4: index 8 of the first chunk, then its last action held
     np.testing.assert_allclose(guidance.prev_actions, np.vstack([first[8:], np.repeat(first[-1:], 8, axis=0)]),
                                rtol=1e-6)
-    assert guidance.mask_end == 3  # the 2 rows left, or d = 3 (0.12 s measured) if more
+    assert guidance.mask_end == 4  # the 2 rows left, or d = 4 (0.12 s measured + 0.05 s lead) if more
 
 
 @pytest.mark.parametrize(("period_s", "lead_steps", "age_steps"), [(0.02, 1, 7), (0.05, 5, 3), (0.2, 2, 0)])
