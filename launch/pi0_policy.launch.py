@@ -9,22 +9,38 @@ Remappings (edit them for your robot, or remap again from an including launch fi
   ros2_controllers' joint_trajectory_controller (named after the controller).
 Camera topics are parameters (`camera_topics`), relative to the namespace.
 
+Before the node starts, `params_file` is read as rcl will read it for `<namespace>/pi0_policy`: a
+path that is not a file, invalid YAML or a file with no block for that node stops the launch with
+the reason. Otherwise the node would start on its defaults (launch_ros only warns about a missing
+file, and rcl silently skips blocks for other node names) and fail to configure for another reason.
+
 With autostart:=false the node waits unconfigured: drive it with
 `ros2 lifecycle set <node> configure` / `activate`, or a lifecycle manager.
 """
 
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch import LaunchContext, LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
+
+from pi0_policy_ros.ros.params import NODE_NAME, load_params_file
 
 PACKAGE = "pi0_policy_ros"
 REMAPPINGS = [
     ("joint_states", "/joint_states"),
     ("~/joint_trajectory", "/joint_trajectory_controller/joint_trajectory"),
 ]
+
+
+def check_params_file(context: LaunchContext) -> list:
+    """ConfigError (the launch stops) unless `params_file` gives parameters to this node."""
+    namespace = LaunchConfiguration("namespace").perform(context)
+    if not namespace.startswith("/"):  # relative: under the namespace an including launch file pushed
+        namespace = f"{context.launch_configurations.get('ros_namespace') or ''}/{namespace}"
+    load_params_file(LaunchConfiguration("params_file").perform(context), namespace, NODE_NAME)
+    return []
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -62,4 +78,5 @@ def generate_launch_description() -> LaunchDescription:
         arguments=["--ros-args", "--log-level", log_level],
     )
     # Line-buffered log output, so that each line reaches the screen as it is written.
-    return LaunchDescription([*arguments, SetEnvironmentVariable("RCUTILS_LOGGING_BUFFERED_STREAM", "1"), node])
+    return LaunchDescription([*arguments, OpaqueFunction(function=check_params_file),
+                              SetEnvironmentVariable("RCUTILS_LOGGING_BUFFERED_STREAM", "1"), node])

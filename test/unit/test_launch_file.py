@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
+import sys
+import types
 
 import pytest
 
 from test.paths import REPO_ROOT
+from pi0_policy_ros.errors import ConfigError
 
 LAUNCH_FILE = REPO_ROOT / "launch" / "pi0_policy.launch.py"
 REQUIRED_ARGUMENTS = {"params_file", "namespace", "use_sim_time", "log_level", "autostart"}
@@ -62,3 +66,79 @@ def test_executable_is_a_console_script(tree: ast.Module) -> None:
 @pytest.mark.parametrize("name", ["pi05_libero.yaml", "pi05_droid.yaml", "pi0_aloha.yaml", "demo.yaml"])
 def test_config_files_exist(name: str) -> None:
     assert (REPO_ROOT / "config" / name).is_file()
+
+
+# ---- the launch-time check of params_file, run with stand-ins for launch / launch_ros -----------
+
+
+class _Action:
+    """Stand-in for every launch action and description: keeps its arguments."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class _LaunchConfiguration(_Action):
+    def perform(self, context) -> str:
+        return context.launch_configurations[self.args[0]]
+
+
+@pytest.fixture
+def launch_module(monkeypatch):
+    """The launch file imported with minimal `launch` / `launch_ros` modules (not installable here)."""
+    names = {
+        "launch": ["LaunchContext", "LaunchDescription"],
+        "launch.actions": ["DeclareLaunchArgument", "OpaqueFunction", "SetEnvironmentVariable"],
+        "launch.substitutions": ["PathJoinSubstitution"],
+        "launch_ros": [],
+        "launch_ros.actions": ["LifecycleNode"],
+        "launch_ros.descriptions": ["ParameterValue"],
+        "launch_ros.substitutions": ["FindPackageShare"],
+    }
+    for module_name, classes in names.items():
+        module = types.ModuleType(module_name)
+        for cls in classes:
+            setattr(module, cls, type(cls, (_Action,), {}))
+        monkeypatch.setitem(sys.modules, module_name, module)
+    sys.modules["launch.substitutions"].LaunchConfiguration = _LaunchConfiguration
+    spec = importlib.util.spec_from_file_location("pi0_policy_launch_under_test", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_launch_checks(module, **configurations: str) -> None:
+    """Run the launch description's OpaqueFunctions as launch would, before the node starts."""
+    entities = module.generate_launch_description().args[0]
+    node_index = next(i for i, e in enumerate(entities) if type(e).__name__ == "LifecycleNode")
+    context = types.SimpleNamespace(launch_configurations=dict(configurations))
+    for entity in entities[:node_index]:
+        if type(entity).__name__ == "OpaqueFunction":
+            entity.kwargs["function"](context)
+
+
+def test_params_file_that_is_not_there_stops_the_launch(launch_module, tmp_path) -> None:
+    # launch_ros (Jazzy) only warns "Parameter file path is not a file" and starts the node on its
+    # defaults, whose configure then fails on camera_names: the real cause was nowhere to be seen.
+    with pytest.raises(ConfigError, match="cannot read it"):
+        _run_launch_checks(launch_module, params_file=str(tmp_path / "config" / "robot.yaml"), namespace="")
+
+
+def test_params_file_for_another_node_name_stops_the_launch(launch_module, tmp_path) -> None:
+    # rcl silently drops every block whose node name does not match: the node would run on defaults.
+    path = tmp_path / "robot.yaml"
+    path.write_text("policy:\n  ros__parameters:\n    camera_names: [image]\n")
+    with pytest.raises(ConfigError, match="no block applies to node /pi0_policy"):
+        _run_launch_checks(launch_module, params_file=str(path), namespace="")
+    path.write_text("/robot1/pi0_policy:\n  ros__parameters:\n    camera_names: [image]\n")
+    with pytest.raises(ConfigError, match="no block applies to node /robot2/pi0_policy"):
+        _run_launch_checks(launch_module, params_file=str(path), namespace="robot2")
+    _run_launch_checks(launch_module, params_file=str(path), namespace="robot1")
+    # Under a namespace pushed by an including launch file (PushROSNamespace).
+    _run_launch_checks(launch_module, params_file=str(path), namespace="", ros_namespace="/robot1")
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("namespace", ["", "robot1", "/fleet/robot1"])
+def test_shipped_params_files_pass_the_launch_check(launch_module, path, namespace: str) -> None:
+    _run_launch_checks(launch_module, params_file=str(path), namespace=namespace)
