@@ -6,7 +6,8 @@
   trajectory, and a reliable writer matches its SystemDefaults (reliable) reader.
 - Action chunk and its stamp: reliable, depth 10, so that consumers can pair them in order.
 - Prompt: reliable, volatile, depth 1; a volatile reader also matches transient-local writers.
-- Diagnostics: reliable, depth 10, like diagnostic_updater.
+- Diagnostics: reliable, depth 10 (diagnostic_updater keeps 1; 10 gives a slow reader some slack).
+  Either matches any aggregator: depth is not part of QoS compatibility.
 """
 
 from rclpy.qos import (
