@@ -1,8 +1,9 @@
 """Checkpoint directories: openpi PyTorch and LeRobot pi0 / pi05 layouts → one `LoadedCheckpoint`.
 
 openpi (spec §6): `model.safetensors` with `PI0Pytorch.state_dict()` names, plus
-`assets/<asset_id>/norm_stats.json`. Geometry and model type are not written down, so they are
-read off the tensors (pi0.5 has `time_mlp_in`, pi0 has `state_proj`).
+`assets/<asset_id>/norm_stats.json`, and usually the converter's own `config.json` (no LeRobot
+"type"; not read). The model type is not written down, so it and the geometry are read off the
+tensors (pi0.5 has `time_mlp_in`, pi0 has `state_proj`).
 
 LeRobot: `config.json` (`"type": "pi0" | "pi05"`, `chunk_size`, `tokenizer_max_length`, …),
 `model.safetensors` with openpi's names under a `model.` prefix (pi05 names the time MLP
@@ -56,12 +57,26 @@ class LoadedCheckpoint:
         return sum(t.numel() for t in self.tensors.values())
 
 
+def _names_a_lerobot_type(config_file: Path) -> bool:
+    """Whether `config_file` is a JSON object with LeRobot's "type" key (False if absent or unreadable)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "type" in config
+
+
 def detect_format(path: Path) -> str:
-    """'openpi' or 'lerobot'; anything else is one CheckpointError listing both layouts."""
-    if (path / LEROBOT_CONFIG).is_file() and (path / WEIGHTS_FILE).is_file():
-        return "lerobot"
-    if (path / WEIGHTS_FILE).is_file() and (path / "assets").is_dir():
-        return "openpi"
+    """'openpi' or 'lerobot'; anything else is one CheckpointError listing both layouts.
+
+    openpi's converter (`examples/convert_jax_model_to_pytorch.py`) also writes a `config.json`
+    (action_dim, action_horizon, variants, precision) but without LeRobot's "type": with `assets/`
+    beside it, the directory is openpi's."""
+    if (path / WEIGHTS_FILE).is_file():
+        if (path / "assets").is_dir() and not _names_a_lerobot_type(path / LEROBOT_CONFIG):
+            return "openpi"
+        if (path / LEROBOT_CONFIG).is_file():
+            return "lerobot"
     found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a directory"
     raise CheckpointError(
         f"unknown checkpoint layout at {path}: expected either an openpi PyTorch directory "

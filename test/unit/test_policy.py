@@ -137,6 +137,16 @@ def test_inspect_command_prints_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads(capsys.readouterr().out)["geometry"] == "pi05_small"
 
 
+def test_openpi_directory_with_the_converters_config_json_is_openpi(tmp_path: Path) -> None:
+    # openpi's examples/convert_jax_model_to_pytorch.py writes a config.json of its own (no LeRobot "type").
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    (path / "config.json").write_text(json.dumps({"action_dim": 32, "action_horizon": 10,
+                                                  "paligemma_variant": "gemma_2b",
+                                                  "action_expert_variant": "gemma_300m", "precision": "float32"}))
+    loaded = load_checkpoint_dir(path)
+    assert loaded.format == "openpi" and loaded.asset_id == "libero"
+
+
 def test_unknown_layout_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="unknown checkpoint layout.*openpi PyTorch directory.*LeRobot"):
