@@ -160,6 +160,13 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     policy_type = config.get("type")
     if policy_type not in ("pi0", "pi05"):
         raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected \"type\" pi0 or pi05, found {policy_type!r}")
+    if config.get("use_relative_actions"):
+        # LeRobot >= 0.5.1: the model predicts actions minus the state on the dims not named in
+        # relative_exclude_joints, and LeRobot's postprocessor adds the state back. Read as
+        # absolute they would be wrong, so refuse rather than drive the robot with offsets.
+        raise CheckpointError(
+            f"{path / LEROBOT_CONFIG}: expected \"use_relative_actions\": false (absolute actions), found true "
+            f"(relative_exclude_joints {config.get('relative_exclude_joints')!r}); relative actions are not supported")
     raw, metadata = read_safetensors(path / WEIGHTS_FILE)
     tensors = _from_lerobot_names(raw, pi05=policy_type == "pi05")
     truncated = _truncated_vocab_allowed(tensors, metadata)

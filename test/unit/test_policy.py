@@ -147,6 +147,20 @@ def test_openpi_directory_with_the_converters_config_json_is_openpi(tmp_path: Pa
     assert loaded.format == "openpi" and loaded.asset_id == "libero"
 
 
+@pytest.mark.parametrize("policy_type,fixture", [("pi05", PI05_FIXTURE), ("pi0", PI0_FIXTURE)])
+def test_lerobot_relative_actions_are_refused(tmp_path: Path, policy_type: str, fixture: Path) -> None:
+    # LeRobot >= 0.5.1 can train on actions relative to the state; its postprocessor adds the state
+    # back. Actions read as absolute would be wrong, so such a checkpoint is one clear error.
+    path = write_lerobot_dir(tmp_path / "ckpt", fixture, policy_type)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "use_relative_actions": True,
+                                                  "relative_exclude_joints": ["gripper"]}))
+    with pytest.raises(CheckpointError, match="use_relative_actions"):
+        load_checkpoint_dir(path)
+    (path / "config.json").write_text(json.dumps({**config, "use_relative_actions": False}))
+    assert load_checkpoint_dir(path).format == "lerobot"
+
+
 def test_unknown_layout_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="unknown checkpoint layout.*openpi PyTorch directory.*LeRobot"):
