@@ -136,8 +136,9 @@ def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None)
     stats = load_openpi_norm_stats(stats_file)
     # openpi: quantile normalization for every model type except pi0 (spec §3).
     normalizer = Normalizer(stats, use_quantiles=cfg.pi05)
-    return LoadedCheckpoint(path, "openpi", cfg, tensors, truncated, normalizer, stats,
-                            stats_file.parent.name, _dtype_name(tensors))
+    # The id as given, or the one found (it may have several parts: "physical-intelligence/libero").
+    asset = asset_id or stats_file.parent.relative_to(path / "assets").as_posix()
+    return LoadedCheckpoint(path, "openpi", cfg, tensors, truncated, normalizer, stats, asset, _dtype_name(tensors))
 
 
 def _from_lerobot_names(tensors: Mapping[str, torch.Tensor], pi05: bool) -> dict[str, torch.Tensor]:

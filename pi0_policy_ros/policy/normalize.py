@@ -89,8 +89,9 @@ class NormStats:
 def find_openpi_norm_stats(checkpoint_dir: str | Path, asset_id: str = "") -> Path:
     """Path of `<checkpoint_dir>/assets/<asset_id>/norm_stats.json`.
 
-    An empty asset_id takes the only asset directory holding a norm_stats.json; none or several
-    is a ConfigError listing what was found.
+    An asset_id may have several parts ("physical-intelligence/libero"). An empty asset_id takes
+    the only asset directory holding a norm_stats.json, at any depth; none or several is a
+    ConfigError listing what was found.
     """
     assets = Path(checkpoint_dir) / "assets"
     if asset_id:
@@ -108,9 +109,12 @@ def find_openpi_norm_stats(checkpoint_dir: str | Path, asset_id: str = "") -> Pa
 
 
 def _asset_ids(assets: Path) -> list[str]:
+    """Asset ids under `assets`, at any depth: openpi's default asset_id is the data set's repo id,
+    e.g. "physical-intelligence/libero" (assets/physical-intelligence/libero/norm_stats.json)."""
     if not assets.is_dir():
         return []
-    return sorted(p.parent.name for p in assets.glob(f"*/{NORM_STATS_FILE}"))
+    return sorted(p.parent.relative_to(assets).as_posix() for p in assets.rglob(NORM_STATS_FILE)
+                  if p.parent != assets)
 
 
 def load_openpi_norm_stats(path: str | Path) -> dict[str, NormStats]:

@@ -173,6 +173,18 @@ def test_preset_that_does_not_match_the_weights_lists_every_mismatch(tmp_path: P
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="pi05"))
 
 
+def test_nested_asset_id_is_found_without_being_named(tmp_path: Path) -> None:
+    # openpi saves the stats under assets/<asset_id>, and LIBERO's asset_id is its repo id
+    # "physical-intelligence/libero" (training/checkpoints.py save_assets): two levels deep.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE, asset_id="physical-intelligence/libero")
+    loaded = load_checkpoint_dir(path)
+    assert loaded.asset_id == "physical-intelligence/libero"
+    assert loaded.stats["state"].dim == STATE_DIM
+    assert load_checkpoint_dir(path, asset_id="physical-intelligence/libero").asset_id == "physical-intelligence/libero"
+    with pytest.raises(ConfigError, match=r"assets present: \['physical-intelligence/libero'\]"):
+        load_checkpoint_dir(path, asset_id="libero")
+
+
 def test_missing_norm_stats_names_the_expected_file(tmp_path: Path) -> None:
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
     with pytest.raises(ConfigError, match=r"norm stats not found: expected .*assets/droid/norm_stats.json"):
