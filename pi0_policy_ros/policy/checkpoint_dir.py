@@ -131,7 +131,9 @@ def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None)
     truncated = _truncated_vocab_allowed(tensors, metadata)
     cfg = resolve_geometry(tensors, preset, truncated, path)
     if horizon is not None:
-        cfg = cfg.replace(action_horizon=horizon)  # not stored by openpi; no weight depends on it
+        # Not in the weights (no weight depends on it); the converter's config.json, which may
+        # record it, is not read: the robot profile decides.
+        cfg = cfg.replace(action_horizon=horizon)
     stats_file = find_openpi_norm_stats(path, asset_id)
     stats = load_openpi_norm_stats(stats_file)
     # openpi: quantile normalization for every model type except pi0 (spec §3).
