@@ -22,7 +22,9 @@ For uint8 images PIL resamples the width first, then the height; each pass compu
 image is rounded to uint8. A pass whose size does not change is skipped (its weights would be
 the identity anyway). This module reproduces all of it: the coefficients in float64 in PIL's
 order of operations, the sums with integer-exact arithmetic, so results equal Pillow's exactly
-(checked against pillow 11.3.0 on several hundred sizes, shrinking and enlarging).
+(checked against pillow 11.3.0 on several hundred sizes, shrinking and enlarging; openpi pins
+11.2.1). Pillow 13 takes the height pass first for some frames taller than wide (e.g. 248x100),
+where its output differs from this by one level; landscape frames match it too.
 
 Public API:
     PRECISION_BITS
