@@ -30,8 +30,8 @@ from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, 
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.normalize import (ACTIONS_KEY, STATE_KEY, Normalizer, check_stats_dims,
                                              identity_stats)
-from pi0_policy_ros.policy.robots import (RobotProfile, finalize_actions, get_profile, prepare_inputs,
-                                          robot_actions_to_model)
+from pi0_policy_ros.policy.robots import (RobotProfile, finalize_actions, get_profile, openpi_training_transforms,
+                                          prepare_inputs, robot_actions_to_model)
 from pi0_policy_ros.policy.tokenizer import (TOKENIZER_FILE_NAMES, PromptTokenizer, find_tokenizer_model,
                                              train_tiny_tokenizer)
 from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
@@ -168,6 +168,11 @@ class Policy:
         if profile.model_type and profile.model_type != ("pi05" if model_cfg.pi05 else "pi0"):
             log.warning("robot profile %s was made for %s, the model is %s", profile.name, profile.model_type,
                         "pi05" if model_cfg.pi05 else "pi0")
+        transforms = openpi_training_transforms(profile)
+        if checkpoint is not None and checkpoint.format == "lerobot" and transforms:
+            log.warning("robot profile %s applies openpi's training transforms (%s), which LeRobot's own pipeline "
+                        "does not: for a checkpoint trained in LeRobot use the generic profile", profile.name,
+                        ", ".join(transforms))
         discrete_state = _discrete_state_input(model_cfg, profile, checkpoint)
         tokenizer = _tokenizer_for(config, model_cfg, discrete_state,
                                    checkpoint.path if checkpoint is not None else None)

@@ -217,6 +217,19 @@ PROFILES: Mapping[str, RobotProfile] = MappingProxyType({
 })
 
 
+def openpi_training_transforms(profile: RobotProfile) -> tuple[str, ...]:
+    """The transforms of openpi's training configs that `profile` applies to states and actions,
+    by name (a model trained without them, e.g. in LeRobot, needs a profile without them)."""
+    found = []
+    if any(profile.delta_action_mask):
+        found.append("delta actions")
+    if any(sign != 1.0 for sign in profile.joint_signs):
+        found.append("ALOHA joint sign flips")
+    if profile.aloha_gripper_dims:
+        found.append("ALOHA gripper conversions")
+    return tuple(found)
+
+
 def get_profile(name: str, **overrides: object) -> RobotProfile:
     """The profile called `name`, with any fields replaced by `overrides` (validated).
 

@@ -22,6 +22,7 @@ from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.inspect import describe
 from pi0_policy_ros.engine.types import EngineBatch
 from pi0_policy_ros.policy.policy import Policy
+from pi0_policy_ros.policy.robots import get_profile, openpi_training_transforms
 from pi0_policy_ros.policy.tokenizer import train_tiny_tokenizer
 from pi0_policy_ros.policy.types import ChunkGuidance, Observation
 from test.paths import PI0_FIXTURE, PI05_FIXTURE
@@ -349,6 +350,27 @@ def test_lerobot_pi05_writes_the_state_into_the_prompt(tmp_path: Path) -> None:
     expected = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).encode(text, add_bos=True)
     assert batch.tokens[: len(expected)].tolist() == expected
     assert int(batch.token_mask.sum()) == len(expected)
+
+
+def test_openpi_training_transforms_by_profile() -> None:
+    assert openpi_training_transforms(get_profile("pi0_libero")) == ("delta actions",)
+    assert openpi_training_transforms(get_profile("pi0_aloha")) == ("delta actions", "ALOHA joint sign flips",
+                                                                    "ALOHA gripper conversions")
+    assert openpi_training_transforms(get_profile("pi05_libero")) == ()
+    assert openpi_training_transforms(get_profile("pi05_droid")) == ()
+
+
+def test_lerobot_checkpoint_with_a_profile_of_openpi_transforms_is_warned(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # LeRobot trains on absolute actions without openpi's delta / ALOHA maps: pi0_libero would add
+    # the state to its actions. A checkpoint converted from openpi may need them, so only a warning.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI0_FIXTURE, "pi0")
+    with caplog.at_level("WARNING", logger="pi0_policy_ros.policy.policy"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi0_libero",
+                                        default_prompt="go"))
+    warnings = [r.getMessage() for r in caplog.records if "training transforms" in r.getMessage()]
+    assert warnings == ["robot profile pi0_libero applies openpi's training transforms (delta actions), which "
+                        "LeRobot's own pipeline does not: for a checkpoint trained in LeRobot use the generic profile"]
 
 
 def test_generic_profile_takes_discrete_state_input_from_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
