@@ -9,7 +9,7 @@ Public API:
     load_lerobot_stats(checkpoint_dir) -> dict[str, NormStats]
     Normalizer(stats, use_quantiles, eps=None, convention="openpi")
         .normalize(key, x) / .unnormalize(key, x) -> float32
-    check_stats_dims(stats, profile, allow_longer=False)      profile: anything with state_dim / action_dim
+    check_stats_dims(stats, profile, max_dim=None)            profile: anything with state_dim / action_dim
     identity_stats(state_dim, action_dim) -> dict[str, NormStats]
 
 Conventions (`Normalizer.convention`):
@@ -343,21 +343,24 @@ class HasRobotDims(Protocol):
     def action_dim(self) -> int: ...
 
 
-def check_stats_dims(stats: Mapping[str, NormStats], profile: HasRobotDims, allow_longer: bool = False) -> None:
+def check_stats_dims(stats: Mapping[str, NormStats], profile: HasRobotDims, max_dim: int | None = None) -> None:
     """Raise ConfigError unless "state" and "actions" stats match the profile's dims.
 
-    allow_longer: accept stats wider than the robot (openpi cuts them when normalizing), e.g.
-        stats saved at the model's padded width.
+    max_dim: also accept stats wider than the robot, up to this many dims (the model's width).
+        openpi cuts them when normalizing and pads the actions to them when unnormalizing; its
+        data transforms padded state and actions to the model's width before June 2025, so the
+        norm stats of checkpoints trained before then have 32 dims.
     """
     for key, expected in ((STATE_KEY, profile.state_dim), (ACTIONS_KEY, profile.action_dim)):
         if key not in stats:
             raise ConfigError(f"norm stats have no '{key}' entry; found {sorted(stats)}")
         found = stats[key].dim
-        if found == expected or (allow_longer and found > expected):
+        if found == expected or (max_dim is not None and expected < found <= max_dim):
             continue
+        allowed = f"{expected}" if max_dim is None or max_dim <= expected else f"{expected} to {max_dim}"
         raise ConfigError(
-            f"'{key}' norm stats have {found} dims but the robot profile has {expected}: "
-            "wrong asset_id or robot_profile?"
+            f"'{key}' norm stats have {found} dims but the robot profile has {expected} (stats of {allowed} dims "
+            "fit): wrong asset_id or robot_profile?"
         )
 
 

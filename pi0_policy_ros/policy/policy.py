@@ -149,7 +149,7 @@ class Policy:
             model_cfg = checkpoint.model_config
             _check_profile_fits(profile, model_cfg)
             normalizer = checkpoint.normalizer
-            check_stats_dims(checkpoint.stats, profile)
+            check_stats_dims(checkpoint.stats, profile, max_dim=model_cfg.action_dim)
             with torch.device("meta"):
                 model = Pi0Model(model_cfg)
             load_state(model, checkpoint.tensors, checkpoint.allow_truncated_vocab, source=str(checkpoint.path))

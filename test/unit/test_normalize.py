@@ -148,7 +148,9 @@ def test_check_stats_dims_names_both_numbers() -> None:
     droid = get_profile("pi05_droid")
     with pytest.raises(ConfigError, match=r"'actions' norm stats have 7 dims but the robot profile has 8"):
         check_stats_dims(stats, droid)
-    check_stats_dims(identity_stats(8, 32), droid, allow_longer=True)
+    check_stats_dims(identity_stats(8, 32), droid, max_dim=32)
+    with pytest.raises(ConfigError, match=r"'actions' norm stats have 33 dims but the robot profile has 8 \(stats of 8 to 32"):
+        check_stats_dims(identity_stats(8, 33), droid, max_dim=32)
     with pytest.raises(ConfigError, match="no 'actions' entry"):
         check_stats_dims({"state": stats["state"]}, get_profile("pi05_libero"))
 

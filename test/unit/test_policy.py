@@ -198,6 +198,29 @@ def test_stats_with_other_dims_than_the_profile_are_refused(tmp_path: Path) -> N
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_aloha"))
 
 
+def _pad_stats_to_model_width(path: Path, asset_id: str = "libero") -> None:
+    """Rewrite norm_stats.json as openpi computed it before June 2025: after padding state and
+    actions to the model's 32 dims (zeros there: mean, std and quantiles alike)."""
+    stats_file = path / "assets" / asset_id / "norm_stats.json"
+    content = json.loads(stats_file.read_text())
+    for entry in content["norm_stats"].values():
+        for name, values in entry.items():
+            entry[name] = values + [0.0] * (32 - len(values))
+    stats_file.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize(("fixture", "profile"), [(PI0_FIXTURE, "pi0_libero"), (PI05_FIXTURE, "pi05_libero")])
+def test_stats_padded_to_the_model_width_give_the_same_actions(tmp_path: Path, fixture: Path, profile: str) -> None:
+    config = dict(model_preset="auto", robot_profile=profile, default_prompt="pick up the bowl")
+    plain = Policy.from_config(PolicyConfig(checkpoint_path=str(write_openpi_dir(tmp_path / "plain", fixture)),
+                                            **config))
+    padded_path = write_openpi_dir(tmp_path / "padded", fixture)
+    _pad_stats_to_model_width(padded_path)
+    padded = Policy.from_config(PolicyConfig(checkpoint_path=str(padded_path), **config))
+    obs = _observation()
+    np.testing.assert_array_equal(padded.infer(obs).actions, plain.infer(obs).actions)
+
+
 def test_missing_tokenizer_says_where_it_looked(tmp_path: Path) -> None:
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
     (path / "paligemma_tokenizer.model").unlink()
