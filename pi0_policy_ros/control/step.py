@@ -174,12 +174,9 @@ class ControlStep:
 
     def run(self, clock: Clock) -> StepResult:
         now_s = clock()
-        if self._last_now_s is not None and now_s < self._last_now_s - CLOCK_JUMP_TOLERANCE_S:
-            jump_s = self._last_now_s - now_s
-            self.reset()
-            self._last_now_s = now_s
-            return StepResult(HOLD, f"clock jumped back by {jump_s:.3f} s (simulation reset?): observation "
-                                    "buffers and chunk schedule reset", CLOCK_JUMP, WARN)
+        jumped = self._clock_jump(now_s)
+        if jumped is not None:
+            return jumped
         self._last_now_s = now_s
         scheduler = self._scheduler
         if self.scheduler_config.mode != NAIVE and scheduler is not None and not scheduler.should_start(now_s):
@@ -222,6 +219,10 @@ class ControlStep:
                               chunk=chunk, **seen)
         chunk = dataclasses.replace(chunk, actions=filtered.actions)
         now_s = clock()
+        # A jump during inference (a bag loop restarting) leaves a chunk stamped before it: dropped.
+        jumped = self._clock_jump(now_s)
+        if jumped is not None:
+            return jumped
         self._last_now_s = max(self._last_now_s, now_s)
         min_lead_s = self.buffer.config.control_period_s
         try:
@@ -258,6 +259,16 @@ class ControlStep:
         return StepResult(PUBLISH, chunk=chunk, plan=plan, clamped=clamped, timings_ms=timings, **seen)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _clock_jump(self, now_s: float) -> StepResult | None:
+        """A clock behind the last reading: reset (buffers, schedule, any inference in flight) and hold."""
+        if self._last_now_s is None or now_s >= self._last_now_s - CLOCK_JUMP_TOLERANCE_S:
+            return None
+        jump_s = self._last_now_s - now_s
+        self.reset()
+        self._last_now_s = now_s
+        return StepResult(HOLD, f"clock jumped back by {jump_s:.3f} s (simulation reset?): observation "
+                                "buffers and chunk schedule reset", CLOCK_JUMP, WARN)
 
     def _abort(self, request: InferenceRequest | None) -> None:
         scheduler = self._scheduler

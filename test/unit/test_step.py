@@ -153,6 +153,22 @@ def test_a_clock_jump_back_resets_and_recovers() -> None:
     assert step.run(lambda: 5.05).published
 
 
+@pytest.mark.parametrize("mode", ["naive", "temporal_ensemble"])
+def test_a_clock_jump_back_during_inference_is_a_clock_jump(mode: str) -> None:
+    # A bag loop restarting (use_sim_time) while the policy runs: the chunk, stamped before the
+    # jump, is dropped, and the tick resets as a jump seen at its start would (not an ERROR hold
+    # "unusable chunk" that leaves the old stamps refusing every new sample until the next tick).
+    step = make_step(scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
+    step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+    feed(step, 100.0)
+    times = iter([100.01, 5.0])
+    result = step.run(lambda: next(times))
+    assert (result.outcome, result.kind, result.level, result.plan) == (HOLD, CLOCK_JUMP, WARN, None)
+    assert not step.scheduler_status().in_flight
+    feed(step, 5.02)  # the buffers were reset: the new stamps count
+    assert step.run(lambda: 5.05).published
+
+
 def test_temporal_ensemble_infers_every_execute_horizon_and_blends() -> None:
     step = make_step(scheduler=SchedulerConfig(mode="temporal_ensemble", execute_horizon=4, ensemble_decay=0.0))
     step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
