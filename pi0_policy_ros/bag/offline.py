@@ -145,6 +145,7 @@ class OfflineReplay:
             else:
                 self.buffer.put_state(convert.joint_positions(msg, self.config.joint_names), stamp_s, now_s)
         except ObservationError as exc:
+            self.buffer.refused(source, str(exc))  # as the node does: a hold on this source names it
             summary.reject_input(f"{topic.label}: {exc}")
             self.monitor.input_rejected(str(exc), source)
             return

@@ -68,6 +68,9 @@ class ObservationBuffer:
         self._images: dict[str, Sample[Any]] = {}
         self._state: Sample[np.ndarray] | None = None
         self._prompt: str | None = None
+        # Source (camera name or STATE_SOURCE) -> why its latest message was refused, kept until
+        # one is accepted: a hold on a missing or stale source then says why, not "none received".
+        self._refused: dict[str, str] = {}
 
     @property
     def config(self) -> ControlConfig:
@@ -83,18 +86,27 @@ class ObservationBuffer:
         with self._lock:
             self._images.clear()
             self._state = None
+            self._refused.clear()
 
     def put_image(self, camera: str, value: Any, stamp_s: float, now_s: float) -> None:
         if camera not in self._camera_names:
             raise ObservationError(f"unknown camera {camera!r}: expected one of {list(self._camera_names)}")
         with self._lock:
-            self._check_stamp(f"camera {camera!r}", self._images.get(camera), stamp_s, now_s)
+            self._check_stamp(camera, f"camera {camera!r}", self._images.get(camera), stamp_s, now_s)
             self._images[camera] = Sample(value, stamp_s)
+            self._refused.pop(camera, None)
 
     def put_state(self, state: np.ndarray, stamp_s: float, now_s: float) -> None:
         with self._lock:
-            self._check_stamp(STATE_SOURCE, self._state, stamp_s, now_s)
+            self._check_stamp(STATE_SOURCE, STATE_SOURCE, self._state, stamp_s, now_s)
             self._state = Sample(state, stamp_s)
+            self._refused.pop(STATE_SOURCE, None)
+
+    def refused(self, source: str, reason: str) -> None:
+        """A message of `source` (a camera name or STATE_SOURCE) refused before it reached `put_*`
+        (it could not be read). The put methods note their own refusals."""
+        with self._lock:
+            self._refused[source] = reason
 
     def put_prompt(self, prompt: str | None) -> None:
         """An empty prompt means: use the policy's default prompt."""
@@ -111,21 +123,32 @@ class ObservationBuffer:
             images = dict(self._images)
             state = self._state
             prompt = self._prompt
+            refused = dict(self._refused)
         cfg = self._config
         missing = [name for name in self._camera_names if name not in images]
         if missing:
+            reasons = [refused[name] for name in missing if name in refused]
+            if reasons:
+                raise ObservationError(f"no usable image yet from camera(s) {missing}: every one received was "
+                                       f"refused, the last: {reasons[0]}", kind=MISSING_INPUT)
             raise ObservationError(f"no image received yet from camera(s) {missing}", kind=MISSING_INPUT)
         if state is None:
+            if STATE_SOURCE in refused:
+                raise ObservationError(f"no usable {STATE_SOURCE} yet: every one received was refused, the last: "
+                                       f"{refused[STATE_SOURCE]}", kind=MISSING_INPUT)
             raise ObservationError(f"no {STATE_SOURCE} received yet", kind=MISSING_INPUT)
 
-        stamps = {f"camera {name!r}": images[name].stamp_s for name in self._camera_names}
+        stamps = {name: images[name].stamp_s for name in self._camera_names}
         stamps[STATE_SOURCE] = state.stamp_s
         oldest_source = min(stamps, key=stamps.__getitem__)
         age_s = now_s - stamps[oldest_source]
         if age_s > cfg.max_observation_age_s:
+            label = STATE_SOURCE if oldest_source == STATE_SOURCE else f"camera {oldest_source!r}"
+            since = (f"; every one received since was refused, the last: {refused[oldest_source]}"
+                     if oldest_source in refused else "")
             raise ObservationError(
-                f"{oldest_source} is stale: expected age <= {cfg.max_observation_age_s:.3f} s "
-                f"(max_observation_age_s), found {age_s:.3f} s", kind=STALE_OBSERVATION)
+                f"{label} is stale: expected age <= {cfg.max_observation_age_s:.3f} s "
+                f"(max_observation_age_s), found {age_s:.3f} s{since}", kind=STALE_OBSERVATION)
 
         camera_stamps = [images[name].stamp_s for name in self._camera_names]
         skew_s = max(camera_stamps) - min(camera_stamps)
@@ -144,7 +167,16 @@ class ObservationBuffer:
             camera_skew_s=skew_s,
         )
 
-    def _check_stamp(self, source: str, previous: Sample[Any] | None, stamp_s: float, now_s: float) -> None:
+    def _check_stamp(self, key: str, source: str, previous: Sample[Any] | None, stamp_s: float,
+                     now_s: float) -> None:
+        """Raises ObservationError for a bad stamp, noted as `key`'s latest refusal. Under the lock."""
+        try:
+            self._check_stamp_value(source, previous, stamp_s, now_s)
+        except ObservationError as exc:
+            self._refused[key] = str(exc)
+            raise
+
+    def _check_stamp_value(self, source: str, previous: Sample[Any] | None, stamp_s: float, now_s: float) -> None:
         if not math.isfinite(stamp_s) or stamp_s <= 0.0:
             raise ObservationError(f"{source}: expected a positive header stamp, found {stamp_s!r} (unstamped message?)")
         if previous is not None and stamp_s < previous.stamp_s:

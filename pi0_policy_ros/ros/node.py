@@ -532,10 +532,16 @@ class PolicyNode(LifecycleNode):
         now_s = self._now_s()
         try:
             stamp_s = convert.stamp_from_cdr(data)
+        except ObservationError as exc:
+            reason = f"camera {camera!r}: {exc}"
+            buffer.refused(camera, reason)  # a hold for this camera names it
+            self._input_rejected(reason, camera)
+            return
+        try:
             # Deserializing and decoding wait for the control tick (`_decode`): most frames are never used.
             buffer.put_image(camera, data, stamp_s, now_s)
-        except ObservationError as exc:
-            self._input_rejected(f"camera {camera!r}: {exc}", camera)
+        except ObservationError as exc:  # its reason names the camera
+            self._input_rejected(str(exc), camera)
             return
         monitor.input_received(camera, now_s - stamp_s)
 
@@ -550,6 +556,7 @@ class PolicyNode(LifecycleNode):
             state = reader.positions(data)
             buffer.put_state(state, stamp_s, now_s)
         except ObservationError as exc:
+            buffer.refused(STATE_SOURCE, str(exc))  # a hold on joint_states names it
             self._input_rejected(str(exc), STATE_SOURCE)
             return
         monitor.input_received(STATE_SOURCE, now_s - stamp_s)

@@ -120,7 +120,8 @@ def test_bad_joint_states_are_rejected_and_named(make_node, probe, case: str) ->
     probe.joint_override = override
     active(make_node)
     rejected(probe, "joint_states", text)
-    held_for(probe, "missing_input", "no joint_states received yet")
+    values = held_for(probe, "missing_input", text)  # the hold says why, not "none received"
+    assert "no usable joint_states yet: every one received was refused" in values["last_hold_reason"]
     assert probe.counts() == (0, 0, 0)
     probe.joint_override = None
     wait_for(lambda: probe.counts()[0] >= 1)
@@ -133,6 +134,16 @@ POISON = [9.9, 9.9, 9.9]
 
 def _never_used(node) -> bool:
     return not any(np.array_equal(call.state, POISON) for call in node.policy.calls)
+
+
+def test_unstamped_inputs_hold_and_say_so(make_node, probe) -> None:
+    probe.stamp_fn = Time  # a driver that never sets header.stamp
+    active(make_node)
+    values = held_for(probe, "missing_input", "expected a positive header stamp, found 0.0 (unstamped message?)")
+    assert "no usable image yet from camera(s) ['cam_a', 'cam_b']" in values["last_hold_reason"]
+    assert probe.counts() == (0, 0, 0)
+    probe.stamp_fn = None
+    wait_for(lambda: probe.counts()[0] >= 1)
 
 
 def test_out_of_order_stamp_is_rejected(make_node, probe) -> None:

@@ -51,6 +51,38 @@ def test_missing_camera_and_state() -> None:
         buf.snapshot(T0)
 
 
+def test_a_source_whose_messages_are_all_refused_is_held_for_that_reason() -> None:
+    # Messages arrive but none is usable (unstamped, missing joints): the hold names why, not
+    # "no joint_states received yet".
+    buf = ObservationBuffer(["a"], CFG)
+    with pytest.raises(ObservationError):
+        buf.put_image("a", "unstamped", 0.0, T0)
+    buf.refused("joint_states", "joint_states lacks joints ['gripper']: expected all of ['j0', 'gripper']")
+    with pytest.raises(ObservationError, match=r"no usable image yet from camera\(s\) \['a'\]: every one received "
+                                               r"was refused, the last: camera 'a': expected a positive header stamp"):
+        buf.snapshot(T0)
+    buf.put_image("a", "x", T0, T0)
+    with pytest.raises(ObservationError, match=r"no usable joint_states yet: every one received was refused, the "
+                                               r"last: joint_states lacks joints \['gripper'\]") as info:
+        buf.snapshot(T0)
+    assert info.value.kind == "missing_input"
+
+
+def test_a_stale_source_names_the_refusals_since_its_last_sample() -> None:
+    buf = filled()
+    buf.refused("joint_states", "joint_states has non-finite positions: expected finite values, found {'j1': nan}")
+    buf.put_image("a", "img-a2", T0 + 0.4, T0 + 0.4)
+    buf.put_image("b", "img-b2", T0 + 0.4, T0 + 0.4)
+    with pytest.raises(ObservationError, match=r"joint_states is stale: .* found 0.505 s; every one received since "
+                                               r"was refused, the last: joint_states has non-finite positions"):
+        buf.snapshot(T0 + 0.5)
+    buf.put_state(np.zeros(2), T0 + 0.45, T0 + 0.45)  # a usable sample clears it
+    buf.snapshot(T0 + 0.5)
+    buf.put_state(np.zeros(2), T0 + 0.5, T0 + 0.5)
+    with pytest.raises(ObservationError, match=r"camera 'a' is stale: .* found 0.600 s$"):
+        buf.snapshot(T0 + 1.0)
+
+
 def test_stale_camera_is_named() -> None:
     buf = filled()
     with pytest.raises(ObservationError, match=r"camera 'a' is stale: expected age <= 0.500 s .* found 0.530 s"):
