@@ -11,11 +11,13 @@ Lifecycle:
 
 Topics (relative names resolve in the node's namespace; remap them in the launch file):
 - subscribed: one per camera (`camera_topics`, Image or CompressedImage, sensor-data QoS),
-  `joint_states` (JointState, mapped by name), `~/prompt` (String). Cameras and joint_states are
-  taken serialized (`raw`) by one polling thread every `input_poll_period_s` (2 ms; ros/poller.py),
-  not by the executor, whose Python cost per message starved CPU inference of the GIL at 1 kHz:
-  a camera callback reads only the header stamp (frames are deserialized and decoded when a tick
-  uses them), a joint_states callback checks every message (convert.JointStateReader).
+  `joint_states` (JointState, mapped by name; each message must carry every joint of
+  `joint_names`: partial ones, arm and gripper published apart, are refused, not merged),
+  `~/prompt` (String). Cameras and joint_states are taken serialized (`raw`) by one polling
+  thread every `input_poll_period_s` (2 ms; ros/poller.py), not by the executor, whose Python
+  cost per message starved CPU inference of the GIL at 1 kHz: a camera callback reads only the
+  header stamp (frames are deserialized and decoded when a tick uses them), a joint_states
+  callback checks every message (convert.JointStateReader).
 - published, once per chunk and in this order:
   1. `~/action_chunk_stamp` (std_msgs/Header): `stamp` = the observation stamp of the chunk,
      `frame_id` = the chunk's sequence number (decimal, from 0 at each activation);
