@@ -36,6 +36,13 @@ IMAGE_ENCODINGS: dict[str, tuple[int, int | None]] = {
 }
 
 
+# The source encodings (before ';' in a CompressedImage format, as image_transport's compressed
+# publisher writes "<encoding>; jpeg compressed bgr8") of colour or intensity pictures; 16-bit ones
+# decode to their high byte. Depth (16UC1, 32FC1) and other data are refused, as in a raw Image.
+COMPRESSED_SOURCE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8",
+                               "rgb16", "bgr16", "rgba16", "bgra16", "mono16")
+
+
 def stamp_to_seconds(stamp: Any) -> float:
     """builtin_interfaces/Time -> float seconds."""
     return stamp.sec + stamp.nanosec * 1e-9
@@ -101,6 +108,11 @@ def compressed_image_to_rgb(msg: Any) -> np.ndarray:
     fmt = str(msg.format)
     if "compresseddepth" in fmt.lower():
         raise ObservationError(f"unsupported compressed format: expected JPEG or PNG colour/mono, found {fmt!r}")
+    # A format without ';' ("jpeg", "png", older publishers) names no source encoding: taken as sent.
+    source = fmt.split(";", 1)[0].strip() if ";" in fmt else ""
+    if source and source not in COMPRESSED_SOURCE_ENCODINGS:
+        raise ObservationError(f"unsupported compressed image: expected a colour or mono source encoding "
+                               f"{list(COMPRESSED_SOURCE_ENCODINGS)}, found {source!r} (format {fmt!r})")
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
         raise ObservationError(f"empty compressed image (format {fmt!r}): expected JPEG or PNG bytes, found 0 bytes")

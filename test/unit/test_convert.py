@@ -170,6 +170,25 @@ def test_compressed_depth_is_refused() -> None:
         convert.compressed_image_to_rgb(msg)
 
 
+@pytest.mark.parametrize("fmt,ext", [("16UC1; png compressed ", ".png"), ("16UC1; jpeg compressed mono8", ".jpg"),
+                                     ("32FC1; tiff compressed ", ".png")])
+def test_a_depth_image_on_compressed_transport_is_refused(fmt: str, ext: str) -> None:
+    # image_transport's compressed publisher on a depth topic (a camera remapped to the wrong
+    # stream): the PNG holds millimetres, which an 8-bit colour decode would pass on as a grey frame.
+    depth = (np.arange(35, dtype=np.uint16).reshape(5, 7) * 1000)
+    msg = compressed(ext, depth if ext == ".png" else (depth >> 8).astype(np.uint8), fmt)
+    with pytest.raises(ObservationError, match=r"unsupported compressed image: expected a colour or mono source "
+                                               r"encoding .*'rgb8'.*, found '(16UC1|32FC1)'"):
+        convert.compressed_image_to_rgb(msg)
+
+
+def test_a_16_bit_mono_png_keeps_its_high_byte() -> None:
+    # mono16 is an intensity image (cv_bridge converts it to mono8 the same way, dividing by 256).
+    gray = (np.arange(35, dtype=np.uint16).reshape(5, 7) * 1500)
+    out = convert.compressed_image_to_rgb(compressed(".png", gray, "mono16; png compressed "))
+    np.testing.assert_array_equal(out[:, :, 0], (gray >> 8).astype(np.uint8))
+
+
 # ---- joint states ------------------------------------------------------------------------------
 
 NAMES = ["shoulder", "elbow", "wrist"]
