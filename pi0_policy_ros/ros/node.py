@@ -59,8 +59,8 @@ Holds. A tick that cannot act holds: a rejected chunk, a stale observation (age 
 and, by `hold_mode`:
 - `stop` (default): publishes no new trajectory. joint_trajectory_controller (Jazzy) keeps
   executing the trajectory it has, to its last point (at most one chunk, e.g. 10 x 50 ms), and
-  then holds that last point. With the controller's `cmd_timeout` set, it holds position as soon
-  as commands stop for that long instead.
+  then holds that last point. The controller's `cmd_timeout` does not stop it sooner: Jazzy
+  counts it from the trajectory's last point (then holds the measured position).
 - `hold_position`: on the first held tick after a trajectory of ours, publishes one point at the
   measured position of the action joints (latest joint_states), velocity zero, one control period
   ahead, with no chunk and no stamp (consumers pairing trajectories with `~/action_chunk_stamp`
