@@ -3,9 +3,10 @@
     pi0-policy export --reference test/fixtures/openpi_reference/pi05_small.safetensors --out onnx/ --verify
     pi0-policy export --model-preset pi05 --checkpoint ~/ckpt/pi05_libero --out onnx/ --precision fp8 --verify
 
-Writes `<stage>.<precision>.onnx` (+ `.onnx.data` when over 2 GB) and `export.json` (files, sizes,
-errors) into `--out`. `--verify` runs each file with onnxruntime on the CPU against the torch fp32
-stage on the same input and prints the errors; the exit code is 1 when one is out of tolerance.
+Writes `<stage>.<precision>.onnx` (+ `.onnx.data` over 1.5 GB of weights; with `--precision fp8`
+the vision stage is fp16: `vision.fp16.onnx`) and `export.json` (files, sizes, errors) into
+`--out`. `--verify` runs each file with onnxruntime on the CPU against the torch fp32 stage on the
+same input and prints the errors; the exit code is 1 when one is out of tolerance.
 FP8 calibrates its activation scales on that same single input (the fixture's, or a random one).
 """
 

@@ -193,6 +193,12 @@ def test_cli_exports_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (tmp_path / "vision.fp32.onnx").exists() and "vision" in capsys.readouterr().out
 
 
+def test_cli_fp8_file_names_are_the_readmes(tmp_path: Path) -> None:
+    """`--precision fp8` exports an fp16 vision graph and an FP8 Q/DQ prefix graph (README, ONNX section)."""
+    assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--precision", "fp8"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "prefix.fp8.onnx", "vision.fp16.onnx"]
+
+
 def test_cli_rejects_unknown_stage(tmp_path: Path) -> None:
     assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--stages", "denoise"]) == 2
 
