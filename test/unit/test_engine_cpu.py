@@ -221,6 +221,16 @@ def test_fallback_without_cuda_logs_once(small, caplog) -> None:
         Engine.create(model, shape, "cpu", mode="graphs")
 
 
+def test_eager_asked_for_on_a_cuda_device_is_no_fallback(small, caplog, monkeypatch) -> None:
+    cfg, model = small
+    import pi0_policy_ros.engine.engine as engine_mod
+    engine_mod._fallback_logged = False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # eager never touches the device
+    with caplog.at_level(logging.WARNING, logger="pi0_policy_ros.engine.engine"):
+        engine = Engine.create(model, EngineShape.for_model(cfg), "cuda", mode="eager")
+    assert engine.mode == "eager" and not caplog.records and not engine_mod._fallback_logged
+
+
 @pytest.mark.parametrize("hw", [(224, 224), (480, 640), (120, 160), (7, 13), (300, 224), (224, 500), (50, 224)])
 def test_engine_resize_equals_the_policys_cpu_resize_exactly(hw: tuple[int, int]) -> None:
     """The engine's resize-with-pad (int32 taps, any torch device) gives the very pixels of the
