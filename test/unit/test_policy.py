@@ -211,7 +211,7 @@ def _pad_stats_to_model_width(path: Path, asset_id: str = "libero") -> None:
 
 @pytest.mark.parametrize(("fixture", "profile"), [(PI0_FIXTURE, "pi0_libero"), (PI05_FIXTURE, "pi05_libero")])
 def test_stats_padded_to_the_model_width_give_the_same_actions(tmp_path: Path, fixture: Path, profile: str) -> None:
-    config = dict(model_preset="auto", robot_profile=profile, default_prompt="pick up the bowl")
+    config = {"model_preset": "auto", "robot_profile": profile, "default_prompt": "pick up the bowl"}
     plain = Policy.from_config(PolicyConfig(checkpoint_path=str(write_openpi_dir(tmp_path / "plain", fixture)),
                                             **config))
     padded_path = write_openpi_dir(tmp_path / "padded", fixture)
@@ -392,8 +392,8 @@ def test_lerobot_checkpoint_with_a_profile_of_openpi_transforms_is_warned(tmp_pa
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi0_libero",
                                         default_prompt="go"))
     warnings = [r.getMessage() for r in caplog.records if "training transforms" in r.getMessage()]
-    assert warnings == ["robot profile pi0_libero applies openpi's training transforms (delta actions), which "
-                        "LeRobot's own pipeline does not: for a checkpoint trained in LeRobot use the generic profile"]
+    assert warnings == [("robot profile pi0_libero applies openpi's training transforms (delta actions), which "
+                         "LeRobot's own pipeline does not: for a checkpoint trained in LeRobot use the generic profile")]
 
 
 def test_generic_profile_takes_discrete_state_input_from_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
