@@ -98,12 +98,19 @@ def test_configuration_errors_name_what_was_expected() -> None:
         make(gripper_dims=(5,), gripper_range=(0, 1))
     with pytest.raises(ValueError, match="go together"):
         make(position_lower=(0,))
+    with pytest.raises(ValueError, match="position_lower must be ≤ position_upper"):
+        make(position_lower=(0, 1, 0), position_upper=(1, 0, 1))
+    # Dims are 0-based: dim 3 of a 3-dim action does not exist (it would fail only at the first chunk).
+    with pytest.raises(ValueError, match="outside the 3 action dims"):
+        make(gripper_dims=(3,), gripper_range=(0, 1))
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
     # np.clip with a negative bound moved a still chunk by -0.1 per step: the robot drifted.
     ({"max_step": (-0.1,)}, "max_step must be > 0"),
     ({"max_velocity": (0.5, -1.0, 0.5)}, "max_velocity must be > 0"),
+    ({"max_step": (0.0,)}, "max_step must be > 0"),  # would pin the robot where it stands
+    ({"max_velocity": (0.5, 0.0, 0.5)}, "max_velocity must be > 0"),
     ({"max_step": (np.nan,)}, "max_step must be numbers, found NaN"),
     ({"position_lower": (np.nan,), "position_upper": (1.0,)}, "position_lower must be numbers"),
     ({"gripper_dims": (2,), "gripper_range": (1.0, 0.0)}, "lower <= upper"),
@@ -154,3 +161,50 @@ def test_rate_limits_hold_downward_moves_per_dim(limits: dict) -> None:
     reject = make(**limits, **{f"{name}_policy": "reject"})
     assert reject.apply(np.full((4, 3), -0.5), current=np.zeros(3)).rejected
     assert reject.reject_counts[name] == 1
+
+
+def test_gripper_range_clamps_both_ends_on_the_gripper_dims_only() -> None:
+    # A gripper command below its range (an over-squeeze) is as wrong as one above it; the arm
+    # dims are in other units and must not be clamped to the gripper's range.
+    chunk = np.array([[5.0, -5.0, -0.4], [5.0, -5.0, 0.5], [5.0, -5.0, 1.7]])
+    clamp = make(gripper_dims=(2,), gripper_range=(0.0, 1.0))
+    result = clamp.apply(chunk)
+    assert result.clamped == ("gripper",)
+    np.testing.assert_array_equal(result.actions, [[5.0, -5.0, 0.0], [5.0, -5.0, 0.5], [5.0, -5.0, 1.0]])
+    below = np.array([[0.0, 0.0, -0.4]])
+    reject = make(gripper_dims=(2,), gripper_range=(0.0, 1.0), gripper_policy="reject")
+    assert reject.apply(below).rejected and reject.reject_counts["gripper"] == 1
+
+
+def test_position_limits_clamp_each_dim_to_its_own_bounds_both_ways() -> None:
+    f = make(position_lower=(-1, -2, -3), position_upper=(1, 2, 3))
+    chunk = np.array([[-1.5, -2.5, 3.5], [0.5, 2.5, -3.5]])
+    result = f.apply(chunk)
+    assert result.clamped == ("position",)
+    np.testing.assert_array_equal(result.actions, [[-1.0, -2.0, 3.0], [0.5, 2.0, -3.0]])
+    reject = make(position_lower=(-1, -2, -3), position_upper=(1, 2, 3), position_policy="reject")
+    result = reject.apply(np.array([[0.0, -2.5, 0.0]]))
+    assert result.rejected and "dim 1 = -2.5 at step 0 is outside [-2, 2]" in result.reason
+
+
+def test_a_non_finite_reference_is_ignored_not_propagated() -> None:
+    # A NaN in the measured position must not turn the limited chunk into NaN (sent to the
+    # robot): without a trustworthy reference only the steps within the chunk are checked.
+    f = make(max_step=(0.1,), max_velocity=(1.0,))
+    chunk = np.full((3, 3), 0.5)
+    for current in (np.array([np.nan, 0.0, 0.0]), np.array([0.0, np.inf, 0.0])):
+        result = f.apply(chunk, current=current)
+        assert not result.rejected and result.clamped == ()
+        np.testing.assert_array_equal(result.actions, chunk.astype(np.float32))
+        start = f.limit_start(chunk, first_lead_s=0.1, reference=current)
+        assert start.clamped == () and np.all(np.isfinite(start.actions))
+        np.testing.assert_array_equal(start.actions, chunk.astype(np.float32))
+
+
+def test_a_change_just_over_the_limit_is_limited() -> None:
+    # The tolerance only absorbs float rounding: 0.5 % over the step limit is over it.
+    f = make(max_step=(0.1,))
+    result = f.apply(np.full((1, 3), 0.1005), current=np.zeros(3))
+    assert result.clamped == ("step",)
+    np.testing.assert_allclose(result.actions, np.full((1, 3), 0.1), atol=1e-7)
+    assert make(max_step=(0.1,), step_policy="reject").apply(np.full((1, 3), 0.1005), current=np.zeros(3)).rejected
