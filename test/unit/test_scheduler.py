@@ -258,3 +258,63 @@ def test_the_lead_of_the_first_point_counts_toward_the_delay() -> None:
     assert led.delay_steps == 4 and led.begin(T0_S).delay_steps == 4
     with pytest.raises(ConfigError, match="lead"):
         ChunkScheduler(config, PERIOD_S, horizon=10, lead_s=-0.1)
+
+
+def test_a_chunk_whose_last_action_has_passed_is_dropped_and_its_latency_counts() -> None:
+    """H = 5: a chunk completing 4.5 periods after its stamp has its last action (index 4) behind
+    it, so it is dropped; its latency still feeds the delay estimate (else d stays as low as the
+    fast chunks say, and the next slow one is dropped too)."""
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=2, latency_percentile=100.0), PERIOD_S, horizon=5)
+    request = sched.begin(T0_S)
+    assert not sched.complete(request, make_chunk(0, 5), T0_S + 4.5 * PERIOD_S)
+    assert sched.status().chunks_dropped == 1 and sched.action_at(T0_S + 0.5) is None
+    assert sched.latency_s == pytest.approx(0.45) and sched.delay_steps == 5
+    # exactly on the last index: kept (its last action is still to execute)
+    request = sched.begin(T0_S + 1.0)
+    assert sched.complete(request, make_chunk(1, 5), T0_S + 1.0 + 4 * PERIOD_S)
+
+
+def test_begin_and_complete_refuse_times_out_of_order() -> None:
+    sched = ChunkScheduler(SchedulerConfig(), PERIOD_S, horizon=10)
+    with pytest.raises(Pi0PolicyError, match="stamp <= now"):
+        sched.begin(T0_S, stamp_s=T0_S + 0.01)
+    assert not sched.status().in_flight
+    sched.complete(sched.begin(T0_S), make_chunk(0, 10), T0_S + 0.3)
+    late = sched.begin(T0_S + 0.25)
+    with pytest.raises(Pi0PolicyError, match="backwards"):
+        sched.complete(late, make_chunk(1, 10), T0_S + 0.28)  # after its stamp, before the previous arrival
+
+
+def test_holding_starts_past_the_last_action_not_on_it() -> None:
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=2), PERIOD_S, horizon=10)
+    sched.complete(sched.begin(T0_S), make_chunk(0, 10), T0_S)
+    last = sched.action_at(T0_S + 9 * PERIOD_S)
+    assert last is not None and not last.holding and last.positions[0] == pytest.approx(9.0)
+    past = sched.action_at(T0_S + 9.5 * PERIOD_S)
+    assert past is not None and past.holding and past.positions[0] == pytest.approx(9.0)
+
+
+def test_temporal_ensemble_keeps_the_chunks_in_use_one_step_before_a_new_one() -> None:
+    """rtc-eval composes the chunks used at the step before a boundary (the counterfactual): with
+    H = 6, s = 2 and no latency, chunk 3 arrives at step 6 while step 5 used chunks 0, 1 and 2."""
+    cfg = SchedulerConfig(mode="temporal_ensemble", execute_horizon=2, ensemble_decay=0.0)
+    sched = ChunkScheduler(cfg, PERIOD_S, horizon=6)
+    simulate(sched, latency_steps=0, num_steps=6)
+    before = sched.action_at(T0_S + 5 * PERIOD_S)
+    assert before is not None and before.chunk_ids == (0, 1, 2)
+    newest = sched.begin(T0_S + 6 * PERIOD_S)
+    sched.complete(newest, make_chunk(3, 6), T0_S + 6 * PERIOD_S)
+    np.testing.assert_allclose(sched.compose((0, 1, 2), T0_S + 6 * PERIOD_S)[0], (5 + 104 + 202) / 3, atol=1e-4)
+
+
+def test_temporal_ensemble_counts_a_chunk_on_its_last_index_despite_rounding() -> None:
+    """Epoch-sized stamps: the time of a chunk's last action may compute a rounding error past
+    index H - 1; the chunk still covers it (else the blend jumps for one step)."""
+    cfg = SchedulerConfig(mode="temporal_ensemble", execute_horizon=2, ensemble_decay=0.0)
+    for horizon in range(3, 13):  # at T0_S, index 4 computes as 4.000001, index 9 as 9.000001, ...
+        sched = ChunkScheduler(cfg, PERIOD_S, horizon)
+        sched.complete(sched.begin(T0_S), make_chunk(0, horizon), T0_S)
+        later = T0_S + 2 * PERIOD_S
+        sched.complete(sched.begin(later), make_chunk(1, horizon), later)
+        action = sched.action_at(T0_S + (horizon - 1) * PERIOD_S)
+        assert action is not None and action.chunk_ids == (0, 1), horizon
