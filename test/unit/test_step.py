@@ -40,11 +40,12 @@ class FailingPolicy(FakePolicy):
 
 
 def make_step(policy=None, safety: SafetyConfig | None = None, hold_mode: str = "stop",
-              scheduler: SchedulerConfig | None = None) -> ControlStep:
+              scheduler: SchedulerConfig | None = None, action_joints: tuple[str, ...] = ("j0", "j1", "j2")
+              ) -> ControlStep:
     buffer = ObservationBuffer(["cam_a", "cam_b"], CONTROL)
     filt = SafetyFilter(safety or SafetyConfig(), PROFILE.action_dim, PROFILE.action_period_s)
     return ControlStep(policy or FakePolicy(PolicyConfig()), buffer, {"cam_a": decode, "cam_b": decode}, filt,
-                       scheduler, action_state_indices(["j0", "j1", "j2"], ["j0", "j1", "j2"]), hold_mode)
+                       scheduler, action_state_indices(["j0", "j1", "j2"], action_joints), hold_mode)
 
 
 def feed(step: ControlStep, t_s: float, state: np.ndarray = STATE, image: object = IMAGE) -> None:
@@ -270,6 +271,9 @@ def test_the_first_point_sent_keeps_the_velocity_limit_from_rest() -> None:
     np.testing.assert_allclose(result.plan.positions[0], STATE + 0.7 * 0.08, rtol=1e-6)
     assert np.all(np.abs(np.diff(result.plan.positions, axis=0)) <= 0.035 + 1e-9)
     np.testing.assert_array_equal(result.plan.velocities[-1], np.zeros(3))
+    # The velocities sent are those of the clamped positions, not of the chunk before clamping.
+    np.testing.assert_allclose(result.plan.velocities[:-1],
+                               np.gradient(result.plan.positions, PROFILE.action_period_s, axis=0)[:-1], rtol=1e-6)
 
     reject = make_step(safety=SafetyConfig(max_velocity=(0.7,), velocity_policy="reject"))
     feed(reject, 10.0)
@@ -323,3 +327,86 @@ def test_the_scheduled_plan_keeps_its_last_point_on_the_action_grid(period_s: fl
         plan = ControlStep._scheduled_plan(scheduler, request, now_s, lead_steps * period_s)
         assert plan is not None and len(plan.positions) == horizon - lead_steps - age_steps, stamp_s
         np.testing.assert_array_equal(plan.positions[-1], actions[-1])
+        # The first point is the lead ahead (not one action period), and it is the chunk's action
+        # lead + age.
+        assert plan.first_index == lead_steps + age_steps
+        np.testing.assert_allclose(plan.times_from_start_s, (lead_steps + np.arange(len(plan.positions))) * period_s)
+        np.testing.assert_allclose(plan.positions[0], actions[lead_steps + age_steps], atol=1e-3)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_a_stamp_slightly_ahead_of_the_clock_counts_as_now(prepared: bool) -> None:
+    # Within max_future_stamp_s (0.1 s here) a sample may be stamped ahead of our clock (clocks a
+    # little apart); the scheduler then takes the observation as taken now: no crash (prepared:
+    # begin() raised out of run) and no "unusable chunk" hold.
+    step = make_step()
+    if prepared:
+        step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+    feed(step, 10.03)
+    result = step.run(lambda: 10.0)
+    assert result.published, result.reason
+    assert not step.scheduler_status().in_flight and step.scheduler_status().chunks_received == 1
+
+
+def test_the_action_joints_are_read_from_their_own_state_dims() -> None:
+    # Action joints (j2, j0, j1) against state joints (j0, j1, j2): the current position of action
+    # dim 0 is state dim 2, and so on, both for the safety filter's first step and for a hold point.
+    step = make_step(safety=SafetyConfig(max_step=(0.05,)), hold_mode=HOLD_POSITION, action_joints=("j2", "j0", "j1"))
+    feed(step, 10.0)
+    result = step.run(lambda: 10.0)
+    assert result.published and result.clamped == ("step",)
+    current = STATE[[2, 0, 1]]
+    first = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})[0]
+    np.testing.assert_allclose(result.chunk.actions[0], current + np.clip(first - current, -0.05, 0.05), rtol=1e-6)
+    moved = STATE + np.array([0.01, 0.02, 0.03])
+    step.buffer.put_state(moved, 10.05, 10.05)
+    step.buffer.put_image("cam_a", "corrupt", 10.05, 10.05)
+    held = step.run(lambda: 10.06)
+    assert held.kind == BAD_IMAGE
+    np.testing.assert_array_equal(held.plan.positions, moved[[2, 0, 1]][None, :])
+
+
+def test_an_expired_scheduled_chunk_leaves_the_schedule() -> None:
+    """rtc: a chunk that completes with its last action still ahead but less than the lead away is
+    kept by the scheduler yet nothing of it is sent; the next request must continue the chunk the
+    controller has, not the expired one."""
+    policy = FakePolicy(PolicyConfig())
+    step = make_step(policy, scheduler=SchedulerConfig(mode="rtc", execute_horizon=4))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    first = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    feed(step, 10.2, STATE + 1.0)
+    times = iter([10.2, 10.62])  # inference took 0.42 s: index 8.4 of 9, the lead reaches past it
+    expired = step.run(lambda: next(times))
+    assert (expired.outcome, expired.kind) == (HOLD, EXPIRED_CHUNK)
+    assert step.scheduler_status().chunks_dropped == 1
+    feed(step, 10.63, STATE + 2.0)
+    assert step.run(lambda: 10.63).published
+    # stamp 10.63 lies past the end of the first chunk: its last action, held
+    np.testing.assert_allclose(policy.guidance[-1].prev_actions, np.repeat(first[-1:], PROFILE.action_horizon, axis=0),
+                               rtol=1e-6)
+
+
+class StateDuringInference(FakePolicy):
+    """A joint_states message arrives while the policy runs."""
+
+    def __init__(self, buffer: ObservationBuffer, state: np.ndarray, stamp_s: float) -> None:
+        super().__init__(PolicyConfig())
+        self.buffer, self.state, self.stamp_s = buffer, state, stamp_s
+
+    def infer(self, observation, guidance=None):  # noqa: ANN001, ANN201
+        self.buffer.put_state(self.state, self.stamp_s, self.stamp_s)
+        return super().infer(observation, guidance)
+
+
+def test_the_first_point_sent_is_limited_from_the_latest_measured_position() -> None:
+    # As in test_the_first_point_sent_keeps_the_velocity_limit_from_rest, but the robot reached
+    # action 4's position (STATE + 0.07) while the policy ran: the controller starts from there, so
+    # the first point sent is no jump and is not clamped.
+    step = make_step(safety=SafetyConfig(max_velocity=(0.7,)))
+    first = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    step.policy = StateDuringInference(step.buffer, first[4].astype(np.float64), 10.11)
+    feed(step, 10.0)
+    result = step.run(lambda: 10.12)
+    assert result.published and result.clamped == () and result.plan.first_index == 4
+    np.testing.assert_array_equal(result.plan.positions[0], first[4])
