@@ -21,7 +21,8 @@
 clock: returns now in seconds on the caller's clock. The node passes its ROS clock (read again
 after inference, which takes time); the offline replay passes the tick's bag time, so the same
 bag gives the same outputs. A clock that runs backwards (simulation reset) resets the buffers and
-the schedule: old samples and chunks would otherwise look like they come from the future.
+the schedule: old samples and chunks would otherwise look like they come from the future. Less
+than CLOCK_JUMP_TOLERANCE_S back is jitter: the tick goes on at the latest reading.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class ControlStep:
         jumped = self._clock_jump(now_s)
         if jumped is not None:
             return jumped
-        self._last_now_s = now_s
+        now_s = self._monotonic(now_s)
         scheduler = self._scheduler
         if self.scheduler_config.mode != NAIVE and scheduler is not None and not scheduler.should_start(now_s):
             return StepResult(WAIT)
@@ -223,7 +224,7 @@ class ControlStep:
         jumped = self._clock_jump(now_s)
         if jumped is not None:
             return jumped
-        self._last_now_s = max(self._last_now_s, now_s)
+        now_s = self._monotonic(now_s)
         min_lead_s = self.buffer.config.control_period_s
         try:
             if scheduler is None:
@@ -269,6 +270,14 @@ class ControlStep:
         self._last_now_s = now_s
         return StepResult(HOLD, f"clock jumped back by {jump_s:.3f} s (simulation reset?): observation "
                                 "buffers and chunk schedule reset", CLOCK_JUMP, WARN)
+
+    def _monotonic(self, now_s: float) -> float:
+        """`now_s`, or the latest reading when jitter (less than CLOCK_JUMP_TOLERANCE_S, not a jump)
+        put it behind: the scheduler refuses time going backwards."""
+        if self._last_now_s is not None:
+            now_s = max(now_s, self._last_now_s)
+        self._last_now_s = now_s
+        return now_s
 
     def _abort(self, request: InferenceRequest | None) -> None:
         scheduler = self._scheduler

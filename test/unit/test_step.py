@@ -410,3 +410,23 @@ def test_the_first_point_sent_is_limited_from_the_latest_measured_position() -> 
     result = step.run(lambda: 10.12)
     assert result.published and result.clamped == () and result.plan.first_index == 4
     np.testing.assert_array_equal(result.plan.positions[0], first[4])
+
+
+
+@pytest.mark.parametrize("mode", ["naive", "rtc"])
+def test_clock_jitter_below_the_jump_tolerance_publishes(mode: str) -> None:
+    # 0.5 ms behind the previous reading is jitter (CLOCK_JUMP_TOLERANCE_S), not a reset: the tick
+    # goes on as usual. The scheduler refuses time going backwards, so the step must not hand it
+    # the earlier reading (it held with an ERROR "unusable chunk: time went backwards").
+    step = make_step(scheduler=SchedulerConfig(mode=mode, execute_horizon=1))
+    feed(step, 10.0)
+    times = iter([10.0, 10.1])  # the chunk arrives at 10.1
+    assert step.run(lambda: next(times)).published
+    feed(step, 10.09)
+    result = step.run(lambda: 10.0995)  # behind the previous arrival
+    assert result.published, result.reason
+    feed(step, 10.2)
+    times = iter([10.2, 10.1995])  # behind the tick's own start (and the observation stamp)
+    result = step.run(lambda: next(times))
+    assert result.published, result.reason
+    assert step.scheduler_status().chunks_received == 3
