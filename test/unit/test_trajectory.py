@@ -42,6 +42,8 @@ def test_velocities_are_finite_differences_of_the_whole_chunk() -> None:
     np.testing.assert_allclose(v[1:-1, 0], 20 * np.arange(1, 9))
     assert v[0, 0] == pytest.approx(10.0) and v[-1, 0] == pytest.approx(170.0)
     np.testing.assert_allclose(v[:, 1], -10.0)
+    # per second of the chunk's own period: twice as fast at 0.05 s per action
+    np.testing.assert_allclose(finite_difference_velocities(ACTIONS, 0.05), 2 * v)
     plan = plan_trajectory(ACTIONS, 0.1, 10.0, 10.25, 0.05)
     np.testing.assert_allclose(plan.velocities[:-1], v[plan.first_index:-1])
 
@@ -65,6 +67,7 @@ def test_everything_expired() -> None:
     assert plan.empty and plan.first_index == 10 and plan.positions.shape == (0, 2)
     reason = expired_reason(10, 0.1, 10.0, 11.5, 0.1)
     assert "chunk expired" in reason and "1.500 s old" in reason
+    assert "found -0.600 s" in reason  # the last action (index 9, at 10.9 s) lay 0.6 s in the past
 
 
 @pytest.mark.parametrize("actions,period,pattern", [
@@ -78,6 +81,13 @@ def test_everything_expired() -> None:
 def test_bad_chunks(actions, period, pattern) -> None:
     with pytest.raises(Pi0PolicyError, match=pattern):
         plan_trajectory(actions, period, 1.0, 1.0, 0.1)
+
+
+@pytest.mark.parametrize("lead_s", [-0.1, float("nan")])
+def test_a_lead_that_would_keep_past_points_is_refused(lead_s: float) -> None:
+    # A negative lead would send points whose time has already passed.
+    with pytest.raises(Pi0PolicyError, match="min_lead_s >= 0"):
+        plan_trajectory(ACTIONS, 0.1, 10.0, 10.25, lead_s)
 
 
 @pytest.mark.parametrize("t,expected", [(0.0, (0, 0)), (1.5, (1, 500_000_000)), (0.9999999999, (1, 0)),
