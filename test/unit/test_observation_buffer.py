@@ -113,6 +113,7 @@ def test_limits_follow_a_config_change() -> None:
 @pytest.mark.parametrize("stamp,pattern", [
     (T0 - 0.05, r"stamp went backwards: expected >= 999.970000 s, found 999.950000 s"),
     (T0 + 0.2, r"0.200 s in the future"),
+    (T0 + 0.07, r"0.070 s in the future: expected <= 0.050 s ahead"),  # over max_future_stamp_s only
     (0.0, r"expected a positive header stamp, found 0.0"),
     (float("nan"), "positive header stamp"),
 ])
@@ -137,10 +138,26 @@ def test_equal_stamp_replaces() -> None:
 
 def test_reset_forgets_samples_and_stamps() -> None:
     buf = filled()
+    buf.refused("joint_states", "joint_states lacks joints ['gripper']")
     buf.reset()
     buf.put_image("a", "old", T0 - 0.2, T0)  # older than before the reset: accepted
     with pytest.raises(ObservationError, match="no image"):
         buf.snapshot(T0)
+    buf.put_image("b", "old", T0 - 0.2, T0)
+    # the refusal before the reset is forgotten with the rest
+    with pytest.raises(ObservationError, match="no joint_states received yet"):
+        buf.snapshot(T0)
+
+
+def test_an_accepted_state_clears_its_refusal() -> None:
+    buf = filled()
+    buf.refused("joint_states", "joint_states has non-finite positions")
+    buf.put_state(np.zeros(2), T0 + 0.45, T0 + 0.45)
+    buf.put_image("a", "img-a2", T0 + 0.9, T0 + 0.9)
+    buf.put_image("b", "img-b2", T0 + 0.9, T0 + 0.9)
+    # stale now, but nothing was refused since the accepted sample
+    with pytest.raises(ObservationError, match=r"joint_states is stale: .* found 0.550 s$"):
+        buf.snapshot(T0 + 1.0)
 
 
 def test_unknown_camera_and_bad_construction() -> None:
@@ -157,6 +174,14 @@ def test_unknown_camera_and_bad_construction() -> None:
 def test_control_config_validation(kwargs) -> None:
     with pytest.raises(ConfigError, match="must be a finite number in"):
         ControlConfig(**kwargs)
+
+
+def test_control_config_bounds() -> None:
+    # The ranges are closed: no skew and no future stamp allowed at all are valid choices.
+    assert ControlConfig(max_camera_skew_s=0.0, max_future_stamp_s=0.0).max_future_stamp_s == 0.0
+    for bad in (-0.1, 11.0, float("nan")):
+        with pytest.raises(ConfigError, match="max_future_stamp_s must be a finite number in"):
+            ControlConfig(max_future_stamp_s=bad)
 
 
 def test_concurrent_puts_and_snapshots() -> None:
@@ -192,3 +217,37 @@ def test_concurrent_puts_and_snapshots() -> None:
         stop.set()
         thread.join()
         sys.setswitchinterval(interval)
+
+
+class _ImagesReadHook(dict):
+    """The buffer's image store, which runs `callback` on another thread while the snapshot copies
+    it (dict() of a dict subclass with its own __iter__ goes through keys()), and waits up to 0.2 s
+    for it: a callback that needs the buffer's lock cannot finish while a locked snapshot reads."""
+
+    def __init__(self, images: dict, callback) -> None:  # noqa: ANN001
+        super().__init__(images)
+        self.thread = threading.Thread(target=callback)
+
+    def keys(self):  # noqa: ANN201
+        if not self.thread.is_alive() and self.thread.ident is None:
+            self.thread.start()
+            self.thread.join(0.2)
+        return super().keys()
+
+    def __iter__(self):  # noqa: ANN204
+        return super().__iter__()
+
+
+def test_a_state_arriving_during_a_snapshot_is_not_mixed_into_it() -> None:
+    """Deterministic form of the race above: a state callback runs while the snapshot reads the
+    images. The snapshot holds the lock over all its reads, so it keeps the state of the moment it
+    read the images; the new state waits for the next snapshot."""
+    buf = ObservationBuffer(["a"], ControlConfig(max_observation_age_s=10.0))
+    buf.put_image("a", "img", T0, T0)
+    buf.put_state(np.array([0.0]), T0, T0)
+    hook = _ImagesReadHook(buf._images, lambda: buf.put_state(np.array([1.0]), T0 + 0.01, T0 + 0.01))
+    buf._images = hook
+    snap = buf.snapshot(T0 + 0.02)
+    hook.thread.join()
+    assert snap.state[0] == 0.0 and snap.stamp_s == T0
+    assert buf.snapshot(T0 + 0.02).state[0] == 1.0
