@@ -88,3 +88,36 @@ def test_monitor_reports_rate_holds_and_percentiles() -> None:
     assert report.level == WARN and report.message == "holding: camera 'a' is stale"
     assert report.values["skipped_ticks"] == "2" and report.values["holds"] == "1"
     assert float(monitor.report(5.0).values["achieved_rate_hz"]) == 0.0  # nothing completed in the window
+
+
+def test_monitor_rate_counts_waits_and_warns_when_slow() -> None:
+    # Non-naive modes wait between inference starts: on schedule, so counted toward the rate.
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(0.0)
+    for i in range(1, 11):
+        monitor.tick_started(i * 0.1)
+        if i % 4 == 1:
+            monitor.published(i * 0.1, {}, 0.0, 0.0)
+        else:
+            monitor.waited(i * 0.1)
+    report = monitor.report(1.0)
+    assert (report.level, report.values["achieved_rate_hz"]) == (OK, "10.000")
+    # 2 Hz against the 10 Hz target: below SLOW_RATE_FRACTION
+    slow = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    slow.start(0.0)
+    slow.published(0.5, {}, 0.0, 0.0)
+    slow.published(1.0, {}, 0.0, 0.0)
+    report = slow.report(1.0)
+    assert report.level == WARN and report.message.startswith("slow: 2.00 Hz")
+
+
+def test_monitor_a_publish_ends_the_hold_and_skipped_ticks_round() -> None:
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(0.0)
+    monitor.tick_started(0.1)
+    monitor.held("camera 'a' is stale")
+    monitor.tick_started(0.2999)  # 1.999 periods later (timer jitter): one tick skipped, not none
+    monitor.published(0.2999, {}, 0.0, 0.0)
+    report = monitor.report(0.3)
+    assert not report.message.startswith("holding")  # (slow: one publish in 0.3 s)
+    assert report.values["last_hold_reason"] == "" and report.values["skipped_ticks"] == "1"
