@@ -318,3 +318,21 @@ def test_temporal_ensemble_counts_a_chunk_on_its_last_index_despite_rounding() -
         sched.complete(sched.begin(later), make_chunk(1, horizon), later)
         action = sched.action_at(T0_S + (horizon - 1) * PERIOD_S)
         assert action is not None and action.chunk_ids == (0, 1), horizon
+
+
+def test_rtc_request_continues_from_the_observation_stamp_not_the_start() -> None:
+    """The observation is 2 periods old when inference starts: the new chunk's row 0 is meant for
+    the stamp, so Y and the mask are taken from there (row i: the previous chunk at stamp + i)."""
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=4), PERIOD_S, horizon=10)
+    sched.complete(sched.begin(T0_S), make_chunk(0, 10), T0_S)
+    request = sched.begin(T0_S + 6 * PERIOD_S, stamp_s=T0_S + 4 * PERIOD_S)
+    np.testing.assert_allclose(request.prev_actions[:, 0], [4, 5, 6, 7, 8, 9, 9, 9, 9, 9], atol=1e-4)
+    assert request.mask_end == 6
+
+
+def test_a_chunk_with_another_action_width_is_refused() -> None:
+    sched = ChunkScheduler(SchedulerConfig(execute_horizon=1), PERIOD_S, horizon=5)
+    sched.complete(sched.begin(T0_S), make_chunk(0, 5, dims=2), T0_S)
+    request = sched.begin(T0_S + PERIOD_S)
+    with pytest.raises(Pi0PolicyError, match="expected 2 action dims, found 3"):
+        sched.complete(request, make_chunk(1, 5, dims=3), T0_S + PERIOD_S)
