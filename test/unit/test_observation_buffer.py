@@ -149,7 +149,7 @@ def test_reset_forgets_samples_and_stamps() -> None:
         buf.snapshot(T0)
 
 
-def test_an_accepted_state_clears_its_refusal() -> None:
+def test_an_accepted_sample_clears_its_refusal() -> None:
     buf = filled()
     buf.refused("joint_states", "joint_states has non-finite positions")
     buf.put_state(np.zeros(2), T0 + 0.45, T0 + 0.45)
@@ -158,6 +158,13 @@ def test_an_accepted_state_clears_its_refusal() -> None:
     # stale now, but nothing was refused since the accepted sample
     with pytest.raises(ObservationError, match=r"joint_states is stale: .* found 0.550 s$"):
         buf.snapshot(T0 + 1.0)
+    # the same for a camera
+    buf.refused("a", "camera 'a': expected rgb8, found yuv422")
+    buf.put_image("a", "img-a3", T0 + 0.95, T0 + 0.95)
+    buf.put_state(np.zeros(2), T0 + 2.0, T0 + 2.0)
+    buf.put_image("b", "img-b3", T0 + 2.0, T0 + 2.0)
+    with pytest.raises(ObservationError, match=r"camera 'a' is stale: .* found 1.050 s$"):
+        buf.snapshot(T0 + 2.0)
 
 
 def test_unknown_camera_and_bad_construction() -> None:
