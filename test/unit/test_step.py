@@ -430,3 +430,15 @@ def test_clock_jitter_below_the_jump_tolerance_publishes(mode: str) -> None:
     result = step.run(lambda: next(times))
     assert result.published, result.reason
     assert step.scheduler_status().chunks_received == 3
+
+
+@pytest.mark.parametrize("mode", ["naive", "rtc"])
+def test_the_first_point_sent_is_one_control_period_ahead(mode: str) -> None:
+    # A 10 Hz control loop for 20 Hz actions: the lead is the control period (0.1 s), not the
+    # action period; points closer than that are dropped.
+    step = make_step(scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
+    step.buffer.config = ControlConfig(control_rate_hz=10.0, max_observation_age_s=0.3)
+    feed(step, 10.0)
+    result = step.run(lambda: 10.0)
+    assert result.published and result.plan.first_index == 2
+    np.testing.assert_allclose(result.plan.times_from_start_s[:2], [0.1, 0.15])
