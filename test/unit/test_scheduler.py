@@ -336,3 +336,10 @@ def test_a_chunk_with_another_action_width_is_refused() -> None:
     request = sched.begin(T0_S + PERIOD_S)
     with pytest.raises(Pi0PolicyError, match="expected 2 action dims, found 3"):
         sched.complete(request, make_chunk(1, 5, dims=3), T0_S + PERIOD_S)
+
+
+def test_rtc_request_continues_the_newest_chunk() -> None:
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=2), PERIOD_S, horizon=10)
+    _, _, requests = simulate(sched, latency_steps=0, num_steps=5)
+    # stamp 4: chunks 0 (stamp 0) and 1 (stamp 2) are held; the one executing is chunk 1, index 2
+    np.testing.assert_allclose(requests[2].prev_actions[:3, 0], [102, 103, 104], atol=1e-4)
