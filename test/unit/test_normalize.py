@@ -288,3 +288,28 @@ def test_lerobot_loader_errors(tmp_path: Path) -> None:
     (tmp_path / "policy_preprocessor.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read LeRobot processor file"):
         load_lerobot_stats(tmp_path)
+
+
+def test_lerobot_eps_is_read_from_the_processor_config(tmp_path: Path) -> None:
+    # LeRobot's (un)normalizer steps save their own eps (normalize_processor.py: NormalizerProcessorStep.eps);
+    # a checkpoint that trained with another one must be normalized with it, not with the 1e-8 default.
+    write_lerobot_checkpoint(tmp_path, "MEAN_STD")
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        document = json.loads((tmp_path / name).read_text())
+        for step in document["steps"]:
+            if "state_file" in step:
+                step["config"]["eps"] = 0.25
+        (tmp_path / name).write_text(json.dumps(document))
+    loaded = load_lerobot_normalization(tmp_path)
+    assert loaded.eps == 0.25
+    stats = loaded.stats["state"]
+    x = np.linspace(-1.0, 1.0, 8)
+    np.testing.assert_allclose(loaded.normalizer().normalize("state", x),
+                               (x - stats.mean) / (stats.std + 0.25), rtol=1e-5, atol=1e-6)
+
+
+def test_a_stray_norm_stats_json_at_the_assets_root_is_not_an_asset(tmp_path: Path) -> None:
+    # openpi saves stats under assets/<asset_id>/ only; a copy at assets/ itself names no asset.
+    write_openpi_stats(tmp_path / "assets", "yes")
+    write_openpi_stats(tmp_path / "assets" / "trossen", "yes")
+    assert find_openpi_norm_stats(tmp_path) == tmp_path / "assets" / "trossen" / "norm_stats.json"
