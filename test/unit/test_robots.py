@@ -96,6 +96,8 @@ def test_aloha_missing_wrist_is_black_and_masked_cam_low_is_ignored() -> None:
     inputs = prepare_inputs(profile, images, np.zeros(14))
     assert inputs.image_masks == {BASE: True, LEFT: False, RIGHT: True}
     assert not inputs.images[LEFT].any() and inputs.images[RIGHT].max() == 7
+    # openpi training/config.py: the ALOHA configs' policy_metadata {"reset_pose": [0, -1.5, 1.5, 0, 0, 0]}.
+    assert profile.reset_pose == (0.0, -1.5, 1.5, 0.0, 0.0, 0.0)
 
 
 def test_frames_for_the_engine_pass_unresized_and_other_sizes_are_refused() -> None:
@@ -228,6 +230,16 @@ def test_aloha_gripper_maps() -> None:
     assert aloha_gripper_from_pi(np.array(1.4910 - 0.5476)) == pytest.approx(1.0)
     values = np.linspace(-1.0, 2.0, 7)
     np.testing.assert_allclose(aloha_gripper_from_pi_inverse(aloha_gripper_from_pi(values)), values, atol=1e-12)
+
+
+def test_aloha_gripper_to_pi_follows_openpi_over_the_whole_range() -> None:
+    # openpi aloha_policy._gripper_to_angular, with its constants: linear position (0.01844 ..
+    # 0.05800 m), Interbotix horn radius 0.022 and arm length 0.036, pi's angle range (0.5476, 1.6296).
+    # At 1.0 the arcsin is clipped to pi / 2, so only values below it check the constants.
+    value = np.array([0.0, 0.1, 0.25, 0.5, 0.75, 0.9])
+    linear = value * (0.05800 - 0.01844) + 0.01844
+    angle = np.arcsin(np.clip((0.022**2 + linear**2 - 0.036**2) / (2 * 0.022 * linear), -1.0, 1.0))
+    np.testing.assert_allclose(aloha_gripper_to_pi(value), (angle - 0.5476) / (1.6296 - 0.5476), rtol=1e-12)
 
 
 def test_finalize_actions_checks_shapes() -> None:
