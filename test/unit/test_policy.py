@@ -22,7 +22,7 @@ from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.inspect import describe
 from pi0_policy_ros.engine.types import EngineBatch
 from pi0_policy_ros.policy.policy import Policy
-from pi0_policy_ros.policy.robots import get_profile, openpi_training_transforms
+from pi0_policy_ros.policy.robots import get_profile, openpi_training_transforms, resize_with_pad
 from pi0_policy_ros.policy.tokenizer import train_tiny_tokenizer
 from pi0_policy_ros.policy.types import ChunkGuidance, Observation
 from test.paths import PI0_FIXTURE, PI05_FIXTURE
@@ -409,3 +409,79 @@ def test_generic_profile_takes_discrete_state_input_from_the_model(monkeypatch: 
     bins = np.digitize(normalized, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
     expected = policy.tokenizer.encode(f"Task: go, State: {' '.join(map(str, bins))};\nAction: ")
     assert batch.tokens[: len(expected) + 1].tolist() == [policy.tokenizer.bos_id, *expected]
+
+
+@pytest.fixture(scope="module")
+def pi0_libero_policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
+    path = write_openpi_dir(tmp_path_factory.mktemp("p0") / "ckpt", PI0_FIXTURE)
+    return Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi0_libero",
+                                           default_prompt="put the bowl on the plate", rtc_mode="rtc_fast"))
+
+
+def _zscore(key: str) -> tuple[np.ndarray, np.ndarray]:
+    """mean, std + openpi's eps 1e-6 of the stats write_openpi_dir wrote (pi0: z-score, spec section 3)."""
+    stats = _stats(STATE_DIM, 1) if key == "state" else _stats(ACTION_DIM, 2)
+    return np.float32(stats["mean"]).astype(np.float64), np.float32(stats["std"]).astype(np.float64) + 1e-6
+
+
+def test_network_batch_puts_each_camera_in_its_slot_and_feeds_pi0_the_normalized_state(
+        pi0_libero_policy: Policy) -> None:
+    # Slots in openpi's order base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb; LIBERO has no right
+    # wrist camera, so that slot is black with mask False (spec section 1 / 4). pi0 reads the
+    # z-score normalized state, zero-padded to the model's 32 dims.
+    obs = _observation()
+    batch, robot_state = pi0_libero_policy.network_batch(obs)
+    np.testing.assert_array_equal(batch.images[0], resize_with_pad(obs.images["image"]))
+    np.testing.assert_array_equal(batch.images[1], obs.images["wrist_image"])
+    assert not batch.images[2].any()
+    assert batch.image_masks.tolist() == [True, True, False]
+    mean, scale = _zscore("state")
+    np.testing.assert_allclose(batch.state[:STATE_DIM], (obs.state - mean) / scale, rtol=1e-5, atol=1e-6)
+    assert batch.state.shape == (32,) and not batch.state[STATE_DIM:].any()
+    np.testing.assert_array_equal(robot_state, obs.state)
+
+
+def test_pi0_libero_actions_are_unnormalized_then_made_absolute_with_the_raw_state(pi0_libero_policy: Policy) -> None:
+    # openpi's output chain: Unnormalize, then AbsoluteActions(make_bool_mask(6, -1)) with the
+    # state before normalization (spec section 3): the 6 arm dims get the robot's state added.
+    obs = _observation(3)
+    chunk = pi0_libero_policy.infer(obs)
+    batch, _ = pi0_libero_policy.network_batch(obs)
+    raw = pi0_libero_policy.engine.infer(batch).astype(np.float64)
+    mean, scale = _zscore("actions")
+    expected = raw[:, :ACTION_DIM] * scale + mean
+    expected[:, :6] += obs.state[:6]
+    assert chunk.actions.shape == (50, ACTION_DIM)
+    np.testing.assert_allclose(chunk.actions, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pi0_libero_rtc_guidance_takes_the_state_off_the_delta_dims_before_normalizing(
+        pi0_libero_policy: Policy) -> None:
+    # The previous chunk is in robot units (absolute); the network predicts normalized deltas on
+    # the 6 arm dims, so the guidance is z-score normalize(prev - state on those dims).
+    obs = _observation(4)
+    prev = np.random.default_rng(5).normal(size=(50, ACTION_DIM)).astype(np.float32)
+    _, robot_state = pi0_libero_policy.network_batch(obs)
+    guidance = pi0_libero_policy.engine_guidance(ChunkGuidance(prev_actions=prev, delay_steps=3, mask_end=20),
+                                                 robot_state)
+    model_side = prev.astype(np.float64)
+    model_side[:, :6] -= obs.state[:6]
+    mean, scale = _zscore("actions")
+    np.testing.assert_allclose(guidance.prev[:, :ACTION_DIM], (model_side - mean) / scale, rtol=1e-5, atol=1e-5)
+    assert not guidance.prev[:, ACTION_DIM:].any()
+
+
+def test_pi05_droid_profile_writes_the_state_into_the_prompt_whatever_the_preset() -> None:
+    # openpi's pi05_droid config keeps Pi0Config's discrete_state_input=True; an openpi-config
+    # profile decides over the preset (pi05_small has it off).
+    policy = Policy.from_config(PolicyConfig(model_preset="pi05_small", robot_profile="pi05_droid", default_prompt="go"))
+    assert policy.tokenizer.discrete_state_input
+    state = np.array([-0.7, -0.3, 0.0, 0.2, 0.45, 0.6, 0.8, 0.95], np.float32)
+    images = {name: np.zeros((224, 224, 3), np.uint8) for name in ("exterior_image_1_left", "wrist_image_left")}
+    batch, _ = policy.network_batch(Observation(images=images, state=state))
+    # openpi Normalize._normalize_quantile with the identity stats (q01 -1, q99 1).
+    normalized = (state.astype(np.float64) + 1.0) / (2.0 + 1e-6) * 2.0 - 1.0
+    bins = np.digitize(normalized, np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+    expected = [policy.tokenizer.bos_id, *policy.tokenizer.encode(f"Task: go, State: {' '.join(map(str, bins))};\nAction: ")]
+    assert batch.tokens[: len(expected)].tolist() == expected and int(batch.token_mask.sum()) == len(expected)
+
