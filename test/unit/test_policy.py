@@ -485,3 +485,38 @@ def test_pi05_droid_profile_writes_the_state_into_the_prompt_whatever_the_preset
     expected = [policy.tokenizer.bos_id, *policy.tokenizer.encode(f"Task: go, State: {' '.join(map(str, bins))};\nAction: ")]
     assert batch.tokens[: len(expected)].tolist() == expected and int(batch.token_mask.sum()) == len(expected)
 
+
+def test_openpi_checkpoint_takes_the_action_horizon_of_the_profile(tmp_path: Path) -> None:
+    # openpi checkpoints do not record the horizon; the robot profile (here overridden) sets it.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                             robot_profile="pi05_libero", default_prompt="go", action_horizon=12))
+    assert policy.infer(_observation()).actions.shape == (12, ACTION_DIM)
+
+
+def test_lerobot_config_sets_chunk_size_token_length_and_denoising_steps(tmp_path: Path) -> None:
+    # LeRobot config.json: chunk_size, tokenizer_max_length, num_inference_steps (spec section 6).
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    config.update(chunk_size=12, n_action_steps=12, tokenizer_max_length=96, num_inference_steps=4)
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint_dir(path)
+    assert loaded.model_config.num_denoise_steps == 4
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic",
+                                             state_dim=STATE_DIM, action_dim=ACTION_DIM, default_prompt="go"))
+    batch, _ = policy.network_batch(Observation(images={"base": np.zeros((224, 224, 3), np.uint8)},
+                                                state=np.zeros(STATE_DIM, np.float32)))
+    assert batch.tokens.shape == (96,) and batch.noise.shape == (12, 32)
+
+
+def test_lerobot_pi05_weights_named_action_time_mlp_load(tmp_path: Path) -> None:
+    # Some LeRobot pi05 checkpoints name the time MLP action_time_mlp_*; LeRobot's loader renames
+    # them to time_mlp_* (policies/pi05/modeling_pi05.py), and so must we.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    weights = {f"model.{k}".replace("model.time_mlp_", "model.action_time_mlp_"): v
+               for k, v in load_reference(PI05_FIXTURE).weights.items()}
+    assert any(k.startswith("model.action_time_mlp_in") for k in weights)
+    save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
+    batch, expected = fixture_batch(PI05_FIXTURE)
+    torch.testing.assert_close(torch.from_numpy(policy.engine.infer(batch)), expected, atol=1e-4, rtol=0)
