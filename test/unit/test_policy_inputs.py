@@ -38,6 +38,11 @@ def test_seed_out_of_range_is_a_config_error(seed: object) -> None:
         PolicyConfig(seed=seed)  # type: ignore[arg-type]
 
 
+def test_seed_range_is_closed() -> None:
+    # Both ends of [0, 2**31 - 1], the range the error names (and the ROS parameter's), are seeds.
+    assert PolicyConfig(seed=0).seed == 0 and PolicyConfig(seed=2**31 - 1).seed == 2**31 - 1
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(seed=1.5), "seed must be an int, found float 1.5"),
     (dict(seed=None), "seed must be an int, found NoneType None"),
