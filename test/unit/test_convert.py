@@ -10,7 +10,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Header
 
 from pi0_policy_ros.control.trajectory import plan_trajectory
-from pi0_policy_ros.errors import ObservationError
+from pi0_policy_ros.errors import ObservationError, Pi0PolicyError
 from pi0_policy_ros.ros import convert
 
 RNG = np.random.default_rng(0)
@@ -238,6 +238,15 @@ def test_action_chunk_layout_round_trip() -> None:
     np.testing.assert_array_equal(convert.action_chunk_from_message(msg), actions)
 
 
+def test_action_chunk_from_message_skips_data_offset() -> None:
+    # std_msgs/MultiArrayLayout: data_offset is padding at the front of data, not part of the array.
+    actions = np.arange(6, dtype=np.float32).reshape(2, 3)
+    msg = convert.action_chunk_message(actions)
+    msg.layout.data_offset = 2
+    msg.data = [-9.0, -9.0] + list(msg.data)
+    np.testing.assert_array_equal(convert.action_chunk_from_message(msg), actions)
+
+
 def test_trajectory_message() -> None:
     actions = np.array([[0.0, 1.0], [0.5, 1.5], [1.0, 2.0]])
     plan = plan_trajectory(actions, period_s=0.1, stamp_s=100.0, now_s=100.05, min_lead_s=0.02)
@@ -249,6 +258,12 @@ def test_trajectory_message() -> None:
     assert list(msg.points[0].velocities) == pytest.approx([5.0, 5.0])
     t = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
     assert t == pytest.approx([0.05, 0.15])
+
+
+def test_trajectory_message_refuses_a_plan_of_other_width_than_the_joints() -> None:
+    plan = plan_trajectory(np.zeros((3, 2)), period_s=0.1, stamp_s=100.0, now_s=100.05, min_lead_s=0.02)
+    with pytest.raises(Pi0PolicyError, match=r"expected 3 action dims for joints \['a', 'b', 'c'\], found 2"):
+        convert.trajectory_message(plan, ["a", "b", "c"])
 
 
 def test_seconds_to_stamp() -> None:
