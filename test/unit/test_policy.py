@@ -14,6 +14,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError
+from pi0_policy_ros.model.checkpoint import EMBED_KEY
 from pi0_policy_ros.model.config import IMAGE_SLOTS, PRESETS
 from pi0_policy_ros.model.reference import load_reference
 from pi0_policy_ros.model.rtc import soft_mask
@@ -520,3 +521,14 @@ def test_lerobot_pi05_weights_named_action_time_mlp_load(tmp_path: Path) -> None
     policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
     batch, expected = fixture_batch(PI05_FIXTURE)
     torch.testing.assert_close(torch.from_numpy(policy.engine.infer(batch)), expected, atol=1e-4, rtol=0)
+
+
+def test_vocab_rows_metadata_allows_only_a_table_of_exactly_that_many_rows(tmp_path: Path) -> None:
+    # The metadata says the table was cut to 1024 rows on purpose; a table of another size is a
+    # damaged checkpoint, not one to zero-pad silently.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    weights = dict(load_reference(PI05_FIXTURE).weights)
+    weights[EMBED_KEY] = weights[EMBED_KEY][:512].clone()
+    save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    with pytest.raises(CheckpointError, match=r"wrong shape .*embed_tokens.weight: expected \[257152, 64\], found \[512, 64\]"):
+        load_checkpoint_dir(path, preset="pi05_small")
