@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.model.rtc import soft_mask
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.policy import Policy
 from pi0_policy_ros.policy.types import ChunkGuidance, Observation
@@ -128,6 +129,16 @@ def test_bad_guidance_is_an_observation_error(policy: Policy, fields: dict, mess
     # silently, and a NaN was reported as "found shape (10, 7)".
     with pytest.raises(ObservationError, match=message):
         policy.infer(_observation(), _guidance(policy, **fields))
+
+
+def test_mask_end_outside_the_chunk_is_clamped_to_it(policy: Policy) -> None:
+    # mask_end past the horizon means every row continues the previous chunk; below 0, none does
+    # (rather than soft_mask's ConfigError at every inference).
+    _, robot_state = policy.network_batch(_observation())
+    horizon = policy.model_config.action_horizon
+    beyond = policy.engine_guidance(_guidance(policy, mask_end=horizon + 5), robot_state)
+    np.testing.assert_array_equal(beyond.mask[:, 0], soft_mask(horizon, 2, horizon).numpy())
+    assert not policy.engine_guidance(_guidance(policy, mask_end=-3), robot_state).mask.any()
 
 
 def test_guidance_with_numpy_integers_runs(policy: Policy) -> None:
