@@ -532,3 +532,11 @@ def test_vocab_rows_metadata_allows_only_a_table_of_exactly_that_many_rows(tmp_p
     save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
     with pytest.raises(CheckpointError, match=r"wrong shape .*embed_tokens.weight: expected \[257152, 64\], found \[512, 64\]"):
         load_checkpoint_dir(path, preset="pi05_small")
+
+
+def test_lerobot_type_that_does_not_match_the_weights_is_refused(tmp_path: Path) -> None:
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "type": "pi0"}))
+    with pytest.raises(CheckpointError, match="config.json says pi0, the weights are pi05"):
+        load_checkpoint_dir(path)
