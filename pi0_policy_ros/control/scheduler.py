@@ -252,11 +252,12 @@ class ChunkScheduler:
     def withdraw(self, request: InferenceRequest) -> None:
         """The chunk of `request` was completed but never sent (a check after `complete` refused it,
         or no point of it was left to send): forget it like an aborted inference, so that what is
-        executed, ensembled and guided toward stays the chunks the controller actually has."""
+        executed, ensembled and guided toward stays the chunks the controller actually has. A chunk
+        that `complete` already dropped (too late) is counted once."""
         if self._chunks and self._chunks[-1].chunk_id == request.chunk_id:
             self._chunks.pop()
             self._dropped += 1
-            self._last_start_s = self._start_before_in_flight_s
+        self._last_start_s = self._start_before_in_flight_s
 
     def _check_in_flight(self, request: InferenceRequest) -> None:
         if self._in_flight is None or request.chunk_id != self._in_flight.chunk_id:

@@ -343,3 +343,15 @@ def test_rtc_request_continues_the_newest_chunk() -> None:
     _, _, requests = simulate(sched, latency_steps=0, num_steps=5)
     # stamp 4: chunks 0 (stamp 0) and 1 (stamp 2) are held; the one executing is chunk 1, index 2
     np.testing.assert_allclose(requests[2].prev_actions[:3, 0], [102, 103, 104], atol=1e-4)
+
+
+def test_a_withdrawn_chunk_does_not_delay_the_next_start_even_if_it_came_too_late() -> None:
+    """A chunk on an old observation that arrived past its own end (complete drops it) and was
+    withdrawn leaves the schedule as an aborted inference does: the next tick may start another."""
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=8), PERIOD_S, horizon=10)
+    sched.complete(sched.begin(T0_S), make_chunk(0, 10), T0_S)
+    # started at 8 periods on an observation stamped at 5, back at 14.5: 9.5 periods old, dropped
+    late = sched.begin(T0_S + 8 * PERIOD_S, T0_S + 5 * PERIOD_S)
+    assert not sched.complete(late, make_chunk(late.chunk_id, 10), T0_S + 14.5 * PERIOD_S)
+    sched.withdraw(late)
+    assert sched.should_start(T0_S + 14.5 * PERIOD_S) and sched.status().chunks_dropped == 1
