@@ -54,3 +54,17 @@ def test_override_of_an_unknown_parameter_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--param: .*'control_rate' \(did you mean 'control_rate_hz'\?\)"):
         make_setup(params, parse_param_overrides(["control_rate:=2.5"]))
     assert make_setup(params, {"use_sim_time": True}).params["use_sim_time"] is True  # rclpy's own
+
+
+def test_the_realtime_replay_sizes_the_generic_profile_as_the_node_does(tmp_path: Path) -> None:
+    # The node's policy applies profile_state_dim / _action_dim / _action_period_s to the generic
+    # profile; the real-time replay resolved the joints and the report's period without them.
+    from pi0_policy_ros.bag.realtime import resolved_config, robot_profile
+
+    params = write_params(tmp_path / "generic.yaml", robot_profile="generic", camera_names=["base"],
+                          camera_types=["raw"], profile_state_dim=8, profile_action_dim=7,
+                          profile_action_period_s=0.05)
+    setup = make_setup(params)
+    assert robot_profile(setup).action_period_s == 0.05
+    config = resolved_config(setup)
+    assert len(config.joint_names) == 8 and len(config.action_joint_names) == 7
