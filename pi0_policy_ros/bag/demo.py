@@ -78,11 +78,12 @@ def demo_topics(profile: str | None = None, params_file: str | Path | None = Non
         values = {"robot_profile": name, "camera_names": cameras,
                   "camera_types": ["raw"] + ["compressed"] * (len(cameras) - 1), "joint_names": joints,
                   "action_joint_names": actions if len(joints) != robot.action_dim else []}
-    try:
-        robot = get_profile(values.get("robot_profile") or DEFAULT_PROFILE)
+    config = config_from_params(values)
+    try:  # sized as the node's policy sizes it (profile_state_dim, ...: the generic profile)
+        robot = get_profile(values.get("robot_profile") or DEFAULT_PROFILE, **config.policy.profile_overrides())
     except KeyError as exc:
         raise Pi0PolicyError(str(exc.args[0])) from None
-    return DemoTopics(config_from_params(values).resolve(robot), namespace)
+    return DemoTopics(config.resolve(robot), namespace)
 
 
 def render_frame(camera_index: int, t_s: float, width: int, height: int) -> np.ndarray:

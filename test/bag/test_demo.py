@@ -69,3 +69,15 @@ def test_demo_bag_default_has_three_cameras_at_30_hz_and_joints_at_100_hz(tmp_pa
     cameras = [t for t in counts if "image" in t]
     assert len(cameras) == 3 and all(28 <= counts[t] <= 31 for t in cameras), counts
     assert 98 <= counts["/joint_states"] <= 101, counts
+
+
+def test_demo_bag_for_a_generic_profile_params_file(tmp_path: Path) -> None:
+    # The node sizes the generic profile from profile_state_dim / profile_action_dim; the demo bag
+    # took the profile's 32 dims and refused the file's 8 joint names.
+    from test.bag.conftest import write_params
+
+    params = write_params(tmp_path / "generic.yaml", robot_profile="generic", camera_names=["base"],
+                          camera_types=["raw"], profile_state_dim=8, profile_action_dim=7)
+    topics = demo_topics(params_file=params)
+    assert topics.config.joint_names == tuple(JOINTS) and topics.config.action_joint_names == tuple(JOINTS[:7])
+    assert main([str(tmp_path / "bag"), "--params", str(params), "--duration", "0.1"]) == 0
