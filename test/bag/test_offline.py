@@ -144,3 +144,84 @@ def test_end_effector_deltas_stay_off_the_trajectory_topic(first_run, params_fil
     kept = [m for m in messages(out) if not m[0].endswith("/joint_trajectory")]
     assert len(kept) < len(messages(out))  # the fixture's run has trajectories
     assert messages(default_out) == kept
+
+
+
+def write_edge_bag(demo: Path, edge: Path) -> int:
+    """`demo` with a ~/prompt as its first message, its cameras stopped after 0.5 s (the joints go
+    on), and as its last message a joint_states without names, exactly on the 5th tick at 5 Hz.
+    Returns the first message's bag time."""
+    from pi0_policy_ros.bag.record import OutputBag
+
+    with AnyReader([demo]) as reader:
+        start = reader.start_time - 1_000_000  # 1 ms before the first demo message
+        with OutputBag(edge) as bag:
+            store = bag.store
+            bag.write_message("/pi0_policy/prompt", "std_msgs/msg/String", start,
+                              store.types["std_msgs/msg/String"](data="stack the cups"))
+            for c, t_ns, raw in reader.messages():
+                if "image" not in c.topic or t_ns <= start + 500_000_000:
+                    bag.write(c.topic, c.msgtype, t_ns, bytes(raw))
+            last = start + NS_PER_S
+            assert last > reader.end_time
+            header = store.types["std_msgs/msg/Header"](
+                stamp=store.types["builtin_interfaces/msg/Time"](sec=last // NS_PER_S, nanosec=last % NS_PER_S),
+                frame_id="")
+            bag.write_message("/joint_states", "sensor_msgs/msg/JointState", last, store.types[
+                "sensor_msgs/msg/JointState"](header=header, name=[], position=np.zeros(0), velocity=np.zeros(0),
+                                              effort=np.zeros(0)))
+    return start
+
+
+@pytest.fixture(scope="module")
+def edge_run(make_bag, params_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    edge = tmp_path_factory.mktemp("edge") / "edge"
+    start = write_edge_bag(make_bag("edge_source", 1.0), edge)
+    out = tmp_path_factory.mktemp("edge_out") / "out"
+    summary, replay = replay_offline(edge, out, make_setup(params_file), keep_ticks=True)
+    return edge, out, start, summary, replay
+
+
+def test_bag_edges_prompt_first_and_a_tick_on_the_last_message(edge_run) -> None:
+    _, out, start, summary, replay = edge_run
+    # The first message (the prompt) is fed, and a tick at exactly the last message's time fires.
+    assert [t.t_ns - start for t in replay.ticks] == [k * NS_PER_S // 5 for k in range(1, 6)]
+    assert summary.ticks == 5 and summary.chunks == 3 and sum(summary.holds.values()) == 2
+    assert all(t.observation.prompt == "stack the cups" for t in replay.ticks if t.published)
+    # The joint_states without names is counted among the refused inputs, not among the holds.
+    assert [(kind.startswith("joint_states: empty joint_states"), n) for kind, n in summary.input_rejections.items()] \
+        == [(True, 1)]
+    assert all("stale" in kind for kind in summary.holds)
+    with AnyReader([out]) as reader:
+        conns = [c for c in reader.connections if c.topic == "/pi0_policy/action_chunk_stamp"]
+        sequence = [reader.deserialize(raw, c.msgtype).frame_id for c, _, raw in reader.messages(conns)]
+    assert sequence == ["0", "1", "2"]  # the node's chunk numbers, from 0
+
+
+def test_hold_position_writes_the_hold_point(tmp_path: Path) -> None:
+    # A joint-position robot (LIBERO's end-effector deltas have no measured position to hold).
+    from pi0_policy_ros.bag.demo import demo_topics, write_demo_bag
+    from pi0_policy_ros.policy.robots import get_profile
+
+    from test.bag.conftest import write_params
+
+    joints = list(get_profile("pi0_aloha").joint_names)
+    params = write_params(tmp_path / "aloha.yaml", robot_profile="pi0_aloha", camera_names=["cam_high"],
+                          camera_types=["raw"], joint_names=joints, action_joint_names=[], hold_mode="hold_position")
+    write_demo_bag(tmp_path / "demo", demo_topics(params_file=params), duration_s=1.0)
+    write_edge_bag(tmp_path / "demo", tmp_path / "edge")
+    _, replay = replay_offline(tmp_path / "edge", tmp_path / "out", make_setup(params), keep_ticks=True)
+    with AnyReader([tmp_path / "edge"]) as reader:
+        conns = [c for c in reader.connections if c.topic == "/joint_states"]
+        states = [(t, reader.deserialize(raw, c.msgtype)) for c, t, raw in reader.messages(conns)]
+    with AnyReader([tmp_path / "out"]) as reader:
+        conns = [c for c in reader.connections if c.topic == "/pi0_policy/joint_trajectory"]
+        trajectories = [(t, reader.deserialize(raw, c.msgtype)) for c, t, raw in reader.messages(conns)]
+    assert [t.published for t in replay.ticks] == [True, True, True, False, False]
+    # 3 chunks, then one hold point at the first hold's tick, and nothing on the next hold.
+    assert [t for t, _ in trajectories] == [t.t_ns for t in replay.ticks[:4]]
+    point = trajectories[3][1].points
+    measured = [msg for t, msg in states if t <= replay.ticks[3].t_ns][-1]
+    assert len(point) == 1
+    np.testing.assert_array_equal(point[0].positions, convert.joint_positions(measured, joints))
+    assert point[0].time_from_start.sec + point[0].time_from_start.nanosec * 1e-9 == pytest.approx(0.2)
