@@ -68,3 +68,24 @@ def test_the_realtime_replay_sizes_the_generic_profile_as_the_node_does(tmp_path
     assert robot_profile(setup).action_period_s == 0.05
     config = resolved_config(setup)
     assert len(config.joint_names) == 8 and len(config.action_joint_names) == 7
+
+
+def test_node_name_patterns_match_whole_tokens(tmp_path: Path) -> None:
+    # rcl: `*` stays within one name token, and a pattern names the whole node, not a prefix of it.
+    path = tmp_path / "p.yaml"
+    path.write_text("/*/pi0_policy:\n  ros__parameters: {a: 1}\n/**:\n  ros__parameters: {b: 2}\n")
+    assert load_params_file(path, "/robot") == {"a": 1, "b": 2}
+    assert load_params_file(path, "/fleet/robot") == {"b": 2}
+    path.write_text("/robot/pi0_policy:\n  ros__parameters: {a: 1}\n/**:\n  ros__parameters: {b: 2}\n")
+    assert load_params_file(path, "/robot", "pi0_policy_2") == {"b": 2}
+    assert load_params_file(path, "/robot/arm") == {"b": 2}
+
+
+def test_map_relative_bag_topic_and_one_bag_topic_per_input(tmp_path: Path) -> None:
+    params = write_params(tmp_path / "p.yaml")
+    # The bag records resolved names: a relative BAG_TOPIC is taken from the root, not the node's namespace.
+    setup = make_setup(params, remaps=["joint_states:=robot/joint_states"], namespace="/ns")
+    assert {t.role: t.bag_topic for t in setup.inputs}["joint_states"] == "/robot/joint_states"
+    # Two inputs from one bag topic: one of them would be silently dropped.
+    with pytest.raises(ConfigError, match=r"one bag topic per input, found \['/image/image_raw'\] used twice"):
+        make_setup(params, remaps=["joint_states:=/image/image_raw"])
