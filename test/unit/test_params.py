@@ -121,3 +121,41 @@ def test_monitor_a_publish_ends_the_hold_and_skipped_ticks_round() -> None:
     report = monitor.report(0.3)
     assert not report.message.startswith("holding")  # (slow: one publish in 0.3 s)
     assert report.values["last_hold_reason"] == "" and report.values["skipped_ticks"] == "1"
+
+
+def test_values_above_the_range_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"control_rate_hz: expected a value in \[0.1, 200.0\], found 1000.0"):
+        config_from_params({**BASE, "control_rate_hz": 1000.0})
+    with pytest.raises(ConfigError, match=r"input_poll_period_s: expected a value in \[0.0, 0.1\], found 0.5"):
+        config_from_params({**BASE, "input_poll_period_s": 0.5})
+
+
+def test_every_number_parameter_has_a_range() -> None:
+    # README: "Parameters are declared with descriptions and ranges".
+    from pi0_policy_ros.ros.params import DOUBLE, INTEGER
+
+    assert [s.name for s in PARAMS if s.kind in (DOUBLE, INTEGER) and s.float_range is None
+            and s.int_range is None] == []
+
+
+def test_dynamic_parameters_are_the_documented_ones() -> None:
+    # README: prompt, control_rate_hz, the three observation limits and hold_mode are dynamic; the
+    # rest is configure-time (set while unconfigured).
+    assert {s.name for s in PARAMS if not s.configure_time} == {
+        "prompt", "control_rate_hz", "max_observation_age_s", "max_camera_skew_s", "max_future_stamp_s", "hold_mode"}
+
+
+def test_safety_scheduler_and_rtc_values_reach_their_configs() -> None:
+    cfg = config_from_params({**BASE, "safety_position_lower": [-1.0], "safety_position_upper": [2.0],
+                              "safety_max_step": [0.1], "safety_max_velocity": [3.0], "safety_gripper_dims": [6],
+                              "safety_gripper_range": [0.0, 1.0], "safety_position_policy": "reject",
+                              "chunk_mode": "rtc_fast", "execute_horizon": 7, "max_camera_skew_s": 0.02,
+                              "max_future_stamp_s": 0.03})
+    safety = cfg.safety
+    assert (safety.position_lower, safety.position_upper, safety.max_step, safety.max_velocity) == (
+        (-1.0,), (2.0,), (0.1,), (3.0,))
+    assert (safety.gripper_dims, safety.gripper_range, safety.position_policy, safety.step_policy) == (
+        (6,), (0.0, 1.0), "reject", "clamp")
+    assert (cfg.scheduler.mode, cfg.scheduler.execute_horizon, cfg.policy.rtc_mode) == ("rtc_fast", 7, "rtc_fast")
+    assert config_from_params({**BASE, "chunk_mode": "temporal_ensemble"}).policy.rtc_mode == "off"
+    assert (cfg.control.max_camera_skew_s, cfg.control.max_future_stamp_s) == (0.02, 0.03)
