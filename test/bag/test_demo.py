@@ -19,7 +19,8 @@ from test.bag.conftest import JOINTS
 @pytest.mark.parametrize("storage,distro", [("mcap", "jazzy"), ("sqlite3", "humble")])
 def test_demo_bag_topics_rates_and_images(make_bag, storage: str, distro: str) -> None:
     bag_path = make_bag(f"demo_{storage}_{distro}", 2.0, storage, distro)
-    assert next(bag_path.iterdir()).name  # a rosbag2 directory
+    suffix = {"mcap": ".mcap", "sqlite3": ".db3"}[storage]
+    assert sorted(p.name for p in bag_path.iterdir()) == sorted(["metadata.yaml", bag_path.name + suffix])
     with InputBag(bag_path) as bag:
         assert {t: i.msgtype for t, i in bag.topics.items()} == {
             "/image/image_raw": IMAGE_TYPE,
@@ -81,3 +82,30 @@ def test_demo_bag_for_a_generic_profile_params_file(tmp_path: Path) -> None:
     topics = demo_topics(params_file=params)
     assert topics.config.joint_names == tuple(JOINTS) and topics.config.action_joint_names == tuple(JOINTS[:7])
     assert main([str(tmp_path / "bag"), "--params", str(params), "--duration", "0.1"]) == 0
+
+
+def test_demo_bag_stamps_joints_and_colours(make_bag) -> None:
+    from pi0_policy_ros.bag.demo import TRANSPORT_DELAY_NS, joint_positions, render_frame
+
+    with InputBag(make_bag("demo_mcap_jazzy", 2.0, "mcap", "jazzy")) as bag:
+        messages = list(bag.messages(["/image/image_raw", "/wrist_image/image_raw/compressed", "/joint_states"]))
+    start_s = min(convert.stamp_to_seconds(m.header.stamp) for _, _, m in messages)
+    for topic, t_ns, msg in messages[:40]:
+        stamp_ns = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        assert t_ns - stamp_ns == TRANSPORT_DELAY_NS  # captured, then recorded 1 ms later
+        t_s = convert.stamp_to_seconds(msg.header.stamp) - start_s
+        if topic == "/joint_states":  # each joint its own sine, under its own name
+            np.testing.assert_allclose(convert.joint_positions(msg, JOINTS), joint_positions(8, t_s)[0], atol=1e-6)
+        else:
+            camera = 0 if topic == "/image/image_raw" else 1
+            decoded = (convert.image_to_rgb(msg) if camera == 0 else convert.compressed_image_to_rgb(msg))
+            expected = render_frame(camera, t_s, 64, 48).astype(np.int16)
+            assert np.abs(decoded.astype(np.int16) - expected).mean() < 8  # RGB, not BGR, through the JPEG
+
+
+def test_demo_topics_in_a_namespace_and_profile_over_the_params_file(params_file: Path) -> None:
+    topics = demo_topics(params_file=params_file, namespace="/robot")
+    assert [topics.camera_topic(i) for i in range(2)] == ["/robot/image/image_raw",
+                                                        "/robot/wrist_image/image_raw/compressed"]
+    assert topics.joint_states_topic == "/robot/joint_states"
+    assert demo_topics("pi0_libero", params_file=params_file).config.policy.robot_profile == "pi0_libero"
