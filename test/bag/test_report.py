@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from pi0_policy_ros.bag.replay import main
+
+from test.bag.conftest import JOINTS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,6 +34,7 @@ def test_report_json_and_plots(make_bag, tmp_path: Path, capsys) -> None:
     assert "offline replay of 0.99 s: 4 ticks, 4 chunks" in out
     summary = json.loads((tmp_path / "report2" / "summary.json").read_text())
     assert summary["chunks"] == summary["chunks_in_output"] == 4
+    assert summary["action_period_s"] == 0.1  # LIBERO's action period (chunk times), not the 0.2 s tick
     assert summary["achieved_rate_hz"] == 4 / summary["duration_s"]
     assert set(summary["latency_ms"]["infer"]) >= {"p50", "p90", "p99"}
     assert summary["plots"][0] == "overview.png" and len(summary["plots"]) == 1 + 7
@@ -67,3 +72,48 @@ def test_realtime_summary_counts_the_inputs_the_node_refused(params_file: Path) 
     assert summary.ticks == 10 and content["node_diagnostics"]["observation_errors"] == 4
     # input_rejections is "input messages the node refused": the node's count, not an empty list.
     assert sum(r["count"] for r in content["input_rejections"]) == 4
+
+
+def _libero_config(params_file: Path):
+    from pi0_policy_ros.bag.inputs import make_setup
+    from pi0_policy_ros.policy.robots import get_profile
+
+    setup = make_setup(params_file)
+    return setup, setup.config.resolve(get_profile("libero"))
+
+
+def test_report_states_are_by_header_stamp_and_matched_by_name(make_bag, params_file: Path) -> None:
+    import dataclasses
+
+    from pi0_policy_ros.bag.demo import TRANSPORT_DELAY_NS
+    from pi0_policy_ros.bag.reader import InputBag
+    from pi0_policy_ros.bag.report import _state_column, read_states
+
+    bag = make_bag("report", 1.0)
+    setup, config = _libero_config(params_file)
+    states = read_states(bag, setup, config)
+    with InputBag(bag) as reader:
+        bag_times = [t for _, t, _ in reader.messages(["/joint_states"])]
+    np.testing.assert_allclose(states.times_s, (np.array(bag_times) - TRANSPORT_DELAY_NS) / 1e9, rtol=0, atol=1e-6)
+    # The panel of an action joint shows the joint state of the same name, wherever it sits.
+    permuted = dataclasses.replace(config, action_joint_names=tuple(reversed(JOINTS[:7])))
+    assert _state_column(permuted, 0) == (6, "joint state joint_6")
+    unnamed = dataclasses.replace(config, action_joint_names=tuple(f"a{i}" for i in range(7)))
+    assert _state_column(unnamed, 2) == (2, "joint state [2] joint_2")
+
+
+def test_plots_show_the_actions(params_file: Path, tmp_path: Path) -> None:
+    from pi0_policy_ros.bag.report import OVERVIEW_FILE, ChunkSeries, StateSeries, write_plots
+
+    _, config = _libero_config(params_file)
+    rng = np.random.default_rng(0)
+    actions = rng.normal(size=(4, 10, 7)).astype(np.float32)
+    states = StateSeries(np.arange(20) * 0.05, rng.normal(size=(20, 8)))
+    written = {}
+    for name, chunk_actions in (("a", actions), ("b", -actions)):
+        (tmp_path / name).mkdir()
+        files = write_plots(tmp_path / name, ChunkSeries(np.arange(4) * 0.2, chunk_actions), states, config, 0.1, 0.0)
+        written[name] = {f: (tmp_path / name / f).read_bytes() for f in files}
+    assert list(written["a"]) == list(written["b"]) and len(written["a"]) == 1 + 7
+    # Other actions, other pictures: the overview and each panel draw the chunks.
+    assert all(written["a"][f] != written["b"][f] for f in written["a"]), OVERVIEW_FILE
