@@ -152,3 +152,44 @@ def test_report_path_that_is_a_file_is_refused_before_the_replay(make_bag, param
     assert code == 1, err
     assert f"--report {report}: expected a directory" in err
     assert not (tmp_path / "out").exists() and report.read_text() == "notes"
+
+
+def test_topic_with_two_message_types(make_bag, params_file: Path, tmp_path: Path, capsys) -> None:
+    from rosbags.rosbag2 import Reader, Writer
+
+    from pi0_policy_ros.bag.record import typestore
+
+    bad = tmp_path / "mixed"
+    with Reader(make_bag("good", 1.0)) as reader, Writer(bad, version=9) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=None, msgdef=c.msgdef.data,
+                                             rihs01=c.digest) for c in reader.connections}
+        other = writer.add_connection("/joint_states", "std_msgs/msg/String", typestore=typestore())
+        for c, t_ns, raw in reader.messages():
+            writer.write(conns[c.id], t_ns, raw)
+        writer.write(other, reader.end_time + 1, bytes(typestore().serialize_cdr(
+            typestore().types["std_msgs/msg/String"](data="x"), "std_msgs/msg/String")))
+    error = replay(bad, params_file, tmp_path / "out", capsys)
+    assert "topic /joint_states has several message types" in error
+
+
+def test_topic_recorded_through_two_connections_counts_both(make_bag, tmp_path: Path) -> None:
+    # rosbag2 writes one connection per publisher QoS: a second, silent one must not hide the messages.
+    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+    from rosbags.rosbag2 import Reader, Writer
+
+    from pi0_policy_ros.bag.reader import InputBag
+
+    never = QosTime(0, 0)
+    best_effort = Qos(QosHistory.KEEP_LAST, 5, QosReliability.BEST_EFFORT, QosDurability.VOLATILE, never, never,
+                      QosLiveliness.AUTOMATIC, never, False)
+    two = tmp_path / "two"
+    with Reader(make_bag("good", 1.0)) as reader, Writer(two, version=9) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=None, msgdef=c.msgdef.data,
+                                             rihs01=c.digest) for c in reader.connections}
+        joints = next(c for c in reader.connections if c.topic == "/joint_states")
+        writer.add_connection("/joint_states", joints.msgtype, typestore=None, msgdef=joints.msgdef.data,
+                              rihs01=joints.digest, offered_qos_profiles=[best_effort])
+        for c, t_ns, raw in reader.messages():
+            writer.write(conns[c.id], t_ns, raw)
+    with InputBag(two) as bag:
+        assert bag.topics["/joint_states"].message_count == 100
