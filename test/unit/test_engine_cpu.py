@@ -124,6 +124,9 @@ def test_plan_prefix_buckets_and_slot_order() -> None:
     assert plan_prefix(shape, np.array([False, True, True]), leading)[0] == PrefixRows(2, 32, leading_keys=True)
     assert shape.full_prefix.rows(256) == shape.padded_prefix_len
     assert plan_prefix(shape, np.array([True, False, True]), leading, compact=False) == (shape.full_prefix, [0, 1, 2])
+    # the smallest bucket that holds every valid token: one token past a bucket needs the next one
+    for valid, bucket in ((1, 16), (16, 16), (17, 32), (32, 32), (33, 64), (128, 128), (129, 200), (200, 200)):
+        assert plan_prefix(shape, np.ones(3, bool), np.arange(200) < valid)[0].prompt == bucket, valid
 
 
 def test_captured_layouts_share_vision_graphs(small) -> None:
@@ -168,7 +171,7 @@ def test_compact_prefix_equals_full_prefix_and_eager(small) -> None:
     full = Engine.create(model, shape, "cpu", "float32", mode="static", compact_prefix=False)
     eager = Engine.create(model, shape, "cpu", "float32", mode="eager")
     cases = [((True, True, True), 40, None), ((False, True, False), 5, None), ((True, False, True), 20, None),
-             ((True, True, False), 6, 30), ((False, False, False), 3, None)]
+             ((True, True, False), 6, 30), ((False, False, False), 3, None), ((True, False, False), 17, None)]
     for seed, (masks, n_tokens, hole) in enumerate(cases):
         batch = random_batch(shape, seed, valid_tokens=n_tokens)
         batch.image_masks = np.array(masks)
