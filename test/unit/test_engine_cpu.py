@@ -53,6 +53,12 @@ def test_shape_geometry() -> None:
     assert (shape.prefix_len, shape.padded_prefix_len, shape.suffix_len) == (816, 816, 51)
     with pytest.raises(ConfigError):
         EngineShape.for_model(get_preset("pi0")).check_model(get_preset("pi05"))
+    # same geometry, other head: pi0's state token makes the suffix one row longer
+    with pytest.raises(ConfigError, match="pi05"):
+        EngineShape.for_model(get_preset("pi05_libero")).check_model(get_preset("pi05_libero").replace(pi05=False))
+    for name in ("num_slots", "prompt_len", "action_horizon", "action_dim", "num_steps", "tokens_per_image"):
+        with pytest.raises(ConfigError, match=rf"EngineShape.{name} must be ≥ 1, found 0"):
+            replace(shape, **{name: 0})
 
 
 def test_batch_check_names_expected_and_found() -> None:
@@ -62,6 +68,35 @@ def test_batch_check_names_expected_and_found() -> None:
     batch.images = batch.images[:, :100]
     with pytest.raises(ObservationError, match=r"images: expected uint8 \[3, 224, 224, 3\], found uint8 \[3, 100"):
         batch.check(shape)
+
+
+@pytest.mark.parametrize("name, wrong", [("images", np.float32), ("image_masks", np.uint8), ("tokens", np.int32),
+                                         ("token_mask", np.int64), ("state", np.float64), ("noise", np.float64)])
+def test_batch_check_refuses_a_right_shaped_input_of_another_dtype(name: str, wrong: type) -> None:
+    """numpy or torch: a float64 noise or int32 prompt would be reinterpreted by the slab copy (or fail
+    inside it), so it is refused up front, naming expected and found."""
+    shape = EngineShape.for_model(get_preset("pi05_small"))
+    batch = random_batch(shape)
+    value = getattr(batch, name)
+    for bad in (value.astype(wrong), torch.from_numpy(value.astype(wrong))):
+        with pytest.raises(ObservationError, match=rf"{name}: expected {value.dtype} .*, found {np.dtype(wrong)} "):
+            replace(batch, **{name: bad}).check(shape)
+
+
+def test_batch_of_torch_tensors_is_accepted_and_loaded_like_numpy() -> None:
+    from pi0_policy_ros.engine.buffers import allocate_host
+    shape = EngineShape.for_model(get_preset("pi05_small"), image_hw=(30, 40))
+    batch = random_batch(shape, 4, valid_slots=2)
+    batch.image_masks = np.array([False, True, True])
+    as_torch = EngineBatch(**{k: torch.from_numpy(v) for k, v in vars(batch).items()})
+    as_torch.check(shape)
+    rows, order = plan_prefix(shape, as_torch.image_masks, as_torch.token_mask)
+    assert order == [1, 2, 0]
+    from_numpy, from_torch = allocate_host(shape, pin=False), allocate_host(shape, pin=False)
+    from_numpy.load(batch, order, rows.slots)
+    from_torch.load(as_torch, order, rows.slots)
+    assert torch.equal(from_torch.slab, from_numpy.slab)
+    np.testing.assert_array_equal(from_torch.images[:2].numpy(), batch.images[[1, 2]])
 
 
 def test_step_tables_equal_on_the_fly(small) -> None:
