@@ -306,6 +306,35 @@ def test_fp8_quantization_round_trip() -> None:
     assert (q.float() * s - x).abs().max() <= 0.07 * x.abs().max()
 
 
+def test_fp8_scales_are_per_output_channel_and_per_token() -> None:
+    """Weights scale per output channel (a row of W), activations per token (a row of x): a row of
+    tiny values keeps its own relative precision next to rows 10⁷ times larger, and each row's
+    largest value lands on the e4m3 maximum."""
+    rows = torch.logspace(-6, 1, 8)[:, None]
+    w, x = torch.randn(8, 32) * rows, torch.randn(8, 32) * rows
+    lin = to_fp8(Linear(w))
+    q, s = quantize_rows(x)
+    assert lin.scale.shape == (1, 8) and s.shape == (8, 1)
+    for quantized, scale, original in ((lin.weight, lin.scale.t(), w), (q, s, x)):
+        assert torch.equal(quantized.float().abs().amax(dim=1), torch.full((8,), 448.0))
+        error = (quantized.float() * scale - original).abs().amax(dim=1) / original.abs().amax(dim=1)
+        assert error.max() <= 0.07, error
+
+
+def test_static_engine_fp8_close() -> None:
+    """The FP8 prefix MLP (per-token e4m3 activations, `torch._scaled_mm`) runs on the CPU too: near
+    the float32 model, and really quantized."""
+    cfg = get_preset("pi05_small")
+    model = random_model(cfg, "cpu", torch.float32, seed=1)
+    shape = EngineShape.for_model(cfg)
+    batch = random_batch(shape, 3)
+    want = Engine.create(model, shape, "cpu", "float32", mode="eager").infer(batch)
+    bf16 = Engine.create(model, shape, "cpu", "bfloat16", mode="static").infer(batch)
+    got = Engine.create(model, shape, "cpu", "fp8", mode="static").infer(batch)
+    assert np.abs(got - want).max() <= 0.1
+    assert np.abs(got - bf16).max() > 1e-3  # not the bf16 engine
+
+
 def test_host_load_copies_the_computed_images_in_slot_order() -> None:
     """Only the images vision computes travel (valid slots first); every mask is copied, in order."""
     from pi0_policy_ros.engine.buffers import allocate_host
