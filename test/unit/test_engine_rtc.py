@@ -94,6 +94,11 @@ def test_guidance_is_checked(small) -> None:
     bad[0, 0] = np.nan
     with pytest.raises(ObservationError, match="finite"):
         engine.infer(batch, EngineGuidance(prev=bad, mask=good.mask))
+    # the mask is checked as the previous chunk is: a [1, A] row would broadcast over every row
+    with pytest.raises(ObservationError, match=rf"mask: expected \[{cfg.action_horizon}, {cfg.action_dim}\]"):
+        engine.infer(batch, EngineGuidance(prev=good.prev, mask=good.mask[:1]))
+    with pytest.raises(ObservationError, match="mask: expected finite"):
+        engine.infer(batch, EngineGuidance(prev=good.prev, mask=np.where(good.mask > 0.5, np.inf, good.mask)))
     with pytest.raises(ConfigError, match="rtc_mode"):
         Engine.create(model, shape, "cpu", "float32", mode="static", rtc_mode="inpaint")
     with pytest.raises(ConfigError, match="max_guidance_weight"):
