@@ -29,6 +29,17 @@ def test_denoise_times_are_accumulated_in_float32(errors: dict[str, float]) -> N
     assert errors["denoise_times"] == 0.0
 
 
+@pytest.mark.parametrize("num_steps", range(1, 51))
+def test_every_step_count_gives_that_many_steps(num_steps: int) -> None:
+    """openpi's loop runs exactly num_steps steps from t = 1 by dt = -1/num_steps in float32; where the
+    float32 sum ends a hair above 0 (5, 7, 9, 12 steps, …) there is still no extra step."""
+    from pi0_policy_ros.model.pi0 import euler_times
+
+    times = euler_times(num_steps)
+    assert len(times) == num_steps and times[0] == 1.0
+    assert times[-1] == pytest.approx(1.0 / num_steps, abs=1e-6)
+
+
 @pytest.mark.parametrize("path,preset", [(PI05_FIXTURE, "pi05_small"), (PI0_FIXTURE, "pi0_small")])
 def test_small_presets_equal_the_fixture_metadata(path, preset: str) -> None:
     from_metadata = load_reference(path).config
