@@ -141,6 +141,15 @@ def test_rtc_fast_update_matches_the_guided_velocity() -> None:
 
 
 # ---- the guided chain on the fixtures ---------------------------------------------------------------
+def test_execute_horizon_ends_the_mask_at_h_minus_s(setup: Setup) -> None:
+    """The default mask ends where the previous chunk does, H − s (spec §7): the chain with (d, s) is
+    the chain with the explicit mask `soft_mask(H, d, H − s)`."""
+    mask = soft_mask(setup.horizon, DELAY, setup.horizon - setup.execute_horizon)
+    explicit = sample_actions_guided(setup.model, setup.ref.inputs, setup.ref.noise, setup.other, 0, 0, 5.0,
+                                     "rtc_fast", prefix=setup.prefix, mask=mask)
+    torch.testing.assert_close(guided(setup, "other", beta=5.0, mode="rtc_fast"), explicit, rtol=0.0, atol=0.0)
+
+
 @pytest.mark.parametrize("mode", ["rtc", "rtc_fast"])
 def test_guidance_weight_zero_is_the_plain_chain(setup: Setup, mode: str) -> None:
     actions = guided(setup, "other", beta=0.0, mode=mode)
