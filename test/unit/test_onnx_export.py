@@ -77,6 +77,36 @@ def test_graphs_pass_the_checker_and_strict_shape_inference(exported: Exported, 
     assert ox.graph_signature(inferred) == ox.graph_signature(onnx.load(path))
 
 
+def test_a_graph_or_inputs_off_the_signature_are_refused(pi05: Exported) -> None:
+    """`check_signature` compares names, static dims and dtypes; `cast_inputs` the input shapes."""
+    import dataclasses
+
+    proto = onnx.load(str(pi05.files["vision"].path))
+    sig = pi05.stages["vision"].signature
+    ox.check_signature(proto, sig)
+    (out,) = sig.outputs
+    for wrong in (dataclasses.replace(out, shape=(*out.shape[:-1], out.shape[-1] + 1)),
+                  dataclasses.replace(out, dtype=torch.float16), dataclasses.replace(out, name="embs")):
+        with pytest.raises(ox.ExportError, match="vision graph outputs: expected"):
+            ox.check_signature(proto, dataclasses.replace(sig, outputs=(wrong,)))
+    with pytest.raises(ox.ExportError, match="prefix graph inputs: expected"):
+        ox.check_signature(proto, pi05.stages["prefix"].signature)
+    images = pi05.inputs["vision"][0]
+    with pytest.raises(ox.ExportError, match=r"vision input shapes: expected \[\(3, 224, 224, 3\)\], found"):
+        ox.cast_inputs(sig, (images[:2],))
+
+
+def test_fp8_check_still_needs_the_pad_mask_exact() -> None:
+    """FP8 is judged by relative error, but a bool output (`prefix_pad`) that differs fails it."""
+    def check(pad: list[bool]) -> ox.StageCheck:
+        out = ox.StageCheck("prefix", "fp8", "prefix.fp8.onnx", 0, "torch fp32")
+        return ox.compare_outputs(out, ["key_0", "prefix_pad"], [np.full((1, 4), 1.01, np.float32), np.array([pad])],
+                                  [torch.ones(1, 4), torch.tensor([[True, False]])])
+    assert check([True, False]).passed
+    bad = check([True, True])
+    assert bad.error == 1.0 and not bad.passed
+
+
 # ---- fp32 -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", ox.STAGES)
 def test_fp32_onnxruntime_matches_torch(exported: Exported, stage: str) -> None:
