@@ -149,6 +149,26 @@ def test_full_size_presets_have_openpi_names_and_shapes(preset: str, pi05: bool)
     assert got == _full_size_expectation(pi05)
 
 
+def test_inconsistent_geometry_is_refused_when_the_config_is_made() -> None:
+    """The expert attends to every PaliGemma layer's K/V, so depth, KV heads and head size must agree;
+    SigLIP projects into the PaliGemma width. Each caught here, not as a shape error mid-inference."""
+    import dataclasses
+
+    from pi0_policy_ros.errors import ConfigError
+
+    lm, expert = PI05.paligemma, PI05.expert
+    cases = [(dict(expert=dataclasses.replace(expert, depth=lm.depth + 1)), "depths must match"),
+             (dict(expert=dataclasses.replace(expert, head_dim=lm.head_dim * 2)), "KV heads/head_dim differ"),
+             (dict(expert=dataclasses.replace(expert, num_kv_heads=2)), "KV heads/head_dim differ"),
+             (dict(siglip=dataclasses.replace(PI05.siglip, projection_dim=lm.width + 1)), "projection_dim"),
+             (dict(pi05=False, discrete_state_input=True), "discrete_state_input exists only for pi0.5"),
+             (dict(action_horizon=0), "action_horizon and num_denoise_steps must be ≥ 1"),
+             (dict(num_denoise_steps=0), "action_horizon and num_denoise_steps must be ≥ 1")]
+    for changes, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            PI05.replace(**changes)
+
+
 def test_full_size_parameter_count_is_about_3_3_billion() -> None:
     total = sum(torch.Size(shape).numel() for _, shape in expected_tensors(get_preset("pi05")).values())
     assert 3.2e9 < total < 3.7e9  # pi0.5 ≈ 3.6 B with the 0.5 B expert LM head, which we never load
