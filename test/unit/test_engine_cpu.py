@@ -216,7 +216,13 @@ def test_compact_prefix_equals_full_prefix_and_eager(small) -> None:
         bucket = shape.prompt_len if hole is not None else next(b for b in shape.prompt_buckets() if b >= n_tokens)
         assert compact.last_prefix_rows == PrefixRows(max(1, sum(masks)), bucket,
                                                       leading_keys=hole is None and any(masks))
+        # what flash varlen reads on the GPU (query rows: every computed row × heads; keys: the valid ones)
+        heads = cfg.paligemma.num_heads
+        rows = compact.last_prefix_rows.rows(shape.tokens_per_image)
+        valid_keys = sum(masks) * shape.tokens_per_image + int(batch.token_mask.sum())
+        assert compact.buf.prefix_seq_ends.tolist() == [[0, rows * heads], [0, valid_keys]]
         np.testing.assert_allclose(got, full.infer(batch), atol=2e-5)
+        assert full.last_prefix_rows == shape.full_prefix  # compact_prefix=False: every slot, the whole prompt
         np.testing.assert_allclose(got, eager.infer(batch), atol=2e-5)
 
 
@@ -227,6 +233,20 @@ def test_static_engine_matches_openpi_fixture(path) -> None:
     engine = Engine.create(model, EngineShape.for_model(ref.config), "cpu", "float32", mode="static")
     got = engine.infer(_fixture_batch(path))
     assert np.abs(got - ref.expected["outputs/actions"][0].numpy()).max() <= 1e-4
+
+
+def test_engine_refuses_what_it_cannot_run(small) -> None:
+    """An unknown precision, and a PaliGemma with more than one KV head (the K/V cache holds one),
+    are configuration errors, not a wrong dtype or a shape error in the first inference."""
+    cfg, model = small
+    shape = EngineShape.for_model(cfg)
+    for mode in ("static", "eager"):
+        with pytest.raises(ConfigError, match=r"precision must be one of .*found 'fp16'"):
+            Engine.create(model, shape, "cpu", "fp16", mode=mode)
+    lm = replace(cfg.paligemma, num_kv_heads=2)
+    two_kv = cfg.replace(paligemma=lm, expert=replace(cfg.expert, num_kv_heads=2))
+    with pytest.raises(ConfigError, match="one KV head, found 2"):
+        Engine.create(random_model(two_kv, "cpu", torch.float32), shape, "cpu", "float32", mode="static")
 
 
 def test_static_engine_bf16_close() -> None:
