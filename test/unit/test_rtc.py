@@ -126,6 +126,26 @@ def test_rtc_vjp_is_exact_for_a_linear_velocity() -> None:
     torch.testing.assert_close(got_fast, v - w * e)
 
 
+@pytest.mark.parametrize("mode", ["rtc", "rtc_fast"])
+def test_every_mask_form_weights_the_rows(mode: str) -> None:
+    """W as [H], per batch row [B, H], or per row and dim [B, H, A]: row i's error is scaled by W_i.
+    A batch of two with different masks gives each item what it gets alone."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 4, generator=gen)
+    x = torch.randn(2, 6, 4, generator=gen)
+    prev = torch.randn(2, 6, 4, generator=gen)
+    masks = torch.stack((soft_mask(6, 2, 5), soft_mask(6, 0, 3, "linear")))
+    t, w = 0.7, 3.0
+
+    def guide(x_b: torch.Tensor, prev_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return guided_velocity(lambda y: y @ a.t(), x_b, t, w, prev_b, mask, mode)
+
+    per_row = guide(x, prev, masks)
+    torch.testing.assert_close(per_row, guide(x, prev, masks[:, :, None].expand(2, 6, 4)))
+    for b in range(2):
+        torch.testing.assert_close(per_row[b:b + 1], guide(x[b:b + 1], prev[b:b + 1], masks[b]))
+
+
 def test_rtc_fast_update_matches_the_guided_velocity() -> None:
     """The engine form (correct an Euler step already taken) equals stepping with the guided v."""
     gen = torch.Generator().manual_seed(1)
