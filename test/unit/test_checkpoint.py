@@ -157,13 +157,13 @@ def test_inconsistent_geometry_is_refused_when_the_config_is_made() -> None:
     from pi0_policy_ros.errors import ConfigError
 
     lm, expert = PI05.paligemma, PI05.expert
-    cases = [(dict(expert=dataclasses.replace(expert, depth=lm.depth + 1)), "depths must match"),
-             (dict(expert=dataclasses.replace(expert, head_dim=lm.head_dim * 2)), "KV heads/head_dim differ"),
-             (dict(expert=dataclasses.replace(expert, num_kv_heads=2)), "KV heads/head_dim differ"),
-             (dict(siglip=dataclasses.replace(PI05.siglip, projection_dim=lm.width + 1)), "projection_dim"),
-             (dict(pi05=False, discrete_state_input=True), "discrete_state_input exists only for pi0.5"),
-             (dict(action_horizon=0), "action_horizon and num_denoise_steps must be ≥ 1"),
-             (dict(num_denoise_steps=0), "action_horizon and num_denoise_steps must be ≥ 1")]
+    cases = [({"expert": dataclasses.replace(expert, depth=lm.depth + 1)}, "depths must match"),
+             ({"expert": dataclasses.replace(expert, head_dim=lm.head_dim * 2)}, "KV heads/head_dim differ"),
+             ({"expert": dataclasses.replace(expert, num_kv_heads=2)}, "KV heads/head_dim differ"),
+             ({"siglip": dataclasses.replace(PI05.siglip, projection_dim=lm.width + 1)}, "projection_dim"),
+             ({"pi05": False, "discrete_state_input": True}, "discrete_state_input exists only for pi0.5"),
+             ({"action_horizon": 0}, "action_horizon and num_denoise_steps must be ≥ 1"),
+             ({"num_denoise_steps": 0}, "action_horizon and num_denoise_steps must be ≥ 1")]
     for changes, message in cases:
         with pytest.raises(ConfigError, match=message):
             PI05.replace(**changes)
