@@ -249,13 +249,16 @@ def test_engine_refuses_what_it_cannot_run(small) -> None:
         Engine.create(random_model(two_kv, "cpu", torch.float32), shape, "cpu", "float32", mode="static")
 
 
-def test_static_engine_bf16_close() -> None:
+def _small_model_actions(precision: str, mode: str) -> np.ndarray:
+    """pi05_small (random weights, seed 1) on one random batch, through an engine on the CPU."""
     cfg = get_preset("pi05_small")
-    model = random_model(cfg, "cpu", torch.float32, seed=1)
     shape = EngineShape.for_model(cfg)
-    batch = random_batch(shape, 3)
-    want = Engine.create(model, shape, "cpu", "float32", mode="eager").infer(batch)
-    got = Engine.create(model, shape, "cpu", "bfloat16", mode="static").infer(batch)
+    model = random_model(cfg, "cpu", torch.float32, seed=1)
+    return Engine.create(model, shape, "cpu", precision, mode=mode).infer(random_batch(shape, 3))
+
+
+def test_static_engine_bf16_close() -> None:
+    got, want = _small_model_actions("bfloat16", "static"), _small_model_actions("float32", "eager")
     assert np.abs(got - want).max() <= 0.1
 
 
@@ -344,13 +347,8 @@ def test_fp8_scales_are_per_output_channel_and_per_token() -> None:
 def test_static_engine_fp8_close() -> None:
     """The FP8 prefix MLP (per-token e4m3 activations, `torch._scaled_mm`) runs on the CPU too: near
     the float32 model, and really quantized."""
-    cfg = get_preset("pi05_small")
-    model = random_model(cfg, "cpu", torch.float32, seed=1)
-    shape = EngineShape.for_model(cfg)
-    batch = random_batch(shape, 3)
-    want = Engine.create(model, shape, "cpu", "float32", mode="eager").infer(batch)
-    bf16 = Engine.create(model, shape, "cpu", "bfloat16", mode="static").infer(batch)
-    got = Engine.create(model, shape, "cpu", "fp8", mode="static").infer(batch)
+    got, want = _small_model_actions("fp8", "static"), _small_model_actions("float32", "eager")
+    bf16 = _small_model_actions("bfloat16", "static")
     assert np.abs(got - want).max() <= 0.1
     assert np.abs(got - bf16).max() > 1e-3  # not the bf16 engine
 
