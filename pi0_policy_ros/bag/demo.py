@@ -14,6 +14,7 @@ transport delay), and the cameras are a few milliseconds apart, as on a robot.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pi0_policy_ros.bag.inputs import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, JOINT_
                                        resolve_topic)
 from pi0_policy_ros.bag.record import DISTROS, STORAGES, OutputBag
 from pi0_policy_ros.errors import Pi0PolicyError
-from pi0_policy_ros.policy.robots import PROFILES, get_profile
+from pi0_policy_ros.policy.robots import PROFILES, configured_profile
 from pi0_policy_ros.ros.params import NodeConfig, config_from_params
 
 NS_PER_S = 1_000_000_000
@@ -79,11 +80,10 @@ def demo_topics(profile: str | None = None, params_file: str | Path | None = Non
                   "camera_types": ["raw"] + ["compressed"] * (len(cameras) - 1), "joint_names": joints,
                   "action_joint_names": actions if len(joints) != robot.action_dim else []}
     config = config_from_params(values)
-    try:  # sized as the node's policy sizes it (profile_state_dim, ...: the generic profile)
-        robot = get_profile(values.get("robot_profile") or DEFAULT_PROFILE, **config.policy.profile_overrides())
-    except KeyError as exc:
-        raise Pi0PolicyError(str(exc.args[0])) from None
-    return DemoTopics(config.resolve(robot), namespace)
+    # Sized as the node's policy sizes it (profile_state_dim, ...: the generic profile); a file that
+    # names no profile gets the demo's.
+    named = dataclasses.replace(config.policy, robot_profile=values.get("robot_profile") or DEFAULT_PROFILE)
+    return DemoTopics(config.resolve(configured_profile(named)), namespace)
 
 
 def render_frame(camera_index: int, t_s: float, width: int, height: int) -> np.ndarray:

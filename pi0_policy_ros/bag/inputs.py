@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.policy.robots import get_profile
+from pi0_policy_ros.policy.robots import configured_profile
 from pi0_policy_ros.ros.params import (  # noqa: F401 - load_params_file, resolve_topic: re-exported
     NODE_NAME,
     SPECS,
@@ -109,7 +109,7 @@ class ReplaySetup:
             self.output_topic("~/action_chunk_stamp"): HEADER_TYPE,
             self.output_topic("~/action_chunk"): FLOAT32_MULTI_ARRAY_TYPE,
         }
-        action_space = get_profile(self.config.policy.robot_profile).action_space
+        action_space = configured_profile(self.config.policy).action_space
         if publishes_trajectory(self.config.trajectory_actions, action_space):
             topics[self.output_topic("~/joint_trajectory")] = JOINT_TRAJECTORY_TYPE
         return topics

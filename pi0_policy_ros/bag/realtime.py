@@ -34,7 +34,7 @@ from pi0_policy_ros.bag.reader import InputBag
 from pi0_policy_ros.bag.record import OutputBag, canonical_cdr, check_output_path, decode_cdr, typestore
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary, reason_kind
 from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
-from pi0_policy_ros.policy.robots import RobotProfile, get_profile
+from pi0_policy_ros.policy.robots import configured_profile
 from pi0_policy_ros.ros.params import NodeConfig
 
 NS_PER_S = 1_000_000_000
@@ -77,17 +77,9 @@ def message_class(msgtype: str) -> Any:
                             f"found none ({exc})") from None
 
 
-def robot_profile(setup: ReplaySetup) -> RobotProfile:
-    """The node's robot profile with the parameter file's profile_* values, as its policy builds it."""
-    try:
-        return get_profile(setup.config.policy.robot_profile, **setup.config.policy.profile_overrides())
-    except KeyError as exc:
-        raise ConfigError(str(exc.args[0])) from None
-
-
 def resolved_config(setup: ReplaySetup) -> NodeConfig:
     """The node's configuration resolved against its robot profile (joint names filled in)."""
-    return setup.config.resolve(robot_profile(setup))
+    return setup.config.resolve(configured_profile(setup.config.policy))
 
 
 class NodeProcess:
@@ -372,7 +364,7 @@ def replay_realtime(bag_path: str | Path, out_path: str | Path, setup: ReplaySet
     if not options.rate > 0:
         raise ConfigError(f"rate: expected a factor > 0, found {options.rate}")
     config = resolved_config(setup)
-    period_s = robot_profile(setup).action_period_s
+    period_s = configured_profile(setup.config.policy).action_period_s
     summary = ReplaySummary("realtime", str(bag_path), str(out_path), config.control.control_rate_hz)
     summary.extra["rate"] = options.rate
     check_output_path(out_path, overwrite)

@@ -30,8 +30,8 @@ from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, 
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.normalize import (ACTIONS_KEY, STATE_KEY, Normalizer, check_stats_dims,
                                              identity_stats)
-from pi0_policy_ros.policy.robots import (RobotProfile, finalize_actions, get_profile, openpi_training_transforms,
-                                          prepare_inputs, robot_actions_to_model)
+from pi0_policy_ros.policy.robots import (RobotProfile, configured_profile, finalize_actions,
+                                          openpi_training_transforms, prepare_inputs, robot_actions_to_model)
 from pi0_policy_ros.policy.tokenizer import (TOKENIZER_FILE_NAMES, PromptTokenizer, find_tokenizer_model,
                                              train_tiny_tokenizer)
 from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
@@ -137,10 +137,7 @@ class Policy:
     def from_config(cls, config: PolicyConfig) -> Policy:
         device = _check_device(config)
         _check_backend(config, device)
-        try:
-            profile = get_profile(config.robot_profile, **config.profile_overrides())
-        except KeyError as exc:
-            raise ConfigError(str(exc.args[0])) from None
+        profile = configured_profile(config)
         dtype = TORCH_DTYPES.get(config.precision, torch.bfloat16)  # fp8 engine: bf16 base weights
         checkpoint: LoadedCheckpoint | None = None
         if config.checkpoint_path:

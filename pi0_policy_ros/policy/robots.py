@@ -29,12 +29,15 @@ import dataclasses
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import numpy as np
 
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.resize import pad_geometry, pil_bilinear_resize
+
+if TYPE_CHECKING:
+    from pi0_policy_ros.policy.config import PolicyConfig
 
 BASE_SLOT = "base_0_rgb"
 LEFT_WRIST_SLOT = "left_wrist_0_rgb"
@@ -245,6 +248,15 @@ def get_profile(name: str, **overrides: object) -> RobotProfile:
     if unknown:
         raise ConfigError(f"unknown robot profile fields {unknown}; valid fields: {sorted(fields)}")
     return dataclasses.replace(profile, **overrides)  # type: ignore[arg-type]
+
+
+def configured_profile(config: PolicyConfig) -> RobotProfile:
+    """The profile `config` names, with its profile_* values (the generic profile's dims), as the
+    policy runs it; an unknown name is a ConfigError listing the valid ones."""
+    try:
+        return get_profile(config.robot_profile, **config.profile_overrides())
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
 
 
 # --- Images ---------------------------------------------------------------------------------------

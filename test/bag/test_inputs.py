@@ -59,13 +59,14 @@ def test_override_of_an_unknown_parameter_is_refused(tmp_path: Path) -> None:
 def test_the_realtime_replay_sizes_the_generic_profile_as_the_node_does(tmp_path: Path) -> None:
     # The node's policy applies profile_state_dim / _action_dim / _action_period_s to the generic
     # profile; the real-time replay resolved the joints and the report's period without them.
-    from pi0_policy_ros.bag.realtime import resolved_config, robot_profile
+    from pi0_policy_ros.bag.realtime import resolved_config
+    from pi0_policy_ros.policy.robots import configured_profile
 
     params = write_params(tmp_path / "generic.yaml", robot_profile="generic", camera_names=["base"],
                           camera_types=["raw"], profile_state_dim=8, profile_action_dim=7,
                           profile_action_period_s=0.05)
     setup = make_setup(params)
-    assert robot_profile(setup).action_period_s == 0.05
+    assert configured_profile(setup.config.policy).action_period_s == 0.05
     config = resolved_config(setup)
     assert len(config.joint_names) == 8 and len(config.action_joint_names) == 7
 
