@@ -2,7 +2,7 @@
 
 openpi (spec §6): `model.safetensors` with `PI0Pytorch.state_dict()` names, plus
 `assets/<asset_id>/norm_stats.json`, and usually the converter's own `config.json` (no LeRobot
-"type"; not read). The model type is not written down, so it and the geometry are read off the
+"type"; only its `action_horizon` is read, to warn when the robot profile samples another). The model type is not written down, so it and the geometry are read off the
 tensors (pi0.5 has `time_mlp_in`, pi0 has `state_proj`).
 
 LeRobot: `config.json` (`"type": "pi0" | "pi05"`, `chunk_size`, `tokenizer_max_length`, …),
@@ -126,13 +126,28 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
     return ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
 
 
+def _warn_on_trained_horizon(path: Path, horizon: int) -> None:
+    """openpi's converter records the training config's `action_horizon` in `config.json`. Sampling
+    another horizon runs (no weight depends on it) but the expert then denoises a sequence length it
+    was not trained on, so say so once."""
+    try:
+        config = json.loads((path / LEROBOT_CONFIG).read_text())
+    except (OSError, ValueError):
+        return
+    trained = config.get("action_horizon") if isinstance(config, dict) else None
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained != horizon:
+        log.warning("%s: the checkpoint was trained with action_horizon %d (its config.json), the robot profile "
+                    "samples %d actions; set profile_action_horizon to %d unless that is intended",
+                    path, trained, horizon, trained)
+
+
 def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None) -> LoadedCheckpoint:
     tensors, metadata = read_safetensors(path / WEIGHTS_FILE)
     truncated = _truncated_vocab_allowed(tensors, metadata)
     cfg = resolve_geometry(tensors, preset, truncated, path)
     if horizon is not None:
-        # Not in the weights (no weight depends on it); the converter's config.json, which may
-        # record it, is not read: the robot profile decides.
+        # Not in the weights (no weight depends on it): the robot profile decides.
+        _warn_on_trained_horizon(path, horizon)
         cfg = cfg.replace(action_horizon=horizon)
     stats_file = find_openpi_norm_stats(path, asset_id)
     stats = load_openpi_norm_stats(stats_file)
@@ -190,7 +205,7 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
 def load_checkpoint_dir(path: str | Path, preset: str = AUTO_PRESET, asset_id: str = "",
                         horizon: int | None = None) -> LoadedCheckpoint:
     """Detect the layout of `path` and read it. `horizon` sets the action horizon of openpi
-    checkpoints, which do not record it (the robot profile knows it)."""
+    checkpoints, whose weights do not record it (the robot profile knows it)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint directory not found: {path}")

@@ -149,6 +149,27 @@ def test_openpi_directory_with_the_converters_config_json_is_openpi(tmp_path: Pa
     assert loaded.format == "openpi" and loaded.asset_id == "libero"
 
 
+@pytest.mark.parametrize("trained", [10, 50])
+def test_a_profile_horizon_other_than_the_converters_is_a_warning(tmp_path: Path, trained: int,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # The converter's config.json records the training horizon; no weight depends on it, so another
+    # one runs, but the expert then denoises a length it was not trained on.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    (path / "config.json").write_text(json.dumps({"action_dim": 32, "action_horizon": trained,
+                                                  "paligemma_variant": "gemma_2b",
+                                                  "action_expert_variant": "gemma_300m", "precision": "float32"}))
+    with caplog.at_level("WARNING", logger="pi0_policy_ros.policy.checkpoint_dir"):
+        loaded = load_checkpoint_dir(path, horizon=10)
+    assert loaded.model_config.action_horizon == 10
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if trained == 10:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1
+        assert "trained with action_horizon 50" in warnings[0] and "samples 10 actions" in warnings[0]
+        assert "profile_action_horizon to 50" in warnings[0]
+
+
 @pytest.mark.parametrize("policy_type,fixture", [("pi05", PI05_FIXTURE), ("pi0", PI0_FIXTURE)])
 def test_lerobot_relative_actions_are_refused(tmp_path: Path, policy_type: str, fixture: Path) -> None:
     # LeRobot >= 0.5.1 can train on actions relative to the state; its postprocessor adds the state
