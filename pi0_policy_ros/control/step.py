@@ -199,7 +199,8 @@ class ControlStep:
         seen = {"observation": observation, "age_s": snapshot.age_s, "camera_skew_s": snapshot.camera_skew_s}
         t_decoded = time.perf_counter()
 
-        start_s, stamp_s = now_s, min(snapshot.stamp_s, now_s)  # a stamp slightly ahead counts as now
+        # A stamp slightly ahead counts as now, in every mode (the chunk keeps the observation's own).
+        start_s, stamp_s = now_s, min(snapshot.stamp_s, now_s)
         request = scheduler.begin(start_s, stamp_s) if scheduler is not None else None
         try:
             guidance = _guidance(request)
@@ -233,7 +234,7 @@ class ControlStep:
             assert request is not None
             kept = scheduler.complete(request, chunk.actions, now_s)
             if self.scheduler_config.mode == NAIVE:
-                plan = plan_trajectory(chunk.actions, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
+                plan = plan_trajectory(chunk.actions, chunk.period_s, stamp_s, now_s, min_lead_s)
             else:
                 plan = self._scheduled_plan(scheduler, request, now_s, min_lead_s) if kept else None
         except Pi0PolicyError as exc:  # ConfigError included (execute_horizon > horizon)
@@ -241,7 +242,7 @@ class ControlStep:
             return self._hold(UNUSABLE_CHUNK, f"unusable chunk: {exc}", now_s, ERROR, chunk=chunk, **seen)
         if plan is None or plan.empty:
             scheduler.withdraw(request)  # nothing of it goes out: the controller keeps the previous chunks
-            reason = expired_reason(chunk.horizon, chunk.period_s, chunk.stamp_s, now_s, min_lead_s)
+            reason = expired_reason(chunk.horizon, chunk.period_s, stamp_s, now_s, min_lead_s)
             return self._hold(EXPIRED_CHUNK, reason, now_s, chunk=chunk, **seen)
         start = self.safety.limit_start(plan.positions, float(plan.times_from_start_s[0]), self._measured(now_s))
         if start.rejected:

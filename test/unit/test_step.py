@@ -348,6 +348,20 @@ def test_a_stamp_slightly_ahead_of_the_clock_counts_as_now(prepared: bool) -> No
     assert not step.scheduler_status().in_flight and step.scheduler_status().chunks_received == 1
 
 
+def test_naive_mode_also_takes_a_stamp_slightly_ahead_as_now() -> None:
+    # Action k is planned for now + k periods, as in the scheduled modes: the unclipped stamp would
+    # delay the whole trajectory by the clocks' offset (up to max_future_stamp_s).
+    step = make_step()
+    feed(step, 10.03)
+    result = step.run(lambda: 10.0)
+    assert result.published, result.reason
+    expected = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    reference = plan_trajectory(expected, PROFILE.action_period_s, 10.0, 10.0, CONTROL.control_period_s)
+    np.testing.assert_array_equal(result.plan.times_from_start_s, reference.times_from_start_s)
+    np.testing.assert_array_equal(result.plan.positions, reference.positions)
+    assert result.chunk.stamp_s == pytest.approx(10.03)
+
+
 def test_the_action_joints_are_read_from_their_own_state_dims() -> None:
     # Action joints (j2, j0, j1) against state joints (j0, j1, j2): the current position of action
     # dim 0 is state dim 2, and so on, both for the safety filter's first step and for a hold point.
