@@ -165,6 +165,22 @@ class ControlStep:
         self._executing = False
         self._last_now_s = None
 
+    @property
+    def executing(self) -> bool:
+        """A trajectory of ours may still be running on the controller (no hold point sent since)."""
+        return self._executing
+
+    def stop_plan(self, now_s: float) -> TrajectoryPlan | None:
+        """The loop stops (deactivate, shutdown): with `hold_position` and a trajectory of ours running,
+        the hold point a held tick would send; None otherwise (`stop`: the controller finishes what
+        it has) or when there is no fresh measured position."""
+        if self.hold_mode != HOLD_POSITION or not self._executing:
+            return None
+        plan = self._hold_plan(now_s)
+        if plan is not None:
+            self._executing = False
+        return plan
+
     def scheduler_status(self) -> SchedulerStatus:
         if self._scheduler is None:
             return SchedulerStatus(mode=self.scheduler_config.mode, delay_steps=0, latency_s=math.nan,

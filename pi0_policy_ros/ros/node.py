@@ -6,7 +6,8 @@ Lifecycle:
   subscriptions and publishers. Any failure returns FAILURE, frees what was built, and leaves the
   node unconfigured, so that it can be configured again once the parameter is fixed. The reason
   is logged and published on /diagnostics (level ERROR, "configure failed: <reason>").
-- activate: start the control timer. deactivate: stop it; no command goes out while inactive.
+- activate: start the control timer. deactivate: stop it; no command goes out while inactive
+  (with `hold_mode: hold_position`, the hold point goes out first: see Holds).
 - cleanup / shutdown / error: `_release()` (idempotent) closes the policy and destroys entities.
 
 Topics (relative names resolve in the node's namespace; remap them in the launch file):
@@ -66,7 +67,9 @@ and, by `hold_mode`:
   ahead, with no chunk and no stamp (consumers pairing trajectories with `~/action_chunk_stamp`
   must use `stop`). The controller replaces what it was executing and stops there. Nothing is
   sent when the measured position is older than `max_observation_age_s` or the action joints are
-  not measured joints (end-effector actions): the hold then behaves like `stop`.
+  not measured joints (end-effector actions): the hold then behaves like `stop`. Leaving the
+  active state (deactivate, shutdown, error) is such a hold too: the point goes out before the
+  publishers stop.
 The timer sits in its own mutually exclusive callback group, so a slow inference skips ticks
 instead of queueing them.
 """
@@ -107,7 +110,7 @@ from trajectory_msgs.msg import JointTrajectory
 from pi0_policy_ros.control.monitor import ERROR, WARN, ControlMonitor, HealthReport, configure_failure_report
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
-from pi0_policy_ros.control.step import HOLD, WAIT, ControlStep, action_state_indices
+from pi0_policy_ros.control.step import HOLD, HOLD_POSITION, WAIT, ControlStep, action_state_indices
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.types import ActionChunk, Observation
@@ -488,8 +491,28 @@ class PolicyNode(LifecycleNode):
         if self._control_timer is not None:
             self.destroy_timer(self._control_timer)
             self._control_timer = None
+            self._send_stop_point()
         if self._monitor is not None:
             self._monitor.stop()
+
+    def _send_stop_point(self) -> None:
+        """Leaving the active state (deactivate, shutdown, error) is a hold: with hold_position, the
+        hold point goes out while the publishers are still enabled; without it the controller would
+        run the last chunk to its end. Called with the lock held, after the timer is gone."""
+        step, config, pub = self._step, self._config, self._trajectory_pub
+        if step is None or config is None or pub is None or step.hold_mode != HOLD_POSITION or not step.executing:
+            return
+        try:
+            plan = step.stop_plan(self._now_s())
+            if plan is None:
+                self.get_logger().warning("hold_position: no fresh measured position of the action joints; no "
+                                          "hold point sent, the controller finishes its trajectory")
+                return
+            pub.publish(convert.trajectory_message(plan, config.action_joint_names))
+        except Exception as exc:  # noqa: BLE001 - the transition must complete (e.g. a context already shut down)
+            self.get_logger().error(f"hold_position: the hold point could not be sent: {exc!r}")
+            return
+        self.get_logger().info("hold_position: hold point sent at the measured position")
 
     def _release(self) -> None:
         """Free everything configure built; safe to call in any state, any number of times."""

@@ -306,3 +306,30 @@ def test_velocity_actions_stay_off_the_trajectory_topic(make_node, probe, trajec
     else:
         assert advertised == 1
         wait_for(lambda: probe.counts()[0] >= 3)
+
+
+@pytest.mark.parametrize("hold_mode", ["stop", "hold_position"])
+@pytest.mark.parametrize("transition", ["deactivate", "shutdown"])
+def test_leaving_active_holds_as_hold_mode_says(make_node, probe, hold_mode: str, transition: str) -> None:
+    """Deactivate or shutdown while a chunk runs on the controller: with hold_position one hold point
+    at the measured position goes out (the controller stops there instead of running the chunk to its
+    end), with stop nothing; then nothing more either way."""
+    node = active(make_node, params={"hold_mode": hold_mode})
+    wait_for(lambda: probe.counts()[0] >= 3)
+    assert getattr(node, f"trigger_{transition}")() == SUCCESS
+    time.sleep(0.3)  # what the transition sent is delivered
+    with probe.lock:
+        trajectories, chunks = list(probe.trajectories), list(probe.chunks)
+    extra = len(trajectories) - len(chunks)
+    if hold_mode == "stop":
+        assert extra == 0 and len(trajectories[-1].points) > 1
+    else:
+        assert extra == 1
+        hold = trajectories[-1]
+        assert hold.joint_names == JOINTS and len(hold.points) == 1
+        assert list(hold.points[0].positions) == probe.state.tolist()
+        assert list(hold.points[0].velocities) == [0.0] * len(JOINTS)
+        assert duration_s(hold.points[0].time_from_start) == pytest.approx(1.0 / RATE_HZ)
+    after = probe.counts()
+    time.sleep(0.4)
+    assert probe.counts() == after
