@@ -196,6 +196,10 @@ class ControlStep:
             return jumped
         now_s = self._monotonic(now_s)
         scheduler = self._scheduler
+        if scheduler is not None:
+            # d counts the lead the points go out with: one control period, which the node's
+            # control_rate_hz may have changed since the scheduler was built.
+            scheduler.lead_s = self.buffer.config.control_period_s
         if self.scheduler_config.mode != NAIVE and scheduler is not None and not scheduler.should_start(now_s):
             return StepResult(WAIT)
 

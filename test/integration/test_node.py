@@ -333,3 +333,17 @@ def test_leaving_active_holds_as_hold_mode_says(make_node, probe, hold_mode: str
     after = probe.counts()
     time.sleep(0.4)
     assert probe.counts() == after
+
+
+def test_control_rate_change_while_active_moves_the_rtc_delay(make_node, probe) -> None:
+    """rtc: d counts the lead each chunk's first point is sent with (one control period). Lowering
+    control_rate_hz while active lengthens that lead, so d must grow with it: the guidance froze
+    too short a prefix when the scheduler kept the lead of configure time."""
+    node = active(make_node, params={"chunk_mode": "rtc_fast"})
+    wait_for(lambda: probe.counts()[0] >= 3)
+    before = node.policy.guidance[-1].delay_steps
+    assert before <= 2  # 20 Hz: 50 ms lead + a few ms of fake latency, 50 ms actions
+    assert node.set_parameters([Parameter("control_rate_hz", value=4.0)])[0].successful
+    lead_steps = round(0.25 / PROFILE.action_period_s)  # 250 ms of lead: 5 action periods
+    wait_for(lambda: (g := node.policy.guidance[-1]) is not None and g.delay_steps >= lead_steps)
+    wait_for(lambda: int(probe.latest_values().get("scheduler.delay_steps", "0")) >= lead_steps)
