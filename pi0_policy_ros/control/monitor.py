@@ -172,6 +172,11 @@ class ControlMonitor:
             return HealthReport(OK, f"running at {rate_hz:.2f} Hz", values)
 
 
+def transition_failure_report(transition: str, reason: str) -> HealthReport:
+    """What /diagnostics says last after a lifecycle transition failed: which one, and why."""
+    return HealthReport(ERROR, f"{transition} failed: {reason}", {"active": "False", f"{transition}_error": reason})
+
+
 def configure_failure_report(reason: str) -> HealthReport:
     """What /diagnostics says after a failed configure: the node is up, unconfigured, and why."""
-    return HealthReport(ERROR, f"configure failed: {reason}", {"active": "False", "configure_error": reason})
+    return transition_failure_report("configure", reason)

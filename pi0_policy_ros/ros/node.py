@@ -9,6 +9,10 @@ Lifecycle:
 - activate: start the control timer. deactivate: stop it; no command goes out while inactive
   (with `hold_mode: hold_position`, the hold point goes out first: see Holds).
 - cleanup / shutdown / error: `_release()` (idempotent) closes the policy and destroys entities.
+- A transition callback that raises (a bug): rclpy would turn it into ERROR without a word. The
+  exception is logged at ERROR ("<transition> failed: <type>: <message>"), on_error releases
+  everything and publishes a last /diagnostics status with that text (level ERROR); the node is
+  then unconfigured (finalized if releasing fails too).
 
 Topics (relative names resolve in the node's namespace; remap them in the launch file):
 - subscribed: one per camera (`camera_topics`, Image or CompressedImage, sensor-data QoS),
@@ -31,7 +35,7 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      end-effector deltas, which a controller would take for joint positions, unless
      `trajectory_actions: any`.
 - `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, and
-  once after a failed configure.
+  once after a failed configure or a transition that raised.
 
 The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
 `Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
@@ -107,7 +111,8 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
 
-from pi0_policy_ros.control.monitor import ERROR, WARN, ControlMonitor, HealthReport, configure_failure_report
+from pi0_policy_ros.control.monitor import (ERROR, WARN, ControlMonitor, HealthReport, configure_failure_report,
+                                            transition_failure_report)
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.step import HOLD, HOLD_POSITION, WAIT, ControlStep, action_state_indices
@@ -241,6 +246,8 @@ class PolicyNode(LifecycleNode):
         self._control_timer: Timer | None = None
         self._diagnostics_timer: Timer | None = None
         self._sequence = 0
+        # (transition, reason) of the transition that raised, for on_error's last status (see _transition).
+        self._failed_transition: tuple[str, str] | None = None
         self._prompt: str | None = self.get_parameter("prompt").value or None
         self._autostart_timer: Timer | None = None
         if self.get_parameter("autostart").value:
@@ -355,8 +362,28 @@ class PolicyNode(LifecycleNode):
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
 
+    def _transition(self, name: str, body: Callable[[], TransitionCallbackReturn | None]) -> TransitionCallbackReturn:
+        """Runs a transition callback's body (None: SUCCESS). rclpy turns an exception raised in a
+        transition callback into ERROR without logging it, and calls on_error with the state the
+        transition started from: the exception is logged here, once, and kept for on_error."""
+        try:
+            result = body()
+        except Exception as exc:  # noqa: BLE001 - rclpy would swallow it
+            reason = f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"{name} failed: {reason}")
+            self._failed_transition = (name, reason)
+            return TransitionCallbackReturn.ERROR
+        if result == TransitionCallbackReturn.ERROR:
+            reason = "a managed entity returned ERROR"
+            self.get_logger().error(f"{name} failed: {reason}")
+            self._failed_transition = (name, reason)
+        return TransitionCallbackReturn.SUCCESS if result is None else result
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """SUCCESS once the policy is loaded and warmed up; FAILURE (reason logged) otherwise."""
+        return self._transition("configure", self._configure_or_fail)
+
+    def _configure_or_fail(self) -> TransitionCallbackReturn:
         try:
             self._configure()
         except Exception as exc:  # noqa: BLE001 - any load failure is a FAILURE, never a dead process
@@ -456,6 +483,9 @@ class PolicyNode(LifecycleNode):
         return chunk
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("activate", functools.partial(self._activate, state))
+
+    def _activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the lifecycle publishers before the first tick
         if result != TransitionCallbackReturn.SUCCESS:
             return result
@@ -470,22 +500,38 @@ class PolicyNode(LifecycleNode):
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("deactivate", functools.partial(self._deactivate, state))
+
+    def _deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._lock:  # waits for an in-flight tick
             self._stop_control()
         self.get_logger().info("deactivated")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
+        return self._transition("cleanup", self._release)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
+        return self._transition("shutdown", self._release)
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
+        """After a transition that raised (logged by `_transition`): everything is released and a last
+        /diagnostics status (ERROR, "<transition> failed: <reason>") says why the node stopped.
+        SUCCESS leaves it unconfigured; if releasing fails too, ERROR (rclpy: finalized)."""
+        transition, reason = self._failed_transition or ("transition", f"unknown (error processing from {state.label})")
+        self._failed_transition = None
+        result = TransitionCallbackReturn.SUCCESS
+        try:
+            self._release()
+        except Exception as exc:  # noqa: BLE001 - the last status must still go out
+            self.get_logger().error(f"error processing: releasing failed: {type(exc).__name__}: {exc}")
+            reason = f"{reason}; releasing failed too: {type(exc).__name__}: {exc}"
+            result = TransitionCallbackReturn.ERROR
+        self._publish_report(transition_failure_report(transition, reason))
+        if result == TransitionCallbackReturn.SUCCESS:
+            self.get_logger().info(f"error processing after the failed {transition}: everything released, the node "
+                                   "is unconfigured (configure it again once the cause is fixed)")
+        return result
 
     def _stop_control(self) -> None:
         if self._control_timer is not None:
@@ -686,11 +732,14 @@ class PolicyNode(LifecycleNode):
                 "chunks_received": status.chunks_received, "chunks_dropped": status.chunks_dropped,
                 "hold_mode": step.hold_mode})
         monitor.set_values("prompt", self._prompt_status)
-        self._publish_report(monitor.report(self._now_s()))
+        self._publish_report(monitor.report(self._now_s()), monitor)
 
-    def _publish_report(self, report: HealthReport) -> None:
+    def _publish_report(self, report: HealthReport, monitor: ControlMonitor | None = None) -> None:
+        """monitor: the one a periodic report comes from; it is dropped if `_release()` ran since, so
+        that a report built by a timer callback already under way never follows a last status
+        (failed transition, shutdown)."""
         with self._diagnostics_lock:
-            if self._diagnostics is not None:
+            if self._diagnostics is not None and (monitor is None or monitor is self._monitor):
                 self._diagnostics.publish(report)
 
     def destroy_node(self) -> None:

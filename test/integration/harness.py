@@ -13,8 +13,9 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import Log
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
@@ -22,6 +23,8 @@ from trajectory_msgs.msg import JointTrajectory
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, DIAGNOSTICS_QOS, PROMPT_QOS
 
 JOINTS = ["j0", "j1", "j2"]
+# What rcl publishes /rosout with (rcl_qos_profile_rosout_default): a late subscriber still gets the log.
+ROSOUT_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 IMAGE_A = (np.arange(6 * 8 * 3, dtype=np.uint8) * 3).reshape(6, 8, 3)  # raw rgb8
 IMAGE_B = (255 - np.arange(4 * 5 * 3, dtype=np.uint8) * 7).reshape(4, 5, 3)  # PNG: lossless
 
@@ -65,6 +68,7 @@ class Probe(Node):
         self.chunks: list[Float32MultiArray] = []
         self.stamps: list[Header] = []
         self.diagnostics: list[Any] = []  # DiagnosticStatus of the policy node only
+        self.logs: list[Log] = []  # /rosout of the policy node only: its log as an operator's tools see it
         self._pub_a = self.create_publisher(Image, "cam_a/image_raw", qos_profile_sensor_data)
         self._pub_b = self.create_publisher(CompressedImage, "cam_b/image_raw/compressed", qos_profile_sensor_data)
         self._pub_js = self.create_publisher(JointState, "joint_states", 10)
@@ -74,7 +78,9 @@ class Probe(Node):
         self.create_subscription(Float32MultiArray, prefix + "action_chunk", self._store(self.chunks), CHUNK_QOS)
         self.create_subscription(Header, prefix + "action_chunk_stamp", self._store(self.stamps), CHUNK_QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_QOS)
+        self.create_subscription(Log, "/rosout", self._on_log, ROSOUT_QOS)
         self._status_name = f"{policy_node}: control"
+        self._logger_name = ".".join([*namespace.strip("/").split("/"), policy_node]).lstrip(".")
         self._hardware_id = f"{namespace.rstrip('/')}/{policy_node}"
         self._timer = self.create_timer(1.0 / rate_hz, self.publish_inputs)
 
@@ -88,6 +94,20 @@ class Probe(Node):
         with self.lock:
             self.diagnostics.extend(s for s in msg.status
                                     if s.name == self._status_name and s.hardware_id == self._hardware_id)
+
+    def _on_log(self, msg: Log) -> None:
+        if msg.name == self._logger_name:
+            with self.lock:
+                self.logs.append(msg)
+
+    def log_lines(self, level: int | None = None, contains: str = "") -> list[str]:
+        """The policy node's log messages so far (at `level` if given) that contain `contains`."""
+        with self.lock:
+            return [m.msg for m in self.logs if (level is None or m.level == level) and contains in m.msg]
+
+    def publish_image_a(self, msg: Image) -> None:
+        """One extra cam_a frame, besides the timer's."""
+        self._pub_a.publish(msg)
 
     def destroy_node(self) -> None:
         with self._publish_lock:

@@ -347,3 +347,72 @@ def test_control_rate_change_while_active_moves_the_rtc_delay(make_node, probe) 
     lead_steps = round(0.25 / PROFILE.action_period_s)  # 250 ms of lead: 5 action periods
     wait_for(lambda: (g := node.policy.guidance[-1]) is not None and g.delay_steps >= lead_steps)
     wait_for(lambda: int(probe.latest_values().get("scheduler.delay_steps", "0")) >= lead_steps)
+
+
+def _fail_once(method, message: str):  # noqa: ANN001, ANN202
+    """`method`, except that its first call raises RuntimeError(message): a bug inside a transition."""
+    calls = []
+
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(message)
+        return method(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("transition", ["activate", "deactivate", "cleanup"])
+def test_transition_that_raises_is_logged_and_reported(make_node, probe, transition: str) -> None:
+    """rclpy turns an exception in a transition callback into ERROR without logging it, and on_error
+    then released everything silently while /diagnostics stopped at its last status ("running"). The
+    exception must be logged at ERROR once and a last ERROR status name the transition and why; the
+    node is then unconfigured and can be configured again."""
+    from rcl_interfaces.msg import Log
+
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+    if transition == "activate":
+        node._step.reset = _fail_once(node._step.reset, "boom in activate")
+    else:
+        assert node.trigger_activate() == SUCCESS
+        wait_for(lambda: probe.latest_status("running"))
+        if transition == "cleanup":
+            assert node.trigger_deactivate() == SUCCESS
+        target = "_stop_control" if transition == "deactivate" else "_release"
+        setattr(node, target, _fail_once(getattr(node, target), f"boom in {transition}"))
+    assert getattr(node, f"trigger_{transition}")() == TransitionCallbackReturn.ERROR
+    status = wait_for(lambda: probe.latest_status(f"{transition} failed"))
+    assert status.level == b"\x02"
+    assert status.message == f"{transition} failed: RuntimeError: boom in {transition}"
+    time.sleep(0.3)  # no periodic status after it: it is the last word
+    assert probe.latest_status() is status
+    wait_for(lambda: probe.log_lines(Log.ERROR, f"boom in {transition}"))
+    time.sleep(0.2)
+    assert probe.log_lines(Log.ERROR, f"boom in {transition}") == [
+        f"{transition} failed: RuntimeError: boom in {transition}"]
+    assert node._state_machine.current_state[1] == "unconfigured"
+    assert node.policy is None
+    after = probe.counts()
+    time.sleep(0.3)
+    assert probe.counts() == after
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    wait_for(lambda: probe.counts()[1] > after[1])
+
+
+def test_error_processing_that_fails_still_reports(make_node, probe, monkeypatch) -> None:
+    """cleanup raises, and so does the release in on_error: the node is finalized (as rclpy does with
+    an on_error that raises) and the last status still says why, both failures included."""
+    from rcl_interfaces.msg import Log
+
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+
+    def broken() -> None:
+        raise RuntimeError("stuck")
+    monkeypatch.setattr(node, "_release", broken)  # undone before the fixture's teardown releases
+    assert node.trigger_cleanup() == TransitionCallbackReturn.ERROR
+    status = wait_for(lambda: probe.latest_status("cleanup failed"))
+    assert status.level == b"\x02"
+    assert status.message == "cleanup failed: RuntimeError: stuck; releasing failed too: RuntimeError: stuck"
+    assert node._state_machine.current_state[1] == "finalized"
+    wait_for(lambda: len(probe.log_lines(Log.ERROR, "stuck")) == 2)
