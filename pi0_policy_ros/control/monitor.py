@@ -180,3 +180,8 @@ def transition_failure_report(transition: str, reason: str) -> HealthReport:
 def configure_failure_report(reason: str) -> HealthReport:
     """What /diagnostics says after a failed configure: the node is up, unconfigured, and why."""
     return transition_failure_report("configure", reason)
+
+
+def shutdown_report() -> HealthReport:
+    """The last status of a node shut down on purpose (monitoring tools would see it go stale otherwise)."""
+    return HealthReport(OK, "shut down", {"active": "False"})

@@ -35,7 +35,8 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      end-effector deltas, which a controller would take for joint positions, unless
      `trajectory_actions: any`.
 - `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, and
-  once after a failed configure or a transition that raised.
+  once after a failed configure or a transition that raised; a last one ("shut down", level OK)
+  at shutdown.
 
 The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
 `Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
@@ -112,7 +113,7 @@ from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
 
 from pi0_policy_ros.control.monitor import (ERROR, WARN, ControlMonitor, HealthReport, configure_failure_report,
-                                            transition_failure_report)
+                                            shutdown_report, transition_failure_report)
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.step import HOLD, HOLD_POSITION, WAIT, ControlStep, action_state_indices
@@ -512,7 +513,13 @@ class PolicyNode(LifecycleNode):
         return self._transition("cleanup", self._release)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        return self._transition("shutdown", self._release)
+        return self._transition("shutdown", self._shut_down)
+
+    def _shut_down(self) -> None:
+        self._release()
+        # Said on purpose: a monitor would otherwise only see the last periodic status go stale.
+        # The /diagnostics publisher lives until destroy_node().
+        self._publish_report(shutdown_report())
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         """After a transition that raised (logged by `_transition`): everything is released and a last

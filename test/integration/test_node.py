@@ -416,3 +416,17 @@ def test_error_processing_that_fails_still_reports(make_node, probe, monkeypatch
     assert status.message == "cleanup failed: RuntimeError: stuck; releasing failed too: RuntimeError: stuck"
     assert node._state_machine.current_state[1] == "finalized"
     wait_for(lambda: len(probe.log_lines(Log.ERROR, "stuck")) == 2)
+
+
+def test_shutdown_publishes_a_last_status(make_node, probe) -> None:
+    """Shutdown from active: the last /diagnostics status says the node stopped on purpose (it said
+    "running" before, as if the node had died)."""
+    node = active(make_node)
+    wait_for(lambda: probe.latest_status("running"))
+    assert node.trigger_shutdown() == SUCCESS
+    status = wait_for(lambda: probe.latest_status("shut down"))
+    assert status.level == b"\x00"
+    assert {kv.key: kv.value for kv in status.values}["active"] == "False"
+    time.sleep(0.3)
+    assert probe.latest_status() is status
+
