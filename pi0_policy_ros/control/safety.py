@@ -117,6 +117,11 @@ class SafetyFilter:
         return {**{f"clamp.{k}": v for k, v in self.clamp_counts.items()},
                 **{f"reject.{k}": v for k, v in self.reject_counts.items()}}
 
+    def reset_counters(self) -> None:
+        """Count from zero again (the node's activation, as its other /diagnostics counters)."""
+        for counts in (self.clamp_counts, self.reject_counts):
+            counts.update(dict.fromkeys(counts, 0))  # same keys: a reader on another thread never sees them change
+
     def apply(self, actions: np.ndarray, current: np.ndarray | None = None) -> SafetyResult:
         """Check one chunk [H, action_dim]. `current`: the robot's position in the same units,
         the reference for the first step (None skips the first step's check)."""

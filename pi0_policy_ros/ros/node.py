@@ -57,7 +57,8 @@ Chunk modes (`chunk_mode`, control/scheduler.py):
 
 Safety (`safety_*` parameters, control/safety.py): a NaN/Inf guard, then gripper range, joint
 position limits, max step and max velocity, each `clamp` or `reject`. Every clamp and reject is
-counted in /diagnostics (`safety.clamp.<limit>`, `safety.reject.<limit>`) and logged (throttled).
+counted in /diagnostics (`safety.clamp.<limit>`, `safety.reject.<limit>`; from zero at each
+activation, as the other counters) and logged (throttled).
 
 Holds. A tick that cannot act holds: a rejected chunk, a stale observation (age >
 `max_observation_age_s`), missing or bad inputs, a failed inference, an expired chunk. It logs
@@ -492,8 +493,10 @@ class PolicyNode(LifecycleNode):
             return result
         with self._lock:
             assert self._config is not None and self._step is not None and self._monitor is not None
+            assert self._safety is not None
             self._step.reset()
             self._monitor.start(self._now_s())
+            self._safety.reset_counters()  # safety.clamp.* / safety.reject.* count from activation too
             self._sequence = 0
             self._control_timer = self.create_timer(
                 self._buffer.config.control_period_s, self._on_control_tick, callback_group=self._control_group)

@@ -430,3 +430,17 @@ def test_shutdown_publishes_a_last_status(make_node, probe) -> None:
     time.sleep(0.3)
     assert probe.latest_status() is status
 
+
+def test_safety_counters_restart_at_activation(make_node, probe) -> None:
+    """safety.clamp.* / safety.reject.* count from activation, as every other /diagnostics counter
+    (they kept the counts of earlier activations)."""
+    node = active(make_node, params=SAFETY_LIMITS)
+    wait_for(lambda: int(probe.latest_values("running").get("safety.clamp.position", "0")) >= 3)
+    assert node.trigger_deactivate() == SUCCESS
+    with probe.lock:  # actions now inside the limits: nothing to clamp
+        probe.state = np.array([0.0, -0.2, 0.0])
+    time.sleep(0.2)
+    probe.clear()
+    assert node.trigger_activate() == SUCCESS
+    values = wait_for(lambda: (v := probe.latest_values("running")) and int(v["chunks_published"]) >= 3 and v)
+    assert values["safety.clamp.position"] == "0"

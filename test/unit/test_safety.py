@@ -208,3 +208,14 @@ def test_a_change_just_over_the_limit_is_limited() -> None:
     assert result.clamped == ("step",)
     np.testing.assert_allclose(result.actions, np.full((1, 3), 0.1), atol=1e-7)
     assert make(max_step=(0.1,), step_policy="reject").apply(np.full((1, 3), 0.1005), current=np.zeros(3)).rejected
+
+
+def test_reset_counters_counts_from_zero() -> None:
+    f = make(position_lower=(-1,), position_upper=(1,), position_policy="reject")
+    chunk = ramp()
+    chunk[2, 0] = 3.0
+    assert f.apply(chunk).rejected and f.reject_counts["position"] == 1
+    f.reset_counters()
+    assert set(f.counters) == {f"{kind}.{limit}" for kind in ("clamp", "reject") for limit in f.clamp_counts}
+    assert all(v == 0 for v in f.counters.values())
+    assert f.apply(chunk).rejected and f.reject_counts["position"] == 1
