@@ -22,7 +22,10 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
   thread every `input_poll_period_s` (2 ms; ros/poller.py), not by the executor, whose Python
   cost per message starved CPU inference of the GIL at 1 kHz: a camera callback reads only the
   header stamp (frames are deserialized and decoded when a tick uses them), a joint_states
-  callback checks every message (convert.JointStateReader).
+  callback checks every message (convert.JointStateReader). A refused message is counted
+  (`input_errors.<source>`, `last_input_error`) and logged ("input rejected: <reason>", naming
+  what was expected) at most once every LOG_THROTTLE_S (2 s) per source (each camera,
+  joint_states), so that one source that keeps failing does not hide another.
 - published, once per chunk and in this order:
   1. `~/action_chunk_stamp` (std_msgs/Header): `stamp` = the observation stamp of the chunk,
      `frame_id` = the chunk's sequence number (decimal, from 0 at each activation);
@@ -62,8 +65,9 @@ activation, as the other counters) and logged (throttled).
 
 Holds. A tick that cannot act holds: a rejected chunk, a stale observation (age >
 `max_observation_age_s`), missing or bad inputs, a failed inference, an expired chunk. It logs
-(throttled), counts the hold per kind in /diagnostics (`holds.<kind>`, plus `last_hold_reason`),
-and, by `hold_mode`:
+(throttled; a hold on refused inputs points to their "input rejected" warning instead of repeating
+the refusal), counts the hold per kind in /diagnostics (`holds.<kind>`, plus `last_hold_reason`,
+which keeps the whole reason), and, by `hold_mode`:
 - `stop` (default): publishes no new trajectory. joint_trajectory_controller (Jazzy) keeps
   executing the trajectory it has, to its last point (at most one chunk, e.g. 10 x 50 ms), and
   then holds that last point. The controller's `cmd_timeout` does not stop it sooner: Jazzy
@@ -237,6 +241,10 @@ class PolicyNode(LifecycleNode):
         self._step: ControlStep | None = None
         self._safety: SafetyFilter | None = None
         self._prompt_status: dict[str, str] = {}
+        # Source (camera name, joint_states) -> its latest refusal, and log key -> when it was last
+        # logged: refused inputs are logged per source (see _input_rejected).
+        self._rejections: dict[str, str] = {}
+        self._logged_at: dict[str, float] = {}
         # Lives as long as the node: a supervisor sees why a configure failed. Its lock keeps a
         # report in flight from publishing on a publisher that destroy_node() is destroying.
         self._diagnostics_lock = threading.Lock()
@@ -649,7 +657,20 @@ class PolicyNode(LifecycleNode):
         monitor = self._monitor
         if monitor is not None:
             monitor.input_rejected(reason, source)
-        self.get_logger().warning(f"input rejected: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+        self._rejections[source] = reason
+        # Throttled per source, not per call site as rclpy's throttle_duration_sec: one source that
+        # keeps failing must not hide another in the log.
+        if self._log_due(f"input rejected: {source}"):
+            self.get_logger().warning(f"input rejected: {reason}")
+
+    def _log_due(self, key: str) -> bool:
+        """True at most once every LOG_THROTTLE_S per key (a race between threads may log twice)."""
+        now = time.monotonic()
+        last = self._logged_at.get(key)
+        if last is not None and now - last < LOG_THROTTLE_S:
+            return False
+        self._logged_at[key] = now
+        return True
 
     def _on_poll_error(self, subscription: Any, exc: Exception) -> None:
         """A take or a sensor callback raised on the poller thread (a bug, not a bad input): logged
@@ -658,7 +679,8 @@ class PolicyNode(LifecycleNode):
         monitor = self._monitor
         if monitor is not None:
             monitor.input_rejected(reason, "poller")
-        self.get_logger().error(f"input failed: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+        if self._log_due(f"input failed: {subscription.topic_name}"):
+            self.get_logger().error(f"input failed: {reason}")
 
     def _stop_poller(self) -> None:
         poller, self._poller = self._poller, None
@@ -680,6 +702,7 @@ class PolicyNode(LifecycleNode):
         monitor = self._monitor
         if monitor is not None:
             monitor.held(reason, level, kind)
+        reason = self._without_rejection(reason)
         # One call site per severity: rclpy refuses a throttled call site whose severity changes
         # ("Logger severity cannot be changed between calls."), and a WARN hold then an ERROR hold
         # (start-up without inputs, later a failed inference) raised in the control timer.
@@ -687,6 +710,16 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error(f"holding ({kind}): {reason}", throttle_duration_sec=LOG_THROTTLE_S)
         else:
             self.get_logger().warning(f"holding ({kind}): {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+
+    def _without_rejection(self, reason: str) -> str:
+        """A hold on refused inputs ends with the latest refusal, which `_input_rejected` logs (what
+        was expected) as often as the hold is: the hold's log line names the source instead.
+        /diagnostics keeps the whole reason."""
+        for source, rejection in dict(self._rejections).items():
+            if rejection and reason.endswith(rejection):
+                head = reason[:-len(rejection)].removesuffix(", the last: ")
+                return f"{head} (see the 'input rejected' warning for {source})"
+        return reason
 
     def _control_step(self) -> None:
         config, step, monitor = self._config, self._step, self._monitor

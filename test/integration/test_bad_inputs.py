@@ -1,6 +1,7 @@
 """Issue 8, inputs: every bad image, joint state and stamp over DDS. For each: /diagnostics names
 what was expected, the node stays up (it resumes once the input is fixed), and nothing unsafe is
-published. Assertions read the messages received and /diagnostics, never log text."""
+published. Assertions read the messages received and /diagnostics; the tests of the log at the end
+read /rosout, as an operator's tools would."""
 
 from __future__ import annotations
 
@@ -233,3 +234,40 @@ def test_sim_clock_jumping_back_resets_and_recovers(make_node, probe, sim_clock)
         with probe.lock:
             return [s for s in probe.stamps if s.stamp.sec < 100]
     wait_for(after_reset, timeout_s=8.0)  # chunks again, from observations in the new time line
+
+
+# ---- the log (/rosout) --------------------------------------------------------------------------
+
+def test_each_bad_source_is_logged_while_another_keeps_failing(make_node, probe) -> None:
+    """Bad joint_states all along, then one unstamped frame on cam_a: the camera's refusal reaches
+    the log at once. Every source shared one throttled line, so the frame was never logged while
+    joint_states kept failing."""
+    from rcl_interfaces.msg import Log
+
+    probe.joint_override = (["j0", "j1"], [0.1, 0.2])
+    active(make_node)
+    wait_for(lambda: probe.log_lines(Log.WARN, "input rejected: joint_states lacks joints ['j2']"))
+    for _ in range(3):  # stamp 0; a few, as sensor-data QoS may drop one
+        probe.publish_image_a(Image(**GOOD_A))
+        time.sleep(0.02)
+    line = wait_for(lambda: probe.log_lines(Log.WARN, "input rejected: camera 'cam_a'"), timeout_s=3.0)
+    assert line == ["input rejected: camera 'cam_a': expected a positive header stamp, found 0.0 (unstamped message?)"]
+    # Still throttled per source: 50 bad joint_states a second give one line every 2 s.
+    wait_for(lambda: len(probe.log_lines(Log.WARN, "input rejected: joint_states")) >= 2, timeout_s=3.0)
+    assert len(probe.log_lines(Log.WARN, "input rejected: joint_states")) <= 3
+
+
+def test_hold_on_refused_input_does_not_repeat_the_refusal(make_node, probe) -> None:
+    """Bad joint_states: one warning says what was expected ("input rejected"); the hold's line says
+    the node holds and why in short, instead of the same refusal again every 2 s."""
+    from rcl_interfaces.msg import Log
+
+    probe.joint_override = (["j0", "j1"], [0.1, 0.2])
+    active(make_node)
+    expected = "input rejected: joint_states lacks joints ['j2']: expected all of ['j0', 'j1', 'j2'], found ['j0', 'j1']"
+    wait_for(lambda: probe.log_lines(Log.WARN, expected))
+    holds = wait_for(lambda: probe.log_lines(Log.WARN, "holding (missing_input)"))
+    assert holds[0] == ("holding (missing_input): no usable joint_states yet: every one received was refused "
+                        "(see the 'input rejected' warning for joint_states)")
+    values = held_for(probe, "missing_input", "lacks joints ['j2']")  # /diagnostics keeps the whole reason
+    assert "expected all of ['j0', 'j1', 'j2']" in values["last_hold_reason"]
