@@ -26,6 +26,7 @@ sensor_msgs/CompressedImage; default raw).
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -245,8 +246,34 @@ class NodeConfig:
         return dataclasses.replace(self, joint_names=joint_names, action_joint_names=action_joint_names)
 
 
+# What each kind accepts, as rclpy's declared types do: an integer is not a double, nor a bool an integer.
+_KIND_NAMES = {STRING: "a string", BOOL: "true or false", INTEGER: "an integer",
+               DOUBLE: "a number with a decimal point (10.0, not 10: ROS refuses an integer for a double)"}
+_ELEMENT_KINDS = {STRING_ARRAY: STRING, DOUBLE_ARRAY: DOUBLE, INTEGER_ARRAY: INTEGER}
+
+
+def _is_kind(kind: str, value: Any) -> bool:
+    if kind == INTEGER:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {STRING: str, BOOL: bool, DOUBLE: float}[kind])
+
+
+def _check_kind(spec: ParamSpec, value: Any) -> None:
+    """ConfigError unless `value` has the parameter's type. rclpy checks this for the node; a
+    parameter file read by `load_params_file` or a replay's --param come here unchecked."""
+    element = _ELEMENT_KINDS.get(spec.kind)
+    if element is None:
+        if not _is_kind(spec.kind, value):
+            raise ConfigError(f"{spec.name}: expected {_KIND_NAMES[spec.kind]}, found "
+                              f"{type(value).__name__} {value!r}")
+    elif not isinstance(value, (list, tuple, array.array)) or not all(_is_kind(element, v) for v in value):
+        raise ConfigError(f"{spec.name}: expected a list whose entries are each {_KIND_NAMES[element]}, "
+                          f"found {type(value).__name__} {value!r}")
+
+
 def check_value(spec: ParamSpec, value: Any) -> None:
-    """Choices and ranges beyond what rclpy checks (it checks types and numeric ranges itself)."""
+    """Type, choices and ranges (rclpy checks types and numeric ranges itself; the choices it cannot)."""
+    _check_kind(spec, value)
     if spec.choices is not None:
         items = value if spec.kind == STRING_ARRAY else [value]
         bad = [v for v in items if v not in spec.choices]

@@ -56,6 +56,18 @@ def test_override_of_an_unknown_parameter_is_refused(tmp_path: Path) -> None:
     assert make_setup(params, {"use_sim_time": True}).params["use_sim_time"] is True  # rclpy's own
 
 
+def test_values_the_node_would_refuse_are_refused_by_the_replay(tmp_path: Path) -> None:
+    # `--param control_rate_hz:=fast` ended in a TypeError traceback, and an integer for a double
+    # (in --param or the file) replayed offline while the real node refuses it at configure.
+    params = write_params(tmp_path / "p.yaml")
+    with pytest.raises(ConfigError, match=r"control_rate_hz: expected a number with a decimal point.*found str 'fast'"):
+        make_setup(params, parse_param_overrides(["control_rate_hz:=fast"]))
+    with pytest.raises(ConfigError, match=r"control_rate_hz: expected a number with a decimal point.*found int 5"):
+        make_setup(params, parse_param_overrides(["control_rate_hz:=5"]))
+    with pytest.raises(ConfigError, match=r"max_camera_skew_s: .*found int 1"):
+        make_setup(write_params(tmp_path / "q.yaml", max_camera_skew_s=1))
+
+
 def test_the_realtime_replay_sizes_the_generic_profile_as_the_node_does(tmp_path: Path) -> None:
     # The node's policy applies profile_state_dim / _action_dim / _action_period_s to the generic
     # profile; the real-time replay resolved the joints and the report's period without them.

@@ -130,6 +130,35 @@ def test_values_above_the_range_are_refused() -> None:
         config_from_params({**BASE, "input_poll_period_s": 0.5})
 
 
+@pytest.mark.parametrize("name,value,pattern", [
+    ("control_rate_hz", "fast", r"control_rate_hz: expected a number with a decimal point .* found str 'fast'"),
+    # rclpy refuses an integer for a double parameter: the node would fail to configure.
+    ("control_rate_hz", 10, r"control_rate_hz: expected a number with a decimal point \(10.0, not 10.*found int 10"),
+    ("seed", 1.5, r"seed: expected an integer, found float 1.5"),
+    ("seed", True, r"seed: expected an integer, found bool True"),
+    ("autostart", "yes", r"autostart: expected true or false, found str 'yes'"),
+    ("model_preset", 5, r"model_preset: expected a string, found int 5"),
+    ("camera_names", "cam_high", r"camera_names: expected a list whose entries are each a string, found str"),
+    ("safety_max_velocity", [3], r"safety_max_velocity: expected a list whose entries are each a number with a "
+                                 r"decimal point .* found list \[3\]"),
+    ("safety_gripper_dims", [6.0], r"safety_gripper_dims: expected a list whose entries are each an integer"),
+])
+def test_values_of_another_type_are_refused_as_rclpy_refuses_them(name: str, value, pattern: str) -> None:
+    # What a parameter file or a replay's --param gives goes through no rclpy type check; it used to
+    # pass (an int for a double) or end in a TypeError traceback (a string against a range).
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_params({**BASE, name: value})
+
+
+def test_array_values_as_rclpy_returns_them_are_accepted() -> None:
+    import array
+
+    cfg = config_from_params({**BASE, "safety_max_velocity": array.array("d", [3.0]),
+                              "safety_gripper_dims": array.array("q", [6]), "safety_gripper_range": [0.0, 1.0],
+                              "safety_position_lower": ()})
+    assert (cfg.safety.max_velocity, cfg.safety.gripper_dims, cfg.safety.position_lower) == ((3.0,), (6,), ())
+
+
 def test_every_number_parameter_has_a_range() -> None:
     # README: "Parameters are declared with descriptions and ranges".
     from pi0_policy_ros.ros.params import DOUBLE, INTEGER
