@@ -1,4 +1,4 @@
-"""End-to-end demo: a synthetic robot node and the policy node, over real DDS, in one process.
+"""End-to-end demo: the policy node and a synthetic robot node (its own process), over real DDS.
 
 The robot publishes every configured camera at 30 Hz (moving shapes, JPEG or raw) and
 `joint_states` at 100 Hz (slow sinusoids), and measures what comes back: the latency from an
