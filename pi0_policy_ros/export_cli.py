@@ -13,6 +13,7 @@ FP8 calibrates its activation scales on that same single input (the fixture's, o
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -84,6 +85,23 @@ def _stages(text: str) -> list[str]:
     return [s for s in STAGES if s in stages]  # vision first: the prefix takes its output
 
 
+def _require_onnx_packages(verify: bool) -> None:
+    """onnx (and onnxruntime for --verify) are not runtime dependencies (requirements-dev.txt):
+    say so up front in one error, not as an ImportError traceback after the model has loaded."""
+    from pi0_policy_ros.engine.onnx_export import ExportError
+
+    missing = []
+    for name in ("onnx", "onnxruntime") if verify else ("onnx",):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"ONNX export{' --verify' if verify else ''} needs the Python packages "
+                          f"{', '.join(missing)}, which are not installed (they are not runtime dependencies): "
+                          f"pip install {' '.join(missing)} (versions pinned in requirements-dev.txt)")
+
+
 def _check_fp8_linears(stage: Any, path: Path, inputs: tuple[torch.Tensor, ...], entry: dict[str, Any]) -> bool:
     """Every FP8 linear of the file on its own against torch fake-quant (see `check_fp8_linears`)."""
     from pi0_policy_ros.engine import onnx_export as ox
@@ -105,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         stages = _stages(args.stages)
+        _require_onnx_packages(args.verify)
         model, ref = _load_model(args)
         shape = EngineShape.for_model(model.cfg)
         references = {s: ox.stage_module(model, s, shape, "fp32", args.image_input) for s in ox.STAGES}

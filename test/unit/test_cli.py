@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,19 @@ def test_export_into_a_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["export", "--reference", str(PI05_FIXTURE), "--stages", "vision", "--out", str(out)]) == 2
     assert str(out) in one_error_line(capsys)
     assert out.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(("hidden", "verify"), [("onnx", []), ("onnxruntime", ["--verify"])])
+def test_export_without_the_onnx_packages_is_one_error(hidden: str, verify: list[str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # They are development dependencies only. On a runtime install the export was an ImportError
+    # traceback (for onnxruntime: after the files were written, before any was verified).
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import <hidden>` raises ImportError
+    out = tmp_path / "onnx"
+    assert main(["export", "--reference", str(PI05_FIXTURE), "--stages", "vision", "--out", str(out), *verify]) == 2
+    assert f"needs the Python packages {hidden}, which are not installed" in one_error_line(capsys)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("command", ["soak", "load-bench"])
