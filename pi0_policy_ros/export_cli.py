@@ -102,6 +102,19 @@ def _require_onnx_packages(verify: bool) -> None:
                           f"pip install {' '.join(missing)} (versions pinned in requirements-dev.txt)")
 
 
+def _prepare_out(out: Path) -> None:
+    """Create the output directory before minutes of loading and tracing, so that a file in its
+    way is one error naming what was expected rather than an OSError after the first stage."""
+    from pi0_policy_ros.engine.onnx_export import ExportError
+
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: expected a directory, found a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot create this directory: {exc.strerror or exc}") from None
+
+
 def _check_fp8_linears(stage: Any, path: Path, inputs: tuple[torch.Tensor, ...], entry: dict[str, Any]) -> bool:
     """Every FP8 linear of the file on its own against torch fake-quant (see `check_fp8_linears`)."""
     from pi0_policy_ros.engine import onnx_export as ox
@@ -124,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stages = _stages(args.stages)
         _require_onnx_packages(args.verify)
+        _prepare_out(args.out)
         model, ref = _load_model(args)
         shape = EngineShape.for_model(model.cfg)
         references = {s: ox.stage_module(model, s, shape, "fp32", args.image_input) for s in ox.STAGES}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pi0_policy_ros import export_cli
 from pi0_policy_ros.cli import main
 from test.paths import PI05_FIXTURE
 from test.unit.test_policy import write_openpi_dir
@@ -50,12 +51,22 @@ def test_unknown_preset_lists_the_valid_ones(command: str, tmp_path: Path,
     assert "unknown model preset 'pi5'; valid presets: ['pi0', 'pi05'" in one_error_line(capsys)
 
 
-def test_export_into_a_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "taken"
-    out.write_text("not a directory")
+def _model_loaded_too_early(args: object) -> None:
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize(("under", "expected"), [("", "expected a directory, found a file"),
+                                               ("sub", "cannot create this directory: Not a directory")])
+def test_export_into_a_file_is_one_error(under: str, expected: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was "[Errno 17] File exists", after the model had loaded and its first stage was traced.
+    monkeypatch.setattr(export_cli, "_load_model", _model_loaded_too_early)
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    out = taken / under if under else taken
     assert main(["export", "--reference", str(PI05_FIXTURE), "--stages", "vision", "--out", str(out)]) == 2
-    assert str(out) in one_error_line(capsys)
-    assert out.read_text() == "not a directory"
+    assert f"--out {out}: {expected}" in one_error_line(capsys)
+    assert taken.read_text() == "not a directory"
 
 
 @pytest.mark.parametrize(("hidden", "verify"), [("onnx", []), ("onnxruntime", ["--verify"])])
