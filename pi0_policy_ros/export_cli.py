@@ -49,9 +49,10 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """(fp32 model on the CPU, fixture Reference or None)."""
     from pi0_policy_ros.engine.onnx_export import ExportError
     from pi0_policy_ros.model.checkpoint import load_state, random_model
-    from pi0_policy_ros.model.config import get_preset
+    from pi0_policy_ros.model.config import PRESETS, get_preset
     from pi0_policy_ros.model.pi0 import Pi0Model
     from pi0_policy_ros.model.reference import load_reference, reference_model
+    from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, load_checkpoint_dir
 
     if args.reference is not None:
         if args.checkpoint is not None:
@@ -59,14 +60,15 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         ref = load_reference(args.reference)
         return reference_model(ref), ref
     if args.checkpoint is None:
+        if args.model_preset == AUTO_PRESET:
+            raise ExportError(f"--model-preset {AUTO_PRESET} reads the geometry off --checkpoint, and none was "
+                              f"given: add --checkpoint DIR, or name a preset for random weights ({sorted(PRESETS)})")
         try:
             preset = get_preset(args.model_preset)
         except KeyError as exc:
             raise ExportError(str(exc.args[0])) from None
         print(f"note: no --checkpoint: random weights at preset {args.model_preset!r}", file=sys.stderr)
         return random_model(preset, seed=args.seed), None
-    from pi0_policy_ros.policy.checkpoint_dir import load_checkpoint_dir
-
     ckpt = load_checkpoint_dir(args.checkpoint, args.model_preset)
     with torch.device("meta"):
         model = Pi0Model(ckpt.model_config)

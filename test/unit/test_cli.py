@@ -51,6 +51,16 @@ def test_unknown_preset_lists_the_valid_ones(command: str, tmp_path: Path,
     assert "unknown model preset 'pi5'; valid presets: ['pi0', 'pi05'" in one_error_line(capsys)
 
 
+def test_export_auto_preset_without_a_checkpoint_says_what_is_missing(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # --help offers 'auto' ("reads the geometry off the checkpoint"); without --checkpoint the
+    # error was "unknown model preset 'auto'", a preset the same help had just named.
+    assert main(["export", "--model-preset", "auto", "--out", str(tmp_path / "onnx")]) == 2
+    line = one_error_line(capsys)
+    assert "--model-preset auto reads the geometry off --checkpoint, and none was given" in line
+    assert "'pi05_small'" in line
+
+
 def _model_loaded_too_early(args: object) -> None:
     raise AssertionError("the model was loaded before the arguments were checked")
 
