@@ -19,6 +19,7 @@ keeps the traced shapes static. Opset 19 is the first with FP8 Q/DQ (`tensorrt.i
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import warnings
@@ -295,19 +296,29 @@ def trace_to_onnx(stage: ExportableStage, inputs: Sequence[torch.Tensor], opset:
 
 
 def save_onnx(proto: Any, path: Path) -> None:
-    """Write `proto` to `path`; weights go to one `path.data` file when they are too big for one."""
+    """Write `proto` to `path`; weights go to one `path.data` file when they are too big for one.
+
+    A graph saved there before is removed first, both files (onnx appends to an existing `.data`),
+    and not kept until the new one is in place: a full-size prefix is 10 GB, and twice that may not
+    fit. The new files are written under temporary names and renamed into place, so a save that
+    fails or is interrupted (disk full, Ctrl-C) leaves no truncated graph at `path`."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
     data = data_path(path)
-    if data.exists():
-        data.unlink()
+    path.unlink(missing_ok=True)
+    data.unlink(missing_ok=True)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        if weight_bytes > EXTERNAL_DATA_BYTES:
+            # the location is relative to the graph, so the pair keeps working after the rename
+            onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            os.replace(Path(tmp) / data.name, data)
+        else:
+            onnx.save_model(proto, str(staged))
+        os.replace(staged, path)
 
 
 GraphValue = tuple[str, tuple[Any, ...], str]  # (name, dims, numpy dtype name)

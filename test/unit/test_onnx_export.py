@@ -3,6 +3,7 @@ the TensorRT pieces that need no GPU; backend selection without TensorRT."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -105,6 +106,47 @@ def test_fp8_check_still_needs_the_pad_mask_exact() -> None:
     assert check([True, False]).passed
     bad = check([True, True])
     assert bad.error == 1.0 and not bad.passed
+
+
+def test_large_graphs_keep_their_weights_in_one_data_file(pi05: Exported, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above EXTERNAL_DATA_BYTES the weights go to `<name>.onnx.data` next to the graph, found from
+    any working directory; a later save below the limit removes it."""
+    proto = onnx.load(str(pi05.files["vision"].path))
+    path = tmp_path / "vision.fp32.onnx"
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1000)
+    ox.save_onnx(proto, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.fp32.onnx", "vision.fp32.onnx.data"]
+    assert path.stat().st_size < 100_000 and ox.onnx_file_bytes(path) > 400_000
+    monkeypatch.chdir(tmp_path.parent)
+    sig = pi05.stages["vision"].signature
+    got = ox.run_onnxruntime(ox.onnxruntime_session(path), sig, pi05.inputs["vision"])
+    want = ox.run_onnxruntime(ox.onnxruntime_session(pi05.files["vision"].path), sig, pi05.inputs["vision"])
+    assert np.array_equal(got[0], want[0])
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 10**12)
+    ox.save_onnx(proto, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["vision.fp32.onnx"]
+
+
+def _disk_full(proto: object, f: str, *args: object, **kwargs: object) -> None:
+    Path(f).write_bytes(b"\x08\x09 the first bytes of a graph")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_failed_save_leaves_no_truncated_graph(pi05: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 external: bool) -> None:
+    """A save that fails half way (disk full, Ctrl-C) used to leave a truncated graph under the
+    final name, which trtexec or onnxruntime then fail on far from the cause. Now nothing is left:
+    not the partial file, not the earlier export's graph or `.data`, no temporary files."""
+    proto = onnx.load(str(pi05.files["vision"].path))
+    path = tmp_path / "vision.fp32.onnx"
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1000 if external else ox.EXTERNAL_DATA_BYTES)
+    ox.save_onnx(proto, path)  # the earlier export
+    monkeypatch.setattr(onnx, "save_model", _disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ox.save_onnx(proto, path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- fp32 -----------------------------------------------------------------------------------------
