@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         stages = _stages(args.stages)
         _require_onnx_packages(args.verify)
         _prepare_out(args.out)
+        # The report describes the files beside it: an earlier run's must not outlive a failed one.
+        (args.out / "export.json").unlink(missing_ok=True)
         model, ref = _load_model(args)
         shape = EngineShape.for_model(model.cfg)
         references = {s: ox.stage_module(model, s, shape, "fp32", args.image_input) for s in ox.STAGES}

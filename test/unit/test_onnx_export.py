@@ -4,9 +4,11 @@ the TensorRT pieces that need no GPU; backend selection without TensorRT."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -269,6 +271,22 @@ def test_cli_fp8_file_names_are_the_readmes(tmp_path: Path) -> None:
     """`--precision fp8` exports an fp16 vision graph and an FP8 Q/DQ prefix graph (README, ONNX section)."""
     assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--precision", "fp8"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "prefix.fp8.onnx", "vision.fp16.onnx"]
+
+
+def _fail_on_prefix(export_stage: Any, stage: Any, *args: Any) -> ox.ExportedStage:
+    if stage.signature.stage == "prefix":
+        raise ox.ExportError("prefix export failed")
+    return export_stage(stage, *args)
+
+
+def test_cli_failed_export_leaves_no_earlier_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-export that failed half way left the earlier run's export.json (its files, errors and
+    'passed') beside a vision graph it had already replaced."""
+    argv = ["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--verify"]
+    assert export_cli.main(argv) == 0 and (tmp_path / "export.json").exists()
+    monkeypatch.setattr(ox, "export_stage", functools.partial(_fail_on_prefix, ox.export_stage))
+    assert export_cli.main(argv) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prefix.fp32.onnx", "vision.fp32.onnx"]
 
 
 def test_cli_rejects_unknown_stage(tmp_path: Path) -> None:
