@@ -27,6 +27,7 @@ import torch
 from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
 from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, hopper_or_newer, plan_prefix, random_batch
+from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
 from pi0_policy_ros.model.config import PRESETS, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
@@ -275,6 +276,10 @@ def run(args: argparse.Namespace) -> int:
         if p not in PRECISIONS:
             print(f"unknown precision {p!r}; valid: {PRECISIONS}", file=sys.stderr)
             return 2
+    if args.json:  # before minutes of benchmarking, not after them
+        if Path(args.json).is_dir():
+            raise ConfigError(f"--json {args.json}: expected a file name, found a directory")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     cfg = get_preset(args.preset)
@@ -317,7 +322,6 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(result)
     print(table)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 

@@ -100,6 +100,14 @@ def test_json_that_cannot_be_written_fails_before_the_run(command: str, tmp_path
     assert "expected a file name, found a directory" in one_error_line(capsys)
 
 
+def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # bench wrote its JSON after every timing run (minutes on a GPU), then lost them to IsADirectoryError.
+    argv = ["bench", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1", "--no-fp32-reference"]
+    assert main([*argv, "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path}: expected a file name, found a directory" in one_error_line(capsys)
+
+
 def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
     from pi0_policy_ros.soak import prepare_output_file
 
