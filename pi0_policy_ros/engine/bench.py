@@ -55,14 +55,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """An integer >= 0: how many camera slots or prompt tokens the inputs mark valid."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:  # random_batch cannot draw a negative number of tokens
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="pi05", choices=sorted(PRESETS), help="model geometry")
     parser.add_argument("--checkpoint", default="", help="openpi-named safetensors file; default: random weights")
     parser.add_argument("--cameras", type=int, default=3, help="camera slots in the graph")
-    parser.add_argument("--valid-cameras", type=int, default=2, help="slots marked valid in the inputs")
+    parser.add_argument("--valid-cameras", type=_count, default=2, help="slots marked valid in the inputs")
     parser.add_argument("--image-size", default="224x224", type=_image_size, help="source image HxW (resized with pad on the GPU)")
     parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: the preset's)")
-    parser.add_argument("--valid-tokens", type=int, default=24, help="valid prompt tokens in the inputs")
+    parser.add_argument("--valid-tokens", type=_count, default=24, help="valid prompt tokens in the inputs")
     parser.add_argument("--steps", type=int, default=0, help="denoise steps (0: the preset's)")
     parser.add_argument("--precision", default="bfloat16",
                         help=f"comma-separated list from {PRECISIONS}, e.g. bfloat16,fp8,float32")

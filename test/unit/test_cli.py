@@ -133,6 +133,8 @@ def test_bad_run_arguments_fail_before_the_node_starts(argv: list[str], expected
     (["--image-size", "abc"], "--image-size: expected HxW in pixels"),  # was int()'s ValueError
     (["--iterations", "0"], "--iterations: expected an integer >= 1"),  # was an IndexError after the run
     (["--eager-iterations", "0"], "--eager-iterations: expected an integer >= 1"),
+    (["--valid-tokens", "-3"], "--valid-tokens: expected an integer >= 0"),  # was numpy's ValueError
+    (["--valid-cameras", "-1"], "--valid-cameras: expected an integer >= 0"),  # ran with no valid camera
 ])
 def test_bench_usage_errors(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
