@@ -355,11 +355,17 @@ def calibration_digest(batches: Sequence[Sequence[torch.Tensor]] | None) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """`path` holds all of `data` or is left as it was; a failed write (disk full) removes its
+    temporary file, which for an engine is gigabytes in a hidden file of the cache directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class EngineCache:

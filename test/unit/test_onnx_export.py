@@ -306,6 +306,22 @@ def test_engine_key_changes_with_every_field(tmp_path: Path) -> None:
     assert "H100" in cache.timing_cache_path(key).name
 
 
+def _replace_on_a_full_disk(src: str, dst: str) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that could not be stored used to leave its bytes behind in a hidden temporary file
+    (gigabytes for a full-size prefix), one more per retry, in the cache directory."""
+    key = trt_mod.EngineKey("prefix", "fp16", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]", "pi0_policy_ros 0.1.0",
+                            "example inputs")
+    cache = trt_mod.EngineCache(tmp_path)
+    monkeypatch.setattr(trt_mod.os, "replace", _replace_on_a_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cache.store(key, b"engine bytes")
+    assert list(tmp_path.iterdir()) == [] and cache.load(key) is None
+
+
 def test_calibration_digest_follows_the_calibration_data() -> None:
     batch = [torch.zeros(2, 3), torch.ones(4, dtype=torch.int64)]
     digest = trt_mod.calibration_digest([batch])
