@@ -39,18 +39,26 @@ def load_reference(path: str | Path) -> Reference:
     tensors, metadata = read_safetensors(path)
     if "config" not in metadata:
         raise CheckpointError(f"{path} has no 'config' metadata: not an openpi reference fixture")
-    meta = json.loads(metadata["config"])
-    cfg = config_from_fixture_metadata(meta, name=path.stem)
-    inputs = ModelInputs(
-        images=[tensors[f"inputs/image.{s}"] for s in IMAGE_SLOTS],
-        image_masks=[tensors[f"inputs/image_mask.{s}"] for s in IMAGE_SLOTS],
-        tokens=tensors["inputs/tokenized_prompt"],
-        token_mask=tensors["inputs/tokenized_prompt_mask"],
-        state=tensors["inputs/state"],
-    )
+    try:
+        meta = json.loads(metadata["config"])
+        cfg = config_from_fixture_metadata(meta, name=path.stem)
+        inputs = ModelInputs(
+            images=[tensors[f"inputs/image.{s}"] for s in IMAGE_SLOTS],
+            image_masks=[tensors[f"inputs/image_mask.{s}"] for s in IMAGE_SLOTS],
+            tokens=tensors["inputs/tokenized_prompt"],
+            token_mask=tensors["inputs/tokenized_prompt_mask"],
+            state=tensors["inputs/state"],
+        )
+        noise = tensors["inputs/noise"]
+    except KeyError as exc:  # a safetensors file with some other 'config' metadata
+        raise CheckpointError(f"{path}: not an openpi reference fixture: expected {exc.args[0]!r} in its "
+                              "'config' metadata or tensors, found none") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not an openpi reference fixture: its 'config' metadata is not the "
+                              f"fixture's JSON ({exc})") from None
     weights = {k: v for k, v in tensors.items() if "/" not in k}
     expected = {k: v for k, v in tensors.items() if k.startswith(("intermediate/", "outputs/"))}
-    return Reference(path, cfg, weights, inputs, tensors["inputs/noise"], expected)
+    return Reference(path, cfg, weights, inputs, noise, expected)
 
 
 def reference_model(ref: Reference, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Pi0Model:

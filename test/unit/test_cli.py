@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pi0_policy_ros import export_cli
 from pi0_policy_ros.cli import main
@@ -39,6 +40,18 @@ def test_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 def test_missing_reference_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["selftest", "--reference", str(tmp_path / "none.safetensors")]) == 2
     assert "checkpoint file not found" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("config", ['{"other": 1}', "not json"])
+def test_safetensors_that_is_not_a_fixture_is_one_error(tmp_path: Path, config: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # A weights file with some other 'config' metadata (e.g. written by another tool).
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"config": config})
+    assert main(["selftest", "--reference", str(path)]) == 2
+    assert "not an openpi reference fixture" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("command", ["inspect", "export"])
