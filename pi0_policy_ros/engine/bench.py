@@ -284,9 +284,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     for p in precisions:
-        if p not in PRECISIONS:
-            print(f"unknown precision {p!r}; valid: {PRECISIONS}", file=sys.stderr)
-            return 2
+        if p not in PRECISIONS:  # one "error:" line, exit 2, as every other bad argument
+            raise ConfigError(f"--precision: unknown precision {p!r}; valid: {list(PRECISIONS)}")
     if args.json:  # before minutes of benchmarking, not after them
         if Path(args.json).is_dir():
             raise ConfigError(f"--json {args.json}: expected a file name, found a directory")

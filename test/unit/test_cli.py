@@ -154,3 +154,8 @@ def test_bench_usage_errors(argv: list[str], expected: str, capsys: pytest.Captu
         main(["bench", "--preset", "pi05_small", *argv])
     assert exc.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_bench_unknown_precision_is_one_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--preset", "pi05_small", "--precision", "bfloat16,int4"]) == 2
+    assert "unknown precision 'int4'" in one_error_line(capsys)
