@@ -474,7 +474,11 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pi0-policy bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as exc:  # run as `python -m pi0_policy_ros.engine.bench`: the same one line as the CLI's
+        print(f"pi0-policy bench: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

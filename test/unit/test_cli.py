@@ -159,3 +159,7 @@ def test_bench_usage_errors(argv: list[str], expected: str, capsys: pytest.Captu
 def test_bench_unknown_precision_is_one_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--preset", "pi05_small", "--precision", "bfloat16,int4"]) == 2
     assert "unknown precision 'int4'" in one_error_line(capsys)
+    from pi0_policy_ros.engine import bench  # as the GPU runs start it: python -m pi0_policy_ros.engine.bench
+
+    assert bench.main(["--preset", "pi05_small", "--precision", "int4"]) == 2
+    assert "unknown precision 'int4'" in one_error_line(capsys)
