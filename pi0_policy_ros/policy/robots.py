@@ -317,12 +317,15 @@ def _check_camera_names(profile: RobotProfile, images: Mapping[str, np.ndarray])
 # --- State and actions ----------------------------------------------------------------------------
 
 # ALOHA gripper constants, as in openpi aloha_policy.py (from the ALOHA and Interbotix code).
-_ALOHA_GRIPPER_LINEAR_M = (0.01844, 0.05800)  # puppet gripper position, open .. closed
+# ALOHA normalizes both gripper ranges from closed (0) to open (1): openpi examples/aloha_real/constants.py
+# has PUPPET_GRIPPER_POSITION_CLOSE = 0.01844, _OPEN = 0.05800 and PUPPET_GRIPPER_JOINT_CLOSE = -0.6213,
+# _OPEN = 1.4910.
+_ALOHA_GRIPPER_LINEAR_M = (0.01844, 0.05800)  # puppet gripper (finger) position in m, closed .. open
 _INTERBOTIX_ARM_LENGTH_M = 0.036
 _INTERBOTIX_HORN_RADIUS_M = 0.022
 # pi's gripper range: encoder counts 2405 .. 3110 of 4096 around zero 2048, in radians.
 _PI_GRIPPER_RAD = (0.5476, 1.6296)
-_ALOHA_GRIPPER_JOINT_RAD = (-0.6213, 1.4910)  # puppet gripper joint, open .. close
+_ALOHA_GRIPPER_JOINT_RAD = (-0.6213, 1.4910)  # puppet gripper joint in rad, closed .. open
 
 
 def _to_unit(x: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -334,7 +337,8 @@ def _from_unit(x: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def aloha_gripper_to_pi(value: np.ndarray) -> np.ndarray:
-    """ALOHA state gripper (normalized linear position) -> pi's normalized gripper angle."""
+    """ALOHA state gripper (finger position normalized by ALOHA: 0 closed, 1 open) -> pi's
+    normalized gripper angle."""
     linear = _from_unit(np.asarray(value, dtype=np.float64), *_ALOHA_GRIPPER_LINEAR_M)
     horn, arm = _INTERBOTIX_HORN_RADIUS_M, _INTERBOTIX_ARM_LENGTH_M
     # Inverse of Interbotix's angle -> linear gripper mapping (law of cosines on the horn linkage).
@@ -345,7 +349,8 @@ def aloha_gripper_to_pi(value: np.ndarray) -> np.ndarray:
 
 
 def aloha_gripper_from_pi(value: np.ndarray) -> np.ndarray:
-    """pi's gripper action -> ALOHA's normalized gripper joint (the model predicts radians)."""
+    """pi's gripper action -> ALOHA's normalized gripper joint (0 closed at -0.6213 rad, 1 open at
+    1.4910 rad; the model predicts radians)."""
     return _to_unit(np.asarray(value, dtype=np.float64) + _PI_GRIPPER_RAD[0], *_ALOHA_GRIPPER_JOINT_RAD)
 
 

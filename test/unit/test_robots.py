@@ -221,7 +221,7 @@ def test_aloha_round_trip_zero_deltas_give_back_the_joint_state() -> None:
 
 
 def test_aloha_gripper_maps() -> None:
-    # Fully closed linear position 0.058 m gives sin = 1, i.e. pi / 2 rad on pi's (0.5476, 1.6296) scale.
+    # Fully open linear position 0.058 m gives sin = 1, i.e. pi / 2 rad on pi's (0.5476, 1.6296) scale.
     assert aloha_gripper_to_pi(np.array(1.0)) == pytest.approx((np.pi / 2 - 0.5476) / (1.6296 - 0.5476))
     linear = np.linspace(0.0, 1.0, 11)
     assert np.all(np.diff(aloha_gripper_to_pi(linear)) > 0)
