@@ -561,3 +561,45 @@ def test_lerobot_type_that_does_not_match_the_weights_is_refused(tmp_path: Path)
     (path / "config.json").write_text(json.dumps({**config, "type": "pi0"}))
     with pytest.raises(CheckpointError, match="config.json says pi0, the weights are pi05"):
         load_checkpoint_dir(path)
+
+
+def test_pi05_aloha_chain_follows_openpi_from_robot_values_to_robot_values(tmp_path: Path) -> None:
+    """openpi's pi05_aloha inference chain, restated from openpi 15a9616a with its constants:
+    AlohaInputs (policies/aloha_policy.py: _joint_flip_mask, _gripper_to_angular on dims 6 / 13),
+    Normalize with quantiles (transforms.py), the discrete-state prompt (models/tokenizer.py),
+    then Unnormalize, AbsoluteActions(make_bool_mask(6, -1, 6, -1)) and AlohaOutputs
+    (_joint_flip_mask, _gripper_from_angular)."""
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE, asset_id="trossen")
+    stats = {"state": _stats(14, 3), "actions": _stats(14, 4)}
+    (path / "assets" / "trossen" / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_aloha"))
+    rng = np.random.default_rng(6)
+    state = rng.uniform(-1.0, 1.0, 14)
+    state[[6, 13]] = [0.3, 0.9]  # grippers: ALOHA's normalized finger position
+    images = {name: rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+              for name in ("cam_high", "cam_left_wrist", "cam_right_wrist")}
+    obs = Observation(images=images, state=state, prompt=" fold_the\ntowel ", stamp_s=0.0)
+    chunk = policy.infer(obs)
+    batch, _ = policy.network_batch(obs)
+    raw = policy.engine.infer(batch).astype(np.float64)
+
+    flip = np.array([1, -1, -1, 1, 1, 1, 1, 1, -1, -1, 1, 1, 1, 1])
+    pi_state = flip * state
+    linear = pi_state[[6, 13]] * (0.05800 - 0.01844) + 0.01844
+    angle = np.arcsin(np.clip((0.022**2 + linear**2 - 0.036**2) / (2 * 0.022 * linear), -1.0, 1.0))
+    pi_state[[6, 13]] = (angle - 0.5476) / (1.6296 - 0.5476)
+    q01, q99 = (np.float32(stats["state"][k]).astype(np.float64) for k in ("q01", "q99"))
+    normalized = (pi_state - q01) / (q99 - q01 + 1e-6) * 2.0 - 1.0
+    bins = np.digitize(normalized, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
+    text = f"Task: fold the towel, State: {' '.join(map(str, bins))};\nAction: "
+    expected_ids = [policy.tokenizer.bos_id, *policy.tokenizer.encode(text)]
+    assert batch.tokens[batch.token_mask].tolist() == expected_ids
+    assert batch.image_masks.tolist() == [True, True, True]
+
+    q01, q99 = (np.float32(stats["actions"][k]).astype(np.float64) for k in ("q01", "q99"))
+    actions = (raw[:, :14] + 1.0) / 2.0 * (q99 - q01 + 1e-6) + q01
+    actions += np.where(np.array([True] * 6 + [False] + [True] * 6 + [False]), pi_state, 0.0)
+    actions = flip * actions
+    actions[:, [6, 13]] = (actions[:, [6, 13]] + 0.5476 - (-0.6213)) / (1.4910 - (-0.6213))
+    assert chunk.actions.shape == (50, 14)
+    np.testing.assert_allclose(chunk.actions, actions, rtol=1e-5, atol=1e-5)
