@@ -30,7 +30,7 @@ from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, 
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.normalize import (ACTIONS_KEY, STATE_KEY, Normalizer, check_stats_dims,
                                              identity_stats)
-from pi0_policy_ros.policy.robots import (RobotProfile, configured_profile, finalize_actions,
+from pi0_policy_ros.policy.robots import (PROFILES, RobotProfile, configured_profile, finalize_actions,
                                           openpi_training_transforms, prepare_inputs, robot_actions_to_model)
 from pi0_policy_ros.policy.tokenizer import (TOKENIZER_FILE_NAMES, PromptTokenizer, find_tokenizer_model,
                                              train_tiny_tokenizer)
@@ -95,6 +95,25 @@ def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state:
     return PromptTokenizer(path, model_cfg.max_token_len, discrete_state_input=discrete_state)
 
 
+def _check_profile_model_type(profile: RobotProfile, model_type: str, checkpoint: LoadedCheckpoint | None) -> None:
+    """A profile that follows one openpi config applies that config's transforms (pi0_libero's delta
+    actions, pi0.5's state in the prompt), which a checkpoint of the other model type was not trained
+    with: its actions would come out wrong (off by the state, for deltas). An error for trained
+    weights, naming the profile to use (LeRobot's: the generic one, see the README); random weights
+    (demos, benchmarks) have nothing to mismatch, so only a warning."""
+    if not profile.model_type or profile.model_type == model_type:
+        return
+    if checkpoint is None:
+        log.warning("robot profile %s was made for %s, the model is %s", profile.name, profile.model_type, model_type)
+        return
+    family = profile.name.split("_", 1)[-1]
+    fitting = [name for name, p in PROFILES.items() if p.model_type == model_type and name.endswith(f"_{family}")]
+    expected = fitting if fitting and checkpoint.format == "openpi" else ["generic"]
+    raise ConfigError(f"robot profile {profile.name!r} follows openpi's {profile.model_type} config, the checkpoint "
+                      f"is a {model_type} model, trained with other transforms: expected robot_profile "
+                      f"{expected[0]!r}")
+
+
 def _check_profile_fits(profile: RobotProfile, model_cfg: ModelConfig) -> None:
     """The robot's state and actions are padded to the model's width, so neither may be wider
     (else every inference would fail on the padding)."""
@@ -145,6 +164,7 @@ class Policy:
                                              config.asset_id, horizon=profile.action_horizon)
             model_cfg = checkpoint.model_config
             _check_profile_fits(profile, model_cfg)
+            _check_profile_model_type(profile, "pi05" if model_cfg.pi05 else "pi0", checkpoint)
             normalizer = checkpoint.normalizer
             check_stats_dims(checkpoint.stats, profile, max_dim=model_cfg.action_dim)
             with torch.device("meta"):
@@ -159,12 +179,10 @@ class Policy:
                 raise ConfigError(str(exc.args[0])) from None
             model_cfg = preset.replace(action_horizon=profile.action_horizon)
             _check_profile_fits(profile, model_cfg)
+            _check_profile_model_type(profile, "pi05" if model_cfg.pi05 else "pi0", None)
             normalizer = Normalizer(identity_stats(profile.state_dim, profile.action_dim), use_quantiles=model_cfg.pi05)
             model = random_model(model_cfg, device=device, dtype=dtype, seed=config.seed)
             source = f"random weights ({model_cfg.name}, seed {config.seed})"
-        if profile.model_type and profile.model_type != ("pi05" if model_cfg.pi05 else "pi0"):
-            log.warning("robot profile %s was made for %s, the model is %s", profile.name, profile.model_type,
-                        "pi05" if model_cfg.pi05 else "pi0")
         transforms = openpi_training_transforms(profile)
         if checkpoint is not None and checkpoint.format == "lerobot" and transforms:
             log.warning("robot profile %s applies openpi's training transforms (%s), which LeRobot's own pipeline "

@@ -214,6 +214,22 @@ def test_missing_norm_stats_names_the_expected_file(tmp_path: Path) -> None:
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", asset_id="droid"))
 
 
+@pytest.mark.parametrize("kind,fixture,policy_type,profile,expected", [
+    ("openpi", PI0_FIXTURE, "pi0", "libero", "pi0_libero"),  # "libero" is pi05_libero: no delta actions
+    ("openpi", PI05_FIXTURE, "pi05", "pi0_libero", "pi05_libero"),
+    ("lerobot", PI0_FIXTURE, "pi0", "pi05_libero", "generic"),  # LeRobot: the generic profile (README)
+])
+def test_a_profile_made_for_the_other_model_type_is_refused_for_a_checkpoint(
+        tmp_path: Path, kind: str, fixture: Path, policy_type: str, profile: str, expected: str) -> None:
+    # pi0_libero trained on delta actions, pi05_libero not: the other profile's actions would be off
+    # by the state. Random weights (demos) only get a warning.
+    path = _write(kind, tmp_path / "ckpt", fixture, policy_type)
+    with pytest.raises(ConfigError, match=f"the checkpoint is a {policy_type} model.*expected robot_profile '{expected}'"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile=profile))
+    assert Policy.from_config(PolicyConfig(model_preset=f"{policy_type}_small", robot_profile=profile,
+                                           default_prompt="go")).profile.name.endswith("_libero")
+
+
 def test_stats_with_other_dims_than_the_profile_are_refused(tmp_path: Path) -> None:
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)  # LIBERO stats: 8 state / 7 action dims
     with pytest.raises(ConfigError, match="'state' norm stats have 8 dims but the robot profile has 14"):
