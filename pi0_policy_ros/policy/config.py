@@ -16,7 +16,7 @@ PRECISIONS = ("float32", "bfloat16", "fp8")
 DEVICES = ("cpu", "cuda")
 _DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 # Each field's type is its default's: an int field takes any integer, a float field any real.
-_FIELD_TYPES = {str: (str,), int: (Integral,), float: (Real,)}
+_FIELD_TYPES = {str: (str,), int: (Integral,), float: (Real,), tuple: (tuple, list)}
 # The ROS parameter's range too: numpy's generator refuses a negative seed (at every inference).
 SEED_RANGE = (0, 2**31 - 1)
 
@@ -38,6 +38,9 @@ class PolicyConfig:
     seed: seeds the denoising noise, so that the same observation gives the same actions.
     state_dim, action_dim, action_horizon, action_period_s: replace the robot profile's values when
         non-zero: how the `generic` profile gets a robot's dims (any profile accepts them).
+    delta_action_mask: openpi `make_bool_mask` runs ((6, -1): 6 action dims trained as deltas from
+        the state, then 1 absolute) replacing the robot profile's delta mask; () keeps the profile's,
+        (-n,) turns deltas off. For a custom openpi config trained with DeltaActions / AbsoluteActions.
     cpu_threads: torch's intra-op threads for CPU inference (process-wide, set when the policy is
         built); 0 leaves torch's default. On a small machine 1 is fastest: more threads compete
         with the ROS executor and the camera callbacks.
@@ -66,6 +69,7 @@ class PolicyConfig:
     action_dim: int = 0
     action_horizon: int = 0
     action_period_s: float = 0.0
+    delta_action_mask: tuple[int, ...] = ()
     camera_height: int = 0
     camera_width: int = 0
     rtc_mode: str = "off"
@@ -79,6 +83,11 @@ class PolicyConfig:
             if isinstance(value, bool) or not isinstance(value, _FIELD_TYPES[kind]):
                 raise ConfigError(f"{spec.name} must be {'an' if kind is int else 'a'} {kind.__name__}, found "
                                   f"{type(value).__name__} {value!r}")
+        # Runs, as openpi's make_bool_mask takes them; a bool is not a run (True would read as 1).
+        if not all(isinstance(run, Integral) and not isinstance(run, bool) for run in self.delta_action_mask):
+            raise ConfigError("delta_action_mask must be make_bool_mask runs (integers, e.g. (6, -1)), found "
+                              f"{self.delta_action_mask!r}")
+        object.__setattr__(self, "delta_action_mask", tuple(int(run) for run in self.delta_action_mask))
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, found {self.backend!r}")
         if self.precision not in PRECISIONS:
@@ -110,7 +119,8 @@ class PolicyConfig:
         return (self.camera_height, self.camera_width) if self.camera_height else None
 
     def profile_overrides(self) -> dict[str, int | float]:
-        """The robot profile fields this configuration replaces (the non-zero ones)."""
+        """The robot profile's dims, horizon and period this configuration replaces (the non-zero
+        ones); the delta mask is `robots.configured_profile`'s to check against the action dims."""
         fields = {"state_dim": self.state_dim, "action_dim": self.action_dim,
                   "action_horizon": self.action_horizon, "action_period_s": self.action_period_s}
         return {name: value for name, value in fields.items() if value}

@@ -186,8 +186,8 @@ class Policy:
         transforms = openpi_training_transforms(profile)
         if checkpoint is not None and checkpoint.format == "lerobot" and transforms:
             log.warning("robot profile %s applies openpi's training transforms (%s), which LeRobot's own pipeline "
-                        "does not: for a checkpoint trained in LeRobot use the generic profile", profile.name,
-                        ", ".join(transforms))
+                        "does not: for a checkpoint trained in LeRobot use the generic profile%s", profile.name,
+                        ", ".join(transforms), " without profile_delta_action_mask" if config.delta_action_mask else "")
         discrete_state = _discrete_state_input(model_cfg, profile, checkpoint)
         tokenizer = _tokenizer_for(config, model_cfg, discrete_state,
                                    checkpoint.path if checkpoint is not None else None)

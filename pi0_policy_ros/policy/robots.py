@@ -251,12 +251,23 @@ def get_profile(name: str, **overrides: object) -> RobotProfile:
 
 
 def configured_profile(config: PolicyConfig) -> RobotProfile:
-    """The profile `config` names, with its profile_* values (the generic profile's dims), as the
-    policy runs it; an unknown name is a ConfigError listing the valid ones."""
+    """The profile `config` names, with its profile_* values (the generic profile's dims, a delta
+    mask replacing the profile's), as the policy runs it; an unknown name is a ConfigError listing
+    the valid ones."""
     try:
-        return get_profile(config.robot_profile, **config.profile_overrides())
+        profile = get_profile(config.robot_profile, **config.profile_overrides())
     except KeyError as exc:
         raise ConfigError(str(exc.args[0])) from None
+    runs = config.delta_action_mask
+    if not runs:
+        return profile
+    mask = make_bool_mask(*runs)
+    # Any profile takes it, as the other profile_* values: e.g. (-14,) turns the ALOHA deltas off.
+    if len(mask) > profile.action_dim:
+        raise ConfigError(f"profile_delta_action_mask {list(runs)} covers {len(mask)} action dims: expected at "
+                          f"most the action_dim {profile.action_dim} of robot profile {profile.name!r} "
+                          "(set profile_action_dim, or shorten the runs)")
+    return dataclasses.replace(profile, delta_action_mask=mask)
 
 
 # --- Images ---------------------------------------------------------------------------------------

@@ -102,6 +102,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               True, int_range=(0, 32)),
     ParamSpec("profile_action_horizon", INTEGER, 0, "actions per chunk; 0 = the robot profile's", True,
               int_range=(0, 1000)),
+    ParamSpec("profile_delta_action_mask", INTEGER_ARRAY, [], "action dims trained as deltas from the state, as "
+              "openpi make_bool_mask runs: [6, -1] = 6 delta dims, then 1 absolute (the state is added back to the "
+              "delta dims); [] = the robot profile's mask (generic: none); [-n] = none", True),
     ParamSpec("profile_action_period_s", DOUBLE, 0.0, "seconds between actions; 0 = the robot profile's", True,
               float_range=(0.0, 10.0)),
     ParamSpec("switch_interval_s", DOUBLE, 2e-4, "Python's thread switch interval for this process (set at "
@@ -317,6 +320,7 @@ def config_from_params(values: Mapping[str, Any]) -> NodeConfig:
         action_dim=int(_get(values, "profile_action_dim")),
         action_horizon=int(_get(values, "profile_action_horizon")),
         action_period_s=float(_get(values, "profile_action_period_s")),
+        delta_action_mask=tuple(int(v) for v in _get(values, "profile_delta_action_mask")),
         camera_height=int(_get(values, "camera_height")),
         camera_width=int(_get(values, "camera_width")),
         # The rtc chunk modes build their guidance into the engine (captured with the chain).

@@ -83,6 +83,19 @@ def test_the_realtime_replay_sizes_the_generic_profile_as_the_node_does(tmp_path
     assert len(config.joint_names) == 8 and len(config.action_joint_names) == 7
 
 
+def test_the_replay_takes_the_delta_mask_and_refuses_one_wider_than_the_actions(tmp_path: Path) -> None:
+    from pi0_policy_ros.bag.realtime import resolved_config
+    from pi0_policy_ros.policy.robots import configured_profile
+
+    params = write_params(tmp_path / "generic.yaml", robot_profile="generic", camera_names=["base"],
+                          camera_types=["raw"], profile_state_dim=8, profile_action_dim=7,
+                          profile_delta_action_mask=[6, -1])
+    assert configured_profile(make_setup(params).config.policy).delta_action_mask == (True,) * 6 + (False,)
+    with pytest.raises(ConfigError, match=r"profile_delta_action_mask \[8\] covers 8 action dims: expected at most "
+                                          r"the action_dim 7"):
+        resolved_config(make_setup(params, parse_param_overrides(["profile_delta_action_mask:=[8]"])))
+
+
 def test_node_name_patterns_match_whole_tokens(tmp_path: Path) -> None:
     # rcl: `*` stays within one name token, and a pattern names the whole node, not a prefix of it.
     path = tmp_path / "p.yaml"

@@ -188,3 +188,27 @@ def test_safety_scheduler_and_rtc_values_reach_their_configs() -> None:
     assert (cfg.scheduler.mode, cfg.scheduler.execute_horizon, cfg.policy.rtc_mode) == ("rtc_fast", 7, "rtc_fast")
     assert config_from_params({**BASE, "chunk_mode": "temporal_ensemble"}).policy.rtc_mode == "off"
     assert (cfg.control.max_camera_skew_s, cfg.control.max_future_stamp_s) == (0.02, 0.03)
+
+
+def test_profile_delta_action_mask_reaches_the_profile_and_is_checked_against_the_action_dims() -> None:
+    import array
+
+    from pi0_policy_ros.policy.robots import configured_profile, make_bool_mask
+
+    generic = {"camera_names": ["base"], "robot_profile": "generic", "profile_state_dim": 7, "profile_action_dim": 7}
+    assert config_from_params(generic).policy.delta_action_mask == ()
+    assert configured_profile(config_from_params(generic).policy).delta_action_mask == ()
+    # rclpy hands an integer array back as array('q').
+    cfg = config_from_params({**generic, "profile_delta_action_mask": array.array("q", [6, -1])})
+    assert cfg.policy.delta_action_mask == (6, -1)
+    assert configured_profile(cfg.policy).delta_action_mask == make_bool_mask(6, -1)
+    # [] keeps a named profile's own mask; a mask replaces it.
+    assert configured_profile(config_from_params(BASE).policy).delta_action_mask == make_bool_mask(6, -1, 6, -1)
+    aloha = config_from_params({**BASE, "profile_delta_action_mask": [-14]})
+    assert configured_profile(aloha.policy).delta_action_mask == (False,) * 14
+    with pytest.raises(ConfigError, match=r"profile_delta_action_mask \[6, -2\] covers 8 action dims: expected at "
+                                          r"most the action_dim 7 of robot profile 'generic'"):
+        configured_profile(config_from_params({**generic, "profile_delta_action_mask": [6, -2]}).policy)
+    with pytest.raises(ConfigError, match=r"profile_delta_action_mask: expected a list whose entries are each an "
+                                          r"integer, found list \[True\]"):
+        config_from_params({**generic, "profile_delta_action_mask": [True]})

@@ -619,3 +619,76 @@ def test_pi05_aloha_chain_follows_openpi_from_robot_values_to_robot_values(tmp_p
     actions[:, [6, 13]] = (actions[:, [6, 13]] + 0.5476 - (-0.6213)) / (1.4910 - (-0.6213))
     assert chunk.actions.shape == (50, 14)
     np.testing.assert_allclose(chunk.actions, actions, rtol=1e-5, atol=1e-5)
+
+
+def _generic_observation(seed: int) -> Observation:
+    rng = np.random.default_rng(seed)
+    return Observation(images={"base": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+                               "left_wrist": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)},
+                       state=rng.normal(size=STATE_DIM).astype(np.float32), prompt="go", stamp_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def pi0_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_openpi_dir(tmp_path_factory.mktemp("pi0d") / "ckpt", PI0_FIXTURE)
+
+
+@pytest.mark.parametrize("runs", [(2, -1, 3), (6, -1)])
+def test_generic_profile_rebuilds_absolute_actions_with_the_configured_delta_mask(pi0_dir: Path,
+                                                                                 runs: tuple[int, ...]) -> None:
+    # A custom openpi config trained with DeltaActions(make_bool_mask(*runs)) serves through the
+    # generic profile: openpi's AbsoluteActions adds the (unnormalized) state back after Unnormalize,
+    # actions[..., :n] += where(mask, state[..., :n], 0).
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(pi0_dir), model_preset="auto",
+                                             robot_profile="generic", state_dim=STATE_DIM, action_dim=ACTION_DIM,
+                                             delta_action_mask=runs))
+    obs = _generic_observation(7)
+    chunk = policy.infer(obs)
+    batch, _ = policy.network_batch(obs)
+    mean, scale = _zscore("actions")
+    expected = policy.engine.infer(batch).astype(np.float64)[:, :ACTION_DIM] * scale + mean
+    mask = np.array([run > 0 for run in runs for _ in range(abs(run))])
+    expected[:, : mask.size] += np.where(mask, obs.state[: mask.size], 0.0)
+    np.testing.assert_allclose(chunk.actions, expected, rtol=1e-5, atol=1e-5)
+    # RTC guidance takes the state off the same dims (the inverse of the output transform).
+    guidance = policy.engine_guidance(ChunkGuidance(prev_actions=chunk.actions, delay_steps=1, mask_end=5), obs.state)
+    model_side = chunk.actions.astype(np.float64)
+    model_side[:, : mask.size] -= np.where(mask, obs.state[: mask.size], 0.0)
+    np.testing.assert_allclose(guidance.prev[:, :ACTION_DIM], (model_side - mean) / scale, rtol=1e-4, atol=1e-4)
+
+
+def test_a_delta_mask_replaces_a_named_profiles_mask(pi0_dir: Path) -> None:
+    # (-7,): pi0_libero without its delta actions (any profile takes the mask, as the other profile_* values).
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(pi0_dir), model_preset="auto",
+                                             robot_profile="pi0_libero", delta_action_mask=(-ACTION_DIM,)))
+    assert policy.profile.delta_action_mask == (False,) * ACTION_DIM
+    obs = _observation(3, prompt="go")
+    batch, _ = policy.network_batch(obs)
+    mean, scale = _zscore("actions")
+    expected = policy.engine.infer(batch).astype(np.float64)[:, :ACTION_DIM] * scale + mean
+    np.testing.assert_allclose(policy.infer(obs).actions, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_delta_mask_wider_than_the_actions_or_not_runs_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"profile_delta_action_mask \[6, -2\] covers 8 action dims: expected at "
+                                          r"most the action_dim 7 of robot profile 'pi05_libero'"):
+        Policy.from_config(PolicyConfig(model_preset="pi05_small", robot_profile="pi05_libero",
+                                        delta_action_mask=(6, -2)))
+    with pytest.raises(ConfigError, match=r"covers 6 action dims: expected at most the action_dim 5 of robot "
+                                          r"profile 'generic'"):
+        Policy.from_config(PolicyConfig(model_preset="pi05_small", robot_profile="generic", state_dim=5,
+                                        action_dim=5, delta_action_mask=(6,)))
+    with pytest.raises(ConfigError, match=r"delta_action_mask must be make_bool_mask runs \(integers"):
+        PolicyConfig(delta_action_mask=(True, False))
+
+
+def test_lerobot_checkpoint_with_a_configured_delta_mask_is_warned_to_drop_it(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # The advice "use the generic profile" does not help where the generic profile carries the mask.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI0_FIXTURE, "pi0")
+    with caplog.at_level("WARNING", logger="pi0_policy_ros.policy.policy"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic",
+                                        state_dim=STATE_DIM, action_dim=ACTION_DIM, delta_action_mask=(6, -1)))
+    assert [r.getMessage() for r in caplog.records if "training transforms" in r.getMessage()] == [
+        "robot profile generic applies openpi's training transforms (delta actions), which LeRobot's own pipeline "
+        "does not: for a checkpoint trained in LeRobot use the generic profile without profile_delta_action_mask"]
