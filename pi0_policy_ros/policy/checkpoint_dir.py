@@ -2,8 +2,9 @@
 
 openpi (spec §6): `model.safetensors` with `PI0Pytorch.state_dict()` names, plus
 `assets/<asset_id>/norm_stats.json`, and usually the converter's own `config.json` (no LeRobot
-"type"; only its `action_horizon` is read, to warn when the robot profile samples another). The model type is not written down, so it and the geometry are read off the
-tensors (pi0.5 has `time_mlp_in`, pi0 has `state_proj`).
+"type"; only its `action_horizon` is read: the generic profile's horizon, or a warning when a
+robot profile samples another). The model type is not written down, so it and the geometry are
+read off the tensors (pi0.5 has `time_mlp_in`, pi0 has `state_proj`).
 
 LeRobot: `config.json` (`"type": "pi0" | "pi05"`, `chunk_size`, `tokenizer_max_length`, …),
 `model.safetensors` with openpi's names under a `model.` prefix (pi05 names the time MLP
@@ -126,28 +127,52 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
     return ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}))
 
 
-def _warn_on_trained_horizon(path: Path, horizon: int) -> None:
-    """openpi's converter records the training config's `action_horizon` in `config.json`. Sampling
-    another horizon runs (no weight depends on it) but the expert then denoises a sequence length it
-    was not trained on, so say so once."""
+def _trained_action_horizon(path: Path) -> int | None:
+    """The training config's `action_horizon` that openpi's converter records in `config.json`;
+    None when there is no such file or value (a positive integer)."""
     try:
         config = json.loads((path / LEROBOT_CONFIG).read_text())
     except (OSError, ValueError):
-        return
+        return None
     trained = config.get("action_horizon") if isinstance(config, dict) else None
-    if isinstance(trained, int) and not isinstance(trained, bool) and trained != horizon:
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0:
+        return trained
+    return None
+
+
+def _warn_on_trained_horizon(path: Path, horizon: int) -> None:
+    """Sampling another horizon than the trained one runs (no weight depends on it) but the expert
+    then denoises a sequence length it was not trained on, so say so once."""
+    trained = _trained_action_horizon(path)
+    if trained is not None and trained != horizon:
         log.warning("%s: the checkpoint was trained with action_horizon %d (its config.json), the robot profile "
                     "samples %d actions; set profile_action_horizon to %d unless that is intended",
                     path, trained, horizon, trained)
 
 
-def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None) -> LoadedCheckpoint:
+def _checkpoint_horizon(path: Path, default: int) -> int:
+    """The horizon the checkpoint records, else `default`, saying which."""
+    trained = _trained_action_horizon(path)
+    if trained is None:
+        log.info("%s: config.json records no action_horizon (openpi's converter writes it); sampling %d actions, "
+                 "the robot profile's default: set profile_action_horizon to the training horizon", path, default)
+        return default
+    log.info("%s: action_horizon %d, the training horizon its config.json records", path, trained)
+    return trained
+
+
+def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None,
+                    horizon_from_checkpoint: bool = False) -> LoadedCheckpoint:
     tensors, metadata = read_safetensors(path / WEIGHTS_FILE)
     truncated = _truncated_vocab_allowed(tensors, metadata)
     cfg = resolve_geometry(tensors, preset, truncated, path)
-    if horizon is not None:
-        # Not in the weights (no weight depends on it): the robot profile decides.
+    # Not in the weights (no weight depends on it): the robot profile decides, or for a profile
+    # without one (generic) the converter's config.json, with `horizon` as the default.
+    if horizon_from_checkpoint:
+        horizon = _checkpoint_horizon(path, cfg.action_horizon if horizon is None else horizon)
+    elif horizon is not None:
         _warn_on_trained_horizon(path, horizon)
+    if horizon is not None:
         cfg = cfg.replace(action_horizon=horizon)
     stats_file = find_openpi_norm_stats(path, asset_id)
     stats = load_openpi_norm_stats(stats_file)
@@ -203,13 +228,16 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
 
 
 def load_checkpoint_dir(path: str | Path, preset: str = AUTO_PRESET, asset_id: str = "",
-                        horizon: int | None = None) -> LoadedCheckpoint:
+                        horizon: int | None = None, horizon_from_checkpoint: bool = False) -> LoadedCheckpoint:
     """Detect the layout of `path` and read it. `horizon` sets the action horizon of openpi
-    checkpoints, whose weights do not record it (the robot profile knows it)."""
+    checkpoints, whose weights do not record it (the robot profile knows it); with
+    `horizon_from_checkpoint` (the generic profile) the converter's config.json `action_horizon`
+    does, `horizon` being the default where it is absent. LeRobot's `chunk_size` decides for LeRobot."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     kind = detect_format(path)
-    loaded = load_lerobot_dir(path, preset) if kind == "lerobot" else load_openpi_dir(path, preset, asset_id, horizon)
+    loaded = (load_lerobot_dir(path, preset) if kind == "lerobot"
+              else load_openpi_dir(path, preset, asset_id, horizon, horizon_from_checkpoint))
     log.info("loaded %s checkpoint %s: %s, %d tensors", kind, path, loaded.model_config.name, len(loaded.tensors))
     return loaded

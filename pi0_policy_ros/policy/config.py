@@ -37,7 +37,9 @@ class PolicyConfig:
     device, backend, precision: where and how the network runs.
     seed: seeds the denoising noise, so that the same observation gives the same actions.
     state_dim, action_dim, action_horizon, action_period_s: replace the robot profile's values when
-        non-zero: how the `generic` profile gets a robot's dims (any profile accepts them).
+        non-zero: how the `generic` profile gets a robot's dims (any profile accepts them). With
+        action_horizon 0 the generic profile samples the horizon the checkpoint records (openpi's
+        converter config.json `action_horizon`; LeRobot's `chunk_size` decides for every profile).
     delta_action_mask: openpi `make_bool_mask` runs ((6, -1): 6 action dims trained as deltas from
         the state, then 1 absolute) replacing the robot profile's delta mask; () keeps the profile's,
         (-n,) turns deltas off. For a custom openpi config trained with DeltaActions / AbsoluteActions.

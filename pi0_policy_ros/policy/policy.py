@@ -8,6 +8,7 @@ absolute actions and robot output transform.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -160,9 +161,15 @@ class Policy:
         dtype = TORCH_DTYPES.get(config.precision, torch.bfloat16)  # fp8 engine: bf16 base weights
         checkpoint: LoadedCheckpoint | None = None
         if config.checkpoint_path:
+            # Spec section 5: the generic profile (no openpi config of its own) samples the horizon
+            # the checkpoint was trained with, unless profile_action_horizon says otherwise.
+            from_checkpoint = not profile.model_type and not config.action_horizon
             checkpoint = load_checkpoint_dir(config.checkpoint_path, config.model_preset or AUTO_PRESET,
-                                             config.asset_id, horizon=profile.action_horizon)
+                                             config.asset_id, horizon=profile.action_horizon,
+                                             horizon_from_checkpoint=from_checkpoint)
             model_cfg = checkpoint.model_config
+            # The chunks' length is the model's (the checkpoint's for LeRobot and the generic profile).
+            profile = dataclasses.replace(profile, action_horizon=model_cfg.action_horizon)
             _check_profile_fits(profile, model_cfg)
             _check_profile_model_type(profile, "pi05" if model_cfg.pi05 else "pi0", checkpoint)
             normalizer = checkpoint.normalizer

@@ -80,7 +80,8 @@ class RobotProfile:
         actions: pi angular -> ALOHA gripper joint); () for none.
     discrete_state_input: pi0.5 writes the discretized state into the prompt. Ignored where the
         profile has no model_type (generic) or the checkpoint is LeRobot's: the model config decides.
-    action_horizon: actions per chunk of the openpi config.
+    action_horizon: actions per chunk of the openpi config. The generic profile's (no model_type)
+        is a default: the policy samples the horizon its checkpoint records unless it is overridden.
     action_period_s: time between two actions (the rate the policy was trained at).
     action_space: what the action dims mean, one of ACTION_SPACES.
     joint_names: default names of the state / action dims (JointState / JointTrajectory); () if
@@ -253,7 +254,7 @@ def get_profile(name: str, **overrides: object) -> RobotProfile:
 def configured_profile(config: PolicyConfig) -> RobotProfile:
     """The profile `config` names, with its profile_* values (the generic profile's dims, a delta
     mask replacing the profile's), as the policy runs it; an unknown name is a ConfigError listing
-    the valid ones."""
+    the valid ones. (The generic profile's horizon may still come from the checkpoint: Policy.)"""
     try:
         profile = get_profile(config.robot_profile, **config.profile_overrides())
     except KeyError as exc:

@@ -100,8 +100,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               True, int_range=(0, 32)),
     ParamSpec("profile_action_dim", INTEGER, 0, "robot action dims; 0 = the robot profile's (set it for `generic`)",
               True, int_range=(0, 32)),
-    ParamSpec("profile_action_horizon", INTEGER, 0, "actions per chunk; 0 = the robot profile's", True,
-              int_range=(0, 1000)),
+    ParamSpec("profile_action_horizon", INTEGER, 0, "actions per chunk; 0 = the robot profile's, or for `generic` "
+              "the checkpoint's (openpi config.json action_horizon, else 50). LeRobot checkpoints always sample "
+              "their chunk_size", True, int_range=(0, 1000)),
     ParamSpec("profile_delta_action_mask", INTEGER_ARRAY, [], "action dims trained as deltas from the state, as "
               "openpi make_bool_mask runs: [6, -1] = 6 delta dims, then 1 absolute (the state is added back to the "
               "delta dims); [] = the robot profile's mask (generic: none); [-n] = none", True),

@@ -621,6 +621,13 @@ def test_pi05_aloha_chain_follows_openpi_from_robot_values_to_robot_values(tmp_p
     np.testing.assert_allclose(chunk.actions, actions, rtol=1e-5, atol=1e-5)
 
 
+def _converter_config(path: Path, horizon: int) -> None:
+    """The config.json openpi's convert_jax_model_to_pytorch.py writes beside the weights."""
+    (path / "config.json").write_text(json.dumps({"action_dim": 32, "action_horizon": horizon,
+                                                  "paligemma_variant": "gemma_2b",
+                                                  "action_expert_variant": "gemma_300m", "precision": "float32"}))
+
+
 def _generic_observation(seed: int) -> Observation:
     rng = np.random.default_rng(seed)
     return Observation(images={"base": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
@@ -692,3 +699,50 @@ def test_lerobot_checkpoint_with_a_configured_delta_mask_is_warned_to_drop_it(tm
     assert [r.getMessage() for r in caplog.records if "training transforms" in r.getMessage()] == [
         "robot profile generic applies openpi's training transforms (delta actions), which LeRobot's own pipeline "
         "does not: for a checkpoint trained in LeRobot use the generic profile without profile_delta_action_mask"]
+
+
+@pytest.mark.parametrize("recorded", [12, None])
+def test_generic_profile_samples_the_horizon_the_checkpoint_records(tmp_path: Path, recorded: int | None,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # Spec section 5: the generic profile's horizon comes from the checkpoint (openpi's converter
+    # writes the training config's action_horizon into config.json); without one, the profile's 50.
+    path = write_openpi_dir(tmp_path / "ckpt", PI0_FIXTURE)
+    if recorded is not None:
+        _converter_config(path, recorded)
+    with caplog.at_level("INFO", logger="pi0_policy_ros.policy.checkpoint_dir"):
+        policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                                 robot_profile="generic", state_dim=STATE_DIM, action_dim=ACTION_DIM))
+    horizon = recorded or 50
+    assert policy.infer(_generic_observation(1)).actions.shape == (horizon, ACTION_DIM)
+    assert policy.model_config.action_horizon == policy.profile.action_horizon == horizon
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    if recorded is None:
+        assert any("config.json records no action_horizon" in m and "sampling 50 actions" in m for m in messages)
+    else:
+        assert any("action_horizon 12, the training horizon its config.json records" in m for m in messages)
+
+
+def test_profile_action_horizon_and_named_profiles_keep_their_horizon_over_the_checkpoints(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    _converter_config(path, 12)
+    with caplog.at_level("WARNING", logger="pi0_policy_ros.policy.checkpoint_dir"):
+        generic = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                                  robot_profile="generic", state_dim=STATE_DIM,
+                                                  action_dim=ACTION_DIM, action_horizon=8))
+        named = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                                robot_profile="pi05_libero"))
+    assert generic.model_config.action_horizon == 8 and named.model_config.action_horizon == 10
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("trained with action_horizon 12" in w for w in warnings)
+
+
+def test_lerobot_chunk_size_is_the_generic_profiles_horizon(tmp_path: Path) -> None:
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "chunk_size": 12, "n_action_steps": 12}))
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic",
+                                             state_dim=STATE_DIM, action_dim=ACTION_DIM))
+    assert policy.profile.action_horizon == policy.model_config.action_horizon == 12
+    assert policy.infer(_generic_observation(2)).actions.shape == (12, ACTION_DIM)
