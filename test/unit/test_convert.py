@@ -373,3 +373,63 @@ def test_joint_state_reader_ignores_nan_in_an_unused_joint_and_refuses_garbage()
         reader.positions(good[:30])  # truncated: the in-place read declines, the decoder refuses
     with pytest.raises(ObservationError, match="expected >= 16 serialized bytes, found 8"):
         reader.positions(good[:8])
+
+
+def test_joint_state_reader_refuses_a_message_too_short_for_its_name_list() -> None:
+    # 12-15 bytes: enough for a stamp, not for frame_id's length that the in-place read looks at.
+    reader = convert.JointStateReader(NAMES, CountingDeserializer())
+    good = serialized_js(NAMES, [1.0, 2.0, 3.0])
+    reader.positions(good)
+    with pytest.raises(ObservationError, match="expected >= 16 serialized bytes, found 15"):
+        reader.positions(good[:15])
+
+
+def test_joint_state_reader_ignores_what_the_padding_bytes_hold() -> None:
+    # Fast-CDR leaves alignment padding uninitialised: the same names with other padding bytes are
+    # still the same names, read in place.
+    deserialize = CountingDeserializer()
+    reader = convert.JointStateReader(NAMES, deserialize)
+    names = ["wrist", "gripper_finger", "shoulder", "elbow"]  # 6, 15, 9, 6 bytes with NUL: padding after each
+    first = serialized_js(names, [3.0, 0.5, 1.0, 2.0])
+    reader.positions(first)
+    data = bytearray(serialized_js(names, [13.0, 0.5, 11.0, 12.0]))
+    offset = 4 + 8 + 4 + 4 + 4  # encapsulation, stamp, frame_id "" (length 1, NUL, padding), name count
+    padded = 0
+    for name in names:
+        offset += 4 + len(name) + 1
+        while offset % 4:
+            data[offset] = 0xCD
+            offset += 1
+            padded += 1
+    assert padded > 0 and bytes(data) != serialized_js(names, [13.0, 0.5, 11.0, 12.0])
+    np.testing.assert_array_equal(reader.positions(bytes(data)), [11.0, 12.0, 13.0])
+    assert deserialize.calls == 1
+
+
+def test_joint_state_reader_takes_an_extra_name_for_another_name_list() -> None:
+    # One more name whose length field (3: "ab" and its NUL) equals the known name count: the count,
+    # not only the names, tells the lists apart; read in place, positions would come from the name bytes.
+    reader = convert.JointStateReader(NAMES, CountingDeserializer())
+    reader.positions(serialized_js(NAMES, [1.0, 2.0, 3.0]))
+    state = reader.positions(serialized_js(NAMES + ["ab"], [4.0, 5.0, 6.0, 7.0]))
+    np.testing.assert_array_equal(state, [4.0, 5.0, 6.0])
+
+
+def test_stamp_from_cdr_needs_the_whole_stamp() -> None:
+    data = _serialized("sensor_msgs/msg/JointState", True, **STAMPED["sensor_msgs/msg/JointState"])
+    with pytest.raises(ObservationError, match="expected >= 12 serialized bytes .* found 11"):
+        convert.stamp_from_cdr(data[:11])
+
+
+@pytest.mark.parametrize("encapsulation,endian", [(0x06, ">"), (0x07, "<")])
+def test_stamp_from_cdr_reads_plain_xcdr2(encapsulation: int, endian: str) -> None:
+    # PLAIN_CDR2, big (0x0006) and little (0x0007) endian: no DHEADER, the stamp follows the encapsulation.
+    data = bytes([0, encapsulation, 0, 0]) + struct.pack(endian + "iI", 1700000000, 250_000_001) + bytes(8)
+    assert convert.stamp_from_cdr(data) == pytest.approx(1700000000.250000001, abs=1e-9)
+
+
+def test_action_chunk_from_message_refuses_other_dims() -> None:
+    msg = convert.action_chunk_message(np.zeros((2, 3), np.float32))
+    msg.layout.dim[0].label, msg.layout.dim[1].label = "action", "horizon"
+    with pytest.raises(ObservationError, match=r"expected dims \['horizon', 'action'\], found \['action', 'horizon'\]"):
+        convert.action_chunk_from_message(msg)
