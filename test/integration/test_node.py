@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -128,6 +129,7 @@ def test_slow_inference_skips_ticks_and_reports_rate(make_node, probe) -> None:
     assert 4.0 < float(values["achieved_rate_hz"]) < 12.0
     assert int(values["skipped_ticks"]) > 0
     assert float(values["latency_infer_p50_ms"]) >= 100.0
+    assert 0.1 <= float(values["scheduler.latency_s"]) < 1.0  # seconds, as its name says
     assert "latency_policy_fake_p99_ms" in values
 
 
@@ -185,7 +187,10 @@ def test_parameters_rejected_with_reasons(make_node, probe) -> None:
     # Dynamic ones apply while active, the timer included.
     assert node.set_parameters([Parameter("control_rate_hz", value=5.0)])[0].successful
     assert node._control_timer.timer_period_ns == 200_000_000
-    assert node.set_parameters([Parameter("max_camera_skew_s", value=0.05)])[0].successful
+    wait_for(lambda: probe.latest_values().get("target_rate_hz") == "5.000")  # the rate /diagnostics measures against
+    for name, value in [("max_camera_skew_s", 0.05), ("max_observation_age_s", 0.25), ("max_future_stamp_s", 0.02)]:
+        assert node.set_parameters([Parameter(name, value=value)])[0].successful
+        assert getattr(node._buffer.config, name) == value, name  # what the next snapshot is checked against
 
 
 def test_configure_failure_then_fix(make_node, probe) -> None:
@@ -221,6 +226,7 @@ def test_ensemble_mode_on_schedule_is_not_reported_slow(make_node, probe) -> Non
     values = {kv.key: kv.value for kv in status.values}
     assert status.level == b"\x00", status.message
     assert float(values["achieved_rate_hz"]) > 0.8 * RATE_HZ
+    assert (values["scheduler.mode"], values["scheduler.hold_mode"]) == ("temporal_ensemble", "stop")
 
 
 # Limits the fake's chunk crosses: with the probe's state its actions are state + 0.258 (image term)
@@ -444,3 +450,159 @@ def test_safety_counters_restart_at_activation(make_node, probe) -> None:
     assert node.trigger_activate() == SUCCESS
     values = wait_for(lambda: (v := probe.latest_values("running")) and int(v["chunks_published"]) >= 3 and v)
     assert values["safety.clamp.position"] == "0"
+
+
+def test_chunk_topics_go_out_stamp_then_chunk_then_trajectory(make_node, probe) -> None:
+    """Module doc: per chunk `~/action_chunk_stamp`, `~/action_chunk`, then `~/joint_trajectory`, back
+    to back from one thread (a consumer pairs the n-th stamp with the n-th chunk). Recorded at the
+    node's own publishers (DDS keeps no order across topics); the messages still go out."""
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+    order: list[str] = []
+    for attribute, label in (("_stamp_pub", "stamp"), ("_chunk_pub", "chunk"), ("_trajectory_pub", "trajectory")):
+        publisher = getattr(node, attribute)
+
+        def publish(msg, publish=publisher.publish, label=label) -> None:  # noqa: ANN001
+            order.append(label)
+            publish(msg)
+        publisher.publish = publish
+    assert node.trigger_activate() == SUCCESS
+    wait_for(lambda: probe.counts()[0] >= 3)
+    assert node.trigger_deactivate() == SUCCESS
+    assert len(order) >= 9 and order == ["stamp", "chunk", "trajectory"] * (len(order) // 3)
+
+
+def test_chunk_stamps_are_observation_stamps_numbered_from_zero_at_each_activation(make_node, probe) -> None:
+    """`~/action_chunk_stamp`: stamp = the stamp of the observation the chunk was inferred from (one
+    the probe sent), frame_id = the chunk's number, from 0 again after a deactivate / activate."""
+    sent: list[float] = []
+
+    def stamp():  # noqa: ANN202
+        now = probe.get_clock().now()
+        sent.append(now.nanoseconds * 1e-9)
+        return now.to_msg()
+    probe.stamp_fn = stamp
+    node = active(make_node)
+    for activation in range(2):
+        wait_for(lambda: probe.counts()[2] >= 3)
+        assert node.trigger_deactivate() == SUCCESS
+        time.sleep(0.2)  # what went out before deactivate returned is delivered
+        with probe.lock:
+            stamps = list(probe.stamps)
+        assert [s.frame_id for s in stamps] == [str(i) for i in range(len(stamps))], activation
+        sent_s = np.array(sent)
+        for s in stamps:
+            # The stamp goes through float seconds: within a microsecond of the one sent.
+            assert np.min(np.abs(sent_s - duration_s(s.stamp))) < 1e-6, duration_s(s.stamp)
+        probe.clear()
+        assert node.trigger_activate() == SUCCESS
+
+
+@pytest.mark.parametrize("set_while_active", [False, True], ids=["from_start", "set_while_active"])
+def test_hold_position_sends_one_hold_point_when_a_tick_holds(make_node, probe, set_while_active: bool) -> None:
+    """hold_mode: hold_position (a dynamic parameter: also when set while active). The first held tick
+    after a trajectory of ours publishes one point at the measured position, velocity zero, one control
+    period ahead, with no chunk; the ticks that hold after it send nothing."""
+    node = active(make_node, params={} if set_while_active else {"hold_mode": "hold_position"})
+    wait_for(lambda: probe.counts()[0] >= 2)
+    if set_while_active:
+        assert node.set_parameters([Parameter("hold_mode", value="hold_position")])[0].successful
+    with probe.lock:
+        before = len(probe.trajectories), len(probe.chunks)
+        probe.cameras_on["cam_b"] = False
+    wait_for(lambda: probe.latest_status("camera 'cam_b' is stale"))
+    time.sleep(0.4)  # several held ticks
+    with probe.lock:
+        trajectories, chunks = probe.trajectories[before[0]:], probe.chunks[before[1]:]
+    assert len(trajectories) == len(chunks) + 1
+    hold = trajectories[-1]
+    assert hold.joint_names == JOINTS and len(hold.points) == 1
+    assert list(hold.points[0].positions) == probe.state.tolist()
+    assert list(hold.points[0].velocities) == [0.0] * len(JOINTS)
+    assert duration_s(hold.points[0].time_from_start) == pytest.approx(1.0 / RATE_HZ)
+    assert probe.latest_values()["scheduler.hold_mode"] == "hold_position"
+
+
+def test_observation_limits_apply_while_active(make_node, probe) -> None:
+    """max_observation_age_s and max_future_stamp_s are dynamic: a new value applies to the next tick
+    and the next input."""
+    from pi0_policy_ros.ros.convert import seconds_to_stamp
+
+    probe.stamp_fn = lambda: seconds_to_stamp(probe.get_clock().now().nanoseconds * 1e-9 + 0.03)  # 30 ms ahead
+    node = active(make_node)
+    wait_for(lambda: probe.counts()[1] >= 2)  # 30 ms ahead is within max_future_stamp_s (0.1 s)
+    assert node.set_parameters([Parameter("max_future_stamp_s", value=0.01)])[0].successful
+    wait_for(lambda: "in the future: expected <= 0.010 s ahead" in probe.latest_values().get("last_input_error", ""))
+    probe.stamp_fn = None
+    wait_for(lambda: probe.latest_status("running"))
+    assert node.set_parameters([Parameter("max_observation_age_s", value=0.001)])[0].successful
+    wait_for(lambda: probe.latest_status("expected age <= 0.001 s (max_observation_age_s)"))
+
+
+def test_diagnostics_delays_and_ages_are_in_their_units(make_node, probe) -> None:
+    """Inputs stamped 100 ms before they are sent: the input delays (ms) and the observation-to-publish
+    latency (ms) read >= 100 ms, the observation age >= 0.1 s, the camera skew well under it."""
+    from pi0_policy_ros.ros.convert import seconds_to_stamp
+
+    probe.stamp_fn = lambda: seconds_to_stamp(probe.get_clock().now().nanoseconds * 1e-9 - 0.1)
+    active(make_node)
+    values = wait_for(lambda: (v := probe.latest_values()) and int(v["chunks_published"]) >= 3 and v)
+    for source in ("cam_a", "cam_b", "joint_states"):
+        assert 100.0 <= float(values[f"input_delay_{source}_p50_ms"]) < 300.0, source
+    assert 100.0 <= float(values["latency_observation_to_publish_p50_ms"]) < 400.0
+    assert 0.1 <= float(values["observation_age_s"]) < 0.3
+    assert 0.0 <= float(values["camera_skew_s"]) < 0.05
+
+
+def test_diagnostics_come_every_diagnostics_period(make_node, probe) -> None:
+    node = make_node(params={"diagnostics_period_s": 0.1})
+    assert node.trigger_configure() == SUCCESS
+    wait_for(lambda: probe.latest_status("inactive"))
+    probe.clear()
+    time.sleep(1.0)
+    with probe.lock:
+        assert 5 <= len(probe.diagnostics) <= 15, len(probe.diagnostics)
+
+
+def test_cleanup_stops_the_input_thread(make_node, probe) -> None:
+    node = active(make_node)
+    wait_for(lambda: probe.counts()[0] >= 1)
+    name = f"{node.get_name()}_inputs"  # the sensor poller's thread (ros/poller.py)
+
+    def polling() -> int:
+        return sum(t.name == name for t in threading.enumerate())
+    assert polling() == 1
+    assert node.trigger_deactivate() == SUCCESS and node.trigger_cleanup() == SUCCESS
+    assert polling() == 0
+    assert node.trigger_configure() == SUCCESS and polling() == 1
+
+
+def test_inputs_run_on_the_poller_thread_and_a_failing_callback_is_counted(make_node, probe, namespace: str) -> None:
+    """input_poll_period_s > 0: camera and joint_states callbacks run on the poller's thread, never on
+    an executor's (ros/poller.py). A callback that raises there (a bug, not a bad input) is counted
+    (`input_errors.poller`) and logged at ERROR; the inputs keep flowing."""
+    from rcl_interfaces.msg import Log
+
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+    threads: set[str] = set()
+    joint_calls: list[int] = []
+    for sub in node.subscriptions:
+        if not sub.topic_name.endswith(("image_raw", "compressed", "joint_states")):
+            continue
+
+        def callback(data, inner=sub.callback, joints=sub.topic_name.endswith("joint_states")) -> None:  # noqa: ANN001
+            threads.add(threading.current_thread().name)
+            if joints:
+                joint_calls.append(1)
+                if len(joint_calls) == 1:
+                    raise RuntimeError("boom in a callback")
+            inner(data)
+        sub.callback = callback
+    assert node.trigger_activate() == SUCCESS
+    wait_for(lambda: probe.counts()[1] >= 3)
+    assert threads == {f"{node.get_name()}_inputs"}
+    values = wait_for(lambda: (v := probe.latest_values()) and "input_errors.poller" in v and v)
+    assert values["input_errors.poller"] == "1"
+    line = f"input failed: {namespace}/joint_states: RuntimeError: boom in a callback"
+    wait_for(lambda: probe.log_lines(Log.ERROR, line))
