@@ -129,7 +129,8 @@ def test_slow_inference_skips_ticks_and_reports_rate(make_node, probe) -> None:
     assert 4.0 < float(values["achieved_rate_hz"]) < 12.0
     assert int(values["skipped_ticks"]) > 0
     assert float(values["latency_infer_p50_ms"]) >= 100.0
-    assert 0.1 <= float(values["scheduler.latency_s"]) < 1.0  # seconds, as its name says
+    # seconds, as its name says (the bound allows a loaded machine; ms or µs would be 1000x off)
+    assert 0.1 <= float(values["scheduler.latency_s"]) < 10.0
     assert "latency_policy_fake_p99_ms" in values
 
 
@@ -541,17 +542,18 @@ def test_observation_limits_apply_while_active(make_node, probe) -> None:
 
 def test_diagnostics_delays_and_ages_are_in_their_units(make_node, probe) -> None:
     """Inputs stamped 100 ms before they are sent: the input delays (ms) and the observation-to-publish
-    latency (ms) read >= 100 ms, the observation age >= 0.1 s, the camera skew well under it."""
+    latency (ms) read >= 100 ms, the observation age >= 0.1 s, the camera skew well under it. The
+    upper bounds leave room for a loaded machine: a wrong unit is 1000x off."""
     from pi0_policy_ros.ros.convert import seconds_to_stamp
 
     probe.stamp_fn = lambda: seconds_to_stamp(probe.get_clock().now().nanoseconds * 1e-9 - 0.1)
     active(make_node)
     values = wait_for(lambda: (v := probe.latest_values()) and int(v["chunks_published"]) >= 3 and v)
     for source in ("cam_a", "cam_b", "joint_states"):
-        assert 100.0 <= float(values[f"input_delay_{source}_p50_ms"]) < 300.0, source
-    assert 100.0 <= float(values["latency_observation_to_publish_p50_ms"]) < 400.0
-    assert 0.1 <= float(values["observation_age_s"]) < 0.3
-    assert 0.0 <= float(values["camera_skew_s"]) < 0.05
+        assert 100.0 <= float(values[f"input_delay_{source}_p50_ms"]) < 5000.0, source
+    assert 100.0 <= float(values["latency_observation_to_publish_p50_ms"]) < 5000.0
+    assert 0.1 <= float(values["observation_age_s"]) < 5.0
+    assert 0.0 <= float(values["camera_skew_s"]) < 0.2
 
 
 def test_diagnostics_come_every_diagnostics_period(make_node, probe) -> None:
