@@ -472,13 +472,11 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pi0-policy bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ConfigError as exc:  # run as `python -m pi0_policy_ros.engine.bench`: the same one line as the CLI's
-        print(f"pi0-policy bench: error: {exc}", file=sys.stderr)
-        return 2
+    """`python -m pi0_policy_ros.engine.bench ...` is `pi0-policy bench ...`: the CLI's own parser and
+    error handling (one line, exit 2, for a bad argument)."""
+    from pi0_policy_ros.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
