@@ -86,6 +86,7 @@ class PhaseResult:
     receipt_delay_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     holds: int = 0
+    holds_by_kind: dict[str, int] = field(default_factory=dict)
     input_errors: int = 0
     cpu_cores: dict[str, float] = field(default_factory=dict)
 
@@ -186,6 +187,13 @@ def _counter(values: dict[str, str], key: str) -> int:
     return int(values.get(key, "0") or 0)
 
 
+def _hold_kinds(first: dict[str, str], last: dict[str, str]) -> dict[str, int]:
+    """The holds of each kind between two reports (`holds.<kind>` counters), the kinds that occurred."""
+    kinds = sorted({key[len("holds."):] for key in (*first, *last) if key.startswith("holds.")})
+    deltas = {kind: _counter(last, f"holds.{kind}") - _counter(first, f"holds.{kind}") for kind in kinds}
+    return {kind: n for kind, n in deltas.items() if n}
+
+
 def _summarise(reports: list[tuple[float, dict[str, str]]], prefix: str) -> dict[str, dict[str, float]]:
     """`<prefix><name>_p50_ms` etc. over the reports -> name -> {p50: median, p90: median, p99: max}."""
     by_name: dict[str, dict[str, list[float]]] = {}
@@ -233,6 +241,7 @@ def _phase(name: str, rates: Rates, seconds: float, warmup_s: float, node: Polic
         result.inputs_received = {s: _counter(last, f"inputs.{s}") - _counter(first, f"inputs.{s}") for s in sources}
         result.inputs_per_s = {s: round(n / (t_last - t_first), 2) for s, n in result.inputs_received.items()}
         result.holds = _counter(last, "holds") - _counter(first, "holds")
+        result.holds_by_kind = _hold_kinds(first, last)
         result.input_errors = _counter(last, "observation_errors") - _counter(first, "observation_errors")
     result.receipt_delay_ms = _summarise(reports, "input_delay_")
     # every timing the node reports: decode, infer, plan, tick and the policy's and engine's parts

@@ -115,8 +115,10 @@ def test_out_of_memory_at_configure(make_node, probe) -> None:
 
 def real_node(make_node, probe, prompt: str):
     probe.joint_override = (STATE_NAMES, [0.1 * i for i in range(8)])
+    # 1 s between actions: a chunk outlasts a slow machine's inference (the profile's 0.1 s made
+    # chunks expire once CPU inference passed 0.5 s, and the test then saw no chunk).
     node = make_node(params={**LIBERO, "model_preset": "pi05_small", "robot_profile": "pi05_libero",
-                             "prompt": prompt}, policy_factory=load_policy)
+                             "profile_action_period_s": 1.0, "prompt": prompt}, policy_factory=load_policy)
     assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
     return node
 
