@@ -39,7 +39,7 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      `trajectory_actions: any`.
 - `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, and
   once after a failed configure or a transition that raised; a last one ("shut down", level OK)
-  at shutdown.
+  at shutdown, which `main()` also runs on SIGINT and SIGTERM.
 
 The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
 `Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
@@ -87,6 +87,7 @@ instead of queueing them.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import threading
 import time
@@ -112,6 +113,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.serialization import deserialize_message
+from rclpy.signals import SignalHandlerOptions
 from rclpy.timer import Timer
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
@@ -532,6 +534,18 @@ class PolicyNode(LifecycleNode):
         # The /diagnostics publisher lives until destroy_node().
         self._publish_report(shutdown_report())
 
+    def shut_down_for_exit(self) -> None:
+        """The process is ending: the shutdown transition from unconfigured, inactive or active, as
+        `ros2 lifecycle set <node> shutdown` would (hold point, "shut down" status, transition event).
+        In any other state (finalized, or a transition still running) only what is left is released."""
+        if self._state_machine.current_state[1] in ("unconfigured", "inactive", "active"):
+            try:
+                self.trigger_shutdown()
+                return
+            except Exception as exc:  # noqa: BLE001 - the process ends either way; release what is left
+                self.get_logger().error(f"shutdown transition failed: {type(exc).__name__}: {exc}")
+        self._release()
+
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         """After a transition that raised (logged by `_transition`): everything is released and a last
         /diagnostics status (ERROR, "<transition> failed: <reason>") says why the node stopped.
@@ -836,8 +850,14 @@ def spin_until_shutdown(executor: Any) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
+    # rclpy's own SIGINT / SIGTERM handlers shut the context down at once, so that nothing could be
+    # sent after them: not hold_position's hold point, not the last status. Without them, both
+    # signals (Ctrl-C, `ros2 launch`, systemd) raise KeyboardInterrupt in this thread within one
+    # spin timeout, and the node leaves through its shutdown transition on a working context.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     node: PolicyNode | None = None
+    executor: MultiThreadedExecutor | None = None
     try:
         node = PolicyNode()
         executor = make_executor()
@@ -847,6 +867,9 @@ def main(args: list[str] | None = None) -> None:
         pass
     finally:
         if node is not None:
-            node._release()
+            node.shut_down_for_exit()
+        if executor is not None:
+            executor.shutdown()
+        if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
