@@ -322,8 +322,10 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
         reason = values.get("last_hold_reason", "")
         if reason:
             seen_reasons[reason] = seen_reasons.get(reason, 0) + 1
-    if reports:
-        last = reports[-1]
+    # The node's last status at SIGINT ("shut down") carries no counters: the loop's latest report does.
+    loop_reports = [values for values in reports if "ticks" in values]
+    if loop_reports:
+        last = loop_reports[-1]
         summary.ticks = int(last.get("ticks", 0))
         summary.skipped_ticks = int(last.get("skipped_ticks", 0))
         held = int(last.get("holds", 0))

@@ -46,6 +46,14 @@ class Pair:
             self.pub.publish(String(data=text))
 
 
+def polling(*pairs: Pair, on_error: Any = lambda sub, exc: None) -> SubscriptionPoller:
+    """A poller (not started: the tests call poll_once) over the pairs' subscriptions."""
+    poller = SubscriptionPoller(0.01, on_error)
+    for pair in pairs:
+        poller.add(pair.sub)
+    return poller
+
+
 @pytest.fixture
 def node(attach, namespace: str) -> Node:
     return attach(Node("poller_test", namespace=namespace))  # spun by the session executor
@@ -54,9 +62,7 @@ def node(attach, namespace: str) -> Node:
 def test_one_pass_takes_everything_each_subscription_holds(node: Node) -> None:
     group = PolledCallbackGroup()
     a, b = Pair(node, "a", group), Pair(node, "b", group)
-    poller = SubscriptionPoller(0.01, lambda sub, exc: None)
-    poller.add(a.sub)
-    poller.add(b.sub)
+    poller = polling(a, b)
     a.send(*"01234")
     b.send("x", "y")
     time.sleep(DELIVERY_S)
@@ -70,9 +76,7 @@ def test_a_raising_callback_is_reported_and_the_rest_still_run(node: Node) -> No
     group = PolledCallbackGroup()
     bad, good = Pair(node, "bad", group, fail_on="1"), Pair(node, "good", group)
     errors: list[tuple[str, str]] = []
-    poller = SubscriptionPoller(0.01, lambda sub, exc: errors.append((sub.topic_name, str(exc))))
-    poller.add(bad.sub)
-    poller.add(good.sub)
+    poller = polling(bad, good, on_error=lambda sub, exc: errors.append((sub.topic_name, str(exc))))
     bad.send("0", "1", "2")
     good.send("g")
     time.sleep(DELIVERY_S)
@@ -84,9 +88,7 @@ def test_a_raising_callback_is_reported_and_the_rest_still_run(node: Node) -> No
 def test_a_destroyed_subscription_is_skipped(node: Node) -> None:
     group = PolledCallbackGroup()
     gone, kept = Pair(node, "gone", group), Pair(node, "kept", group)
-    poller = SubscriptionPoller(0.01, lambda sub, exc: None)
-    poller.add(gone.sub)
-    poller.add(kept.sub)
+    poller = polling(gone, kept)
     kept.send("k")
     time.sleep(DELIVERY_S)
     node.destroy_subscription(gone.sub)
