@@ -49,7 +49,7 @@ def test_control_rate_holds_under_sensor_load_with_the_tiny_model(record_propert
     print(f"control rate: {result.unloaded_rate_hz:.2f} Hz unloaded, {loaded.rate_hz:.2f} Hz loaded "
           f"({result.ratio:.0%}); taken/s {loaded.inputs_per_s}; receipt delay {loaded.receipt_delay_ms}; "
           f"cpu {loaded.cpu_cores}; RSS MiB {result.rss_mib}")
-    assert result.unloaded_rate_hz > 1.0, result  # the model runs at all (demo.yaml asks 5 Hz; ~3.5 Hz here)
+    assert result.unloaded_rate_hz > 1.0, result  # the model runs at all (demo.yaml asks 5 Hz; 1.85-3.8 Hz on 2 cores)
     assert result.ratio >= MIN_RATIO, result
     # Callbacks keep up: nearly every input is taken (the executor managed 410-670 joint states/s) ...
     assert loaded.inputs_per_s["joint_states"] >= 0.8 * LOADED.joint_hz, loaded
