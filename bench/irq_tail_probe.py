@@ -22,16 +22,18 @@ from pathlib import Path
 PROBE = Path(__file__).resolve().parent / "host_tail_probe.py"
 
 
-def interrupts_per_cpu() -> list[int]:
+def interrupt_counts() -> dict[str, tuple[int, ...]]:
+    """/proc/interrupts now: source (its number or name and description) -> count per CPU. Sources
+    with one machine-wide count (ERR, MIS) are left out: they are no CPU's."""
     lines = Path("/proc/interrupts").read_text().splitlines()
     cpus = len(lines[0].split())
-    totals = [0] * cpus
+    out = {}
     for line in lines[1:]:
-        fields = line.split()[1:1 + cpus]
-        for i, value in enumerate(fields):
-            if value.isdigit():
-                totals[i] += int(value)
-    return totals
+        fields = line.split()
+        counts = tuple(int(v) for v in fields[1:1 + cpus] if v.isdigit())
+        if len(counts) == cpus:
+            out[" ".join([fields[0], *fields[1 + cpus:]])] = counts
+    return out
 
 
 def irq_ms_per_cpu() -> list[float]:
@@ -50,11 +52,15 @@ def probe(label: str, iterations: int, out: Path, cpu: int | None) -> dict:
     command = [sys.executable, str(PROBE), "--iterations", str(iterations), "--json", str(path)]
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
-    irq0, ms0 = interrupts_per_cpu(), irq_ms_per_cpu()
+    irq0, ms0 = interrupt_counts(), irq_ms_per_cpu()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    irq1, ms1 = interrupts_per_cpu(), irq_ms_per_cpu()
+    irq1, ms1 = interrupt_counts(), irq_ms_per_cpu()
     result = json.loads(path.read_text())
-    result["interrupts_per_cpu"] = [b - a for a, b in zip(irq0, irq1)]
+    growth = {source: tuple(y - x for x, y in zip(irq0.get(source, (0,) * len(after)), after))
+              for source, after in irq1.items()}
+    result["interrupts_per_cpu"] = [sum(column) for column in zip(*growth.values())]
+    ranked = sorted(growth.items(), key=lambda kv: -sum(kv[1]))[:6]
+    result["busiest_sources"] = [f"{source}: {list(d)}" for source, d in ranked if sum(d)]
     result["irq_softirq_ms_per_cpu"] = [round(b - a, 1) for a, b in zip(ms0, ms1)]
     result["pinned_cpu"] = cpu
     path.write_text(json.dumps(result, indent=1))
@@ -71,33 +77,14 @@ def summary(result: dict) -> str:
     return "; ".join(parts)
 
 
-def busiest_sources(before: str, after: str, top: int = 6) -> list[str]:
-    """The interrupt lines whose counts grew most between two /proc/interrupts readings."""
-    def per_line(text: str) -> dict[str, tuple[int, ...]]:
-        lines = text.splitlines()
-        cpus = len(lines[0].split())
-        out = {}
-        for line in lines[1:]:
-            fields = line.split()
-            counts = tuple(int(v) for v in fields[1:1 + cpus] if v.isdigit())
-            out[" ".join([fields[0], *fields[1 + cpus:]])] = counts
-        return out
-    a, b = per_line(before), per_line(after)
-    deltas = {k: tuple(y - x for x, y in zip(a.get(k, ()), v)) for k, v in b.items()}
-    ranked = sorted(deltas.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return [f"{name}: {list(d)}" for name, d in ranked if sum(d)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    before = Path("/proc/interrupts").read_text()
     free = probe("unpinned", args.iterations, args.out, None)
-    print("busiest interrupt sources (per cpu):", *busiest_sources(before, Path("/proc/interrupts").read_text()),
-          sep="\n  ")
+    print("busiest interrupt sources (per cpu):", *free["busiest_sources"], sep="\n  ")
     counts = free["interrupts_per_cpu"]
     print("unpinned:", summary(free))
     print("interrupts per cpu:", counts)
