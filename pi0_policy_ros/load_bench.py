@@ -183,14 +183,15 @@ class CpuClock:
                 "other": round(max(0.0, busy - node - robot), 3)}
 
 
-def _counter(values: dict[str, str], key: str) -> int:
-    return int(values.get(key, "0") or 0)
+def _growth(first: dict[str, str], last: dict[str, str], key: str) -> int:
+    """How much the counter `key` grew from one /diagnostics report to a later one (absent = 0)."""
+    return int(last.get(key, "0") or 0) - int(first.get(key, "0") or 0)
 
 
 def _hold_kinds(first: dict[str, str], last: dict[str, str]) -> dict[str, int]:
     """The holds of each kind between two reports (`holds.<kind>` counters), the kinds that occurred."""
     kinds = sorted({key[len("holds."):] for key in (*first, *last) if key.startswith("holds.")})
-    deltas = {kind: _counter(last, f"holds.{kind}") - _counter(first, f"holds.{kind}") for kind in kinds}
+    deltas = {kind: _growth(first, last, f"holds.{kind}") for kind in kinds}
     return {kind: n for kind, n in deltas.items() if n}
 
 
@@ -238,11 +239,11 @@ def _phase(name: str, rates: Rates, seconds: float, warmup_s: float, node: Polic
     if len(reports) >= 2:  # counters: from the first to the last report of the phase
         (t_first, first), (t_last, last) = reports[0], reports[-1]
         sources = [c.name for c in config.cameras] + ["joint_states"]
-        result.inputs_received = {s: _counter(last, f"inputs.{s}") - _counter(first, f"inputs.{s}") for s in sources}
+        result.inputs_received = {s: _growth(first, last, f"inputs.{s}") for s in sources}
         result.inputs_per_s = {s: round(n / (t_last - t_first), 2) for s, n in result.inputs_received.items()}
-        result.holds = _counter(last, "holds") - _counter(first, "holds")
+        result.holds = _growth(first, last, "holds")
         result.holds_by_kind = _hold_kinds(first, last)
-        result.input_errors = _counter(last, "observation_errors") - _counter(first, "observation_errors")
+        result.input_errors = _growth(first, last, "observation_errors")
     result.receipt_delay_ms = _summarise(reports, "input_delay_")
     # every timing the node reports: decode, infer, plan, tick and the policy's and engine's parts
     result.latency_ms = _summarise(reports, "latency_")
