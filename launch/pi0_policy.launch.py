@@ -10,9 +10,11 @@ Remappings (edit them for your robot, or remap again from an including launch fi
 Camera topics are parameters (`camera_topics`), relative to the namespace.
 
 Before the node starts, `params_file` is read as rcl will read it for `<namespace>/pi0_policy`: a
-path that is not a file, invalid YAML or a file with no block for that node stops the launch with
-the reason. Otherwise the node would start on its defaults (launch_ros only warns about a missing
-file, and rcl silently skips blocks for other node names) and fail to configure for another reason.
+path that is not a file, invalid YAML, a file with no block for that node, or a parameter name the
+node does not declare in a block that names it, stops the launch with the reason. Otherwise the
+node would start on its defaults (launch_ros only warns about a missing file, rcl silently skips
+blocks for other node names, and rclpy ignores undeclared parameters) and run, or fail to
+configure for another reason.
 
 With autostart:=false the node waits unconfigured: drive it with
 `ros2 lifecycle set <node> configure` / `activate`, or a lifecycle manager.

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -352,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_load_bench(params, loaded_s=args.seconds, unloaded_s=args.unloaded_s,
                                 warmup_s=args.warmup_s, settle_s=args.settle_s, overrides=dict(args.set))
     except ConfigError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     document = {**asdict(result), "host": platform.node(), "cpus": os.cpu_count(),
                 "python": platform.python_version()}

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -64,12 +66,13 @@ class SoakResult:
 
 
 def growth_after_warmup(samples: list[Sample], warmup_s: float, key: str) -> float:
-    """Relative growth of one series from the first sample after warm-up to the last three."""
+    """Relative growth of one series from the first sample after warm-up to the last three; nan
+    (not measured, which fails the soak) with fewer than two samples after warm-up."""
     values = [(s.t_s, _value(s, key)) for s in samples]
     values = [(t, v) for t, v in values if v is not None]
     after = [v for t, v in values if t >= warmup_s]
     if len(after) < 2 or after[0] == 0:
-        return 0.0
+        return math.nan
     tail = after[-3:]
     return (sum(tail) / len(tail) - after[0]) / after[0]
 
@@ -90,6 +93,11 @@ def soak(params: Path, minutes: float, sample_s: float, warmup_s: float, device:
             raise ConfigError(f"{name}: expected > 0, found {value}")
     if not warmup_s >= 0:
         raise ConfigError(f"warmup_s: expected >= 0 s, found {warmup_s}")
+    # Growth is measured between samples after warm-up: a shorter soak would measure nothing.
+    if minutes * 60.0 < warmup_s + 2 * sample_s:
+        raise ConfigError(f"minutes: expected a soak of at least the warm-up plus two samples, "
+                          f"{(warmup_s + 2 * sample_s) / 60.0:.3g} min (warmup_s {warmup_s:g} + 2 x sample_s "
+                          f"{sample_s:g}), found {minutes:g} min")
     result = SoakResult(minutes=minutes, sample_s=sample_s, warmup_s=warmup_s)
     outcome: dict[str, Any] = {}
 
@@ -112,6 +120,7 @@ def soak(params: Path, minutes: float, sample_s: float, warmup_s: float, device:
     result.demo = asdict(report)
     keys = ["rss"] + (["allocated", "reserved"] if result.samples and result.samples[0].gpu else [])
     result.growth = {key: growth_after_warmup(result.samples, warmup_s, key) for key in keys}
+    # nan (too few samples after warm-up) fails too.
     result.passed = report.chunks > 0 and all(g <= max_growth for g in result.growth.values())
     return result
 
@@ -147,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         prepare_output_file(args.json)
         result = soak(params, args.minutes, args.sample_s, args.warmup_s, args.device)
     except ConfigError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     document = {**asdict(result), "params": str(params), "host": platform.node(), "cpus": os.cpu_count()}
     if args.json:

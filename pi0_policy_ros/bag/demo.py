@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                                args.storage, args.distro, args.overwrite)
     except Pi0PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     cameras = ", ".join(f"{topics.camera_topic(i)} ({'jpeg' if c.compressed else 'rgb8'})"
                         for i, c in enumerate(topics.config.cameras))
     print(f"wrote {args.out}: {count} messages over {args.duration:g} s; cameras {cameras}; "

@@ -10,7 +10,6 @@ ROS-free: no rclpy import, so the offline replay needs no middleware.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,8 +21,8 @@ from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.policy.robots import configured_profile
 from pi0_policy_ros.ros.params import (  # noqa: F401 - load_params_file, resolve_topic: re-exported
     NODE_NAME,
-    SPECS,
     NodeConfig,
+    check_parameter_names,
     config_from_params,
     load_params_file,
     publishes_trajectory,
@@ -124,12 +123,7 @@ def make_setup(params_file: str | Path, overrides: Mapping[str, Any] | None = No
 
     remaps: `NODE_TOPIC:=BAG_TOPIC`; NODE_TOPIC as in the parameters (relative or resolved).
     """
-    # The node ignores a parameter it does not declare: a mistyped --param would change nothing.
-    unknown = sorted(set(overrides or {}) - set(SPECS) - {"use_sim_time"})
-    if unknown:
-        hints = {name: difflib.get_close_matches(name, SPECS, n=1) for name in unknown}
-        raise ConfigError("--param: expected names of the node's parameters, found "
-                          + ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items()))
+    check_parameter_names(list(overrides or {}), "--param")
     params = {**load_params_file(params_file, namespace, node_name), **(overrides or {})}
     config = config_from_params(params)
     mapping = {resolve_topic(k, namespace, node_name): resolve_topic(v, "/", node_name)

@@ -9,7 +9,7 @@ Either way OUT_BAG (MCAP; Jazzy definitions, or Humble's with `--distro humble`)
 `~/action_chunk_stamp`, `~/action_chunk` and (for joint-position actions, as the node) `~/joint_trajectory`
 at their bag times, and `--report DIR` adds
 summary.json and plots. A bad bag is one error naming the bag, the topic and the problem, with
-exit code 1; the output is then not written at all.
+exit code 2; the output is then not written at all.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pi0_policy_ros.bag.record import DISTROS, OutputBag, check_output_path
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary
 from pi0_policy_ros.errors import Pi0PolicyError
 
-EXIT_OK, EXIT_ERROR = 0, 1
+EXIT_OK, EXIT_ERROR = 0, 2  # 2: an error in the inputs, as every pi0-policy command
 
 
 def replay_offline(bag_path: str | Path, out_path: str | Path, setup: ReplaySetup, policy: object | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from pi0_policy_ros.errors import Pi0PolicyError
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = describe(load_checkpoint_dir(args.path, args.model_preset, args.asset_id))
     except Pi0PolicyError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(info, indent=2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import math
 import multiprocessing
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pi0_policy_ros.control.rate_meter import PERCENTILES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.node import NODE_NAME, PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
-from pi0_policy_ros.ros.params import CameraConfig
+from pi0_policy_ros.ros.params import CameraConfig, load_params_file
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, SENSOR_QOS
 
 CAMERA_RATE_HZ = 30.0
@@ -173,7 +174,7 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     device: overrides the file's `device` parameter (e.g. "cpu"). policy_factory: as PolicyNode's.
     Raises ConfigError when the node fails to configure (the reason is in the node's log).
     """
-    check_params_file(params_file)
+    check_params_file(params_file, namespace)
     if not duration_s > 0:
         raise ConfigError(f"duration: expected > 0 s, found {duration_s}")
     context = Context()
@@ -264,12 +265,14 @@ def _report(latencies_ms: Sequence[float], arrivals_s: Sequence[float], active_s
                       target_rate_hz=target_rate_hz, latency_ms=latency)
 
 
-def check_params_file(path: str | Path) -> None:
-    """ConfigError unless `path` is a file: rcl would refuse it with an RCLInvalidROSArgsError
-    traceback when the node is created."""
+def check_params_file(path: str | Path, namespace: str = "") -> None:
+    """ConfigError unless `path` is a parameter file with a block for the node, and only the node's
+    parameter names in it: rcl would refuse a missing file with an RCLInvalidROSArgsError traceback
+    when the node is created, and silently ignore the rest."""
     if not Path(path).is_file():
         raise ConfigError(f"params file {path}: expected a ROS parameter file, found "
                           f"{'a directory' if Path(path).is_dir() else 'nothing'}")
+    load_params_file(path, namespace or "/")
 
 
 def default_params_file(name: str = "demo.yaml") -> Path:
@@ -299,7 +302,7 @@ def run(args: Any) -> int:
     try:
         report = run_demo(params, duration_s=args.duration, device=args.device)
     except ConfigError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0 if report.chunks > 0 else 1

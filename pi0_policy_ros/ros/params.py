@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,24 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=SAFETY_POLICIES),
 )
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
+# Parameters every rclpy node has, or that rclpy reads itself (QoS overrides), besides ours.
+NODE_PARAMETERS = ("use_sim_time", "start_type_description_service")
+QOS_OVERRIDES_PREFIX = "qos_overrides."
+
+
+def check_parameter_names(names: Sequence[str], what: str) -> None:
+    """ConfigError naming each of `names` that the node does not declare, with the closest declared
+    name: rclpy ignores an undeclared parameter without a word, so a mistyped one would silently
+    leave its parameter at the default."""
+    unknown = sorted(n for n in set(names) if n not in SPECS and n not in NODE_PARAMETERS
+                     and not n.startswith(QOS_OVERRIDES_PREFIX))
+    if not unknown:
+        return
+    found = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, SPECS, n=1)
+        found.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"{what}: expected names of the node's parameters, found {', '.join(found)}")
 
 
 class RobotProfileLike(Protocol):
@@ -454,7 +473,8 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NODE_NAME) -> dict[str, Any]:
-    """The parameters a ROS parameter file gives node `<namespace>/<node_name>` (later blocks win)."""
+    """The parameters a ROS parameter file gives node `<namespace>/<node_name>` (later blocks win).
+    ConfigError for a name the node does not declare in a block that names the node."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
@@ -472,6 +492,10 @@ def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NO
         if _pattern_regex(pattern).match(fqn):
             values.update(params)
             matched = True
+            # A block that names this node holds its parameters only; a wildcard block (`/**`)
+            # may also hold other nodes' parameters.
+            if pattern.rstrip("/").rsplit("/", 1)[-1] == node_name:
+                check_parameter_names(list(params), f"params file {path}, block {pattern}")
     if not matched:
         raise ConfigError(f"params file {path}: no block applies to node {fqn}; found blocks for "
                           f"{[pattern for pattern, _ in sections]}")

@@ -19,7 +19,7 @@ from test.bag.conftest import write_params
 def replay(bag: Path, params: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> str:
     code = main([str(bag), "--params", str(params), "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging left
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -109,7 +109,7 @@ def test_output_over_the_input_bag_is_refused(make_bag, params_file: Path, tmp_p
     before = sorted((p.name, p.read_bytes()) for p in bag.iterdir())
     code = main([str(bag), "--params", str(params_file), "--out", str(tmp_path / out_name), "--overwrite", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err
     assert "input bag" in err
     assert sorted((p.name, p.read_bytes()) for p in bag.iterdir()) == before  # the recording is untouched
 
@@ -127,7 +127,7 @@ def test_overwrite_refuses_what_is_not_a_bag(make_bag, params_file: Path, tmp_pa
     code = main([str(make_bag("to_replay", 0.5)), "--params", str(params_file), "--out", str(out), "--overwrite",
                  "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err
     assert "--overwrite replaces only a bag directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # untouched, no staging left
     assert (out / "model.safetensors").read_bytes() == b"weights" if kind == "directory" else out.read_text() == "data"
@@ -149,7 +149,7 @@ def test_report_path_that_is_a_file_is_refused_before_the_replay(make_bag, param
     code = main([str(make_bag("to_report", 0.5)), "--params", str(params_file), "--out", str(tmp_path / "out"),
                  "--report", str(report), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err
     assert f"--report {report}: expected a directory" in err
     assert not (tmp_path / "out").exists() and report.read_text() == "notes"
 

@@ -57,7 +57,7 @@ def test_demo_bag_cli_profile_defaults(tmp_path: Path, capsys: pytest.CaptureFix
     assert types["/cam_high/image_raw"] == IMAGE_TYPE  # first camera raw, the others JPEG
     assert types["/cam_left_wrist/image_raw/compressed"] == COMPRESSED_IMAGE_TYPE
     assert types["/cam_right_wrist/image_raw/compressed"] == COMPRESSED_IMAGE_TYPE
-    assert main([str(tmp_path / "aloha"), "--profile", "pi05_aloha"]) == 1  # exists: not overwritten
+    assert main([str(tmp_path / "aloha"), "--profile", "pi05_aloha"]) == 2  # exists: not overwritten
     assert "already exists" in capsys.readouterr().err
 
 

@@ -21,13 +21,13 @@ def test_resolve_topic_like_rcl() -> None:
 
 def test_params_file_node_patterns(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("/**:\n  ros__parameters: {a: 1, b: 1}\n"
-                    "robot:\n  pi0_policy:\n    ros__parameters: {b: 2, nested: {c: 3}}\n"
-                    "/other/pi0_policy:\n  ros__parameters: {a: 9}\n")
-    assert load_params_file(path, "/robot") == {"a": 1, "b": 2, "nested.c": 3}
-    assert load_params_file(path, "/") == {"a": 1, "b": 1}
+    path.write_text("/**:\n  ros__parameters: {seed: 1, cpu_threads: 1}\n"
+                    "robot:\n  pi0_policy:\n    ros__parameters: {cpu_threads: 2, qos_overrides: {js: {depth: 3}}}\n"
+                    "/other/pi0_policy:\n  ros__parameters: {seed: 9}\n")
+    assert load_params_file(path, "/robot") == {"seed": 1, "cpu_threads": 2, "qos_overrides.js.depth": 3}
+    assert load_params_file(path, "/") == {"seed": 1, "cpu_threads": 1}
     with pytest.raises(ConfigError, match="no block applies to node /x/other_node"):
-        (tmp_path / "q.yaml").write_text("/robot/pi0_policy:\n  ros__parameters: {a: 1}\n")
+        (tmp_path / "q.yaml").write_text("/robot/pi0_policy:\n  ros__parameters: {seed: 1}\n")
         load_params_file(tmp_path / "q.yaml", "/x", "other_node")
 
 
@@ -54,6 +54,23 @@ def test_override_of_an_unknown_parameter_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--param: .*'control_rate' \(did you mean 'control_rate_hz'\?\)"):
         make_setup(params, parse_param_overrides(["control_rate:=2.5"]))
     assert make_setup(params, {"use_sim_time": True}).params["use_sim_time"] is True  # rclpy's own
+
+
+def test_a_mistyped_name_in_the_nodes_own_block_is_refused(tmp_path: Path) -> None:
+    # rclpy ignores an undeclared parameter: `control_rate: 2.0` for control_rate_hz ran the replay,
+    # the demo bag and the launch at the default rate without a word.
+    path = tmp_path / "p.yaml"
+    path.write_text("/**/pi0_policy:\n  ros__parameters: {control_rate: 2.0, seed: 1}\n")
+    with pytest.raises(ConfigError, match=r"params file .*p\.yaml, block /\*\*/pi0_policy: expected names of the "
+                                          r"node's parameters, found 'control_rate' \(did you mean 'control_rate_hz'\?\)"):
+        load_params_file(path, "/")
+    # A wildcard block may hold other nodes' parameters; rclpy's own and QoS overrides are the node's.
+    path.write_text("/**:\n  ros__parameters: {other_nodes_gain: 2.0}\n"
+                    "pi0_policy:\n  ros__parameters: {use_sim_time: true, qos_overrides: {/js: {depth: 1}}}\n")
+    assert load_params_file(path, "/") == {"other_nodes_gain": 2.0, "use_sim_time": True,
+                                           "qos_overrides./js.depth": 1}
+    with pytest.raises(ConfigError, match="found 'robot_profil' \\(did you mean 'robot_profile'\\?\\)"):
+        make_setup(write_params(tmp_path / "q.yaml", robot_profil="pi05_aloha"))
 
 
 def test_values_the_node_would_refuse_are_refused_by_the_replay(tmp_path: Path) -> None:
@@ -99,10 +116,10 @@ def test_the_replay_takes_the_delta_mask_and_refuses_one_wider_than_the_actions(
 def test_node_name_patterns_match_whole_tokens(tmp_path: Path) -> None:
     # rcl: `*` stays within one name token, and a pattern names the whole node, not a prefix of it.
     path = tmp_path / "p.yaml"
-    path.write_text("/*/pi0_policy:\n  ros__parameters: {a: 1}\n/**:\n  ros__parameters: {b: 2}\n")
-    assert load_params_file(path, "/robot") == {"a": 1, "b": 2}
+    path.write_text("/*/pi0_policy:\n  ros__parameters: {seed: 1}\n/**:\n  ros__parameters: {b: 2}\n")
+    assert load_params_file(path, "/robot") == {"seed": 1, "b": 2}
     assert load_params_file(path, "/fleet/robot") == {"b": 2}
-    path.write_text("/robot/pi0_policy:\n  ros__parameters: {a: 1}\n/**:\n  ros__parameters: {b: 2}\n")
+    path.write_text("/robot/pi0_policy:\n  ros__parameters: {seed: 1}\n/**:\n  ros__parameters: {b: 2}\n")
     assert load_params_file(path, "/robot", "pi0_policy_2") == {"b": 2}
     assert load_params_file(path, "/robot/arm") == {"b": 2}
 

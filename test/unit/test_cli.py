@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from pi0_policy_ros import export_cli
 from pi0_policy_ros.cli import main
-from test.paths import PI05_FIXTURE
+from test.paths import PI05_FIXTURE, REPO_ROOT
 from test.unit.test_policy import write_openpi_dir
 
 
@@ -135,11 +136,32 @@ def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
     (["load-bench", "--seconds", "-1"], "seconds: expected > 0 s"),  # ran, then reported 0 Hz
     (["soak", "--sample-s", "0"], "sample_s: expected > 0"),  # the sampler spun, 170k samples in 6 s
     (["soak", "--minutes", "-1"], "minutes: expected > 0"),
+    # Shorter than its warm-up, a soak measured no growth and printed "flat".
+    (["soak", "--minutes", "0.5", "--sample-s", "5"], "minutes: expected a soak of at least the warm-up plus two "
+                                                      "samples, 5.17 min"),
 ])
 def test_bad_run_arguments_fail_before_the_node_starts(argv: list[str], expected: str,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert expected in one_error_line(capsys)
+
+
+def test_soak_growth_without_two_samples_after_warmup_is_not_measured() -> None:
+    from pi0_policy_ros.soak import Sample, growth_after_warmup
+
+    samples = [Sample(t_s=t, rss_bytes=int(100e6 * (1 + t / 30)), gpu=None, threads=10) for t in (0, 10, 20, 30)]
+    assert math.isnan(growth_after_warmup(samples, 300.0, "rss"))  # was 0.0, which passed as flat
+    assert growth_after_warmup(samples, 10.0, "rss") == pytest.approx((5 / 3 - 4 / 3) / (4 / 3))  # mean of the last 3
+
+
+@pytest.mark.parametrize("command", ["demo", "load-bench"])
+def test_a_mistyped_parameter_in_the_file_fails_before_the_node_starts(
+        command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # rclpy ignores undeclared parameters: the demo ran at the default control rate.
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((REPO_ROOT / "config" / "demo.yaml").read_text().replace("control_rate_hz:", "control_rate:"))
+    assert main([command, "--params", str(typo)]) == 2
+    assert "found 'control_rate' (did you mean 'control_rate_hz'?)" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize(("argv", "expected"), [

@@ -138,6 +138,15 @@ def test_params_file_for_another_node_name_stops_the_launch(launch_module, tmp_p
     _run_launch_checks(launch_module, params_file=str(path), namespace="", ros_namespace="/robot1")
 
 
+def test_params_file_with_a_mistyped_parameter_stops_the_launch(launch_module, tmp_path) -> None:
+    # rcl drops a parameter the node does not declare: a typo left it at its default without a word.
+    path = tmp_path / "robot.yaml"
+    path.write_text("pi0_policy:\n  ros__parameters:\n    camera_names: [image]\n    control_rate_hz: 30.0\n"
+                    "    max_observation_age: 0.2\n")
+    with pytest.raises(ConfigError, match=r"found 'max_observation_age' \(did you mean 'max_observation_age_s'\?\)"):
+        _run_launch_checks(launch_module, params_file=str(path), namespace="")
+
+
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 @pytest.mark.parametrize("namespace", ["", "robot1", "/fleet/robot1"])
 def test_shipped_params_files_pass_the_launch_check(launch_module, path, namespace: str) -> None:
