@@ -352,7 +352,10 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
             if key.startswith("latency_") and key.endswith("_ms"):
                 stage, _, pct = key[len("latency_"):-len("_ms")].rpartition("_")
                 node_latency.setdefault(stage, {})[pct] = float(value)
-        summary.extra["node_diagnostics"] = {"achieved_rate_hz_wall": float(last.get("achieved_rate_hz", 0.0)),
+        # The report after deactivation keeps the counters but shows 0 Hz: the rate is the last active one.
+        active = [values for values in loop_reports if values.get("active") == "True"]
+        rate_hz = float(active[-1].get("achieved_rate_hz", 0.0)) if active else 0.0
+        summary.extra["node_diagnostics"] = {"achieved_rate_hz_wall": rate_hz,
                                              "observation_errors": int(last.get("observation_errors", 0)),
                                              "last_input_error": last.get("last_input_error", ""),
                                              "holds": held, "latency_ms": node_latency}

@@ -74,6 +74,27 @@ def test_realtime_summary_counts_the_inputs_the_node_refused(params_file: Path) 
     assert sum(r["count"] for r in content["input_rejections"]) == 4
 
 
+def test_realtime_summary_takes_the_rate_of_the_last_active_report(params_file: Path) -> None:
+    from types import SimpleNamespace
+
+    from pi0_policy_ros.bag.inputs import DIAGNOSTIC_ARRAY_TYPE, make_setup
+    from pi0_policy_ros.bag.realtime import _summarize
+    from pi0_policy_ros.bag.summary import ReplaySummary
+
+    # The replay ends with SIGINT: the node's report after deactivation keeps its counters at 0 Hz,
+    # and achieved_rate_hz_wall read 0.0 in every real-time summary.
+    reports = [{"active": "True", "ticks": "8", "holds": "0", "achieved_rate_hz": "1.5"},
+               {"active": "True", "ticks": "12", "holds": "1", "achieved_rate_hz": "1.75"},
+               {"active": "False", "ticks": "12", "holds": "1", "achieved_rate_hz": "0.0"}]
+    player = SimpleNamespace(records=[("/diagnostics", DIAGNOSTIC_ARRAY_TYPE, i, _diagnostics_cdr(v))
+                                      for i, v in enumerate(reports)])
+    summary = ReplaySummary("realtime", "bag", "out", 5.0)
+    _summarize(summary, player, make_setup(params_file))  # type: ignore[arg-type]
+    content = summary.to_json()
+    assert summary.ticks == 12 and content["node_diagnostics"]["holds"] == 1  # the final counters
+    assert content["node_diagnostics"]["achieved_rate_hz_wall"] == 1.75
+
+
 def _libero_config(params_file: Path):
     from pi0_policy_ros.bag.inputs import make_setup
     from pi0_policy_ros.policy.robots import get_profile
