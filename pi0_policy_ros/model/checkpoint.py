@@ -45,6 +45,8 @@ EMBED_KEY = _PALIGEMMA + "language_model.embed_tokens.weight"
 # converter and train_pytorch.py save) keeps one name per shared tensor, the first in sort order:
 # the lm_head. Such a file holds the token table under this name only.
 TIED_EMBED_KEY = UNUSED_KEYS[0]
+# A checkpoint error lists this many tensors at most: beyond it, it is a whole other geometry.
+MAX_LISTED_PROBLEMS = 40
 
 # Parameters kept in fp32 in bf16 mode, as openpi's `to_bfloat16_for_selected_params` does.
 _FP32_IN_BF16 = ("patch_embedding", "position_embedding", "input_layernorm", "post_attention_layernorm",
@@ -91,7 +93,8 @@ def with_tied_embedding(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, tor
 
 def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: bool = False,
                   source: str = "checkpoint") -> None:
-    """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
+    """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor (the
+    first MAX_LISTED_PROBLEMS of them, and how many more)."""
     tensors = with_tied_embedding(tensors)
     expected = expected_tensors(cfg)
     missing = [f"missing {name}: expected shape {list(expected[name][1])}"
@@ -107,10 +110,13 @@ def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], allow_t
             wrong.append(f"wrong shape {name}: expected {list(want)}, found {list(found)}")
     problems = missing + unexpected + wrong
     if problems:
+        listed = problems[:MAX_LISTED_PROBLEMS]
+        if len(problems) > len(listed):
+            listed.append(f"... and {len(problems) - len(listed)} more (a checkpoint of another geometry?)")
         raise CheckpointError(
             f"{source} does not match model geometry {cfg.name!r} ({len(problems)} problem(s): "
             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong shape):\n  "
-            + "\n  ".join(problems))
+            + "\n  ".join(listed))
 
 
 def apply_precision(model: Pi0Model, dtype: torch.dtype) -> Pi0Model:

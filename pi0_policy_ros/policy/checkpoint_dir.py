@@ -103,7 +103,16 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], preset: str, allow_tru
             cfg = get_preset(preset)
         except KeyError as exc:
             raise ConfigError(str(exc.args[0])) from None
-        check_tensors(cfg, tensors, allow_truncated_vocab, source=f"{where} (model_preset {preset!r})")
+        try:
+            check_tensors(cfg, tensors, allow_truncated_vocab, source=f"{where} (model_preset {preset!r})")
+        except CheckpointError as exc:
+            # A whole other geometry lists hundreds of tensors: name the preset that fits instead.
+            fits = _fitting_preset(tensors, allow_truncated_vocab)
+            if fits is None:
+                raise
+            summary = str(exc).splitlines()[0].rstrip(":")
+            raise CheckpointError(f"{summary}; the tensors are those of preset {fits!r}: expected model_preset "
+                                  f"{fits!r} (or {AUTO_PRESET!r}), found {preset!r}") from None
         return cfg
     pi05 = _is_pi05(tensors, where)
     candidates = [cfg for cfg in PRESETS.values() if cfg.pi05 == pi05]
@@ -116,6 +125,17 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], preset: str, allow_tru
             failures.append(f"{cfg.name}: {str(exc).count(chr(10))} problem(s)")
     raise CheckpointError(f"{where}: no {'pi05' if pi05 else 'pi0'} preset matches these tensor shapes "
                           f"({'; '.join(failures)}); set model_preset to see every mismatch")
+
+
+def _fitting_preset(tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: bool) -> str | None:
+    """The name of the first preset whose shapes all match the tensors, or None."""
+    for cfg in PRESETS.values():
+        try:
+            check_tensors(cfg, tensors, allow_truncated_vocab)
+        except CheckpointError:
+            continue
+        return cfg.name
+    return None
 
 
 def _truncated_vocab_allowed(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bool:

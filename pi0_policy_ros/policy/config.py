@@ -27,8 +27,8 @@ class PolicyConfig:
 
     checkpoint_path: an openpi PyTorch or LeRobot checkpoint directory; "" means random weights
         at the geometry of `model_preset` with identity norm stats (demos and benchmarks only).
-    model_preset: a name from `model.config.PRESETS`; ignored geometry-wise when a checkpoint
-        directory states its own.
+    model_preset: a name from `model.config.PRESETS`, checked strictly against a checkpoint's
+        tensors; "auto" reads the geometry off the checkpoint.
     robot_profile: a name from `policy.robots.PROFILES`.
     asset_id: which `assets/<asset_id>/norm_stats.json` of an openpi checkpoint; "" takes the
         only one there is.

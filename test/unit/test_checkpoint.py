@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pi0_policy_ros.errors import CheckpointError
-from pi0_policy_ros.model.checkpoint import (EMBED_KEY, UNUSED_KEYS, check_tensors, expected_tensors, load_checkpoint,
+from pi0_policy_ros.model.checkpoint import (EMBED_KEY, MAX_LISTED_PROBLEMS, UNUSED_KEYS, check_tensors, expected_tensors, load_checkpoint,
                                             load_state, read_safetensors)
 from pi0_policy_ros.model.config import get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
@@ -65,6 +65,14 @@ def test_every_problem_is_reported_at_once(weights) -> None:
     assert "3 problem(s)" in message
     assert all(s in message for s in ("missing action_in_proj.bias", "wrong shape action_out_proj.bias",
                                       "unexpected made.up.key"))
+
+
+def test_a_long_list_of_problems_is_cut_with_a_count(weights) -> None:
+    message = _error({})  # nothing matches: every tensor missing
+    lines = message.splitlines()
+    total = int(re.search(r"\((\d+) problem\(s\)", lines[0]).group(1))
+    assert total > MAX_LISTED_PROBLEMS and len(lines) == 1 + MAX_LISTED_PROBLEMS + 1
+    assert lines[-1].strip() == f"... and {total - MAX_LISTED_PROBLEMS} more (a checkpoint of another geometry?)"
 
 
 def test_lm_heads_are_accepted_and_ignored(weights) -> None:

@@ -4,6 +4,7 @@ here from the fixture weights), `inspect`, and the whole transform chain."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,10 +191,29 @@ def test_unknown_layout_is_one_clear_error(tmp_path: Path) -> None:
         load_checkpoint_dir(tmp_path)
 
 
-def test_preset_that_does_not_match_the_weights_lists_every_mismatch(tmp_path: Path) -> None:
+def test_preset_of_another_geometry_names_the_preset_that_fits(tmp_path: Path) -> None:
+    # It listed all 810 tensors of the other geometry, and never said which preset the file is.
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
-    with pytest.raises(CheckpointError, match=r"(?s)model_preset 'pi05'.*wrong shape time_mlp_in.weight: expected \[1024, 1024\], found \[64, 64\]"):
+    with pytest.raises(CheckpointError) as info:
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="pi05"))
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert re.search(r"model_preset 'pi05'\) does not match model geometry 'pi05' \(\d+ problem\(s\).*; the tensors "
+                     r"are those of preset 'pi05_small': expected model_preset 'pi05_small' \(or 'auto'\), found 'pi05'",
+                     message), message
+
+
+def test_preset_that_does_not_match_the_weights_lists_every_mismatch(tmp_path: Path) -> None:
+    # A file that fits no preset (one tensor cut short): every mismatch, with the preset asked for.
+    ref = load_reference(PI05_FIXTURE)
+    key = "time_mlp_in.weight"
+    ref.weights[key] = ref.weights[key][:, :32].contiguous()
+    path = tmp_path / "ckpt"
+    write_openpi_dir(path, PI05_FIXTURE)
+    save_file(ref.weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    with pytest.raises(CheckpointError, match=r"(?s)model_preset 'pi05_small'.*\(1 problem\(s\).*wrong shape "
+                                              r"time_mlp_in.weight: expected \[64, 64\], found \[64, 32\]"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="pi05_small"))
 
 
 def test_nested_asset_id_is_found_without_being_named(tmp_path: Path) -> None:
