@@ -89,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "prompt (the model's fixed shapes) instead of the valid slots and the prompt's bucket")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--cpu", action="store_true", help="without CUDA, time the eager fallback on the CPU "
+                        "(engine and reference are then the same code; minutes for a full-size preset)")
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -291,6 +293,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--json {args.json}: expected a file name, found a directory")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu:
+        # Full-size eager on a CPU ran for many minutes, then compared eager with eager.
+        raise ConfigError("bench times the GPU engine: expected a CUDA device, found none; --cpu times the "
+                          "eager CPU fallback instead (use a small preset such as pi05_small)")
     device = torch.device("cuda" if cuda else "cpu")
     cfg = get_preset(args.preset)
     changes = {}

@@ -122,6 +122,20 @@ def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path: Path,
     assert f"--json {tmp_path}: expected a file name, found a directory" in one_error_line(capsys)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_bench_without_cuda_needs_cpu_and_then_runs_the_fallback(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Full-size eager on the CPU ran for ten minutes at 7.6 GB before anything was printed.
+    argv = ["bench", "--preset", "pi05_small", "--iterations", "2", "--eager-iterations", "1", "--no-fp32-reference"]
+    assert main(argv) == 2
+    assert "bench times the GPU engine: expected a CUDA device, found none; --cpu" in one_error_line(capsys)
+    out = tmp_path / "bench.json"
+    assert main([*argv, "--cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["preset"] == "pi05_small" and result["environment"]["cuda"] is None
+    assert result["precisions"]["bfloat16"]["timings_ms"]["e2e"]["n"] == 2
+
+
 def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
     from pi0_policy_ros.soak import prepare_output_file
 
