@@ -51,7 +51,7 @@ from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor
-from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING
+from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_QOS
 from pi0_policy_ros.soak import prepare_output_file, proc_status_value
 
@@ -318,8 +318,14 @@ def _override(text: str) -> tuple[str, Any]:
     """NAME=VALUE for a scalar node parameter, VALUE converted to the parameter's type (rclpy refuses
     an integer for a double parameter)."""
     name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a node parameter NAME, found {text!r}")
+    try:
+        check_parameter_names([name], "--set")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     spec = SPECS.get(name)
-    if not sep or spec is None:
+    if spec is None:  # rclpy's own (use_sim_time, ...): not for this bench
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a node parameter NAME, found {text!r}")
     if spec.kind == BOOL:
         if value.lower() not in ("true", "false"):

@@ -192,6 +192,19 @@ def test_bench_usage_errors(argv: list[str], expected: str, capsys: pytest.Captu
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("contrl_rate_hz=10", "--set: expected names of the node's parameters, found 'contrl_rate_hz' "
+                          "(did you mean 'control_rate_hz'?)"),
+    ("control_rate_hz", "expected NAME=VALUE with a node parameter NAME, found 'control_rate_hz'"),
+    ("control_rate_hz=fast", "control_rate_hz: expected a double, found 'fast'"),
+])
+def test_load_bench_set_errors(value: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["load-bench", "--set", value])
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
 def test_bench_unknown_precision_is_one_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--preset", "pi05_small", "--precision", "bfloat16,int4"]) == 2
     assert "unknown precision 'int4'" in one_error_line(capsys)
