@@ -4,8 +4,8 @@
     pi0-policy export --model-preset pi05 --checkpoint ~/ckpt/pi05_libero --out onnx/ --precision fp8 --verify
 
 Writes `<stage>.<precision>.onnx` (+ `.onnx.data` over 1.5 GB of weights; with `--precision fp8`
-the vision stage is fp16: `vision.fp16.onnx`) and `export.json` (files, sizes, errors) into
-`--out`. `--verify` runs each file with onnxruntime on the CPU against the torch fp32 stage on the
+the vision stage is fp16: `vision.fp16.onnx`) and, once every stage is written, `export.json`
+(files, sizes, errors) into `--out`. `--verify` runs each file with onnxruntime on the CPU against the torch fp32 stage on the
 same input and prints the errors; the exit code is 1 when one is out of tolerance.
 FP8 calibrates its activation scales on that same single input (the fixture's, or a random one).
 """
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from pi0_policy_ros.engine import onnx_export as ox
     from pi0_policy_ros.engine.types import EngineShape
 
+    created_out = not args.out.exists()
     try:
         stages = _stages(args.stages)
         _require_onnx_packages(args.verify)
@@ -181,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
         (args.out / "export.json").write_text(json.dumps(report, indent=2))
     except Pi0PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        # A bad preset or checkpoint is found after --out was made: leave no empty directory behind.
+        if created_out and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()
         return 2
     return 1 if failed else 0
 

@@ -73,6 +73,19 @@ def test_export_auto_preset_without_a_checkpoint_says_what_is_missing(tmp_path: 
     line = one_error_line(capsys)
     assert "--model-preset auto reads the geometry off --checkpoint, and none was given" in line
     assert "'pi05_small'" in line
+    assert not (tmp_path / "onnx").exists()  # the --out it made for nothing is gone again
+
+
+@pytest.mark.parametrize("source", [["--model-preset", "nope"], ["--model-preset", "pi05_small", "--checkpoint", "missing"]])
+def test_export_that_fails_on_its_model_leaves_no_empty_output(source: list[str], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", *source, "--out", str(tmp_path / "onnx")]) == 2
+    one_error_line(capsys)
+    assert not (tmp_path / "onnx").exists()
+    (tmp_path / "kept").mkdir()
+    assert main(["export", *source, "--out", str(tmp_path / "kept")]) == 2
+    one_error_line(capsys)
+    assert (tmp_path / "kept").is_dir()  # a directory the user had stays
 
 
 def _model_loaded_too_early(args: object) -> None:
