@@ -297,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=list(SCHEDULER_MODES), choices=SCHEDULER_MODES)
     parser.add_argument("--chunks", type=int, default=10, help="inferences per (model, delay, mode) run")
     parser.add_argument("--execute-horizon", type=int, default=None,
-                        help="s, the actions executed per chunk (default: half the chunk)")
+                        help="actions executed per chunk before the next one starts (s in the RTC paper; default: half the chunk)")
     parser.add_argument("--period-s", type=float, default=0.02, help="action period, for the velocities")
     parser.add_argument("--max-guidance-weight", type=float, default=DEFAULT_MAX_GUIDANCE_WEIGHT)
     parser.add_argument("--mask-schedule", default="exp", choices=("exp", "linear"))

@@ -79,11 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="realtime: seconds allowed for the node to start and configure (default 120)")
     parser.add_argument("--node-log", default=None, help="realtime: keep the node's output in this file")
     parser.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_BAG if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --out bag if it exists (a bag directory only)")
     # Humble's rosbag2 cannot read Jazzy's metadata.yaml (version 9 lists the QoS profiles where
     # Humble expects a string): a Humble user needs a version 8 output bag.
     parser.add_argument("--distro", choices=sorted(DISTROS), default="jazzy",
-                        help="ROS distro whose `ros2 bag` must read OUT_BAG (default jazzy)")
+                        help="ROS distro whose `ros2 bag` must read the --out bag (default jazzy)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
 
