@@ -118,11 +118,16 @@ def compressed_image_to_rgb(msg: Any) -> np.ndarray:
         raise ObservationError(f"empty compressed image (format {fmt!r}): expected JPEG or PNG bytes, found 0 bytes")
     # imdecode returns BGR whatever the format string says the source pixels were. EXIF orientation
     # is ignored, as image_transport's compressed subscriber and cv_bridge do: the pixels as sent.
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    # OpenCV raises instead of returning None for some corrupt headers (a size over its pixel limit).
+    refused = ""
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as exc:
+        bgr, refused = None, f" (OpenCV refused it: {getattr(exc, 'err', '') or exc})"
     if bgr is None or bgr.size == 0:
         raise ObservationError(
             f"cannot decode compressed image (format {fmt!r}): expected JPEG or PNG, found {data.size} "
-            f"bytes starting {bytes(data[:4]).hex()}")
+            f"bytes starting {bytes(data[:4]).hex()}{refused}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

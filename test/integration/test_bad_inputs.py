@@ -85,6 +85,44 @@ def test_corrupt_jpeg_holds(make_node, probe) -> None:
     assert probe.counts() == (0, 0, 0)
 
 
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims width x height: what a corrupt size field looks like."""
+    import struct
+
+    import cv2
+
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    assert ok
+    data = bytearray(jpeg.tobytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_jpeg_with_a_corrupt_size_holds_as_a_bad_image_and_sends_the_hold_point(make_node, probe) -> None:
+    """OpenCV raises (cv2.error), instead of returning None, for a header over its pixel limit: the
+    tick failed as an 'internal error' (ERROR, an OpenCV assertion as the reason) instead of a
+    bad_image hold naming the camera and what was expected, and with hold_position no hold point
+    went out: the controller ran the last chunk to its end."""
+    active(make_node, params={"hold_mode": "hold_position"})
+    wait_for(lambda: probe.counts()[0] >= 2)
+    good = probe.image_b
+    probe.image_b = CompressedImage(format="rgb8; jpeg compressed bgr8", data=_jpeg_claiming(65000, 65000))
+    values = held_for(probe, "bad_image", "cannot decode compressed image")
+    reason = values["last_hold_reason"]
+    assert "camera 'cam_b'" in reason and "expected JPEG or PNG" in reason, reason
+    assert count(values, "holds.internal_error") == 0
+
+    def hold_point():
+        with probe.lock:
+            last = probe.trajectories[-1]
+        return len(last.points) == 1 and list(last.points[0].positions) == probe.state.tolist()
+    wait_for(hold_point, timeout_s=2.0)
+    probe.image_b = good
+    before = probe.counts()[0]
+    wait_for(lambda: probe.counts()[0] > before + 1)  # resumes with a good frame
+
+
 def test_resolution_change_mid_run_keeps_working(make_node, probe) -> None:
     node = active(make_node)
     wait_for(lambda: probe.counts()[0] >= 2)
