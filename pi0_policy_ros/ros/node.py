@@ -264,6 +264,11 @@ class PolicyNode(LifecycleNode):
         self._autostart_timer: Timer | None = None
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.0, self._autostart)
+        # rclpy's ~/change_state raises RCLError for a transition the current state lacks (activate
+        # twice, activate while unconfigured): unanswered, and raised out of the executor's spin.
+        change_state = getattr(self, "_service_change_state", None)
+        if change_state is not None:
+            change_state.callback = functools.partial(self._on_change_state, change_state.callback)
 
     # ---- parameters -------------------------------------------------------------------------
 
@@ -373,6 +378,26 @@ class PolicyNode(LifecycleNode):
             self._autostart_timer = None
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             self.trigger_activate()
+
+    def _on_change_state(self, handle: Callable[[Any, Any], Any], request: Any, response: Any) -> Any:
+        """~/change_state: a transition the current state does not have is refused (success false) and
+        logged, naming those it has; the others go to rclpy's handler (`handle`)."""
+        transition = request.transition
+        available = [(t[0], t[1]) for t in self._state_machine.available_transitions]
+        if transition.label:  # rclpy looks a label up among the current state's transitions
+            known = any(label == transition.label for _, label in available)
+            asked = f"{transition.label!r}"
+        else:
+            known = any(tid == transition.id for tid, _ in available)
+            asked = str(transition.id)
+        if not known:
+            state = self._state_machine.current_state[1]
+            self.get_logger().warning(
+                f"change_state refused: transition {asked} is not available in state {state!r}: expected one of "
+                f"[{', '.join(f'{label!r} ({tid})' for tid, label in available)}]")
+            response.success = False
+            return response
+        return handle(request, response)
 
     def _transition(self, name: str, body: Callable[[], TransitionCallbackReturn | None]) -> TransitionCallbackReturn:
         """Runs a transition callback's body (None: SUCCESS). rclpy turns an exception raised in a

@@ -630,3 +630,39 @@ def test_diagnostics_are_stamped_with_the_node_clock(make_node, attach, namespac
     now_s = node.get_clock().now().nanoseconds * 1e-9
     for array in stamped:
         assert 0.0 <= now_s - duration_s(array.header.stamp) < 5.0, array.header.stamp
+
+
+def test_change_state_request_for_a_transition_the_state_lacks_is_refused(make_node, probe, attach,
+                                                                          namespace: str) -> None:
+    """A lifecycle manager asking ~/change_state for a transition the current state does not have
+    (activate while unconfigured, activate twice): rclpy raised RCLError ("Transition is not
+    registered") in the service callback, the request went unanswered and main()'s spin ended with
+    the exception, killing the node's process. It must be refused (success false), logged with the
+    transitions that state has, and the node must carry on."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rcl_interfaces.msg import Log
+    from rclpy.node import Node
+
+    node = make_node()
+    manager = attach(Node("manager", namespace=namespace))
+    client = manager.create_client(ChangeState, f"{node.get_fully_qualified_name()}/change_state")
+    assert client.wait_for_service(timeout_sec=5.0)
+
+    def change(transition_id: int, label: str = "") -> bool:
+        future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id, label=label)))
+        wait_for(future.done, timeout_s=3.0)
+        return future.result().success
+
+    assert not change(Transition.TRANSITION_ACTIVATE)
+    assert node._state_machine.current_state[1] == "unconfigured"
+    wait_for(lambda: probe.log_lines(Log.WARN, "change_state refused: transition 3 is not available in state "
+                                               "'unconfigured': expected one of ['configure' (1), 'shutdown' (5)]"))
+    assert change(Transition.TRANSITION_CONFIGURE) and change(Transition.TRANSITION_ACTIVATE)
+    wait_for(lambda: probe.counts()[0] >= 1)
+    assert not change(Transition.TRANSITION_ACTIVATE)  # twice
+    assert not change(0, "cleanup")  # by label, from active
+    assert node._state_machine.current_state[1] == "active"
+    before = probe.counts()[0]
+    wait_for(lambda: probe.counts()[0] > before + 2)  # still running
+    assert change(Transition.TRANSITION_DEACTIVATE) and not change(Transition.TRANSITION_DEACTIVATE)
