@@ -481,12 +481,14 @@ class PolicyNode(LifecycleNode):
             inputs.append(self.create_subscription(
                 msg_type, camera.topic, functools.partial(self._on_image, camera.name), SENSOR_QOS,
                 callback_group=input_group, raw=True))
+            # Owned at once: a later camera's topic may fail, and _release() must destroy this one.
+            self._subscriptions_.append(inputs[-1])
         # raw too: JointStateReader reads the positions in place when the names repeat.
         self._joint_reader = convert.JointStateReader(
             config.joint_names, functools.partial(deserialize_message, message_type=JointState))
         inputs.append(self.create_subscription(
             JointState, "joint_states", self._on_joint_state, SENSOR_QOS, callback_group=input_group, raw=True))
-        self._subscriptions_.extend(inputs)
+        self._subscriptions_.append(inputs[-1])
         if polled:
             self._poller = SubscriptionPoller(config.input_poll_period_s, self._on_poll_error,
                                               name=f"{self.get_name()}_inputs")

@@ -111,6 +111,17 @@ def test_out_of_memory_at_configure(make_node, probe) -> None:
     assert factory.calls == 2
 
 
+def test_invalid_camera_topic_fails_configure_and_leaves_no_subscription(make_node, probe) -> None:
+    """camera_topics[1] is no valid topic name: configure fails when it subscribes to it. The
+    subscription already made for cam_a was never destroyed (it was not yet in the list that
+    _release() empties): a reader on cam_a's topic stayed for the node's lifetime, one more after
+    each failed configure, and with input_poll_period_s 0 it ran the camera callback too."""
+    node = make_node(params={"camera_topics": ["cam_a/image_raw", "cam b/image_raw/compressed"]})
+    good = Parameter("camera_topics", value=["cam_a/image_raw", "cam_b/image_raw/compressed"])
+    fails_then_fixed(node, probe, "Invalid topic name", lambda: node.set_parameters([good]))
+    assert [sub.topic_name for sub in node.subscriptions] == []  # cleanup left nothing behind
+
+
 # ---- prompt (the real tiny model: the prompt goes through its tokenizer) -------------------------
 
 def real_node(make_node, probe, prompt: str):
