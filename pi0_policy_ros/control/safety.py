@@ -8,7 +8,10 @@ the whole chunk, count it). A NaN / Inf anywhere always rejects. Limits, in the 
 4. velocity limit |a[k] - a[k-1]| / period.
 Steps 3 and 4 act as a rate limiter when clamping: each action moves at most the allowed amount
 from the previous (already limited) one, so the clamped chunk is continuous from the robot's
-current position. A rejected chunk means the caller holds (see the node's hold policy).
+current position. From a current position outside the position limits (or gripper range), the
+points come back inside at that pace; a chunk that still ends outside them (further out than the
+rate limits let it come back) is rejected (counted under `position` / `gripper`), so no trajectory
+ever ends outside those limits. A rejected chunk means the caller holds (see the node's hold policy).
 
 `limit_start` applies steps 3 and 4 once more to the points actually sent: by then the chunk's
 first actions lie in the past, and the controller goes from where it is to the first point sent in
@@ -194,9 +197,44 @@ class SafetyFilter:
                                               f"over the {name} limit's {allowance[k, dim]:.4g}")
                 out = limited
                 clamped.append(name)
+        if reference is not None and out.shape[0] > 0:
+            # From a reference outside the position limits (or gripper range) the rate limits bring
+            # the points back at their pace. A chunk that still ends outside (where the controller
+            # stays) cannot honour both: nothing goes out (e.g. a measured 1e6, ticks for radians).
+            outside = self.outside_limits(out[-1])
+            if outside is not None:
+                limit, _, dim, detail = outside
+                return self._reject(limit, f"the {what}s end outside the limits ({detail} at the last {what}): the "
+                                           f"measured position {reference[dim]:.4g} of dim {dim} is further outside "
+                                           "than the step and velocity limits let the chunk come back from (expected "
+                                           "a measured position inside the limits, or within reach of them)")
         for name in clamped:
             self.clamp_counts[name] += 1
         return SafetyResult(out.astype(np.float32), rejected=False, reason=",".join(clamped), clamped=tuple(clamped))
+
+    def outside_limits(self, positions: np.ndarray) -> tuple[str, int, int, str] | None:
+        """The first point of positions [K, action_dim] (or one point [action_dim]) outside the gripper
+        range or the position limits, as (limit, row, dim, "dim d = v is outside [lo, hi]"); None when
+        every point is inside (or no such limit is set)."""
+        points = np.atleast_2d(np.asarray(positions, dtype=np.float64))
+        bounds = []
+        if self.config.gripper_dims:
+            lower = np.full(self.action_dim, -np.inf)
+            upper = np.full(self.action_dim, np.inf)
+            dims = list(self.config.gripper_dims)
+            lower[dims], upper[dims] = self.config.gripper_range
+            bounds.append(("gripper", lower, upper))
+        if self._lower is not None:
+            bounds.append(("position", self._lower, self._upper))
+        # Rounding only: points sent are float32 actions (0.4 clamped is 0.4000000059604645 there).
+        tolerance = 1e-6 * np.maximum(1.0, np.abs(points))
+        for limit, lower, upper in bounds:
+            outside = (points < lower - tolerance) | (points > upper + tolerance)
+            if np.any(outside):
+                k, dim = (int(i) for i in np.argwhere(outside)[0])
+                return limit, k, dim, (f"dim {dim} = {points[k, dim]:.4g} is outside "
+                                       f"[{lower[dim]:.4g}, {upper[dim]:.4g}]")
+        return None
 
     def _reject(self, limit: str, reason: str) -> SafetyResult:
         self.reject_counts[limit] += 1

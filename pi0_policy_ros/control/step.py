@@ -176,10 +176,15 @@ class ControlStep:
         it has) or when there is no fresh measured position."""
         if self.hold_mode != HOLD_POSITION or not self._executing:
             return None
-        plan = self._hold_plan(now_s)
+        plan, _ = self._hold_plan(now_s)
         if plan is not None:
             self._executing = False
         return plan
+
+    def hold_point_refusal(self, now_s: float) -> str:
+        """Why no hold point can be sent now ('' when one can): no fresh measured position of the
+        action joints, or one outside the safety filter's position limits or gripper range."""
+        return self._hold_plan(now_s)[1]
 
     def scheduler_status(self) -> SchedulerStatus:
         if self._scheduler is None:
@@ -330,9 +335,9 @@ class ControlStep:
         """A hold: with `hold_position`, the first hold after our own trajectory also sends a hold point."""
         plan = None
         if self.hold_mode == HOLD_POSITION and self._executing:
-            plan = self._hold_plan(now_s)
+            plan, refusal = self._hold_plan(now_s)
             if plan is None:
-                reason += " (hold_position: no fresh measured position of the action joints; nothing sent)"
+                reason += f" (hold_position: {refusal}; nothing sent)"
             else:
                 self._executing = False
         return StepResult(HOLD, reason, kind, level, plan=plan, **seen)
@@ -347,11 +352,17 @@ class ControlStep:
             return None
         return np.asarray(sample.value, dtype=np.float64)[list(self.state_indices)]
 
-    def _hold_plan(self, now_s: float) -> TrajectoryPlan | None:
-        """One point at the measured position of the action joints, one control period ahead."""
+    def _hold_plan(self, now_s: float) -> tuple[TrajectoryPlan | None, str]:
+        """One point at the measured position of the action joints, one control period ahead; or
+        None and why not. A measured position outside the safety limits is not sent: the point
+        would command the joints outside them (a bad measurement, e.g. encoder ticks for radians)."""
         position = self._measured(now_s)
         config = self.buffer.config
         if position is None:
-            return None
+            return None, "no fresh measured position of the action joints"
+        outside = self.safety.outside_limits(position)
+        if outside is not None:
+            limit, _, _, detail = outside
+            return None, f"the measured position is outside the {limit} limits, {detail}"
         return TrajectoryPlan(first_index=0, times_from_start_s=np.array([config.control_period_s]),
-                              positions=position[None, :], velocities=np.zeros((1, position.size)))
+                              positions=position[None, :], velocities=np.zeros((1, position.size))), ""

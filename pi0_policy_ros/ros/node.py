@@ -76,8 +76,9 @@ which keeps the whole reason), and, by `hold_mode`:
   measured position of the action joints (latest joint_states), velocity zero, one control period
   ahead, with no chunk and no stamp (consumers pairing trajectories with `~/action_chunk_stamp`
   must use `stop`). The controller replaces what it was executing and stops there. Nothing is
-  sent when the measured position is older than `max_observation_age_s` or the action joints are
-  not measured joints (end-effector actions): the hold then behaves like `stop`. Leaving the
+  sent when the measured position is older than `max_observation_age_s`, lies outside the safety
+  position limits or gripper range, or the action joints are not measured joints (end-effector
+  actions): the hold then behaves like `stop`. Leaving the
   active state (deactivate, shutdown, error) is such a hold too: the point goes out before the
   publishers stop.
 The timer sits in its own mutually exclusive callback group, so a slow inference skips ticks
@@ -608,10 +609,11 @@ class PolicyNode(LifecycleNode):
         if step is None or config is None or pub is None or step.hold_mode != HOLD_POSITION or not step.executing:
             return
         try:
-            plan = step.stop_plan(self._now_s())
+            now_s = self._now_s()
+            plan = step.stop_plan(now_s)
             if plan is None:
-                self.get_logger().warning("hold_position: no fresh measured position of the action joints; no "
-                                          "hold point sent, the controller finishes its trajectory")
+                self.get_logger().warning(f"hold_position: {step.hold_point_refusal(now_s)}; no hold point sent, "
+                                          "the controller finishes its trajectory")
                 return
             pub.publish(convert.trajectory_message(plan, config.action_joint_names))
         except Exception as exc:  # noqa: BLE001 - the transition must complete (e.g. a context already shut down)

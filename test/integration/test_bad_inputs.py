@@ -166,6 +166,29 @@ def test_bad_joint_states_are_rejected_and_named(make_node, probe, case: str) ->
     wait_for(lambda: probe.counts()[0] >= 1)
 
 
+def test_joint_state_far_outside_the_position_limits_never_reaches_the_trajectory(make_node, probe) -> None:
+    """A driver publishing encoder ticks instead of radians: j0 = 1e6 is finite, so it is taken as the
+    measured position. With position limits [-1, 1] and a step limit, the step limit rate-limited the
+    (clamped) chunk from that measured position, so trajectories at ~1e6 went out, and hold_position's
+    hold point at 1e6 too. No trajectory may end outside the position limits: the chunk is rejected
+    (a safety_reject hold naming the limits and the measured position) and no hold point goes out."""
+    active(make_node, params={"safety_position_lower": [-1.0], "safety_position_upper": [1.0],
+                              "safety_max_step": [0.1], "hold_mode": "hold_position"})
+    wait_for(lambda: probe.counts()[0] >= 2)
+    with probe.lock:
+        probe.state = np.array([1e6, -0.2, 0.3])
+    values = held_for(probe, "safety_reject", "outside [-1, 1]")
+    assert "measured position 1e+06" in values["last_hold_reason"], values["last_hold_reason"]
+    time.sleep(0.3)
+    with probe.lock:
+        worst = max(abs(p) for t in probe.trajectories for point in t.points for p in point.positions)
+    assert worst <= 1.0
+    with probe.lock:
+        probe.state = np.array([0.1, -0.2, 0.3])
+    before = probe.counts()[0]
+    wait_for(lambda: probe.counts()[0] > before + 1)  # resumes once the measurement is sane
+
+
 # ---- time ---------------------------------------------------------------------------------------
 
 POISON = [9.9, 9.9, 9.9]

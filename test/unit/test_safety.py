@@ -219,3 +219,21 @@ def test_reset_counters_counts_from_zero() -> None:
     assert set(f.counters) == {f"{kind}.{limit}" for kind in ("clamp", "reject") for limit in f.clamp_counts}
     assert all(v == 0 for v in f.counters.values())
     assert f.apply(chunk).rejected and f.reject_counts["position"] == 1
+
+
+def test_a_reference_outside_the_position_limits_never_leads_the_chunk_to_end_outside_them() -> None:
+    # The step limit rate-limits from the measured position: from one far outside the position
+    # limits (a bad measurement) the limited chunk stayed outside them to its end. Reject it.
+    f = make(position_lower=(-1,), position_upper=(1,), max_step=(0.1,))
+    chunk = np.full((3, 3), 0.5)
+    far = np.array([1e6, 0.0, 0.0])
+    result = f.apply(chunk, current=far)
+    assert result.rejected and f.reject_counts["position"] == 1
+    assert "dim 0 = 1e+06 is outside [-1, 1]" in result.reason and "measured position 1e+06" in result.reason
+    assert f.limit_start(chunk, first_lead_s=0.1, reference=far).rejected
+    # Just outside: the chunk comes back inside at the step limit's pace and goes out.
+    near = f.apply(chunk, current=np.array([1.15, 0.0, 0.0]))
+    assert not near.rejected and near.clamped == ("step",)
+    np.testing.assert_allclose(near.actions[:, 0], [1.05, 0.95, 0.85], atol=1e-6)
+    assert f.outside_limits(np.array([1.15, 0.0, 0.0]))[:3] == ("position", 0, 0)
+    assert f.outside_limits(near.actions[-1]) is None
