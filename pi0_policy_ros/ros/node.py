@@ -18,9 +18,10 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
 - subscribed: one per camera (`camera_topics`, Image or CompressedImage, sensor-data QoS),
   `joint_states` (JointState, mapped by name; each message must carry every joint of
   `joint_names`: partial ones, arm and gripper published apart, are refused, not merged),
-  `~/prompt` (String). Cameras and joint_states are taken serialized (`raw`) by one polling
-  thread every `input_poll_period_s` (2 ms; ros/poller.py), not by the executor, whose Python
-  cost per message starved CPU inference of the GIL at 1 kHz: a camera callback reads only the
+  `~/prompt` (String; subscribed in every state, from the node's start). Cameras and
+  joint_states are taken serialized (`raw`) by one polling thread every `input_poll_period_s`
+  (2 ms; ros/poller.py), not by the executor, whose Python cost per message starved CPU
+  inference of the GIL at 1 kHz: a camera callback reads only the
   header stamp (frames are deserialized and decoded when a tick uses them), a joint_states
   callback checks every message (convert.JointStateReader). A refused message is counted
   (`input_errors.<source>`, `last_input_error`) and logged ("input rejected: <reason>", naming
@@ -262,6 +263,10 @@ class PolicyNode(LifecycleNode):
         # (transition, reason) of the transition that raised, for on_error's last status (see _transition).
         self._failed_transition: tuple[str, str] | None = None
         self._prompt: str | None = self.get_parameter("prompt").value or None
+        # For the node's whole life, as the prompt parameter: a task manager may send the instruction
+        # before a lifecycle manager configures the node (a subscription made at configure lost it).
+        self._prompt_sub = self.create_subscription(String, "~/prompt", self._on_prompt, PROMPT_QOS,
+                                                    callback_group=self._sensor_group)
         self._autostart_timer: Timer | None = None
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.0, self._autostart)
@@ -495,8 +500,6 @@ class PolicyNode(LifecycleNode):
                                               name=f"{self.get_name()}_inputs")
             for sub in inputs:
                 self._poller.add(sub)
-        self._subscriptions_.append(self.create_subscription(
-            String, "~/prompt", self._on_prompt, PROMPT_QOS, callback_group=self._sensor_group))
         self._stamp_pub = self.create_lifecycle_publisher(Header, "~/action_chunk_stamp", CHUNK_QOS)
         self._chunk_pub = self.create_lifecycle_publisher(Float32MultiArray, "~/action_chunk", CHUNK_QOS)
         if trajectory:

@@ -145,6 +145,21 @@ def test_prompt_topic_and_parameter(make_node, probe) -> None:
     wait_for(lambda: node.policy.calls[-1].prompt == "again")
 
 
+def test_prompt_published_while_unconfigured_is_kept(make_node, probe) -> None:
+    """A task manager publishes the instruction while the node is still unconfigured (a lifecycle
+    manager configures it later, or reconfigures it after a fix): ~/prompt was only subscribed from
+    configure to cleanup, so that prompt was lost and the node acted on the prompt parameter, another
+    task. The parameter may be set in any state; the topic must be taken in any state too."""
+    from std_msgs.msg import String
+    node = make_node(params={"prompt": "from param"})
+    wait_for(lambda: probe.prompt_pub.get_subscription_count() >= 1)
+    probe.prompt_pub.publish(String(data="from topic"))
+    wait_for(lambda: node._prompt == "from topic")
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    wait_for(lambda: node.policy.calls and node.policy.calls[-1].stamp_s > 0)
+    assert node.policy.calls[-1].prompt == "from topic"
+
+
 def test_dynamic_parameters_without_post_set_callbacks(make_node, probe, monkeypatch) -> None:
     # Humble's rclpy has no add_post_set_parameters_callback (Iron+, rclpy PR #966): the node must
     # still start there and apply its dynamic parameters.
