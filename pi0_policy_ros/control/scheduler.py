@@ -249,6 +249,12 @@ class ChunkScheduler:
         self._in_flight = None
         self._last_start_s = self._start_before_in_flight_s
 
+    def abort_in_flight(self) -> None:
+        """`abort` whatever request is in flight (none: nothing to do): its caller failed without
+        ending it, and a request left in flight blocks every later `begin` / `should_start`."""
+        if self._in_flight is not None:
+            self.abort(self._in_flight)
+
     def withdraw(self, request: InferenceRequest) -> None:
         """The chunk of `request` was completed but never sent (a check after `complete` refused it,
         or no point of it was left to send): forget it like an aborted inference, so that what is

@@ -195,6 +195,17 @@ class ControlStep:
     # ---- the tick ------------------------------------------------------------------------------
 
     def run(self, clock: Clock) -> StepResult:
+        try:
+            return self._run(clock)
+        except Exception:
+            # A bug, not an input (the caller reports it). An inference this tick began must not
+            # stay in flight: naive would refuse every later tick ("expected no inference in
+            # flight"), the other modes would wait on it forever.
+            if self._scheduler is not None:
+                self._scheduler.abort_in_flight()
+            raise
+
+    def _run(self, clock: Clock) -> StepResult:
         now_s = clock()
         jumped = self._clock_jump(now_s)
         if jumped is not None:

@@ -681,3 +681,21 @@ def test_change_state_request_for_a_transition_the_state_lacks_is_refused(make_n
     before = probe.counts()[0]
     wait_for(lambda: probe.counts()[0] > before + 2)  # still running
     assert change(Transition.TRANSITION_DEACTIVATE) and not change(Transition.TRANSITION_DEACTIVATE)
+
+
+@pytest.mark.parametrize("chunk_mode", ["naive", "temporal_ensemble", "rtc_fast"])
+def test_a_tick_that_raises_once_does_not_wedge_the_loop(make_node, probe, chunk_mode: str) -> None:
+    """One unexpected exception inside a tick (a bug; here the safety filter raising once) is an
+    internal_error hold, and the next ticks act again. The tick had begun an inference with the
+    scheduler and never ended it: naive then held on every tick ("expected no inference in flight"),
+    the other modes waited on it forever, silently, until deactivate."""
+    node = active(make_node, params={"chunk_mode": chunk_mode})
+    wait_for(lambda: probe.counts()[1] >= 2)
+    node._safety.apply = _fail_once(node._safety.apply, "boom in the filter")
+    from rcl_interfaces.msg import Log
+
+    line = "holding (internal_error): internal error: RuntimeError('boom in the filter')"
+    wait_for(lambda: probe.log_lines(Log.ERROR, line))
+    published = probe.counts()[1]
+    wait_for(lambda: probe.counts()[1] > published + 1)
+    assert probe.latest_values()["holds.internal_error"] == "1"
