@@ -59,6 +59,7 @@ SAFETY_REJECT = "safety_reject"
 UNUSABLE_CHUNK = "unusable_chunk"
 EXPIRED_CHUNK = "expired_chunk"
 CLOCK_JUMP = "clock_jump"
+INTERNAL_ERROR = "internal_error"  # a tick that raised (a bug): the caller reports it with `hold`
 
 # A clock this far behind the previous tick is a jump (simulation reset), not jitter.
 CLOCK_JUMP_TOLERANCE_S = 1e-3
@@ -341,6 +342,11 @@ class ControlStep:
                               times_from_start_s=min_lead_s + np.arange(count, dtype=np.float64) * period_s,
                               positions=positions.astype(np.float64),
                               velocities=rest_at_end(finite_difference_velocities(positions, period_s)))
+
+    def hold(self, kind: str, reason: str, now_s: float, level: int = WARN) -> StepResult:
+        """A hold decided by the caller (a tick that raised): as the tick's own holds, the hold
+        point included with `hold_position`."""
+        return self._hold(kind, reason, now_s, level)
 
     def _hold(self, kind: str, reason: str, now_s: float, level: int = WARN, **seen: Any) -> StepResult:
         """A hold: with `hold_position`, the first hold after our own trajectory also sends a hold point."""

@@ -125,7 +125,8 @@ from pi0_policy_ros.control.monitor import (ERROR, WARN, ControlMonitor, HealthR
                                             shutdown_report, transition_failure_report)
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
-from pi0_policy_ros.control.step import HOLD, HOLD_POSITION, WAIT, ControlStep, action_state_indices
+from pi0_policy_ros.control.step import (HOLD, HOLD_POSITION, INTERNAL_ERROR, WAIT, ControlStep,
+                                         action_state_indices)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.types import ActionChunk, Observation
@@ -740,9 +741,23 @@ class PolicyNode(LifecycleNode):
         try:
             with self._lock:
                 if self._control_timer is not None:
-                    self._control_step()
+                    try:
+                        self._control_step()
+                    except Exception as exc:  # noqa: BLE001
+                        self._hold_on_error(f"internal error: {exc!r}")
         except Exception as exc:  # noqa: BLE001
-            self._hold(f"internal error: {exc!r}", ERROR, "internal_error")
+            self._hold(f"internal error: {exc!r}", ERROR, INTERNAL_ERROR)
+
+    def _hold_on_error(self, reason: str) -> None:
+        """A tick that raised (a bug) holds as any other hold: with hold_position the first after a
+        trajectory of ours sends the hold point. Under the lock."""
+        step, config, pub = self._step, self._config, self._trajectory_pub
+        if step is not None:
+            result = step.hold(INTERNAL_ERROR, reason, self._now_s(), ERROR)
+            if result.plan is not None and pub is not None and config is not None:
+                pub.publish(convert.trajectory_message(result.plan, config.action_joint_names))
+            reason = result.reason
+        self._hold(reason, ERROR, INTERNAL_ERROR)
 
     def _hold(self, reason: str, level: int = WARN, kind: str = "other") -> None:
         monitor = self._monitor

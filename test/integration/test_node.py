@@ -699,3 +699,20 @@ def test_a_tick_that_raises_once_does_not_wedge_the_loop(make_node, probe, chunk
     published = probe.counts()[1]
     wait_for(lambda: probe.counts()[1] > published + 1)
     assert probe.latest_values()["holds.internal_error"] == "1"
+
+
+def test_a_tick_that_raises_sends_the_hold_point(make_node, probe) -> None:
+    """hold_position: an internal_error hold (a tick that raised; here the safety filter, once) is a
+    hold like any other, and the first after a trajectory of ours sends the hold point. It sent
+    nothing: the controller went on executing the last chunk to its end."""
+    node = active(make_node, params={"hold_mode": "hold_position"})
+    wait_for(lambda: probe.counts()[0] >= 2)
+    node._safety.apply = _fail_once(node._safety.apply, "boom in the filter")
+
+    def hold_points():
+        with probe.lock:
+            return [t for t in probe.trajectories if len(t.points) == 1]
+    hold = wait_for(hold_points)[0]
+    assert list(hold.points[0].positions) == probe.state.tolist()
+    assert list(hold.points[0].velocities) == [0.0] * len(JOINTS)
+    wait_for(lambda: probe.latest_values().get("holds.internal_error") == "1")
