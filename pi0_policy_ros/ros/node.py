@@ -147,6 +147,7 @@ from pi0_policy_ros.ros.params import (
     NodeConfig,
     ParamSpec,
     RobotProfileLike,
+    check_parameter_names,
     check_value,
     config_from_params,
     control_config_from,
@@ -224,6 +225,9 @@ class PolicyNode(LifecycleNode):
         self._bad_overrides: dict[str, str] = {}
         for spec in PARAMS:
             self._declare(spec)
+        self.undeclared_overrides = self._undeclared_overrides()
+        if self.undeclared_overrides:
+            self.get_logger().warning(self.undeclared_overrides)
         if hasattr(self, "add_post_set_parameters_callback"):  # Iron and later
             self.add_on_set_parameters_callback(self._validate_parameters)
             self.add_post_set_parameters_callback(self._apply_parameters)
@@ -278,6 +282,17 @@ class PolicyNode(LifecycleNode):
             change_state.callback = functools.partial(self._on_change_state, change_state.callback)
 
     # ---- parameters -------------------------------------------------------------------------
+
+    def _undeclared_overrides(self) -> str:
+        """Why some overrides (parameter file, `-p`) are ignored, or "": rclpy drops a name the node
+        does not declare without a word, so a typo left its parameter at the default. Not an error
+        here: a wildcard block (`/**`) may hold other nodes' parameters (the launch file refuses
+        unknown names in blocks that name this node)."""
+        try:
+            check_parameter_names(list(getattr(self, "_parameter_overrides", {})), "parameter overrides")
+        except ConfigError as exc:
+            return f"{exc}; rclpy ignores them (another node's parameters from a wildcard block?)"
+        return ""
 
     def _declare(self, spec: ParamSpec) -> None:
         descriptor = _descriptor(spec)
@@ -896,12 +911,16 @@ def spin_until_shutdown(executor: Any) -> None:
             return
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> int:
     # rclpy's own SIGINT / SIGTERM handlers shut the context down at once, so that nothing could be
     # sent after them: not hold_position's hold point, not the last status. Without them, both
     # signals (Ctrl-C, `ros2 launch`, systemd) raise KeyboardInterrupt in this thread within one
     # spin timeout, and the node leaves through its shutdown transition on a working context.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except RuntimeError as exc:  # rcl's RCLError: a --params-file missing or not YAML; one line, no traceback
+        print(f"pi0_policy_node: error: cannot start: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     node: PolicyNode | None = None
     executor: MultiThreadedExecutor | None = None

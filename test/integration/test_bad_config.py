@@ -6,6 +6,8 @@ weights) with the real `Policy`; the prompt cases run the tiny model with random
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def fails_then_fixed(node, probe, reason: str, fix) -> None:
 def test_checkpoint_shapes_not_matching_the_preset(make_node, probe, checkpoint: Path) -> None:
     node = make_node(params={**LIBERO, "checkpoint_path": str(checkpoint), "model_preset": "pi05"},
                      policy_factory=load_policy)
-    fails_then_fixed(node, probe, "wrong shape time_mlp_in.weight: expected [1024, 1024], found [64, 64]",
+    fails_then_fixed(node, probe, "the tensors are those of preset 'pi05_small': expected model_preset 'pi05_small'",
                      lambda: node.set_parameters([Parameter("model_preset", value="auto")]))
 
 
@@ -151,3 +153,30 @@ def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, pr
                       timeout_s=10.0)
     assert values["prompt.token_budget"] == "200"
     wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)  # it still acts, on the cut prompt
+
+
+def test_an_undeclared_override_is_named_with_the_closest_parameter(make_node) -> None:
+    # rclpy drops an override the node does not declare: `control_rate` ran at the default rate.
+    node = make_node(params={"control_rate": 2.0})
+    assert node.undeclared_overrides.startswith(
+        "parameter overrides: expected names of the node's parameters, found 'control_rate' "
+        "(did you mean 'control_rate_hz'?)")
+    assert node.get_parameter("control_rate_hz").value != 2.0  # what was meant to change did not change
+    assert make_node().undeclared_overrides == ""
+
+
+@pytest.mark.parametrize("content", [None, "pi0_policy:\n  ros__parameters:\n    camera_names: [a\n"],
+                         ids=["missing", "not_yaml"])
+def test_the_node_process_with_a_bad_params_file_exits_with_one_line(tmp_path: Path, content: str | None) -> None:
+    # rclpy.init raised RCLError with a traceback and exit code 1.
+    params = tmp_path / "robot.yaml"
+    if content is not None:
+        params.write_text(content)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from pi0_policy_ros.ros.node import main; sys.exit(main())",
+                           "--ros-args", "--params-file", str(params)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, output
+    # rcl logs its own "Failed to parse global arguments" line first.
+    assert output.splitlines()[-1].startswith("pi0_policy_node: error: cannot start: failed to initialize rcl: "
+                                              f"Couldn't parse params file: '--params-file {params}'"), output
