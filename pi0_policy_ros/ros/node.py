@@ -109,6 +109,7 @@ from rclpy.exceptions import (
     InvalidHandle,
     InvalidParameterTypeException,
     InvalidParameterValueException,
+    InvalidTopicNameException,
     ParameterUninitializedException,
 )
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -497,12 +498,16 @@ class PolicyNode(LifecycleNode):
         polled = config.input_poll_period_s > 0
         input_group = self._polled_group if polled else self._sensor_group
         inputs = []
-        for camera in config.cameras:
+        for index, camera in enumerate(config.cameras):
             msg_type = CompressedImage if camera.compressed else Image
             # raw: frames stay serialized until a tick uses one (most never are).
-            inputs.append(self.create_subscription(
-                msg_type, camera.topic, functools.partial(self._on_image, camera.name), SENSOR_QOS,
-                callback_group=input_group, raw=True))
+            try:
+                inputs.append(self.create_subscription(
+                    msg_type, camera.topic, functools.partial(self._on_image, camera.name), SENSOR_QOS,
+                    callback_group=input_group, raw=True))
+            except InvalidTopicNameException as exc:  # rclpy's message names the topic, not the parameter
+                raise ConfigError(f"camera_topics[{index}] (camera {camera.name!r}): expected a valid ROS topic "
+                                  f"name, found {camera.topic!r}: {exc}") from None
             # Owned at once: a later camera's topic may fail, and _release() must destroy this one.
             self._subscriptions_.append(inputs[-1])
         # raw too: JointStateReader reads the positions in place when the names repeat.

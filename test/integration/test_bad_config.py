@@ -120,7 +120,8 @@ def test_invalid_camera_topic_fails_configure_and_leaves_no_subscription(make_no
     each failed configure, and with input_poll_period_s 0 it ran the camera callback too."""
     node = make_node(params={"camera_topics": ["cam_a/image_raw", "cam b/image_raw/compressed"]})
     good = Parameter("camera_topics", value=["cam_a/image_raw", "cam_b/image_raw/compressed"])
-    fails_then_fixed(node, probe, "Invalid topic name", lambda: node.set_parameters([good]))
+    fails_then_fixed(node, probe, "camera_topics[1] (camera 'cam_b'): expected a valid ROS topic name, "
+                                  "found 'cam b/image_raw/compressed'", lambda: node.set_parameters([good]))
     inputs = [sub.topic_name for sub in node.subscriptions if not sub.topic_name.endswith("/prompt")]
     assert inputs == []  # cleanup left no camera or joint_states reader behind
 
