@@ -21,8 +21,8 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
   `~/prompt` (String; subscribed in every state, from the node's start). Cameras and
   joint_states are taken serialized (`raw`) by one polling thread every `input_poll_period_s`
   (2 ms; ros/poller.py), not by the executor, whose Python cost per message starved CPU
-  inference of the GIL at 1 kHz: a camera callback reads only the
-  header stamp (frames are deserialized and decoded when a tick uses them), a joint_states
+  inference of the GIL at 1 kHz: a camera callback reads only the header stamp (frames are
+  deserialized and decoded when a tick uses them), a joint_states
   callback checks every message (convert.JointStateReader). A refused message is counted
   (`input_errors.<source>`, `last_input_error`) and logged ("input rejected: <reason>", naming
   what was expected) at most once every LOG_THROTTLE_S (2 s) per source (each camera,
@@ -79,9 +79,8 @@ which keeps the whole reason), and, by `hold_mode`:
   must use `stop`). The controller replaces what it was executing and stops there. Nothing is
   sent when the measured position is older than `max_observation_age_s`, lies outside the safety
   position limits or gripper range, or the action joints are not measured joints (end-effector
-  actions): the hold then behaves like `stop`. Leaving the
-  active state (deactivate, shutdown, error) is such a hold too: the point goes out before the
-  publishers stop.
+  actions): the hold then behaves like `stop`. Leaving the active state (deactivate, shutdown,
+  error) is such a hold too: the point goes out before the publishers stop.
 The timer sits in its own mutually exclusive callback group, so a slow inference skips ticks
 instead of queueing them.
 """
