@@ -41,7 +41,6 @@ from typing import Any
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.context import Context
-from rclpy.exceptions import InvalidHandle
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -50,7 +49,7 @@ from std_msgs.msg import Header
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
-from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor
+from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
 from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_QOS
 from pi0_policy_ros.soak import prepare_output_file, proc_status_value
@@ -141,16 +140,6 @@ class Observer(Node):
         """(arrival time, values) of the reports received in [start, end)."""
         with self._lock:
             return [(t, values) for t, values in self._reports if start <= t < end]
-
-
-def _spin(executor: Any, stop: threading.Event) -> None:
-    """main()'s loop (`spin_until_shutdown`), but ended by `stop`, so that the context can be shut
-    down after the thread is gone."""
-    while not stop.is_set():
-        try:
-            executor.spin_once(timeout_sec=0.1)
-        except InvalidHandle:
-            continue
 
 
 class CpuClock:
@@ -275,7 +264,8 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
                       parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
     observer = Observer(node, context)
     stop = threading.Event()
-    spinner = threading.Thread(target=_spin, args=(executor, stop), name="load_bench_spin", daemon=True)
+    spinner = threading.Thread(target=spin_until_shutdown, args=(executor, stop), name="load_bench_spin",
+                               daemon=True)
     try:
         executor.add_node(node)
         executor.add_node(observer)
@@ -297,7 +287,8 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
         node.trigger_deactivate()
     finally:
         stop.set()
-        spinner.join(timeout=5.0)
+        if spinner.ident is not None:  # started
+            spinner.join(timeout=5.0)
         executor.shutdown()
         node._release()
         node.destroy_node()

@@ -184,7 +184,8 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     policy_node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
                              cli_args=["--ros-args", "--params-file", str(params_file)],
                              parameter_overrides=overrides)
-    spinner = threading.Thread(target=spin_until_shutdown, args=(executor,), daemon=True)
+    stop_spinning = threading.Event()
+    spinner = threading.Thread(target=spin_until_shutdown, args=(executor, stop_spinning), daemon=True)
     mp = multiprocessing.get_context("spawn")
     stop, results = mp.Event(), mp.Queue()
     robot: Any = None  # the child process
@@ -227,13 +228,16 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
             robot.join(timeout=5.0)
             if robot.is_alive():
                 robot.terminate()
+        # The spinner first: executor.shutdown() destroys what a wait in progress is still using.
+        stop_spinning.set()
+        if spinner.ident is not None:  # started
+            spinner.join(timeout=5.0)
         executor.shutdown()
         policy_node._release()
         policy_node.destroy_node()
         if local_robot is not None:
             local_robot.destroy_node()
         rclpy.try_shutdown(context=context)
-        spinner.join(timeout=5.0)
 
 
 def _wait_until_connected(node: PolicyNode, timeout_s: float) -> None:

@@ -898,13 +898,16 @@ def make_executor(context: Any = None) -> MultiThreadedExecutor:
     return MultiThreadedExecutor(num_threads=4, context=context)
 
 
-def spin_until_shutdown(executor: Any) -> None:
-    """`executor.spin()`, except that an entity destroyed by a lifecycle transition (cleanup) while
-    the executor was waiting on it does not end the process: rclpy raises InvalidHandle for it in
-    the spinning thread, and the next wait set no longer holds it. A shutdown that lands between
-    the `ok()` check and the wait ends the loop quietly: rclpy then fails to create the wait's
-    timeout timer on the dead context (RCLError "the given context is not valid")."""
-    while rclpy.ok(context=executor.context):
+def spin_until_shutdown(executor: Any, stop: threading.Event | None = None) -> None:
+    """`executor.spin()` until the context shuts down or `stop` is set, except that an entity
+    destroyed by a lifecycle transition (cleanup) while the executor was waiting on it does not end
+    the process: rclpy raises InvalidHandle for it in the spinning thread, and the next wait set no
+    longer holds it. A shutdown that lands between the `ok()` check and the wait ends the loop
+    quietly: rclpy then fails to create the wait's timeout timer on the dead context (RCLError "the
+    given context is not valid"). A thread spinning beside the caller's is ended with `stop` (and
+    joined) before the caller shuts the executor down: `executor.shutdown()` destroys the guard
+    condition a running wait is still adding to its wait set."""
+    while rclpy.ok(context=executor.context) and not (stop is not None and stop.is_set()):
         try:
             executor.spin_once(timeout_sec=0.1)
         except InvalidHandle:

@@ -42,3 +42,36 @@ def test_an_error_while_running_is_raised() -> None:
             spin_until_shutdown(executor)
     finally:
         rclpy.shutdown(context=executor.context)
+
+
+def test_stop_ends_the_loop_before_the_executor_shuts_down() -> None:
+    # A spinner thread beside the caller's (demo, load-bench) must be gone before
+    # executor.shutdown(), which destroys the guard condition a running wait still adds to its
+    # wait set (an AttributeError in the spinner, seen at the end of the demo test).
+    import threading
+
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    executor = SingleThreadedExecutor(context=context)
+    node = rclpy.create_node("spin_stop", context=context)
+    executor.add_node(node)
+    stop, errors = threading.Event(), []
+
+    def spin() -> None:
+        try:
+            spin_until_shutdown(executor, stop)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    spinner = threading.Thread(target=spin)
+    try:
+        spinner.start()
+        stop.set()
+        spinner.join(timeout=2.0)
+        assert not spinner.is_alive() and errors == [] and rclpy.ok(context=context)
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
