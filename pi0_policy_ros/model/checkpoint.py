@@ -91,10 +91,26 @@ def with_tied_embedding(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, tor
     return {**tensors, EMBED_KEY: tensors[TIED_EMBED_KEY]}
 
 
+def check_dtypes(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise one CheckpointError naming the tensors that are not floating point (quantized int8,
+    int64 or bool weights): torch cannot load them into the model's float parameters, and a cast
+    would silently turn quantized values into wrong weights."""
+    other = sorted((name, str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()
+                   if not t.is_floating_point())
+    if other:
+        listed = ", ".join(f"{name} {dtype}" for name, dtype in other[:5])
+        more = f" and {len(other) - 5} more" if len(other) > 5 else ""
+        raise CheckpointError(f"{source}: expected floating-point weights (float32, bfloat16 or float16), found "
+                              f"{len(other)} tensor(s) of another dtype: {listed}{more}; quantized checkpoints are "
+                              "not supported")
+
+
 def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: bool = False,
                   source: str = "checkpoint") -> None:
-    """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor (the
-    first MAX_LISTED_PROBLEMS of them, and how many more)."""
+    """Raise one CheckpointError naming the tensors of a non-float dtype (`check_dtypes`), else one
+    listing every missing, unexpected and wrongly shaped tensor (the first MAX_LISTED_PROBLEMS of
+    them, and how many more)."""
+    check_dtypes(tensors, source)
     tensors = with_tied_embedding(tensors)
     expected = expected_tensors(cfg)
     missing = [f"missing {name}: expected shape {list(expected[name][1])}"
@@ -159,6 +175,7 @@ def load_checkpoint(cfg: ModelConfig, path: str | Path, device: str | torch.devi
                     dtype: torch.dtype = torch.float32, allow_truncated_vocab: bool = False) -> Pi0Model:
     """A model of geometry `cfg` with weights from an openpi-named safetensors file."""
     tensors, _ = read_safetensors(path)
+    check_dtypes(tensors, str(path))  # before the cast to float32 below
     with torch.device("meta"):
         model = Pi0Model(cfg)
     load_state(model, {k: v.float() for k, v in tensors.items()}, allow_truncated_vocab, source=str(path))

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError
-from pi0_policy_ros.model.checkpoint import EMBED_KEY, check_tensors, read_safetensors
+from pi0_policy_ros.model.checkpoint import EMBED_KEY, check_dtypes, check_tensors, read_safetensors
 from pi0_policy_ros.model.config import PRESETS, ModelConfig, get_preset
 from pi0_policy_ros.policy.normalize import (NormStats, Normalizer, find_openpi_norm_stats,
                                              load_lerobot_normalization, load_openpi_norm_stats)
@@ -98,6 +98,8 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], preset: str, allow_tru
                      where: Path) -> ModelConfig:
     """The preset named by `preset`, checked strictly against the tensors; `auto` picks the preset
     of the right model type whose shapes all match."""
+    # Before any preset is tried: a dtype error is the same for all of them.
+    check_dtypes(tensors, str(where))
     if preset != AUTO_PRESET:
         try:
             cfg = get_preset(preset)

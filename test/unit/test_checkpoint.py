@@ -98,6 +98,14 @@ def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
         load_checkpoint(PI05, path)
 
 
+def test_integer_weights_are_refused_not_cast(weights, tmp_path: Path) -> None:
+    # load_checkpoint casts to float32: int8 (quantized) values became weights without a word.
+    path = tmp_path / "model.safetensors"
+    save_file({**weights, "action_in_proj.weight": weights["action_in_proj.weight"].to(torch.int8)}, str(path))
+    with pytest.raises(CheckpointError, match="action_in_proj.weight int8"):
+        load_checkpoint(PI05, path, allow_truncated_vocab=True)
+
+
 # ---- full-size geometry on the meta device ----------------------------------------------------
 def _full_size_expectation(pi05: bool) -> dict[str, tuple[int, ...]]:
     """openpi's full-size PI0Pytorch names and shapes, written out from the real geometry

@@ -216,6 +216,26 @@ def test_preset_that_does_not_match_the_weights_lists_every_mismatch(tmp_path: P
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="pi05_small"))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_weights_of_a_non_float_dtype_are_one_checkpoint_error(tmp_path: Path, dtype: torch.dtype,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A quantized (int8) or corrupt tensor raised torch's RuntimeError out of load_state_dict, and
+    # inspect reported the directory as fine.
+    from pi0_policy_ros.cli import main
+
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    ref = load_reference(PI05_FIXTURE)
+    ref.weights["action_out_proj.weight"] = ref.weights["action_out_proj.weight"].to(dtype)
+    save_file(ref.weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    expected = rf"expected floating-point weights .*found 1 tensor\(s\) of another dtype: action_out_proj.weight {str(dtype)[6:]}"
+    with pytest.raises(CheckpointError, match=expected):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint_dir(path, "pi05_small")
+    assert main(["inspect", str(path)]) == 2
+    assert re.search(expected, capsys.readouterr().err)
+
+
 def test_nested_asset_id_is_found_without_being_named(tmp_path: Path) -> None:
     # openpi saves the stats under assets/<asset_id>, and LIBERO's asset_id is its repo id
     # "physical-intelligence/libero" (training/checkpoints.py save_assets): two levels deep.
