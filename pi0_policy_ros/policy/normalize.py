@@ -141,9 +141,17 @@ def _stats_from_mapping(entry: Any, where: str) -> NormStats:
         found = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
         raise CheckpointError(f"{where}: expected 'mean' and 'std' lists, found {found}")
     try:
-        return NormStats(mean=entry["mean"], std=entry["std"], q01=entry.get("q01"), q99=entry.get("q99"))
+        stats = NormStats(mean=entry["mean"], std=entry["std"], q01=entry.get("q01"), q99=entry.get("q99"))
     except (TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
+    # A NaN / Inf (or a JSON null, read as NaN) would make every chunk's actions NaN.
+    for name in ("mean", "std", "q01", "q99"):
+        values = getattr(stats, name)
+        if values is not None and not np.all(np.isfinite(values)):
+            bad = np.flatnonzero(~np.isfinite(values)).tolist()
+            raise CheckpointError(f"{where}: expected finite '{name}' values, found NaN/Inf/null at dims {bad} "
+                                  f"({values[bad[:5]].tolist()})")
+    return stats
 
 
 # --- LeRobot processor files ----------------------------------------------------------------------

@@ -270,6 +270,35 @@ def test_a_profile_made_for_the_other_model_type_is_refused_for_a_checkpoint(
                                            default_prompt="go")).profile.name.endswith("_libero")
 
 
+@pytest.mark.parametrize("kind,fixture,policy_type,stat,value", [
+    ("openpi", PI05_FIXTURE, "pi05", "q01", float("nan")),
+    ("openpi", PI0_FIXTURE, "pi0", "std", float("inf")),
+    ("openpi", PI0_FIXTURE, "pi0", "mean", None),  # JSON null
+    ("lerobot", PI05_FIXTURE, "pi05", "q99", float("nan")),
+])
+def test_non_finite_norm_stats_are_one_checkpoint_error(tmp_path: Path, kind: str, fixture: Path, policy_type: str,
+                                                        stat: str, value: float | None) -> None:
+    # They loaded, and every chunk's actions came out NaN / Inf (held by the node's safety filter,
+    # returned as they were by Policy.infer).
+    path = _write(kind, tmp_path / "ckpt", fixture, policy_type)
+    if kind == "openpi":
+        stats_file = path / "assets" / "libero" / "norm_stats.json"
+        content = json.loads(stats_file.read_text())
+        content["norm_stats"]["actions"][stat][3] = value
+        stats_file.write_text(json.dumps(content))
+    else:
+        stats_file = path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(stats_file))
+        tensors[f"action.{stat}"][3] = value
+        save_numpy(tensors, str(stats_file))
+    profile = "pi05_libero" if policy_type == "pi05" else "pi0_libero"
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(stats_file))}: '(actions|action)': expected finite "
+                                              rf"'{stat}' values, found NaN/Inf/null at dims \[3\]"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile=profile))
+
+
 def test_stats_with_other_dims_than_the_profile_are_refused(tmp_path: Path) -> None:
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)  # LIBERO stats: 8 state / 7 action dims
     with pytest.raises(ConfigError, match="'state' norm stats have 8 dims but the robot profile has 14"):
