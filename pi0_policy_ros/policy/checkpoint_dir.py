@@ -217,11 +217,21 @@ def _from_lerobot_names(tensors: Mapping[str, torch.Tensor], pi05: bool) -> dict
     return out
 
 
+def _lerobot_count(config: Mapping[str, Any], key: str, default: int, path: Path) -> int:
+    """A positive integer of LeRobot's config.json (`default` where the key is absent)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected {key!r} a positive integer, found {value!r}")
+    return value
+
+
 def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     try:
         config = json.loads((path / LEROBOT_CONFIG).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path / LEROBOT_CONFIG}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected a JSON object, found {type(config).__name__}")
     policy_type = config.get("type")
     if policy_type not in ("pi0", "pi05"):
         raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected \"type\" pi0 or pi05, found {policy_type!r}")
@@ -240,9 +250,9 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
         raise CheckpointError(f"{path}: config.json says {policy_type}, the weights are {'pi05' if cfg.pi05 else 'pi0'}")
     # LeRobot's pi05 preprocessor (Pi05PrepareStateTokenizerProcessorStep) always writes the
     # normalized state into the prompt; it has no switch like openpi's pi05_libero.
-    cfg = cfg.replace(action_horizon=int(config.get("chunk_size", cfg.action_horizon)),
-                      max_token_len=int(config.get("tokenizer_max_length", cfg.max_token_len)),
-                      num_denoise_steps=int(config.get("num_inference_steps", cfg.num_denoise_steps)),
+    cfg = cfg.replace(action_horizon=_lerobot_count(config, "chunk_size", cfg.action_horizon, path),
+                      max_token_len=_lerobot_count(config, "tokenizer_max_length", cfg.max_token_len, path),
+                      num_denoise_steps=_lerobot_count(config, "num_inference_steps", cfg.num_denoise_steps, path),
                       discrete_state_input=cfg.pi05)
     normalization = load_lerobot_normalization(path)
     return LoadedCheckpoint(path, "lerobot", cfg, tensors, truncated, normalization.normalizer(),

@@ -31,7 +31,8 @@ def describe(ckpt: LoadedCheckpoint) -> dict[str, Any]:
         "normalization": "quantile" if ckpt.normalizer.use_quantiles else "z-score",
     }
     if ckpt.lerobot_config is not None:
-        features = ckpt.lerobot_config.get("input_features") or {}
+        features = ckpt.lerobot_config.get("input_features")
+        features = features if isinstance(features, dict) else {}
         description["cameras"] = sorted(k.removeprefix("observation.images.") for k in features
                                         if k.startswith("observation.images."))
     return description

@@ -185,6 +185,39 @@ def test_lerobot_relative_actions_are_refused(tmp_path: Path, policy_type: str, 
     assert load_checkpoint_dir(path).format == "lerobot"
 
 
+@pytest.mark.parametrize("key,value", [("chunk_size", "abc"), ("chunk_size", 2.7), ("num_inference_steps", None),
+                                       ("num_inference_steps", -3), ("tokenizer_max_length", 0)])
+def test_lerobot_config_values_that_are_not_positive_integers_are_one_error(
+        tmp_path: Path, key: str, value: object, capsys: pytest.CaptureFixture[str]) -> None:
+    # "abc" / null raised int()'s ValueError / TypeError, 2.7 was cut to 2 chunks without a word,
+    # and 0 or -3 failed in the model config without naming config.json (inspect: not at all for 0).
+    from pi0_policy_ros.cli import main
+
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    expected = f"config.json: expected '{key}' a positive integer, found {value!r}"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic",
+                                        state_dim=STATE_DIM, action_dim=ACTION_DIM))
+    assert main(["inspect", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_lerobot_config_json_that_is_not_an_object_is_one_error(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from pi0_policy_ros.cli import main
+
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json: expected a JSON object, found list"):
+        load_checkpoint_dir(path)
+    # input_features of another shape than LeRobot's object: inspect still describes the directory
+    (path / "config.json").write_text(json.dumps({"type": "pi05", "chunk_size": 10, "input_features": [1, 2]}))
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cameras"] == []
+
+
 def test_unknown_layout_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="unknown checkpoint layout.*openpi PyTorch directory.*LeRobot"):
