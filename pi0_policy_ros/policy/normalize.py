@@ -31,6 +31,7 @@ CheckpointError for a missing or malformed stats file.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Protocol
@@ -203,9 +204,9 @@ def load_lerobot_normalization(checkpoint_dir: str | Path) -> LeRobotNormalizati
     for name in LEROBOT_PROCESSOR_FILES:
         for step in _lerobot_norm_steps(directory / name):
             steps_found += 1
-            config = step.get("config") or {}
-            modes.update({str(k): str(v) for k, v in (config.get("norm_map") or {}).items()})
-            eps = float(config.get("eps", eps))
+            step_modes, step_eps = _lerobot_step_settings(directory / name, step)
+            modes.update(step_modes)
+            eps = eps if step_eps is None else step_eps
             stats.update(_read_lerobot_state_file(directory, step))
     if steps_found == 0:
         raise CheckpointError(
@@ -225,13 +226,38 @@ def _lerobot_norm_steps(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        steps = json.loads(path.read_text()).get("steps", [])
-    except (OSError, ValueError, AttributeError) as exc:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read LeRobot processor file {path}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise CheckpointError(f"LeRobot processor file {path}: expected a JSON object with a 'steps' list, "
+                              f"found {type(document).__name__}")
+    steps = document.get("steps", [])
+    if not isinstance(steps, list):
+        raise CheckpointError(f"LeRobot processor file {path}: expected 'steps' to be a list, "
+                              f"found {type(steps).__name__}")
     return [
         step for step in steps
         if isinstance(step, dict) and step.get("registry_name") in LEROBOT_NORM_STEPS and step.get("state_file")
     ]
+
+
+def _lerobot_step_settings(path: Path, step: Mapping[str, Any]) -> tuple[dict[str, str], float | None]:
+    """The norm_map and eps (None: not set) of one (un)normalizer step of the processor file `path`."""
+    where = f"LeRobot processor file {path}, step {step['registry_name']}"
+    config = step.get("config") or {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: expected 'config' to be an object, found {type(config).__name__}")
+    norm_map = config.get("norm_map") or {}
+    if not isinstance(norm_map, dict):
+        raise CheckpointError(f"{where}: expected 'norm_map' to be an object, found {type(norm_map).__name__}")
+    modes = {str(k): str(v) for k, v in norm_map.items()}
+    if "eps" not in config:
+        return modes, None
+    eps = config["eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise CheckpointError(f"{where}: expected 'eps' to be a finite number >= 0, found {eps!r}")
+    return modes, float(eps)
 
 
 def _read_lerobot_state_file(directory: Path, step: Mapping[str, Any]) -> dict[str, NormStats]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,38 @@ def test_lerobot_loader_errors(tmp_path: Path) -> None:
     (tmp_path / "policy_preprocessor.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read LeRobot processor file"):
         load_lerobot_stats(tmp_path)
+
+
+def _edit_postprocessor(directory: Path, edit) -> None:
+    path = directory / "policy_postprocessor.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda d: d.update(steps=5), "expected 'steps' to be a list, found int"),
+    (lambda d: d["steps"][0].update(config="MEAN_STD"), "step unnormalizer_processor: expected 'config' to be an object"),
+    (lambda d: d["steps"][0]["config"].update(norm_map=["QUANTILES"]), "expected 'norm_map' to be an object, found list"),
+    (lambda d: d["steps"][0]["config"].update(eps="abc"), "expected 'eps' to be a finite number >= 0, found 'abc'"),
+    (lambda d: d["steps"][0]["config"].update(eps=None), "expected 'eps' to be a finite number >= 0, found None"),
+    (lambda d: d["steps"][0]["config"].update(eps=-1.0), "expected 'eps' to be a finite number >= 0, found -1.0"),
+], ids=["steps", "config", "norm_map", "eps-string", "eps-null", "eps-negative"])
+def test_lerobot_processor_file_of_another_shape_is_one_checkpoint_error(tmp_path: Path, edit, expected: str) -> None:
+    # These raised TypeError / AttributeError / ValueError tracebacks; a negative eps loaded, and
+    # the z-score unnormalizer's std + eps could reach 0.
+    write_lerobot_checkpoint(tmp_path)
+    _edit_postprocessor(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'policy_postprocessor.json'}")) as info:
+        load_lerobot_normalization(tmp_path)
+    assert expected in str(info.value)
+
+
+def test_lerobot_processor_file_that_is_not_an_object_is_one_checkpoint_error(tmp_path: Path) -> None:
+    write_lerobot_checkpoint(tmp_path)
+    (tmp_path / "policy_preprocessor.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="expected a JSON object with a 'steps' list, found list"):
+        load_lerobot_normalization(tmp_path)
 
 
 def test_lerobot_eps_is_read_from_the_processor_config(tmp_path: Path) -> None:
