@@ -140,9 +140,13 @@ def _fitting_preset(tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: 
     return None
 
 
-def _truncated_vocab_allowed(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bool:
+def _truncated_vocab_allowed(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], where: Path) -> bool:
     rows = metadata.get(VOCAB_ROWS_METADATA)
-    return rows is not None and EMBED_KEY in tensors and tensors[EMBED_KEY].shape[0] == int(rows)
+    if rows is None:
+        return False
+    if not rows.isdecimal():
+        raise CheckpointError(f"{where}: expected metadata {VOCAB_ROWS_METADATA!r} to be a row count, found {rows!r}")
+    return EMBED_KEY in tensors and tensors[EMBED_KEY].shape[0] == int(rows)
 
 
 def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -186,7 +190,7 @@ def _checkpoint_horizon(path: Path, default: int) -> int:
 def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None,
                     horizon_from_checkpoint: bool = False) -> LoadedCheckpoint:
     tensors, metadata = read_safetensors(path / WEIGHTS_FILE)
-    truncated = _truncated_vocab_allowed(tensors, metadata)
+    truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)
     cfg = resolve_geometry(tensors, preset, truncated, path)
     # Not in the weights (no weight depends on it): the robot profile decides, or for a profile
     # without one (generic) the converter's config.json, with `horizon` as the default.
@@ -244,7 +248,7 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
             f"(relative_exclude_joints {config.get('relative_exclude_joints')!r}); relative actions are not supported")
     raw, metadata = read_safetensors(path / WEIGHTS_FILE)
     tensors = _from_lerobot_names(raw, pi05=policy_type == "pi05")
-    truncated = _truncated_vocab_allowed(tensors, metadata)
+    truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)
     cfg = resolve_geometry(tensors, preset, truncated, path)
     if cfg.pi05 != (policy_type == "pi05"):
         raise CheckpointError(f"{path}: config.json says {policy_type}, the weights are {'pi05' if cfg.pi05 else 'pi0'}")

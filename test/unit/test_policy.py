@@ -673,6 +673,16 @@ def test_vocab_rows_metadata_allows_only_a_table_of_exactly_that_many_rows(tmp_p
         load_checkpoint_dir(path, preset="pi05_small")
 
 
+@pytest.mark.parametrize("rows", ["abc", "-1", ""])
+def test_vocab_rows_metadata_that_is_not_a_count_is_one_checkpoint_error(tmp_path: Path, rows: str) -> None:
+    # int() of it raised ValueError out of Policy.from_config and inspect.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    save_file(load_reference(PI05_FIXTURE).weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: rows})
+    with pytest.raises(CheckpointError, match=re.escape(f"model.safetensors: expected metadata '{VOCAB_ROWS_METADATA}' "
+                                                        f"to be a row count, found {rows!r}")):
+        load_checkpoint_dir(path)
+
+
 def test_lerobot_type_that_does_not_match_the_weights_is_refused(tmp_path: Path) -> None:
     path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
     config = json.loads((path / "config.json").read_text())
