@@ -141,10 +141,16 @@ def _stats_from_mapping(entry: Any, where: str) -> NormStats:
     if not isinstance(entry, Mapping) or entry.get("mean") is None or entry.get("std") is None:
         found = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
         raise CheckpointError(f"{where}: expected 'mean' and 'std' lists, found {found}")
+    present = [name for name in ("mean", "std", "q01", "q99") if entry.get(name) is not None]
     try:
+        shapes = {name: np.shape(entry[name]) for name in present}
         stats = NormStats(mean=entry["mean"], std=entry["std"], q01=entry.get("q01"), q99=entry.get("q99"))
     except (TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
+    # NormStats flattens: a [2, 7] table would pass as 14 dims (within the model's width).
+    if any(len(shape) != 1 for shape in shapes.values()):
+        raise CheckpointError(f"{where}: expected 1-D lists over the robot's dims, found shapes "
+                              f"{ {name: list(shape) for name, shape in shapes.items()} }")
     # A NaN / Inf (or a JSON null, read as NaN) would make every chunk's actions NaN.
     for name in ("mean", "std", "q01", "q99"):
         values = getattr(stats, name)

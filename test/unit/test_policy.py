@@ -332,6 +332,29 @@ def test_non_finite_norm_stats_are_one_checkpoint_error(tmp_path: Path, kind: st
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile=profile))
 
 
+@pytest.mark.parametrize("kind", ["openpi", "lerobot"])
+def test_norm_stats_of_more_than_one_dimension_are_one_checkpoint_error(tmp_path: Path, kind: str) -> None:
+    # They were flattened: a [2, 7] table passed as 14 action dims (within the model's 32) and the
+    # actions were unnormalized with its first row, whatever the second said.
+    path = _write(kind, tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    if kind == "openpi":
+        stats_file = path / "assets" / "libero" / "norm_stats.json"
+        content = json.loads(stats_file.read_text())
+        actions = content["norm_stats"]["actions"]
+        content["norm_stats"]["actions"] = {k: [v, [x * 10 for x in v]] for k, v in actions.items()}
+        stats_file.write_text(json.dumps(content))
+    else:
+        stats_file = path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(stats_file))
+        save_numpy({k: np.stack([v, v * 10]) if k.startswith("action.") else v for k, v in tensors.items()},
+                   str(stats_file))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(stats_file))}: '(actions|action)': expected 1-D lists "
+                                              r"over the robot's dims, found shapes \{'mean': \[2, 7\]"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
+
+
 def test_stats_with_other_dims_than_the_profile_are_refused(tmp_path: Path) -> None:
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)  # LIBERO stats: 8 state / 7 action dims
     with pytest.raises(ConfigError, match="'state' norm stats have 8 dims but the robot profile has 14"):
