@@ -313,6 +313,15 @@ class Normalizer:
                     f"quantile normalization needs q01 and q99 for every key; missing for {missing}. "
                     "Use z-score normalization (pi0) or stats with quantiles."
                 )
+        # No data set gives a negative std or q01 above q99: such stats (swapped or hand-edited)
+        # would mirror every action about its mean / mid-range, and still look plausible.
+        for key, stats in self.stats.items():
+            low, high, what = ((stats.q01, stats.q99, "q01 <= q99 (quantile") if self.use_quantiles
+                               else (np.zeros_like(stats.std), stats.std, "std >= 0 (z-score"))
+            bad = np.flatnonzero(low > high).tolist()
+            if bad:
+                raise ConfigError(f"'{key}' norm stats: expected {what} normalization), found the opposite "
+                                  f"at dims {bad}")
 
     def normalize(self, key: str, x: np.ndarray) -> np.ndarray:
         """Normalize `x` [..., D]; a key without stats passes through (as in openpi)."""

@@ -131,6 +131,21 @@ def test_unknown_convention_and_explicit_eps() -> None:
     assert Normalizer(stats3(), use_quantiles=False, eps=1e-3).eps == 1e-3
 
 
+@pytest.mark.parametrize("use_quantiles,stat,expected", [
+    (True, "q99", r"'actions' norm stats: expected q01 <= q99 \(quantile normalization\), found the opposite at dims \[1\]"),
+    (False, "std", r"'actions' norm stats: expected std >= 0 \(z-score normalization\), found the opposite at dims \[1\]"),
+])
+def test_stats_that_would_mirror_the_actions_are_a_config_error(use_quantiles: bool, stat: str, expected: str) -> None:
+    # q01 above q99 (or a negative std) loaded: every action came out mirrored about the
+    # mid-range (the mean), finite and plausible-looking.
+    values = {"mean": MEAN, "std": STD, "q01": Q01, "q99": Q99}
+    values[stat] = values[stat] - np.array([0.0, 5.0, 0.0])
+    stats = {"state": stats3()["state"], "actions": NormStats(**values)}
+    with pytest.raises(ConfigError, match=expected):
+        Normalizer(stats, use_quantiles=use_quantiles)
+    Normalizer(stats, use_quantiles=not use_quantiles)  # stats the other mode does not read are not checked
+
+
 def test_identity_stats_leave_values_nearly_unchanged() -> None:
     stats = identity_stats(state_dim=8, action_dim=7)
     assert stats["state"].dim == 8 and stats["actions"].dim == 7
@@ -233,6 +248,10 @@ def write_lerobot_checkpoint(directory: Path, mode: str = "QUANTILES") -> None:
     for feature, dim in (("observation.state", 8), ("action", 7)):
         for stat in ("mean", "std", "min", "max", "q01", "q99"):
             pre_stats[f"{feature}.{stat}"] = rng.normal(size=dim).astype(np.float32)
+        # As a data set gives them: std >= 0, q01 <= q99.
+        pre_stats[f"{feature}.std"] = np.abs(pre_stats[f"{feature}.std"])
+        low, high = pre_stats[f"{feature}.q01"], pre_stats[f"{feature}.q99"]
+        pre_stats[f"{feature}.q01"], pre_stats[f"{feature}.q99"] = np.minimum(low, high), np.maximum(low, high)
     pre_stats["observation.images.base.mean"] = np.zeros((3, 1, 1), dtype=np.float32)
     post_stats = {k: v + 100.0 for k, v in pre_stats.items() if k.startswith("action.")}
     save_file(pre_stats, str(directory / "policy_preprocessor_step_3_normalizer_processor.safetensors"))

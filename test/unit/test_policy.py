@@ -355,6 +355,18 @@ def test_norm_stats_of_more_than_one_dimension_are_one_checkpoint_error(tmp_path
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
 
 
+def test_swapped_quantiles_are_refused(tmp_path: Path) -> None:
+    # q01 and q99 swapped: pi0.5 loaded and sent every action mirrored about its mid-range.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    stats_file = path / "assets" / "libero" / "norm_stats.json"
+    content = json.loads(stats_file.read_text())
+    actions = content["norm_stats"]["actions"]
+    actions["q01"], actions["q99"] = actions["q99"], actions["q01"]
+    stats_file.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=r"'actions' norm stats: expected q01 <= q99 .*dims \[0, 1, 2, 3, 4, 5, 6\]"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
+
+
 def test_stats_with_other_dims_than_the_profile_are_refused(tmp_path: Path) -> None:
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)  # LIBERO stats: 8 state / 7 action dims
     with pytest.raises(ConfigError, match="'state' norm stats have 8 dims but the robot profile has 14"):
