@@ -23,7 +23,7 @@ from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import EngineBatch, EngineShape, check_precision_on_gpu
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
-from pi0_policy_ros.model.checkpoint import apply_precision, load_state, random_model
+from pi0_policy_ros.model.checkpoint import EMBED_KEY, apply_precision, load_state, random_model, with_tied_embedding
 from pi0_policy_ros.model.config import IMAGE_SLOTS, ModelConfig, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
 from pi0_policy_ros.model.rtc import soft_mask
@@ -94,6 +94,22 @@ def _tokenizer_for(config: PolicyConfig, model_cfg: ModelConfig, discrete_state:
         path = train_tiny_tokenizer(Path(tempfile.gettempdir()) / "pi0_policy_ros_demo_tokenizer.model")
         log.info("random weights: using a small SentencePiece model trained at %s", path)
     return PromptTokenizer(path, model_cfg.max_token_len, discrete_state_input=discrete_state)
+
+
+def _check_tokenizer_fits(tokenizer: PromptTokenizer, checkpoint: LoadedCheckpoint, model_cfg: ModelConfig) -> None:
+    """A tokenizer of another vocabulary than the checkpoint's gives other token ids for the same
+    prompt: the policy would run on a garbled instruction. Ids past the stored embedding rows are
+    an error (they would read zero rows); a full table with another piece count than PaliGemma's
+    is a warning, as a tokenizer file of its own may still match."""
+    table = with_tied_embedding(checkpoint.tensors).get(EMBED_KEY)
+    rows = int(table.shape[0]) if table is not None else model_cfg.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise ConfigError(f"tokenizer {tokenizer.model_path}: expected at most the checkpoint's {rows} embedding rows "
+                          f"of vocabulary, found {tokenizer.vocab_size} pieces (another model's tokenizer?)")
+    if not checkpoint.allow_truncated_vocab and tokenizer.vocab_size != rows:
+        log.warning("tokenizer %s has %d pieces, the checkpoint's embedding table %d rows: expected PaliGemma's "
+                    "tokenizer (%d pieces); prompts may be tokenized differently from training",
+                    tokenizer.model_path, tokenizer.vocab_size, rows, rows)
 
 
 def _check_profile_model_type(profile: RobotProfile, model_type: str, checkpoint: LoadedCheckpoint | None) -> None:
@@ -198,6 +214,8 @@ class Policy:
         discrete_state = _discrete_state_input(model_cfg, profile, checkpoint)
         tokenizer = _tokenizer_for(config, model_cfg, discrete_state,
                                    checkpoint.path if checkpoint is not None else None)
+        if checkpoint is not None:
+            _check_tokenizer_fits(tokenizer, checkpoint, model_cfg)
         engine = _build_engine(model, config, device)
         log.info("policy ready: %s, profile %s, %s on %s", source, profile.name, config.precision, device)
         return cls(config, model_cfg, profile, normalizer, tokenizer, engine, source)

@@ -893,3 +893,29 @@ def test_lerobot_chunk_size_is_the_generic_profiles_horizon(tmp_path: Path) -> N
                                              state_dim=STATE_DIM, action_dim=ACTION_DIM))
     assert policy.profile.action_horizon == policy.model_config.action_horizon == 12
     assert policy.infer(_generic_observation(2)).actions.shape == (12, ACTION_DIM)
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path: Path) -> None:
+    # Its ids past the stored rows would read zero rows: the instruction garbled without a word.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    weights = dict(load_reference(PI05_FIXTURE).weights)
+    weights[EMBED_KEY] = weights[EMBED_KEY][:256].clone()
+    save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "256"})
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(path / "paligemma_tokenizer.model")).get_piece_size()
+    assert pieces > 256
+    with pytest.raises(ConfigError, match=rf"paligemma_tokenizer.model: expected at most the checkpoint's 256 embedding "
+                                          rf"rows of vocabulary, found {pieces} pieces"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
+
+
+def test_a_full_table_and_a_tokenizer_of_another_size_is_a_warning(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    weights = dict(load_reference(PI05_FIXTURE).weights)
+    table = torch.zeros(PRESETS["pi05_small"].vocab_size, weights[EMBED_KEY].shape[1])
+    table[:1024] = weights[EMBED_KEY]
+    weights[EMBED_KEY] = table
+    save_file(weights, str(path / "model.safetensors"))  # a full table: no vocab_rows_stored
+    with caplog.at_level("WARNING", logger="pi0_policy_ros.policy.policy"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
+    assert f"the checkpoint's embedding table {table.shape[0]} rows: expected PaliGemma's tokenizer" in caplog.text
