@@ -268,6 +268,10 @@ def _lerobot_step_settings(path: Path, step: Mapping[str, Any]) -> tuple[dict[st
 
 def _read_lerobot_state_file(directory: Path, step: Mapping[str, Any]) -> dict[str, NormStats]:
     path = directory / str(step["state_file"])
+    # The checkpoint names its own files: a path out of its directory reads another checkpoint's stats.
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"LeRobot processor step {step['registry_name']}: expected a state_file inside "
+                              f"{directory}, found {str(step['state_file'])!r}")
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError, TypeError) as exc:

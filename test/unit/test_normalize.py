@@ -280,6 +280,20 @@ def test_load_lerobot_stats_follows_state_file_entries(tmp_path: Path) -> None:
     assert stats["actions"].mean.min() > 90.0 and stats["state"].mean.max() < 10.0
 
 
+def test_a_state_file_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    # The stats of another checkpoint beside this one were read as this one's.
+    checkpoint, other = tmp_path / "ckpt", tmp_path / "other"
+    for directory in (checkpoint, other):
+        directory.mkdir()
+        write_lerobot_checkpoint(directory)
+    document = json.loads((checkpoint / "policy_postprocessor.json").read_text())
+    document["steps"][0]["state_file"] = "../other/policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+    (checkpoint / "policy_postprocessor.json").write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match=r"unnormalizer_processor: expected a state_file inside .*ckpt, found "
+                                              r"'\.\./other/"):
+        load_lerobot_stats(checkpoint)
+
+
 @pytest.mark.parametrize(("mode", "use_quantiles"), [("QUANTILES", True), ("MEAN_STD", False)])
 def test_load_lerobot_normalization_reads_modes_and_eps(tmp_path: Path, mode: str, use_quantiles: bool) -> None:
     write_lerobot_checkpoint(tmp_path, mode)
