@@ -265,6 +265,12 @@ class ChunkScheduler:
             self._dropped += 1
         self._last_start_s = self._start_before_in_flight_s
 
+    def drop_chunks(self) -> None:
+        """The controller no longer executes any chunk of ours (a hold point replaced them): forget
+        them, so that the next chunk is neither blended with nor guided toward actions the robot
+        abandoned. The latency estimate and the start time stay."""
+        self._chunks.clear()
+
     def _check_in_flight(self, request: InferenceRequest) -> None:
         if self._in_flight is None or request.chunk_id != self._in_flight.chunk_id:
             running = None if self._in_flight is None else self._in_flight.chunk_id

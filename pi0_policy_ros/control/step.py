@@ -179,7 +179,7 @@ class ControlStep:
             return None
         plan, _ = self._hold_plan(now_s)
         if plan is not None:
-            self._executing = False
+            self._hold_point_sent()
         return plan
 
     def hold_point_refusal(self, now_s: float) -> str:
@@ -356,8 +356,15 @@ class ControlStep:
             if plan is None:
                 reason += f" (hold_position: {refusal}; nothing sent)"
             else:
-                self._executing = False
+                self._hold_point_sent()
         return StepResult(HOLD, reason, kind, level, plan=plan, **seen)
+
+    def _hold_point_sent(self) -> None:
+        """The hold point replaces our trajectory on the controller: the chunks before it are no
+        longer executed, so the next chunk is neither blended with nor guided toward them."""
+        self._executing = False
+        if self._scheduler is not None:
+            self._scheduler.drop_chunks()
 
     def _measured(self, now_s: float) -> np.ndarray | None:
         """The latest measured position of the action joints; None when there is none fresh enough

@@ -456,3 +456,27 @@ def test_the_first_point_sent_is_one_control_period_ahead(mode: str) -> None:
     result = step.run(lambda: 10.0)
     assert result.published and result.plan.first_index == 2
     np.testing.assert_allclose(result.plan.times_from_start_s[:2], [0.1, 0.15])
+
+
+@pytest.mark.parametrize("mode", ["temporal_ensemble", "rtc"])
+def test_a_hold_point_ends_the_chunks_the_controller_had(mode: str) -> None:
+    # hold_position replaces the running trajectory with the measured position: the chunk before the
+    # hold is no longer executed. The next chunk must not be blended with it (temporal_ensemble: the
+    # first point jumped back toward where that chunk would have been by now) nor guided toward it
+    # (rtc: its frozen rows pulled the new chunk away from where the robot stands).
+    policy = FakePolicy(PolicyConfig())
+    step = make_step(policy, hold_mode=HOLD_POSITION,
+                     scheduler=SchedulerConfig(mode=mode, execute_horizon=4, ensemble_decay=0.0))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    moved = STATE + 0.5
+    step.buffer.put_image("cam_a", "corrupt", 10.2, 10.2)
+    step.buffer.put_state(moved, 10.2, 10.2)
+    held = step.run(lambda: 10.2)
+    assert held.kind == BAD_IMAGE and held.plan is not None
+    feed(step, 10.25, moved)
+    result = step.run(lambda: 10.25)
+    assert result.published, result.reason
+    assert policy.guidance[-1] is None  # nothing of ours runs: plain sampling from the measured state
+    new = expected_actions(PROFILE, moved, {"cam_a": IMAGE, "cam_b": IMAGE})
+    np.testing.assert_allclose(result.plan.positions, new[1:], rtol=1e-6)  # the lead (0.05 s) is one action
