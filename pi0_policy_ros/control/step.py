@@ -10,7 +10,8 @@
 4. `ChunkScheduler` and the trajectory plan. `naive`: the chunk itself, points less than one
    control period ahead dropped (`plan_trajectory`), one inference per tick. Other modes: an
    inference every `execute_horizon` action periods, and the scheduler's splice / ensemble
-   sampled one action period apart from one control period ahead;
+   sampled at the newest chunk's action times, from the first at least one control period ahead
+   to its last;
 5. `SafetyFilter.limit_start`: the step and velocity limits again on the points sent, from the
    latest measured position to the first of them in the time the plan gives it (its actions
    before were never executed, so without this a chunk after a rest could start too fast);
@@ -325,21 +326,26 @@ class ControlStep:
     @staticmethod
     def _scheduled_plan(scheduler: ChunkScheduler, request: InferenceRequest, now_s: float,
                         min_lead_s: float) -> TrajectoryPlan | None:
-        """The scheduler's actions from one control period ahead to the end of the newest chunk,
-        one action period apart."""
+        """The scheduler's actions at the newest chunk's own action times, from the first at least
+        one control period ahead to its last action (as `plan_trajectory` keeps them): sampled
+        from one control period ahead instead, a tick off the action grid never sent that last
+        action, and the robot stopped short of it when the next chunk came late."""
         period_s = scheduler.period_s
-        start_s = now_s + min_lead_s
-        # The chunk's last action in periods from start_s; the epoch-sized stamps subtracted first.
-        # A tick on the grid may land a rounding error short of it: within the tolerance is on it.
-        last_steps = ((request.stamp_s - now_s) - min_lead_s) / period_s + scheduler.horizon - 1
-        count = math.floor(last_steps + INDEX_TOLERANCE) + 1
+        # The first action at least the lead ahead, in periods from the stamp; the epoch-sized stamps
+        # subtracted first. A tick on the grid may land a rounding error past an action: within the
+        # tolerance is on it.
+        first = max(0, math.ceil(((now_s - request.stamp_s) + min_lead_s) / period_s - INDEX_TOLERANCE))
+        count = scheduler.horizon - first
         if count < 1:
             return None
-        positions = scheduler.plan(start_s, count)
+        positions = scheduler.plan(request.stamp_s + first * period_s, count)
         if positions is None:
             return None
-        return TrajectoryPlan(first_index=scheduler.horizon - count,
-                              times_from_start_s=min_lead_s + np.arange(count, dtype=np.float64) * period_s,
+        first_ahead_s = (request.stamp_s - now_s) + first * period_s
+        if abs(first_ahead_s - min_lead_s) <= INDEX_TOLERANCE * period_s:
+            first_ahead_s = min_lead_s  # on the grid within rounding: exactly the lead, never less
+        return TrajectoryPlan(first_index=first,
+                              times_from_start_s=first_ahead_s + np.arange(count, dtype=np.float64) * period_s,
                               positions=positions.astype(np.float64),
                               velocities=rest_at_end(finite_difference_velocities(positions, period_s)))
 

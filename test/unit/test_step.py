@@ -291,13 +291,13 @@ def test_a_chunk_refused_at_its_start_leaves_the_schedule() -> None:
     the controller, which keeps executing the previous chunk: the next RTC request must continue
     that one, not the refused chunk."""
     policy = FakePolicy(PolicyConfig())
-    step = make_step(policy, safety=SafetyConfig(max_velocity=(0.9,), velocity_policy="reject"),
+    step = make_step(policy, safety=SafetyConfig(max_velocity=(0.85,), velocity_policy="reject"),
                      scheduler=SchedulerConfig(mode="rtc", execute_horizon=4))
     feed(step, 10.0)
     assert step.run(lambda: 10.0).published
     first = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
-    # 0.12 s old at 10.32: the first point sent (index 3.4) is 0.064 from the measured position,
-    # 0.05 s ahead (1.28 units/s > 0.9), while the chunk itself moves 0.2 units/s.
+    # 0.12 s old at 10.32: the first point sent (index 4, at 10.4) is 0.07 from the measured
+    # position, 0.08 s ahead (0.875 units/s > 0.85), while the chunk itself moves 0.2 units/s.
     feed(step, 10.2, STATE + 1.0)
     refused = step.run(lambda: 10.32)
     assert (refused.outcome, refused.kind) == (HOLD, SAFETY_REJECT)
@@ -480,3 +480,23 @@ def test_a_hold_point_ends_the_chunks_the_controller_had(mode: str) -> None:
     assert policy.guidance[-1] is None  # nothing of ours runs: plain sampling from the measured state
     new = expected_actions(PROFILE, moved, {"cam_a": IMAGE, "cam_b": IMAGE})
     np.testing.assert_allclose(result.plan.positions, new[1:], rtol=1e-6)  # the lead (0.05 s) is one action
+
+
+@pytest.mark.parametrize("mode", ["rtc", "temporal_ensemble"])
+def test_a_control_period_off_the_action_grid_still_sends_the_chunk_to_its_last_action(mode: str) -> None:
+    # A 30 Hz control loop for 20 Hz actions: one control period ahead lies between actions 0 and 1.
+    # The points sent were sampled from there one action period apart (indices 0.67 ... 8.67), so
+    # the chunk's last action was never sent: a robot whose next chunk came late stopped short of it,
+    # while the next RTC request took that last action as the position held. The points are the
+    # chunk's own actions, from the first at least a control period ahead to the last.
+    step = make_step(scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
+    step.buffer.config = ControlConfig(control_rate_hz=30.0, max_observation_age_s=0.3)
+    feed(step, 10.0)
+    result = step.run(lambda: 10.0)
+    assert result.published, result.reason
+    chunk = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
+    plan = result.plan
+    assert plan.first_index == 1
+    np.testing.assert_allclose(plan.positions, chunk[1:], rtol=1e-6)
+    np.testing.assert_allclose(plan.times_from_start_s, np.arange(1, PROFILE.action_horizon) * PROFILE.action_period_s)
+    assert plan.times_from_start_s[0] >= 1 / 30.0
