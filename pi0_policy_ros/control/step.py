@@ -218,7 +218,11 @@ class ControlStep:
             # d counts the lead the points go out with: one control period, which the node's
             # control_rate_hz may have changed since the scheduler was built.
             scheduler.lead_s = self.buffer.config.control_period_s
-        if self.scheduler_config.mode != NAIVE and scheduler is not None and not scheduler.should_start(now_s):
+        # A start goes to the tick nearest its due time: ticks come one control period apart with
+        # some jitter, and one a fraction of a millisecond early must not wait a whole period more
+        # (by then the chunk executing may have run out).
+        due_by_s = now_s + 0.5 * self.buffer.config.control_period_s
+        if self.scheduler_config.mode != NAIVE and scheduler is not None and not scheduler.should_start(due_by_s):
             return StepResult(WAIT)
 
         t0 = time.perf_counter()
