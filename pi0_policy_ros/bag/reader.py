@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Iterator, Sequence
 
 from rosbags.highlevel import AnyReader
+from rosbags.rosbag2 import Reader as Rosbag2Reader
 from rosbags.typesys import Stores, get_typestore
 
 from pi0_policy_ros.bag.inputs import InputTopic
@@ -45,6 +46,10 @@ class InputBag:
             raise BagError(f"bag {self.path}: not found")
         try:
             reader = AnyReader([self.path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
+            if self.path.is_dir() and not reader.is2:
+                # AnyReader takes any path ending in .bag for a ROS 1 bag file; a directory is a
+                # rosbag2 bag (`ros2 bag record -o pick.bag`).
+                reader.is2, reader.readers = True, [Rosbag2Reader(self.path)]
             reader.open()
         except Exception as exc:  # noqa: BLE001 - any library failure is one clear BagError
             raise BagError(f"bag {self.path}: unreadable (not a rosbag2 MCAP/sqlite3 bag, or truncated): "

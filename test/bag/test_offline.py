@@ -225,3 +225,20 @@ def test_hold_position_writes_the_hold_point(tmp_path: Path) -> None:
     assert len(point) == 1
     np.testing.assert_array_equal(point[0].positions, convert.joint_positions(measured, joints))
     assert point[0].time_from_start.sec + point[0].time_from_start.nanosec * 1e-9 == pytest.approx(0.2)
+
+
+def test_a_rosbag2_directory_named_like_a_ros1_bag_is_read(make_bag, params_file: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    # rosbags' AnyReader takes every path ending in .bag for a ROS 1 bag file: a rosbag2 directory
+    # `ros2 bag record -o pick.bag` was refused as unreadable, and `--out out.bag --report DIR`
+    # failed reading its own output back after the whole replay.
+    import json
+    import shutil
+
+    bag = tmp_path / "pick.bag"
+    shutil.copytree(make_bag("good", 1.0), bag)
+    out, report = tmp_path / "out.bag", tmp_path / "report"
+    code = main([str(bag), "--params", str(params_file), "--out", str(out), "--report", str(report), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["chunks"] == summary["chunks_in_output"] == 4
