@@ -50,7 +50,13 @@ class InputBag:
                 # AnyReader takes any path ending in .bag for a ROS 1 bag file; a directory is a
                 # rosbag2 bag (`ros2 bag record -o pick.bag`).
                 reader.is2, reader.readers = True, [Rosbag2Reader(self.path)]
+            if not reader.is2:
+                # Its messages are not CDR: every decode would fail, and --realtime would publish them.
+                raise BagError(f"bag {self.path}: a ROS 1 bag: expected a rosbag2 bag (a directory, .mcap or "
+                               f".db3); convert it first, e.g. rosbags-convert --src {self.path} --dst DIR")
             reader.open()
+        except BagError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any library failure is one clear BagError
             raise BagError(f"bag {self.path}: unreadable (not a rosbag2 MCAP/sqlite3 bag, or truncated): "
                            f"{_describe(exc)}") from exc

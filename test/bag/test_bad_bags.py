@@ -193,3 +193,25 @@ def test_topic_recorded_through_two_connections_counts_both(make_bag, tmp_path: 
             writer.write(conns[c.id], t_ns, raw)
     with InputBag(two) as bag:
         assert bag.topics["/joint_states"].message_count == 100
+
+
+def test_ros1_bag_is_refused_at_open(make_bag, params_file: Path, tmp_path: Path, capsys) -> None:
+    # rosbags reads ROS 1 bags too: their topics and types passed the checks, then offline every
+    # message failed "truncated or corrupt?", and --realtime published ROS 1 bytes to the node as CDR.
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag1 import Writer as Ros1Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ros1 = get_typestore(Stores.ROS1_NOETIC)
+    bag = tmp_path / "robot.bag"
+    with AnyReader([make_bag("good", 1.0)]) as reader, Ros1Writer(bag) as writer:
+        conns = {c.topic: writer.add_connection(c.topic, c.msgtype, typestore=ros1) for c in reader.connections}
+        for c, t_ns, raw in reader.messages():
+            fields = dict(reader.deserialize(raw, c.msgtype).__dict__)
+            stamp = fields["header"].stamp
+            fields["header"] = ros1.types["std_msgs/msg/Header"](
+                seq=0, stamp=ros1.types["builtin_interfaces/msg/Time"](sec=stamp.sec, nanosec=stamp.nanosec),
+                frame_id=fields["header"].frame_id)
+            writer.write(conns[c.topic], t_ns, ros1.serialize_ros1(ros1.types[c.msgtype](**fields), c.msgtype))
+    error = replay(bag, params_file, tmp_path / "out", capsys)
+    assert f"error: bag {bag}: a ROS 1 bag: expected a rosbag2 bag" in error and "rosbags-convert" in error
