@@ -71,11 +71,14 @@ def read_states(in_bag: str | Path, setup: ReplaySetup, config: NodeConfig) -> S
     times, rows = [], []
     with InputBag(in_bag) as bag:
         for _, _, msg in bag.messages([topic]):
+            stamp_s = convert.stamp_to_seconds(msg.header.stamp)
+            if not stamp_s > 0.0:
+                continue  # unstamped, refused by the node: at 0 s it would stretch the time axis over decades
             try:
                 rows.append(convert.joint_positions(msg, config.joint_names))
             except ObservationError:
                 continue  # the summary counts rejected inputs; a plot shows what could be read
-            times.append(convert.stamp_to_seconds(msg.header.stamp))
+            times.append(stamp_s)
     positions = np.stack(rows) if rows else np.zeros((0, len(config.joint_names)))
     return StateSeries(np.asarray(times), positions)
 

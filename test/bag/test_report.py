@@ -138,3 +138,33 @@ def test_plots_show_the_actions(params_file: Path, tmp_path: Path) -> None:
     assert list(written["a"]) == list(written["b"]) and len(written["a"]) == 1 + 7
     # Other actions, other pictures: the overview and each panel draw the chunks.
     assert all(written["a"][f] != written["b"][f] for f in written["a"]), OVERVIEW_FILE
+
+
+def test_report_states_leave_out_the_unstamped_messages_the_node_refuses(make_bag, params_file: Path,
+                                                                         tmp_path: Path) -> None:
+    # A driver's first joint_states without a stamp (0 s) were drawn 1.7e9 s before the bag: every
+    # panel's time axis spanned 54 years, the chunks and states squashed into one vertical line.
+    from rosbags.rosbag2 import Reader, Writer
+
+    from pi0_policy_ros.bag.record import typestore
+    from pi0_policy_ros.bag.report import read_states
+
+    store = typestore()
+    bag = tmp_path / "unstamped"
+    joints_seen = 0
+    with Reader(make_bag("report", 1.0)) as reader, Writer(bag, version=9) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=None, msgdef=c.msgdef.data,
+                                             rihs01=c.digest) for c in reader.connections}
+        for c, t_ns, raw in reader.messages():
+            if c.topic == "/joint_states":
+                joints_seen += 1
+                if joints_seen <= 3:
+                    msg = store.deserialize_cdr(raw, c.msgtype)
+                    msg.header.stamp.sec, msg.header.stamp.nanosec = 0, 0
+                    raw = store.serialize_cdr(msg, c.msgtype)
+            writer.write(conns[c.id], t_ns, raw)
+        start_s = reader.start_time / 1e9
+    setup, config = _libero_config(params_file)
+    states = read_states(bag, setup, config)
+    assert len(states.times_s) == len(states.positions) == joints_seen - 3
+    assert states.times_s.min() > start_s - 1.0
