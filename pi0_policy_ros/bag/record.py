@@ -29,6 +29,7 @@ from pi0_policy_ros.errors import Pi0PolicyError
 
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
 DISTROS = {"jazzy": (Stores.ROS2_JAZZY, 9), "humble": (Stores.ROS2_HUMBLE, 8)}
+SQLITE_URI_CHARS = "?#%"  # what ends or escapes a path in an SQLite URI
 
 _TYPESTORES: dict[str, Typestore] = {}
 
@@ -119,6 +120,12 @@ class OutputBag:
         parent = self.path.parent
         if not parent.is_dir():
             raise OutputError(f"output {self.path}: expected an existing directory {parent}, found none")
+        uri_chars = sorted(set(SQLITE_URI_CHARS) & set(str(self.path.resolve())))
+        if self.storage == "sqlite3" and uri_chars:
+            # rosbags opens the database as the URI `file:PATH`: the path would end at '?' or '#'
+            # (the database written elsewhere, the bag left without it), and '%' escapes characters.
+            raise OutputError(f"output {self.path}: sqlite3 storage cannot be written under a path containing "
+                              f"{uri_chars} (SQLite reads it as a URI): choose another path, or --storage mcap")
         self._stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial", dir=parent))
         _, version = DISTROS[self.distro]
         self._writer = Writer(self._stage / self.path.name, version=version, storage_plugin=STORAGES[self.storage])

@@ -109,3 +109,20 @@ def test_demo_topics_in_a_namespace_and_profile_over_the_params_file(params_file
                                                         "/robot/wrist_image/image_raw/compressed"]
     assert topics.joint_states_topic == "/robot/joint_states"
     assert demo_topics("pi0_libero", params_file=params_file).config.policy.robot_profile == "pi0_libero"
+
+
+@pytest.mark.parametrize("name", ["run#1", "take?2", "50%25"])
+def test_demo_bag_sqlite3_refuses_a_path_sqlite_would_read_as_a_uri(tmp_path: Path, params_file: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  name: str) -> None:
+    # rosbags opens its sqlite3 file as the URI `file:PATH`: `run#1` said "wrote run#1: 80 messages",
+    # left run#1/ with a metadata.yaml and no .db3, and wrote the database to a stray `.run` beside it.
+    out = tmp_path / name
+    code = main([str(out), "--params", str(params_file), "--storage", "sqlite3", "--duration", "0.2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"output {out}: sqlite3 storage" in err and "--storage mcap" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no stray file
+    assert main([str(out), "--params", str(params_file), "--duration", "0.2"]) == 0  # MCAP has no such limit
+    with InputBag(out) as bag:
+        assert bag.topics["/joint_states"].message_count == 20
