@@ -144,6 +144,11 @@ def write_demo_bag(out: str | Path, topics: DemoTopics, duration_s: float = 5.0,
         raise Pi0PolicyError(f"duration: expected > 0 s, found {duration_s!r}")
     if width < 8 or height < 8:
         raise Pi0PolicyError(f"image size: expected at least 8x8, found {width}x{height}")
+    # Stamps are builtin_interfaces/Time (int32 seconds); the node refuses a zero stamp as unset.
+    latest_start_s = 2**31 - 1 - duration_s
+    if not (math.isfinite(start_s) and 0 < start_s < latest_start_s):
+        raise Pi0PolicyError(f"start time: expected seconds since the epoch > 0 and < {latest_start_s:.0f} "
+                             f"(a stamp's seconds are an int32), found {start_s!r}")
     start_ns = int(round(start_s * NS_PER_S))
     joints = list(topics.config.joint_names)
     with OutputBag(out, storage=storage, distro=distro, overwrite=overwrite) as bag:

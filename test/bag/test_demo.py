@@ -126,3 +126,18 @@ def test_demo_bag_sqlite3_refuses_a_path_sqlite_would_read_as_a_uri(tmp_path: Pa
     assert main([str(out), "--params", str(params_file), "--duration", "0.2"]) == 0  # MCAP has no such limit
     with InputBag(out) as bag:
         assert bag.topics["/joint_states"].message_count == 20
+
+
+@pytest.mark.parametrize("start", ["-5", "nan", "1e12", "2147483647", "0"])
+def test_demo_bag_start_time_outside_the_stamp_range_is_one_error(tmp_path: Path, params_file: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  start: str) -> None:
+    # A negative, NaN or past-2038 start ended in a traceback (OverflowError, ValueError,
+    # struct.error) half way through writing; 0 stamped the first messages 0 s, which the node
+    # refuses as unstamped.
+    out = tmp_path / "bag"
+    code = main([str(out), "--params", str(params_file), "--duration", "1.0", "--start-time", start])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: start time: expected") and "found" in err
+    assert list(tmp_path.iterdir()) == []
