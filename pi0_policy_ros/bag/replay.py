@@ -15,6 +15,7 @@ exit code 2; the output is then not written at all.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
             # The report is written last: found only then, a file in its place would cost the replay.
             raise Pi0PolicyError(f"--report {args.report}: expected a directory (created if missing), found a file")
+        if args.report:
+            _check_report_dir(Path(args.report))
         setup = make_setup(args.params, parse_param_overrides(args.param), args.map, args.namespace, args.node_name)
         if args.realtime:
             from pi0_policy_ros.bag.realtime import RealtimeOptions, replay_realtime
@@ -127,6 +130,19 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(format_summary(content)))
     print(f"wrote {args.out}" + (f" and {Path(args.report) / 'summary.json'}" if args.report else ""))
     return EXIT_OK
+
+
+def _check_report_dir(report: Path) -> None:
+    """Pi0PolicyError unless `report` can be made where it is (a path under a file, or in a
+    read-only place, would fail only after the replay). Nothing is created: --report may lie
+    inside the --out bag, which must not exist yet."""
+    existing = report.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        found = "a file" if not existing.is_dir() else "a directory it may not write in"
+        raise Pi0PolicyError(f"--report {report}: expected a directory (created if missing), found {found} "
+                             f"at {existing}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,3 +215,18 @@ def test_ros1_bag_is_refused_at_open(make_bag, params_file: Path, tmp_path: Path
             writer.write(conns[c.topic], t_ns, ros1.serialize_ros1(ros1.types[c.msgtype](**fields), c.msgtype))
     error = replay(bag, params_file, tmp_path / "out", capsys)
     assert f"error: bag {bag}: a ROS 1 bag: expected a rosbag2 bag" in error and "rosbags-convert" in error
+
+
+def test_report_directory_that_cannot_be_made_is_refused_before_the_replay(make_bag, params_file: Path,
+                                                                            tmp_path: Path, capsys) -> None:
+    # Only a file at the --report path itself was checked: a path under a file (or in a read-only
+    # place) failed at the end with an OSError, after the replay had written --out.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes")
+    code = main([str(make_bag("to_report", 0.5)), "--params", str(params_file), "--out", str(tmp_path / "out"),
+                 "--report", str(notes / "report"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: --report {notes / 'report'}: expected a directory (created if missing)" in err
+    assert not (tmp_path / "out").exists() and notes.read_text() == "notes"
+

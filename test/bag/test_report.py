@@ -168,3 +168,12 @@ def test_report_states_leave_out_the_unstamped_messages_the_node_refuses(make_ba
     states = read_states(bag, setup, config)
     assert len(states.times_s) == len(states.positions) == joints_seen - 3
     assert states.times_s.min() > start_s - 1.0
+
+
+def test_report_inside_the_output_bag(make_bag, params_file: Path, tmp_path: Path, capsys) -> None:
+    # --report is checked before the replay, not made then: the output bag must not exist yet.
+    out = tmp_path / "out"
+    code = main([str(make_bag("report", 1.0)), "--params", str(params_file), "--out", str(out),
+                 "--report", str(out / "report"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "metadata.yaml").is_file() and (out / "report" / "summary.json").is_file()
