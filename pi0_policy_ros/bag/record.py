@@ -48,10 +48,13 @@ class OutputError(Pi0PolicyError):
 
 
 def check_output_path(path: str | Path, overwrite: bool) -> None:
-    """OutputError unless a bag may be written at `path`: nothing there, or, with `overwrite`, a
-    bag directory (one with metadata.yaml). --overwrite deletes what is there, so a file or a
-    directory that is not a bag (a checkpoint, a config folder, a typo for one) is refused."""
+    """OutputError unless a bag may be written at `path`: nothing there (in an existing directory),
+    or, with `overwrite`, a bag directory (one with metadata.yaml). --overwrite deletes what is
+    there, so a file or a directory that is not a bag (a checkpoint, a config folder, a typo for
+    one) is refused."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"output {path}: expected an existing directory {path.parent}, found none")
     if not path.exists():
         return
     if not overwrite:
@@ -118,8 +121,6 @@ class OutputBag:
     def __enter__(self) -> OutputBag:
         check_output_path(self.path, self.overwrite)
         parent = self.path.parent
-        if not parent.is_dir():
-            raise OutputError(f"output {self.path}: expected an existing directory {parent}, found none")
         uri_chars = sorted(set(SQLITE_URI_CHARS) & set(str(self.path.resolve())))
         if self.storage == "sqlite3" and uri_chars:
             # rosbags opens the database as the URI `file:PATH`: the path would end at '?' or '#'

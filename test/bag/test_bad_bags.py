@@ -230,3 +230,20 @@ def test_report_directory_that_cannot_be_made_is_refused_before_the_replay(make_
     assert f"error: --report {notes / 'report'}: expected a directory (created if missing)" in err
     assert not (tmp_path / "out").exists() and notes.read_text() == "notes"
 
+
+def test_output_in_a_missing_directory_is_refused_before_the_policy_loads(make_bag, params_file: Path,
+                                                                          tmp_path: Path, capsys,
+                                                                          monkeypatch) -> None:
+    # check_output_path runs before the policy loads (minutes for a full-size model), but the
+    # missing parent directory was found only when the output bag was opened, after the load.
+    from pi0_policy_ros.policy.policy import Policy
+
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the policy was loaded before the output path was checked")
+
+    monkeypatch.setattr(Policy, "from_config", no_load)
+    out = tmp_path / "typo" / "out"
+    code = main([str(make_bag("to_replay", 0.5)), "--params", str(params_file), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: output {out}: expected an existing directory {out.parent}, found none" in err
