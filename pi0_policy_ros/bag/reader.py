@@ -12,10 +12,11 @@ exception is chained for debugging.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import TracebackType
 from typing import Any, Iterator, Sequence
 
+import yaml
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import Reader as Rosbag2Reader
 from rosbags.typesys import Stores, get_typestore
@@ -44,6 +45,11 @@ class InputBag:
     def __enter__(self) -> InputBag:
         if not self.path.exists():
             raise BagError(f"bag {self.path}: not found")
+        if self.path.is_file() and _compresses_messages_of(self.path):
+            # Read alone, the storage file yields zstd frames where CDR is expected.
+            raise BagError(f"bag {self.path}: its messages are compressed (metadata.yaml: compression_mode "
+                           f"message), which only the bag directory says: give the bag directory "
+                           f"{self.path.parent}")
         try:
             reader = AnyReader([self.path], default_typestore=get_typestore(Stores.ROS2_HUMBLE))
             if self.path.is_dir() and not reader.is2:
@@ -145,6 +151,16 @@ class InputBag:
         """(topic, bag time ns, decoded message) in bag-time order."""
         for topic, msgtype, t_ns, raw in self.raw_messages(topics):
             yield topic, t_ns, self.decode(topic, msgtype, t_ns, raw)
+
+
+def _compresses_messages_of(storage_file: Path) -> bool:
+    """Whether the metadata.yaml beside `storage_file` lists it in a bag of compressed messages."""
+    try:
+        info = yaml.safe_load((storage_file.parent / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+        files = [PurePath(name).name for name in info["relative_file_paths"]]
+        return str(info.get("compression_mode", "")).lower() == "message" and storage_file.name in files
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False  # no such bag directory: the file is read as it is
 
 
 def _type_hint(topic: InputTopic) -> str:

@@ -247,3 +247,25 @@ def test_output_in_a_missing_directory_is_refused_before_the_policy_loads(make_b
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"error: output {out}: expected an existing directory {out.parent}, found none" in err
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_storage_file_of_a_bag_with_compressed_messages(make_bag, params_file: Path, tmp_path: Path, capsys,
+                                                        storage: str) -> None:
+    # Only metadata.yaml says that each message is zstd-compressed: read alone, the .mcap / .db3
+    # failed offline as "truncated or corrupt?", and --realtime published zstd frames as CDR.
+    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+    from rosbags.rosbag2.enums import CompressionFormat, CompressionMode
+
+    bag = tmp_path / "compressed"
+    writer = Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3)
+    writer.set_compression(CompressionMode.MESSAGE, CompressionFormat.ZSTD)
+    with Reader(make_bag("good", 1.0)) as reader, writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=None, msgdef=c.msgdef.data,
+                                             rihs01=c.digest) for c in reader.connections}
+        for c, t_ns, raw in reader.messages():
+            writer.write(conns[c.id], t_ns, raw)
+    storage_file = bag / f"compressed.{'mcap' if storage == 'mcap' else 'db3'}"
+    error = replay(storage_file, params_file, tmp_path / "out", capsys)
+    assert "its messages are compressed (metadata.yaml: compression_mode message)" in error
+    assert f"give the bag directory {bag}" in error
