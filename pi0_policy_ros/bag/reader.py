@@ -41,6 +41,7 @@ class InputBag:
         self.path = Path(path)
         self._reader: AnyReader | None = None
         self.topics: dict[str, TopicInfo] = {}
+        self.mixed_types: dict[str, list[str]] = {}  # topics recorded with several message types
 
     def __enter__(self) -> InputBag:
         if not self.path.exists():
@@ -73,11 +74,10 @@ class InputBag:
             types.setdefault(connection.topic, set()).add(connection.msgtype)
             counts[connection.topic] = counts.get(connection.topic, 0) + int(connection.msgcount)
         for topic, msgtypes in types.items():
-            if len(msgtypes) > 1:
-                self.close()
-                raise BagError(f"bag {self.path}: topic {topic} has several message types {sorted(msgtypes)}: "
-                               "expected one")
-            self.topics[topic] = TopicInfo(next(iter(msgtypes)), counts[topic])
+            if len(msgtypes) > 1:  # an error in check() if a replay reads it, ignored otherwise
+                self.mixed_types[topic] = sorted(msgtypes)
+            else:
+                self.topics[topic] = TopicInfo(next(iter(msgtypes)), counts[topic])
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -107,6 +107,9 @@ class InputBag:
             raise BagError(f"bag {self.path}: empty: expected messages on {required}, found none")
         present = []
         for topic in inputs:
+            if topic.bag_topic in self.mixed_types:
+                raise BagError(f"bag {self.path}: topic {topic.bag_topic} has several message types "
+                               f"{self.mixed_types[topic.bag_topic]}: expected one ({topic.msgtype})")
             info = self.topics.get(topic.bag_topic)
             if info is None:
                 if topic.required:

@@ -269,3 +269,27 @@ def test_storage_file_of_a_bag_with_compressed_messages(make_bag, params_file: P
     error = replay(storage_file, params_file, tmp_path / "out", capsys)
     assert "its messages are compressed (metadata.yaml: compression_mode message)" in error
     assert f"give the bag directory {bag}" in error
+
+
+def test_a_topic_with_two_message_types_that_the_replay_does_not_read(make_bag, params_file: Path,
+                                                                       tmp_path: Path, capsys) -> None:
+    # A merged bag with a /debug topic of two types was refused whole, though no input reads /debug.
+    from rosbags.rosbag2 import Reader, Writer
+
+    from pi0_policy_ros.bag.record import typestore
+
+    store = typestore()
+    merged = tmp_path / "merged"
+    with Reader(make_bag("good", 1.0)) as reader, Writer(merged, version=9) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=None, msgdef=c.msgdef.data,
+                                             rihs01=c.digest) for c in reader.connections}
+        text = writer.add_connection("/debug", "std_msgs/msg/String", typestore=store)
+        header = writer.add_connection("/debug", "std_msgs/msg/Header", typestore=store)
+        for c, t_ns, raw in reader.messages():
+            writer.write(conns[c.id], t_ns, raw)
+        writer.write(text, reader.start_time, store.serialize_cdr(store.types["std_msgs/msg/String"](data="x"),
+                                                                 "std_msgs/msg/String"))
+        writer.write(header, reader.start_time, store.serialize_cdr(store.types["std_msgs/msg/Header"](
+            stamp=store.types["builtin_interfaces/msg/Time"](sec=1, nanosec=0), frame_id=""), "std_msgs/msg/Header"))
+    code = main([str(merged), "--params", str(params_file), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, capsys.readouterr().err  # as an input it is still one error (test_topic_with_two_message_types)
