@@ -22,7 +22,7 @@ from rosbags.rosbag2 import Reader as Rosbag2Reader
 from rosbags.typesys import Stores, get_typestore
 
 from pi0_policy_ros.bag.inputs import InputTopic
-from pi0_policy_ros.bag.record import decode_cdr
+from pi0_policy_ros.bag.record import SQLITE_URI_CHARS, decode_cdr
 from pi0_policy_ros.errors import BagError
 
 NS_PER_S = 1_000_000_000
@@ -65,6 +65,11 @@ class InputBag:
         except BagError:
             raise
         except Exception as exc:  # noqa: BLE001 - any library failure is one clear BagError
+            uri_chars = sorted(set(SQLITE_URI_CHARS) & set(str(self.path.resolve())))
+            if uri_chars and _is_sqlite3(self.path):
+                # rosbags opens the database as the URI `file:PATH?immutable=1`: the path ends early.
+                raise BagError(f"bag {self.path}: a sqlite3 bag cannot be read under a path containing "
+                               f"{uri_chars} (SQLite reads it as a URI): move or rename it") from exc
             raise BagError(f"bag {self.path}: unreadable (not a rosbag2 MCAP/sqlite3 bag, or truncated): "
                            f"{_describe(exc)}") from exc
         self._reader = reader
@@ -154,6 +159,11 @@ class InputBag:
         """(topic, bag time ns, decoded message) in bag-time order."""
         for topic, msgtype, t_ns, raw in self.raw_messages(topics):
             yield topic, t_ns, self.decode(topic, msgtype, t_ns, raw)
+
+
+def _is_sqlite3(path: Path) -> bool:
+    """A .db3 file, or a bag directory holding one."""
+    return path.suffix == ".db3" or (path.is_dir() and any(path.glob("*.db3*")))
 
 
 def _compresses_messages_of(storage_file: Path) -> bool:

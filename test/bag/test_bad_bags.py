@@ -293,3 +293,14 @@ def test_a_topic_with_two_message_types_that_the_replay_does_not_read(make_bag, 
             stamp=store.types["builtin_interfaces/msg/Time"](sec=1, nanosec=0), frame_id=""), "std_msgs/msg/Header"))
     code = main([str(merged), "--params", str(params_file), "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 0, capsys.readouterr().err  # as an input it is still one error (test_topic_with_two_message_types)
+
+
+def test_sqlite3_bag_under_a_path_sqlite_reads_as_a_uri(make_bag, params_file: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    # rosbags opens a .db3 as the URI `file:PATH?immutable=1`: a good bag under `take#2/` was
+    # called "not a rosbag2 MCAP/sqlite3 bag, or truncated".
+    bag = tmp_path / "take#2" / "bag"
+    shutil.copytree(make_bag("sqlite_good", 0.5, "sqlite3", "humble"), bag)
+    error = replay(bag, params_file, tmp_path / "out", capsys)
+    assert "a sqlite3 bag cannot be read under a path containing ['#']" in error and "move or rename" in error
+    assert "truncated" not in error
