@@ -224,6 +224,10 @@ class Policy:
         """The network's inputs for one observation, and the robot-side state that the output
         transform needs."""
         cfg = self.model_config
+        # openpi's policies take a dict of arrays: that raised AttributeError on `.stamp_s`.
+        if not isinstance(observation, Observation):
+            raise ObservationError("expected an Observation(images={camera: image}, state=..., prompt=..., "
+                                   f"stamp_s=...), found {type(observation).__name__}")
         stamp = observation.stamp_s
         # The chunk carries the stamp on: its actions are timed from it downstream.
         if isinstance(stamp, bool) or not isinstance(stamp, (int, float, np.integer, np.floating)) \

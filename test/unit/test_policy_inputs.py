@@ -153,3 +153,12 @@ def test_engine_batch_check_names_a_field_that_is_not_an_array(policy: Policy, f
     setattr(batch, field, value)
     with pytest.raises(ObservationError, match=rf"{field}: expected float32 \[.*\], found {type(value).__name__}"):
         batch.check(policy.engine.shape)
+
+
+@pytest.mark.parametrize("observation", [{"observation/image": np.zeros((224, 224, 3), np.uint8),
+                                          "observation/state": np.zeros(STATE_DIM), "prompt": "go"}, None])
+def test_an_observation_that_is_not_an_observation_is_an_observation_error(policy: Policy, observation: object) -> None:
+    # An openpi-style dict (or None) raised AttributeError: 'dict' object has no attribute 'stamp_s'.
+    with pytest.raises(ObservationError, match=r"expected an Observation\(images=.*found "
+                                               rf"{type(observation).__name__}"):
+        policy.infer(observation)  # type: ignore[arg-type]
