@@ -255,6 +255,10 @@ class Policy:
         """The previous chunk in the network's space (the output transforms inverted, normalized,
         padded) and the soft mask, zero on the padded action dims the robot never executes."""
         cfg, profile = self.model_config, self.profile
+        # The previous ActionChunk or its actions alone raised AttributeError on `.delay_steps`.
+        if not isinstance(guidance, ChunkGuidance):
+            raise ObservationError("RTC: expected guidance as a ChunkGuidance(prev_actions, delay_steps, mask_end), "
+                                   f"found {type(guidance).__name__}")
         for name in ("delay_steps", "mask_end"):
             value = getattr(guidance, name)
             # Row counts: a fractional or missing one would bend the soft mask or fail inside it.

@@ -162,3 +162,12 @@ def test_an_observation_that_is_not_an_observation_is_an_observation_error(polic
     with pytest.raises(ObservationError, match=r"expected an Observation\(images=.*found "
                                                rf"{type(observation).__name__}"):
         policy.infer(observation)  # type: ignore[arg-type]
+
+
+def test_guidance_that_is_not_a_chunk_guidance_is_an_observation_error(policy: Policy) -> None:
+    # The previous chunk, or its actions alone, raised AttributeError: no attribute 'delay_steps'.
+    previous = policy.infer(_observation())
+    for guidance in (previous, previous.actions):
+        with pytest.raises(ObservationError, match=r"RTC: expected guidance as a ChunkGuidance\(prev_actions, "
+                                                   rf"delay_steps, mask_end\), found {type(guidance).__name__}"):
+            policy.infer(_observation(), guidance)  # type: ignore[arg-type]
