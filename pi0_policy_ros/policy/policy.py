@@ -235,7 +235,15 @@ class Policy:
             raise ObservationError(f"stamp_s: expected a finite time in seconds, found {stamp!r}")
         prepared = prepare_inputs(self.profile, observation.images, observation.state, self._resize_pool,
                                   self.config.camera_hw)
-        state = self.normalizer.normalize(STATE_KEY, prepared.state)
+        with np.errstate(over="ignore"):  # reported below, naming the state
+            state = self.normalizer.normalize(STATE_KEY, prepared.state)
+        if not np.all(np.isfinite(state)):
+            # Within float32 but far outside the stats (a narrow std or quantile range): inf went to
+            # the network, and the error blamed its NaN actions instead of the state.
+            dims = np.flatnonzero(~np.isfinite(state)).tolist()
+            values = ", ".join(f"{v:g}" for v in prepared.state[dims])
+            raise ObservationError(f"profile '{self.profile.name}': expected a state the norm stats can normalize, "
+                                   f"found [{values}] at dims {dims}, beyond float32 once normalized")
         prompt = observation.prompt or self.config.default_prompt
         if not prompt:
             raise ObservationError("Prompt is required: the observation has none and no default_prompt is set")

@@ -11,6 +11,7 @@ import pytest
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.model.rtc import soft_mask
 from pi0_policy_ros.policy.config import PolicyConfig
+from pi0_policy_ros.policy.normalize import Normalizer, NormStats
 from pi0_policy_ros.policy.policy import Policy
 from pi0_policy_ros.policy.types import ChunkGuidance, Observation
 
@@ -99,6 +100,22 @@ def test_state_beyond_float32_is_an_observation_error_before_the_network() -> No
     with pytest.raises(ObservationError, match=r"state must be finite \(float32 range\)"):
         pi0.network_batch(_observation(state=np.full(STATE_DIM, 1e39)))
     assert np.isfinite(pi0.infer(_observation(state=[0, 1, 2, 3, 4, 5, 6, True])).actions).all()
+
+
+def test_state_that_normalizes_beyond_float32_is_an_observation_error_before_the_network() -> None:
+    # 3e38 is within float32, but z-scored with a std of 0.5 it is inf: the network then made NaN
+    # actions and the error said "the network produced NaN/Inf actions", not naming the state.
+    pi0 = Policy.from_config(PolicyConfig(model_preset="pi0_small", robot_profile="pi0_libero", default_prompt="go",
+                                          cpu_threads=1))
+    pi0.normalizer = Normalizer({"state": NormStats(mean=np.zeros(STATE_DIM), std=np.full(STATE_DIM, 0.5)),
+                                 "actions": NormStats(mean=np.zeros(7), std=np.ones(7))}, use_quantiles=False)
+    state = np.zeros(STATE_DIM)
+    state[2] = 3e38
+    with pytest.raises(ObservationError, match=r"expected a state the norm stats can normalize, found \[3e\+38\] "
+                                               r"at dims \[2\]"):
+        pi0.infer(_observation(state=state))
+    state[2] = 1e30
+    assert np.isfinite(pi0.infer(_observation(state=state)).actions).all()
 
 
 @pytest.mark.parametrize("images", [None, [np.zeros((224, 224, 3), np.uint8)] * 2])
