@@ -306,6 +306,12 @@ def _check_image(camera: str, image: object, frame_hw: tuple[int, int] | None = 
     if frame_hw is not None and image.shape[:2] != tuple(frame_hw):
         raise ObservationError(f"camera '{camera}': expected {expected} (camera_height x camera_width: the "
                                f"engine resizes them), found shape {image.shape}")
+    if frame_hw is None:
+        # Here, not in resize_with_pad, so that the error says which camera sent it.
+        try:
+            pad_geometry(image.shape[:2], (IMAGE_SIZE, IMAGE_SIZE))
+        except ValueError as exc:
+            raise ObservationError(f"camera '{camera}': {exc}") from None
     return image
 
 

@@ -181,6 +181,15 @@ def test_resize_with_pad_rejects_too_thin_images() -> None:
         resize_with_pad(image(1, 1000))
 
 
+def test_a_too_thin_image_names_its_camera() -> None:
+    # The error said "image 4x5000 is too thin ..." without the camera: with two cameras of a
+    # profile the user could not tell which one sent it.
+    cameras = {"image": image(224, 224), "wrist_image": image(5000, 4)}
+    with pytest.raises(ObservationError, match=r"camera 'wrist_image': image 4x5000 is too thin to resize into "
+                                               r"224x224 \(it becomes 0x223\)"):
+        prepare_inputs(get_profile("pi05_libero"), cameras, np.zeros(8))
+
+
 # --- Outputs ----------------------------------------------------------------------------------------
 
 def test_pi05_libero_keeps_the_first_7_dims_unchanged() -> None:
