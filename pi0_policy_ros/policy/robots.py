@@ -320,7 +320,7 @@ def _check_camera_names(profile: RobotProfile, images: Mapping[str, np.ndarray])
     if not isinstance(images, Mapping):
         raise ObservationError(f"profile '{profile.name}': expected images as a mapping of camera name -> image "
                                f"(cameras {sorted(known)}), found {type(images).__name__}")
-    unknown = sorted(set(images) - known)
+    unknown = sorted(set(images) - known, key=repr)  # names of mixed types (str, int) do not compare
     if unknown:
         raise ObservationError(
             f"profile '{profile.name}' expects cameras {sorted(known)}, found unknown {unknown}"

@@ -181,6 +181,14 @@ def test_resize_with_pad_rejects_too_thin_images() -> None:
         resize_with_pad(image(1, 1000))
 
 
+def test_unknown_camera_names_of_mixed_types_are_one_observation_error() -> None:
+    # sorted() of {3, "foo"} raised TypeError: '<' not supported between instances of 'str' and 'int'.
+    cameras = {"image": image(224, 224), "wrist_image": image(224, 224), 3: image(224, 224), "foo": image(224, 224)}
+    with pytest.raises(ObservationError,
+                       match=r"expects cameras \['image', 'wrist_image'\], found unknown \['foo', 3\]"):
+        prepare_inputs(get_profile("pi05_libero"), cameras, np.zeros(8))
+
+
 def test_a_too_thin_image_names_its_camera() -> None:
     # The error said "image 4x5000 is too thin ..." without the camera: with two cameras of a
     # profile the user could not tell which one sent it.
