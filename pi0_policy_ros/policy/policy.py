@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +152,15 @@ def _discrete_state_input(model_cfg: ModelConfig, profile: RobotProfile, checkpo
     return profile.discrete_state_input
 
 
+def _finite_number(value: int | float | np.number) -> bool:
+    """math.isfinite, also for Python ints that numpy cannot take (>= 2**64: np.isfinite raised
+    TypeError) or float cannot hold (10**400: OverflowError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 class Policy:
     """`Policy.from_config(config)`, then `infer(observation) -> ActionChunk`."""
 
@@ -231,7 +241,7 @@ class Policy:
         stamp = observation.stamp_s
         # The chunk carries the stamp on: its actions are timed from it downstream.
         if isinstance(stamp, bool) or not isinstance(stamp, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(stamp):
+                or not _finite_number(stamp):
             raise ObservationError(f"stamp_s: expected a finite time in seconds, found {stamp!r}")
         prepared = prepare_inputs(self.profile, observation.images, observation.state, self._resize_pool,
                                   self.config.camera_hw)

@@ -72,12 +72,17 @@ def test_robot_dims_wider_than_the_model_are_a_config_error(field: str) -> None:
         Policy.from_config(config)
 
 
-@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), None, "1.0", True])
+@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), None, "1.0", True, 10**400])
 def test_bad_stamp_is_an_observation_error(policy: Policy, stamp: object) -> None:
     # It used to pass through to ActionChunk.stamp_s, which times the actions downstream.
     with pytest.raises(ObservationError, match="stamp_s: expected a finite time in seconds"):
         policy.infer(_observation(stamp_s=stamp))
     assert policy.infer(_observation(stamp_s=np.float64(-2.5))).stamp_s == -2.5
+
+
+def test_integer_stamp_beyond_numpys_integers_is_not_a_type_error(policy: Policy) -> None:
+    # np.isfinite(2**70) raised TypeError (no numpy integer holds it); it is a finite time.
+    assert policy.infer(_observation(stamp_s=2**70)).stamp_s == 2**70
 
 
 @pytest.mark.parametrize("state, found", [
