@@ -254,8 +254,12 @@ class Policy:
             values = ", ".join(f"{v:g}" for v in prepared.state[dims])
             raise ObservationError(f"profile '{self.profile.name}': expected a state the norm stats can normalize, "
                                    f"found [{values}] at dims {dims}, beyond float32 once normalized")
-        prompt = observation.prompt or self.config.default_prompt
-        if not prompt:
+        prompt = observation.prompt
+        # Only None and "" take the default: `prompt or default` raised numpy's ValueError for an
+        # array of strings (truth value ambiguous) and silently replaced 0 / False by the default.
+        if prompt is None or (isinstance(prompt, str) and not prompt):
+            prompt = self.config.default_prompt
+        if isinstance(prompt, str) and not prompt:
             raise ObservationError("Prompt is required: the observation has none and no default_prompt is set")
         tokens = self.tokenizer.tokenize(prompt, state if self.tokenizer.discrete_state_input else None)
         padded_state = np.zeros(cfg.action_dim, dtype=np.float32)

@@ -123,6 +123,15 @@ def test_state_that_normalizes_beyond_float32_is_an_observation_error_before_the
     assert np.isfinite(pi0.infer(_observation(state=state)).actions).all()
 
 
+@pytest.mark.parametrize("prompt", [np.array(["pick up", "the cup"]), np.array([]), 0, False])
+def test_prompt_that_is_not_a_string_is_an_observation_error(policy: Policy, prompt: object) -> None:
+    # An array raised numpy's ValueError (truth value ambiguous); 0 and False silently took the
+    # default prompt, as if the observation had none.
+    with pytest.raises(ObservationError, match="Prompt is required: expected a non-empty string, found"):
+        policy.infer(_observation(prompt=prompt))
+    assert policy.infer(_observation(prompt="")).actions.shape == (10, 7)  # "" and None: the default
+
+
 @pytest.mark.parametrize("images", [None, [np.zeros((224, 224, 3), np.uint8)] * 2])
 def test_images_that_are_not_a_mapping_are_an_observation_error(policy: Policy, images: object) -> None:
     # None and a list raised bare TypeErrors from the camera name check.
