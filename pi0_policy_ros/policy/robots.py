@@ -381,7 +381,13 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_state(profile: RobotProfile, state: np.ndarray) -> np.ndarray:
-    raw = np.asarray(state)
+    try:
+        raw = np.asarray(state)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        # A ragged list ([eef_pos, axis_angle, gripper] not concatenated) raised numpy's ValueError,
+        # a torch tensor that requires grad torch's RuntimeError.
+        raise ObservationError(f"profile '{profile.name}': expected state of {profile.state_dim} real numbers, "
+                               f"found {type(state).__name__} that is not one numeric array ({exc})") from None
     # Strings and objects would fail in numpy's cast; complex numbers would lose their imaginary part.
     if raw.dtype.kind not in "biuf":
         raise ObservationError(f"profile '{profile.name}': expected state of {profile.state_dim} real numbers, "

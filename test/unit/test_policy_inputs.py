@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.model.rtc import soft_mask
@@ -94,6 +95,16 @@ def test_integer_stamp_beyond_numpys_integers_is_not_a_type_error(policy: Policy
 def test_state_that_is_not_real_numbers_is_an_observation_error(policy: Policy, state: object, found: str) -> None:
     # Strings raised numpy's ValueError; complex values lost their imaginary part silently.
     with pytest.raises(ObservationError, match=rf"expected state of 8 real numbers, found .*{found}"):
+        policy.infer(_observation(state=state))
+
+
+@pytest.mark.parametrize("state", [[np.zeros(3), np.zeros(3), np.zeros(2)], [0.0] * 7 + [[0.0]],
+                                   torch.zeros(STATE_DIM, requires_grad=True)])
+def test_state_that_is_not_one_array_is_an_observation_error(policy: Policy, state: object) -> None:
+    # LIBERO's [eef_pos, axis_angle, gripper_qpos] left as a list of arrays raised numpy's ValueError
+    # (inhomogeneous shape); a tensor that requires grad torch's RuntimeError.
+    with pytest.raises(ObservationError, match=rf"expected state of 8 real numbers, found {type(state).__name__} "
+                                               "that is not one numeric array"):
         policy.infer(_observation(state=state))
 
 
