@@ -288,8 +288,12 @@ class Policy:
                 raise ObservationError(f"RTC: expected an integer {name}, found {value!r}")
         if guidance.delay_steps < 0:
             raise ObservationError(f"RTC: expected delay_steps >= 0, found {guidance.delay_steps}")
-        raw = np.asarray(guidance.prev_actions)
         expected = f"RTC: expected finite previous actions [{cfg.action_horizon}, {profile.action_dim}]"
+        try:
+            raw = np.asarray(guidance.prev_actions)
+        except (ValueError, TypeError, RuntimeError) as exc:  # ragged rows, a tensor that requires grad
+            raise ObservationError(f"{expected}, found {type(guidance.prev_actions).__name__} that is not one "
+                                   f"numeric array ({exc})") from None
         if raw.dtype.kind not in "biuf":
             raise ObservationError(f"{expected}, found {type(guidance.prev_actions).__name__} of dtype {raw.dtype}")
         prev = raw.astype(np.float64)

@@ -161,6 +161,9 @@ def _guidance(policy: Policy, **fields: object) -> ChunkGuidance:
     (dict(prev_actions=[["a"] * 7] * 10), r"expected finite previous actions \[10, 7\], found list of dtype <U1"),
     (dict(prev_actions=np.zeros((10, 3))), r"expected finite previous actions \[10, 7\], found shape \(10, 3\)"),
     (dict(prev_actions=np.full((10, 7), np.nan)), r"expected finite previous actions \[10, 7\], found 70 NaN/Inf"),
+    (dict(prev_actions=[[0.0] * 7] * 9 + [[0.0] * 6]), r"expected finite previous actions \[10, 7\], found list that "
+                                                      "is not one numeric array"),
+    (dict(prev_actions=torch.zeros(10, 7, requires_grad=True)), r"found Tensor that is not one numeric array"),
     (dict(delay_steps=None), "expected an integer delay_steps, found None"),
     (dict(delay_steps=2.5), "expected an integer delay_steps, found 2.5"),
     (dict(delay_steps=-1), "expected delay_steps >= 0, found -1"),
@@ -168,7 +171,8 @@ def _guidance(policy: Policy, **fields: object) -> ChunkGuidance:
 ])
 def test_bad_guidance_is_an_observation_error(policy: Policy, fields: dict, message: str) -> None:
     # Strings / None raised bare ValueError / TypeError, a fractional delay bent the soft mask
-    # silently, and a NaN was reported as "found shape (10, 7)".
+    # silently, and a NaN was reported as "found shape (10, 7)". Ragged rows raised numpy's
+    # ValueError, a tensor that requires grad torch's RuntimeError.
     with pytest.raises(ObservationError, match=message):
         policy.infer(_observation(), _guidance(policy, **fields))
 
