@@ -191,7 +191,17 @@ def _check_state(state: np.ndarray | None) -> np.ndarray:
         raise ObservationError(
             "State is required: pi0.5 with discrete state input writes the state into the prompt, found None"
         )
-    array = np.asarray(state, dtype=np.float64)
+    try:
+        raw = np.asarray(state)
+    except (ValueError, TypeError, RuntimeError) as exc:  # ragged lists, a tensor that requires grad
+        raise ObservationError(f"state must be a 1-D vector of real numbers, found {type(state).__name__} that is "
+                               f"not one numeric array ({exc})") from None
+    # Strings and dicts raised numpy's ValueError / TypeError; complex values lost their imaginary
+    # part (a warning) and were written into the prompt.
+    if raw.dtype.kind not in "biuf":
+        raise ObservationError(f"state must be a 1-D vector of real numbers, found {type(state).__name__} of dtype "
+                               f"{raw.dtype}")
+    array = raw.astype(np.float64)
     if array.ndim != 1 or array.size == 0:
         raise ObservationError(f"state must be a non-empty 1-D vector, found shape {array.shape}")
     if not np.all(np.isfinite(array)):

@@ -126,6 +126,17 @@ def test_discrete_state_needs_a_finite_vector_state(model_path: Path) -> None:
         tokenizer.tokenize("open the drawer", np.array([0.0, np.nan]))
 
 
+@pytest.mark.parametrize("state, found", [(["a", "b"], "list of dtype <U1"), ({"a": 1.0}, "dict of dtype object"),
+                                          (np.ones(3) + 1j, "ndarray of dtype complex128"),
+                                          ([np.zeros(2), 1.0], "list that is not one numeric array")])
+def test_discrete_state_that_is_not_real_numbers_is_an_observation_error(model_path: Path, state: object,
+                                                                         found: str) -> None:
+    # Strings, a dict and a ragged list raised numpy's ValueError / TypeError; complex values were
+    # written into the prompt without their imaginary part.
+    with pytest.raises(ObservationError, match=f"state must be a 1-D vector of real numbers, found {found}"):
+        PromptTokenizer(model_path, 200, True).tokenize("open the drawer", state)
+
+
 def test_missing_tokenizer_file_names_every_path_looked_at(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         PromptTokenizer(tmp_path, 48, False)
