@@ -362,7 +362,12 @@ class PolicyNode(LifecycleNode):
             if monitor is not None:
                 monitor.control_rate_hz = control.control_rate_hz
             if timer is not None:
-                timer.timer_period_ns = int(round(control.control_period_s * 1e9))
+                period_ns = int(round(control.control_period_s * 1e9))
+                timer.timer_period_ns = period_ns
+                # rcl keeps the next call where the old period put it: after a slow rate the new
+                # one would start only up to one old period later.
+                if (timer.time_until_next_call() or 0) > period_ns:
+                    timer.reset()
 
     def _set_prompt(self, prompt: str) -> None:
         self._prompt = prompt or None

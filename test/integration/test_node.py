@@ -716,3 +716,14 @@ def test_a_tick_that_raises_sends_the_hold_point(make_node, probe) -> None:
     assert list(hold.points[0].positions) == probe.state.tolist()
     assert list(hold.points[0].velocities) == [0.0] * len(JOINTS)
     wait_for(lambda: probe.latest_values().get("holds.internal_error") == "1")
+
+
+def test_control_rate_raised_while_active_applies_from_the_next_period(make_node, probe) -> None:
+    """Raising control_rate_hz while active: ticks come at the new rate within one new period. rcl
+    changes a timer's period without moving its next call, which the old period had set: from
+    0.2 Hz the node sat up to 5 s more before it acted at 20 Hz (timer_period_ns read 50 ms)."""
+    node = active(make_node, params={"control_rate_hz": 0.2})
+    time.sleep(0.3)  # inputs flow; the first tick at 0.2 Hz is 5 s after activation
+    assert probe.counts()[0] == 0
+    assert node.set_parameters([Parameter("control_rate_hz", value=RATE_HZ)])[0].successful
+    wait_for(lambda: probe.counts()[0] >= 3, timeout_s=2.0)
