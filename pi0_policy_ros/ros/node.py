@@ -87,6 +87,7 @@ instead of queueing them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import sys
@@ -469,7 +470,9 @@ class PolicyNode(LifecycleNode):
         if config.switch_interval_s > 0:
             # Process-wide, on purpose: the node owns its process (one node per launch process).
             sys.setswitchinterval(config.switch_interval_s)
-        policy = self._policy_factory(config.policy)
+        # The prompt reaches the policy through the buffer (parameter or ~/prompt). As the policy's
+        # default_prompt it would outlive the parameter: a '' set later would fall back to it.
+        policy = self._policy_factory(dataclasses.replace(config.policy, default_prompt=""))
         self._policy = policy  # owned from here on, so that _release() closes it on failure
         config = config.resolve(policy.profile)
         action_space = getattr(policy.profile, "action_space", "joint_position")

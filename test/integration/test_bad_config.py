@@ -148,6 +148,18 @@ def test_empty_prompt_holds_and_says_a_prompt_is_required(make_node, probe) -> N
     wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)
 
 
+def test_prompt_cleared_while_active_clears_the_configure_time_prompt(make_node, probe) -> None:
+    """prompt '' set while active: no prompt, as for a node configured with '' (it holds, "Prompt is
+    required"). The policy was built with the configure-time prompt as its default_prompt, so the
+    node went on acting on the old task while /diagnostics said prompt.source 'policy default'."""
+    node = real_node(make_node, probe, "pick up the block")
+    wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)
+    assert node.set_parameters([Parameter("prompt", value="")])[0].successful
+    values = wait_for(lambda: (v := probe.latest_values("holding")) and int(v.get("holds.policy_refused", 0)) and v,
+                      timeout_s=10.0)
+    assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "policy default"
+
+
 def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, probe) -> None:
     real_node(make_node, probe, "pick up the red block and put it in the box " * 40)
     values = wait_for(lambda: (v := probe.latest_values()) and v.get("prompt.truncated") == "True" and v,
