@@ -316,7 +316,9 @@ class PolicyNode(LifecycleNode):
         return values
 
     def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        configured = self._config is not None
+        # While configuring too: configure has read the parameters already (the config comes last).
+        state = self._state_machine.current_state[1]
+        configured = self._config is not None or state == "configuring"
         updates: dict[str, Any] = {}
         for param in params:
             spec = SPECS.get(param.name)
@@ -325,7 +327,7 @@ class PolicyNode(LifecycleNode):
             if spec.configure_time and configured:
                 return SetParametersResult(successful=False, reason=(
                     f"{param.name} is a configure-time parameter: expected the node unconfigured, "
-                    "found it configured (cleanup, set, then configure)"))
+                    f"found it {state} (cleanup, set, then configure)"))
             try:
                 check_value(spec, param.value)
             except ConfigError as exc:

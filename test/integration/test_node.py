@@ -727,3 +727,26 @@ def test_control_rate_raised_while_active_applies_from_the_next_period(make_node
     assert probe.counts()[0] == 0
     assert node.set_parameters([Parameter("control_rate_hz", value=RATE_HZ)])[0].successful
     wait_for(lambda: probe.counts()[0] >= 3, timeout_s=2.0)
+
+
+def _configure_in_background(node) -> tuple[threading.Thread, list]:
+    """trigger_configure() on another thread (as the demo and load-bench call it while the executor
+    serves ~/set_parameters); returns once the node is configuring."""
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(node.trigger_configure()))
+    thread.start()
+    wait_for(lambda: node._state_machine.current_state[1] == "configuring")
+    return thread, results
+
+
+def test_configure_time_parameter_set_while_configuring_is_refused(make_node) -> None:
+    """A configure-time parameter set while configure runs: configure has already read it, so it must
+    be refused as once configured. It was accepted (the node had no configuration yet): the node ran
+    with the old seed while the parameter showed the new one."""
+    node = make_node(latency_s=0.5)
+    thread, results = _configure_in_background(node)
+    result = node.set_parameters([Parameter("seed", value=7)])[0]
+    thread.join()
+    assert results == [SUCCESS]
+    assert not result.successful and "configure-time" in result.reason, result.reason
+    assert node.get_parameter("seed").value == node.config.policy.seed == 0
