@@ -244,6 +244,9 @@ class PolicyNode(LifecycleNode):
         # Held by a control tick and by transitions, so that deactivate/cleanup wait for an
         # in-flight inference and no tick publishes after deactivate returns.
         self._lock = threading.Lock()
+        # Held by `_apply_parameters` and where configure / activate read the dynamic parameters
+        # into what they build: a value set meanwhile reaches it either way.
+        self._params_lock = threading.Lock()
         self._config: NodeConfig | None = None
         self._policy: PolicyLike | None = None
         self._buffer: ObservationBuffer | None = None
@@ -347,6 +350,10 @@ class PolicyNode(LifecycleNode):
         return result
 
     def _apply_parameters(self, params: list[Parameter]) -> None:
+        with self._params_lock:
+            self._apply_parameters_locked(params)
+
+    def _apply_parameters_locked(self, params: list[Parameter]) -> None:
         names = {p.name for p in params}
         # The new values from `params`: on Humble they are not stored yet when this runs.
         values = {**self.parameter_values(), **{p.name: p.value for p in params if p.name in SPECS}}
@@ -495,14 +502,19 @@ class PolicyNode(LifecycleNode):
         except ValueError as exc:
             raise ConfigError(f"safety parameters: {exc}") from None
 
-        self._buffer = ObservationBuffer([c.name for c in config.cameras], config.control)
-        self._buffer.put_prompt(self._prompt)
         decoders = {c.name: functools.partial(self._decode, c.compressed) for c in config.cameras}
-        self._step = ControlStep(policy, self._buffer, decoders, self._safety, config.scheduler,
-                                 action_state_indices(config.joint_names, config.action_joint_names, action_space),
-                                 self.get_parameter("hold_mode").value)
+        with self._params_lock:
+            # The dynamic parameters as they are now: one set during the load and warm-up (read
+            # above) found nothing to apply to yet.
+            config = dataclasses.replace(config, control=control_config_from(self.parameter_values()))
+            self._buffer = ObservationBuffer([c.name for c in config.cameras], config.control)
+            self._buffer.put_prompt(self._prompt)
+            self._step = ControlStep(policy, self._buffer, decoders, self._safety, config.scheduler,
+                                     action_state_indices(config.joint_names, config.action_joint_names,
+                                                          action_space),
+                                     self.get_parameter("hold_mode").value)
+            self._monitor = ControlMonitor(config.control.control_rate_hz)
         self._step.prepare(chunk.horizon, chunk.period_s)
-        self._monitor = ControlMonitor(config.control.control_rate_hz)
         self._check_prompt()
         polled = config.input_poll_period_s > 0
         input_group = self._polled_group if polled else self._sensor_group
@@ -569,8 +581,9 @@ class PolicyNode(LifecycleNode):
             self._monitor.start(self._now_s())
             self._safety.reset_counters()  # safety.clamp.* / safety.reject.* count from activation too
             self._sequence = 0
-            self._control_timer = self.create_timer(
-                self._buffer.config.control_period_s, self._on_control_tick, callback_group=self._control_group)
+            with self._params_lock:
+                self._control_timer = self.create_timer(
+                    self._buffer.config.control_period_s, self._on_control_tick, callback_group=self._control_group)
         self.get_logger().info("activated")
         return result
 

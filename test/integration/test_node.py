@@ -739,6 +739,25 @@ def _configure_in_background(node) -> tuple[threading.Thread, list]:
     return thread, results
 
 
+def test_dynamic_parameters_set_while_configuring_apply(make_node, probe) -> None:
+    """Dynamic parameters set while configure loads and warms up the policy: accepted, and the node
+    must run with them. Configure built the observation buffer and the monitor from the values it
+    read before the load, so the node ran at the old rate and limits while the parameters showed the
+    new ones."""
+    node = make_node(latency_s=0.5)  # the warm-up inference takes 0.5 s
+    thread, results = _configure_in_background(node)
+    new = {"control_rate_hz": 5.0, "max_camera_skew_s": 0.05, "max_observation_age_s": 0.25}
+    assert all(r.successful for r in node.set_parameters([Parameter(k, value=v) for k, v in new.items()]))
+    thread.join()
+    assert results == [SUCCESS]
+    node.policy.latency_s = 0.0
+    for name, value in new.items():
+        assert getattr(node._buffer.config, name) == value, name  # what snapshots are checked against
+    assert node.trigger_activate() == SUCCESS
+    assert node._control_timer.timer_period_ns == 200_000_000
+    wait_for(lambda: probe.latest_values("running").get("target_rate_hz") == "5.000")
+
+
 def test_configure_time_parameter_set_while_configuring_is_refused(make_node) -> None:
     """A configure-time parameter set while configure runs: configure has already read it, so it must
     be refused as once configured. It was accepted (the node had no configuration yet): the node ran
