@@ -244,8 +244,9 @@ class PolicyNode(LifecycleNode):
         # Held by a control tick and by transitions, so that deactivate/cleanup wait for an
         # in-flight inference and no tick publishes after deactivate returns.
         self._lock = threading.Lock()
-        # Held by `_apply_parameters` and where configure / activate read the dynamic parameters
-        # into what they build: a value set meanwhile reaches it either way.
+        # Held by `_apply_parameters` and where transitions build or destroy what it applies to
+        # (buffer, monitor, control timer): a value set meanwhile reaches what is built, and never
+        # a destroyed timer.
         self._params_lock = threading.Lock()
         self._config: NodeConfig | None = None
         self._policy: PolicyLike | None = None
@@ -641,8 +642,9 @@ class PolicyNode(LifecycleNode):
 
     def _stop_control(self) -> None:
         if self._control_timer is not None:
-            self.destroy_timer(self._control_timer)
-            self._control_timer = None
+            with self._params_lock:  # `_apply_parameters` may be changing its period
+                self.destroy_timer(self._control_timer)
+                self._control_timer = None
             self._send_stop_point()
         if self._monitor is not None:
             self._monitor.stop()

@@ -769,3 +769,33 @@ def test_configure_time_parameter_set_while_configuring_is_refused(make_node) ->
     assert results == [SUCCESS]
     assert not result.successful and "configure-time" in result.reason, result.reason
     assert node.get_parameter("seed").value == node.config.policy.seed == 0
+
+
+def test_control_rate_set_while_deactivating_does_not_raise(make_node, probe) -> None:
+    """control_rate_hz set while deactivate runs (the demo and load-bench trigger transitions from
+    their own thread, beside the executor serving ~/set_parameters): the parameter callback changed
+    the period of a control timer that deactivate had just destroyed, and raised InvalidHandle out of
+    set_parameters (unanswered through the service)."""
+    node = active(make_node)
+    stop, errors = threading.Event(), []
+
+    def set_rates() -> None:
+        rate = RATE_HZ
+        while not stop.is_set():
+            rate = 30.0 - rate  # 20, 10, 20, ...
+            try:
+                node.set_parameters([Parameter("control_rate_hz", value=rate)])
+            except Exception as exc:  # noqa: BLE001 - the failure this test looks for
+                errors.append(exc)
+    thread = threading.Thread(target=set_rates)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not errors:
+            assert node.trigger_deactivate() == SUCCESS and node.trigger_activate() == SUCCESS
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    rate = node.get_parameter("control_rate_hz").value
+    assert node._control_timer.timer_period_ns == round(1e9 / rate)
