@@ -391,7 +391,7 @@ class PolicyNode(LifecycleNode):
         policy, prompt = self._policy, self._prompt
         tokenizer = getattr(policy, "tokenizer", None)
         if policy is None or tokenizer is None or not prompt:
-            self._prompt_status = {"source": "prompt" if prompt else "policy default", "truncated": "False"}
+            self._prompt_status = {"source": "prompt" if prompt else "none", "truncated": "False"}
             return
         state = np.zeros(policy.profile.state_dim, np.float32)
         try:

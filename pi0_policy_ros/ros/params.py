@@ -135,8 +135,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("diagnostics_period_s", DOUBLE, 1.0, "period of the /diagnostics status", True,
               float_range=DIAGNOSTICS_PERIOD_RANGE_S),
     ParamSpec("autostart", BOOL, False, "configure and activate on start-up", True),
-    ParamSpec("prompt", STRING, "", "task instruction; '' = the policy's default. The ~/prompt topic "
-              "overrides it until the parameter is set again", False),
+    ParamSpec("prompt", STRING, "", "task instruction; '' = none: the node holds ('Prompt is required') "
+              "until one comes. The ~/prompt topic overrides it until the parameter is set again", False),
     ParamSpec("control_rate_hz", DOUBLE, 10.0, "target rate of inference and command publishing", False,
               float_range=CONTROL_RATE_RANGE_HZ),
     ParamSpec("max_observation_age_s", DOUBLE, 0.5, "hold when any sample used is older than this", False,

@@ -142,7 +142,7 @@ def test_empty_prompt_holds_and_says_a_prompt_is_required(make_node, probe) -> N
     node = real_node(make_node, probe, "")
     values = wait_for(lambda: (v := probe.latest_values("holding")) and int(v.get("holds.policy_refused", 0)) and v,
                       timeout_s=10.0)
-    assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "policy default"
+    assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "none"
     assert probe.counts() == (0, 0, 0)
     assert node.set_parameters([Parameter("prompt", value="pick up the block")])[0].successful
     wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)
@@ -157,7 +157,7 @@ def test_prompt_cleared_while_active_clears_the_configure_time_prompt(make_node,
     assert node.set_parameters([Parameter("prompt", value="")])[0].successful
     values = wait_for(lambda: (v := probe.latest_values("holding")) and int(v.get("holds.policy_refused", 0)) and v,
                       timeout_s=10.0)
-    assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "policy default"
+    assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "none"
 
 
 def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, probe) -> None:
