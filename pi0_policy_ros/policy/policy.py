@@ -36,7 +36,7 @@ from pi0_policy_ros.policy.robots import (PROFILES, RobotProfile, configured_pro
                                           openpi_training_transforms, prepare_inputs, robot_actions_to_model)
 from pi0_policy_ros.policy.tokenizer import (TOKENIZER_FILE_NAMES, PromptTokenizer, find_tokenizer_model,
                                              train_tiny_tokenizer)
-from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
+from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation, as_real_array
 
 log = logging.getLogger(__name__)
 
@@ -289,14 +289,7 @@ class Policy:
         if guidance.delay_steps < 0:
             raise ObservationError(f"RTC: expected delay_steps >= 0, found {guidance.delay_steps}")
         expected = f"RTC: expected finite previous actions [{cfg.action_horizon}, {profile.action_dim}]"
-        try:
-            raw = np.asarray(guidance.prev_actions)
-        except (ValueError, TypeError, RuntimeError) as exc:  # ragged rows, a tensor that requires grad
-            raise ObservationError(f"{expected}, found {type(guidance.prev_actions).__name__} that is not one "
-                                   f"numeric array ({exc})") from None
-        if raw.dtype.kind not in "biuf":
-            raise ObservationError(f"{expected}, found {type(guidance.prev_actions).__name__} of dtype {raw.dtype}")
-        prev = raw.astype(np.float64)
+        prev = as_real_array(guidance.prev_actions, expected)  # ragged rows, a tensor that requires grad
         if prev.shape != (cfg.action_horizon, profile.action_dim):
             raise ObservationError(f"{expected}, found shape {prev.shape}")
         if not np.all(np.isfinite(prev)):

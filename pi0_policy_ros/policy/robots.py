@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple
 import numpy as np
 
 from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.policy.types import as_real_array
 from pi0_policy_ros.resize import pad_geometry, pil_bilinear_resize
 
 if TYPE_CHECKING:
@@ -381,18 +382,8 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _check_state(profile: RobotProfile, state: np.ndarray) -> np.ndarray:
-    try:
-        raw = np.asarray(state)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        # A ragged list ([eef_pos, axis_angle, gripper] not concatenated) raised numpy's ValueError,
-        # a torch tensor that requires grad torch's RuntimeError.
-        raise ObservationError(f"profile '{profile.name}': expected state of {profile.state_dim} real numbers, "
-                               f"found {type(state).__name__} that is not one numeric array ({exc})") from None
-    # Strings and objects would fail in numpy's cast; complex numbers would lose their imaginary part.
-    if raw.dtype.kind not in "biuf":
-        raise ObservationError(f"profile '{profile.name}': expected state of {profile.state_dim} real numbers, "
-                               f"found {type(state).__name__} of dtype {raw.dtype}")
-    values = raw.astype(np.float64)
+    # A ragged list ([eef_pos, axis_angle, gripper] not concatenated) raised numpy's ValueError.
+    values = as_real_array(state, f"profile '{profile.name}': expected state of {profile.state_dim} real numbers")
     if values.shape != (profile.state_dim,):
         raise ObservationError(
             f"profile '{profile.name}': expected state of shape ({profile.state_dim},), found {values.shape}"

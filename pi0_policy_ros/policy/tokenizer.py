@@ -34,6 +34,7 @@ import numpy as np
 import sentencepiece
 
 from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.policy.types import as_real_array
 
 logger = logging.getLogger(__name__)
 
@@ -191,17 +192,9 @@ def _check_state(state: np.ndarray | None) -> np.ndarray:
         raise ObservationError(
             "State is required: pi0.5 with discrete state input writes the state into the prompt, found None"
         )
-    try:
-        raw = np.asarray(state)
-    except (ValueError, TypeError, RuntimeError) as exc:  # ragged lists, a tensor that requires grad
-        raise ObservationError(f"state must be a 1-D vector of real numbers, found {type(state).__name__} that is "
-                               f"not one numeric array ({exc})") from None
     # Strings and dicts raised numpy's ValueError / TypeError; complex values lost their imaginary
     # part (a warning) and were written into the prompt.
-    if raw.dtype.kind not in "biuf":
-        raise ObservationError(f"state must be a 1-D vector of real numbers, found {type(state).__name__} of dtype "
-                               f"{raw.dtype}")
-    array = raw.astype(np.float64)
+    array = as_real_array(state, "state must be a 1-D vector of real numbers")
     if array.ndim != 1 or array.size == 0:
         raise ObservationError(f"state must be a non-empty 1-D vector, found shape {array.shape}")
     if not np.all(np.isfinite(array)):

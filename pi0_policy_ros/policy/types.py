@@ -7,6 +7,8 @@ from typing import Mapping
 
 import numpy as np
 
+from pi0_policy_ros.errors import ObservationError
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -58,3 +60,17 @@ class ChunkGuidance:
     prev_actions: np.ndarray
     delay_steps: int
     mask_end: int
+
+
+def as_real_array(value: object, expected: str) -> np.ndarray:
+    """`value` as a float64 array, or ObservationError "<expected>, found ..." when numpy cannot make
+    it one numeric array (a ragged list, a torch tensor that requires grad) or its values are not
+    real numbers (strings and objects would fail in the cast, complex ones lose their imaginary part)."""
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ObservationError(f"{expected}, found {type(value).__name__} that is not one numeric array "
+                               f"({exc})") from None
+    if raw.dtype.kind not in "biuf":
+        raise ObservationError(f"{expected}, found {type(value).__name__} of dtype {raw.dtype}")
+    return raw.astype(np.float64)
