@@ -172,21 +172,17 @@ class ControlStep:
         """A trajectory of ours may still be running on the controller (no hold point sent since)."""
         return self._executing
 
-    def stop_plan(self, now_s: float) -> TrajectoryPlan | None:
+    def stop_plan(self, now_s: float) -> tuple[TrajectoryPlan | None, str]:
         """The loop stops (deactivate, shutdown): with `hold_position` and a trajectory of ours running,
-        the hold point a held tick would send; None otherwise (`stop`: the controller finishes what
-        it has) or when there is no fresh measured position."""
+        the hold point a held tick would send, else None (`stop`: the controller finishes what it
+        has); with why none can be sent when hold_position has no fresh measured position of the
+        action joints, or one outside the safety filter's position limits or gripper range."""
         if self.hold_mode != HOLD_POSITION or not self._executing:
-            return None
-        plan, _ = self._hold_plan(now_s)
+            return None, ""
+        plan, refusal = self._hold_plan(now_s)
         if plan is not None:
             self._hold_point_sent()
-        return plan
-
-    def hold_point_refusal(self, now_s: float) -> str:
-        """Why no hold point can be sent now ('' when one can): no fresh measured position of the
-        action joints, or one outside the safety filter's position limits or gripper range."""
-        return self._hold_plan(now_s)[1]
+        return plan, refusal
 
     def scheduler_status(self) -> SchedulerStatus:
         if self._scheduler is None:

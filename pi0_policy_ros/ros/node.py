@@ -126,7 +126,7 @@ from pi0_policy_ros.control.monitor import (ERROR, WARN, ControlMonitor, HealthR
                                             shutdown_report, transition_failure_report)
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
-from pi0_policy_ros.control.step import (HOLD, HOLD_POSITION, INTERNAL_ERROR, WAIT, ControlStep,
+from pi0_policy_ros.control.step import (HOLD, HOLD_POSITION, INTERNAL_ERROR, WAIT, ControlStep, StepResult,
                                          action_state_indices)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.policy.config import PolicyConfig
@@ -657,10 +657,9 @@ class PolicyNode(LifecycleNode):
         if step is None or config is None or pub is None or step.hold_mode != HOLD_POSITION or not step.executing:
             return
         try:
-            now_s = self._now_s()
-            plan = step.stop_plan(now_s)
+            plan, refusal = step.stop_plan(self._now_s())
             if plan is None:
-                self.get_logger().warning(f"hold_position: {step.hold_point_refusal(now_s)}; no hold point sent, "
+                self.get_logger().warning(f"hold_position: {refusal}; no hold point sent, "
                                           "the controller finishes its trajectory")
                 return
             pub.publish(convert.trajectory_message(plan, config.action_joint_names))
@@ -795,13 +794,18 @@ class PolicyNode(LifecycleNode):
     def _hold_on_error(self, reason: str) -> None:
         """A tick that raised (a bug) holds as any other hold: with hold_position the first after a
         trajectory of ours sends the hold point. Under the lock."""
-        step, config, pub = self._step, self._config, self._trajectory_pub
-        if step is not None:
-            result = step.hold(INTERNAL_ERROR, reason, self._now_s(), ERROR)
-            if result.plan is not None and pub is not None and config is not None:
-                pub.publish(convert.trajectory_message(result.plan, config.action_joint_names))
-            reason = result.reason
-        self._hold(reason, ERROR, INTERNAL_ERROR)
+        step = self._step
+        if step is None:
+            self._hold(reason, ERROR, INTERNAL_ERROR)
+        else:
+            self._publish_hold(step.hold(INTERNAL_ERROR, reason, self._now_s(), ERROR))
+
+    def _publish_hold(self, result: StepResult) -> None:
+        """A held tick: hold_position's point when the step made one, then the log and the counters."""
+        config = self._config
+        if result.plan is not None and self._trajectory_pub is not None and config is not None:
+            self._trajectory_pub.publish(convert.trajectory_message(result.plan, config.action_joint_names))
+        self._hold(result.reason, result.level, result.kind)
 
     def _hold(self, reason: str, level: int = WARN, kind: str = "other") -> None:
         monitor = self._monitor
@@ -836,9 +840,7 @@ class PolicyNode(LifecycleNode):
             monitor.waited(self._now_s())
             return
         if result.outcome == HOLD:
-            if result.plan is not None and self._trajectory_pub is not None:  # hold_position's point
-                self._trajectory_pub.publish(convert.trajectory_message(result.plan, config.action_joint_names))
-            self._hold(result.reason, result.level, result.kind)
+            self._publish_hold(result)
             return
         chunk, plan = result.chunk, result.plan
         assert chunk is not None and plan is not None
