@@ -22,7 +22,7 @@ from rosbags.rosbag2 import Reader as Rosbag2Reader
 from rosbags.typesys import Stores, get_typestore
 
 from pi0_policy_ros.bag.inputs import InputTopic
-from pi0_policy_ros.bag.record import SQLITE_URI_CHARS, decode_cdr
+from pi0_policy_ros.bag.record import decode_cdr, sqlite_uri_chars
 from pi0_policy_ros.errors import BagError
 
 NS_PER_S = 1_000_000_000
@@ -65,7 +65,7 @@ class InputBag:
         except BagError:
             raise
         except Exception as exc:  # noqa: BLE001 - any library failure is one clear BagError
-            uri_chars = sorted(set(SQLITE_URI_CHARS) & set(str(self.path.resolve())))
+            uri_chars = sqlite_uri_chars(self.path)
             if uri_chars and _is_sqlite3(self.path):
                 # rosbags opens the database as the URI `file:PATH?immutable=1`: the path ends early.
                 raise BagError(f"bag {self.path}: a sqlite3 bag cannot be read under a path containing "

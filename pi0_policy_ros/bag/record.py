@@ -31,6 +31,11 @@ STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
 DISTROS = {"jazzy": (Stores.ROS2_JAZZY, 9), "humble": (Stores.ROS2_HUMBLE, 8)}
 SQLITE_URI_CHARS = "?#%"  # what ends or escapes a path in an SQLite URI
 
+
+def sqlite_uri_chars(path: Path) -> list[str]:
+    """The characters of `path` (resolved) that rosbags' SQLite URI `file:PATH` cannot carry."""
+    return sorted(set(SQLITE_URI_CHARS) & set(str(path.resolve())))
+
 _TYPESTORES: dict[str, Typestore] = {}
 
 
@@ -121,7 +126,7 @@ class OutputBag:
     def __enter__(self) -> OutputBag:
         check_output_path(self.path, self.overwrite)
         parent = self.path.parent
-        uri_chars = sorted(set(SQLITE_URI_CHARS) & set(str(self.path.resolve())))
+        uri_chars = sqlite_uri_chars(self.path)
         if self.storage == "sqlite3" and uri_chars:
             # rosbags opens the database as the URI `file:PATH`: the path would end at '?' or '#'
             # (the database written elsewhere, the bag left without it), and '%' escapes characters.
