@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.preprocess import ImagePreprocessor, plan_resize
-from pi0_policy_ros.engine.rowops import (fp8_linear_residual, geglu, geglu_quantized, residual_layer_norm,
-                                          rope_qkv)
+from pi0_policy_ros.engine.rowops import (fp8_linear_residual, geglu, geglu_quantized, linear_residual_layer_norm,
+                                          rope_qkv, vision_attention)
 from pi0_policy_ros.engine.tables import rope_tables, suffix_attention_bias, suffix_positions
 from pi0_policy_ros.engine.types import EngineShape, PrefixRows
 from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWeights
@@ -68,15 +68,13 @@ class VisionStage:
         patches = pixels.view(n, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n * t, 3 * p * p)
         x = torch.matmul(patches, w.patch_matrix.t()).view(n, t, cfg.width).add_(w.position_bias)
         x = x.to(self.dtype).view(n * t, cfg.width)
-        heads, hd, eps = cfg.num_heads, cfg.head_dim, cfg.layer_norm_eps
+        heads, eps = cfg.num_heads, cfg.layer_norm_eps
         h = F.layer_norm(x, (cfg.width,), eps=eps)
         for lw in w.layers:
-            qkv = lw.qkv(h).view(n, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # [3, N, heads, T, hd]
-            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [N, heads, T, hd]
+            attn = vision_attention(lw.qkv(h), n, heads)  # [N·T, heads·hd]
             # the residual add, the linear's bias and the next norm in one pass (x updated in place)
-            h = residual_layer_norm(x, F.linear(attn.transpose(1, 2).reshape(n * t, cfg.width), lw.out.weight),
-                                    lw.out.bias, eps)
-            h = residual_layer_norm(x, F.linear(lw.fc1.gelu_tanh(h), lw.fc2.weight), lw.fc2.bias, eps)
+            h = linear_residual_layer_norm(x, attn, lw.out, eps)
+            h = linear_residual_layer_norm(x, lw.fc1.gelu_tanh(h), lw.fc2, eps)
         buf.prefix_embs[: n * t].copy_(w.head(h))  # h: the post-layernorm (folded into `head`)
 
 
