@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from pi0_policy_ros.engine import rowops
     from pi0_policy_ros.engine.tables import rope_tables
     from pi0_policy_ros.engine.weights import FP8_MAX, Linear, quantize_rows as quantize_rows_torch, to_fp8
+    from pi0_policy_ros.model.gemma import MASK_VALUE
 
     dev, dtype = torch.device(args.device), torch.float16
     gen = torch.Generator().manual_seed(0)
@@ -70,29 +71,28 @@ def main(argv: list[str] | None = None) -> int:
     h = rowops.residual_layer_norm_triton(x, y, bias, 1e-6)
     report("residual+layernorm: x", float((x.float() - x_want).abs().max() / x_want.abs().max()), 1e-3)
     report("residual+layernorm: h", float((h.float() - h_want).abs().max()), 4e-3)
-    # vision's split-K linear (TMA descriptors) into float32 partials, summed by the same row
-    # kernel: K = 200 is not a multiple of the 32-column K tile, and the last of 3 splits runs past
-    # K (columns read as 0); 37 rows and 150 columns end inside their tiles
-    a = torch.randn(37, 200, generator=gen).to(dev, dtype)
-    w = (torch.randn(150, 200, generator=gen) / 8).to(dev, dtype)
-    part = rowops.linear_splitk_partials(a, w, ((64, 64, 32), 3, 4, 2))
-    y32 = a.float() @ w.float().t()
-    report("split-K partials: sum", float((part.sum(0) - y32).abs().max() / y32.abs().max()), 1e-5)
-    x = (torch.randn(37, 150, generator=gen) * 4 + 3).to(dev, dtype)
-    bias = torch.randn(150, generator=gen).to(dev, dtype)
-    x_want = (x.float() + y32 + bias.float()).to(dtype).float()
-    h = rowops.residual_layer_norm_triton(x, part, bias, 1e-6)
-    report("split-K + residual+layernorm: x", float((x.float() - x_want).abs().max() / x_want.abs().max()), 1e-3)
-    report("split-K + residual+layernorm: h",
-           float((h.float() - torch.nn.functional.layer_norm(x_want, (150,), eps=1e-6)).abs().max()), 4e-3)
     # vision attention from the fused qkv rows: 2 images of 50 tokens, 3 heads of 24 (neither a
-    # power of two), against SDPA in float32 on the same values
+    # power of two: 16 + 16 columns split, or 32 padded), against SDPA in float32 on the same values
     images, t, heads, hd = 2, 50, 3, 24
     qkv = torch.randn(images * t, 3 * heads * hd, generator=gen).to(dev, dtype)
     q, k, v = qkv.float().cpu().view(images, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(images * t, -1)
-    got = rowops.vision_attention_triton(qkv, images, heads, block_q=32)
-    report("vision attention", float((got.float().cpu() - want).abs().max()), 4e-3)
+    attn_want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(images * t, -1)
+    for split_d in (True, False):
+        got = rowops.vision_attention_triton(qkv, images, heads, block_q=32, split_d=split_d)
+        report(f"vision attention split_d={split_d}", float((got.float().cpu() - attn_want).abs().max()), 4e-3)
+    # prefix attention: 4 query heads as rows of one KV head of 32, 45 keys (not a multiple of
+    # the 16-key block) with masked keys inside and at the end, against float32 SDPA with the mask
+    p, heads, hd = 45, 4, 32
+    q = torch.randn(p, heads * hd, generator=gen).to(dev, dtype)
+    keys, values = (torch.randn(p, hd, generator=gen).to(dev, dtype) for _ in range(2))
+    valid = torch.ones(p, dtype=torch.bool)
+    valid[[3, 17, 18, 40, 41, 42, 43, 44]] = False
+    bias = torch.where(valid, 0.0, MASK_VALUE).to(dev, dtype)
+    attn_want = torch.nn.functional.scaled_dot_product_attention(
+        q.float().cpu().view(1, 1, p * heads, hd), keys.float().cpu()[None, None], values.float().cpu()[None, None],
+        attn_mask=bias.float().cpu()[None]).view(p, -1)
+    got = rowops.prefix_attention_triton(q, keys, values, bias, (16, 16, 4, 2))
+    report("prefix attention", float((got.float().cpu() - attn_want).abs().max()), 4e-3)
     if dev.type == "cuda":
         # Triton 3.6's interpreter rounds some values to e4m3 wrongly (126.2 → 64: the mantissa
         # carry is lost), so the quantized values are compared on the GPU only. e4m3 keeps 3

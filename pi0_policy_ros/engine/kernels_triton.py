@@ -523,19 +523,15 @@ def attention_fused_kernel(
 
 
 @triton.jit
-def residual_layer_norm_rows_kernel(x_ptr, y_ptr, bias_ptr, h_ptr, N, stride_x, stride_y, stride_split, stride_h,
-                                    eps, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def residual_layer_norm_rows_kernel(x_ptr, y_ptr, bias_ptr, h_ptr, N, stride_x, stride_y, stride_h, eps,
+                                    BLOCK: tl.constexpr):
     """One row: x ← x + y + bias (rounded once to x's dtype, in place), h = LayerNorm(x) without
-    gain or shift (folded into the next linear), from the rounded x as the unfused ops see it.
-    y is the sum of SPLITS slices stride_split apart (a split-K GEMM's float32 partials), added
-    in slice order."""
+    gain or shift (folded into the next linear), from the rounded x as the unfused ops see it."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-    for s in tl.static_range(1, SPLITS):
-        y += tl.load(y_ptr + s * stride_split + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     x_new = (x + y + b).to(x_ptr.dtype.element_ty)
     tl.store(x_ptr + row * stride_x + cols, x_new, mask=mask)

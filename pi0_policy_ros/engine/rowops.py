@@ -25,9 +25,6 @@ _ONE_PASS_MAX = 16384  # GEGLU + quantization keeps rows up to this long in regi
 # fp8_linear_residual's tiles (BLOCK_M, BLOCK_N, BLOCK_K), warps, stages: Gemma's down projection at
 # 544 rows in 45 µs against 59 for cuBLASLt + the add (H100, `bench/prefix_mlp_probe.py`, run 78)
 _FP8_RESIDUAL_CONFIG = ((64, 128, 128), 4, 4)
-# linear_residual_layer_norm's split-K tiles, by K ("short": SigLIP's out, K = 1152; "long": fc2,
-# K = 4304): ((BLOCK_M, BLOCK_N, BLOCK_K), splits, warps, stages); placeholders until measured
-_SPLITK_CONFIGS = {"short": ((128, 128, 64), 3, 4, 4), "long": ((128, 128, 64), 3, 4, 4)}
 
 
 @functools.cache
@@ -53,65 +50,20 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, ep
 
 
 def residual_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """y [P, W], or [S, P, W] contiguous: the sum of S split-K partials (added in order)."""
     import triton
 
     from pi0_policy_ros.engine import kernels_triton as K
     h = torch.empty_like(x)
-    splits = y.shape[0] if y.dim() == 3 else 1
-    K.residual_layer_norm_rows_kernel[(x.shape[0],)](x, y, bias, h, x.shape[1], x.stride(0), y.stride(-2),
-                                                     y.stride(0) if splits > 1 else 0, h.stride(0), eps,
-                                                     SPLITS=splits, BLOCK=triton.next_power_of_2(x.shape[1]),
+    K.residual_layer_norm_rows_kernel[(x.shape[0],)](x, y, bias, h, x.shape[1], x.stride(0), y.stride(0),
+                                                     h.stride(0), eps, BLOCK=triton.next_power_of_2(x.shape[1]),
                                                      num_warps=4)
     return h
-
-
-def linear_residual_layer_norm(x: torch.Tensor, a: torch.Tensor, lin: Linear, eps: float,
-                               config: tuple[tuple[int, int, int], int, int, int] | None = None) -> torch.Tensor:
-    """x ← x + a·Wᵀ + b in place (x [P, N], a [P, K], a bf16 / fp16 `lin` with bias); returns
-    LayerNorm(x) without gain or shift. On Hopper with Triton: a split-K GEMM into float32
-    partials that the residual + LayerNorm row kernel sums (`kernels_vision_triton`); elsewhere
-    cuBLAS, then `residual_layer_norm`. `config` ((BLOCK_M, BLOCK_N, BLOCK_K), splits, warps,
-    stages) overrides `_splitk_config` (benchmarks)."""
-    if _splitk_usable(x, a, lin):
-        return residual_layer_norm_triton(x, linear_splitk_partials(a, lin.weight, config), lin.bias, eps)
-    return residual_layer_norm(x, F.linear(a, lin.weight), lin.bias, eps)
-
-
-def _splitk_usable(x: torch.Tensor, a: torch.Tensor, lin: Linear) -> bool:
-    # TMA: contiguous rows whose byte length is a multiple of 16
-    return (_use_triton(x) and hopper_or_newer(x.device) and lin.scale is None and lin.bias is not None
-            and a.dtype in (torch.bfloat16, torch.float16) and a.is_contiguous() and lin.weight.is_contiguous()
-            and (a.shape[1] * a.element_size()) % 16 == 0 and x.stride(1) == 1)
-
-
-def _splitk_config(k: int) -> tuple[tuple[int, int, int], int, int, int]:
-    """((BLOCK_M, BLOCK_N, BLOCK_K), splits, warps, stages) for a K-long reduction."""
-    return _SPLITK_CONFIGS["long" if k > 2048 else "short"]
-
-
-def linear_splitk_partials(a: torch.Tensor, w: torch.Tensor,
-                           config: tuple[tuple[int, int, int], int, int, int] | None = None) -> torch.Tensor:
-    """a [P, K] · w [N, K]ᵀ as float32 partial products [splits, P, N] over K split in `splits`."""
-    import triton
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from pi0_policy_ros.engine import kernels_vision_triton as KV
-    (bm, bn, bk), splits, warps, stages = config or _splitk_config(a.shape[1])
-    p, k = a.shape
-    n = w.shape[0]
-    k_split = triton.cdiv(triton.cdiv(k, bk), splits) * bk
-    part = torch.empty(splits, p, n, dtype=torch.float32, device=a.device)
-    KV.linear_splitk_partials_kernel[(triton.cdiv(p, bm) * triton.cdiv(n, bn), splits)](
-        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), part, p, n, k_split,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    return part
 
 
 def vision_attention(qkv: torch.Tensor, images: int, heads: int) -> torch.Tensor:
     """SigLIP's attention from the fused qkv rows [images·T, 3·heads·hd] (q | k | v, head after
     head) to rows [images·T, heads·hd]. One Triton kernel on CUDA in half precision with T ≤ 256
-    (`kernels_vision_triton`); elsewhere torch's SDPA on the permuted views."""
+    (`kernels_attention_triton`); elsewhere torch's SDPA on the permuted views."""
     t, hd = qkv.shape[0] // images, qkv.shape[1] // (3 * heads)
     if _use_triton(qkv) and qkv.dtype in (torch.bfloat16, torch.float16) and t <= 256 and hd <= 128:
         return vision_attention_triton(qkv, images, heads)
@@ -125,17 +77,41 @@ def vision_attention_torch(qkv: torch.Tensor, images: int, heads: int) -> torch.
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, heads * hd)
 
 
-def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q: int = 64,
-                            warps: int = 4) -> torch.Tensor:
+def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q: int = 64, warps: int = 4,
+                            split_d: bool = True) -> torch.Tensor:
+    """`split_d`: a head's columns as two power-of-two parts (72 → 64 + 16), else padded to one."""
     import triton
 
-    from pi0_policy_ros.engine import kernels_vision_triton as KV
+    from pi0_policy_ros.engine import kernels_attention_triton as KA
     rows = qkv.shape[0]
     t, hd = rows // images, qkv.shape[1] // (3 * heads)
+    d_lo = max(16, triton.next_power_of_2(hd) // (2 if split_d and hd & (hd - 1) else 1))
+    d_hi = max(16, triton.next_power_of_2(hd - d_lo)) if hd > d_lo else 0
     out = torch.empty(rows, heads * hd, dtype=qkv.dtype, device=qkv.device)
-    KV.vision_attention_kernel[(images * heads, triton.cdiv(t, block_q))](
+    KA.vision_attention_kernel[(images * heads, triton.cdiv(t, block_q))](
         qkv, out, t, qkv.stride(0), out.stride(0), hd**-0.5, HEADS=heads, HD=hd, BLOCK_Q=block_q,
-        BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_D=max(16, triton.next_power_of_2(hd)), num_warps=warps)
+        BLOCK_T=max(16, triton.next_power_of_2(t)), D_LO=d_lo, D_HI=d_hi, num_warps=warps)
+    return out
+
+
+# prefix_attention_triton's (BLOCK_M, BLOCK_N, warps, stages); placeholder until measured
+_PREFIX_ATTENTION_CONFIG = (32, 64, 4, 2)
+
+
+def prefix_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """q [P, heads·hd] over the one KV head's keys / values [P, hd] with the additive key mask
+    `bias` (any shape of P elements, contiguous) → [P, heads·hd] (`kernels_attention_triton`)."""
+    import triton
+
+    from pi0_policy_ros.engine import kernels_attention_triton as KA
+    block_m, block_n, warps, stages = config or _PREFIX_ATTENTION_CONFIG
+    p, hd = keys.shape
+    rows = q.numel() // hd
+    out = torch.empty_like(q)
+    KA.prefix_attention_kernel[(triton.cdiv(rows, block_m),)](
+        q, keys, values, bias, out, rows, p, keys.stride(0), hd**-0.5, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages)
     return out
 
 
