@@ -6,7 +6,7 @@ Parts (`--parts`, comma-separated):
   (TMA) into float32 partials + a row kernel summing them (both defined here: not kept in the
   engine, run 155), for a sweep of tiles, splits, warps and stages; 27 distinct weights a graph.
 - `attention`: SigLIP's attention of one layer (SDPA on the permuted views against
-  `vision_attention_kernel`, head columns split 64 + 16 or padded to 128), and the prefix's
+  `vision_attention_kernel`), and the prefix's
   (544 rows, 8 query heads on one KV head of 256, 536 valid keys: torch's flash varlen as the
   engine ran it against `prefix_attention_kernel` for a sweep of row / key blocks, warps, stages).
 - `stage`: the bench engine's vision and prefix stages (2 valid images, 24 prompt tokens) as
@@ -130,16 +130,15 @@ def time_vision_attention(result: dict) -> dict:
     qkv = torch.randn(ROWS, 3 * WIDTH, device="cuda", generator=gen).to(torch.bfloat16)
     ref = rowops.vision_attention_torch(qkv, 2, HEADS)
     rows = {"sdpa": {"us": round(graph_time_us(lambda i: rowops.vision_attention_torch(qkv, 2, HEADS), LAYERS)[0], 2)}}
-    for split_d in (True, False):
-        for block_q in (64, 128):
-            for warps in (4, 8):
-                kw = {"block_q": block_q, "warps": warps, "split_d": split_d}
-                us, out = graph_time_us(lambda i, kw=kw: rowops.vision_attention_triton(qkv, 2, HEADS, **kw), LAYERS)
-                rows[str(kw)] = {"us": round(us, 2), "max_diff": float((out.float() - ref.float()).abs().max()), **kw}
+    for block_q in (64, 128):
+        for warps in (4, 8):
+            kw = {"block_q": block_q, "warps": warps}
+            us, out = graph_time_us(lambda i, kw=kw: rowops.vision_attention_triton(qkv, 2, HEADS, **kw), LAYERS)
+            rows[str(kw)] = {"us": round(us, 2), "max_diff": float((out.float() - ref.float()).abs().max()), **kw}
     best = min((r["us"], n) for n, r in rows.items() if n != "sdpa")[1]
     result["vision_attention"] = {"variants": rows, "best": best}
     print("vision attention", json.dumps(rows), flush=True)
-    return {k: rows[best][k] for k in ("block_q", "warps", "split_d")}
+    return {k: rows[best][k] for k in ("block_q", "warps")}
 
 
 def time_prefix_attention(result: dict) -> tuple[int, int, int, int]:
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     if "splitk" in parts:
         time_splitk(result)
-    vision_kw, prefix_cfg = {"block_q": 64, "warps": 4, "split_d": True}, rowops._PREFIX_ATTENTION_CONFIG
+    vision_kw, prefix_cfg = {"block_q": 64, "warps": 4}, rowops._PREFIX_ATTENTION_CONFIG
     if "attention" in parts:
         vision_kw = time_vision_attention(result)
         prefix_cfg = time_prefix_attention(result)

@@ -3,7 +3,8 @@
 `vision_attention_kernel`: SigLIP's attention per (image, head) with all of an image's 256 keys in
 one block, reading q, k and v straight from the fused qkv rows and writing the out projection's
 row layout. torch's SDPA (cuDNN) took 9.2 µs a layer on the H100 plus a memset; this 7.9 (notes
-attempt 53).
+attempt 53). A form splitting a head's 72 columns as 64 + 16 for the MMAs (instead of padding them
+to 128) made illegal memory accesses on the H100 at SigLIP's size (run 156) and is not kept.
 
 `prefix_attention_kernel`: PaliGemma's prefix attention, the 8 query heads as rows of the one KV
 head, flash-style over blocks of keys with the additive key mask. torch's flash varlen runs 64-row
@@ -18,47 +19,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _vision_head_part(base, rows, row_mask, stride, D0: tl.constexpr, BLOCK: tl.constexpr, HD: tl.constexpr):
-    """Columns [D0, D0 + BLOCK) of one head's rows (columns ≥ HD read as 0)."""
-    d = D0 + tl.arange(0, BLOCK)
-    return tl.load(base + rows[:, None] * stride + d[None, :], mask=row_mask[:, None] & (d < HD)[None, :], other=0.0)
-
-
-@triton.jit
 def vision_attention_kernel(qkv_ptr, out_ptr, T, stride_qkv, stride_out, scale,
                             HEADS: tl.constexpr, HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
-                            D_LO: tl.constexpr, D_HI: tl.constexpr):
+                            BLOCK_D: tl.constexpr):
     """Program (image · HEADS + head, query block): softmax(q·kᵀ · scale)·v over the image's T
     tokens (all in one block: BLOCK_T ≥ T). qkv rows [N·T, 3·HEADS·HD] are (q | k | v), each head
-    after head; out rows [N·T, HEADS·HD] the same head order. A head's columns are taken as two
-    power-of-two parts, [0, D_LO) and [D_LO, D_LO + D_HI) (D_HI = 0: one part), so that SigLIP's 72
-    columns cost 64 + 16 in the MMAs rather than 128. The scores are float32; P is rounded to v's
-    dtype for P·v and the sum divides the output once, as flash attention does."""
+    after head; out rows [N·T, HEADS·HD] the same head order; a head's HD columns are padded to
+    BLOCK_D with zeros. The scores are float32; P is rounded to v's dtype for P·v and the sum
+    divides the output once, as flash attention does."""
     image = tl.program_id(0) // HEADS
     head = tl.program_id(0) % HEADS
     q_rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     keys = tl.arange(0, BLOCK_T)
-    q_base = qkv_ptr + (image * T).to(tl.int64) * stride_qkv + head * HD
-    k_base = q_base + HEADS * HD
-    v_base = k_base + HEADS * HD
-    q_ok, k_ok = q_rows < T, keys < T
-    s = tl.dot(_vision_head_part(q_base, q_rows, q_ok, stride_qkv, 0, D_LO, HD),
-               _vision_head_part(k_base, keys, k_ok, stride_qkv, 0, D_LO, HD).T)
-    if D_HI > 0:
-        s = tl.dot(_vision_head_part(q_base, q_rows, q_ok, stride_qkv, D_LO, D_HI, HD),
-                   _vision_head_part(k_base, keys, k_ok, stride_qkv, D_LO, D_HI, HD).T, s)
-    s = tl.where(k_ok[None, :], s * scale, float("-inf"))
+    d = tl.arange(0, BLOCK_D)
+    base = qkv_ptr + (image * T).to(tl.int64) * stride_qkv + head * HD
+    q_mask = (q_rows < T)[:, None] & (d < HD)[None, :]
+    k_mask = (keys < T)[:, None] & (d < HD)[None, :]
+    q = tl.load(base + q_rows[:, None] * stride_qkv + d[None, :], mask=q_mask, other=0.0)
+    k = tl.load(base + HEADS * HD + keys[:, None] * stride_qkv + d[None, :], mask=k_mask, other=0.0)
+    v = tl.load(base + 2 * HEADS * HD + keys[:, None] * stride_qkv + d[None, :], mask=k_mask, other=0.0)
+    s = tl.dot(q, k.T) * scale
+    s = tl.where((keys < T)[None, :], s, float("-inf"))
     p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    inv_sum = 1.0 / tl.sum(p, axis=1)
-    p = p.to(qkv_ptr.dtype.element_ty)
-    dst = out_ptr + (image * T + q_rows)[:, None].to(tl.int64) * stride_out + head * HD
-    d = tl.arange(0, D_LO)
-    o = tl.dot(p, _vision_head_part(v_base, keys, k_ok, stride_qkv, 0, D_LO, HD)) * inv_sum[:, None]
-    tl.store(dst + d[None, :], o.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & (d < HD)[None, :])
-    if D_HI > 0:
-        d = D_LO + tl.arange(0, D_HI)
-        o = tl.dot(p, _vision_head_part(v_base, keys, k_ok, stride_qkv, D_LO, D_HI, HD)) * inv_sum[:, None]
-        tl.store(dst + d[None, :], o.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & (d < HD)[None, :])
+    o = tl.dot(p.to(v.dtype), v) / tl.sum(p, axis=1)[:, None]
+    dst = out_ptr + (image * T + q_rows)[:, None].to(tl.int64) * stride_out + head * HD + d[None, :]
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -83,9 +68,13 @@ def prefix_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, R, P, stride
         v = tl.load(v_ptr + keys[:, None] * stride_kv + d[None, :], mask=key_ok[:, None], other=0.0)
         bias = tl.load(bias_ptr + keys, mask=key_ok, other=float("-inf")).to(tl.float32)
         s = tl.dot(q, k.T) * scale + bias[None, :]
+        # the running max, taken as 0 while every key so far is masked by -inf (float16's mask
+        # value): then alpha and p are 0 instead of NaN. bfloat16's finite mask value gives the
+        # masked keys weight until a real score arrives, and alpha = 0 then drops them.
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)  # 0 on the first block (m = -inf)
-        p = tl.exp(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)  # 0 on the first block (m = -inf)
+        p = tl.exp(s - m_use[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new

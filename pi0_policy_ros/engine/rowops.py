@@ -77,20 +77,17 @@ def vision_attention_torch(qkv: torch.Tensor, images: int, heads: int) -> torch.
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, heads * hd)
 
 
-def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q: int = 64, warps: int = 4,
-                            split_d: bool = True) -> torch.Tensor:
-    """`split_d`: a head's columns as two power-of-two parts (72 → 64 + 16), else padded to one."""
+def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q: int = 64,
+                            warps: int = 4) -> torch.Tensor:
     import triton
 
     from pi0_policy_ros.engine import kernels_attention_triton as KA
     rows = qkv.shape[0]
     t, hd = rows // images, qkv.shape[1] // (3 * heads)
-    d_lo = max(16, triton.next_power_of_2(hd) // (2 if split_d and hd & (hd - 1) else 1))
-    d_hi = max(16, triton.next_power_of_2(hd - d_lo)) if hd > d_lo else 0
     out = torch.empty(rows, heads * hd, dtype=qkv.dtype, device=qkv.device)
     KA.vision_attention_kernel[(images * heads, triton.cdiv(t, block_q))](
         qkv, out, t, qkv.stride(0), out.stride(0), hd**-0.5, HEADS=heads, HD=hd, BLOCK_Q=block_q,
-        BLOCK_T=max(16, triton.next_power_of_2(t)), D_LO=d_lo, D_HI=d_hi, num_warps=warps)
+        BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_D=max(16, triton.next_power_of_2(hd)), num_warps=warps)
     return out
 
 
