@@ -5,10 +5,10 @@ Parts (`--parts`, comma-separated):
   LayerNorm row kernel after it: cuBLAS + the engine's row kernel against a split-K Triton GEMM
   (TMA) into float32 partials + a row kernel summing them (both defined here: not kept in the
   engine, run 155), for a sweep of tiles, splits, warps and stages; 27 distinct weights a graph.
-- `attention`: SigLIP's attention of one layer (SDPA on the permuted views against
-  `vision_attention_kernel`), and the prefix's
-  (544 rows, 8 query heads on one KV head of 256, 536 valid keys: torch's flash varlen as the
-  engine ran it against `prefix_attention_kernel` for a sweep of row / key blocks, warps, stages).
+- `attention`: SigLIP's attention of one layer (SDPA on the permuted views against the engine's
+  `vision_attention_kernel`), and the prefix's (544 rows, 8 query heads on one KV head of 256, 536
+  valid keys: torch's flash varlen, what the engine runs, against a Triton flash kernel defined
+  here, for a sweep of row / key blocks, warps and stages; not kept in the engine, run 157).
 - `stage`: the bench engine's vision and prefix stages (2 valid images, 24 prompt tokens) as
   graphs, with torch's attention and with the Triton kernels (the best configs of `attention`),
   in two interleaved rounds. (Run 155's form of this script, ddab67f, also timed both stages with
@@ -125,6 +125,55 @@ def time_splitk(result: dict) -> None:
 
 
 # ---- attention ----------------------------------------------------------------------------------
+@triton.jit
+def _prefix_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, R, P, stride_kv, scale,
+                            HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (block of BLOCK_M query rows): softmax(q·kᵀ · scale + bias)·v over the P keys, with
+    an online softmax over blocks of BLOCK_N keys. q rows [R, HD] (contiguous: the query heads as
+    rows of the one KV head), keys and values [P, HD] (rows stride_kv apart), bias [P] the additive
+    key mask (0 or the model's large negative mask value), out rows [R, HD]. At least one key must
+    be unmasked (the prefix always has one)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HD)
+    row_ok = (rows < R)[:, None]
+    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * HD + d[None, :], mask=row_ok, other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HD], tl.float32)
+    for k0 in range(0, P, BLOCK_N):
+        keys = k0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < P
+        k = tl.load(k_ptr + keys[:, None] * stride_kv + d[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + keys[:, None] * stride_kv + d[None, :], mask=key_ok[:, None], other=0.0)
+        bias = tl.load(bias_ptr + keys, mask=key_ok, other=float("-inf")).to(tl.float32)
+        s = tl.dot(q, k.T) * scale + bias[None, :]
+        # the running max, taken as 0 while every key so far is masked by -inf (float16's mask
+        # value): then alpha and p are 0 instead of NaN. bfloat16's finite mask value gives the
+        # masked keys weight until a real score arrives, and alpha = 0 then drops them.
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)  # 0 on the first block (m = -inf)
+        p = tl.exp(s - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * HD + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok)
+
+
+def prefix_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                            config: tuple[int, int, int, int]) -> torch.Tensor:
+    """q [P, heads·hd] over the one KV head's keys / values [P, hd], additive key mask `bias`."""
+    block_m, block_n, warps, stages_ = config
+    p, hd = keys.shape
+    rows = q.numel() // hd
+    out = torch.empty_like(q)
+    _prefix_attention_kernel[(triton.cdiv(rows, block_m),)](
+        q, keys, values, bias, out, rows, p, keys.stride(0), hd**-0.5, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages_)
+    return out
+
+
 def time_vision_attention(result: dict) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(1)
     qkv = torch.randn(ROWS, 3 * WIDTH, device="cuda", generator=gen).to(torch.bfloat16)
@@ -165,7 +214,7 @@ def time_prefix_attention(result: dict) -> tuple[int, int, int, int]:
                 for stages_ in (2, 3):
                     cfg = (block_m, block_n, warps, stages_)
                     try:
-                        us, out = graph_time_us(lambda i, cfg=cfg: rowops.prefix_attention_triton(q, k, v, bias, cfg),
+                        us, out = graph_time_us(lambda i, cfg=cfg: prefix_attention_triton(q, k, v, bias, cfg),
                                                 PREFIX_LAYERS)
                     except Exception as e:  # out of shared memory or registers: recorded, skipped
                         table[str(cfg)] = {"error": str(e).splitlines()[0][:160]}
@@ -182,20 +231,10 @@ def time_stages(result: dict, vision_kw: dict, prefix_cfg: tuple[int, int, int, 
     engine = bench_pi05_engine()
     buf, rows = engine.buf, engine.last_prefix_rows
     torch_prefix_attention = stages.prefix_attention
-
-    def without_triton_prefix(q, keys, values, bias, seq_ends):
-        original = stages.triton_attention_usable
-        stages.triton_attention_usable = lambda q, hd: False
-        try:
-            return torch_prefix_attention(q, keys, values, bias, seq_ends)
-        finally:
-            stages.triton_attention_usable = original
-
     variants = {
-        "torch": (rowops.vision_attention_torch, without_triton_prefix),
+        "torch": (rowops.vision_attention_torch, torch_prefix_attention),
         "triton": (lambda qkv, images, heads: rowops.vision_attention_triton(qkv, images, heads, **vision_kw),
-                   lambda q, keys, values, bias, seq_ends: rowops.prefix_attention_triton(q, keys, values, bias,
-                                                                                          prefix_cfg)),
+                   lambda q, keys, values, bias, seq_ends: prefix_attention_triton(q, keys, values, bias, prefix_cfg)),
     }
     out: dict[str, dict] = {}
     ref: dict[str, torch.Tensor] = {}
@@ -227,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     if "splitk" in parts:
         time_splitk(result)
-    vision_kw, prefix_cfg = {"block_q": 64, "warps": 4}, rowops._PREFIX_ATTENTION_CONFIG
+    vision_kw, prefix_cfg = {"block_q": 64, "warps": 4}, (64, 64, 4, 2)
     if "attention" in parts:
         vision_kw = time_vision_attention(result)
         prefix_cfg = time_prefix_attention(result)

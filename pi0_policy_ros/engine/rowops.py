@@ -63,7 +63,7 @@ def residual_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, bias: torch.Ten
 def vision_attention(qkv: torch.Tensor, images: int, heads: int) -> torch.Tensor:
     """SigLIP's attention from the fused qkv rows [images·T, 3·heads·hd] (q | k | v, head after
     head) to rows [images·T, heads·hd]. One Triton kernel on CUDA in half precision with T ≤ 256
-    (`kernels_attention_triton`); elsewhere torch's SDPA on the permuted views."""
+    (`kernels_vision_triton`); elsewhere torch's SDPA on the permuted views."""
     t, hd = qkv.shape[0] // images, qkv.shape[1] // (3 * heads)
     if _use_triton(qkv) and qkv.dtype in (torch.bfloat16, torch.float16) and t <= 256 and hd <= 128:
         return vision_attention_triton(qkv, images, heads)
@@ -81,34 +81,13 @@ def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q:
                             warps: int = 4) -> torch.Tensor:
     import triton
 
-    from pi0_policy_ros.engine import kernels_attention_triton as KA
+    from pi0_policy_ros.engine import kernels_vision_triton as KV
     rows = qkv.shape[0]
     t, hd = rows // images, qkv.shape[1] // (3 * heads)
     out = torch.empty(rows, heads * hd, dtype=qkv.dtype, device=qkv.device)
-    KA.vision_attention_kernel[(images * heads, triton.cdiv(t, block_q))](
+    KV.vision_attention_kernel[(images * heads, triton.cdiv(t, block_q))](
         qkv, out, t, qkv.stride(0), out.stride(0), hd**-0.5, HEADS=heads, HD=hd, BLOCK_Q=block_q,
         BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_D=max(16, triton.next_power_of_2(hd)), num_warps=warps)
-    return out
-
-
-# prefix_attention_triton's (BLOCK_M, BLOCK_N, warps, stages); placeholder until measured
-_PREFIX_ATTENTION_CONFIG = (32, 64, 4, 2)
-
-
-def prefix_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                            config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """q [P, heads·hd] over the one KV head's keys / values [P, hd] with the additive key mask
-    `bias` (any shape of P elements, contiguous) → [P, heads·hd] (`kernels_attention_triton`)."""
-    import triton
-
-    from pi0_policy_ros.engine import kernels_attention_triton as KA
-    block_m, block_n, warps, stages = config or _PREFIX_ATTENTION_CONFIG
-    p, hd = keys.shape
-    rows = q.numel() // hd
-    out = torch.empty_like(q)
-    KA.prefix_attention_kernel[(triton.cdiv(rows, block_m),)](
-        q, keys, values, bias, out, rows, p, keys.stride(0), hd**-0.5, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages)
     return out
 
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from pi0_policy_ros.engine.buffers import DeviceBuffers
 from pi0_policy_ros.engine.preprocess import ImagePreprocessor, plan_resize
-from pi0_policy_ros.engine.rowops import (fp8_linear_residual, geglu, geglu_quantized, prefix_attention_triton,
-                                          residual_layer_norm, rope_qkv, triton_available, vision_attention)
+from pi0_policy_ros.engine.rowops import (fp8_linear_residual, geglu, geglu_quantized, residual_layer_norm,
+                                          rope_qkv, vision_attention)
 from pi0_policy_ros.engine.tables import rope_tables, suffix_attention_bias, suffix_positions
 from pi0_policy_ros.engine.types import EngineShape, PrefixRows
 from pi0_policy_ros.engine.weights import ExpertWeights, PrefixWeights, VisionWeights
@@ -28,12 +28,6 @@ def flash_varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def triton_attention_usable(q: torch.Tensor, hd: int) -> bool:
-    """`prefix_attention_triton`: CUDA with Triton, half precision, a power-of-two head of ≤ 256."""
-    return (q.is_cuda and triton_available() and q.dtype in (torch.float16, torch.bfloat16)
-            and hd & (hd - 1) == 0 and 16 <= hd <= 256)
-
-
 def prefix_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
                      seq_ends: torch.Tensor | None) -> torch.Tensor:
     """q [P, heads·hd] over the one KV head's keys / values [P, hd] → [P, heads·hd].
@@ -45,8 +39,6 @@ def prefix_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     544 rows, 20.8 against 40.2 µs (H100, notes attempt 14). Elsewhere (CPU, float32): the mask."""
     p, hd = keys.shape
     rows = q.numel() // hd
-    if triton_attention_usable(q, hd):
-        return prefix_attention_triton(q, keys, values, bias)
     if seq_ends is not None and flash_varlen_usable(q.device, q.dtype):
         out = torch.ops.aten._flash_attention_forward(q.view(rows, 1, hd), keys[:, None], values[:, None],
                                                       seq_ends[0], seq_ends[1], rows, p, 0.0, False, False)[0]
