@@ -113,9 +113,6 @@ class ReplaySetup:
             topics[self.output_topic("~/joint_trajectory")] = JOINT_TRAJECTORY_TYPE
         return topics
 
-    def input_for_bag_topic(self) -> dict[str, InputTopic]:
-        return {topic.bag_topic: topic for topic in self.inputs}
-
 
 def make_setup(params_file: str | Path, overrides: Mapping[str, Any] | None = None,
                remaps: Sequence[str] = (), namespace: str = "/", node_name: str = NODE_NAME) -> ReplaySetup:

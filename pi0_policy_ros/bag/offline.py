@@ -58,11 +58,6 @@ class TickRecord:
     chunk: ActionChunk | None = None
 
 
-def decode_image(compressed: bool, msg: Any) -> np.ndarray:
-    """The node's `_decode`: the message type follows the camera's `camera_types` entry."""
-    return convert.compressed_image_to_rgb(msg) if compressed else convert.image_to_rgb(msg)
-
-
 def _decoder(compressed: bool) -> Callable[[Any], np.ndarray]:
     return convert.compressed_image_to_rgb if compressed else convert.image_to_rgb
 

@@ -372,12 +372,6 @@ class Engine:
         self.last_timings_ms = timings
         return actions
 
-    def replay_stage(self, name: str, rows: PrefixRows | None = None) -> None:
-        """Replay one captured stage (benchmarks) for `rows` (default: the last inference's);
-        inputs are whatever the buffers hold."""
-        for graph in self._stage_graphs(rows or self.last_prefix_rows)[name]:
-            graph.replay()
-
     def _infer_eager(self, batch: EngineBatch, guidance: EngineGuidance | None) -> np.ndarray:
         batch.check(self.shape)
         t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from torch import nn
 
 from pi0_policy_ros.model.config import GemmaConfig, SiglipConfig
 from pi0_policy_ros.model.gemma import GemmaStack
-from pi0_policy_ros.model.pi0 import Pi0Model, euler_times
+from pi0_policy_ros.model.pi0 import Pi0Model
 from pi0_policy_ros.model.siglip import SiglipVisionTower
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -242,7 +242,3 @@ def fuse_expert(model: Pi0Model, dtype: torch.dtype, device: torch.device) -> Ex
     sp = model.state_proj
     state = Linear(sp.weight.detach().to(device, f32).contiguous(), sp.bias.detach().to(device, f32).contiguous())
     return ExpertWeights(cfg.expert, layers, action_in, out_head, time_out, state)
-
-
-def step_times(num_steps: int) -> list[float]:
-    return euler_times(num_steps)
