@@ -1,8 +1,9 @@
-"""The prefix's fused row kernels (`engine/rowops.py`) against their torch forms.
+"""The vision and prefix stages' Triton kernels (`engine/rowops.py`) against their torch forms.
 
 Run as `TRITON_INTERPRET=1 python -m test.triton_prefix_check` on the CPU, or with `--device cuda`
 on a GPU. Checks RoPE into q and the K/V cache rows (with and without q heads, a row count that
-is not a multiple of the row block), residual + bias + LayerNorm, GEGLU, and GEGLU + per-row e4m3
+is not a multiple of the row block), residual + bias + LayerNorm, SigLIP's attention from the fused
+qkv rows (token and head sizes that are not powers of two), GEGLU, and GEGLU + per-row e4m3
 quantization in its one-pass and two-pass forms (equal to each other, the row scales right, and on
 a GPU the values equal to the torch GEGLU within e4m3 rounding), and the FP8 down projection with
 the residual in its epilogue.

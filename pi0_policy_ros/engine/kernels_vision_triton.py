@@ -2,9 +2,10 @@
 
 `vision_attention_kernel`: the attention per (image, head) with all of an image's 256 keys in one
 block, reading q, k and v straight from the fused qkv rows and writing the out projection's row
-layout. On the H100 (notes attempt 53): 7.9 µs a layer against 9.2-9.4 for torch's SDPA (cuDNN)
-on the permuted views; the vision stage 1.64-1.65 → 1.54-1.58 ms (run 157). A form splitting a head's 72 columns as 64 + 16 for the MMAs (instead of padding them
-to 128) made illegal memory accesses on the H100 at SigLIP's size (run 156) and is not kept.
+layout. On the H100 (notes attempt 53): 7.9 µs a layer against 9.2-9.4 for torch's SDPA (cuDNN) on
+the permuted views; vision 1.67-1.70 → 1.62-1.64 ms in the bench (run 158). A form splitting a
+head's 72 columns as 64 + 16 for the MMAs (instead of padding them to 128) made illegal memory
+accesses on the H100 at SigLIP's size (run 156) and is not kept.
 """
 
 from __future__ import annotations

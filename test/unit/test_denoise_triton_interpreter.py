@@ -1,7 +1,7 @@
 """The Triton denoise kernels under Triton's CPU interpreter: each `CANDIDATES` config against
 the torch step and the default kernels, twice on the same buffers (`test/triton_interpreter_check.py`),
-and the `rtc` step's backward against autograd (`test/triton_rtc_check.py`), and the prefix's row
-kernels against their torch forms (`test/triton_prefix_check.py`).
+and the `rtc` step's backward against autograd (`test/triton_rtc_check.py`), and the vision and
+prefix stages' kernels against their torch forms (`test/triton_prefix_check.py`).
 Skipped where Triton is not installed (requirements-dev.txt installs it). A process of its own,
 because `TRITON_INTERPRET=1` must be set before Triton decorates the kernels."""
 
@@ -55,5 +55,6 @@ def test_rtc_backward_matches_autograd_under_interpreter(geometry: list[str]) ->
 
 
 def test_prefix_row_kernels_under_interpreter() -> None:
-    """`test/triton_prefix_check.py`: the prefix's RoPE / GEGLU / quantization kernels."""
+    """`test/triton_prefix_check.py`: the prefix's RoPE / GEGLU / quantization kernels, vision's
+    residual + LayerNorm and attention."""
     _check_under_interpreter("test.triton_prefix_check", timeout=600)
