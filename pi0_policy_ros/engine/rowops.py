@@ -25,6 +25,9 @@ _ONE_PASS_MAX = 16384  # GEGLU + quantization keeps rows up to this long in regi
 # fp8_linear_residual's tiles (BLOCK_M, BLOCK_N, BLOCK_K), warps, stages: Gemma's down projection at
 # 544 rows in 45 µs against 59 for cuBLASLt + the add (H100, `bench/prefix_mlp_probe.py`, run 78)
 _FP8_RESIDUAL_CONFIG = ((64, 128, 128), 4, 4)
+# vision_attention_triton's query rows a program and warps: 7.9 µs a SigLIP layer, against 8.8-18.7
+# for 64 / 128 rows on 4 / 8 warps otherwise (H100, `bench/vision_micro.py`, run 157)
+VISION_ATTENTION_BLOCK_Q, VISION_ATTENTION_WARPS = 64, 4
 
 
 @functools.cache
@@ -62,10 +65,12 @@ def residual_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, bias: torch.Ten
 
 def vision_attention(qkv: torch.Tensor, images: int, heads: int) -> torch.Tensor:
     """SigLIP's attention from the fused qkv rows [images·T, 3·heads·hd] (q | k | v, head after
-    head) to rows [images·T, heads·hd]. One Triton kernel on CUDA in half precision with T ≤ 256
-    (`kernels_vision_triton`); elsewhere torch's SDPA on the permuted views."""
+    head) to rows [images·T, heads·hd]. One Triton kernel on sm_90 in half precision with T ≤ 256
+    (`kernels_vision_triton`): measured faster than SDPA there (the H100) and nowhere else yet;
+    elsewhere torch's SDPA on the permuted views."""
     t, hd = qkv.shape[0] // images, qkv.shape[1] // (3 * heads)
-    if _use_triton(qkv) and qkv.dtype in (torch.bfloat16, torch.float16) and t <= 256 and hd <= 128:
+    if (_use_triton(qkv) and torch.cuda.get_device_capability(qkv.device) == (9, 0)
+            and qkv.dtype in (torch.bfloat16, torch.float16) and t <= 256 and hd <= 128):
         return vision_attention_triton(qkv, images, heads)
     return vision_attention_torch(qkv, images, heads)
 
@@ -77,8 +82,8 @@ def vision_attention_torch(qkv: torch.Tensor, images: int, heads: int) -> torch.
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, heads * hd)
 
 
-def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q: int = 64,
-                            warps: int = 4) -> torch.Tensor:
+def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q: int = VISION_ATTENTION_BLOCK_Q,
+                            warps: int = VISION_ATTENTION_WARPS) -> torch.Tensor:
     import triton
 
     from pi0_policy_ros.engine import kernels_vision_triton as KV
