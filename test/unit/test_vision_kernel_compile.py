@@ -27,8 +27,6 @@ def test_siglip_attention_fits_sm90_shared_memory() -> None:
     constants = {"HEADS": cfg.num_heads, "HD": cfg.head_dim, "BLOCK_Q": VISION_ATTENTION_BLOCK_Q,
                  "BLOCK_T": triton.next_power_of_2(tokens), "BLOCK_D": triton.next_power_of_2(cfg.head_dim)}
     source = ASTSource(fn=KV.vision_attention_kernel, signature=signature, constexprs=constants)
-    try:
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": VISION_ATTENTION_WARPS})
-    except RuntimeError as e:  # ptxas or the CUDA backend missing from this Triton build
-        pytest.skip(f"Triton cannot compile for sm_90 here: {str(e).splitlines()[0]}")
+    # Triton's wheel brings its own ptxas, so this needs no CUDA install
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": VISION_ATTENTION_WARPS})
     assert 0 < kernel.metadata.shared <= H100_SHARED_MEMORY_PER_BLOCK
