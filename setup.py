@@ -35,7 +35,7 @@ setup(
     maintainer_email="maintainers@example.com",
     description="pi0 / pi0.5 vision-language-action policies as a ROS 2 lifecycle node",
     license="Apache-2.0",
-    tests_require=["pytest"],
+    extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
             "pi0_policy_node = pi0_policy_ros.ros.node:main",
