@@ -127,7 +127,7 @@ def time_splitk(result: dict) -> None:
 # ---- attention ----------------------------------------------------------------------------------
 @triton.jit
 def _prefix_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, R, P, stride_kv, scale,
-                            HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                             HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (block of BLOCK_M query rows): softmax(q·kᵀ · scale + bias)·v over the P keys, with
     an online softmax over blocks of BLOCK_N keys. q rows [R, HD] (contiguous: the query heads as
     rows of the one KV head), keys and values [P, HD] (rows stride_kv apart), bias [P] the additive
