@@ -70,3 +70,24 @@ def test_bfloat16_on_cpu_stays_near_openpis_own_bf16_error() -> None:
     assert model.language_model.layers[0].input_layernorm.weight.dtype == torch.float32
     assert model.action_out_proj.weight.dtype == torch.float32
     assert compare_with_reference(ref, model)["actions"] <= 5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attention_equals_the_explicit_softmax_with_fully_masked_rows(dtype: torch.dtype) -> None:
+    """`gemma.attention` runs torch's fused SDPA; it must be softmax(q·kᵀ/√hd + mask)·v computed in
+    float32, also for padded query rows whose every key is masked (uniform weights: the mask is finite
+    in float32), with 8 query heads on one KV head."""
+    from pi0_policy_ros.model.gemma import additive_mask, attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 8, 7, 16, generator=gen), torch.randn(1, 1, 7, 16, generator=gen), torch.randn(
+        1, 1, 7, 16, generator=gen)
+    pad = torch.tensor([True] * 5 + [False] * 2)
+    mask = additive_mask((pad[:, None] & pad[None, :])[None])
+    probs = torch.softmax(q.double() @ k.double().transpose(2, 3) * 16**-0.5 + mask.double(), dim=-1)
+    want = (probs @ v.double()).transpose(1, 2).reshape(1, 7, 8 * 16)
+    got = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask).double()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    assert torch.isfinite(got).all()
+    assert (got[:, :5] - want[:, :5]).abs().max() <= tol  # the valid rows
+    if dtype == torch.float32:  # the padded rows: the uniform average, as the explicit form gives
+        assert (got[:, 5:] - want[:, 5:]).abs().max() <= tol
