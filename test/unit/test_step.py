@@ -11,7 +11,7 @@ from pi0_policy_ros.control.observation_buffer import ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
 from pi0_policy_ros.control.scheduler import ChunkScheduler, SchedulerConfig
 from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, HOLD, HOLD_POSITION, INFERENCE_FAILED,
-                                         POLICY_REFUSED, PUBLISH, SAFETY_REJECT, WAIT, ControlStep,
+                                         POLICY_REFUSED, PUBLISH, SAFETY_REJECT, WAIT, ControlStep, StepResult,
                                          action_state_indices)
 from pi0_policy_ros.control.trajectory import plan_trajectory
 from pi0_policy_ros.errors import ConfigError, ObservationError
@@ -446,14 +446,20 @@ def test_clock_jitter_below_the_jump_tolerance_publishes(mode: str) -> None:
     assert step.scheduler_status().chunks_received == 3
 
 
+def _first_tick_at_rate(mode: str, control_rate_hz: float) -> StepResult:
+    """The first tick of a step in `mode` (execute_horizon 4) whose control loop runs at
+    `control_rate_hz`, with fresh inputs stamped at the tick."""
+    step = make_step(scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
+    step.buffer.config = ControlConfig(control_rate_hz=control_rate_hz, max_observation_age_s=0.3)
+    feed(step, 10.0)
+    return step.run(lambda: 10.0)
+
+
 @pytest.mark.parametrize("mode", ["naive", "rtc"])
 def test_the_first_point_sent_is_one_control_period_ahead(mode: str) -> None:
     # A 10 Hz control loop for 20 Hz actions: the lead is the control period (0.1 s), not the
     # action period; points closer than that are dropped.
-    step = make_step(scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
-    step.buffer.config = ControlConfig(control_rate_hz=10.0, max_observation_age_s=0.3)
-    feed(step, 10.0)
-    result = step.run(lambda: 10.0)
+    result = _first_tick_at_rate(mode, 10.0)
     assert result.published and result.plan.first_index == 2
     np.testing.assert_allclose(result.plan.times_from_start_s[:2], [0.1, 0.15])
 
@@ -489,10 +495,7 @@ def test_a_control_period_off_the_action_grid_still_sends_the_chunk_to_its_last_
     # the chunk's last action was never sent: a robot whose next chunk came late stopped short of it,
     # while the next RTC request took that last action as the position held. The points are the
     # chunk's own actions, from the first at least a control period ahead to the last.
-    step = make_step(scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
-    step.buffer.config = ControlConfig(control_rate_hz=30.0, max_observation_age_s=0.3)
-    feed(step, 10.0)
-    result = step.run(lambda: 10.0)
+    result = _first_tick_at_rate(mode, 30.0)
     assert result.published, result.reason
     chunk = expected_actions(PROFILE, STATE, {"cam_a": IMAGE, "cam_b": IMAGE})
     plan = result.plan
