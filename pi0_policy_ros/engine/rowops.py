@@ -68,16 +68,21 @@ def vision_attention(qkv: torch.Tensor, images: int, heads: int) -> torch.Tensor
     head) to rows [images·T, heads·hd]. One Triton kernel on sm_90 in half precision with T ≤ 256
     (`kernels_vision_triton`): measured faster than SDPA there (the H100) and nowhere else yet;
     elsewhere torch's SDPA on the permuted views."""
-    t, hd = qkv.shape[0] // images, qkv.shape[1] // (3 * heads)
+    t, hd = _tokens_and_head_dim(qkv, images, heads)
     if (_use_triton(qkv) and torch.cuda.get_device_capability(qkv.device) == (9, 0)
             and qkv.dtype in (torch.bfloat16, torch.float16) and t <= 256 and hd <= 128):
         return vision_attention_triton(qkv, images, heads)
     return vision_attention_torch(qkv, images, heads)
 
 
+def _tokens_and_head_dim(qkv: torch.Tensor, images: int, heads: int) -> tuple[int, int]:
+    """Tokens an image and columns a head of fused qkv rows [images·T, 3·heads·hd]."""
+    return qkv.shape[0] // images, qkv.shape[1] // (3 * heads)
+
+
 def vision_attention_torch(qkv: torch.Tensor, images: int, heads: int) -> torch.Tensor:
     rows = qkv.shape[0]
-    t, hd = rows // images, qkv.shape[1] // (3 * heads)
+    t, hd = _tokens_and_head_dim(qkv, images, heads)
     q, k, v = qkv.view(images, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # [images, heads, T, hd] each
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, heads * hd)
 
@@ -88,7 +93,7 @@ def vision_attention_triton(qkv: torch.Tensor, images: int, heads: int, block_q:
 
     from pi0_policy_ros.engine import kernels_vision_triton as KV
     rows = qkv.shape[0]
-    t, hd = rows // images, qkv.shape[1] // (3 * heads)
+    t, hd = _tokens_and_head_dim(qkv, images, heads)
     out = torch.empty(rows, heads * hd, dtype=qkv.dtype, device=qkv.device)
     KV.vision_attention_kernel[(images * heads, triton.cdiv(t, block_q))](
         qkv, out, t, qkv.stride(0), out.stride(0), hd**-0.5, HEADS=heads, HD=hd, BLOCK_Q=block_q,
