@@ -72,6 +72,15 @@ class ControlMonitor:
             self._latency.clear()
             self._active = True
 
+    def change_rate(self, control_rate_hz: float, now_s: float) -> None:
+        """A new target rate while running: the achieved rate is measured afresh from now, and the
+        gap before the first tick at the new rate is not counted as skipped ticks of it. A window
+        over both rates read as slow (or as too fast) for up to `rate_window_s` after a change."""
+        with self._lock:
+            self.control_rate_hz = control_rate_hz
+            self._rate.reset(now_s)
+            self._last_tick_s = None
+
     def stop(self) -> None:
         with self._lock:
             self._active = False
@@ -167,7 +176,10 @@ class ControlMonitor:
                 return HealthReport(OK, "inactive", values)
             if self._hold_reason:
                 return HealthReport(self._hold_level, f"holding: {self._hold_reason}", values)
-            if self._chunks and rate_hz < SLOW_RATE_FRACTION * self.control_rate_hz:
+            # Slow only over a window of at least two target periods: right after activation or a rate
+            # change, the first tick at the new rate is not due yet.
+            measured = self._rate.span_s(now_s) >= 2.0 / self.control_rate_hz
+            if self._chunks and measured and rate_hz < SLOW_RATE_FRACTION * self.control_rate_hz:
                 return HealthReport(WARN, f"slow: {rate_hz:.2f} Hz of {self.control_rate_hz:.2f} Hz target", values)
             return HealthReport(OK, f"running at {rate_hz:.2f} Hz", values)
 

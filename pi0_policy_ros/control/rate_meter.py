@@ -33,13 +33,17 @@ class RateMeter:
             self._start_s = t_s
         self._events.append(t_s)
 
-    def rate_hz(self, now_s: float) -> float:
+    def span_s(self, now_s: float) -> float:
+        """How long the window behind `rate_hz(now_s)` is: `window_s`, or less since the reset."""
         if self._start_s is None:
             return 0.0
-        window_start = max(self._start_s, now_s - self._window_s)
-        span_s = now_s - window_start
+        return max(0.0, now_s - max(self._start_s, now_s - self._window_s))
+
+    def rate_hz(self, now_s: float) -> float:
+        span_s = self.span_s(now_s)
         if span_s <= 0.0:
             return 0.0
+        window_start = now_s - span_s
         count = sum(1 for t in self._events if t > window_start)
         return count / span_s
 

@@ -41,8 +41,8 @@ from pi0_policy_ros.control.observation_buffer import ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.scheduler import (INDEX_TOLERANCE, ChunkScheduler, InferenceRequest, SchedulerConfig,
                                               SchedulerStatus)
-from pi0_policy_ros.control.trajectory import (TrajectoryPlan, expired_reason, finite_difference_velocities,
-                                               plan_trajectory, rest_at_end)
+from pi0_policy_ros.control.trajectory import (TrajectoryPlan, check_control_period, expired_reason,
+                                               finite_difference_velocities, plan_trajectory, rest_at_end)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 
@@ -151,8 +151,16 @@ class ControlStep:
 
     def prepare(self, horizon: int, period_s: float) -> None:
         """Build the scheduler for chunks of `horizon` actions `period_s` apart (the node does it at
-        configure, after the warm-up chunk, so that a bad `execute_horizon` fails configure). ConfigError."""
+        configure, after the warm-up chunk, so that a bad `execute_horizon` or a control period too
+        long for the chunk fails configure). ConfigError."""
+        check_control_period(self.buffer.config.control_period_s, horizon, period_s)
         self._scheduler = self._new_scheduler(period_s, horizon)
+
+    def check_control_period(self, control_period_s: float) -> None:
+        """ConfigError when chunks of the prepared geometry could never be sent at this control
+        period (`trajectory.check_control_period`); nothing to check before `prepare`."""
+        if self._scheduler is not None:
+            check_control_period(control_period_s, self._scheduler.horizon, self._scheduler.period_s)
 
     def _new_scheduler(self, period_s: float, horizon: int) -> ChunkScheduler:
         # Each chunk's first point is sent one control period ahead (min_lead_s in run).
@@ -266,7 +274,8 @@ class ControlStep:
         now_s = self._monotonic(now_s)
         min_lead_s = self.buffer.config.control_period_s
         try:
-            if scheduler is None:
+            if scheduler is None:  # not prepared (the offline replay): the first chunk gives the geometry
+                check_control_period(min_lead_s, chunk.horizon, chunk.period_s)
                 scheduler = self._scheduler = self._new_scheduler(chunk.period_s, chunk.horizon)
                 request = scheduler.begin(start_s, stamp_s)
             assert request is not None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pi0_policy_ros.errors import Pi0PolicyError
+from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
 
 NS_PER_S = 1_000_000_000
 
@@ -96,6 +96,21 @@ def expired_reason(horizon: int, period_s: float, stamp_s: float, now_s: float, 
     return (f"chunk expired: expected its last action >= {min_lead_s:.3f} s ahead, found "
             f"{last_ahead_s:.3f} s (observation {now_s - stamp_s:.3f} s old at publish; "
             f"horizon {horizon} x {period_s:.3f} s)")
+
+
+def check_control_period(control_period_s: float, horizon: int, period_s: float) -> None:
+    """ConfigError when no point of a chunk could ever be sent: every point goes out at least one
+    control period ahead (`plan_trajectory`'s min_lead_s in the node), and the last action of a chunk
+    lies (horizon - 1) action periods after its observation, less the inference latency. Before
+    this check such a rate held every tick with "chunk expired"."""
+    last_s = (horizon - 1) * period_s
+    # A tick on the grid may be a rounding error past the last action: within the tolerance is on it.
+    if control_period_s > last_s + 1e-9:
+        lowest = f"at least {1.0 / last_s:.4g} Hz" if last_s > 0.0 else "a chunk of more than one action"
+        raise ConfigError(f"control_rate_hz: expected {lowest} for chunks of {horizon} actions {period_s:.4g} s "
+                          f"apart (each point is sent at least one control period ahead, and a chunk's last "
+                          f"action lies {last_s:.4g} s after its observation), found {1.0 / control_period_s:.4g} "
+                          f"Hz (a period of {control_period_s:.4g} s): no chunk could ever be sent")
 
 
 def split_seconds(t_s: float) -> tuple[int, int]:

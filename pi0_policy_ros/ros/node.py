@@ -338,7 +338,10 @@ class PolicyNode(LifecycleNode):
                 return SetParametersResult(successful=False, reason=str(exc))
             updates[param.name] = param.value
         try:
-            control_config_from({**self.parameter_values(), **updates})
+            control = control_config_from({**self.parameter_values(), **updates})
+            step = self._step
+            if step is not None and "control_rate_hz" in updates:
+                step.check_control_period(control.control_period_s)  # against the configured chunk
         except ConfigError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
@@ -370,8 +373,8 @@ class PolicyNode(LifecycleNode):
             buffer, monitor, timer = self._buffer, self._monitor, self._control_timer
             if buffer is not None:
                 buffer.config = control
-            if monitor is not None:
-                monitor.control_rate_hz = control.control_rate_hz
+            if monitor is not None and control.control_rate_hz != monitor.control_rate_hz:
+                monitor.change_rate(control.control_rate_hz, self._now_s())
             if timer is not None:
                 period_ns = int(round(control.control_period_s * 1e9))
                 timer.timer_period_ns = period_ns

@@ -137,7 +137,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("autostart", BOOL, False, "configure and activate on start-up", True),
     ParamSpec("prompt", STRING, "", "task instruction; '' = none: the node holds ('Prompt is required') "
               "until one comes. The ~/prompt topic overrides it until the parameter is set again", False),
-    ParamSpec("control_rate_hz", DOUBLE, 10.0, "target rate of inference and command publishing", False,
+    ParamSpec("control_rate_hz", DOUBLE, 10.0, "target rate of inference and command publishing; at least "
+              "1 / ((horizon - 1) x action period), since points go out one control period ahead", False,
               float_range=CONTROL_RATE_RANGE_HZ),
     ParamSpec("max_observation_age_s", DOUBLE, 0.5, "hold when any sample used is older than this", False,
               float_range=OBSERVATION_AGE_RANGE_S),

@@ -232,6 +232,21 @@ def test_bad_start_parameters_fail_configure_until_fixed(make_node, params, fix)
     assert node.trigger_configure() == SUCCESS
 
 
+def test_a_control_rate_too_slow_for_the_chunk_fails_configure_and_is_refused_later(make_node, probe) -> None:
+    # The fake's chunks end 0.45 s after their observation and every point goes out one control
+    # period ahead: at 2 Hz no chunk could ever be sent. The node configured, then held every tick
+    # with "chunk expired".
+    node = make_node(params={"control_rate_hz": 2.0})
+    assert node.trigger_configure() == FAILURE
+    wait_for(lambda: "control_rate_hz: expected at least 2.222 Hz" in probe.latest_values().get("configure_error", ""))
+    assert node.set_parameters([Parameter("control_rate_hz", value=10.0)])[0].successful
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    result = node.set_parameters([Parameter("control_rate_hz", value=2.0)])[0]
+    assert not result.successful and "expected at least 2.222 Hz" in result.reason
+    assert node.get_parameter("control_rate_hz").value == 10.0 and node._control_timer.timer_period_ns == 100_000_000
+    wait_for(lambda: probe.counts()[0] >= 2)
+
+
 def test_ensemble_mode_on_schedule_is_not_reported_slow(make_node, probe) -> None:
     # temporal_ensemble infers every execute_horizon action periods (5 x 50 ms: 4 chunks/s) and the
     # 20 Hz ticks in between wait on purpose; /diagnostics warned "slow: 4.00 Hz of 20.00 Hz".
@@ -721,8 +736,9 @@ def test_a_tick_that_raises_sends_the_hold_point(make_node, probe) -> None:
 def test_control_rate_raised_while_active_applies_from_the_next_period(make_node, probe) -> None:
     """Raising control_rate_hz while active: ticks come at the new rate within one new period. rcl
     changes a timer's period without moving its next call, which the old period had set: from
-    0.2 Hz the node sat up to 5 s more before it acted at 20 Hz (timer_period_ns read 50 ms)."""
-    node = active(make_node, params={"control_rate_hz": 0.2})
+    0.2 Hz the node sat up to 5 s more before it acted at 20 Hz (timer_period_ns read 50 ms). Chunks
+    of 10 actions 1 s apart, so that a 5 s control period still leaves points to send."""
+    node = active(make_node, params={"control_rate_hz": 0.2}, profile=FakeProfile(action_period_s=1.0))
     time.sleep(0.3)  # inputs flow; the first tick at 0.2 Hz is 5 s after activation
     assert probe.counts()[0] == 0
     assert node.set_parameters([Parameter("control_rate_hz", value=RATE_HZ)])[0].successful

@@ -123,6 +123,28 @@ def test_monitor_a_publish_ends_the_hold_and_skipped_ticks_round() -> None:
     assert report.values["last_hold_reason"] == "" and report.values["skipped_ticks"] == "1"
 
 
+@pytest.mark.parametrize("new_rate_hz", [10.0, 0.5])
+def test_monitor_measures_a_new_control_rate_from_the_change(new_rate_hz: float) -> None:
+    # 2 Hz for 5 s, then a new rate. The 5 s window read the two mixed: a raise to 10 Hz showed
+    # "slow: 2.6 Hz" for seconds and the first tick's gap counted as 3 skipped ticks of 10 Hz; a
+    # lowering to 0.5 Hz showed ~2 Hz.
+    monitor = ControlMonitor(control_rate_hz=2.0)
+    monitor.start(0.0)
+    for i in range(1, 10):
+        monitor.tick_started(i * 0.5)
+        monitor.published(i * 0.5, {}, 0.0, 0.0)
+    monitor.change_rate(new_rate_hz, 4.8)
+    assert monitor.report(4.85).level == OK  # no tick due yet at the new rate: not slow
+    period_s = 1.0 / new_rate_hz
+    ticks = [4.8 + period_s, 4.8 + 2 * period_s]
+    for t in ticks:
+        monitor.tick_started(t)
+        monitor.published(t, {}, 0.0, 0.0)
+    report = monitor.report(ticks[-1])
+    assert report.level == OK and float(report.values["achieved_rate_hz"]) == pytest.approx(new_rate_hz)
+    assert report.values["skipped_ticks"] == "0" and report.values["target_rate_hz"] == f"{new_rate_hz:.3f}"
+
+
 def test_values_above_the_range_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"control_rate_hz: expected a value in \[0.1, 200.0\], found 1000.0"):
         config_from_params({**BASE, "control_rate_hz": 1000.0})

@@ -11,8 +11,8 @@ from pi0_policy_ros.control.observation_buffer import ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
 from pi0_policy_ros.control.scheduler import ChunkScheduler, SchedulerConfig
 from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, HOLD, HOLD_POSITION, INFERENCE_FAILED,
-                                         POLICY_REFUSED, PUBLISH, SAFETY_REJECT, WAIT, ControlStep, StepResult,
-                                         action_state_indices)
+                                         POLICY_REFUSED, PUBLISH, SAFETY_REJECT, UNUSABLE_CHUNK, WAIT, ControlStep,
+                                         StepResult, action_state_indices)
 from pi0_policy_ros.control.trajectory import plan_trajectory
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.policy.config import PolicyConfig
@@ -194,6 +194,32 @@ def test_execute_horizon_longer_than_the_chunk_is_a_config_error() -> None:
     step = make_step(scheduler=SchedulerConfig(mode="rtc_fast", execute_horizon=20))
     with pytest.raises(ConfigError, match="execute_horizon"):
         step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+
+
+def test_a_control_period_past_the_chunks_last_action_is_a_config_error() -> None:
+    # Every point goes out at least one control period ahead and a chunk's last action lies 0.45 s
+    # (9 x 50 ms) after its observation: at 2 Hz no point of any chunk could be sent.
+    step = make_step()
+    step.buffer.config = ControlConfig(control_rate_hz=2.0, max_observation_age_s=0.3)
+    with pytest.raises(ConfigError, match=r"control_rate_hz: expected at least 2.222 Hz for chunks of 10 actions "
+                                          r"0.05 s apart .* found 2 Hz"):
+        step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+    step.buffer.config = ControlConfig(control_rate_hz=1.0 / 0.45, max_observation_age_s=0.3)
+    step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)  # the last action exactly one period ahead
+    with pytest.raises(ConfigError, match="control_rate_hz: expected at least 2.222 Hz"):
+        step.check_control_period(0.5)  # what the node asks before it takes a new rate
+    step.check_control_period(0.1)
+
+
+def test_a_control_period_past_the_chunks_last_action_holds_the_unprepared_replay() -> None:
+    # The offline replay builds its scheduler from the first chunk: every tick holds, saying why.
+    step = make_step()
+    step.buffer.config = ControlConfig(control_rate_hz=2.0, max_observation_age_s=0.3)
+    for now in (10.01, 10.51):
+        feed(step, now - 0.01)
+        result = step.run(lambda: now)
+        assert (result.outcome, result.kind) == (HOLD, UNUSABLE_CHUNK)
+        assert "expected at least 2.222 Hz" in result.reason and not step.scheduler_status().in_flight
 
 
 def test_action_state_indices() -> None:
