@@ -2,16 +2,19 @@
 # One device call on the session's final code (engine unchanged): the GPU selftest on both openpi
 # fixtures, the engine bench, then either the interrupt probe (when this machine has the host tail:
 # bf16 p99 / median > 1.12) or the GPU tests. Writes under $OUT with the run number RUN.
-# Usage (device machine, repo root, clean tree): RUN=161 bash bench/final_check_device.sh
+# Usage (device machine, repo root): RUN=161 COMMIT=<full sha> bash bench/final_check_device.sh
+# COMMIT labels the outputs: the device's copy of the tree may carry another HEAD (run 161's read
+# dcafbc4 with ce38fda's files as uncommitted changes).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 RUN=${RUN:?set RUN}
-commit=$(git rev-parse --short HEAD)
+COMMIT=${COMMIT:?set COMMIT}
+commit=${COMMIT:0:7}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"
-OUT="$OUT" COMMIT=$(git rev-parse HEAD) timeout 150 bash bench/selftest_gpu.sh test/fixtures/openpi_reference \
+OUT="$OUT" COMMIT=$COMMIT timeout 150 bash bench/selftest_gpu.sh test/fixtures/openpi_reference \
   2>&1 | tee "$OUT/selftest_run$RUN.log"
 mv "$OUT/selftest_gpu.jsonl" "$OUT/selftest_run$RUN.jsonl"
 PI0_GIT_COMMIT=$commit PI0_GIT_DIRTY=0 timeout 200 python3 -m pi0_policy_ros.engine.bench --preset pi05 --cameras 3 \

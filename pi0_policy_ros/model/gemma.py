@@ -20,6 +20,12 @@ from pi0_policy_ros.model.config import GemmaConfig
 
 # openpi's OPENPI_ATTENTION_MASK_VALUE: what masked logits get added.
 MASK_VALUE = -2.3819763e38
+# What `attention` hands SDPA for a masked key instead: CUDA's fused kernels turned MASK_VALUE into
+# -inf (bench/sdpa_masked_rows_probe.py), so a padded query row whose every key is masked came out
+# 0 there instead of openpi's uniform average (prefix_last_hidden 3.9 off the fixture on the H100,
+# run 161; the actions unchanged, as no valid row reads a padded one). Any logit offset this large
+# masks the same: exp(-1e30 - max) is 0, and a row masked everywhere stays uniform.
+SDPA_MASK_VALUE = -1e30
 
 
 class RMSNorm(nn.Module):
@@ -71,14 +77,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive_mask: 
 
     torch's fused SDPA, not matmul → softmax → matmul: the same float32 result to ~3e-7, without the
     [B, nh, Sq, Sk] score tensors in memory; 3.3× faster on the CPU at the demo's 968-row prefix
-    (one thread). Rows with every key masked get uniform weights either way (the mask is finite)."""
+    (one thread). Rows with every key masked get uniform weights, as in openpi (the mask is finite
+    and floored at SDPA_MASK_VALUE)."""
     b, nh, sq, hd = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     # Each KV head serves nh / nkv query heads. expand (not repeat_interleave) keeps ONNX tracing
     # on the tensors' device.
     k = k[:, :, None].expand(b, nkv, nh // nkv, sk, hd).reshape(b, nh, sk, hd)
     v = v[:, :, None].expand(b, nkv, nh // nkv, sk, hd).reshape(b, nh, sk, hd)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask.to(q.dtype))
+    mask = additive_mask.clamp(min=SDPA_MASK_VALUE).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, sq, nh * hd)  # [B, Sq, nh*hd]
 
 
