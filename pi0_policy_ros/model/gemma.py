@@ -20,11 +20,11 @@ from pi0_policy_ros.model.config import GemmaConfig
 
 # openpi's OPENPI_ATTENTION_MASK_VALUE: what masked logits get added.
 MASK_VALUE = -2.3819763e38
-# What `attention` hands SDPA for a masked key instead: CUDA's fused kernels turned MASK_VALUE into
-# -inf (bench/sdpa_masked_rows_probe.py), so a padded query row whose every key is masked came out
-# 0 there instead of openpi's uniform average (prefix_last_hidden 3.9 off the fixture on the H100,
-# run 161; the actions unchanged, as no valid row reads a padded one). Any logit offset this large
-# masks the same: exp(-1e30 - max) is 0, and a row masked everywhere stays uniform.
+# What `attention` hands SDPA for a masked key instead. With MASK_VALUE, CUDA's memory-efficient and
+# cuDNN kernels return 0 for a padded query row whose every key is masked, not openpi's uniform
+# average (bench/sdpa_masked_rows_probe.py, run 162; prefix_last_hidden 3.9 off the fixture on the
+# H100 in run 161, the actions unchanged, as no valid row reads a padded one). Any logit offset
+# this large masks the same: exp(-1e30 - max) is 0, and a row masked everywhere stays uniform.
 SDPA_MASK_VALUE = -1e30
 
 
