@@ -103,14 +103,17 @@ def check_control_period(control_period_s: float, horizon: int, period_s: float)
     control period ahead (`plan_trajectory`'s min_lead_s in the node), and the last action of a chunk
     lies (horizon - 1) action periods after its observation, less the inference latency. Before
     this check such a rate held every tick with "chunk expired"."""
+    if horizon < 2:
+        raise ConfigError(f"chunk horizon: expected at least 2 actions, found {horizon}: every point is sent at "
+                          "least one control period ahead, and a chunk's first action lies at its observation time")
     last_s = (horizon - 1) * period_s
     # A tick on the grid may be a rounding error past the last action: within the tolerance is on it.
     if control_period_s > last_s + 1e-9:
-        lowest = f"at least {1.0 / last_s:.4g} Hz" if last_s > 0.0 else "a chunk of more than one action"
-        raise ConfigError(f"control_rate_hz: expected {lowest} for chunks of {horizon} actions {period_s:.4g} s "
-                          f"apart (each point is sent at least one control period ahead, and a chunk's last "
-                          f"action lies {last_s:.4g} s after its observation), found {1.0 / control_period_s:.4g} "
-                          f"Hz (a period of {control_period_s:.4g} s): no chunk could ever be sent")
+        raise ConfigError(f"control_rate_hz: expected at least {1.0 / last_s:.4g} Hz for chunks of {horizon} "
+                          f"actions {period_s:.4g} s apart (each point is sent at least one control period ahead, "
+                          f"and a chunk's last action lies {last_s:.4g} s after its observation), found "
+                          f"{1.0 / control_period_s:.4g} Hz (a period of {control_period_s:.4g} s): no chunk could "
+                          "ever be sent")
 
 
 def split_seconds(t_s: float) -> tuple[int, int]:

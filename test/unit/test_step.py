@@ -209,6 +209,8 @@ def test_a_control_period_past_the_chunks_last_action_is_a_config_error() -> Non
     with pytest.raises(ConfigError, match="control_rate_hz: expected at least 2.222 Hz"):
         step.check_control_period(0.5)  # what the node asks before it takes a new rate
     step.check_control_period(0.1)
+    with pytest.raises(ConfigError, match="chunk horizon: expected at least 2 actions, found 1"):
+        make_step().prepare(1, PROFILE.action_period_s)  # its one action is never ahead of the clock
 
 
 def test_a_control_period_past_the_chunks_last_action_holds_the_unprepared_replay() -> None:
