@@ -18,9 +18,9 @@ from torch import nn
 
 from pi0_policy_ros.model.config import GemmaConfig
 
-# openpi's OPENPI_ATTENTION_MASK_VALUE: what masked logits get added.
+# openpi's OPENPI_ATTENTION_MASK_VALUE: what masked logits get added (the engine's prefix and suffix biases).
 MASK_VALUE = -2.3819763e38
-# What `attention` hands SDPA for a masked key instead. With MASK_VALUE, CUDA's memory-efficient and
+# What `additive_mask` gives a masked key instead, for SDPA. With MASK_VALUE, CUDA's memory-efficient and
 # cuDNN kernels return 0 for a padded query row whose every key is masked, not openpi's uniform
 # average (bench/sdpa_masked_rows_probe.py, run 162; prefix_last_hidden 3.9 off the fixture on the
 # H100 in run 161, the actions unchanged, as no valid row reads a padded one). Any logit offset
@@ -77,23 +77,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive_mask: 
 
     torch's fused SDPA, not matmul → softmax → matmul: the same float32 result to ~3e-7, without the
     [B, nh, Sq, Sk] score tensors in memory; 3.3× faster on the CPU at the demo's 968-row prefix
-    (one thread). Rows with every key masked get uniform weights, as in openpi (the mask is finite
-    and floored at SDPA_MASK_VALUE)."""
+    (one thread). Rows with every key masked get uniform weights, as in openpi, with the masks
+    `additive_mask` makes (SDPA_MASK_VALUE: finite, and safe in CUDA's fused kernels)."""
     b, nh, sq, hd = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     # Each KV head serves nh / nkv query heads. expand (not repeat_interleave) keeps ONNX tracing
     # on the tensors' device.
     k = k[:, :, None].expand(b, nkv, nh // nkv, sk, hd).reshape(b, nh, sk, hd)
     v = v[:, :, None].expand(b, nkv, nh // nkv, sk, hd).reshape(b, nh, sk, hd)
-    mask = additive_mask.clamp(min=SDPA_MASK_VALUE).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask.to(q.dtype))
     return out.transpose(1, 2).reshape(b, sq, nh * hd)  # [B, Sq, nh*hd]
 
 
 def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
-    """bool [B, Sq, Sk] (True = may attend) → fp32 [B, 1, Sq, Sk] to add to the logits."""
+    """bool [B, Sq, Sk] (True = may attend) → fp32 [B, 1, Sq, Sk] to add to the logits: 0 or
+    SDPA_MASK_VALUE. Built once per forward for every layer's `attention`."""
     zero = torch.zeros((), dtype=torch.float32, device=allowed.device)
-    return torch.where(allowed[:, None], zero, torch.full_like(zero, MASK_VALUE))
+    return torch.where(allowed[:, None], zero, torch.full_like(zero, SDPA_MASK_VALUE))
 
 
 class GemmaAttention(nn.Module):
