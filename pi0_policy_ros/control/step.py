@@ -275,8 +275,8 @@ class ControlStep:
         min_lead_s = self.buffer.config.control_period_s
         try:
             if scheduler is None:  # not prepared (the offline replay): the first chunk gives the geometry
-                check_control_period(min_lead_s, chunk.horizon, chunk.period_s)
-                scheduler = self._scheduler = self._new_scheduler(chunk.period_s, chunk.horizon)
+                self.prepare(chunk.horizon, chunk.period_s)
+                scheduler = self._scheduler
                 request = scheduler.begin(start_s, stamp_s)
             assert request is not None
             kept = scheduler.complete(request, chunk.actions, now_s)
