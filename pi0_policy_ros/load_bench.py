@@ -51,7 +51,7 @@ from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
 from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names
-from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_QOS
+from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_READER_QOS
 from pi0_policy_ros.soak import prepare_output_file, proc_status_value
 
 REQUIRED_RATIO = 0.95
@@ -119,7 +119,7 @@ class Observer(Node):
         self._status_name = f"{policy_node.get_name()}: control"
         self._hardware_id = policy_node.get_fully_qualified_name()
         self.create_subscription(Header, f"{policy_node.get_name()}/action_chunk_stamp", self._on_stamp, CHUNK_QOS)
-        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_QOS)
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_READER_QOS)
 
     def _on_stamp(self, msg: Header) -> None:
         with self._lock:

@@ -34,11 +34,8 @@ class DiagnosticsPublisher:
         self._node = node
         self._name = f"{node.get_name()}: {task}"
         self._hardware_id = node.get_fully_qualified_name()
-        self._publisher = node.create_publisher(DiagnosticArray, TOPIC, DIAGNOSTICS_QOS)
+        self.publisher = node.create_publisher(DiagnosticArray, TOPIC, DIAGNOSTICS_QOS)
 
     def publish(self, report: HealthReport) -> None:
         stamp = self._node.get_clock().now().to_msg()
-        self._publisher.publish(diagnostic_array(report, self._name, self._hardware_id, stamp))
-
-    def destroy(self) -> None:
-        self._node.destroy_publisher(self._publisher)
+        self.publisher.publish(diagnostic_array(report, self._name, self._hardware_id, stamp))

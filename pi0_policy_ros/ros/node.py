@@ -9,6 +9,12 @@ Lifecycle:
 - activate: start the control timer. deactivate: stop it; no command goes out while inactive
   (with `hold_mode: hold_position`, the hold point goes out first: see Holds).
 - cleanup / shutdown / error: `_release()` (idempotent) closes the policy and destroys entities.
+  Before the trajectory publisher goes, it waits (at most FLUSH_TIMEOUT_S) until every matched
+  reliable subscriber has acknowledged the hold point: DDS drops what a deleted writer had not
+  delivered. `destroy_node()` does the same for the last /diagnostics status (shutdown, a failed
+  transition). A subscriber that does not acknowledge in time is named in a WARN. The chunk
+  topics are not waited for: a depth-10 writer is acknowledged only at its 3 s heartbeat
+  (ros/qos.py), and a chunk is not a command.
 - A transition callback that raises (a bug): rclpy would turn it into ERROR without a word. The
   exception is logged at ERROR ("<transition> failed: <type>: <message>"), on_error releases
   everything and publishes a last /diagnostics status with that text (level ERROR); the node is
@@ -105,6 +111,7 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.duration import Duration
 from rclpy.exceptions import (
     InvalidHandle,
     InvalidParameterTypeException,
@@ -114,7 +121,9 @@ from rclpy.exceptions import (
 )
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.publisher import Publisher
 from rclpy.serialization import deserialize_message
 from rclpy.signals import SignalHandlerOptions
 from rclpy.timer import Timer
@@ -158,6 +167,10 @@ from pi0_policy_ros.ros.poller import PolledCallbackGroup, SubscriptionPoller
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, PROMPT_QOS, SENSOR_QOS
 
 LOG_THROTTLE_S = 2.0
+# How long leaving (cleanup, shutdown, error, exit) waits for subscribers to acknowledge the hold
+# point and the last status (depth-1 writers: ~6 ms on loopback); it bounds a stalled subscriber.
+FLUSH_TIMEOUT_S = 1.0
+FLUSH_POLL_S = 0.001
 WARMUP_IMAGE_HW = (224, 224)
 WARMUP_PROMPT = "warm up"
 
@@ -682,6 +695,8 @@ class PolicyNode(LifecycleNode):
             for sub in self._subscriptions_:
                 self.destroy_subscription(sub)
             self._subscriptions_.clear()
+            if self._trajectory_pub is not None:
+                flush_publishers(self, [self._trajectory_pub])  # the hold point just sent by _stop_control()
             for name in ("_stamp_pub", "_chunk_pub", "_trajectory_pub"):
                 pub = getattr(self, name)
                 if pub is not None:
@@ -898,7 +913,9 @@ class PolicyNode(LifecycleNode):
     def destroy_node(self) -> None:
         self._stop_poller()  # normally done by _release(); its thread must not outlive the subscriptions
         with self._diagnostics_lock:
-            self._diagnostics = None  # destroyed with the node's other publishers
+            diagnostics, self._diagnostics = self._diagnostics, None  # destroyed with the node's other publishers
+        if diagnostics is not None:
+            flush_publishers(self, [diagnostics.publisher])  # the last status (shutdown, a failed transition)
         super().destroy_node()
 
     # ---- introspection (tests, demo) --------------------------------------------------------
@@ -946,6 +963,32 @@ def spin_until_shutdown(executor: Any, stop: threading.Event | None = None) -> N
             if rclpy.ok(context=executor.context):
                 raise
             return
+
+
+def flush_publishers(node: Node, publishers: list[Publisher], timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+    """Wait until every matched reliable subscriber has acknowledged what `publishers` sent, at most
+    `timeout_s` for all of them together; False (and a WARN naming the topics) if some did not."""
+    # Polled with a zero timeout: rclpy's wait_for_all_acked holds the GIL for as long as it waits,
+    # which would freeze every other thread of the process for a subscriber that stalled.
+    deadline = time.monotonic() + timeout_s
+    pending, failed = list(publishers), []
+    while True:
+        waiting = []
+        for pub in pending:
+            try:
+                if not pub.wait_for_all_acked(Duration(nanoseconds=0)):
+                    waiting.append(pub)
+            except Exception as exc:  # noqa: BLE001 - e.g. a context already shut down, an rmw without the call
+                failed.append(f"{pub.topic_name} ({type(exc).__name__}: {exc})")
+        pending = waiting
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(FLUSH_POLL_S)
+    late = [pub.topic_name for pub in pending] + failed
+    if late:
+        node.get_logger().warning(f"not acknowledged by every subscriber within {timeout_s:g} s, may be lost: "
+                                  f"the last messages on {', '.join(late)}")
+    return not late
 
 
 def main(args: list[str] | None = None) -> int:

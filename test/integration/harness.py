@@ -20,7 +20,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
 
-from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, DIAGNOSTICS_QOS, PROMPT_QOS
+from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, DIAGNOSTICS_READER_QOS, PROMPT_QOS
 
 JOINTS = ["j0", "j1", "j2"]
 # What rcl publishes /rosout with (rcl_qos_profile_rosout_default): a late subscriber still gets the log.
@@ -29,14 +29,17 @@ IMAGE_A = (np.arange(6 * 8 * 3, dtype=np.uint8) * 3).reshape(6, 8, 3)  # raw rgb
 IMAGE_B = (255 - np.arange(4 * 5 * 3, dtype=np.uint8) * 7).reshape(4, 5, 3)  # PNG: lossless
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 5.0, period_s: float = 0.02) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, period_s: float = 0.02,
+             describe: Callable[[], str] | None = None) -> Any:
+    """predicate()'s first truthy value. The timeout only bounds a failure (a loaded 2-core CI
+    machine can stall for seconds); describe() says what was seen instead."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(period_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
+    raise AssertionError(f"condition not met within {timeout_s} s" + (f"; {describe()}" if describe else ""))
 
 
 def duration_s(d: Any) -> float:
@@ -68,6 +71,8 @@ class Probe(Node):
         self.chunks: list[Float32MultiArray] = []
         self.stamps: list[Header] = []
         self.diagnostics: list[Any] = []  # DiagnosticStatus of the policy node only
+        self._diagnostics_arrays = 0  # every node's, for summary()
+        self._last_diagnostics_at: float | None = None
         self.logs: list[Log] = []  # /rosout of the policy node only: its log as an operator's tools see it
         self._pub_a = self.create_publisher(Image, "cam_a/image_raw", qos_profile_sensor_data)
         self._pub_b = self.create_publisher(CompressedImage, "cam_b/image_raw/compressed", qos_profile_sensor_data)
@@ -77,7 +82,7 @@ class Probe(Node):
         self.create_subscription(JointTrajectory, prefix + "joint_trajectory", self._store(self.trajectories), COMMAND_QOS)
         self.create_subscription(Float32MultiArray, prefix + "action_chunk", self._store(self.chunks), CHUNK_QOS)
         self.create_subscription(Header, prefix + "action_chunk_stamp", self._store(self.stamps), CHUNK_QOS)
-        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_QOS)
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_READER_QOS)
         self.create_subscription(Log, "/rosout", self._on_log, ROSOUT_QOS)
         self._status_name = f"{policy_node}: control"
         self._logger_name = ".".join([*namespace.strip("/").split("/"), policy_node]).lstrip(".")
@@ -92,6 +97,8 @@ class Probe(Node):
 
     def _on_diagnostics(self, msg: DiagnosticArray) -> None:
         with self.lock:
+            self._diagnostics_arrays += 1
+            self._last_diagnostics_at = time.monotonic()
             self.diagnostics.extend(s for s in msg.status
                                     if s.name == self._status_name and s.hardware_id == self._hardware_id)
 
@@ -160,6 +167,16 @@ class Probe(Node):
                 if contains in status.message:
                     return status
         return None
+
+    def summary(self) -> str:
+        """What the probe has received so far (a failed wait_for's message)."""
+        with self.lock:
+            ago = "never" if self._last_diagnostics_at is None else f"{time.monotonic() - self._last_diagnostics_at:.2f} s ago"
+            latest = self.diagnostics[-1] if self.diagnostics else None
+            return (f"probe received {len(self.trajectories)} trajectories, {len(self.chunks)} chunks, "
+                    f"{len(self.stamps)} stamps, {self._diagnostics_arrays} /diagnostics arrays (last {ago}), "
+                    f"{len(self.diagnostics)} statuses of the policy node (latest: "
+                    f"{None if latest is None else {kv.key: kv.value for kv in latest.values}}), {len(self.logs)} log lines")
 
     def clear(self) -> None:
         with self.lock:

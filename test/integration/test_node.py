@@ -636,7 +636,7 @@ def test_inputs_run_on_the_poller_thread_and_a_failing_callback_is_counted(make_
     assert node.trigger_activate() == SUCCESS
     wait_for(lambda: probe.counts()[1] >= 3)
     assert threads == {f"{node.get_name()}_inputs"}
-    values = wait_for(lambda: (v := probe.latest_values()) and "input_errors.poller" in v and v)
+    values = wait_for(lambda: (v := probe.latest_values()) and "input_errors.poller" in v and v, describe=probe.summary)
     assert values["input_errors.poller"] == "1"
     line = f"input failed: {namespace}/joint_states: RuntimeError: boom in a callback"
     wait_for(lambda: probe.log_lines(Log.ERROR, line))
@@ -648,13 +648,13 @@ def test_diagnostics_are_stamped_with_the_node_clock(make_node, attach, namespac
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
 
-    from pi0_policy_ros.ros.qos import DIAGNOSTICS_QOS
+    from pi0_policy_ros.ros.qos import DIAGNOSTICS_READER_QOS
 
     node = make_node()
     assert node.trigger_configure() == SUCCESS
     monitor = attach(Node("monitor", namespace=namespace))
     arrays: list[DiagnosticArray] = []
-    monitor.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, DIAGNOSTICS_QOS)
+    monitor.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, DIAGNOSTICS_READER_QOS)
     ours = node.get_fully_qualified_name()
     stamped = wait_for(lambda: [a for a in list(arrays) if a.status and a.status[0].hardware_id == ours])
     now_s = node.get_clock().now().nanoseconds * 1e-9

@@ -84,4 +84,4 @@ def test_a_signal_while_active_sends_the_hold_point_and_the_last_status(probe, n
     assert list(last.points[0].positions) == STATE and list(last.points[0].velocities) == [0.0] * len(STATE)
     assert "hold_position: hold point sent at the measured position" in output
     wait_for(lambda: probe.latest_status("shut down"))
-    assert "could not be sent" not in output and "Traceback" not in output, output
+    assert "could not be sent" not in output and "may be lost" not in output and "Traceback" not in output, output

@@ -42,7 +42,7 @@ def test_every_topic_has_its_documented_qos(make_node, namespace: str) -> None:
     ours = {pub.topic_name: _profile(pub) for pub in node.publishers}
     for topic, expected in PUBLISHED.items():
         assert ours[f"{namespace}/{topic}"] == expected, topic
-    assert ours["/diagnostics"] == (RELIABLE, VOLATILE, 10)
+    assert ours["/diagnostics"] == (RELIABLE, VOLATILE, 1)  # as diagnostic_updater; see ros/qos.py
     subscribed = {sub.topic_name: _profile(sub) for sub in node.subscriptions}
     for topic, expected in SUBSCRIBED.items():
         assert subscribed[f"{namespace}/{topic}"] == expected, topic
