@@ -171,12 +171,13 @@ class Probe(Node):
     def summary(self) -> str:
         """What the probe has received so far (a failed wait_for's message)."""
         with self.lock:
-            ago = "never" if self._last_diagnostics_at is None else f"{time.monotonic() - self._last_diagnostics_at:.2f} s ago"
-            latest = self.diagnostics[-1] if self.diagnostics else None
+            last = self._last_diagnostics_at
+            ago = "never" if last is None else f"{time.monotonic() - last:.2f} s ago"
+            latest = {kv.key: kv.value for kv in self.diagnostics[-1].values} if self.diagnostics else None
             return (f"probe received {len(self.trajectories)} trajectories, {len(self.chunks)} chunks, "
                     f"{len(self.stamps)} stamps, {self._diagnostics_arrays} /diagnostics arrays (last {ago}), "
-                    f"{len(self.diagnostics)} statuses of the policy node (latest: "
-                    f"{None if latest is None else {kv.key: kv.value for kv in latest.values}}), {len(self.logs)} log lines")
+                    f"{len(self.diagnostics)} statuses of the policy node (latest: {latest}), "
+                    f"{len(self.logs)} log lines")
 
     def clear(self) -> None:
         with self.lock:
