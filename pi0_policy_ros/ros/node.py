@@ -696,7 +696,7 @@ class PolicyNode(LifecycleNode):
                 self.destroy_subscription(sub)
             self._subscriptions_.clear()
             if self._trajectory_pub is not None:
-                flush_publishers(self, [self._trajectory_pub])  # the hold point just sent by _stop_control()
+                flush_publisher(self, self._trajectory_pub)  # the hold point just sent by _stop_control()
             for name in ("_stamp_pub", "_chunk_pub", "_trajectory_pub"):
                 pub = getattr(self, name)
                 if pub is not None:
@@ -915,7 +915,7 @@ class PolicyNode(LifecycleNode):
         with self._diagnostics_lock:
             diagnostics, self._diagnostics = self._diagnostics, None  # destroyed with the node's other publishers
         if diagnostics is not None:
-            flush_publishers(self, [diagnostics.publisher])  # the last status (shutdown, a failed transition)
+            flush_publisher(self, diagnostics.publisher)  # the last status (shutdown, a failed transition)
         super().destroy_node()
 
     # ---- introspection (tests, demo) --------------------------------------------------------
@@ -965,30 +965,21 @@ def spin_until_shutdown(executor: Any, stop: threading.Event | None = None) -> N
             return
 
 
-def flush_publishers(node: Node, publishers: list[Publisher], timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
-    """Wait until every matched reliable subscriber has acknowledged what `publishers` sent, at most
-    `timeout_s` for all of them together; False (and a WARN naming the topics) if some did not."""
+def flush_publisher(node: Node, pub: Publisher, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+    """Wait until every matched reliable subscriber has acknowledged what `pub` sent, at most
+    `timeout_s`; a WARN naming the topic if some did not."""
     # Polled with a zero timeout: rclpy's wait_for_all_acked holds the GIL for as long as it waits,
     # which would freeze every other thread of the process for a subscriber that stalled.
     deadline = time.monotonic() + timeout_s
-    pending, failed = list(publishers), []
-    while True:
-        waiting = []
-        for pub in pending:
-            try:
-                if not pub.wait_for_all_acked(Duration(nanoseconds=0)):
-                    waiting.append(pub)
-            except Exception as exc:  # noqa: BLE001 - e.g. a context already shut down, an rmw without the call
-                failed.append(f"{pub.topic_name} ({type(exc).__name__}: {exc})")
-        pending = waiting
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(FLUSH_POLL_S)
-    late = [pub.topic_name for pub in pending] + failed
-    if late:
+    acked, topic = False, pub.topic_name
+    try:
+        while not (acked := pub.wait_for_all_acked(Duration(nanoseconds=0))) and time.monotonic() < deadline:
+            time.sleep(FLUSH_POLL_S)
+    except Exception as exc:  # noqa: BLE001 - e.g. a context already shut down, an rmw without the call
+        topic = f"{topic} ({type(exc).__name__}: {exc})"
+    if not acked:
         node.get_logger().warning(f"not acknowledged by every subscriber within {timeout_s:g} s, may be lost: "
-                                  f"the last messages on {', '.join(late)}")
-    return not late
+                                  f"the last messages on {topic}")
 
 
 def main(args: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The last messages before a publisher goes (ros/node.py `flush_publishers`).
+"""The last messages before a publisher goes (ros/node.py `flush_publisher`).
 
 DDS drops what a deleted writer had not delivered. Cleanup and shutdown destroy the trajectory
 publisher right after the hold point, so they first wait (at most FLUSH_TIMEOUT_S) for every
