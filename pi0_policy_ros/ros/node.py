@@ -46,7 +46,9 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      `trajectory_actions: any`.
 - `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, and
   once after a failed configure or a transition that raised; a last one ("shut down", level OK)
-  at shutdown, which `main()` also runs on SIGINT and SIGTERM.
+  at shutdown, which `main()` also runs on SIGINT and SIGTERM. A signal while a transition runs
+  (configure loading or warming up) waits for it to end first (configure stops at its next step);
+  a second signal then ends the process at once, exit code 1, with nothing shut down.
 
 The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
 `Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
@@ -95,6 +97,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import sys
 import threading
@@ -173,6 +176,10 @@ FLUSH_TIMEOUT_S = 1.0
 FLUSH_POLL_S = 0.001
 WARMUP_IMAGE_HW = (224, 224)
 WARMUP_PROMPT = "warm up"
+# rcl_lifecycle's primary states; any other label is a transition still running (configuring, ...).
+PRIMARY_STATES = frozenset({"unconfigured", "inactive", "active", "finalized"})
+EXIT_POLL_S = 0.05  # how often an exiting process looks whether the running transition has ended
+EXIT_FORCED = 1  # main()'s exit code when a second signal cut the wait for a running transition
 
 _PARAM_TYPES = {
     STRING: ParameterType.PARAMETER_STRING,
@@ -188,6 +195,10 @@ _EMPTY_ARRAY_TYPES = {
     DOUBLE_ARRAY: Parameter.Type.DOUBLE_ARRAY,
     INTEGER_ARRAY: Parameter.Type.INTEGER_ARRAY,
 }
+
+
+class _ExitRequested(Exception):
+    """Raised by configure at its next step once the process is exiting (`prepare_exit`)."""
 
 
 class PolicyLike(Protocol):
@@ -290,6 +301,10 @@ class PolicyNode(LifecycleNode):
         # before a lifecycle manager configures the node (a subscription made at configure lost it).
         self._prompt_sub = self.create_subscription(String, "~/prompt", self._on_prompt, PROMPT_QOS,
                                                     callback_group=self._sensor_group)
+        # Set by a signal (prepare_exit): configure stops at its next step, autostart does not
+        # activate. The lock makes "not exiting, so activate" one step against "exiting, so shut down".
+        self._exiting = threading.Event()
+        self._exit_lock = threading.Lock()
         self._autostart_timer: Timer | None = None
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.0, self._autostart)
@@ -431,7 +446,9 @@ class PolicyNode(LifecycleNode):
             self.destroy_timer(self._autostart_timer)
             self._autostart_timer = None
         if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            self.trigger_activate()
+            with self._exit_lock:
+                if not self._exiting.is_set():
+                    self.trigger_activate()
 
     def _on_change_state(self, handle: Callable[[Any, Any], Any], request: Any, response: Any) -> Any:
         """~/change_state: a transition the current state does not have is refused (success false) and
@@ -477,6 +494,10 @@ class PolicyNode(LifecycleNode):
     def _configure_or_fail(self) -> TransitionCallbackReturn:
         try:
             self._configure()
+        except _ExitRequested as exc:  # not a fault: no ERROR status before the "shut down" one
+            self.get_logger().info(f"configure stopped: {exc}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
         except Exception as exc:  # noqa: BLE001 - any load failure is a FAILURE, never a dead process
             # Our own errors carry their reason; others (out of memory, ...) also need their type.
             reason = str(exc) if isinstance(exc, Pi0PolicyError) else f"{type(exc).__name__}: {exc}"
@@ -500,6 +521,7 @@ class PolicyNode(LifecycleNode):
         # default_prompt it would outlive the parameter: a '' set later would fall back to it.
         policy = self._policy_factory(dataclasses.replace(config.policy, default_prompt=""))
         self._policy = policy  # owned from here on, so that _release() closes it on failure
+        self._stop_if_exiting("the policy was loaded")
         config = config.resolve(policy.profile)
         action_space = getattr(policy.profile, "action_space", "joint_position")
         trajectory = publishes_trajectory(config.trajectory_actions, action_space)
@@ -514,6 +536,7 @@ class PolicyNode(LifecycleNode):
                 "positions carry them as they are; a robot that needs joint positions should consume "
                 "~/action_chunk through its own adapter")
         chunk = self._warm_up(policy, config)
+        self._stop_if_exiting("the warm-up")
         try:
             self._safety = SafetyFilter(config.safety, len(config.action_joint_names), chunk.period_s)
         except ValueError as exc:
@@ -624,6 +647,32 @@ class PolicyNode(LifecycleNode):
         # Said on purpose: a monitor would otherwise only see the last periodic status go stale.
         # The /diagnostics publisher lives until destroy_node().
         self._publish_report(shutdown_report())
+
+    def _stop_if_exiting(self, after: str) -> None:
+        if self._exiting.is_set():
+            raise _ExitRequested(f"the process is exiting (SIGINT or SIGTERM), stopped after {after}")
+
+    def prepare_exit(self) -> bool:
+        """The process is ending on a signal; first, nothing new may start: configure ends at its
+        next step (`_stop_if_exiting`) and autostart does not activate. A transition still running
+        (configure: loading, warming up) is waited for, since its thread cannot be stopped and would
+        go on with what `shut_down_for_exit` released under it. False: a second signal
+        (KeyboardInterrupt here) cut that wait; the transition's thread still runs."""
+        with self._exit_lock:
+            self._exiting.set()
+        running = self._state_machine.current_state[1]
+        if running in PRIMARY_STATES:
+            return True
+        self.get_logger().warning(f"exiting: waiting for the running transition ({running}) to end first; "
+                                  "signal again to exit at once")
+        try:
+            while self._state_machine.current_state[1] not in PRIMARY_STATES:
+                time.sleep(EXIT_POLL_S)
+        except KeyboardInterrupt:
+            self.get_logger().error(f"second signal: exiting at once, during {running}; nothing was shut down "
+                                    "(no hold point, no last status)")
+            return False
+        return True
 
     def shut_down_for_exit(self) -> None:
         """The process is ending: the shutdown transition from unconfigured, inactive or active, as
@@ -1003,6 +1052,16 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if node is not None and not node.prepare_exit():
+            # The transition's thread (the executor's) may be blocked in a load for minutes, and the
+            # interpreter would join it before exiting: end the process now, as the second signal asked.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_FORCED)
+        # What follows is bounded (each flush by FLUSH_TIMEOUT_S): another signal must not cut the
+        # hold point or the last status short (a KeyboardInterrupt in the middle of the shutdown).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         if node is not None:
             node.shut_down_for_exit()
         if executor is not None:

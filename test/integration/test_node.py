@@ -10,7 +10,7 @@ import pytest
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 
-from test.fakes import FakeProfile, expected_actions
+from test.fakes import FakePolicy, FakeProfile, expected_actions
 from test.integration.harness import IMAGE_A, IMAGE_B, JOINTS, duration_s, wait_for
 from pi0_policy_ros.control.trajectory import finite_difference_velocities
 from pi0_policy_ros.ros.convert import action_chunk_from_message
@@ -299,7 +299,6 @@ def test_safety_reject_holds_and_the_node_recovers(make_node, probe) -> None:
 def test_inference_failure_holds_as_an_error_and_the_node_recovers(make_node, probe) -> None:
     """A failed inference is an ERROR hold; the loop goes on. Here it follows the ordinary WARN
     holds of a start-up (cam_b not yet sending), as it would on a robot."""
-    from test.fakes import FakePolicy
 
     class Flaky(FakePolicy):
         fail = False
@@ -785,6 +784,46 @@ def test_configure_time_parameter_set_while_configuring_is_refused(make_node) ->
     assert results == [SUCCESS]
     assert not result.successful and "configure-time" in result.reason, result.reason
     assert node.get_parameter("seed").value == node.config.policy.seed == 0
+
+
+def test_exit_during_configure_waits_for_it_and_configure_stops_before_the_warm_up(make_node, probe) -> None:
+    """A signal while configure loads the policy (main(): prepare_exit, then shut_down_for_exit). The
+    release ran at once, under the configure thread, which went on with what was freed: "configure
+    failed: AttributeError ..." or "cannot schedule new futures", and no "shut down" status. Now the
+    exit waits for the transition, configure stops after the load (no warm-up inference, nothing
+    subscribed, the policy closed), and the shutdown that follows is the usual one."""
+    from rcl_interfaces.msg import Log
+
+    loading, loaded = threading.Event(), threading.Event()
+    built: list[FakePolicy] = []
+
+    def slow_load(cfg) -> FakePolicy:  # noqa: ANN001
+        loading.set()
+        assert loaded.wait(10.0)
+        built.append(FakePolicy(cfg))
+        return built[-1]
+
+    node = make_node(policy_factory=slow_load)
+    thread, results = _configure_in_background(node)
+    assert loading.wait(5.0)
+    exits: list[bool] = []
+    waiter = threading.Thread(target=lambda: exits.append(node.prepare_exit()))
+    waiter.start()
+    wait_for(lambda: probe.log_lines(Log.WARN, "waiting for the running transition (configuring)"))
+    assert waiter.is_alive() and not exits
+    loaded.set()
+    thread.join(10.0)
+    waiter.join(10.0)
+    assert results == [TransitionCallbackReturn.FAILURE] and exits == [True]
+    assert node._state_machine.current_state[1] == "unconfigured"
+    assert len(built) == 1 and built[0].closed and not built[0].calls
+    assert not node._subscriptions_ and node.policy is None
+    wait_for(lambda: probe.log_lines(Log.INFO, "configure stopped: the process is exiting"))
+    assert not probe.log_lines(Log.ERROR, "configure failed")
+    node.shut_down_for_exit()
+    assert node._state_machine.current_state[1] == "finalized"
+    wait_for(lambda: probe.latest_status("shut down"))
+    assert not probe.latest_status("configure failed")
 
 
 def test_control_rate_set_while_deactivating_does_not_raise(make_node, probe) -> None:

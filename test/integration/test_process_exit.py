@@ -9,6 +9,7 @@ chunk to its end.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -38,11 +39,17 @@ EXIT_S = 30.0
 
 
 def start_node(tmp_path: Path, namespace: str, **params: object) -> subprocess.Popen:
+    """The node's process, its output (stdout and stderr) going to `output(tmp_path)`."""
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": {**PARAMS, **params}}}))
     command = [sys.executable, "-c", "from pi0_policy_ros.ros.node import main; main()",
                "--ros-args", "-r", f"__ns:={namespace}", "--params-file", str(params_file)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with (tmp_path / "node.log").open("w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def output(tmp_path: Path) -> str:
+    return (tmp_path / "node.log").read_text()
 
 
 def until(condition, process: subprocess.Popen) -> bool:  # noqa: ANN001
@@ -55,15 +62,16 @@ def until(condition, process: subprocess.Popen) -> bool:  # noqa: ANN001
     return False
 
 
-def stop(process: subprocess.Popen, signum: int) -> tuple[int, str]:
+def stop(process: subprocess.Popen, signum: int, tmp_path: Path) -> tuple[int, str]:
+    """Sends `signum`; the exit code and the whole output once the process has ended."""
     process.send_signal(signum)
     try:
-        output, _ = process.communicate(timeout=EXIT_S)
+        process.wait(timeout=EXIT_S)
     except subprocess.TimeoutExpired:
         process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"the node did not exit within {EXIT_S} s of signal {signum}:\n{output}") from None
-    return process.returncode, output
+        process.wait()
+        raise AssertionError(f"the node did not exit within {EXIT_S} s of signal {signum}:\n{output(tmp_path)}") from None
+    return process.returncode, output(tmp_path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -76,12 +84,93 @@ def test_a_signal_while_active_sends_the_hold_point_and_the_last_status(probe, n
         # the node sends on its way out can only be missing because it was not sent.
         acting = until(lambda: probe.counts()[0] >= 1 and probe.latest_status() is not None, process)
     finally:
-        code, output = stop(process, signum)
-    assert acting and code == 0, output
+        code, log = stop(process, signum, tmp_path)
+    assert acting and code == 0, log
     with probe.lock:
         last = probe.trajectories[-1]
-    assert len(last.points) == 1 and list(last.joint_names) == JOINT_NAMES, output
+    assert len(last.points) == 1 and list(last.joint_names) == JOINT_NAMES, log
     assert list(last.points[0].positions) == STATE and list(last.points[0].velocities) == [0.0] * len(STATE)
-    assert "hold_position: hold point sent at the measured position" in output
+    assert "hold_position: hold point sent at the measured position" in log
     wait_for(lambda: probe.latest_status("shut down"))
-    assert "could not be sent" not in output and "may be lost" not in output and "Traceback" not in output, output
+    assert "could not be sent" not in log and "may be lost" not in log and "Traceback" not in log, log
+
+
+def blocking_checkpoint(tmp_path: Path) -> Path:
+    """An openpi-looking checkpoint directory whose `config.json` is a FIFO: configure's checkpoint
+    load blocks reading it (a slow disk, a long load) until the test writes to it."""
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "assets").mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"not safetensors")  # the load fails once it gets there
+    os.mkfifo(checkpoint / "config.json")
+    return checkpoint
+
+
+def open_once_read(fifo: Path, process: subprocess.Popen) -> int:
+    """The FIFO's write end, once the node has it open for reading (configure is blocked in it)."""
+    fd = None
+
+    def reader_is_there() -> bool:
+        nonlocal fd
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+        except OSError:
+            return False
+        return True
+    assert until(reader_is_there, process), "the node never opened config.json"
+    return fd
+
+
+WAITING = "exiting: waiting for the running transition (configuring) to end first"
+
+
+def test_a_signal_during_configure_waits_for_it_then_shuts_down(probe, namespace: str, tmp_path: Path) -> None:
+    """SIGTERM while configure loads: main() released everything at once, under the configure thread,
+    which went on with what was freed ("configure failed: RuntimeError: cannot schedule new futures
+    after interpreter shutdown", "exception was never retrieved") and no "shut down" status went out.
+    The exit must wait for configure to end (here: failing on the broken checkpoint), then shut down."""
+    checkpoint = blocking_checkpoint(tmp_path)
+    process = start_node(tmp_path, namespace, autostart=True, checkpoint_path=str(checkpoint))
+    try:
+        fd = open_once_read(checkpoint / "config.json", process)
+        # No status has gone out yet: the last one only reaches a reader matched before it is sent.
+        assert until(lambda: probe.diagnostics_sub.get_publisher_count() >= 1, process), output(tmp_path)
+        process.send_signal(signal.SIGTERM)
+        assert until(lambda: WAITING in output(tmp_path), process), output(tmp_path)
+        time.sleep(0.5)
+        assert process.poll() is None, output(tmp_path)  # still waiting
+        os.write(fd, b"{}")
+        os.close(fd)
+        process.wait(timeout=EXIT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = output(tmp_path)
+    assert process.returncode == 0, log
+    assert "configure failed: cannot read" in log and "as safetensors" in log, log
+    wait_for(lambda: probe.latest_status("shut down"))
+    for unwanted in ("Traceback", "never retrieved", "cannot schedule", "second signal"):
+        assert unwanted not in log, log
+
+
+def test_a_second_signal_during_configure_exits_at_once(probe, namespace: str, tmp_path: Path) -> None:
+    """A second signal while the exit waits for configure (Ctrl-C twice, or `ros2 launch`'s SIGTERM
+    after its SIGINT): the process ends now, with code 1, although configure is still blocked in
+    its load: the interpreter would otherwise wait for that thread at exit."""
+    checkpoint = blocking_checkpoint(tmp_path)
+    process = start_node(tmp_path, namespace, autostart=True, checkpoint_path=str(checkpoint))
+    fd = None
+    try:
+        fd = open_once_read(checkpoint / "config.json", process)
+        process.send_signal(signal.SIGINT)
+        assert until(lambda: WAITING in output(tmp_path), process), output(tmp_path)
+        code, log = stop(process, signal.SIGTERM, tmp_path)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if fd is not None:
+            os.close(fd)
+    assert code == 1, log
+    assert "second signal: exiting at once, during configuring" in log, log
+    assert "Traceback" not in log, log
