@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command that Ctrl-C ended
 
 
 def _module_for(argv: list[str]) -> str | None:
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
+    except KeyboardInterrupt:
+        # Ctrl-C: the command's own cleanup (its finally blocks) has run; one line, not a traceback.
+        print(f"pi0-policy {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (Pi0PolicyError, OSError) as exc:
         # A bad input that a command did not report itself (a missing file, an output path that
         # is a file, a checkpoint that does not match): one line, not a traceback.

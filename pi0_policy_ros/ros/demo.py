@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import math
 import multiprocessing
+import signal
 import sys
 import threading
 import time
@@ -148,6 +149,9 @@ class SyntheticRobot(Node):
 def _robot_main(cameras: Sequence[CameraConfig], joint_names: Sequence[str], namespace: str, trajectory: bool,
                 stop: Any, results: Any) -> None:
     """The robot's own process: the policy's inference must not starve it of the GIL, as on a real robot."""
+    # The demo ends this process (the stop event, then terminate()): a Ctrl-C that reaches the whole
+    # process group must not end it first, with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     context = Context()
     rclpy.init(context=context)
     robot = SyntheticRobot(cameras, joint_names, namespace=namespace, context=context, trajectory=trajectory)

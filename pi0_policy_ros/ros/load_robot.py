@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -108,6 +109,7 @@ _STARTED = "started"
 
 
 def _child_main(spec: LoadSpec, results: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ended by LoadRobot (finish, stop), as the demo's robot
     results.put(publish_load(spec, on_start=lambda: results.put(_STARTED)))
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from test.fakes import FakePolicy, FakeProfile
 from test.paths import REPO_ROOT
@@ -50,3 +56,29 @@ def test_run_demo_times_the_chunk_where_no_trajectory_goes_out(executor) -> None
     report = run_demo(DEMO, duration_s=2.0, device="cpu", policy_factory=velocity, namespace="/demo_velocity",
                       robot_process=False)
     assert report.chunks >= 6, report.summary()
+
+
+def test_ctrl_c_ends_the_demo_and_its_robot_without_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches the whole process group: `pi0-policy demo` and its spawned robot.
+    Each printed a KeyboardInterrupt traceback ("Process synthetic_robot: Traceback ..."). The robot
+    is ended by the demo, and the demo says it was interrupted, with the shell's code for it."""
+    log_path = tmp_path / "demo.log"
+    command = [sys.executable, "-c", "import sys; from pi0_policy_ros.cli import main; sys.exit(main())",
+               "demo", "--duration", "60"]
+    with log_path.open("w") as log:
+        demo = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60.0
+        while "activated" not in log_path.read_text() and demo.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "activated" in log_path.read_text(), log_path.read_text()
+        os.killpg(demo.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        code = demo.wait(timeout=30.0)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    output = log_path.read_text()
+    assert code == 130, output
+    assert "pi0-policy demo: interrupted" in output, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output

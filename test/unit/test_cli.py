@@ -31,6 +31,20 @@ def test_log_level_before_the_command(capsys: pytest.CaptureFixture[str]) -> Non
     assert json.loads(capsys.readouterr().out)["passed"] is True
 
 
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C in any command (a demo, a replay, a bench): its own cleanup runs, then one line instead
+    of a KeyboardInterrupt traceback, and the shell's exit code for an interrupted command."""
+    from pi0_policy_ros import rtc_eval
+
+    def interrupted(args) -> int:  # noqa: ANN001
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rtc_eval, "run", interrupted)
+    assert main(["rtc-eval"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "pi0-policy rtc-eval: interrupted\n"
+
+
 def test_unknown_log_level_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--log-level", "chatty", "selftest", "--reference", str(PI05_FIXTURE)])
