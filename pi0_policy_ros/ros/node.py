@@ -652,12 +652,12 @@ class PolicyNode(LifecycleNode):
         if self._exiting.is_set():
             raise _ExitRequested(f"the process is exiting (SIGINT or SIGTERM), stopped after {after}")
 
-    def prepare_exit(self) -> bool:
+    def prepare_exit(self, give_up: Callable[[], bool] = lambda: False) -> bool:
         """The process is ending on a signal; first, nothing new may start: configure ends at its
         next step (`_stop_if_exiting`) and autostart does not activate. A transition still running
         (configure: loading, warming up) is waited for, since its thread cannot be stopped and would
-        go on with what `shut_down_for_exit` released under it. False: a second signal
-        (KeyboardInterrupt here) cut that wait; the transition's thread still runs."""
+        go on with what `shut_down_for_exit` released under it. False: `give_up()` (a second
+        signal) ended that wait; the transition's thread still runs."""
         with self._exit_lock:
             self._exiting.set()
         running = self._state_machine.current_state[1]
@@ -665,13 +665,12 @@ class PolicyNode(LifecycleNode):
             return True
         self.get_logger().warning(f"exiting: waiting for the running transition ({running}) to end first; "
                                   "signal again to exit at once")
-        try:
-            while self._state_machine.current_state[1] not in PRIMARY_STATES:
-                time.sleep(EXIT_POLL_S)
-        except KeyboardInterrupt:
-            self.get_logger().error(f"second signal: exiting at once, during {running}; nothing was shut down "
-                                    "(no hold point, no last status)")
-            return False
+        while self._state_machine.current_state[1] not in PRIMARY_STATES:
+            if give_up():
+                self.get_logger().error(f"second signal: exiting at once, during {running}; nothing was shut "
+                                        "down (no hold point, no last status)")
+                return False
+            time.sleep(EXIT_POLL_S)
         return True
 
     def shut_down_for_exit(self) -> None:
@@ -1031,37 +1030,50 @@ def flush_publisher(node: Node, pub: Publisher, timeout_s: float = FLUSH_TIMEOUT
                                   f"the last messages on {topic}")
 
 
+class ExitSignals:
+    """SIGINT and SIGTERM (Ctrl-C, `ros2 launch`, systemd) counted for main(), never raised. rclpy's
+    own handlers shut the context down at once, so that nothing could be sent after them: not
+    hold_position's hold point, not the last status. Python's KeyboardInterrupt can land anywhere,
+    a second one inside the shutdown itself."""
+
+    def __init__(self) -> None:
+        self.received = threading.Event()
+        self.count = 0
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        self.received.set()
+
+
 def main(args: list[str] | None = None) -> int:
-    # rclpy's own SIGINT / SIGTERM handlers shut the context down at once, so that nothing could be
-    # sent after them: not hold_position's hold point, not the last status. Without them, both
-    # signals (Ctrl-C, `ros2 launch`, systemd) raise KeyboardInterrupt in this thread within one
-    # spin timeout, and the node leaves through its shutdown transition on a working context.
     try:
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     except RuntimeError as exc:  # rcl's RCLError: a --params-file missing or not YAML; one line, no traceback
         print(f"pi0_policy_node: error: cannot start: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signals = ExitSignals()
+    signals.install()
     node: PolicyNode | None = None
     executor: MultiThreadedExecutor | None = None
     try:
         node = PolicyNode()
         executor = make_executor()
         executor.add_node(node)
-        spin_until_shutdown(executor)
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spin_until_shutdown(executor, signals.received)  # within one spin timeout of the first signal
+    except ExternalShutdownException:
         pass
     finally:
-        if node is not None and not node.prepare_exit():
+        if node is not None and not node.prepare_exit(give_up=lambda: signals.count > 1):
             # The transition's thread (the executor's) may be blocked in a load for minutes, and the
             # interpreter would join it before exiting: end the process now, as the second signal asked.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_FORCED)
-        # What follows is bounded (each flush by FLUSH_TIMEOUT_S): another signal must not cut the
-        # hold point or the last status short (a KeyboardInterrupt in the middle of the shutdown).
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+        # Later signals are only counted: the shutdown (each flush bounded by FLUSH_TIMEOUT_S) goes on.
         if node is not None:
             node.shut_down_for_exit()
         if executor is not None:

@@ -74,9 +74,12 @@ def stop(process: subprocess.Popen, signum: int, tmp_path: Path) -> tuple[int, s
     return process.returncode, output(tmp_path)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGTERM]],
+                         ids=["SIGINT", "SIGTERM", "SIGINT+SIGTERM"])
 def test_a_signal_while_active_sends_the_hold_point_and_the_last_status(probe, namespace: str, tmp_path: Path,
-                                                                         signum: int) -> None:
+                                                                         signals: list[int]) -> None:
+    """Two signals back to back (Ctrl-C twice): the second must not cut the shutdown short. With
+    KeyboardInterrupt as the signal's effect, it was raised again inside main()'s cleanup."""
     probe.joint_override = (JOINT_NAMES, STATE)
     process = start_node(tmp_path, namespace, autostart=True)
     try:
@@ -84,7 +87,9 @@ def test_a_signal_while_active_sends_the_hold_point_and_the_last_status(probe, n
         # the node sends on its way out can only be missing because it was not sent.
         acting = until(lambda: probe.counts()[0] >= 1 and probe.latest_status() is not None, process)
     finally:
-        code, log = stop(process, signum, tmp_path)
+        for signum in signals[:-1]:
+            process.send_signal(signum)
+        code, log = stop(process, signals[-1], tmp_path)
     assert acting and code == 0, log
     with probe.lock:
         last = probe.trajectories[-1]
