@@ -179,3 +179,27 @@ def test_a_second_signal_during_configure_exits_at_once(probe, namespace: str, t
     assert code == 1, log
     assert "second signal: exiting at once, during configuring" in log, log
     assert "Traceback" not in log, log
+
+
+def test_signals_until_the_process_is_gone_still_end_in_a_clean_exit(probe, namespace: str, tmp_path: Path) -> None:
+    """A supervisor or a user that keeps signalling until the process is gone. Once main() is done,
+    only the interpreter's teardown is left, and it puts back the default action of the signals it
+    handled: one landing there killed the process after a clean shutdown (-15; seen on the H100)."""
+    probe.joint_override = (JOINT_NAMES, STATE)
+    process = start_node(tmp_path, namespace, autostart=True)
+    try:
+        acting = until(lambda: probe.counts()[0] >= 1 and probe.latest_status() is not None, process)
+        process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + EXIT_S
+        while process.poll() is None and time.monotonic() < deadline:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.005)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    log = output(tmp_path)
+    assert acting and process.returncode == 0, (process.returncode, log)
+    assert "hold_position: hold point sent at the measured position" in log, log
+    wait_for(lambda: probe.latest_status("shut down"))
+    assert "Traceback" not in log, log
