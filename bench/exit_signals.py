@@ -67,7 +67,8 @@ def run_case(params: Path, name: str, signals: list[tuple[float, int]], until_ac
     lines = [line.strip()[:200] for line in log_path.read_text().splitlines() if TELLING.search(line)]
     return {"case": name, "signals": [(d, signal.Signals(s).name) for d, s in signals],
             "signalled_at_s": None if first_signal_at is None else round(first_signal_at - started, 2),
-            "exit_code": code, "exit_after_signal_s": None if first_signal_at is None else round(exited - first_signal_at, 2),
+            "exit_code": code,
+            "exit_after_signal_s": None if first_signal_at is None else round(exited - first_signal_at, 2),
             "configured_after_s": None if configured_s is None else round(configured_s, 2),
             "during_configure": any("exiting: waiting" in line for line in lines), "log": lines}
 

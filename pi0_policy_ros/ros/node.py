@@ -1083,6 +1083,6 @@ def main(args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         # Only the interpreter's teardown is left, and it puts back the default action of the
         # signals it handled: a signal then killed the process after a clean shutdown (exit code
-        # -15 under `ros2 launch`, seen on the H100 with SIGTERM 0.5 s after SIGINT). Ignored ones stay ignored.
+        # -15; on the H100, a SIGTERM 0.5 s after the SIGINT). Ignored signals stay ignored.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)

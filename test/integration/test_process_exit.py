@@ -70,7 +70,8 @@ def stop(process: subprocess.Popen, signum: int, tmp_path: Path) -> tuple[int, s
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-        raise AssertionError(f"the node did not exit within {EXIT_S} s of signal {signum}:\n{output(tmp_path)}") from None
+        raise AssertionError(f"the node did not exit within {EXIT_S} s of signal {signum}:\n"
+                             f"{output(tmp_path)}") from None
     return process.returncode, output(tmp_path)
 
 
