@@ -79,8 +79,8 @@ def stop(process: subprocess.Popen, signum: int, tmp_path: Path) -> tuple[int, s
                          ids=["SIGINT", "SIGTERM", "SIGINT+SIGTERM"])
 def test_a_signal_while_active_sends_the_hold_point_and_the_last_status(probe, namespace: str, tmp_path: Path,
                                                                          signals: list[int]) -> None:
-    """Two signals back to back (Ctrl-C twice): the second must not cut the shutdown short. With
-    KeyboardInterrupt as the signal's effect, it was raised again inside main()'s cleanup."""
+    """One signal, or two back to back (Ctrl-C twice): the second must not cut the shutdown short,
+    as a KeyboardInterrupt raised again inside main()'s cleanup could."""
     probe.joint_override = (JOINT_NAMES, STATE)
     process = start_node(tmp_path, namespace, autostart=True)
     try:
@@ -127,7 +127,6 @@ def open_once_read(fifo: Path, process: subprocess.Popen) -> int:
 
 
 WAITING = "exiting: waiting for the running transition (configuring) to end first"
-
 
 
 def test_a_signal_during_configure_waits_for_it_then_shuts_down(probe, namespace: str, tmp_path: Path) -> None:
