@@ -82,8 +82,7 @@ class Probe(Node):
         self.create_subscription(JointTrajectory, prefix + "joint_trajectory", self._store(self.trajectories), COMMAND_QOS)
         self.create_subscription(Float32MultiArray, prefix + "action_chunk", self._store(self.chunks), CHUNK_QOS)
         self.create_subscription(Header, prefix + "action_chunk_stamp", self._store(self.stamps), CHUNK_QOS)
-        self.diagnostics_sub = self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics,
-                                                        DIAGNOSTICS_READER_QOS)
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_READER_QOS)
         self.create_subscription(Log, "/rosout", self._on_log, ROSOUT_QOS)
         self._status_name = f"{policy_node}: control"
         self._logger_name = ".".join([*namespace.strip("/").split("/"), policy_node]).lstrip(".")
