@@ -42,14 +42,13 @@ def run_case(params: Path, name: str, signals: list[tuple[float, int]], until_ac
     configured_s = None
     base = started
     if until_active:
-        while process.poll() is None and "activated" not in log_path.read_text():
-            if configured_s is None and "configured:" in log_path.read_text():
+        while process.poll() is None and time.monotonic() - started <= timeout_s:
+            text = log_path.read_text()  # once a poll: "configured:" and "activated" may come in one read
+            if configured_s is None and "configured:" in text:
                 configured_s = time.monotonic() - started
-            if time.monotonic() - started > timeout_s:
+            if "activated" in text:
                 break
             time.sleep(0.05)
-        if configured_s is None and "configured:" in log_path.read_text():
-            configured_s = time.monotonic() - started
         base = time.monotonic()
     first_signal_at = None
     for delay_s, signum in signals:
