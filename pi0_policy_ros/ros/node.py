@@ -598,9 +598,9 @@ class PolicyNode(LifecycleNode):
         frame_hw = config.policy.camera_hw or WARMUP_IMAGE_HW  # the size the policy takes, if it names one
         images = {c.name: np.zeros(frame_hw + (3,), np.uint8) for c in config.cameras}
         state = np.zeros(len(config.joint_names), np.float64)
-        # A prompt may come later (~/prompt): the warm-up must not need one.
-        prompt = self._prompt or WARMUP_PROMPT
-        chunk = policy.infer(Observation(images=images, state=state, prompt=prompt, stamp_s=0.0))
+        # Never the node's prompt: one may come later (~/prompt), and one the policy refuses (blanks)
+        # must hold the active node as '' does, not fail configure. Tokens are padded: same shapes.
+        chunk = policy.infer(Observation(images=images, state=state, prompt=WARMUP_PROMPT, stamp_s=0.0))
         width = chunk.actions.shape[1] if chunk.actions.ndim == 2 else None
         if width != len(config.action_joint_names):
             raise ConfigError(f"warm-up: expected actions [H, {len(config.action_joint_names)}] for "

@@ -15,14 +15,14 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Float32MultiArray
+from std_msgs.msg import Float32MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
 
 from pi0_policy_ros.policy.policy import Policy
 from pi0_policy_ros.policy.types import Observation
 from pi0_policy_ros.ros.convert import action_chunk_from_message
 from pi0_policy_ros.ros.params import config_from_params
-from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS
+from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, PROMPT_QOS
 from test.integration.harness import duration_s, wait_for
 
 STATE_NAMES = [f"s{i}" for i in range(8)]
@@ -166,3 +166,22 @@ def test_rtc_mode_guides_the_next_chunks(make_node, robot: LiberoRobot) -> None:
     np.testing.assert_allclose(chunks[0], expected, rtol=0, atol=1e-5)
     for chunk in chunks[1:]:
         assert np.all(np.isfinite(chunk)) and np.abs(chunk - expected).max() > 1e-3
+
+
+def test_a_blank_prompt_before_configure_holds_instead_of_failing_configure(make_node, robot: LiberoRobot) -> None:
+    """A prompt of blanks on ~/prompt (or the parameter) before configure: the policy refuses it
+    ("Prompt is required"), as it does '', so the active node must hold until a prompt comes, as
+    it does for ''. The warm-up inferred with that prompt, and configure failed on it."""
+    prompts = robot.create_publisher(String, "pi0_policy/prompt", PROMPT_QOS)
+    node = make_node(params=dict(PARAMS, prompt=""), policy_factory=Policy.from_config)
+    wait_for(lambda: prompts.get_subscription_count() >= 1)
+    prompts.publish(String(data="   "))
+    wait_for(lambda: node._prompt == "   ")
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    wait_for(lambda: "Prompt is required" in node._monitor.report(0.0).values["last_hold_reason"], timeout_s=30.0)
+    with robot.lock:
+        assert not robot.chunks and not robot.trajectories
+    prompts.publish(String(data=PARAMS["prompt"]))
+    wait_for(lambda: len(robot.chunks) >= 1, timeout_s=60.0)
+    node.trigger_deactivate()
