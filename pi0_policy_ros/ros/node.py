@@ -306,6 +306,8 @@ class PolicyNode(LifecycleNode):
         self._exiting = threading.Event()
         self._exit_lock = threading.Lock()
         self._autostart_timer: Timer | None = None
+        # The interpreter's thread switch interval before configure set switch_interval_s (None: not set).
+        self._switch_interval_before: float | None = None
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.0, self._autostart)
         # rclpy's ~/change_state raises RCLError for a transition the current state lacks (activate
@@ -516,6 +518,9 @@ class PolicyNode(LifecycleNode):
         config = config_from_params(self.parameter_values())
         if config.switch_interval_s > 0:
             # Process-wide, on purpose: the node owns its process (one node per launch process).
+            # _release() puts the interval back, so that 0 at a later configure leaves Python's own.
+            if self._switch_interval_before is None:
+                self._switch_interval_before = sys.getswitchinterval()
             sys.setswitchinterval(config.switch_interval_s)
         # The prompt reaches the policy through the buffer (parameter or ~/prompt). As the policy's
         # default_prompt it would outlive the parameter: a '' set later would fall back to it.
@@ -757,6 +762,9 @@ class PolicyNode(LifecycleNode):
             self._step = None
             self._safety = None
             self._joint_reader = None
+            interval, self._switch_interval_before = self._switch_interval_before, None
+        if interval is not None:
+            sys.setswitchinterval(interval)
         if policy is not None:
             try:
                 policy.close()

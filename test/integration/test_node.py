@@ -854,3 +854,23 @@ def test_control_rate_set_while_deactivating_does_not_raise(make_node, probe) ->
     assert errors == []
     rate = node.get_parameter("control_rate_hz").value
     assert node._control_timer.timer_period_ns == round(1e9 / rate)
+
+
+def test_switch_interval_zero_after_a_cleanup_leaves_the_interpreter_default(make_node) -> None:
+    """switch_interval_s is set at configure, process-wide; 0 leaves Python's own interval. After a
+    configure with the default (0.2 ms), cleanup, switch_interval_s 0 and configure again, the
+    process kept 0.2 ms: what configure sets must go with cleanup, as everything else it built."""
+    import sys
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)  # not the node's value, whatever earlier tests left
+    try:
+        node = make_node(params={"switch_interval_s": 2e-4})
+        assert node.trigger_configure() == SUCCESS
+        assert sys.getswitchinterval() == pytest.approx(2e-4)
+        assert node.trigger_cleanup() == SUCCESS
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        assert node.set_parameters([Parameter("switch_interval_s", value=0.0)])[0].successful
+        assert node.trigger_configure() == SUCCESS
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(interval)
