@@ -415,8 +415,9 @@ class PolicyNode(LifecycleNode):
 
     def _set_prompt(self, prompt: str) -> None:
         self._prompt = prompt or None
-        if self._buffer is not None:
-            self._buffer.put_prompt(self._prompt)
+        buffer = self._buffer  # read once: cleanup, on another thread, may set it to None meanwhile
+        if buffer is not None:
+            buffer.put_prompt(self._prompt)
         self._check_prompt()
 
     def _check_prompt(self) -> None:
