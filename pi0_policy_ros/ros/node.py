@@ -1095,3 +1095,7 @@ def main(args: list[str] | None = None) -> int:
         # -15; on the H100, a SIGTERM 0.5 s after the SIGINT). Ignored signals stay ignored.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
+
+
+if __name__ == "__main__":  # python -m pi0_policy_ros.ros.node, as the console script
+    sys.exit(main())

@@ -178,15 +178,22 @@ def test_an_undeclared_override_is_named_with_the_closest_parameter(make_node) -
     assert make_node().undeclared_overrides == ""
 
 
+# The console script's call, and `python -m` (which started nothing and exited 0 before the module ran main()).
+NODE_COMMANDS = {"main": ["-c", "import sys; from pi0_policy_ros.ros.node import main; sys.exit(main())"],
+                 "module": ["-m", "pi0_policy_ros.ros.node"]}
+
+
+@pytest.mark.parametrize("start", sorted(NODE_COMMANDS))
 @pytest.mark.parametrize("content", [None, "pi0_policy:\n  ros__parameters:\n    camera_names: [a\n"],
                          ids=["missing", "not_yaml"])
-def test_the_node_process_with_a_bad_params_file_exits_with_one_line(tmp_path: Path, content: str | None) -> None:
+def test_the_node_process_with_a_bad_params_file_exits_with_one_line(tmp_path: Path, content: str | None,
+                                                                     start: str) -> None:
     # rclpy.init raised RCLError with a traceback and exit code 1.
     params = tmp_path / "robot.yaml"
     if content is not None:
         params.write_text(content)
-    proc = subprocess.run([sys.executable, "-c", "import sys; from pi0_policy_ros.ros.node import main; sys.exit(main())",
-                           "--ros-args", "--params-file", str(params)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, *NODE_COMMANDS[start], "--ros-args", "--params-file", str(params)],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output, output
