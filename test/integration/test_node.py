@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -860,7 +861,6 @@ def test_switch_interval_zero_after_a_cleanup_leaves_the_interpreter_default(mak
     """switch_interval_s is set at configure, process-wide; 0 leaves Python's own interval. After a
     configure with the default (0.2 ms), cleanup, switch_interval_s 0 and configure again, the
     process kept 0.2 ms: what configure sets must go with cleanup, as everything else it built."""
-    import sys
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.004)  # not the node's value, whatever earlier tests left
     try:
