@@ -194,6 +194,12 @@ def configure_failure_report(reason: str) -> HealthReport:
     return transition_failure_report("configure", reason)
 
 
+def cleanup_report() -> HealthReport:
+    """The status a cleanup leaves: the node is up and unconfigured, and publishes nothing more
+    until the next configure (monitoring tools would see "inactive" go stale otherwise)."""
+    return HealthReport(OK, "cleaned up", {"active": "False"})
+
+
 def shutdown_report() -> HealthReport:
     """The last status of a node shut down on purpose (monitoring tools would see it go stale otherwise)."""
     return HealthReport(OK, "shut down", {"active": "False"})

@@ -44,8 +44,9 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      published (not even advertised) when the profile's actions are joint velocities or
      end-effector deltas, which a controller would take for joint positions, unless
      `trajectory_actions: any`.
-- `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, and
-  once after a failed configure or a transition that raised; a last one ("shut down", level OK)
+- `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, once
+  at cleanup ("cleaned up", level OK), once after a failed configure or a transition that raised;
+  a last one ("shut down", level OK)
   at shutdown, which `main()` also runs on SIGINT and SIGTERM. A signal while a transition runs
   (configure loading or warming up) waits for it to end first (configure stops at its next step);
   a second signal then ends the process at once, exit code 1, with nothing shut down.
@@ -134,8 +135,8 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
 
-from pi0_policy_ros.control.monitor import (ERROR, WARN, ControlMonitor, HealthReport, configure_failure_report,
-                                            shutdown_report, transition_failure_report)
+from pi0_policy_ros.control.monitor import (ERROR, WARN, ControlMonitor, HealthReport, cleanup_report,
+                                            configure_failure_report, shutdown_report, transition_failure_report)
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.step import (HOLD, HOLD_POSITION, INTERNAL_ERROR, WAIT, ControlStep, StepResult,
@@ -643,7 +644,11 @@ class PolicyNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        return self._transition("cleanup", self._release)
+        return self._transition("cleanup", self._clean_up)
+
+    def _clean_up(self) -> None:
+        self._release()
+        self._publish_report(cleanup_report())  # the periodic status stops here
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         return self._transition("shutdown", self._shut_down)

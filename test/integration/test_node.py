@@ -468,6 +468,20 @@ def test_shutdown_publishes_a_last_status(make_node, probe) -> None:
     assert probe.latest_status() is status
 
 
+def test_cleanup_publishes_a_status(make_node, probe) -> None:
+    """The periodic status stops at cleanup: its last one said "inactive" until it went stale, as
+    if the node were still configured."""
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+    wait_for(lambda: probe.latest_status("inactive"))
+    assert node.trigger_cleanup() == SUCCESS
+    status = wait_for(lambda: probe.latest_status("cleaned up"))
+    assert status.level == b"\x00"
+    assert {kv.key: kv.value for kv in status.values}["active"] == "False"
+    time.sleep(0.3)
+    assert probe.latest_status() is status
+
+
 def test_safety_counters_restart_at_activation(make_node, probe) -> None:
     """safety.clamp.* / safety.reject.* count from activation, as every other /diagnostics counter
     (they kept the counts of earlier activations)."""
