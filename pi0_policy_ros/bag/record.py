@@ -60,6 +60,11 @@ def check_output_path(path: str | Path, overwrite: bool) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"output {path}: expected an existing directory {path.parent}, found none")
+    if path.is_symlink():
+        # The bag is moved into place last: onto a link it failed only then, after the whole replay
+        # (rmtree refuses a link to a bag; a rename onto a dangling link is "Not a directory").
+        raise OutputError(f"output {path}: expected a bag directory or a new path, found a symbolic link to "
+                          f"{os.readlink(path)}; give the path it points to, or remove the link")
     if not path.exists():
         return
     if not overwrite:

@@ -141,6 +141,30 @@ def test_overwrite_replaces_a_bag(make_bag, tmp_path: Path) -> None:
     assert bag.message_count == 1 and (out / "metadata.yaml").is_file()
 
 
+@pytest.mark.parametrize("target", ["old_bag", "nothing"])
+def test_output_that_is_a_symbolic_link_is_refused_before_the_replay(make_bag, params_file: Path, tmp_path: Path,
+                                                                     capsys, monkeypatch, target: str) -> None:
+    # The output bag is moved into place last: onto a link to a bag (--overwrite) rmtree refused it,
+    # onto a dangling link the rename failed "Not a directory", both after the whole replay.
+    from pi0_policy_ros.policy.policy import Policy
+
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the policy was loaded before the output path was checked")
+
+    monkeypatch.setattr(Policy, "from_config", no_load)
+    old_bag = tmp_path / "old_bag"
+    shutil.copytree(make_bag("old_output", 0.5), old_bag)
+    before = sorted((p.name, p.read_bytes()) for p in old_bag.iterdir())
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    code = main([str(make_bag("to_replay", 0.5)), "--params", str(params_file), "--out", str(out), "--overwrite",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: output {out}: expected a bag directory or a new path, found a symbolic link to {target}" in err
+    assert out.is_symlink() and sorted((p.name, p.read_bytes()) for p in old_bag.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old_bag", "out"]  # no staging left
+
 def test_report_path_that_is_a_file_is_refused_before_the_replay(make_bag, params_file: Path, tmp_path: Path,
                                                                   capsys) -> None:
     # The report comes last: a file in its place used to fail only after the whole replay.
