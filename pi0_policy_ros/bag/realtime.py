@@ -17,6 +17,7 @@ rclpy runs in its own `Context`, so this works inside a process that already use
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shlex
 import signal
@@ -366,8 +367,8 @@ def replay_realtime(bag_path: str | Path, out_path: str | Path, setup: ReplaySet
                     overwrite: bool = False, progress: bool = False) -> tuple[ReplaySummary, NodeConfig, float]:
     """Play the bag to a node started here; returns the summary, the node's resolved config and its
     action period."""
-    if not options.rate > 0:
-        raise ConfigError(f"rate: expected a factor > 0, found {options.rate}")
+    if not (math.isfinite(options.rate) and options.rate > 0):
+        raise ConfigError(f"rate: expected a finite factor > 0, found {options.rate}")
     config = resolved_config(setup)
     period_s = configured_profile(setup.config.policy).action_period_s
     summary = ReplaySummary("realtime", str(bag_path), str(out_path), config.control.control_rate_hz)

@@ -15,6 +15,7 @@ exit code 2; the output is then not written at all.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -90,8 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if not args.rate > 0:
-            raise Pi0PolicyError(f"--rate: expected a factor > 0, found {args.rate}")
+        if not (math.isfinite(args.rate) and args.rate > 0):
+            # inf passed `> 0`: the recorder's bag time int(elapsed * inf) then raised on the
+            # executor thread, and the replay ended 30 s later on an unanswered service call.
+            raise Pi0PolicyError(f"--rate: expected a finite factor > 0, found {args.rate}")
         # --overwrite replaces OUT_BAG only after the replay, by when the input is read: an output
         # on (or inside) the input bag would delete the recording without a word.
         bag_path, out_path = Path(args.bag).resolve(), Path(args.out).resolve()

@@ -328,3 +328,23 @@ def test_sqlite3_bag_under_a_path_sqlite_reads_as_a_uri(make_bag, params_file: P
     error = replay(bag, params_file, tmp_path / "out", capsys)
     assert "a sqlite3 bag cannot be read under a path containing ['#']" in error and "move or rename" in error
     assert "truncated" not in error
+
+
+def test_an_infinite_realtime_rate_is_refused_before_anything_starts(params_file: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    # --rate inf passed the `> 0` check: the node started, the recorder's first message raised
+    # OverflowError on the executor thread (bag time int(elapsed * inf)), and the replay ended
+    # 30 s later with "service .../change_state did not answer". The bag is not even opened now.
+    from pi0_policy_ros.bag.inputs import make_setup
+    from pi0_policy_ros.bag.realtime import RealtimeOptions, replay_realtime
+    from pi0_policy_ros.errors import ConfigError
+
+    missing = tmp_path / "no_bag"
+    code = main([str(missing), "--params", str(params_file), "--out", str(tmp_path / "out"), "--realtime",
+                 "--rate", "inf", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error: --rate: expected a finite factor > 0, found inf" in err
+    with pytest.raises(ConfigError, match="rate: expected a finite factor > 0, found inf"):
+        replay_realtime(missing, tmp_path / "out", make_setup(params_file),
+                        RealtimeOptions(params_file=params_file, rate=float("inf")))
