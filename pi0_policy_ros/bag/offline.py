@@ -107,6 +107,9 @@ class OfflineReplay:
         for topic, t_ns, msg in bag.messages(list(inputs)):
             if start_ns is None:
                 start_ns = summary.start_ns = t_ns
+                # The node's activation: without it the monitor reported "inactive", at 0 Hz and
+                # level OK, after any replay (all ticks held included).
+                self.monitor.start(t_ns / NS_PER_S)
             while t_ns > (tick_ns := start_ns + round(k * period_s * NS_PER_S)):
                 self._tick(tick_ns, out, summary)
                 k += 1
