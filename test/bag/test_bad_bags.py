@@ -165,6 +165,7 @@ def test_output_that_is_a_symbolic_link_is_refused_before_the_replay(make_bag, p
     assert out.is_symlink() and sorted((p.name, p.read_bytes()) for p in old_bag.iterdir()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old_bag", "out"]  # no staging left
 
+
 def test_report_path_that_is_a_file_is_refused_before_the_replay(make_bag, params_file: Path, tmp_path: Path,
                                                                   capsys) -> None:
     # The report comes last: a file in its place used to fail only after the whole replay.

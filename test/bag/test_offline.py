@@ -198,7 +198,6 @@ def test_bag_edges_prompt_first_and_a_tick_on_the_last_message(edge_run) -> None
     assert sequence == ["0", "1", "2"]  # the node's chunk numbers, from 0
 
 
-
 def test_the_summarys_diagnostics_are_those_of_an_active_node(first_run, edge_run) -> None:
     # The monitor was never started: every replay ended "inactive", level OK, at 0 Hz, as if the
     # node had not run, even when its last ticks held.
@@ -211,6 +210,7 @@ def test_the_summarys_diagnostics_are_those_of_an_active_node(first_run, edge_ru
     held = edge_run[3].extra["diagnostics"]  # its last two ticks held on stale cameras
     assert (held["level"], held["values"]["active"]) == (WARN, "True")
     assert held["message"].startswith("holding: camera ") and "is stale" in held["message"]
+
 
 def test_hold_position_writes_the_hold_point(tmp_path: Path) -> None:
     # A joint-position robot (LIBERO's end-effector deltas have no measured position to hold).
