@@ -79,9 +79,21 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float().cpu() - b.float().cpu()).abs().max())
 
 
+def expected_keys() -> list[str]:
+    """The stored openpi values `compare_with_reference` reads (the fixture README's names)."""
+    return ["outputs/actions", *(f"intermediate/image_emb.{s}" for s in IMAGE_SLOTS), "intermediate/prefix_embs",
+            "intermediate/prefix_kv.layer0.key", "intermediate/prefix_kv.layer0.value",
+            "intermediate/prefix_last_hidden", "intermediate/denoise_v_t", "intermediate/denoise_time"]
+
+
 def compare_with_reference(ref: Reference, model: Pi0Model, device: str = "cpu") -> dict[str, float]:
     """Run `sample_actions` with a trace and return the max abs error of the actions and the
     main intermediates against the stored openpi values."""
+    # Checked before the model runs: a fixture that lacks one was a KeyError traceback after it.
+    missing = [key for key in expected_keys() if key not in ref.expected]
+    if missing:
+        raise CheckpointError(f"{ref.path}: expected openpi's reference values beside the weights and inputs, "
+                              f"found {len(missing)} of them missing: {missing}")
     trace = Trace()
     actions = model.sample_actions(_inputs_to(ref.inputs, device), ref.noise.to(device), trace=trace)
     exp = ref.expected

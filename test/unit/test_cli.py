@@ -69,6 +69,24 @@ def test_safetensors_that_is_not_a_fixture_is_one_error(tmp_path: Path, config: 
     assert "not an openpi reference fixture" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("dropped", ["outputs/actions", "intermediate/denoise_v_t"])
+def test_fixture_without_its_reference_values_is_one_error(dropped: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Weights and inputs are enough for `export --reference`; selftest also needs openpi's stored
+    # values, and ran the model, then died on a KeyError traceback with exit code 1 ("check failed").
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(PI05_FIXTURE), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(PI05_FIXTURE))
+    del tensors[dropped]
+    path = tmp_path / "partial.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    assert main(["selftest", "--reference", str(path)]) == 2
+    assert f"found 1 of them missing: ['{dropped}']" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("command", ["inspect", "export"])
 def test_unknown_preset_lists_the_valid_ones(command: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
