@@ -74,6 +74,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (memory-mapped by safetensors) and the metadata of one file."""
     path = Path(path)
+    if path.is_dir():  # it exists: "not found" sent users looking for a typo
+        raise CheckpointError(f"checkpoint file {path}: expected a safetensors file, found a directory")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:

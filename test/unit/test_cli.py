@@ -57,6 +57,17 @@ def test_missing_reference_is_one_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert "checkpoint file not found" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("command", [["selftest", "--reference"], ["export", "--stages", "vision", "--reference"],
+                                     ["bench", "--cpu", "--preset", "pi05_small", "--checkpoint"]])
+def test_a_directory_for_a_safetensors_file_is_named_as_such(command: list[str], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # It said "checkpoint file not found" for a path that exists (e.g. a checkpoint directory
+    # given to bench's --checkpoint, which takes the weights file).
+    argv = [*command, str(tmp_path)] + (["--out", str(tmp_path / "onnx")] if command[0] == "export" else [])
+    assert main(argv) == 2
+    assert f"checkpoint file {tmp_path}: expected a safetensors file, found a directory" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("config", ['{"other": 1}', "not json"])
 def test_safetensors_that_is_not_a_fixture_is_one_error(tmp_path: Path, config: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
