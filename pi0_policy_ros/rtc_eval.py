@@ -325,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
                                 execute_horizon=args.execute_horizon, period_s=args.period_s,
                                 max_guidance_weight=args.max_guidance_weight, mask_schedule=args.mask_schedule,
                                 ensemble_decay=args.ensemble_decay, seed=args.seed)
+        _prepare_output(args.output)
         report = {"argv": sys.argv,
                   "device": (torch.cuda.get_device_name() if args.device == "cuda"
                              else f"cpu ({platform.processor() or platform.machine()})"),
@@ -338,9 +339,23 @@ def run(args: argparse.Namespace) -> int:
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(format_table(report))
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def _prepare_output(path: Path | None) -> None:
+    """Make `--output` writable before the runs (minutes for the full-size models), not after
+    them: create its folder, refuse a directory."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"--output {path}: expected a file name, found a directory")
+    if path.parent.exists() and not path.parent.is_dir():  # mkdir would say only "File exists"
+        raise ConfigError(f"--output {path}: expected {path.parent} to be a directory, found a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--output {path}: cannot create its directory: {exc.strerror or exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

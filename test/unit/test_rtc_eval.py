@@ -58,6 +58,28 @@ def test_bad_arguments_are_one_error_line(argv: list[str], expected: str, restor
     assert err.startswith("error: ") and expected in err and "\n" not in err, err
 
 
+@pytest.mark.parametrize(("under", "expected"), [
+    ("", "expected a file name, found a directory"),
+    ("taken/rtc.json", "expected {tmp}/taken to be a directory, found a file"),
+    ("taken/sub/rtc.json", "cannot create its directory: Not a directory"),
+])
+def test_output_that_cannot_be_written_fails_before_the_runs(under: str, expected: str, tmp_path: Path,
+                                                             restore_threads: None,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # The report was written after every run (minutes for the full-size models), then lost to
+    # an IsADirectoryError (or NotADirectoryError for a file in the folder's place).
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / under
+    parser = argparse.ArgumentParser()
+    rtc_eval.add_arguments(parser)
+    args = parser.parse_args(["--model", "fixture-pi05", "--modes", "naive", "--chunks", "2", "--output", str(out)])
+    assert rtc_eval.run(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no run: its table would be here
+    assert captured.err == f"error: --output {out}: {expected.format(tmp=tmp_path)}\n"
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 def test_one_step_of_overlap_gives_nan_ratios(restore_threads: None) -> None:
     # d = H - 1: naive's jumps can all be 0; the ratios are then NaN, not a ZeroDivisionError.
     settings = rtc_eval.EvalSettings(delays=(9,), modes=("naive", "rtc_fast"), num_chunks=3)
