@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -255,6 +256,11 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
     for name, value in (("warmup_s", warmup_s), ("settle_s", settle_s)):
         if not value >= 0:
             raise ConfigError(f"{name}: expected >= 0 s, found {value}")
+    for name, value in (("seconds", loaded_s), ("unloaded_s", unloaded_s), ("warmup_s", warmup_s),
+                        ("settle_s", settle_s)):
+        # A phase of inf s never ends, and time.sleep(inf) overflows after the node has started.
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number of seconds, found {value}")
     overrides = dict(overrides or {})
     context = Context()
     rclpy.init(context=context)

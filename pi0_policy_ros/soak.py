@@ -91,6 +91,8 @@ def soak(params: Path, minutes: float, sample_s: float, warmup_s: float, device:
     for name, value in (("minutes", minutes), ("sample_s", sample_s)):
         if not value > 0:
             raise ConfigError(f"{name}: expected > 0, found {value}")
+        if not math.isfinite(value):  # an endless soak measures nothing; time.sleep overflows
+            raise ConfigError(f"{name}: expected a finite number, found {value}")
     if not warmup_s >= 0:
         raise ConfigError(f"warmup_s: expected >= 0 s, found {warmup_s}")
     # Growth is measured between samples after warm-up: a shorter soak would measure nothing.

@@ -181,6 +181,8 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     check_params_file(params_file, namespace)
     if not duration_s > 0:
         raise ConfigError(f"duration: expected > 0 s, found {duration_s}")
+    if not math.isfinite(duration_s):  # time.sleep's OverflowError, after the node had started
+        raise ConfigError(f"duration: expected a finite number of seconds, found {duration_s}")
     context = Context()
     rclpy.init(context=context)
     executor = make_executor(context)

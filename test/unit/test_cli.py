@@ -202,6 +202,10 @@ def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("argv", "expected"), [
     (["demo", "--params", "no_such.yaml"], "params file no_such.yaml: expected a ROS parameter file"),
     (["demo", "--duration", "-5"], "duration: expected > 0 s, found -5.0"),  # was time.sleep's ValueError
+    # time.sleep's OverflowError traceback (exit 1) after the node had configured
+    (["demo", "--duration", "inf"], "duration: expected a finite number of seconds, found inf"),
+    (["soak", "--minutes", "inf"], "minutes: expected a finite number, found inf"),
+    (["load-bench", "--warmup-s", "inf"], "warmup_s: expected a finite number of seconds, found inf"),
     (["load-bench", "--params", "no_such.yaml"], "params file no_such.yaml"),  # was an rcl traceback
     (["load-bench", "--seconds", "-1"], "seconds: expected > 0 s"),  # ran, then reported 0 Hz
     (["soak", "--sample-s", "0"], "sample_s: expected > 0"),  # the sampler spun, 170k samples in 6 s
