@@ -288,6 +288,9 @@ def run(args: argparse.Namespace) -> int:
     for p in precisions:
         if p not in PRECISIONS:  # one "error:" line, exit 2, as every other bad argument
             raise ConfigError(f"--precision: unknown precision {p!r}; valid: {list(PRECISIONS)}")
+    if not precisions:  # the eager model alone was timed, and the run reported success
+        raise ConfigError(f"--precision: expected a comma-separated list from {list(PRECISIONS)}, "
+                          f"found {args.precision!r}")
     if args.json:  # before minutes of benchmarking, not after them
         if Path(args.json).is_dir():
             raise ConfigError(f"--json {args.json}: expected a file name, found a directory")

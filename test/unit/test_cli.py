@@ -265,6 +265,16 @@ def test_load_bench_set_errors(value: str, expected: str, capsys: pytest.Capture
     assert expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["", ","])
+def test_bench_without_a_precision_is_one_error(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # It timed the eager model only, printed a table with no engine in it and exited 0.
+    argv = ["bench", "--cpu", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1",
+            "--no-fp32-reference", "--precision", text]
+    assert main(argv) == 2
+    assert f"--precision: expected a comma-separated list from ['bfloat16', 'float32', 'fp8'], found {text!r}" \
+        in one_error_line(capsys)
+
+
 def test_bench_unknown_precision_is_one_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--preset", "pi05_small", "--precision", "bfloat16,int4"]) == 2
     assert "unknown precision 'int4'" in one_error_line(capsys)
