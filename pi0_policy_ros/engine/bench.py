@@ -309,11 +309,14 @@ def run(args: argparse.Namespace) -> int:
         changes["max_token_len"] = args.prompt_len
     cfg = cfg.replace(**changes) if changes else cfg
     shape = EngineShape.for_model(cfg, num_slots=args.cameras, image_hw=args.image_size)
-    batches = [random_batch(shape, args.seed + i, valid_slots=min(args.valid_cameras, args.cameras),
-                            valid_tokens=min(args.valid_tokens, shape.prompt_len)) for i in range(3)]
+    # At most what the graph holds: the defaults (2 cameras, 24 tokens) also serve smaller shapes.
+    # The JSON records these, the counts that ran, not the ones asked for.
+    valid_cameras, valid_tokens = min(args.valid_cameras, args.cameras), min(args.valid_tokens, shape.prompt_len)
+    batches = [random_batch(shape, args.seed + i, valid_slots=valid_cameras, valid_tokens=valid_tokens)
+               for i in range(3)]
     result: dict[str, object] = {"environment": _environment(), "shape": {**vars(shape), "image_hw": list(args.image_size)},
                                  "preset": cfg.name, "checkpoint": args.checkpoint or None,
-                                 "valid_cameras": args.valid_cameras, "valid_tokens": args.valid_tokens,
+                                 "valid_cameras": valid_cameras, "valid_tokens": valid_tokens,
                                  "compact_prefix": not args.full_prefix,
                                  "prefix_rows": _prefix_rows(shape, batches[0], not args.full_prefix),
                                  "iterations": args.iterations, "precisions": {}}
