@@ -111,12 +111,20 @@ def _git() -> dict[str, object]:
         return {"commit": os.environ["PI0_GIT_COMMIT"], "dirty": os.environ.get("PI0_GIT_DIRTY", "1") == "1"}
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True).stdout.strip())
+        top = _git_output(root, "rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != root:
+            # Not a checkout of this package (an install in site-packages): git would answer for
+            # whatever repository holds that folder, e.g. the one around a .venv.
+            return {"commit": "unknown", "dirty": True}
+        commit = _git_output(root, "rev-parse", "HEAD")
+        dirty = bool(_git_output(root, "status", "--porcelain", "--untracked-files=no"))
     except OSError:
         commit, dirty = "", True
     return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def _git_output(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
 
 
 def _environment() -> dict[str, object]:

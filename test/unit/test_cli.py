@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -203,6 +206,23 @@ def test_bench_json_records_the_valid_counts_that_ran(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert (result["valid_cameras"], result["valid_tokens"]) == (1, 200)  # pi05_small's prompt: 200 tokens
     assert result["prefix_rows"]["slots"] == 1 and result["shape"]["prompt_len"] == 200
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_bench_reports_no_commit_for_a_copy_outside_its_checkout(tmp_path: Path) -> None:
+    # An installed copy (site-packages in a .venv) inside another repository reported that
+    # repository's HEAD as the commit that was benchmarked.
+    other = tmp_path / "other_repo"
+    shutil.copytree(REPO_ROOT / "pi0_policy_ros", other / "site-packages" / "pi0_policy_ros",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "unrelated"], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PI0_GIT_")}
+    env["PYTHONPATH"] = str(other / "site-packages")
+    code = "import json; from pi0_policy_ros.engine import bench; print(json.dumps(bench._git()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"commit": "unknown", "dirty": True}
 
 
 def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
