@@ -144,7 +144,7 @@ class OfflineReplay:
                 self.buffer.put_state(convert.joint_positions(msg, self.config.joint_names), stamp_s, now_s)
         except ObservationError as exc:
             self.buffer.refused(source, str(exc))  # as the node does: a hold on this source names it
-            summary.reject_input(f"{topic.label}: {exc}")
+            summary.reject_input(str(exc))  # it names its source: the label again read "camera 'a': camera 'a': ..."
             self.monitor.input_rejected(str(exc), source)
             return
         self.monitor.input_received(source, now_s - stamp_s)
