@@ -149,7 +149,8 @@ def write_plots(report_dir: Path, chunks: ChunkSeries, states: StateSeries, conf
     for dim in range(action_dim):
         fig, ax = plt.subplots(figsize=(9, 3.5), constrained_layout=True)
         _draw_panel(ax, dim, chunks, states, config, period_s, t0_s)
-        ax.legend(fontsize=8, loc="upper right")
+        if ax.get_legend_handles_labels()[0]:  # nothing drawn (no chunk, no state): matplotlib warns
+            ax.legend(fontsize=8, loc="upper right")
         name = config.action_joint_names[dim] if dim < len(config.action_joint_names) else f"action_{dim}"
         files.append(_file_name(dim, name))
         fig.savefig(report_dir / files[-1], dpi=90)

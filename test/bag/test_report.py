@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,19 @@ def test_plots_show_the_actions(params_file: Path, tmp_path: Path) -> None:
     assert list(written["a"]) == list(written["b"]) and len(written["a"]) == 1 + 7
     # Other actions, other pictures: the overview and each panel draw the chunks.
     assert all(written["a"][f] != written["b"][f] for f in written["a"]), OVERVIEW_FILE
+
+
+def test_plots_of_a_replay_with_nothing_to_draw_warn_nothing(params_file: Path, tmp_path: Path) -> None:
+    # Every tick held and no joint state readable: each per-dimension plot printed matplotlib's
+    # "No artists with labels found to put in legend" with its source path on stderr.
+    from pi0_policy_ros.bag.report import ChunkSeries, StateSeries, write_plots
+
+    _, config = _libero_config(params_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        files = write_plots(tmp_path, ChunkSeries(np.zeros(0), np.zeros((0, 0, 0), np.float32)),
+                            StateSeries(np.zeros(0), np.zeros((0, 8))), config, 0.1, 0.0)
+    assert len(files) == 1 + 7 and all((tmp_path / f).read_bytes().startswith(PNG_MAGIC) for f in files)
 
 
 def test_report_states_leave_out_the_unstamped_messages_the_node_refuses(make_bag, params_file: Path,
