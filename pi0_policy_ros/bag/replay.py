@@ -98,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
         # --overwrite replaces OUT_BAG only after the replay, by when the input is read: an output
         # on (or inside) the input bag would delete the recording without a word.
         bag_path, out_path = Path(args.bag).resolve(), Path(args.out).resolve()
-        if out_path == bag_path or out_path in bag_path.parents or bag_path in out_path.parents:
+        overlap = ("the input bag itself" if out_path == bag_path else "a path inside it" if bag_path in out_path.parents
+                   else "a directory that holds it" if out_path in bag_path.parents else None)
+        if overlap is not None:
             raise Pi0PolicyError(f"--out {args.out}: expected a path apart from the input bag {args.bag}, "
-                                 "found the input bag itself or a path inside it")
+                                 f"found {overlap}")
         if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
             # The report is written last: found only then, a file in its place would cost the replay.
             raise Pi0PolicyError(f"--report {args.report}: expected a directory (created if missing), found a file")

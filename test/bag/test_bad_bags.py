@@ -98,9 +98,10 @@ def test_corrupt_message_mid_bag_leaves_no_output(params_file: Path, tmp_path: P
     assert "topic /joint_states: message at" in error and "cannot be decoded as sensor_msgs/msg/JointState" in error
 
 
-@pytest.mark.parametrize("out_name", ["bag", "bag/bag.mcap"])
+@pytest.mark.parametrize(("out_name", "found"), [("bag", "the input bag itself"), ("bag/bag.mcap", "a path inside it"),
+                                                ("", "a directory that holds it")])
 def test_output_over_the_input_bag_is_refused(make_bag, params_file: Path, tmp_path: Path, capsys,
-                                              out_name: str) -> None:
+                                              out_name: str, found: str) -> None:
     bag = tmp_path / "bag"
     shutil.copytree(make_bag("to_keep", 0.5), bag)
     (bag / "to_keep.mcap").rename(bag / "bag.mcap")  # rosbag2 names the storage file after its directory
@@ -110,7 +111,7 @@ def test_output_over_the_input_bag_is_refused(make_bag, params_file: Path, tmp_p
     code = main([str(bag), "--params", str(params_file), "--out", str(tmp_path / out_name), "--overwrite", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "input bag" in err
+    assert f"expected a path apart from the input bag {bag}, found {found}" in err
     assert sorted((p.name, p.read_bytes()) for p in bag.iterdir()) == before  # the recording is untouched
 
 
