@@ -38,6 +38,7 @@ CAMERA_OFFSET_NS = 3_000_000  # camera i is captured i * 3 ms after camera 0
 TRANSPORT_DELAY_NS = 1_000_000  # bag time = header stamp + 1 ms
 DEFAULT_START_S = 1_700_000_000  # an epoch time, like a real recording
 JPEG_QUALITY = 90
+MAX_IMAGE_SIDE = 4096  # pixels: 4K cameras fit
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,9 @@ def write_demo_bag(out: str | Path, topics: DemoTopics, duration_s: float = 5.0,
     """Write the bag; returns the number of messages."""
     if not (duration_s > 0 and math.isfinite(duration_s)):
         raise Pi0PolicyError(f"duration: expected > 0 s, found {duration_s!r}")
-    if width < 8 or height < 8:
-        raise Pi0PolicyError(f"image size: expected at least 8x8, found {width}x{height}")
+    if not (8 <= width <= MAX_IMAGE_SIDE and 8 <= height <= MAX_IMAGE_SIDE):
+        # Past a camera's sizes the frames only exhaust memory (a numpy MemoryError traceback).
+        raise Pi0PolicyError(f"image size: expected 8x8 to {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, found {width}x{height}")
     # Stamps are builtin_interfaces/Time (int32 seconds); the node refuses a zero stamp as unset.
     latest_start_s = 2**31 - 1 - duration_s
     if not (math.isfinite(start_s) and 0 < start_s < latest_start_s):

@@ -141,3 +141,16 @@ def test_demo_bag_start_time_outside_the_stamp_range_is_one_error(tmp_path: Path
     assert code == 2, err
     assert err.startswith("error: start time: expected") and "found" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [("7", "48"), ("100000", "100000")], ids=["small", "huge"])
+def test_demo_bag_image_size_outside_a_cameras_is_one_error(tmp_path: Path, params_file: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            size: tuple[str, str]) -> None:
+    # 100000 x 100000 ended in numpy's MemoryError traceback.
+    out = tmp_path / "bag"
+    code = main([str(out), "--params", str(params_file), "--duration", "1.0", "--width", size[0], "--height", size[1]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"error: image size: expected 8x8 to 4096x4096, found {size[0]}x{size[1]}\n"
+    assert list(tmp_path.iterdir()) == []
