@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from pi0_policy_ros.errors import Pi0PolicyError
+from pi0_policy_ros.jsonout import json_text
 
 DEFAULT_STAGES = "vision,prefix"
 
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"{name:<7} {precision:<5} {exported.file_bytes / 1e6:9.1f} MB  {exported.path}")
             report["stages"][name] = entry
-        (args.out / "export.json").write_text(json.dumps(report, indent=2))
+        (args.out / "export.json").write_text(json_text(report))
     except Pi0PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         # A bad preset or checkpoint is found after --out was made: leave no empty directory behind.

@@ -27,7 +27,6 @@ through the loaded phase. The verdict is the issue's: loaded rate >= 0.95 x unlo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -48,6 +47,7 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import Header
 
 from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.jsonout import json_text
 from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     document = {**asdict(result), "host": platform.node(), "cpus": os.cpu_count(),
                 "python": platform.python_version()}
-    text = json.dumps(document, indent=2)
+    text = json_text(document)
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)

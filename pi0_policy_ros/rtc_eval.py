@@ -38,6 +38,7 @@ from pi0_policy_ros.control.scheduler import (
     SchedulerConfig,
 )
 from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
+from pi0_policy_ros.jsonout import json_text
 from pi0_policy_ros.model.checkpoint import random_model
 from pi0_policy_ros.model.config import get_preset
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model, Prefix
@@ -339,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(format_table(report))
     if args.output is not None:
-        args.output.write_text(json.dumps(report, indent=1) + "\n")
+        args.output.write_text(json_text(report, indent=1) + "\n")
     return 0
 
 

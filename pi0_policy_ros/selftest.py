@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from pi0_policy_ros.jsonout import json_text
 from pi0_policy_ros.model.reference import ACTION_TOLERANCE, compare_with_reference, load_reference, reference_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         "action_tolerance": tolerance,
         "passed": errors["actions"] <= tolerance,
     }
-    print(json.dumps(report, indent=2))
+    print(json_text(report))
     return 0 if report["passed"] else 1
 
 

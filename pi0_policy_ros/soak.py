@@ -9,7 +9,6 @@ the robot runs in a child process (as in `pi0-policy demo`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.jsonout import json_text
 from pi0_policy_ros.ros.demo import DemoReport, default_params_file, run_demo
 
 
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     document = {**asdict(result), "params": str(params), "host": platform.node(), "cpus": os.cpu_count()}
     if args.json:
-        Path(args.json).write_text(json.dumps(document, indent=2))
+        Path(args.json).write_text(json_text(document))
     last = result.samples[-1]
     print(f"soak {args.minutes:g} min: {result.demo['chunks']} chunks at {result.demo['achieved_rate_hz']:.2f} Hz; "
           f"RSS {last.rss_bytes / 2**20:.1f} MiB, growth after warm-up "

@@ -13,7 +13,6 @@ name in black (or of the same index, when no joint has the action's name).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pi0_policy_ros.bag.inputs import ReplaySetup
 from pi0_policy_ros.bag.reader import InputBag
 from pi0_policy_ros.bag.summary import ReplaySummary
 from pi0_policy_ros.errors import ObservationError
+from pi0_policy_ros.jsonout import json_text
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.params import NodeConfig
 
@@ -170,7 +170,7 @@ def write_report(report_dir: str | Path, summary: ReplaySummary, setup: ReplaySe
     content = summary.to_json()
     content.update(chunks_in_output=int(len(chunks.stamps_s)), action_period_s=action_period_s,
                    action_joint_names=list(config.action_joint_names), plots=plots)
-    (report_dir / SUMMARY_FILE).write_text(json.dumps(content, indent=2) + "\n")
+    (report_dir / SUMMARY_FILE).write_text(json_text(content) + "\n")
     return content
 
 

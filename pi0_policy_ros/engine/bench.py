@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import platform
@@ -28,6 +27,7 @@ from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
 from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, hopper_or_newer, plan_prefix, random_batch
 from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.jsonout import json_text
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
 from pi0_policy_ros.model.config import PRESETS, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(result)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json_text(result))
     return 0
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from pi0_policy_ros.errors import Pi0PolicyError
+from pi0_policy_ros.jsonout import json_text
 from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, LoadedCheckpoint, load_checkpoint_dir
 
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json_text(info))
         return 0
     for key, value in info.items():
         print(f"{key:>20}: {value}")
