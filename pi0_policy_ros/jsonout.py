@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
+
+from pi0_policy_ros.errors import ConfigError
 
 
 def finite_or_null(value: Any) -> Any:
@@ -27,3 +30,19 @@ def finite_or_null(value: Any) -> Any:
 def json_text(value: Any, indent: int | None = 2) -> str:
     """`json.dumps` of `value` with NaN and ±inf as null; raises on any other non-JSON value."""
     return json.dumps(finite_or_null(value), indent=indent, allow_nan=False)
+
+
+def prepare_output_file(path: str | Path | None, option: str = "--json") -> None:
+    """Make a report's output path writable before a run of minutes, not after it: create its
+    folder; refuse a directory, or a file where its folder should be (ConfigError naming `option`)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: expected a file name, found a directory")
+    if path.parent.exists() and not path.parent.is_dir():  # mkdir would say only "File exists"
+        raise ConfigError(f"{option} {path}: expected {path.parent} to be a directory, found a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create its directory: {exc.strerror or exc}") from None

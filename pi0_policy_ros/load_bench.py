@@ -47,13 +47,13 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import Header
 
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.jsonout import json_text
+from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
 from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_READER_QOS
-from pi0_policy_ros.soak import prepare_output_file, proc_status_value
+from pi0_policy_ros.soak import proc_status_value
 
 REQUIRED_RATIO = 0.95
 SAMPLE_S = 2.0

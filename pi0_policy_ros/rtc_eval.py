@@ -38,7 +38,7 @@ from pi0_policy_ros.control.scheduler import (
     SchedulerConfig,
 )
 from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
-from pi0_policy_ros.jsonout import json_text
+from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.model.checkpoint import random_model
 from pi0_policy_ros.model.config import get_preset
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model, Prefix
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
                                 execute_horizon=args.execute_horizon, period_s=args.period_s,
                                 max_guidance_weight=args.max_guidance_weight, mask_schedule=args.mask_schedule,
                                 ensemble_decay=args.ensemble_decay, seed=args.seed)
-        _prepare_output(args.output)
+        prepare_output_file(args.output, "--output")
         report = {"argv": sys.argv,
                   "device": (torch.cuda.get_device_name() if args.device == "cuda"
                              else f"cpu ({platform.processor() or platform.machine()})"),
@@ -342,21 +342,6 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         args.output.write_text(json_text(report, indent=1) + "\n")
     return 0
-
-
-def _prepare_output(path: Path | None) -> None:
-    """Make `--output` writable before the runs (minutes for the full-size models), not after
-    them: create its folder, refuse a directory."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ConfigError(f"--output {path}: expected a file name, found a directory")
-    if path.parent.exists() and not path.parent.is_dir():  # mkdir would say only "File exists"
-        raise ConfigError(f"--output {path}: expected {path.parent} to be a directory, found a file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--output {path}: cannot create its directory: {exc.strerror or exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.jsonout import json_text
+from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.ros.demo import DemoReport, default_params_file, run_demo
 
 
@@ -125,20 +125,6 @@ def soak(params: Path, minutes: float, sample_s: float, warmup_s: float, device:
     # nan (too few samples after warm-up) fails too.
     result.passed = report.chunks > 0 and all(g <= max_growth for g in result.growth.values())
     return result
-
-
-def prepare_output_file(path: str | Path | None) -> None:
-    """Make `--json PATH` writable before a run of minutes, not after it: create its folder,
-    refuse a directory (ConfigError)."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"--json {path}: expected a file name, found a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--json {path}: cannot create its directory: {exc.strerror or exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
 from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, hopper_or_newer, plan_prefix, random_batch
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.jsonout import json_text
+from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
 from pi0_policy_ros.model.config import PRESETS, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
@@ -299,10 +299,7 @@ def run(args: argparse.Namespace) -> int:
     if not precisions:  # the eager model alone was timed, and the run reported success
         raise ConfigError(f"--precision: expected a comma-separated list from {list(PRECISIONS)}, "
                           f"found {args.precision!r}")
-    if args.json:  # before minutes of benchmarking, not after them
-        if Path(args.json).is_dir():
-            raise ConfigError(f"--json {args.json}: expected a file name, found a directory")
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    prepare_output_file(args.json or None)  # before minutes of benchmarking, not after them
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu:
         # Full-size eager on a CPU ran for many minutes, then compared eager with eager.

@@ -165,20 +165,17 @@ def test_export_without_the_onnx_packages_is_one_error(hidden: str, verify: list
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["soak", "load-bench"])
+@pytest.mark.parametrize("command", ["soak", "load-bench", "bench"])
 def test_json_that_cannot_be_written_fails_before_the_run(command: str, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    # The result used to be written after the whole run (30 min for soak) and then lost.
-    assert main([command, "--json", str(tmp_path)]) == 2
-    assert "expected a file name, found a directory" in one_error_line(capsys)
-
-
-def test_bench_json_that_cannot_be_written_fails_before_the_run(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    # bench wrote its JSON after every timing run (minutes on a GPU), then lost them to IsADirectoryError.
-    argv = ["bench", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1", "--no-fp32-reference"]
+    # The result used to be written after the whole run (30 min for soak) and then lost; a file
+    # where its folder should be was "cannot create its directory: File exists" ("[Errno 17]" for bench).
+    argv = [command, *(["--preset", "pi05_small", "--cpu"] if command == "bench" else [])]
     assert main([*argv, "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path}: expected a file name, found a directory" in one_error_line(capsys)
+    (tmp_path / "taken").write_text("a file")
+    assert main([*argv, "--json", str(tmp_path / "taken" / "out.json")]) == 2
+    assert f"expected {tmp_path / 'taken'} to be a directory, found a file" in one_error_line(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -230,7 +227,7 @@ def test_bench_reports_no_commit_for_a_copy_outside_its_checkout(tmp_path: Path)
 
 
 def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
-    from pi0_policy_ros.soak import prepare_output_file
+    from pi0_policy_ros.jsonout import prepare_output_file
 
     prepare_output_file(tmp_path / "results" / "soak.json")
     assert (tmp_path / "results").is_dir() and not (tmp_path / "results" / "soak.json").exists()
