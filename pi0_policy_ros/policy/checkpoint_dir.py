@@ -67,14 +67,27 @@ def _names_a_lerobot_type(config_file: Path) -> bool:
     return isinstance(config, dict) and "type" in config
 
 
+def _written_by_openpis_converter(config_file: Path) -> bool:
+    """Whether `config_file` is the config.json of openpi's converter: no LeRobot "type", and the
+    `action_horizon` and `paligemma_variant` it always writes (False if absent or unreadable)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "type" not in config and {"action_horizon", "paligemma_variant"} <= set(config)
+
+
 def detect_format(path: Path) -> str:
     """'openpi' or 'lerobot'; anything else is one CheckpointError listing both layouts.
 
     openpi's converter (`examples/convert_jax_model_to_pytorch.py`) also writes a `config.json`
     (action_dim, action_horizon, variants, precision) but without LeRobot's "type": with `assets/`
-    beside it, the directory is openpi's."""
+    beside it, or with the converter's keys, the directory is openpi's."""
     if (path / WEIGHTS_FILE).is_file():
         if (path / "assets").is_dir() and not _names_a_lerobot_type(path / LEROBOT_CONFIG):
+            return "openpi"
+        # The converter's output often has no assets/ (see _check_assets): still openpi's.
+        if _written_by_openpis_converter(path / LEROBOT_CONFIG):
             return "openpi"
         if (path / LEROBOT_CONFIG).is_file():
             return "lerobot"
@@ -187,8 +200,22 @@ def _checkpoint_horizon(path: Path, default: int) -> int:
     return trained
 
 
+def _check_assets(path: Path) -> None:
+    """An openpi directory needs the training data's norm stats under assets/. openpi's converter
+    copies `<checkpoint_dir>/../assets`, not the JAX checkpoint's own `<checkpoint_dir>/assets`,
+    so its output often has none: say where they are, not "set asset_id" (and before the weights
+    are read, which takes minutes at full size)."""
+    assets = path / "assets"
+    if not assets.is_dir():
+        raise CheckpointError(
+            f"{path}: expected the norm stats of the training data in {assets}/<asset_id>/norm_stats.json, found no "
+            f"assets folder; copy the assets/ folder of the openpi checkpoint these weights come from (openpi's "
+            "convert_jax_model_to_pytorch.py copies only <checkpoint_dir>/../assets)")
+
+
 def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None,
                     horizon_from_checkpoint: bool = False) -> LoadedCheckpoint:
+    _check_assets(path)
     tensors, metadata = read_safetensors(path / WEIGHTS_FILE)
     truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)
     cfg = resolve_geometry(tensors, preset, truncated, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,23 @@ def test_openpi_directory_with_the_converters_config_json_is_openpi(tmp_path: Pa
                                                   "action_expert_variant": "gemma_300m", "precision": "float32"}))
     loaded = load_checkpoint_dir(path)
     assert loaded.format == "openpi" and loaded.asset_id == "libero"
+
+
+def test_converter_output_without_assets_says_the_norm_stats_are_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # openpi's converter copies <checkpoint_dir>/../assets, not the JAX checkpoint's own assets/:
+    # its output is often the weights and its config.json only. That was read as a LeRobot
+    # directory: 'config.json: expected "type" pi0 or pi05, found None'.
+    from pi0_policy_ros.cli import main
+
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    _converter_config(path, 10)
+    shutil.rmtree(path / "assets")
+    expected = f"expected the norm stats of the training data in {path / 'assets'}/<asset_id>/norm_stats.json"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_checkpoint_dir(path)
+    assert main(["inspect", str(path)]) == 2
+    assert expected in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("trained", [10, 50])
