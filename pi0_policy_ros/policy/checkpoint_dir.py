@@ -36,6 +36,9 @@ LEROBOT_PREFIX = "model."
 # reference fixtures store 1024 of 257152 rows; token ids must then stay below that).
 VOCAB_ROWS_METADATA = "vocab_rows_stored"
 AUTO_PRESET = "auto"
+# LeRobot's pi05 MEM (config.json keys added in LeRobot PR #4076, August 2026): the model takes a
+# history of frames or states, which this package does not keep.
+LEROBOT_MEMORY_KEYS = ("use_visual_memory", "use_proprioceptive_memory")
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,18 @@ def _lerobot_count(config: Mapping[str, Any], key: str, default: int, path: Path
     return value
 
 
+def _refuse_observation_memory(config: Mapping[str, Any], path: Path) -> None:
+    """LeRobot's pi05 MEM feeds the model past frames (fused inside SigLIP, no weight of their own)
+    and past states (one token each, and no state in the prompt). Run on the current observation
+    only, the visual variant would load and give plausible but wrong actions: refuse both."""
+    used = [key for key in LEROBOT_MEMORY_KEYS if config.get(key)]
+    if used:
+        raise CheckpointError(
+            f"{path / LEROBOT_CONFIG}: expected " + " and ".join(f'"{key}": false' for key in used)
+            + f" (one observation per inference), found true (memory_frames {config.get('memory_frames')!r}, "
+            f"memory_stride {config.get('memory_stride')!r}); LeRobot's observation memory (MEM) is not supported")
+
+
 def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     try:
         config = json.loads((path / LEROBOT_CONFIG).read_text())
@@ -273,6 +288,7 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
         raise CheckpointError(
             f"{path / LEROBOT_CONFIG}: expected \"use_relative_actions\": false (absolute actions), found true "
             f"(relative_exclude_joints {config.get('relative_exclude_joints')!r}); relative actions are not supported")
+    _refuse_observation_memory(config, path)
     raw, metadata = read_safetensors(path / WEIGHTS_FILE)
     tensors = _from_lerobot_names(raw, pi05=policy_type == "pi05")
     truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)

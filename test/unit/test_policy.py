@@ -203,6 +203,26 @@ def test_lerobot_relative_actions_are_refused(tmp_path: Path, policy_type: str, 
     assert load_checkpoint_dir(path).format == "lerobot"
 
 
+@pytest.mark.parametrize("key", ["use_visual_memory", "use_proprioceptive_memory"])
+def test_lerobot_pi05_observation_memory_is_refused(tmp_path: Path, key: str) -> None:
+    # LeRobot's pi05 MEM (configuration_pi05.py) feeds past frames inside SigLIP, with no weight of
+    # its own: that checkpoint loaded and ran on one frame. The state memory adds LeRobot's
+    # proprio_history_proj (Linear(max_state_dim, PaliGemma width)): a geometry mismatch that did
+    # not say why.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, key: True, "memory_frames": 6, "memory_stride": 30}))
+    if key == "use_proprioceptive_memory":
+        ref = load_reference(PI05_FIXTURE)
+        width = ref.config.paligemma.width
+        weights = {f"model.{k}": v for k, v in ref.weights.items()}
+        weights.update({"model.proprio_history_proj.weight": torch.zeros(width, 32),
+                        "model.proprio_history_proj.bias": torch.zeros(width)})
+        save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    with pytest.raises(CheckpointError, match=f'expected "{key}": false .*found true.*memory_frames 6'):
+        load_checkpoint_dir(path)
+
+
 @pytest.mark.parametrize("key,value", [("chunk_size", "abc"), ("chunk_size", 2.7), ("num_inference_steps", None),
                                        ("num_inference_steps", -3), ("tokenizer_max_length", 0)])
 def test_lerobot_config_values_that_are_not_positive_integers_are_one_error(
