@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        info = describe(load_checkpoint_dir(args.path, args.model_preset, args.asset_id))
+        # The horizon the checkpoint records (openpi's converter config.json), as the generic
+        # profile samples it; the preset's default only where none is recorded.
+        info = describe(load_checkpoint_dir(args.path, args.model_preset, args.asset_id, horizon_from_checkpoint=True))
     except Pi0PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

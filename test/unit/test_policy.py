@@ -141,6 +141,21 @@ def test_inspect_command_prints_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert json.loads(capsys.readouterr().out)["geometry"] == "pi05_small"
 
 
+def test_inspect_reports_the_action_horizon_the_converter_recorded(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # It printed the preset's default (10 for pi0.5) for a pi05_droid conversion that records 15,
+    # which the generic profile then samples.
+    from pi0_policy_ros.cli import main
+
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    _converter_config(path, 15)
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["action_horizon"] == 15
+    (path / "config.json").unlink()  # train_pytorch.py writes none: the preset's default
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["action_horizon"] == PRESETS["pi05_small"].action_horizon
+
+
 def test_openpi_directory_with_the_converters_config_json_is_openpi(tmp_path: Path) -> None:
     # openpi's examples/convert_jax_model_to_pytorch.py writes a config.json of its own (no LeRobot "type").
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
