@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Protocol
@@ -267,9 +268,11 @@ def _lerobot_step_settings(path: Path, step: Mapping[str, Any]) -> tuple[dict[st
 
 
 def _read_lerobot_state_file(directory: Path, step: Mapping[str, Any]) -> dict[str, NormStats]:
-    path = directory / str(step["state_file"])
+    path = Path(os.path.abspath(directory / str(step["state_file"])))
     # The checkpoint names its own files: a path out of its directory reads another checkpoint's stats.
-    if not path.resolve().is_relative_to(directory.resolve()):
+    # Checked on the names, links not followed: in the Hugging Face Hub cache every file of a
+    # snapshot is a link to ../../blobs/<hash>, outside the directory, and is still its own.
+    if not path.is_relative_to(os.path.abspath(directory)):
         raise CheckpointError(f"LeRobot processor step {step['registry_name']}: expected a state_file inside "
                               f"{directory}, found {str(step['state_file'])!r}")
     try:

@@ -294,6 +294,24 @@ def test_a_state_file_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
         load_lerobot_stats(checkpoint)
 
 
+def test_a_checkpoint_in_the_hugging_face_hub_cache_layout_loads(tmp_path: Path) -> None:
+    # huggingface_hub's cache (how LeRobot checkpoints are downloaded) keeps each file in blobs/ and
+    # links it from snapshots/<revision>/: the stats files resolved outside the snapshot and were
+    # refused as another checkpoint's.
+    written, snapshot = tmp_path / "written", tmp_path / "models--lerobot--pi05" / "snapshots" / "abc123"
+    written.mkdir()
+    write_lerobot_checkpoint(written)
+    blobs = snapshot.parent.parent / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for index, file in enumerate(sorted(written.iterdir())):
+        file.rename(blobs / f"blob{index}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{index}")
+    stats = load_lerobot_stats(snapshot)
+    assert sorted(stats) == ["actions", "state"]
+    assert stats["actions"].mean.min() > 90.0 and stats["state"].mean.max() < 10.0
+
+
 @pytest.mark.parametrize(("mode", "use_quantiles"), [("QUANTILES", True), ("MEAN_STD", False)])
 def test_load_lerobot_normalization_reads_modes_and_eps(tmp_path: Path, mode: str, use_quantiles: bool) -> None:
     write_lerobot_checkpoint(tmp_path, mode)
