@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,6 +40,9 @@ AUTO_PRESET = "auto"
 # LeRobot's pi05 MEM (config.json keys added in LeRobot PR #4076, August 2026): the model takes a
 # history of frames or states, which this package does not keep.
 LEROBOT_MEMORY_KEYS = ("use_visual_memory", "use_proprioceptive_memory")
+# The sinusoidal time embedding's periods (`model.pi0.sinusoidal_time_embedding`), as LeRobot's
+# config.json names them.
+TIME_EMBEDDING_PERIODS = {"min_period": 4e-3, "max_period": 4.0}
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,17 @@ def _refuse_observation_memory(config: Mapping[str, Any], path: Path) -> None:
             f"memory_stride {config.get('memory_stride')!r}); LeRobot's observation memory (MEM) is not supported")
 
 
+def _check_time_embedding_periods(config: Mapping[str, Any], path: Path) -> None:
+    """LeRobot's config.json carries the flow-matching time embedding's `min_period` / `max_period`;
+    the model here has openpi's, fixed. Others would embed every denoise step's time differently:
+    plausible, wrong actions. Refuse them."""
+    for key, value in TIME_EMBEDDING_PERIODS.items():
+        found = config.get(key, value)
+        if not (isinstance(found, (int, float)) and not isinstance(found, bool) and math.isclose(found, value)):
+            raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected \"{key}\": {value} (openpi's time embedding, "
+                                  f"the only one supported), found {found!r}")
+
+
 def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     try:
         config = json.loads((path / LEROBOT_CONFIG).read_text())
@@ -289,6 +304,7 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
             f"{path / LEROBOT_CONFIG}: expected \"use_relative_actions\": false (absolute actions), found true "
             f"(relative_exclude_joints {config.get('relative_exclude_joints')!r}); relative actions are not supported")
     _refuse_observation_memory(config, path)
+    _check_time_embedding_periods(config, path)
     raw, metadata = read_safetensors(path / WEIGHTS_FILE)
     tensors = _from_lerobot_names(raw, pi05=policy_type == "pi05")
     truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)

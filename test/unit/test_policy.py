@@ -238,6 +238,19 @@ def test_lerobot_pi05_observation_memory_is_refused(tmp_path: Path, key: str) ->
         load_checkpoint_dir(path)
 
 
+@pytest.mark.parametrize("key,value", [("min_period", 1e-3), ("max_period", 10.0), ("max_period", None)])
+def test_lerobot_time_embedding_periods_other_than_openpis_are_refused(tmp_path: Path, key: str, value: object) -> None:
+    # LeRobot's config.json has min_period / max_period for the time embedding; they were ignored,
+    # so other values would have embedded each denoise step's time differently from training.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "min_period": 0.004, "max_period": 4}))
+    assert load_checkpoint_dir(path).format == "lerobot"  # LeRobot's defaults, as JSON writes them
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError, match=f'expected "{key}": .*found {value!r}'):
+        load_checkpoint_dir(path)
+
+
 @pytest.mark.parametrize("key,value", [("chunk_size", "abc"), ("chunk_size", 2.7), ("num_inference_steps", None),
                                        ("num_inference_steps", -3), ("tokenizer_max_length", 0)])
 def test_lerobot_config_values_that_are_not_positive_integers_are_one_error(
