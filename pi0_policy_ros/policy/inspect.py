@@ -33,8 +33,10 @@ def describe(ckpt: LoadedCheckpoint) -> dict[str, Any]:
     if ckpt.lerobot_config is not None:
         features = ckpt.lerobot_config.get("input_features")
         features = features if isinstance(features, dict) else {}
-        description["cameras"] = sorted(k.removeprefix("observation.images.") for k in features
-                                        if k.startswith("observation.images."))
+        # In the order LeRobot's model takes them (its image slots follow `input_features`), not
+        # sorted: with the generic profile they are base, left_wrist and right_wrist, in this order.
+        description["cameras"] = [k.removeprefix("observation.images.") for k in features
+                                  if k.startswith("observation.images.")]
     return description
 
 

@@ -133,6 +133,20 @@ def test_inspect_reports_the_directory(tmp_path: Path, kind: str, fixture: Path,
         assert info["cameras"] == ["image", "wrist_image"]
 
 
+def test_inspect_lists_lerobot_cameras_in_the_models_slot_order(tmp_path: Path) -> None:
+    # LeRobot fills the image slots in config.json's input_features order; inspect sorted the names,
+    # so a user mapping them onto the generic profile's base / left_wrist / right_wrist in the order
+    # shown would swap the cameras of a checkpoint whose features are not in alphabetical order.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    features = config["input_features"]
+    order = ["observation.images.wrist_image", "observation.state", "observation.images.image"]
+    assert set(order) <= set(features)
+    config["input_features"] = {key: features[key] for key in order + [k for k in features if k not in order]}
+    (path / "config.json").write_text(json.dumps(config))
+    assert describe(load_checkpoint_dir(path))["cameras"] == ["wrist_image", "image"]
+
+
 def test_inspect_command_prints_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pi0_policy_ros.cli import main
 
