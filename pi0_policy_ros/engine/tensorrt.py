@@ -60,6 +60,10 @@ class TensorRTError(Pi0PolicyError):
     """TensorRT is missing, too old, or failed to build, load or run an engine."""
 
 
+class EngineLoadError(TensorRTError):
+    """TensorRT could not deserialize an engine file (damaged, truncated, or from another build)."""
+
+
 # ---- the import check -----------------------------------------------------------------------------
 @functools.cache
 def _import_tensorrt() -> ModuleType | None:
@@ -490,7 +494,8 @@ class TensorRTStage:
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
             if self.engine is None:
-                raise TensorRTError(f"TensorRT could not deserialize {engine_path} (built by another version or GPU?)")
+                raise EngineLoadError(f"TensorRT could not deserialize {engine_path} (damaged, or built by another "
+                                      "version or GPU?)")
             self.context = self.engine.create_execution_context()
         self.io: dict[str, tuple[bool, tuple[int, ...], torch.dtype]] = {}
         for i in range(self.engine.num_io_tensors):
@@ -576,6 +581,26 @@ def relative_error(trt_stage: TensorRTStage, reference: ExportableStage, inputs:
     return worst
 
 
+def load_engine(stage: ExportableStage, precision: str, cache: EngineCache, checkpoint_sha256: str,
+                device: torch.device, force_engine_update: bool = False,
+                calibration: Sequence[Sequence[torch.Tensor]] | None = None) -> tuple[Path, TensorRTStage]:
+    """`ensure_engine`, deserialized on `device`. A cached file TensorRT cannot deserialize (cut short
+    by a full disk or a copy, damaged) is rebuilt once with a warning: otherwise every configure
+    would fail on it until someone deleted it or forced an update. A fresh build that does not
+    load is an error, as building it again would give the same."""
+    key = EngineKey.create(stage.signature, precision, checkpoint_sha256, stage_device(stage), calibration)
+    from_cache = cache.engine_path(key).exists() and not force_engine_update
+    path = ensure_engine(stage, precision, cache, checkpoint_sha256, force_engine_update, calibration)
+    try:
+        return path, TensorRTStage(path, device)
+    except EngineLoadError as exc:
+        if not from_cache:
+            raise
+        log.warning("cached TensorRT %s engine %s is unusable (%s); rebuilding it", stage.signature.stage, path, exc)
+    path = ensure_engine(stage, precision, cache, checkpoint_sha256, True, calibration)
+    return path, TensorRTStage(path, device)
+
+
 # ---- the whole TensorRT setup of an engine --------------------------------------------------------
 # The engine's precision → what the TensorRT stages are built as (the vision stage of "fp8" is fp16).
 TENSORRT_PRECISION = {"float32": "fp32", "bfloat16": "fp16", "fp8": "fp8"}
@@ -617,10 +642,9 @@ def prepare_tensorrt(model: Pi0Model, shape: EngineShape, engine_precision: str,
     loaded, paths = {}, {}
     for name in stages:
         stage = stage_module(model, name, shape, stage_precision(name, precision), image_input)
-        paths[name] = ensure_engine(stage, stage_precision(name, precision), cache, checkpoint_sha256,
-                                    force_engine_update)
+        paths[name], loaded[name] = load_engine(stage, stage_precision(name, precision), cache, checkpoint_sha256,
+                                                device, force_engine_update)
         del stage  # an fp16 copy of the stage's weights; the engine has its own
-        loaded[name] = TensorRTStage(paths[name], device)
     return TensorRTStages(precision, loaded, paths)
 
 

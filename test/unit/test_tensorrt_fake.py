@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import gc
+import logging
 import sys
 import types
 import weakref
@@ -27,6 +29,10 @@ from torch import nn
 
 from pi0_policy_ros.engine import tensorrt as trt_mod
 from pi0_policy_ros.engine.onnx_export import StageSignature, TensorSpec
+from pi0_policy_ros.engine.types import EngineShape
+from pi0_policy_ros.model.checkpoint import random_model
+from pi0_policy_ros.model.config import get_preset
+from pi0_policy_ros.model.pi0 import Pi0Model
 
 
 class _DataType(enum.Enum):
@@ -356,6 +362,35 @@ def test_each_calibration_gets_its_own_cached_engine(fake_trt: FakeTRT, tmp_path
     assert real_path != random_path and calibrations == [None, real]
     assert trt_mod.ensure_engine(_TinyStage(), "fp8", cache, "sha", calibration=[[torch.ones(2, 4)]]) == real_path
     assert len(calibrations) == 2  # the same data again: from the cache, no rebuild
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Pi0Model:
+    """Made before the fake is installed: building on the meta device imports torch._dynamo, which
+    asks importlib for a `tensorrt` spec that the stand-in module does not have."""
+    return random_model(get_preset("pi0_small"))
+
+
+def test_a_damaged_cached_engine_is_rebuilt(tiny_model: Pi0Model, fake_trt: FakeTRT, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`deserialize_cuda_engine` returns None for a cut-short or damaged file. A cached one used to
+    fail every configure ("could not deserialize") until deleted by hand; now it is rebuilt, with
+    a warning. A fresh build that does not deserialize still fails, once."""
+    _export_to_fake_onnx(monkeypatch)
+    shape = EngineShape.for_model(tiny_model.cfg)
+    prepare = functools.partial(trt_mod.prepare_tensorrt, tiny_model, shape, "bfloat16", tmp_path, stages=("vision",))
+    path = prepare("sha").engine_paths["vision"]
+    path.write_bytes(b"ENG")  # cut short
+    with caplog.at_level(logging.WARNING, logger=trt_mod.__name__):
+        setup = prepare("sha")
+    assert setup.engine_paths["vision"] == path and path.read_bytes() == b"ENGINE"
+    assert "vision" in setup.stages and "rebuilding it" in caplog.text
+    calls = [c for c, _ in fake_trt.calls]
+    assert calls.count("build_serialized_network") == 2 and calls.count("deserialize_cuda_engine") == 3
+    monkeypatch.setattr(_Builder, "build_serialized_network", lambda self, network, config: _HostMemory(b"ENG"))
+    with pytest.raises(trt_mod.TensorRTError, match="could not deserialize"):
+        prepare("other sha")
+    assert [c for c, _ in fake_trt.calls].count("deserialize_cuda_engine") == 4  # no second build
 
 
 def test_a_refused_tensor_address_fails_bind(fake_trt: FakeTRT, tmp_path: Path) -> None:
