@@ -28,6 +28,7 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -360,15 +361,17 @@ def calibration_digest(batches: Sequence[Sequence[torch.Tensor]] | None) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """`path` holds all of `data` or is left as it was; a failed write (disk full) removes its
-    temporary file, which for an engine is gigabytes in a hidden file of the cache directory."""
+    temporary file, which for an engine is gigabytes in a hidden file of the cache directory.
+    The file gets the umask's permissions, as a plain write would: mkstemp's are 0600, which made
+    a cache built by one user unreadable to a node running as another."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

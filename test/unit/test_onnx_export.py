@@ -7,6 +7,8 @@ import errno
 import functools
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +322,22 @@ def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path: Path, monkeypat
     with pytest.raises(OSError, match="No space left"):
         cache.store(key, b"engine bytes")
     assert list(tmp_path.iterdir()) == [] and cache.load(key) is None
+
+
+def test_cache_files_get_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    """The atomic write made its files with mkstemp, which are 0600 whatever the umask: an engine
+    cache built by one user (a setup script, sudo) could not be read by the node's user."""
+    key = trt_mod.EngineKey("prefix", "fp16", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]", "pi0_policy_ros 0.1.0",
+                            "example inputs")
+    old = os.umask(0o022)
+    try:
+        path = trt_mod.EngineCache(tmp_path).store(key, b"engine bytes")
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (path, path.with_suffix(".json"), tmp_path / "plain")}
+    assert set(modes.values()) == {0o644}, modes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(modes)  # no temporary file left
 
 
 def test_calibration_digest_follows_the_calibration_data() -> None:
