@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pi0_policy_ros.engine.backend import resolve_backend
+from pi0_policy_ros.engine.backend import select_backend
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import EngineBatch, EngineShape, check_precision_on_gpu
@@ -55,17 +55,21 @@ def _check_device(config: PolicyConfig) -> torch.device:
     return device
 
 
+TENSORRT_NOT_RUN = ("the engine does not run TensorRT stages yet (engine/tensorrt.py builds them; running them "
+                    "inside the engine is untested)")
+
+
 def _check_backend(config: PolicyConfig, device: torch.device) -> None:
     """Refuse what cannot run here before any weights are loaded."""
     if config.backend in ("tensorrt", "auto"):
-        # Raises for an impossible 'tensorrt' (no TensorRT, no CUDA); 'auto' logs its fallback once.
-        choice = resolve_backend(config.backend, device)
-        if choice.name == "tensorrt":
-            message = (f"{choice.reason}, but the engine does not run TensorRT stages yet (engine/tensorrt.py "
-                       "builds them; running them inside the engine is untested)")
-            if config.backend == "tensorrt":
-                raise ConfigError(f"backend 'tensorrt': {message}; use 'torch' or 'auto'")
-            log.warning("backend auto: %s; using torch", message)
+        # Whatever TensorRT this machine has, the engine runs torch: say that first, and once. (This
+        # said "TensorRT is not installed; use 'torch' or 'auto'", as if installing it would help;
+        # with TensorRT, 'auto' logged "using tensorrt" and then "using torch".)
+        choice = select_backend("auto", device)
+        found = choice.reason if choice.name == "torch" else f"{choice.reason} is here"
+        if config.backend == "tensorrt":
+            raise ConfigError(f"backend 'tensorrt': {TENSORRT_NOT_RUN} ({found}); use 'torch' or 'auto'")
+        log.warning("backend auto: falling back to torch: %s (%s)", TENSORRT_NOT_RUN, found)
     if config.precision == "fp8" and device.type != "cuda":
         raise ConfigError("precision 'fp8' needs a CUDA device (torch._scaled_mm); use float32 or bfloat16 on the CPU")
     if device.type == "cuda" and config.backend != "eager":
