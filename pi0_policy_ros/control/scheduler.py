@@ -25,6 +25,7 @@ observation stamp), rounded up to whole periods.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -264,6 +265,24 @@ class ChunkScheduler:
             self._chunks.pop()
             self._dropped += 1
         self._last_start_s = self._start_before_in_flight_s
+
+    def executed(self, request: InferenceRequest, first_index: int, positions: np.ndarray) -> None:
+        """The controller executes `positions` [K, A] at the action times of rows first_index.. of the
+        chunk of `request` instead of its own actions (the safety filter's check of the points sent
+        clamped them): in the splicing modes those rows become the positions, so that later requests
+        continue, and holds end at, what the robot does. temporal_ensemble keeps the chunk as the
+        policy gave it: the points sent are a blend of several chunks, not this chunk's actions."""
+        if self.config.mode == "temporal_ensemble" or not self._chunks:
+            return
+        latest = self._chunks[-1]
+        positions = np.asarray(positions, dtype=np.float64)
+        if latest.chunk_id != request.chunk_id or positions.shape != latest.actions[first_index:].shape:
+            raise Pi0PolicyError(f"expected positions {latest.actions[first_index:].shape} for rows {first_index}.. "
+                                 f"of the newest chunk {latest.chunk_id}, found {positions.shape} for chunk "
+                                 f"{request.chunk_id}")
+        actions = latest.actions.copy()  # the caller's array stays as it was
+        actions[first_index:] = positions
+        self._chunks[-1] = dataclasses.replace(latest, actions=actions)
 
     def drop_chunks(self) -> None:
         """The controller no longer executes any chunk of ours (a hold point replaced them): forget

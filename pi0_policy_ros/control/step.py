@@ -14,7 +14,8 @@
    to its last;
 5. `SafetyFilter.limit_start`: the step and velocity limits again on the points sent, from the
    latest measured position to the first of them in the time the plan gives it (its actions
-   before were never executed, so without this a chunk after a rest could start too fast);
+   before were never executed, so without this a chunk after a rest could start too fast); points
+   it clamps replace the chunk's actions in the scheduler (splicing modes), as the robot executes them;
 6. a `StepResult`: PUBLISH (chunk and trajectory), HOLD (reason, kind, level; with
    `hold_position` a one-point trajectory at the measured position) or WAIT (non-naive modes
    between inference starts: the controller keeps executing what it has).
@@ -300,6 +301,8 @@ class ControlStep:
             positions = start.actions.astype(np.float64)
             plan = dataclasses.replace(plan, positions=positions, velocities=rest_at_end(
                 finite_difference_velocities(positions, chunk.period_s)))
+            # The controller executes these, not the chunk's actions: the next RTC request continues them.
+            scheduler.executed(request, plan.first_index, positions)
         self._executing = True
         timings = {f"policy_{k}": v for k, v in chunk.timings_ms.items()}
         timings.update(decode=(t_decoded - t0) * 1e3, infer=(t_inferred - t_decoded) * 1e3,

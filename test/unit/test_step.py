@@ -548,3 +548,25 @@ def test_a_tick_a_little_early_still_starts_the_inference_due(early_s: float) ->
     now = 10.4 - early_s
     feed(step, now)
     assert step.run(lambda: now).published
+
+
+@pytest.mark.parametrize("mode", ["rtc", "rtc_fast"])
+def test_the_next_rtc_request_continues_the_points_sent_after_the_start_check_clamped_them(mode: str) -> None:
+    # As in test_the_first_point_sent_keeps_the_velocity_limit_from_rest: the first point sent
+    # (action 4, at 10.2) is clamped from STATE + 0.07 to STATE + 0.056. The controller executes
+    # the clamped points, so the next request's previous actions Y (stamp 10.2: action 4 on) are
+    # those points. They were the chunk's own actions, which the robot never went to: the frozen
+    # prefix pulled the next chunk 0.014 away from where the robot is.
+    policy = FakePolicy(PolicyConfig())
+    step = make_step(policy, safety=SafetyConfig(max_velocity=(0.7,)),
+                     scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
+    feed(step, 10.0)
+    first = step.run(lambda: 10.12)
+    assert first.published and first.clamped == ("velocity",) and first.plan.first_index == 4
+    sent = first.plan.positions
+    assert not np.allclose(sent[0], first.chunk.actions[4])  # the check did clamp the first point
+    feed(step, 10.2, sent[0])
+    assert step.run(lambda: 10.32).published
+    guidance = policy.guidance[-1]
+    assert guidance is not None
+    np.testing.assert_allclose(guidance.prev_actions[:len(sent)], sent, rtol=1e-6)
