@@ -115,6 +115,11 @@ class SafetyFilter:
             raise ValueError(f"gripper_dims {bad} are outside the {dim} action dims")
 
     @property
+    def limits_rates(self) -> bool:
+        """Whether a step or velocity limit is set (what `limit_start` checks)."""
+        return self._max_step is not None or self._max_velocity_step is not None
+
+    @property
     def counters(self) -> dict[str, int]:
         """Flat counters for diagnostics: clamp.<limit> and reject.<limit>."""
         return {**{f"clamp.{k}": v for k, v in self.clamp_counts.items()},

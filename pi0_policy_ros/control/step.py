@@ -15,7 +15,8 @@
 5. `SafetyFilter.limit_start`: the step and velocity limits again on the points sent, from the
    latest measured position to the first of them in the time the plan gives it (its actions
    before were never executed, so without this a chunk after a rest could start too fast); points
-   it clamps replace the chunk's actions in the scheduler (splicing modes), as the robot executes them;
+   it clamps replace the chunk's actions in the scheduler (splicing modes), as the robot executes them.
+   With step or velocity limits set and no measured position fresh enough, the chunk holds;
 6. a `StepResult`: PUBLISH (chunk and trajectory), HOLD (reason, kind, level; with
    `hold_position` a one-point trajectory at the measured position) or WAIT (non-naive modes
    between inference starts: the controller keeps executing what it has).
@@ -38,7 +39,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from pi0_policy_ros.control.monitor import ERROR, OK, WARN
-from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.control.observation_buffer import STALE_OBSERVATION, STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.scheduler import (INDEX_TOLERANCE, ChunkScheduler, InferenceRequest, SchedulerConfig,
                                               SchedulerStatus)
@@ -292,7 +293,17 @@ class ControlStep:
             scheduler.withdraw(request)  # nothing of it goes out: the controller keeps the previous chunks
             reason = expired_reason(chunk.horizon, chunk.period_s, stamp_s, now_s, min_lead_s)
             return self._hold(EXPIRED_CHUNK, reason, now_s, chunk=chunk, **seen)
-        start = self.safety.limit_start(plan.positions, float(plan.times_from_start_s[0]), self._measured(now_s))
+        measured = self._measured(now_s)
+        if measured is None and self.state_indices is not None and self.safety.limits_rates:
+            # joint_states stopped during the inference: without a measured position the start
+            # check would pass anything, and a chunk after a rest could start over the limits.
+            scheduler.withdraw(request)
+            age_s = self.buffer.config.max_observation_age_s
+            return self._hold(STALE_OBSERVATION, f"{STATE_SOURCE} went stale during the inference: expected a "
+                                                 f"measured position at most {age_s:g} s old to check the first "
+                                                 "point sent against the step and velocity limits, found none",
+                              now_s, chunk=chunk, **seen)
+        start = self.safety.limit_start(plan.positions, float(plan.times_from_start_s[0]), measured)
         if start.rejected:
             scheduler.withdraw(request)
             return self._hold(SAFETY_REJECT, f"safety filter rejected the chunk: {start.reason}", now_s,

@@ -7,7 +7,7 @@ import pytest
 
 from pi0_policy_ros.control.config import ControlConfig
 from pi0_policy_ros.control.monitor import ERROR, WARN, ControlMonitor
-from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.control.observation_buffer import STALE_OBSERVATION, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
 from pi0_policy_ros.control.scheduler import ChunkScheduler, SchedulerConfig
 from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, HOLD, HOLD_POSITION, INFERENCE_FAILED,
@@ -312,6 +312,27 @@ def test_the_first_point_sent_keeps_the_velocity_limit_from_rest() -> None:
     # At 10.02 the first point sent is action 2: 0.05 away, 0.08 s ahead (0.625 units/s).
     result = sooner.run(lambda: 10.02)
     assert result.published and result.plan.first_index == 2 and result.clamped == ()
+
+
+@pytest.mark.parametrize("limits", ["velocity", "none"])
+def test_joint_states_gone_stale_during_the_inference_hold_the_rate_limited_chunk(limits: str) -> None:
+    # The start check needs the measured position: joint_states last stamped 10.0 are 0.31 s old
+    # (over max_observation_age_s 0.3) when the chunk is ready at 10.31. The check then passed
+    # anything: a chunk after a rest could start over the velocity limit.
+    times = [10.1, 10.31]
+    safety = SafetyConfig(max_velocity=(0.7,)) if limits == "velocity" else SafetyConfig()
+    step = make_step(safety=safety, scheduler=SchedulerConfig(mode="rtc", execute_horizon=4))
+    feed(step, 10.0)
+    result = step.run(lambda: times.pop(0) if len(times) > 1 else times[0])
+    if limits == "none":  # nothing to check the first point against: it goes out as planned
+        assert result.published
+        return
+    assert (result.outcome, result.kind) == (HOLD, STALE_OBSERVATION)
+    assert result.reason == ("joint_states went stale during the inference: expected a measured position at most "
+                             "0.3 s old to check the first point sent against the step and velocity limits, found none")
+    # Nothing went out: the next request is not guided toward the withdrawn chunk.
+    feed(step, 10.35)
+    assert step.run(lambda: 10.35).published
 
 
 def test_a_chunk_refused_at_its_start_leaves_the_schedule() -> None:
