@@ -455,27 +455,19 @@ def test_error_processing_that_fails_still_reports(make_node, probe, monkeypatch
     wait_for(lambda: len(probe.log_lines(Log.ERROR, "stuck")) == 2)
 
 
-def test_shutdown_publishes_a_last_status(make_node, probe) -> None:
-    """Shutdown from active: the last /diagnostics status says the node stopped on purpose (it said
-    "running" before, as if the node had died)."""
-    node = active(make_node)
-    wait_for(lambda: probe.latest_status("running"))
-    assert node.trigger_shutdown() == SUCCESS
-    status = wait_for(lambda: probe.latest_status("shut down"))
-    assert status.level == b"\x00"
-    assert {kv.key: kv.value for kv in status.values}["active"] == "False"
-    time.sleep(0.3)
-    assert probe.latest_status() is status
-
-
-def test_cleanup_publishes_a_status(make_node, probe) -> None:
-    """The periodic status stops at cleanup: its last one said "inactive" until it went stale, as
-    if the node were still configured."""
-    node = make_node()
-    assert node.trigger_configure() == SUCCESS
-    wait_for(lambda: probe.latest_status("inactive"))
-    assert node.trigger_cleanup() == SUCCESS
-    status = wait_for(lambda: probe.latest_status("cleaned up"))
+@pytest.mark.parametrize(("transition", "message"), [("shutdown", "shut down"), ("cleanup", "cleaned up")])
+def test_shutdown_and_cleanup_publish_a_last_status(make_node, probe, transition: str, message: str) -> None:
+    """Shutdown from active, cleanup from inactive: the periodic status stops, and its last one said
+    "running" (as if the node had died) or "inactive" (as if still configured) until it went stale."""
+    if transition == "shutdown":
+        node = active(make_node)
+        wait_for(lambda: probe.latest_status("running"))
+    else:
+        node = make_node()
+        assert node.trigger_configure() == SUCCESS
+        wait_for(lambda: probe.latest_status("inactive"))
+    assert getattr(node, f"trigger_{transition}")() == SUCCESS
+    status = wait_for(lambda: probe.latest_status(message))
     assert status.level == b"\x00"
     assert {kv.key: kv.value for kv in status.values}["active"] == "False"
     time.sleep(0.3)
