@@ -37,8 +37,8 @@ LEROBOT_PREFIX = "model."
 # reference fixtures store 1024 of 257152 rows; token ids must then stay below that).
 VOCAB_ROWS_METADATA = "vocab_rows_stored"
 AUTO_PRESET = "auto"
-# LeRobot's pi05 MEM (config.json keys added in LeRobot PR #4076, August 2026): the model takes a
-# history of frames or states, which this package does not keep.
+# LeRobot's pi05 MEM (config.json keys since LeRobot PR #4076): the model takes a history of
+# frames or states, which this package does not keep.
 LEROBOT_MEMORY_KEYS = ("use_visual_memory", "use_proprioceptive_memory")
 # The sinusoidal time embedding's periods (`model.pi0.sinusoidal_time_embedding`), as LeRobot's
 # config.json names them.

@@ -46,10 +46,10 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      `trajectory_actions: any`.
 - `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, once
   at cleanup ("cleaned up", level OK), once after a failed configure or a transition that raised;
-  a last one ("shut down", level OK)
-  at shutdown, which `main()` also runs on SIGINT and SIGTERM. A signal while a transition runs
-  (configure loading or warming up) waits for it to end first (configure stops at its next step);
-  a second signal then ends the process at once, exit code 1, with nothing shut down.
+  a last one ("shut down", level OK) at shutdown, which `main()` also runs on SIGINT and SIGTERM.
+  A signal while a transition runs (configure loading or warming up) waits for it to end first
+  (configure stops at its next step); a second signal then ends the process at once, exit code 1,
+  with nothing shut down.
 
 The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
 `Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
