@@ -1,4 +1,5 @@
-"""JSON text that strict parsers read: NaN and ±inf become null.
+"""The commands' JSON reports: text that strict parsers read (NaN and ±inf become null), and the
+check of the output path made before a long run.
 
 `json.dumps` writes a non-finite float as a bare `NaN` / `Infinity`, which is not JSON: jq,
 JavaScript's `JSON.parse` and most languages' JSON libraries refuse the whole document. Our
