@@ -188,21 +188,25 @@ PARAMS: tuple[ParamSpec, ...] = (
               choices=SAFETY_POLICIES),
 )
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
-# Parameters every rclpy node has, or that rclpy reads itself (QoS overrides), besides ours.
+# Parameters every rclpy node has, besides ours.
 NODE_PARAMETERS = ("use_sim_time", "start_type_description_service")
+# rclpy declares `qos_overrides.<topic>.<entity>.<policy>` only for the policies a publisher or
+# subscription names in its QoSOverridingOptions; the node names none (its QoS is fixed, ros/qos.py).
 QOS_OVERRIDES_PREFIX = "qos_overrides."
 
 
 def check_parameter_names(names: Sequence[str], what: str) -> None:
     """ConfigError naming each of `names` that the node does not declare, with the closest declared
     name: rclpy ignores an undeclared parameter without a word, so a mistyped one would silently
-    leave its parameter at the default."""
-    unknown = sorted(n for n in set(names) if n not in SPECS and n not in NODE_PARAMETERS
-                     and not n.startswith(QOS_OVERRIDES_PREFIX))
+    leave its parameter at the default (and a QoS override its topic's QoS unchanged)."""
+    unknown = sorted(n for n in set(names) if n not in SPECS and n not in NODE_PARAMETERS)
     if not unknown:
         return
     found = []
     for name in unknown:
+        if name.startswith(QOS_OVERRIDES_PREFIX):
+            found.append(f"{name!r} (the node takes no QoS overrides: its QoS is fixed, see ros/qos.py)")
+            continue
         close = difflib.get_close_matches(name, SPECS, n=1)
         found.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     raise ConfigError(f"{what}: expected names of the node's parameters, found {', '.join(found)}")

@@ -21,11 +21,11 @@ def test_resolve_topic_like_rcl() -> None:
 
 def test_params_file_node_patterns(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("/**:\n  ros__parameters: {seed: 1, cpu_threads: 1}\n"
-                    "robot:\n  pi0_policy:\n    ros__parameters: {cpu_threads: 2, qos_overrides: {js: {depth: 3}}}\n"
+    path.write_text("/**:\n  ros__parameters: {seed: 1, cpu_threads: 1, other: {gain: 3}}\n"
+                    "robot:\n  pi0_policy:\n    ros__parameters: {cpu_threads: 2}\n"
                     "/other/pi0_policy:\n  ros__parameters: {seed: 9}\n")
-    assert load_params_file(path, "/robot") == {"seed": 1, "cpu_threads": 2, "qos_overrides.js.depth": 3}
-    assert load_params_file(path, "/") == {"seed": 1, "cpu_threads": 1}
+    assert load_params_file(path, "/robot") == {"seed": 1, "cpu_threads": 2, "other.gain": 3}
+    assert load_params_file(path, "/") == {"seed": 1, "cpu_threads": 1, "other.gain": 3}
     with pytest.raises(ConfigError, match="no block applies to node /x/other_node"):
         (tmp_path / "q.yaml").write_text("/robot/pi0_policy:\n  ros__parameters: {seed: 1}\n")
         load_params_file(tmp_path / "q.yaml", "/x", "other_node")
@@ -64,11 +64,15 @@ def test_a_mistyped_name_in_the_nodes_own_block_is_refused(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"params file .*p\.yaml, block /\*\*/pi0_policy: expected names of the "
                                           r"node's parameters, found 'control_rate' \(did you mean 'control_rate_hz'\?\)"):
         load_params_file(path, "/")
-    # A wildcard block may hold other nodes' parameters; rclpy's own and QoS overrides are the node's.
-    path.write_text("/**:\n  ros__parameters: {other_nodes_gain: 2.0}\n"
-                    "pi0_policy:\n  ros__parameters: {use_sim_time: true, qos_overrides: {/js: {depth: 1}}}\n")
-    assert load_params_file(path, "/") == {"other_nodes_gain": 2.0, "use_sim_time": True,
-                                           "qos_overrides./js.depth": 1}
+    # A wildcard block may hold other nodes' parameters; rclpy's own are the node's. QoS overrides
+    # are not: the node creates no entity with QoSOverridingOptions, so rclpy ignores them.
+    path.write_text("/**:\n  ros__parameters: {other_nodes_gain: 2.0, qos_overrides: {/js: {depth: 1}}}\n"
+                    "pi0_policy:\n  ros__parameters: {use_sim_time: true}\n")
+    assert load_params_file(path, "/") == {"other_nodes_gain": 2.0, "qos_overrides./js.depth": 1,
+                                           "use_sim_time": True}
+    path.write_text("pi0_policy:\n  ros__parameters: {use_sim_time: true, qos_overrides: {/js: {depth: 1}}}\n")
+    with pytest.raises(ConfigError, match=r"found 'qos_overrides\./js\.depth' \(the node takes no QoS overrides"):
+        load_params_file(path, "/")
     with pytest.raises(ConfigError, match="found 'robot_profil' \\(did you mean 'robot_profile'\\?\\)"):
         make_setup(write_params(tmp_path / "q.yaml", robot_profil="pi05_aloha"))
 

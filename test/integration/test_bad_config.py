@@ -178,6 +178,16 @@ def test_an_undeclared_override_is_named_with_the_closest_parameter(make_node) -
     assert make_node().undeclared_overrides == ""
 
 
+def test_a_qos_override_is_named_as_ignored(make_node) -> None:
+    # The node creates its publishers and subscriptions without QoSOverridingOptions: rclpy declares
+    # no qos_overrides.* parameter, and the override left the joint_states QoS as it was.
+    node = make_node(params={"qos_overrides./joint_states.subscription.depth": 50})
+    assert node.undeclared_overrides.startswith(
+        "parameter overrides: expected names of the node's parameters, found "
+        "'qos_overrides./joint_states.subscription.depth' (the node takes no QoS overrides")
+    assert not node.has_parameter("qos_overrides./joint_states.subscription.depth")
+
+
 # The console script's call, and `python -m` (which started nothing and exited 0 before the module ran main()).
 NODE_COMMANDS = {"main": ["-c", "import sys; from pi0_policy_ros.ros.node import main; sys.exit(main())"],
                  "module": ["-m", "pi0_policy_ros.ros.node"]}

@@ -147,6 +147,17 @@ def test_params_file_with_a_mistyped_parameter_stops_the_launch(launch_module, t
         _run_launch_checks(launch_module, params_file=str(path), namespace="")
 
 
+def test_params_file_with_a_qos_override_stops_the_launch(launch_module, tmp_path) -> None:
+    # rclpy declares qos_overrides.* only for the policies an entity's QoSOverridingOptions name, and
+    # the node names none: the joint_states subscription stayed best effort, depth 5, without a word.
+    path = tmp_path / "robot.yaml"
+    path.write_text("/**/pi0_policy:\n  ros__parameters:\n    camera_names: [image]\n    qos_overrides:\n"
+                    "      /joint_states:\n        subscription: {reliability: reliable, depth: 50}\n")
+    with pytest.raises(ConfigError, match=r"found 'qos_overrides\./joint_states\.subscription\.depth' \(the node "
+                                          r"takes no QoS overrides"):
+        _run_launch_checks(launch_module, params_file=str(path), namespace="")
+
+
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 @pytest.mark.parametrize("namespace", ["", "robot1", "/fleet/robot1"])
 def test_shipped_params_files_pass_the_launch_check(launch_module, path, namespace: str) -> None:
