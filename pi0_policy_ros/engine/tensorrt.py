@@ -450,6 +450,13 @@ def ensure_engine(stage: ExportableStage, precision: str, cache: EngineCache, ch
                   force_engine_update: bool = False,
                   calibration: Sequence[Sequence[torch.Tensor]] | None = None) -> Path:
     """The cached engine of `stage`, exported and built first when missing or when forced."""
+    return _cached_or_built_engine(stage, precision, cache, checkpoint_sha256, force_engine_update, calibration)[0]
+
+
+def _cached_or_built_engine(stage: ExportableStage, precision: str, cache: EngineCache, checkpoint_sha256: str,
+                            force_engine_update: bool,
+                            calibration: Sequence[Sequence[torch.Tensor]] | None) -> tuple[Path, bool]:
+    """`ensure_engine`, and whether the engine came from the cache (True) or was just built."""
     device = stage_device(stage)
     if precision == "fp8" and stage.quantizable_linears():
         check_fp8_support(device)
@@ -457,7 +464,7 @@ def ensure_engine(stage: ExportableStage, precision: str, cache: EngineCache, ch
     path = cache.engine_path(key)
     if path.exists() and not force_engine_update:
         log.info("TensorRT %s engine from cache: %s", stage.signature.stage, path)
-        return path
+        return path, True
     log.info("building the TensorRT %s engine (%s); this takes minutes once per GPU and checkpoint",
              stage.signature.stage, precision)
     cache.directory.mkdir(parents=True, exist_ok=True)
@@ -467,7 +474,7 @@ def ensure_engine(stage: ExportableStage, precision: str, cache: EngineCache, ch
         # TensorRT builds for the current CUDA device, which need not be the stage's (cuda:1)
         with torch.cuda.device(device):
             engine = build_serialized_engine(exported.path, cache.timing_cache_path(key))
-    return cache.store(key, engine)
+    return cache.store(key, engine), False
 
 
 # ---- running --------------------------------------------------------------------------------------
@@ -591,9 +598,8 @@ def load_engine(stage: ExportableStage, precision: str, cache: EngineCache, chec
     by a full disk or a copy, damaged) is rebuilt once with a warning: otherwise every configure
     would fail on it until someone deleted it or forced an update. A fresh build that does not
     load is an error, as building it again would give the same."""
-    key = EngineKey.create(stage.signature, precision, checkpoint_sha256, stage_device(stage), calibration)
-    from_cache = cache.engine_path(key).exists() and not force_engine_update
-    path = ensure_engine(stage, precision, cache, checkpoint_sha256, force_engine_update, calibration)
+    path, from_cache = _cached_or_built_engine(stage, precision, cache, checkpoint_sha256, force_engine_update,
+                                               calibration)
     try:
         return path, TensorRTStage(path, device)
     except EngineLoadError as exc:
