@@ -186,10 +186,12 @@ _DROID_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("gripper",)
 # openpi aloha_policy._joint_flip_mask: ALOHA's joint directions -> the pi runtime's.
 _ALOHA_JOINT_SIGNS = (1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0)
 
-# Periods: LIBERO's control rate is 10 Hz, DROID's 15 Hz, ALOHA's 50 Hz (the rates their data sets
-# were recorded at; openpi's configs do not state them).
+# Periods: the rates the robots execute actions at (openpi's configs do not state them). LIBERO 20 Hz:
+# its ControlEnv defaults to control_freq=20, which openpi's examples/libero/main.py keeps, one action
+# per env.step (the fps=10 of openpi's LIBERO data set and replay videos is a label; no step is
+# skipped). DROID 15 Hz, ALOHA 50 Hz: the rates their data sets were recorded at.
 _LIBERO = dict(camera_slots=_LIBERO_CAMERAS, always_valid_slots=(BASE_SLOT, LEFT_WRIST_SLOT), state_dim=8,
-               action_dim=7, action_period_s=0.1, action_space="eef_delta")
+               action_dim=7, action_period_s=0.05, action_space="eef_delta")
 _DROID = dict(camera_slots=_DROID_CAMERAS, always_valid_slots=(BASE_SLOT, LEFT_WRIST_SLOT), state_dim=8,
               action_dim=8, action_period_s=1.0 / 15.0, action_space="joint_velocity", joint_names=_DROID_JOINTS)
 _ALOHA = dict(camera_slots=_ALOHA_CAMERAS, always_valid_slots=(BASE_SLOT,), ignored_cameras=("cam_low",),

@@ -35,8 +35,8 @@ def test_make_bool_mask_runs() -> None:
 @pytest.mark.parametrize(
     ("name", "state_dim", "action_dim", "horizon", "delta", "discrete", "period_s"),
     [
-        ("pi05_libero", 8, 7, 10, (), False, 0.1),
-        ("pi0_libero", 8, 7, 50, make_bool_mask(6, -1), False, 0.1),
+        ("pi05_libero", 8, 7, 10, (), False, 0.05),
+        ("pi0_libero", 8, 7, 50, make_bool_mask(6, -1), False, 0.05),
         ("pi05_droid", 8, 8, 15, (), True, 1 / 15),
         ("pi0_droid", 8, 8, 10, (), False, 1 / 15),
         ("pi0_aloha", 14, 14, 50, make_bool_mask(6, -1, 6, -1), False, 0.02),
