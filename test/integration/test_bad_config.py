@@ -28,7 +28,7 @@ LIBERO = {
     "robot_profile": "pi05_libero", "model_preset": "auto", "device": "cpu", "cpu_threads": 1,
     "camera_names": ["image", "wrist_image"], "camera_topics": ["cam_a/image_raw", "cam_b/image_raw/compressed"],
     "joint_names": STATE_NAMES, "action_joint_names": [f"a{i}" for i in range(7)],
-    "prompt": "pick up the block", "max_observation_age_s": 2.0, "max_camera_skew_s": 1.0, "control_rate_hz": 2.0,
+    "prompt": "pick up the block", "max_observation_age_s": 2.0, "max_camera_skew_s": 1.0, "control_rate_hz": 5.0,
 }
 
 
