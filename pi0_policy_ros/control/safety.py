@@ -119,6 +119,18 @@ class SafetyFilter:
         """Whether a step or velocity limit is set (what `limit_start` checks)."""
         return self._max_step is not None or self._max_velocity_step is not None
 
+    def min_travel_s(self, start: np.ndarray, end: np.ndarray) -> float:
+        """The shortest time in which the step and velocity limits let a joint go from `start` to
+        `end` [action_dim] (0 without those limits, or when either point is not finite)."""
+        gap = np.abs(np.asarray(end, dtype=np.float64) - np.asarray(start, dtype=np.float64))
+        if not np.all(np.isfinite(gap)):
+            return 0.0
+        periods = 0.0
+        for per_period in (self._max_step, self._max_velocity_step):
+            if per_period is not None:
+                periods = max(periods, float(np.max(gap / per_period)))
+        return periods * self.period_s
+
     @property
     def counters(self) -> dict[str, int]:
         """Flat counters for diagnostics: clamp.<limit> and reject.<limit>."""

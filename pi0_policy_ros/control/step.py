@@ -18,7 +18,8 @@
    it clamps replace the chunk's actions in the scheduler (splicing modes), as the robot executes them.
    With step or velocity limits set and no measured position fresh enough, the chunk holds;
 6. a `StepResult`: PUBLISH (chunk and trajectory), HOLD (reason, kind, level; with
-   `hold_position` a one-point trajectory at the measured position) or WAIT (non-naive modes
+   `hold_position` a one-point trajectory at the measured position, reached within the step and
+   velocity limits from where the last trajectory sent has the joints) or WAIT (non-naive modes
    between inference starts: the controller keeps executing what it has).
 
 clock: returns now in seconds on the caller's clock. The node passes its ROS clock (read again
@@ -147,6 +148,7 @@ class ControlStep:
         self.hold_mode = hold_mode
         self._scheduler: ChunkScheduler | None = None
         self._executing = False  # a trajectory of ours is running on the controller
+        self._sent: tuple[float, TrajectoryPlan] | None = None  # the last one published, and when
         self._last_now_s: float | None = None
 
     # ---- state --------------------------------------------------------------------------------
@@ -175,6 +177,7 @@ class ControlStep:
         if self._scheduler is not None:
             self._scheduler = self._new_scheduler(self._scheduler.period_s, self._scheduler.horizon)
         self._executing = False
+        self._sent = None
         self._last_now_s = None
 
     @property
@@ -315,6 +318,7 @@ class ControlStep:
             # The controller executes these, not the chunk's actions: the next RTC request continues them.
             scheduler.executed(request, plan.first_index, positions)
         self._executing = True
+        self._sent = (now_s, plan)
         timings = {f"policy_{k}": v for k, v in chunk.timings_ms.items()}
         timings.update(decode=(t_decoded - t0) * 1e3, infer=(t_inferred - t_decoded) * 1e3,
                        plan=(time.perf_counter() - t_inferred) * 1e3)
@@ -392,6 +396,7 @@ class ControlStep:
         """The hold point replaces our trajectory on the controller: the chunks before it are no
         longer executed, so the next chunk is neither blended with nor guided toward them."""
         self._executing = False
+        self._sent = None
         if self._scheduler is not None:
             self._scheduler.drop_chunks()
 
@@ -405,10 +410,24 @@ class ControlStep:
             return None
         return np.asarray(sample.value, dtype=np.float64)[list(self.state_indices)]
 
+    def _commanded(self, now_s: float) -> np.ndarray | None:
+        """Where our last published trajectory puts the action joints at `now_s` (linear between its
+        points; its first point before it, its last after it); None when none was published."""
+        if self._sent is None:
+            return None
+        sent_s, plan = self._sent
+        times_s = sent_s + plan.times_from_start_s
+        return np.array([np.interp(now_s, times_s, plan.positions[:, dim]) for dim in range(plan.positions.shape[1])])
+
     def _hold_plan(self, now_s: float) -> tuple[TrajectoryPlan | None, str]:
-        """One point at the measured position of the action joints, one control period ahead; or
-        None and why not. A measured position outside the safety limits is not sent: the point
-        would command the joints outside them (a bad measurement, e.g. encoder ticks for radians)."""
+        """One point at the measured position of the action joints, zero velocity; or None and why
+        not. A measured position outside the safety limits is not sent: the point would command the
+        joints outside them (a bad measurement, e.g. encoder ticks for radians).
+
+        The point lies one control period ahead, or further when the step and velocity limits need
+        longer to reach it from where our trajectory has the joints now: a measured position up to
+        `max_observation_age_s` old lags a moving arm, and the controller would go back to it in one
+        control period."""
         position = self._measured(now_s)
         config = self.buffer.config
         if position is None:
@@ -417,5 +436,9 @@ class ControlStep:
         if outside is not None:
             limit, _, _, detail = outside
             return None, f"the measured position is outside the {limit} limits, {detail}"
-        return TrajectoryPlan(first_index=0, times_from_start_s=np.array([config.control_period_s]),
+        ahead_s = config.control_period_s
+        commanded = self._commanded(now_s)
+        if commanded is not None:
+            ahead_s = max(ahead_s, self.safety.min_travel_s(commanded, position))
+        return TrajectoryPlan(first_index=0, times_from_start_s=np.array([ahead_s]),
                               positions=position[None, :], velocities=np.zeros((1, position.size))), ""

@@ -237,3 +237,13 @@ def test_a_reference_outside_the_position_limits_never_leads_the_chunk_to_end_ou
     np.testing.assert_allclose(near.actions[:, 0], [1.05, 0.95, 0.85], atol=1e-6)
     assert f.outside_limits(np.array([1.15, 0.0, 0.0]))[:3] == ("position", 0, 0)
     assert f.outside_limits(near.actions[-1]) is None
+
+
+def test_min_travel_s_is_the_slowest_dim_under_the_tightest_limit() -> None:
+    start, end = np.zeros(3), np.array([0.3, -0.05, 0.0])
+    assert make().min_travel_s(start, end) == 0.0  # no rate limit: no minimum
+    # 0.1 a step of 0.1 s (1 unit/s) against 2 units/s: the step limit binds, 0.3 takes 0.3 s.
+    assert make(max_step=(0.1,), max_velocity=(2.0,)).min_travel_s(start, end) == pytest.approx(0.3)
+    # Per dim: dim 1 at 0.01 units/s needs 5 s for its 0.05.
+    assert make(max_velocity=(2.0, 0.01, 2.0)).min_travel_s(start, end) == pytest.approx(5.0)
+    assert make(max_velocity=(2.0,)).min_travel_s(start, np.array([np.nan, 0.0, 0.0])) == 0.0

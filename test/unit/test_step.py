@@ -128,6 +128,28 @@ def test_hold_position_sends_one_point_at_the_measured_position_once() -> None:
     assert step.run(lambda: 10.11).plan is None  # once per hold: the controller already stops there
 
 
+@pytest.mark.parametrize("max_velocity", [0.7, None])
+def test_a_hold_point_behind_the_arm_is_reached_within_the_velocity_limit(max_velocity: float | None) -> None:
+    # joint_states last came at 10.0 (0.25 s old at 10.25, still fresh), while the chunk sent at
+    # 10.01 has the arm at STATE + 0.08 by then: one control period to go back there would be
+    # 1.6 units/s. With the limit, the point lies 0.08 / 0.7 s ahead.
+    safety = SafetyConfig() if max_velocity is None else SafetyConfig(max_velocity=(max_velocity,))
+    step = make_step(safety=safety, hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    sent = step.run(lambda: 10.01)
+    assert sent.published and sent.clamped == ()
+    step.buffer.put_image("cam_a", "corrupt", 10.24, 10.24)
+    step.buffer.put_image("cam_b", IMAGE, 10.24, 10.24)
+    held = step.run(lambda: 10.25)
+    assert held.kind == BAD_IMAGE
+    np.testing.assert_array_equal(held.plan.positions, STATE[None, :])
+    commanded = np.array([np.interp(10.25, 10.01 + sent.plan.times_from_start_s, sent.plan.positions[:, d])
+                          for d in range(3)])
+    np.testing.assert_allclose(commanded - STATE, 0.08, atol=1e-6)
+    expected_s = CONTROL.control_period_s if max_velocity is None else 0.08 / max_velocity
+    np.testing.assert_allclose(held.plan.times_from_start_s, [expected_s], rtol=1e-5)
+
+
 def test_hold_position_without_a_fresh_state_sends_nothing() -> None:
     step = make_step(hold_mode=HOLD_POSITION)
     feed(step, 10.0)
