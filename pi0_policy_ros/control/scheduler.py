@@ -287,8 +287,10 @@ class ChunkScheduler:
     def drop_chunks(self) -> None:
         """The controller no longer executes any chunk of ours (a hold point replaced them): forget
         them, so that the next chunk is neither blended with nor guided toward actions the robot
-        abandoned. The latency estimate and the start time stay."""
+        abandoned, and let the next inference start at once (no chunk of ours is left to execute
+        for s periods). The latency estimate stays."""
         self._chunks.clear()
+        self._last_start_s = None
 
     def _check_in_flight(self, request: InferenceRequest) -> None:
         if self._in_flight is None or request.chunk_id != self._in_flight.chunk_id:

@@ -20,7 +20,8 @@
 6. a `StepResult`: PUBLISH (chunk and trajectory), HOLD (reason, kind, level; with
    `hold_position` a one-point trajectory at the measured position, reached within the step and
    velocity limits from where the last trajectory sent has the joints) or WAIT (non-naive modes
-   between inference starts: the controller keeps executing what it has).
+   between inference starts: the controller keeps executing what it has; the inputs' age and skew
+   are still checked on every tick, and hold when they fail).
 
 clock: returns now in seconds on the caller's clock. The node passes its ROS clock (read again
 after inference, which takes time); the offline replay passes the tick's bag time, so the same
@@ -232,7 +233,7 @@ class ControlStep:
         # (by then the chunk executing may have run out).
         due_by_s = now_s + 0.5 * self.buffer.config.control_period_s
         if self.scheduler_config.mode != NAIVE and scheduler is not None and not scheduler.should_start(due_by_s):
-            return StepResult(WAIT)
+            return self._between_starts(now_s)
 
         t0 = time.perf_counter()
         try:
@@ -344,6 +345,16 @@ class ControlStep:
             now_s = max(now_s, self._last_now_s)
         self._last_now_s = now_s
         return now_s
+
+    def _between_starts(self, now_s: float) -> StepResult:
+        """WAIT, once the inputs pass the checks a start makes before decoding: a source gone stale or
+        cameras out of sync hold on this tick (with `hold_position`, a hold point), not at the next
+        start up to `execute_horizon` action periods later."""
+        try:
+            self.buffer.snapshot(now_s)
+        except ObservationError as exc:
+            return self._hold(exc.kind, str(exc), now_s)
+        return StepResult(WAIT)
 
     def _abort(self, request: InferenceRequest | None) -> None:
         scheduler = self._scheduler

@@ -212,6 +212,42 @@ def test_temporal_ensemble_infers_every_execute_horizon_and_blends() -> None:
     np.testing.assert_array_equal(second.plan.velocities[-1], np.zeros(PROFILE.action_dim))
 
 
+@pytest.mark.parametrize("mode", ["temporal_ensemble", "rtc"])
+def test_inputs_gone_stale_between_starts_hold_on_that_tick(mode: str) -> None:
+    # Starts come every 8 action periods (0.4 s). joint_states stop after 10.0: at 10.35 they are
+    # 0.35 s old (over 0.3) on a tick between starts. That tick holds, not the next start at 10.4.
+    step = make_step(hold_mode=HOLD_POSITION, scheduler=SchedulerConfig(mode=mode, execute_horizon=8))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    assert step.run(lambda: 10.15).outcome == WAIT
+    for t_s in (10.3, 10.35):
+        step.buffer.put_image("cam_a", IMAGE, t_s, t_s)
+        step.buffer.put_image("cam_b", IMAGE, t_s, t_s)
+    held = step.run(lambda: 10.35)
+    assert (held.outcome, held.kind) == (HOLD, STALE_OBSERVATION) and "joint_states is stale" in held.reason
+    assert held.plan is None  # the measured position is as stale: no hold point, the reason says so
+    assert "hold_position: no fresh measured position" in held.reason
+    # No hold point went out, so the controller still runs the chunk: with joint_states back, the
+    # ticks wait for the next start again.
+    feed(step, 10.37)
+    assert step.run(lambda: 10.37).outcome == WAIT
+
+
+@pytest.mark.parametrize("mode", ["temporal_ensemble", "rtc"])
+def test_a_camera_gone_stale_between_starts_stops_the_arm_and_the_next_tick_starts_again(mode: str) -> None:
+    step = make_step(hold_mode=HOLD_POSITION, scheduler=SchedulerConfig(mode=mode, execute_horizon=8))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    step.buffer.put_state(STATE, 10.3, 10.3)  # joint_states keep coming; the cameras stopped at 10.0
+    held = step.run(lambda: 10.31)
+    assert (held.outcome, held.kind) == (HOLD, STALE_OBSERVATION) and "camera 'cam_a' is stale" in held.reason
+    np.testing.assert_array_equal(held.plan.positions, STATE[None, :])
+    # The hold point replaced the chunk: nothing of ours runs, so the next tick with fresh inputs
+    # starts an inference at once, not at the next scheduled start (10.4).
+    feed(step, 10.32)
+    assert step.run(lambda: 10.32).published
+
+
 def test_execute_horizon_longer_than_the_chunk_is_a_config_error() -> None:
     step = make_step(scheduler=SchedulerConfig(mode="rtc_fast", execute_horizon=20))
     with pytest.raises(ConfigError, match="execute_horizon"):
