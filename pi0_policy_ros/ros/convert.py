@@ -175,12 +175,15 @@ class JointStateReader:
     `joint_positions`; its layout is kept: the bytes of its name list, alignment padding excluded
     (Fast-CDR leaves padding uninitialised), and where its positions follow. A later message whose
     name bytes match is read in place (positions as a numpy view). Anything else, other names, a
-    position count other than the name count, a non-finite value, XCDR2, takes the full path, so
-    that a bad message is refused with exactly the words of `joint_positions`.
+    position count other than the name count, a non-finite value, velocity or effort not fitting in
+    the bytes, XCDR2, takes the full path, so that a bad message is refused with exactly the words of
+    `joint_positions` or the deserializer.
 
     XCDR1 layout after the 4-byte encapsulation: stamp (8 bytes), frame_id (uint32 length incl. NUL,
-    chars), name (uint32 count, then per name: padding to 4, uint32 length, chars), position (padding
-    to 4, uint32 count, padding to 8 counted from the end of the encapsulation, float64 values).
+    chars), name (uint32 count, then per name: padding to 4, uint32 length, chars), then position,
+    velocity and effort, each: padding to 4, uint32 count, padding to 8 counted from the end of the
+    encapsulation (none when the count is 0), float64 values. Fast-CDR may leave unused bytes after
+    the last one.
     """
 
     def __init__(self, joint_names: Sequence[str], deserialize: Callable[[bytes], Any]) -> None:
@@ -244,7 +247,8 @@ class _NameLayout:
         return _align4(16 + frame_id_length)
 
     def read(self, data: bytes) -> np.ndarray | None:
-        """The positions if `data` has exactly these names and finite values for our joints, else None."""
+        """The positions if `data` has exactly these names, finite values for our joints, and its
+        velocity and effort within its bytes, else None."""
         start = self._names_start(data, self._u32)
         end = start + len(self._name_bytes)
         count_at = _align4(end)
@@ -258,8 +262,25 @@ class _NameLayout:
         first += (first - 4) % 8  # 0 or 4: float64 aligns to 8 from the end of the encapsulation
         if count != self._name_count or count * 8 > len(data) - first:
             return None
+        # The deserializer refuses a message cut short in velocity or effort; so must this path.
+        velocity_end = self._float64_sequence_end(data, first + count * 8)
+        if velocity_end is None or self._float64_sequence_end(data, velocity_end) is None:
+            return None
         state = np.frombuffer(data, self._dtype, count=count, offset=first)[self._index].astype(np.float64)
         return state if np.isfinite(state).all() else None
+
+    def _float64_sequence_end(self, data: bytes, offset: int) -> int | None:
+        """Where the float64 sequence after `offset` ends, or None if it does not fit in `data`."""
+        count_at = _align4(offset)
+        if len(data) < count_at + 4:
+            return None
+        (count,) = self._u32.unpack_from(data, count_at)
+        first = count_at + 4
+        if count:
+            # Fast-CDR (and rosbags) align no values of an empty sequence: the next count follows at once.
+            first += (first - 4) % 8
+        end = first + count * 8
+        return end if end <= len(data) else None
 
 
 def trajectory_message(plan: TrajectoryPlan, joint_names: Sequence[str]) -> JointTrajectory:

@@ -1,11 +1,13 @@
 """ros/convert.py: every image encoding, row padding, compressed images, joint states, and each bad case."""
 
 import struct
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
+from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Header
 
@@ -318,25 +320,33 @@ def _typestore():
     return get_typestore(Stores.ROS2_JAZZY)
 
 
-def serialized_js(names, positions, frame_id: str = "", little_endian: bool = True, velocities=()) -> bytes:
+def serialized_js(names, positions, frame_id: str = "", little_endian: bool = True, velocities=(),
+                  efforts=()) -> bytes:
     ts = _typestore()
     header = ts.types["std_msgs/msg/Header"](stamp=ts.types["builtin_interfaces/msg/Time"](sec=3, nanosec=0),
                                              frame_id=frame_id)
     msg = ts.types["sensor_msgs/msg/JointState"](
         header=header, name=list(names), position=np.asarray(positions, np.float64),
-        velocity=np.asarray(velocities, np.float64), effort=np.array([], np.float64))
+        velocity=np.asarray(velocities, np.float64), effort=np.asarray(efforts, np.float64))
     return bytes(ts.serialize_cdr(msg, "sensor_msgs/msg/JointState", little_endian=little_endian))
 
 
-class CountingDeserializer:
-    """rosbags' CDR decoder, counting calls: the reader's full path."""
+def rclpy_deserialize_js(data: bytes) -> JointState:
+    return deserialize_message(data, JointState)
 
-    def __init__(self) -> None:
+
+class CountingDeserializer:
+    """A CDR decoder, counting calls: the reader's full path. rosbags' unless `decode` is given."""
+
+    def __init__(self, decode: Callable[[bytes], Any] | None = None) -> None:
         self.calls = 0
-        self._ts = _typestore()
+        self._decode = decode
+        self._ts = _typestore() if decode is None else None
 
     def __call__(self, data: bytes):
         self.calls += 1
+        if self._decode is not None:
+            return self._decode(data)
         return self._ts.deserialize_cdr(data, "sensor_msgs/msg/JointState")
 
 
@@ -413,6 +423,60 @@ def test_joint_state_reader_takes_an_extra_name_for_another_name_list() -> None:
     reader.positions(serialized_js(NAMES, [1.0, 2.0, 3.0]))
     state = reader.positions(serialized_js(NAMES + ["ab"], [4.0, 5.0, 6.0, 7.0]))
     np.testing.assert_array_equal(state, [4.0, 5.0, 6.0])
+
+
+# (velocity, effort) pairs: each empty or one per name, as JointState.msg allows.
+VELOCITY_EFFORT = [([], []), ([0.25, -0.5, 0.75], []), ([], [4.0, 5.0, 6.0]), ([0.25, -0.5, 0.75], [4.0, 5.0, 6.0])]
+
+
+def js_bytes(positions, velocities, efforts, big_endian: bool) -> bytes:
+    """A JointState of NAMES as the node receives it: rclpy's serializer (Fast-CDR: host order, padding
+    left uninitialised, unused bytes at the end), or rosbags' for big endian, which rclpy never writes."""
+    if big_endian:
+        return serialized_js(NAMES, positions, "base", False, velocities, efforts)
+    msg = JointState(header=Header(stamp=Time(sec=3), frame_id="base"), name=NAMES, position=list(positions),
+                     velocity=list(velocities), effort=list(efforts))
+    return bytes(serialize_message(msg))
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("velocities,efforts", VELOCITY_EFFORT)
+def test_joint_state_reader_reads_velocity_and_effort_messages_in_place(velocities, efforts, big_endian) -> None:
+    deserialize = CountingDeserializer(rclpy_deserialize_js)
+    reader = convert.JointStateReader(NAMES, deserialize)
+    needed = len(serialized_js(NAMES, [0.0] * 3, "base", velocities=velocities, efforts=efforts))  # rosbags: no extras
+    for i in range(3):
+        data = js_bytes([1.0 + i, 2.0, 3.0 - i], velocities, efforts, big_endian)
+        np.testing.assert_array_equal(reader.positions(data), [1.0 + i, 2.0, 3.0 - i])
+        np.testing.assert_array_equal(reader.positions(data[:needed]), [1.0 + i, 2.0, 3.0 - i])
+    assert deserialize.calls == 1
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("velocities,efforts", VELOCITY_EFFORT)
+def test_joint_state_reader_refuses_a_message_cut_short_after_its_positions(velocities, efforts, big_endian) -> None:
+    # Names and positions intact, velocity or effort cut off: the deserializer refuses it, and the
+    # in-place read must not return its positions instead.
+    good = js_bytes([1.0, 2.0, 3.0], velocities, efforts, big_endian)
+    positions_end = len(serialized_js(NAMES, [0.0] * 3, "base")) - 8  # less two empty sequence counts
+    needed = len(serialized_js(NAMES, [0.0] * 3, "base", velocities=velocities, efforts=efforts))
+    assert positions_end < needed < len(good) + 1
+    # The ground truth: rclpy's deserializer takes the message from `needed` bytes on, not before.
+    rclpy_deserialize_js(good[:needed])
+    with pytest.raises(Exception):
+        rclpy_deserialize_js(good[:needed - 1])
+    deserialize = CountingDeserializer(rclpy_deserialize_js)
+    reader = convert.JointStateReader(NAMES, deserialize)
+    reader.positions(good)
+    for length in range(positions_end, needed):
+        with pytest.raises(ObservationError) as full_path:
+            convert.JointStateReader(NAMES, rclpy_deserialize_js).positions(good[:length])
+        calls = deserialize.calls
+        with pytest.raises(ObservationError) as in_place:
+            reader.positions(good[:length])
+        assert str(in_place.value) == str(full_path.value)
+        assert f"cannot deserialize {length} bytes as sensor_msgs/JointState" in str(in_place.value)
+        assert deserialize.calls == calls + 1
 
 
 def test_stamp_from_cdr_needs_the_whole_stamp() -> None:
