@@ -37,8 +37,9 @@ IMAGE_ENCODINGS: dict[str, tuple[int, int | None]] = {
 
 
 # The source encodings (before ';' in a CompressedImage format, as image_transport's compressed
-# publisher writes "<encoding>; jpeg compressed bgr8") of colour or intensity pictures; 16-bit ones
-# decode to their high byte. Depth (16UC1, 32FC1) and other data are refused, as in a raw Image.
+# publisher writes "<encoding>; jpeg compressed bgr8") of colour or intensity pictures. A 16-bit one
+# passes only as an 8-bit JPEG (the publisher converted it); as a 16-bit PNG it is refused when
+# decoded, like a raw mono16 Image. Depth (16UC1, 32FC1) and other data are refused, as in a raw Image.
 COMPRESSED_SOURCE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8",
                                "rgb16", "bgr16", "rgba16", "bgra16", "mono16")
 
@@ -119,15 +120,21 @@ def compressed_image_to_rgb(msg: Any) -> np.ndarray:
     # imdecode returns BGR whatever the format string says the source pixels were. EXIF orientation
     # is ignored, as image_transport's compressed subscriber and cv_bridge do: the pixels as sent.
     # OpenCV raises instead of returning None for some corrupt headers (a size over its pixel limit).
+    # IMREAD_ANYDEPTH keeps a 16-bit PNG at 16 bits (IMREAD_COLOR alone cuts it to its high byte),
+    # so that it can be refused below.
     refused = ""
     try:
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as exc:
         bgr, refused = None, f" (OpenCV refused it: {getattr(exc, 'err', '') or exc})"
     if bgr is None or bgr.size == 0:
         raise ObservationError(
             f"cannot decode compressed image (format {fmt!r}): expected JPEG or PNG, found {data.size} "
             f"bytes starting {bytes(data[:4]).hex()}{refused}")
+    if bgr.dtype != np.uint8:
+        raise ObservationError(
+            f"unsupported compressed image: expected 8 bits per channel (one of {sorted(IMAGE_ENCODINGS)} "
+            f"compressed), found {bgr.dtype.itemsize * 8} bits per channel (format {fmt!r})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

@@ -184,11 +184,18 @@ def test_a_depth_image_on_compressed_transport_is_refused(fmt: str, ext: str) ->
         convert.compressed_image_to_rgb(msg)
 
 
-def test_a_16_bit_mono_png_keeps_its_high_byte() -> None:
-    # mono16 is an intensity image (cv_bridge converts it to mono8 the same way, dividing by 256).
-    gray = (np.arange(35, dtype=np.uint16).reshape(5, 7) * 1500)
-    out = convert.compressed_image_to_rgb(compressed(".png", gray, "mono16; png compressed "))
-    np.testing.assert_array_equal(out[:, :, 0], (gray >> 8).astype(np.uint8))
+@pytest.mark.parametrize("channels,fmt", [(1, "mono16; png compressed "), (3, "bgr16; png compressed "),
+                                          (3, "rgb16; png compressed "), (1, "png")])
+def test_a_16_bit_png_is_refused_as_a_raw_16_bit_image_is(channels: int, fmt: str) -> None:
+    # image_transport's compressed publisher writes a 16-bit source as a 16-bit PNG. Keeping its high
+    # byte would guess a scaling (12-bit data comes out 16 times darker), and a raw mono16/rgb16
+    # Image is refused, so this is too.
+    pixels = (np.arange(35 * channels, dtype=np.uint16).reshape(5, 7, channels) * 1500).squeeze()
+    msg = compressed(".png", pixels, fmt)
+    assert bytes(msg.data[24:26]) == bytes([16, 0 if channels == 1 else 2])  # IHDR: bit depth, colour type
+    with pytest.raises(ObservationError, match=r"unsupported compressed image: expected 8 bits per channel "
+                                               r"\(.*'mono8'.*\), found 16 bits per channel"):
+        convert.compressed_image_to_rgb(msg)
 
 
 # ---- joint states ------------------------------------------------------------------------------
