@@ -218,8 +218,10 @@ class JointStateReader:
 class _NameLayout:
     """Where a known name list sits in a JointState's bytes, and how its positions map to our joints."""
 
-    def __init__(self, endian: str, name_bytes: np.ndarray, kept: np.ndarray, name_count: int,
+    def __init__(self, encapsulation: bytes, name_bytes: np.ndarray, kept: np.ndarray, name_count: int,
                  index: np.ndarray) -> None:
+        self._encapsulation = encapsulation  # XCDR1, one byte order: XCDR2 aligns float64 to 4, not 8
+        endian = _XCDR1_ENDIAN[encapsulation[1]]
         self._u32 = _U32[endian]
         self._dtype = np.dtype(endian + "f8")
         self._name_bytes = name_bytes  # the name list's bytes, padding included
@@ -246,7 +248,7 @@ class _NameLayout:
             offset += 4 + length
         name_bytes = np.frombuffer(data, np.uint8, count=offset - start, offset=start).copy()
         index = np.array([names.index(n) for n in joint_names], dtype=np.intp)
-        return cls(endian, name_bytes, np.array(kept, dtype=np.intp) - start, name_count, index)
+        return cls(bytes(data[:2]), name_bytes, np.array(kept, dtype=np.intp) - start, name_count, index)
 
     @staticmethod
     def _names_start(data: bytes, u32: struct.Struct) -> int:
@@ -256,6 +258,8 @@ class _NameLayout:
     def read(self, data: bytes) -> np.ndarray | None:
         """The positions if `data` has exactly these names, finite values for our joints, and its
         velocity and effort within its bytes, else None."""
+        if data[:2] != self._encapsulation:
+            return None
         start = self._names_start(data, self._u32)
         end = start + len(self._name_bytes)
         count_at = _align4(end)

@@ -504,3 +504,34 @@ def test_action_chunk_from_message_refuses_other_dims() -> None:
     msg.layout.dim[0].label, msg.layout.dim[1].label = "action", "horizon"
     with pytest.raises(ObservationError, match=r"expected dims \['horizon', 'action'\], found \['action', 'horizon'\]"):
         convert.action_chunk_from_message(msg)
+
+
+def xcdr2_js(names: list[str], positions: list[float], frame_id: str = "") -> bytes:
+    """A little-endian plain XCDR2 JointState (encapsulation 0x0007): as XCDR1, but float64 values
+    align to 4, not 8. Fast-CDR v2 reads it; rosbags writes XCDR1 only, so it is built here."""
+    out = bytearray(b"\x00\x07\x00\x00") + struct.pack("<iI", 3, 0)
+
+    def string(text: str) -> None:
+        out.extend(b"\x00" * (-(len(out) - 4) % 4))
+        out.extend(struct.pack("<I", len(text) + 1) + text.encode() + b"\x00")
+
+    string(frame_id)
+    out.extend(b"\x00" * (-(len(out) - 4) % 4) + struct.pack("<I", len(names)))
+    for name in names:
+        string(name)
+    out.extend(b"\x00" * (-(len(out) - 4) % 4))
+    out.extend(struct.pack(f"<I{len(positions)}d", len(positions), *positions) + struct.pack("<II", 0, 0))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("frame_id", ["", "ab", "abcde"])
+def test_joint_state_reader_reads_xcdr2_through_the_deserializer_after_an_xcdr1_layout(frame_id: str) -> None:
+    # The same names in XCDR2 sit where the known XCDR1 layout expects them, but where XCDR1 pads the
+    # positions to 8 bytes XCDR2 does not: read in place, they came out shifted by 4 bytes.
+    xcdr2 = xcdr2_js(NAMES, [1.0, 2.0, 3.0], frame_id)
+    np.testing.assert_array_equal(rclpy_deserialize_js(xcdr2).position, [1.0, 2.0, 3.0])
+    deserialize = CountingDeserializer(rclpy_deserialize_js)
+    reader = convert.JointStateReader(NAMES, deserialize)
+    reader.positions(serialized_js(NAMES, [4.0, 5.0, 6.0], frame_id))
+    np.testing.assert_array_equal(reader.positions(xcdr2), [1.0, 2.0, 3.0])
+    assert deserialize.calls == 2
