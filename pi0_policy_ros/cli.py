@@ -10,6 +10,7 @@ import logging
 import sys
 
 from pi0_policy_ros.errors import Pi0PolicyError
+from pi0_policy_ros.policy.config import SEED_RANGE
 
 # name → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,6 +29,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command that Ctrl-C ended
+
+
+def seed_argument(text: str) -> int:
+    """argparse type of every command's --seed: an integer in SEED_RANGE. torch's generators take
+    [-2**63, 2**64 - 1], numpy's no negative seed, and the commands add offsets to the seed (bench:
+    + 100, rtc-eval: * 1_000_003 + chunk); outside the range that was a traceback mid-run."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"expected an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (the node's "
+                                         f"seed parameter's range), found {text!r}")
+    return value
 
 
 def _module_for(argv: list[str]) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pi0_policy_ros.cli import seed_argument
 from pi0_policy_ros.errors import Pi0PolicyError
 from pi0_policy_ros.jsonout import json_text
 
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-input", default="uint8", choices=IMAGE_INPUTS,
                         help="vision input: uint8 [N,224,224,3] images, or float [N,3,224,224] pixels in [-1, 1]")
     parser.add_argument("--verify", action="store_true", help="compare each file with torch fp32 (onnxruntime, CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and random weights")
+    parser.add_argument("--seed", type=seed_argument, default=0, help="seed of the random inputs and random weights")
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pi0_policy_ros.cli import seed_argument
 from pi0_policy_ros.control.scheduler import (
     SCHEDULER_MODES,
     ChunkScheduler,
@@ -44,6 +45,7 @@ from pi0_policy_ros.model.config import get_preset
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model, Prefix
 from pi0_policy_ros.model.reference import load_reference, reference_model
 from pi0_policy_ros.model.rtc import DEFAULT_MAX_GUIDANCE_WEIGHT, compute_prefix, sample_actions_guided, soft_mask
+from pi0_policy_ros.policy.config import SEED_RANGE
 
 DEFAULT_FIXTURE_DIR = Path(__file__).resolve().parents[1] / "test" / "fixtures" / "openpi_reference"
 FIXTURE_MODELS = {"fixture-pi05": "pi05_small", "fixture-pi0": "pi0_small"}
@@ -73,6 +75,8 @@ class EvalSettings:
             raise ConfigError(f"execute_horizon: expected at least 1 step, found {self.execute_horizon}")
         if not self.period_s > 0:
             raise ConfigError(f"period_s: expected > 0 s, found {self.period_s}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:  # the chunks' noise seeds are seed * 1_000_003 + chunk
+            raise ConfigError(f"seed: expected an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], found {self.seed!r}")
 
 
 @dataclass(frozen=True)
@@ -303,7 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-guidance-weight", type=float, default=DEFAULT_MAX_GUIDANCE_WEIGHT)
     parser.add_argument("--mask-schedule", default="exp", choices=("exp", "linear"))
     parser.add_argument("--ensemble-decay", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=0, help="seed of the inputs, noise and random weights")
     parser.add_argument("--fixture-dir", type=Path, default=DEFAULT_FIXTURE_DIR)
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch CPU threads (default 1: the fixture models' matmuls are tiny, and more threads "

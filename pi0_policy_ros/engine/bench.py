@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pi0_policy_ros.cli import seed_argument
 from pi0_policy_ros.engine.engine import STAGES, Engine, eager_inputs
 from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, hopper_or_newer, plan_prefix, random_batch
@@ -87,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "against the plain chain, with their error against the eager guided sampler")
     parser.add_argument("--full-prefix", action="store_true", help="compute every camera slot and the whole "
                         "prompt (the model's fixed shapes) instead of the valid slots and the prompt's bucket")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_argument, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--cpu", action="store_true", help="without CUDA, time the eager fallback on the CPU "
                         "(engine and reference are then the same code; minutes for a full-size preset)")

@@ -17,7 +17,8 @@ DEVICES = ("cpu", "cuda")
 _DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 # Each field's type is its default's: an int field takes any integer, a float field any real.
 _FIELD_TYPES = {str: (str,), int: (Integral,), float: (Real,), tuple: (tuple, list)}
-# The ROS parameter's range too: numpy's generator refuses a negative seed (at every inference).
+# The ROS parameter's and every command's --seed range too (cli.seed_argument): numpy's generator
+# refuses a negative seed (at every inference), torch's one above 2**64 - 1.
 SEED_RANGE = (0, 2**31 - 1)
 
 

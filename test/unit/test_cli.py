@@ -286,6 +286,35 @@ def test_bench_usage_errors(argv: list[str], expected: str, capsys: pytest.Captu
     assert expected in capsys.readouterr().err
 
 
+SEED_COMMANDS = {  # every command with a --seed, each as small as it runs
+    "bench": ["bench", "--cpu", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1",
+              "--no-fp32-reference"],
+    "rtc-eval": ["rtc-eval", "--model", "fixture-pi0", "--modes", "naive", "--delays", "0", "--chunks", "1"],
+    "export": ["export", "--model-preset", "pi05_small", "--stages", "vision"],
+}
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(2**31), "-1", "seven"])
+@pytest.mark.parametrize("command", sorted(SEED_COMMANDS))
+def test_a_seed_outside_the_range_every_generator_takes_is_a_usage_error(
+        command: str, seed: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 2**64 was torch.manual_seed's "Overflow when unpacking long long" traceback after the run had
+    # started (rtc-eval: mid-run, at its first chunk); -1 numpy's "expected non-negative integer".
+    out = ["--out", str(tmp_path / "onnx")] if command == "export" else []
+    with pytest.raises(SystemExit) as exc:
+        main([*SEED_COMMANDS[command], "--seed", seed, *out])
+    assert exc.value.code == 2
+    assert f"--seed: expected an integer in [0, 2147483647] (the node's seed parameter's range), found '{seed}'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_seed_range_ends_are_seeds() -> None:
+    from pi0_policy_ros.cli import seed_argument
+
+    assert (seed_argument("0"), seed_argument(str(2**31 - 1))) == (0, 2**31 - 1)
+
+
 @pytest.mark.parametrize(("value", "expected"), [
     ("contrl_rate_hz=10", "--set: expected names of the node's parameters, found 'contrl_rate_hz' "
                           "(did you mean 'control_rate_hz'?)"),

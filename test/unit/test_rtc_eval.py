@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pi0_policy_ros import rtc_eval
+from pi0_policy_ros.errors import ConfigError
 
 
 @pytest.fixture
@@ -87,3 +88,11 @@ def test_one_step_of_overlap_gives_nan_ratios(restore_threads: None) -> None:
     report = rtc_eval.evaluate(source, settings)
     assert len(report["results"]) == 2 and set(report["ratios"]["9"]) == {
         "rtc_fast_over_naive_position_rms", "rtc_fast_over_naive_velocity_rms"}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31, 2**64])
+def test_settings_refuse_a_seed_outside_the_node_range(seed: int) -> None:
+    # Each chunk's noise generator is seeded with seed * 1_000_003 + chunk: 2**64 overflowed torch's
+    # manual_seed at the first chunk, after the model had loaded.
+    with pytest.raises(ConfigError, match=rf"seed: expected an integer in \[0, 2147483647\], found {seed}"):
+        rtc_eval.EvalSettings(seed=seed)
