@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=_positive_int, default=200, help="timed engine inferences per precision")
     parser.add_argument("--eager-iterations", type=_positive_int, default=10, help="timed eager inferences")
     parser.add_argument("--variants", action="store_true", help="also time denoise-chain variants (torch ops, "
-                        "Triton launch configs) on the bf16 engine")
+                        "Triton launch configs) on the bf16 engine (needs CUDA)")
     parser.add_argument("--no-fp32-reference", action="store_true", help="skip the float32 eager reference")
     parser.add_argument("--rtc", action="store_true", help="also time the RTC-guided chains (rtc_fast, rtc) in bf16 "
                         "against the plain chain, with their error against the eager guided sampler")
@@ -306,6 +306,11 @@ def run(args: argparse.Namespace) -> int:
         # Full-size eager on a CPU ran for many minutes, then compared eager with eager.
         raise ConfigError("bench times the GPU engine: expected a CUDA device, found none; --cpu times the "
                           "eager CPU fallback instead (use a small preset such as pi05_small)")
+    if args.variants and not cuda:
+        # The variants are denoise chains captured as CUDA graphs; the CPU fallback has none, and the
+        # flag was dropped without a word.
+        raise ConfigError("--variants times the denoise-chain variants (torch ops, Triton configs) as CUDA graphs: "
+                          "expected a CUDA device, found none; --cpu times the eager fallback only, without --variants")
     device = torch.device("cuda" if cuda else "cpu")
     cfg = get_preset(args.preset)
     changes = {}

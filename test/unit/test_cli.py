@@ -134,7 +134,7 @@ def test_export_that_fails_on_its_model_leaves_no_empty_output(source: list[str]
     assert (tmp_path / "kept").is_dir()  # a directory the user had stays
 
 
-def _model_loaded_too_early(args: object) -> None:
+def _model_loaded_too_early(*args: object) -> None:
     raise AssertionError("the model was loaded before the arguments were checked")
 
 
@@ -190,6 +190,22 @@ def test_bench_without_cuda_needs_cpu_and_then_runs_the_fallback(tmp_path: Path,
     result = json.loads(out.read_text())
     assert result["preset"] == "pi05_small" and result["environment"]["cuda"] is None
     assert result["precisions"]["bfloat16"]["timings_ms"]["e2e"]["n"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--cpu times the CPU fallback only without CUDA")
+def test_bench_variants_on_the_cpu_fallback_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The variants are CUDA graphs of the denoise chain: with --cpu the flag was dropped, and the run
+    # printed its table and exited 0 as if they had been timed.
+    from pi0_policy_ros.engine import bench
+
+    monkeypatch.setattr(bench, "_load_model", _model_loaded_too_early)
+    argv = ["bench", "--cpu", "--variants", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1",
+            "--no-fp32-reference", "--json", str(tmp_path / "bench.json")]
+    assert main(argv) == 2
+    assert "--variants times the denoise-chain variants (torch ops, Triton configs) as CUDA graphs: expected a CUDA " \
+        "device, found none" in one_error_line(capsys)
+    assert not (tmp_path / "bench.json").exists()
 
 
 def _refuse_non_json(constant: str) -> None:
