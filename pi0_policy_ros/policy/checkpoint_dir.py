@@ -324,7 +324,8 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
 
 def load_checkpoint_dir(path: str | Path, preset: str = AUTO_PRESET, asset_id: str = "",
                         horizon: int | None = None, horizon_from_checkpoint: bool = False) -> LoadedCheckpoint:
-    """Detect the layout of `path` and read it. `horizon` sets the action horizon of openpi
+    """Detect the layout of `path` and read it. `asset_id` applies to openpi checkpoints only (a
+    LeRobot one with a non-empty asset_id is a ConfigError). `horizon` sets the action horizon of openpi
     checkpoints, whose weights do not record it (the robot profile knows it); with
     `horizon_from_checkpoint` (the generic profile) the converter's config.json `action_horizon`
     does, `horizon` being the default where it is absent. LeRobot's `chunk_size` decides for LeRobot."""
@@ -332,6 +333,12 @@ def load_checkpoint_dir(path: str | Path, preset: str = AUTO_PRESET, asset_id: s
     if not path.exists():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     kind = detect_format(path)
+    if kind == "lerobot" and asset_id:
+        # LeRobot keeps its stats in processor files: the id was dropped, and the user believed the
+        # stats it named were in use.
+        raise ConfigError(f"asset_id names an openpi checkpoint's assets/<asset_id>/norm_stats.json, and {path} is "
+                          "a LeRobot checkpoint (its stats are named by policy_preprocessor.json / "
+                          f"policy_postprocessor.json): expected asset_id '' (empty), found {asset_id!r}")
     loaded = (load_lerobot_dir(path, preset) if kind == "lerobot"
               else load_openpi_dir(path, preset, asset_id, horizon, horizon_from_checkpoint))
     log.info("loaded %s checkpoint %s: %s, %d tensors", kind, path, loaded.model_config.name, len(loaded.tensors))

@@ -43,7 +43,8 @@ def describe(ckpt: LoadedCheckpoint) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="an openpi PyTorch or LeRobot pi0/pi05 checkpoint directory")
     parser.add_argument("--model-preset", default=AUTO_PRESET, help="check against this preset (default: detect)")
-    parser.add_argument("--asset-id", default="", help="openpi assets/<asset_id> to read (default: the only one)")
+    parser.add_argument("--asset-id", default="", help="openpi assets/<asset_id> to read (default: the only one; "
+                        "LeRobot checkpoints have none)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

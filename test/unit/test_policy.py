@@ -232,6 +232,25 @@ def test_lerobot_relative_actions_are_refused(tmp_path: Path, policy_type: str, 
     assert load_checkpoint_dir(path).format == "lerobot"
 
 
+def test_an_asset_id_for_a_lerobot_checkpoint_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # LeRobot keeps its stats in processor files, not assets/<asset_id>/: `inspect --asset-id` and
+    # the node's asset_id parameter were dropped without a word, as if the named stats were in use.
+    from pi0_policy_ros.cli import main
+
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    expected = (f"asset_id names an openpi checkpoint's assets/<asset_id>/norm_stats.json, and {path} is a LeRobot "
+                "checkpoint (its stats are named by policy_preprocessor.json / policy_postprocessor.json): expected "
+                "asset_id '' (empty), found 'libero'")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_checkpoint_dir(path, asset_id="libero")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), asset_id="libero", robot_profile="generic",
+                                        state_dim=STATE_DIM, action_dim=ACTION_DIM))
+    assert main(["inspect", str(path), "--asset-id", "libero"]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert load_checkpoint_dir(path).asset_id == ""  # the default ''
+
+
 @pytest.mark.parametrize("key", ["use_visual_memory", "use_proprioceptive_memory"])
 def test_lerobot_pi05_observation_memory_is_refused(tmp_path: Path, key: str) -> None:
     # LeRobot's pi05 MEM (configuration_pi05.py) feeds past frames inside SigLIP, with no weight of
