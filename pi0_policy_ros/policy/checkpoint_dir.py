@@ -9,6 +9,8 @@ read off the tensors (pi0.5 has `time_mlp_in`, pi0 has `state_proj`).
 LeRobot: `config.json` (`"type": "pi0" | "pi05"`, `chunk_size`, `tokenizer_max_length`, …),
 `model.safetensors` with openpi's names under a `model.` prefix (pi05 names the time MLP
 `time_mlp_*`, as openpi does), and the stats in processor files (`normalize.load_lerobot_normalization`).
+That is LeRobot >= 0.4, whose pi0 / pi05 are ports of openpi's; checkpoints of LeRobot's own earlier
+pi0 are refused, naming what marks them (`_refuse_lerobot_before_0_4`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -40,6 +42,13 @@ AUTO_PRESET = "auto"
 # LeRobot's pi05 MEM (config.json keys since LeRobot PR #4076): the model takes a history of
 # frames or states, which this package does not keep.
 LEROBOT_MEMORY_KEYS = ("use_visual_memory", "use_proprioceptive_memory")
+# LeRobot < 0.4 (its own pi0, before 0.4.0 ported openpi's) saved the norm stats inside
+# model.safetensors, as buffers of the policy's Normalize modules, and PaliGemma in the module
+# layout of transformers < 4.52 (which LeRobot 0.3 pinned); its PI0Config had `num_steps` and
+# `proj_width` where 0.4's has `num_inference_steps` and named Gemma variants.
+LEROBOT_PRE_0_4_STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
+LEROBOT_PRE_0_4_PALIGEMMA = "model.paligemma_with_expert.paligemma.language_model.model."
+LEROBOT_PRE_0_4_CONFIG_KEYS = ("num_steps", "proj_width", "resize_imgs_with_padding")
 # The sinusoidal time embedding's periods (`model.pi0.sinusoidal_time_embedding`), as LeRobot's
 # config.json names them.
 TIME_EMBEDDING_PERIODS = {"min_period": 4e-3, "max_period": 4.0}
@@ -275,6 +284,31 @@ def _refuse_observation_memory(config: Mapping[str, Any], path: Path) -> None:
             f"memory_stride {config.get('memory_stride')!r}); LeRobot's observation memory (MEM) is not supported")
 
 
+def _refuse_lerobot_before_0_4(config: Mapping[str, Any], names: Collection[str], path: Path) -> None:
+    """A checkpoint of LeRobot < 0.4 has none of the tensor names of openpi's model (it failed as "no
+    pi0 preset matches these tensor shapes") and its stats in the weights: say which LeRobot it is
+    from and what is needed, naming what gave it away."""
+    stats = sorted(name for name in names if name.startswith(LEROBOT_PRE_0_4_STATS_PREFIXES))
+    old_layout = [name for name in names if name.startswith(LEROBOT_PRE_0_4_PALIGEMMA)]
+    if not stats and not old_layout:
+        return
+    found = []
+    if stats:
+        more = f" and {len(stats) - 1} more" if len(stats) > 1 else ""
+        found.append(f"norm stats inside {WEIGHTS_FILE} ({stats[0]}{more})")
+    if old_layout:
+        found.append(f"{len(old_layout)} tensors named {LEROBOT_PRE_0_4_PALIGEMMA}* (transformers < 4.52's PaliGemma; "
+                     "openpi's is model.paligemma_with_expert.paligemma.model.language_model.*)")
+    old_keys = [key for key in LEROBOT_PRE_0_4_CONFIG_KEYS if key in config]
+    if old_keys:
+        found.append(f"{LEROBOT_CONFIG} keys {old_keys} of LeRobot's earlier PI0Config")
+    raise CheckpointError(
+        f"{path}: expected a checkpoint saved by LeRobot >= 0.4 (openpi's tensor names under 'model.', norm stats "
+        f"in policy_preprocessor.json / policy_postprocessor.json), found the format of LeRobot < 0.4: "
+        f"{'; '.join(found)}. LeRobot's pi0 before 0.4 is not supported: use a checkpoint trained with LeRobot >= 0.4 "
+        "(e.g. fine-tuned from lerobot/pi0_base) or an openpi one")
+
+
 def _check_time_embedding_periods(config: Mapping[str, Any], path: Path) -> None:
     """LeRobot's config.json carries the flow-matching time embedding's `min_period` / `max_period`;
     the model here has openpi's, fixed. Others would embed every denoise step's time differently:
@@ -306,6 +340,7 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     _refuse_observation_memory(config, path)
     _check_time_embedding_periods(config, path)
     raw, metadata = read_safetensors(path / WEIGHTS_FILE)
+    _refuse_lerobot_before_0_4(config, raw.keys(), path)
     tensors = _from_lerobot_names(raw, pi05=policy_type == "pi05")
     truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)
     cfg = resolve_geometry(tensors, preset, truncated, path)

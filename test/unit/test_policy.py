@@ -79,6 +79,32 @@ def write_lerobot_dir(root: Path, fixture: Path, policy_type: str) -> Path:
     return root
 
 
+def write_lerobot_dir_before_0_4(root: Path, fixture: Path) -> Path:
+    """A pi0 directory as LeRobot 0.3 saved it (lerobot/policies/pi0 at v0.3.3): PaliGemma in the
+    module layout of transformers < 4.52, the Normalize modules' stats among the weights, its
+    PI0Config's fields, and no processor files."""
+    old_layout = (("paligemma.model.language_model.", "paligemma.language_model.model."),
+                  ("paligemma.model.vision_tower.", "paligemma.vision_tower."),
+                  ("paligemma.model.multi_modal_projector.", "paligemma.multi_modal_projector."))
+    weights = {}
+    for name, tensor in load_reference(fixture).weights.items():
+        for new, old in old_layout:
+            name = name.replace(new, old)
+        weights[f"model.{name}"] = tensor
+    for module, feature, dim in (("normalize_inputs", "observation_state", STATE_DIM),
+                                 ("normalize_targets", "action", ACTION_DIM), ("unnormalize_outputs", "action", ACTION_DIM)):
+        weights.update({f"{module}.buffer_{feature}.{stat}": torch.full((dim,), value)
+                        for stat, value in (("mean", 0.0), ("std", 1.0))})
+    root.mkdir(parents=True)
+    save_file(weights, str(root / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    config = {"type": "pi0", "n_obs_steps": 1, "chunk_size": 10, "n_action_steps": 10, "max_state_dim": 32,
+              "max_action_dim": 32, "resize_imgs_with_padding": [224, 224], "tokenizer_max_length": 48,
+              "proj_width": 1024, "num_steps": 10, "use_cache": True, "attention_implementation": "eager",
+              "normalization_mapping": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
 def fixture_batch(fixture: Path) -> tuple[EngineBatch, torch.Tensor]:
     ref = load_reference(fixture)
     batch = EngineBatch(
@@ -249,6 +275,36 @@ def test_an_asset_id_for_a_lerobot_checkpoint_is_refused(tmp_path: Path, capsys:
     assert main(["inspect", str(path), "--asset-id", "libero"]) == 2
     assert capsys.readouterr().err == f"error: {expected}\n"
     assert load_checkpoint_dir(path).asset_id == ""  # the default ''
+
+
+def test_a_lerobot_checkpoint_saved_before_0_4_names_the_version_it_needs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # LeRobot's own pi0 before 0.4 (which ported openpi's) failed as "no pi0 preset matches these
+    # tensor shapes (pi0: 41 problem(s); pi0_small: 41 problem(s))", which says nothing of why.
+    from pi0_policy_ros.cli import main
+
+    path = write_lerobot_dir_before_0_4(tmp_path / "ckpt", PI0_FIXTURE)
+    expected = (f"{path}: expected a checkpoint saved by LeRobot >= 0.4 (openpi's tensor names under 'model.', norm "
+                "stats in policy_preprocessor.json / policy_postprocessor.json), found the format of LeRobot < 0.4: "
+                "norm stats inside model.safetensors (normalize_inputs.buffer_observation_state.mean and 5 more); "
+                "38 tensors named model.paligemma_with_expert.paligemma.language_model.model.* (transformers < "
+                "4.52's PaliGemma; openpi's is model.paligemma_with_expert.paligemma.model.language_model.*); "
+                "config.json keys ['num_steps', 'proj_width', 'resize_imgs_with_padding'] of LeRobot's earlier "
+                "PI0Config. LeRobot's pi0 before 0.4 is not supported")
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_checkpoint_dir(path)
+    assert main(["inspect", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+    # Either mark alone is enough: the stats in the weights (PaliGemma named as openpi names it) ...
+    weights = {f"model.{k}": v for k, v in load_reference(PI0_FIXTURE).weights.items()}
+    weights["normalize_inputs.buffer_observation_state.mean"] = torch.zeros(STATE_DIM)
+    save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    with pytest.raises(CheckpointError, match=r"LeRobot < 0.4: norm stats inside model.safetensors "
+                                              r"\(normalize_inputs.buffer_observation_state.mean\); config.json keys"):
+        load_checkpoint_dir(path)
+    # ... and, as LeRobot >= 0.4 writes them, no mark at all: it loads.
+    shutil.rmtree(path)
+    assert load_checkpoint_dir(write_lerobot_dir(path, PI0_FIXTURE, "pi0")).format == "lerobot"
 
 
 @pytest.mark.parametrize("key", ["use_visual_memory", "use_proprioceptive_memory"])
