@@ -112,11 +112,31 @@ def find_openpi_norm_stats(checkpoint_dir: str | Path, asset_id: str = "") -> Pa
 
 def _asset_ids(assets: Path) -> list[str]:
     """Asset ids under `assets`, at any depth: openpi's default asset_id is the data set's repo id,
-    e.g. "physical-intelligence/libero" (assets/physical-intelligence/libero/norm_stats.json)."""
+    e.g. "physical-intelligence/libero" (assets/physical-intelligence/libero/norm_stats.json).
+    Symlinked folders are followed: norm stats are often linked in from elsewhere, and `rglob`
+    (before Python 3.13) does not enter them."""
     if not assets.is_dir():
         return []
-    return sorted(p.parent.relative_to(assets).as_posix() for p in assets.rglob(NORM_STATS_FILE)
-                  if p.parent != assets)
+    found: list[str] = []
+    _collect_asset_ids(assets, assets, frozenset(), found)
+    return sorted(found)
+
+
+def _collect_asset_ids(folder: Path, assets: Path, walking: frozenset[str], found: list[str]) -> None:
+    """Append the asset id of `folder` (if it holds a norm_stats.json) and of every folder below it.
+    `walking`: the real paths of the folders above, so that a link back up is not walked forever."""
+    real = os.path.realpath(folder)
+    if real in walking:
+        return
+    # lexists, as rglob matched: a broken link to the stats is then reported by the loader, naming it.
+    if folder != assets and os.path.lexists(folder / NORM_STATS_FILE):
+        found.append(folder.relative_to(assets).as_posix())
+    try:
+        children = sorted(child for child in folder.iterdir() if child.is_dir())
+    except OSError:  # unreadable: it holds no stats that could be read (rglob skipped it too)
+        return
+    for child in children:
+        _collect_asset_ids(child, assets, walking | {real}, found)
 
 
 def load_openpi_norm_stats(path: str | Path) -> dict[str, NormStats]:

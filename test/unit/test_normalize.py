@@ -223,6 +223,23 @@ def test_find_openpi_norm_stats(tmp_path: Path) -> None:
         find_openpi_norm_stats(tmp_path, "libero")
 
 
+def test_symlinked_asset_folders_are_found(tmp_path: Path) -> None:
+    # People link norm stats in (assets/<id> -> a shared folder); rglob did not enter a linked folder,
+    # so an empty asset_id found none ("found 0: []").
+    ckpt = tmp_path / "ckpt"
+    write_openpi_stats(tmp_path / "shared" / "trossen", "yes")
+    (ckpt / "assets").mkdir(parents=True)
+    (ckpt / "assets" / "trossen").symlink_to(tmp_path / "shared" / "trossen", target_is_directory=True)
+    assert find_openpi_norm_stats(ckpt) == ckpt / "assets" / "trossen" / "norm_stats.json"
+    # An id of several parts, linked at its first: the walk goes on below the link.
+    (ckpt / "assets" / "trossen").unlink()
+    write_openpi_stats(tmp_path / "shared" / "physical-intelligence" / "libero", "yes")
+    (ckpt / "assets" / "physical-intelligence").symlink_to(tmp_path / "shared" / "physical-intelligence")
+    # A link back up would be walked forever: it ends there, and names no asset of its own.
+    (tmp_path / "shared" / "physical-intelligence" / "libero" / "up").symlink_to(ckpt / "assets")
+    assert find_openpi_norm_stats(ckpt) == ckpt / "assets" / "physical-intelligence" / "libero" / "norm_stats.json"
+
+
 # --- LeRobot processor files ----------------------------------------------------------------------
 
 def lerobot_step(registry_name: str, state_file: str | None, norm_map: dict[str, str]) -> dict[str, object]:

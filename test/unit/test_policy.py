@@ -140,6 +140,18 @@ def test_checkpoint_directory_reproduces_fixture_actions(tmp_path: Path, kind: s
     torch.testing.assert_close(torch.from_numpy(policy.engine.infer(batch)), expected, atol=1e-4, rtol=0)
 
 
+def test_an_openpi_checkpoint_with_a_symlinked_asset_folder_loads(tmp_path: Path) -> None:
+    # assets/<id> linked to the stats kept elsewhere: with asset_id "" the search found none.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    shutil.move(path / "assets" / "libero", tmp_path / "libero_stats")
+    (path / "assets" / "libero").symlink_to(tmp_path / "libero_stats", target_is_directory=True)
+    loaded = load_checkpoint_dir(path)
+    assert loaded.asset_id == "libero" and loaded.stats["state"].dim == STATE_DIM
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                             robot_profile="pi05_libero"))
+    assert policy.normalizer.stats["actions"].dim == ACTION_DIM
+
+
 @pytest.mark.parametrize("kind,fixture,policy_type", CASES, ids=[f"{k}-{t}" for k, _, t in CASES])
 def test_inspect_reports_the_directory(tmp_path: Path, kind: str, fixture: Path, policy_type: str) -> None:
     path = _write(kind, tmp_path / "ckpt", fixture, policy_type)
@@ -852,7 +864,8 @@ def test_lerobot_pi05_weights_named_action_time_mlp_load(tmp_path: Path) -> None
                for k, v in load_reference(PI05_FIXTURE).weights.items()}
     assert any(k.startswith("model.action_time_mlp_in") for k in weights)
     save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
-    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="pi05_libero"))
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto",
+                                             robot_profile="pi05_libero"))
     batch, expected = fixture_batch(PI05_FIXTURE)
     torch.testing.assert_close(torch.from_numpy(policy.engine.infer(batch)), expected, atol=1e-4, rtol=0)
 
