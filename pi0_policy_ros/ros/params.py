@@ -438,14 +438,33 @@ def resolve_topic(name: str, namespace: str = "/", node_name: str = NODE_NAME) -
     return re.sub("/+", "/", resolved).rstrip("/") or "/"
 
 
+# Wildcards of a block's node key, each a whole token between slashes: `**` = any number of tokens
+# (none included), `*` = exactly one token.
+WILDCARD_TOKENS = ("*", "**")
+
+
+def _check_node_key(pattern: str, path: Path) -> None:
+    """ConfigError for a `*` inside a token of a node key (`/robot*/pi0_policy`, `/**/pi0_*`).
+    rcl's parameter file parser takes a token of only `*` or `**` as a wildcard and gives every
+    other token to rmw's name validation, which refuses `*`: the whole file fails to parse, and
+    the node with it (rcl_yaml_param_parser parse.c `_validate_name`)."""
+    for token in pattern.strip("/").split("/"):
+        if "*" in token and token not in WILDCARD_TOKENS:
+            raise ConfigError(f"params file {path}, block {pattern}: expected '*' and '**' only as a whole name "
+                              f"token between slashes (/**/pi0_policy, /robot1/*), found {token!r}; rcl refuses "
+                              f"the whole file for it")
+
+
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """rcl node-name patterns: `**` = any number of tokens, `*` = any characters within one token."""
+    """A node key (checked by `_check_node_key`) as rclpy matches it against a fully qualified name."""
     parts = []
     for token in pattern.strip("/").split("/"):
         if token == "**":
             parts.append("(?:/[^/]+)*")
+        elif token == "*":
+            parts.append("/[^/]+")
         else:
-            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in token.split("*")))
+            parts.append("/" + re.escape(token))
     return re.compile("".join(parts) + r"\Z")
 
 
@@ -491,6 +510,8 @@ def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NO
     sections = _node_sections(tree)
     if not sections:
         raise ConfigError(f"params file {path}: expected '<node>: {{{PARAMS_KEY}: ...}}' blocks, found none")
+    for pattern, _ in sections:  # every block: rcl refuses the file, not only the block for this node
+        _check_node_key(pattern, path)
     values: dict[str, Any] = {}
     matched = False
     for pattern, params in sections:

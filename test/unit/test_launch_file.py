@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import sys
 import types
 
@@ -156,6 +157,37 @@ def test_params_file_with_a_qos_override_stops_the_launch(launch_module, tmp_pat
     with pytest.raises(ConfigError, match=r"found 'qos_overrides\./joint_states\.subscription\.depth' \(the node "
                                           r"takes no QoS overrides"):
         _run_launch_checks(launch_module, params_file=str(path), namespace="")
+
+
+_ROBOT_BLOCK = "  ros__parameters:\n    camera_names: [image]\n"
+
+
+@pytest.mark.parametrize("text,token", [
+    ("/robot*/pi0_policy:\n" + _ROBOT_BLOCK, "robot*"),
+    ("/**/pi0_*:\n" + _ROBOT_BLOCK, "pi0_*"),
+    ("robot*:\n  pi0_policy:\n    ros__parameters:\n      camera_names: [image]\n", "robot*"),
+    # A block for other nodes: rcl refuses the whole file, this node's block with it.
+    ("/**/pi0_policy:\n" + _ROBOT_BLOCK + "/**/camera_*:\n  ros__parameters:\n    fps: 30\n", "camera_*"),
+], ids=["namespace", "node", "nested", "other_node"])
+def test_params_file_with_a_wildcard_inside_a_name_token_stops_the_launch(launch_module, tmp_path, text: str,
+                                                                        token: str) -> None:
+    # rcl takes `*` and `**` as wildcards only as a whole token of a block's node key and refuses the
+    # file for any other `*` ("node name must not contain characters other than alphanumerics or
+    # '_'"), so the node failed at start-up; the check matched `*` within a token and let it start.
+    path = tmp_path / "robot.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"expected '\*' and '\*\*' only as a whole name token between slashes "
+                                          rf".*found {re.escape(repr(token))}; rcl refuses the whole file"):
+        _run_launch_checks(launch_module, params_file=str(path), namespace="robot1")
+
+
+def test_params_file_with_whole_token_wildcards_passes_the_launch_check(launch_module, tmp_path) -> None:
+    path = tmp_path / "robot.yaml"
+    path.write_text("/*/pi0_policy:\n" + _ROBOT_BLOCK + "/robot1/*:\n  ros__parameters:\n    seed: 1\n"
+                    "/robot1/**:\n  ros__parameters:\n    cpu_threads: 1\n")
+    _run_launch_checks(launch_module, params_file=str(path), namespace="robot1")
+    with pytest.raises(ConfigError, match="no block applies to node /fleet/robot1/pi0_policy"):
+        _run_launch_checks(launch_module, params_file=str(path), namespace="/fleet/robot1")
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
