@@ -325,6 +325,7 @@ class EngineKey:
     tensorrt_version: str
     signature: str  # names, shapes and dtypes of the inputs and outputs
     exporter: str  # this package's version: its export code shapes the ONNX graph
+    torch_version: str  # torch traces and lowers the ONNX graph: another torch can export another one
     calibration: str  # where an FP8 engine's activation scales came from
 
     @classmethod
@@ -335,7 +336,7 @@ class EngineKey:
         io = [(s.name, list(s.shape), str(s.dtype)) for s in (*signature.inputs, *signature.outputs)]
         return cls(signature.stage, precision, checkpoint_sha256, torch.cuda.get_device_name(device),
                    f"{major}.{minor}", str(trt.__version__), json.dumps(io), f"pi0_policy_ros {__version__}",
-                   calibration_digest(calibration))
+                   str(torch.__version__), calibration_digest(calibration))
 
     @property
     def digest(self) -> str:

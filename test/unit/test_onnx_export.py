@@ -298,7 +298,7 @@ def test_cli_rejects_unknown_stage(tmp_path: Path) -> None:
 # ---- TensorRT pieces without a GPU ----------------------------------------------------------------
 def test_engine_key_changes_with_every_field(tmp_path: Path) -> None:
     key = trt_mod.EngineKey("prefix", "fp8", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]", "pi0_policy_ros 0.1.0",
-                            "example inputs")
+                            "2.7.1", "example inputs")
     changed = [trt_mod.EngineKey(**{**vars(key), name: "x"}) for name in vars(key)]
     assert len({key.digest, *(k.digest for k in changed)}) == 1 + len(changed)
     cache = trt_mod.EngineCache(tmp_path)
@@ -316,7 +316,7 @@ def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path: Path, monkeypat
     """An engine that could not be stored used to leave its bytes behind in a hidden temporary file
     (gigabytes for a full-size prefix), one more per retry, in the cache directory."""
     key = trt_mod.EngineKey("prefix", "fp16", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]", "pi0_policy_ros 0.1.0",
-                            "example inputs")
+                            "2.7.1", "example inputs")
     cache = trt_mod.EngineCache(tmp_path)
     monkeypatch.setattr(trt_mod.os, "replace", _replace_on_a_full_disk)
     with pytest.raises(OSError, match="No space left"):
@@ -328,7 +328,7 @@ def test_cache_files_get_the_permissions_of_a_plain_write(tmp_path: Path) -> Non
     """The atomic write made its files with mkstemp, which are 0600 whatever the umask: an engine
     cache built by one user (a setup script, sudo) could not be read by the node's user."""
     key = trt_mod.EngineKey("prefix", "fp16", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]", "pi0_policy_ros 0.1.0",
-                            "example inputs")
+                            "2.7.1", "example inputs")
     old = os.umask(0o022)
     try:
         path = trt_mod.EngineCache(tmp_path).store(key, b"engine bytes")

@@ -364,6 +364,21 @@ def test_each_calibration_gets_its_own_cached_engine(fake_trt: FakeTRT, tmp_path
     assert len(calibrations) == 2  # the same data again: from the cache, no rebuild
 
 
+def test_another_torch_gets_its_own_cached_engine(fake_trt: FakeTRT, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch exports the ONNX graph the engine is built from, and another torch can trace or lower
+    the same stage differently: an engine cached under one torch must not load under another."""
+    calibrations = _export_to_fake_onnx(monkeypatch)
+    cache = trt_mod.EngineCache(tmp_path)
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu128")
+    old_path = trt_mod.ensure_engine(_TinyStage(), "fp16", cache, "sha")
+    assert trt_mod.ensure_engine(_TinyStage(), "fp16", cache, "sha") == old_path and len(calibrations) == 1
+    monkeypatch.setattr(torch, "__version__", "2.8.0+cu128")
+    new_path = trt_mod.ensure_engine(_TinyStage(), "fp16", cache, "sha")
+    assert new_path != old_path and len(calibrations) == 2  # exported and built again
+    assert '"torch_version": "2.8.0+cu128"' in new_path.with_suffix(".json").read_text()
+
+
 @pytest.fixture(scope="module")
 def tiny_model() -> Pi0Model:
     """Made before the fake is installed: building on the meta device imports torch._dynamo, which
