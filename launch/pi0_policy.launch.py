@@ -14,8 +14,9 @@ path that is not a file, invalid YAML, a file with no block for that node, or a 
 node does not declare in a block that names it, stops the launch with the reason. Otherwise the
 node would start on its defaults (launch_ros only warns about a missing file, rcl silently skips
 blocks for other node names, and rclpy ignores undeclared parameters) and run, or fail to
-configure for another reason. A node key with `*` inside a name token (`/robot*/pi0_policy`) stops
-it too: rcl takes `*` and `**` only as whole tokens and refuses the file, so the node would not start.
+configure for another reason. A node key rcl refuses (`/robot*/pi0_policy`, `/robot-1/pi0_policy`:
+it takes `*` and `**` only as whole tokens, and ROS names otherwise) stops it too: rcl refuses the
+whole file, so the node would not start.
 
 With autostart:=false the node waits unconfigured: drive it with
 `ros2 lifecycle set <node> configure` / `activate`, or a lifecycle manager.

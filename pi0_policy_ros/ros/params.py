@@ -438,21 +438,24 @@ def resolve_topic(name: str, namespace: str = "/", node_name: str = NODE_NAME) -
     return re.sub("/+", "/", resolved).rstrip("/") or "/"
 
 
-# Wildcards of a block's node key, each a whole token between slashes: `**` = any number of tokens
-# (none included), `*` = exactly one token.
+# A block's node key, token by token between slashes, as rcl's parameter file parser takes it:
+# `**` = any number of tokens (none included), `*` = exactly one, anything else a ROS name token.
 WILDCARD_TOKENS = ("*", "**")
+NAME_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _check_node_key(pattern: str, path: Path) -> None:
-    """ConfigError for a `*` inside a token of a node key (`/robot*/pi0_policy`, `/**/pi0_*`).
-    rcl's parameter file parser takes a token of only `*` or `**` as a wildcard and gives every
-    other token to rmw's name validation, which refuses `*`: the whole file fails to parse, and
-    the node with it (rcl_yaml_param_parser parse.c `_validate_name`)."""
+    """ConfigError for a node key rcl refuses: a token other than `*`, `**` or a ROS name (letters,
+    digits and '_', not starting with a digit: `/robot*/pi0_policy`, `/robot-1/pi0_policy`,
+    `/2d/pi0_policy`), or an empty one (`//`). rcl's parser validates each namespace token and the
+    node name with rmw's rules, and one bad key fails the whole file and the node with it
+    (rcl_yaml_param_parser parse.c `_validate_name`)."""
     for token in pattern.strip("/").split("/"):
-        if "*" in token and token not in WILDCARD_TOKENS:
-            raise ConfigError(f"params file {path}, block {pattern}: expected '*' and '**' only as a whole name "
-                              f"token between slashes (/**/pi0_policy, /robot1/*), found {token!r}; rcl refuses "
-                              f"the whole file for it")
+        if token not in WILDCARD_TOKENS and not NAME_TOKEN.match(token):
+            raise ConfigError(f"params file {path}, block {pattern}: expected every token of the node key to be '*', "
+                              f"'**' (whole tokens only: /**/pi0_policy, /robot1/*) or a ROS name (letters, digits "
+                              f"and '_', not starting with a digit), found {token!r}; rcl refuses the whole file "
+                              "for it")
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:

@@ -168,16 +168,20 @@ _ROBOT_BLOCK = "  ros__parameters:\n    camera_names: [image]\n"
     ("robot*:\n  pi0_policy:\n    ros__parameters:\n      camera_names: [image]\n", "robot*"),
     # A block for other nodes: rcl refuses the whole file, this node's block with it.
     ("/**/pi0_policy:\n" + _ROBOT_BLOCK + "/**/camera_*:\n  ros__parameters:\n    fps: 30\n", "camera_*"),
-], ids=["namespace", "node", "nested", "other_node"])
-def test_params_file_with_a_wildcard_inside_a_name_token_stops_the_launch(launch_module, tmp_path, text: str,
-                                                                        token: str) -> None:
+    # Not names to rmw either: a '-', a leading digit, an empty token.
+    ("/robot-1/pi0_policy:\n" + _ROBOT_BLOCK, "robot-1"),
+    ("/2d/pi0_policy:\n" + _ROBOT_BLOCK, "2d"),
+    ("/robot1//pi0_policy:\n" + _ROBOT_BLOCK, ""),
+], ids=["namespace", "node", "nested", "other_node", "dash", "digit", "empty"])
+def test_params_file_with_a_node_key_rcl_refuses_stops_the_launch(launch_module, tmp_path, text: str,
+                                                                  token: str) -> None:
     # rcl takes `*` and `**` as wildcards only as a whole token of a block's node key and refuses the
-    # file for any other `*` ("node name must not contain characters other than alphanumerics or
-    # '_'"), so the node failed at start-up; the check matched `*` within a token and let it start.
+    # file for any other token that is not a ROS name ("node name must not contain characters other
+    # than alphanumerics or '_'"), so the node failed at start-up; the check let it start.
     path = tmp_path / "robot.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=rf"expected '\*' and '\*\*' only as a whole name token between slashes "
-                                          rf".*found {re.escape(repr(token))}; rcl refuses the whole file"):
+    with pytest.raises(ConfigError, match=rf"expected every token of the node key to be '\*', '\*\*' \(whole tokens "
+                                          rf"only.*found {re.escape(repr(token))}; rcl refuses the whole file"):
         _run_launch_checks(launch_module, params_file=str(path), namespace="robot1")
 
 
