@@ -562,6 +562,120 @@ def test_hold_position_sends_one_hold_point_when_a_tick_holds(make_node, probe, 
     assert probe.latest_values()["scheduler.hold_mode"] == "hold_position"
 
 
+# Scheduled chunks far apart: 100 actions 0.1 s apart, an inference start every 90 of them (9 s),
+# so every tick of a test below but the first is a tick between starts. Inputs stale after 1 s: a
+# probe stalled by a loaded machine does not hold before the test stops a camera. The camera skew
+# limit as wide: a stopped camera goes stale (stale_observation) before the skew check could refuse
+# it (camera_skew, 0.2 s with BASE_PARAMS).
+SPARSE = FakeProfile(action_horizon=100, action_period_s=0.1)
+SPARSE_PARAMS = {"execute_horizon": 90, "hold_mode": "hold_position", "max_observation_age_s": 1.0,
+                 "max_camera_skew_s": 1.0}
+SPARSE_STARTS_S = SPARSE_PARAMS["execute_horizon"] * SPARSE.action_period_s
+
+
+def _ros_now_s(probe) -> float:  # noqa: ANN001
+    return probe.get_clock().now().nanoseconds * 1e-9
+
+
+def _hold_points(probe) -> list:  # noqa: ANN001
+    """The one-point trajectories received so far (a chunk's trajectory has many points)."""
+    with probe.lock:
+        return [msg for msg in probe.trajectories if len(msg.points) == 1]
+
+
+def _travel_s(chunk: np.ndarray, stamp_s: float, t_s: float, target: np.ndarray, max_velocity: float) -> float:
+    """How long a velocity limit needs from `chunk` [H, A] at t_s (action k at stamp_s + k action
+    periods of SPARSE, linear between) to `target` [A]."""
+    index = (t_s - stamp_s) / SPARSE.action_period_s
+    commanded = np.array([np.interp(index, np.arange(len(chunk)), chunk[:, d]) for d in range(chunk.shape[1])])
+    return float(np.max(np.abs(commanded - target))) / max_velocity
+
+
+def _first_chunk_stamp_s(probe) -> float:  # noqa: ANN001
+    """Waits for the first chunk's three messages; its observation stamp (ROS time, s)."""
+    wait_for(lambda: probe.counts()[0] >= 1 and probe.counts()[1] >= 1 and probe.counts()[2] >= 1,
+             describe=probe.summary)
+    with probe.lock:
+        return duration_s(probe.stamps[0].stamp)
+
+
+@pytest.mark.parametrize("chunk_mode", ["temporal_ensemble", "rtc"])
+def test_a_camera_gone_stale_between_inference_starts_holds_at_once_and_the_next_tick_starts_again(
+        make_node, probe, chunk_mode: str) -> None:
+    """Scheduled chunk modes start an inference every execute_horizon action periods (9 s here) and
+    the ticks between starts only waited: a camera that stopped right after a start held nothing
+    until the next start, while the controller ran the chunk on without it. The first tick whose
+    inputs are stale must hold and, with hold_position, send the hold point; no chunk of ours is then
+    left on the controller, so the first tick with fresh inputs again starts an inference at once.
+
+    Everything must happen before the next scheduled start. The first start came at or after its
+    observation's stamp and the next one is due execute_horizon periods later (half a control period
+    early at most, control/step.py): a message seen on the ROS clock before `next_start_s` came
+    before it. Each step takes a few control periods, against 9 s."""
+    node = active(make_node, params={**SPARSE_PARAMS, "chunk_mode": chunk_mode}, profile=SPARSE)
+    next_start_s = _first_chunk_stamp_s(probe) + SPARSE_STARTS_S - 0.5 / RATE_HZ
+    with probe.lock:
+        probe.cameras_on["cam_b"] = False
+    hold = wait_for(lambda: _hold_points(probe), timeout_s=next_start_s - _ros_now_s(probe),
+                    describe=probe.summary)[0]
+    assert _ros_now_s(probe) < next_start_s
+    assert hold.joint_names == JOINTS
+    assert list(hold.points[0].positions) == probe.state.tolist()
+    assert list(hold.points[0].velocities) == [0.0] * len(JOINTS)
+    assert duration_s(hold.points[0].time_from_start) == pytest.approx(1.0 / RATE_HZ)
+    status = wait_for(lambda: probe.latest_status("camera 'cam_b' is stale"), describe=probe.summary)
+    values = {kv.key: kv.value for kv in status.values}
+    assert status.level == b"\x01" and values["last_hold_kind"] == "stale_observation"
+    assert int(values["holds.stale_observation"]) >= 1 and "holds.camera_skew" not in values
+    with probe.lock:
+        assert [len(msg.points) > 1 for msg in probe.trajectories] == [True, False]  # the chunk, the hold point
+        assert len(probe.chunks) == 1
+        probe.cameras_on["cam_b"] = True
+    wait_for(lambda: probe.counts()[0] >= 3 and probe.counts()[1] >= 2, timeout_s=next_start_s - _ros_now_s(probe),
+             describe=probe.summary)
+    assert _ros_now_s(probe) < next_start_s
+    # Nothing of the chunk before the hold point is executed: the new one is not guided toward it.
+    if chunk_mode == "rtc":
+        assert node.policy.guidance[-1] is None
+    # The report holds no more ("slow" for a while at most: held ticks do not count toward the rate).
+    wait_for(lambda: (s := probe.latest_status()) and not s.message.startswith("holding"), describe=probe.summary)
+
+
+def test_a_hold_point_behind_the_arm_is_reached_within_the_velocity_limit(make_node, probe) -> None:
+    """hold_position with safety_max_velocity: the hold point lies as far ahead as the limit needs
+    to bring the joints from where the trajectory sent has them to the measured position. Here
+    joint_states read 1.0 below the chunk's start (an arm lagging its command, or pushed back), and
+    the point went out one control period ahead: ~27 units/s for the controller, against 8.
+
+    The hold tick's time is only known to lie between the lagging state being sent and the hold
+    point being seen; the trajectory moves 0.1 units/s, so the bounds are tight. The chunk itself
+    is within the limit (0.27 from the state to its first action, 0.01 per action after)."""
+    max_velocity = 8.0
+    node = active(make_node, params={**SPARSE_PARAMS, "chunk_mode": "rtc", "safety_max_velocity": [max_velocity]},
+                  profile=SPARSE)
+    stamp_s = _first_chunk_stamp_s(probe)
+    with probe.lock:
+        chunk = action_chunk_from_message(probe.chunks[0]).astype(np.float64)
+        sent = probe.trajectories[0]
+        lagging = probe.state - 1.0
+        lagged_s = _ros_now_s(probe)
+        probe.state = lagging
+    first = SPARSE.action_horizon - len(sent.points)
+    np.testing.assert_array_equal([p.positions for p in sent.points], chunk[first:])  # not clamped
+    wait_for(lambda: np.array_equal(node._buffer.latest_state().value, lagging))
+    with probe.lock:
+        probe.cameras_on["cam_b"] = False
+    hold = wait_for(lambda: _hold_points(probe), describe=probe.summary)[0]
+    seen_s = _ros_now_s(probe)
+    np.testing.assert_array_equal(hold.points[0].positions, lagging)
+    assert list(hold.points[0].velocities) == [0.0] * len(JOINTS)
+    # The chunk's actions only grow: the later the tick, the further back the hold point.
+    earliest_s, latest_s = (_travel_s(chunk, stamp_s, t_s, lagging, max_velocity) for t_s in (lagged_s, seen_s))
+    ahead_s = duration_s(hold.points[0].time_from_start)
+    assert earliest_s - 1e-6 <= ahead_s <= latest_s + 1e-6, (earliest_s, ahead_s, latest_s)
+    assert ahead_s > 3.0 / RATE_HZ
+
+
 def test_observation_limits_apply_while_active(make_node, probe) -> None:
     """max_observation_age_s and max_future_stamp_s are dynamic: a new value applies to the next tick
     and the next input."""
