@@ -108,9 +108,14 @@ class ControlMonitor:
     def waited(self, now_s: float) -> None:
         """A tick that started no inference because the chunk schedule said not yet (non-naive chunk
         modes infer every `execute_horizon` action periods): on schedule, so it counts toward the
-        achieved rate like a published tick. Otherwise those modes always looked slow."""
+        achieved rate like a published tick. Otherwise those modes always looked slow.
+
+        It ends a hold like a published tick too: a tick between starts waits only when the inputs
+        pass the checks a start makes (stale inputs hold it), so the loop runs again. Kept, a hold
+        between starts was reported until the next chunk, up to `execute_horizon` periods later."""
         with self._lock:
             self._rate.record(now_s)
+            self._end_hold()
 
     def input_received(self, source: str, delay_s: float) -> None:
         """An input message accepted; delay_s: receipt time minus its stamp (how far callbacks lag)."""
@@ -138,9 +143,13 @@ class ControlMonitor:
             self._latency.record_all(timings_ms)
             self._observation_age_s = observation_age_s
             self._camera_skew_s = camera_skew_s
-            self._hold_reason = ""
-            self._hold_kind = ""
-            self._hold_level = OK
+            self._end_hold()
+
+    def _end_hold(self) -> None:
+        """The loop acts again: the report no longer holds (the counts per kind stay). Under the lock."""
+        self._hold_reason = ""
+        self._hold_kind = ""
+        self._hold_level = OK
 
     def report(self, now_s: float) -> HealthReport:
         with self._lock:

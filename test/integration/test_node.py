@@ -641,6 +641,27 @@ def test_a_camera_gone_stale_between_inference_starts_holds_at_once_and_the_next
     wait_for(lambda: (s := probe.latest_status()) and not s.message.startswith("holding"), describe=probe.summary)
 
 
+def test_a_hold_between_inference_starts_ends_in_diagnostics_when_the_inputs_come_back(make_node, probe) -> None:
+    """hold_mode stop: a camera gone stale between starts holds those ticks and sends nothing, so the
+    controller runs the chunk on; once the camera is back the ticks wait for the next start again.
+    A tick that waits had inputs good enough to start, so the hold is over: /diagnostics said
+    "holding: camera 'cam_b' is stale" (WARN) until the next chunk, up to execute_horizon action
+    periods later (9 s here), as only a published chunk ended a hold."""
+    active(make_node, params={**SPARSE_PARAMS, "hold_mode": "stop", "chunk_mode": "rtc"}, profile=SPARSE)
+    next_start_s = _first_chunk_stamp_s(probe) + SPARSE_STARTS_S - 0.5 / RATE_HZ
+    with probe.lock:
+        probe.cameras_on["cam_b"] = False
+    wait_for(lambda: probe.latest_status("camera 'cam_b' is stale"), describe=probe.summary)
+    with probe.lock:
+        probe.cameras_on["cam_b"] = True
+    status = wait_for(lambda: (s := probe.latest_status()) and not s.message.startswith("holding") and s,
+                      timeout_s=next_start_s - _ros_now_s(probe), describe=probe.summary)
+    assert _ros_now_s(probe) < next_start_s
+    values = {kv.key: kv.value for kv in status.values}
+    assert values["last_hold_reason"] == "" and int(values["holds.stale_observation"]) >= 1
+    assert probe.counts() == (1, 1, 1)  # no hold point, no new chunk: the ticks waited for the next start
+
+
 def test_a_hold_point_behind_the_arm_is_reached_within_the_velocity_limit(make_node, probe) -> None:
     """hold_position with safety_max_velocity: the hold point lies as far ahead as the limit needs
     to bring the joints from where the trajectory sent has them to the measured position. Here

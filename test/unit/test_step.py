@@ -312,6 +312,30 @@ def test_monitor_counts_holds_per_kind_on_the_callers_clock() -> None:
     assert float(values["achieved_rate_hz"]) == pytest.approx(10.0)
 
 
+def test_monitor_a_tick_that_waits_after_a_hold_between_starts_ends_the_hold() -> None:
+    # hold_mode stop, starts every 8 action periods: the cameras stop after 10.0, the tick at 10.31
+    # holds and sends nothing (the chunk runs on), and with the cameras back the tick at 10.32 waits
+    # for the next start (10.4). The report held on until the next chunk was published.
+    step = make_step(scheduler=SchedulerConfig(mode="rtc", execute_horizon=8))
+    monitor = ControlMonitor(control_rate_hz=20.0)
+    monitor.start(10.0)
+    feed(step, 10.0)
+    sent = step.run(lambda: 10.0)
+    monitor.published(10.0, sent.timings_ms, sent.age_s, sent.camera_skew_s)
+    step.buffer.put_state(STATE, 10.3, 10.3)
+    held = step.run(lambda: 10.31)
+    assert (held.outcome, held.plan) == (HOLD, None)
+    monitor.held(held.reason, held.level, held.kind)
+    assert monitor.report(10.31).message.startswith("holding: camera 'cam_a' is stale")
+    feed(step, 10.32)
+    assert step.run(lambda: 10.32).outcome == WAIT
+    monitor.waited(10.32)
+    report = monitor.report(10.32)
+    assert not report.message.startswith("holding"), report.message
+    assert (report.values["last_hold_reason"], report.values["last_hold_kind"]) == ("", "")
+    assert report.values["holds.stale_observation"] == "1"
+
+
 def test_rtc_modes_pass_the_scheduler_guidance_to_the_policy() -> None:
     """rtc: the first inference has no previous chunk (plain sampling); the next one gets the
     actions the first chunk will execute from its observation time on, d and the mask end."""
