@@ -150,6 +150,7 @@ class ControlStep:
         self._scheduler: ChunkScheduler | None = None
         self._executing = False  # a trajectory of ours is running on the controller
         self._sent: tuple[float, TrajectoryPlan] | None = None  # the last one published, and when
+        self._unsent: InferenceRequest | None = None  # completed this tick, not yet published
         self._last_now_s: float | None = None
 
     # ---- state --------------------------------------------------------------------------------
@@ -212,10 +213,15 @@ class ControlStep:
         except Exception:
             # A bug, not an input (the caller reports it). An inference this tick began must not
             # stay in flight: naive would refuse every later tick ("expected no inference in
-            # flight"), the other modes would wait on it forever.
+            # flight"), the other modes would wait on it forever. A chunk it completed never went
+            # out: the next ones must neither continue nor blend it, nor wait s periods after it.
             if self._scheduler is not None:
                 self._scheduler.abort_in_flight()
+                if self._unsent is not None:
+                    self._scheduler.withdraw(self._unsent)
             raise
+        finally:
+            self._unsent = None
 
     def _run(self, clock: Clock) -> StepResult:
         now_s = clock()
@@ -286,6 +292,7 @@ class ControlStep:
                 request = scheduler.begin(start_s, stamp_s)
             assert request is not None
             kept = scheduler.complete(request, chunk.actions, now_s)
+            self._unsent = request
             if self.scheduler_config.mode == NAIVE:
                 plan = plan_trajectory(chunk.actions, chunk.period_s, stamp_s, now_s, min_lead_s)
             else:

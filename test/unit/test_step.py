@@ -493,6 +493,33 @@ def test_naive_mode_also_takes_a_stamp_slightly_ahead_as_now() -> None:
     assert result.chunk.stamp_s == pytest.approx(10.03)
 
 
+@pytest.mark.parametrize("mode", ["rtc", "temporal_ensemble"])
+def test_a_chunk_completed_by_a_tick_that_raised_leaves_the_schedule(mode: str, monkeypatch) -> None:
+    # A bug raised after the scheduler took the chunk (here in the start check): the chunk never went
+    # out, so the next tick starts again at once, and neither guides toward nor blends that chunk.
+    policy = FakePolicy(PolicyConfig())
+    step = make_step(policy, scheduler=SchedulerConfig(mode=mode, execute_horizon=4))
+    feed(step, 10.0)
+    limit_start = step.safety.limit_start
+    calls = []
+
+    def raise_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the start check")
+        return limit_start(*args, **kwargs)
+
+    monkeypatch.setattr(step.safety, "limit_start", raise_once)
+    with pytest.raises(RuntimeError, match="a bug"):
+        step.run(lambda: 10.0)
+    feed(step, 10.05, STATE + 1.0)
+    result = step.run(lambda: 10.05)
+    assert result.published, result.outcome
+    assert policy.guidance[-1] is None  # no chunk of ours before it
+    new = expected_actions(PROFILE, STATE + 1.0, {"cam_a": IMAGE, "cam_b": IMAGE})
+    np.testing.assert_allclose(result.plan.positions, new[1:], rtol=1e-6)  # not blended with the unsent chunk
+
+
 def test_the_action_joints_are_read_from_their_own_state_dims() -> None:
     # Action joints (j2, j0, j1) against state joints (j0, j1, j2): the current position of action
     # dim 0 is state dim 2, and so on, both for the safety filter's first step and for a hold point.
