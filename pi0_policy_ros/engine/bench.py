@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "prompt (the model's fixed shapes) instead of the valid slots and the prompt's bucket")
     parser.add_argument("--seed", type=seed_argument, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--json", default="", help="write the results here")
-    parser.add_argument("--cpu", action="store_true", help="without CUDA, time the eager fallback on the CPU "
+    parser.add_argument("--cpu", action="store_true", help="time the eager fallback on the CPU (with or without CUDA) "
                         "(engine and reference are then the same code; minutes for a full-size preset)")
 
 
@@ -128,11 +128,13 @@ def _git_output(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
 
 
-def _environment() -> dict[str, object]:
+def _environment(device: torch.device | None = None) -> dict[str, object]:
+    """device: what was timed (default: the GPU where there is one)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env: dict[str, object] = {"python": platform.python_version(), "torch": torch.__version__,
                               "cuda": torch.version.cuda, "git": _git(), "argv": sys.argv}
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
+    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
         import triton
         env["triton"] = triton.__version__
@@ -301,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--precision: expected a comma-separated list from {list(PRECISIONS)}, "
                           f"found {args.precision!r}")
     prepare_output_file(args.json or None)  # before minutes of benchmarking, not after them
-    cuda = torch.cuda.is_available()
+    # --cpu on a machine with CUDA too: timing the fallback must not need another machine.
+    cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.cpu:
         # Full-size eager on a CPU ran for many minutes, then compared eager with eager.
         raise ConfigError("bench times the GPU engine: expected a CUDA device, found none; --cpu times the "
@@ -310,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         # The variants are denoise chains captured as CUDA graphs; the CPU fallback has none, and the
         # flag was dropped without a word.
         raise ConfigError("--variants times the denoise-chain variants (torch ops, Triton configs) as CUDA graphs: "
-                          "expected a CUDA device, found none; --cpu times the eager fallback only, without --variants")
+                          "expected the GPU engine, found --cpu (the eager CPU fallback), which has none")
     device = torch.device("cuda" if cuda else "cpu")
     cfg = get_preset(args.preset)
     changes = {}
@@ -325,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     valid_cameras, valid_tokens = min(args.valid_cameras, args.cameras), min(args.valid_tokens, shape.prompt_len)
     batches = [random_batch(shape, args.seed + i, valid_slots=valid_cameras, valid_tokens=valid_tokens)
                for i in range(3)]
-    result: dict[str, object] = {"environment": _environment(), "shape": {**vars(shape), "image_hw": list(args.image_size)},
+    result: dict[str, object] = {"environment": _environment(device), "shape": {**vars(shape), "image_hw": list(args.image_size)},
                                  "preset": cfg.name, "checkpoint": args.checkpoint or None,
                                  "valid_cameras": valid_cameras, "valid_tokens": valid_tokens,
                                  "compact_prefix": not args.full_prefix,

@@ -192,7 +192,6 @@ def test_bench_without_cuda_needs_cpu_and_then_runs_the_fallback(tmp_path: Path,
     assert result["precisions"]["bfloat16"]["timings_ms"]["e2e"]["n"] == 2
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="--cpu times the CPU fallback only without CUDA")
 def test_bench_variants_on_the_cpu_fallback_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # The variants are CUDA graphs of the denoise chain: with --cpu the flag was dropped, and the run
@@ -203,8 +202,8 @@ def test_bench_variants_on_the_cpu_fallback_are_refused(tmp_path: Path, capsys: 
     argv = ["bench", "--cpu", "--variants", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1",
             "--no-fp32-reference", "--json", str(tmp_path / "bench.json")]
     assert main(argv) == 2
-    assert "--variants times the denoise-chain variants (torch ops, Triton configs) as CUDA graphs: expected a CUDA " \
-        "device, found none" in one_error_line(capsys)
+    assert "--variants times the denoise-chain variants (torch ops, Triton configs) as CUDA graphs: expected the " \
+        "GPU engine, found --cpu" in one_error_line(capsys)
     assert not (tmp_path / "bench.json").exists()
 
 
@@ -212,7 +211,6 @@ def _refuse_non_json(constant: str) -> None:
     raise AssertionError(f"{constant} is not JSON: jq and JSON.parse refuse the document")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="--cpu times the CPU fallback only without CUDA")
 def test_bench_json_records_the_valid_counts_that_ran(tmp_path: Path) -> None:
     # More valid cameras or tokens than the graph holds are cut to its size; the JSON recorded
     # the counts asked for (2 cameras in a 1-slot graph) beside a prefix_rows of 1 slot.
@@ -223,6 +221,7 @@ def test_bench_json_records_the_valid_counts_that_ran(tmp_path: Path) -> None:
     result = json.loads(out.read_text(), parse_constant=_refuse_non_json)  # stage times without CUDA: null
     assert (result["valid_cameras"], result["valid_tokens"]) == (1, 200)  # pi05_small's prompt: 200 tokens
     assert result["prefix_rows"]["slots"] == 1 and result["shape"]["prompt_len"] == 200
+    assert result["environment"]["device"] == "cpu"  # --cpu times the CPU, with CUDA or without
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
