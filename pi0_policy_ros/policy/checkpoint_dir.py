@@ -329,7 +329,11 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
         raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected a JSON object, found {type(config).__name__}")
     policy_type = config.get("type")
     if policy_type not in ("pi0", "pi05"):
-        raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected \"type\" pi0 or pi05, found {policy_type!r}")
+        # pi0-FAST decodes its actions as tokens, autoregressively: another model than the flow-matching
+        # pi0 / pi0.5 this package runs, whatever its weights share with them.
+        fast = (" (pi0-FAST predicts action tokens autoregressively; only the flow-matching pi0 and pi0.5 run "
+                "here)" if "fast" in str(policy_type).lower() else "")
+        raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected \"type\" pi0 or pi05, found {policy_type!r}{fast}")
     if config.get("use_relative_actions"):
         # LeRobot >= 0.5.1: the model predicts actions minus the state on the dims not named in
         # relative_exclude_joints, and LeRobot's postprocessor adds the state back. Read as

@@ -256,6 +256,16 @@ def test_a_profile_horizon_other_than_the_converters_is_a_warning(tmp_path: Path
         assert "profile_action_horizon to 50" in warnings[0]
 
 
+@pytest.mark.parametrize("policy_type", ["pi0fast", "pi0_fast"])
+def test_a_lerobot_pi0_fast_checkpoint_is_refused_as_another_model(tmp_path: Path, policy_type: str) -> None:
+    path = write_lerobot_dir(tmp_path / "ckpt", PI0_FIXTURE, "pi0")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "type": policy_type}))
+    with pytest.raises(CheckpointError, match=re.escape(f'expected "type" pi0 or pi05, found {policy_type!r} (pi0-FAST '
+                                                        "predicts action tokens autoregressively")):
+        load_checkpoint_dir(path)
+
+
 @pytest.mark.parametrize("policy_type,fixture", [("pi05", PI05_FIXTURE), ("pi0", PI0_FIXTURE)])
 def test_lerobot_relative_actions_are_refused(tmp_path: Path, policy_type: str, fixture: Path) -> None:
     # LeRobot >= 0.5.1 can train on actions relative to the state; its postprocessor adds the state
