@@ -262,36 +262,36 @@ class _NameLayout:
             return None
         start = self._names_start(data, self._u32)
         end = start + len(self._name_bytes)
-        count_at = _align4(end)
-        if len(data) < count_at + 4:
+        if len(data) < _align4(end) + 4:  # the name list and the position count
             return None
         names = np.frombuffer(data, np.uint8, count=len(self._name_bytes), offset=start)
         if names[self._kept].tobytes() != self._expected:
             return None
-        (count,) = self._u32.unpack_from(data, count_at)
-        first = count_at + 4
-        first += (first - 4) % 8  # 0 or 4: float64 aligns to 8 from the end of the encapsulation
-        if count != self._name_count or count * 8 > len(data) - first:
+        positions = self._float64_sequence(data, end)
+        if positions is None or positions[1] != self._name_count:
             return None
+        first, count, positions_end = positions
         # The deserializer refuses a message cut short in velocity or effort; so must this path.
-        velocity_end = self._float64_sequence_end(data, first + count * 8)
-        if velocity_end is None or self._float64_sequence_end(data, velocity_end) is None:
+        velocity = self._float64_sequence(data, positions_end)
+        if velocity is None or self._float64_sequence(data, velocity[2]) is None:
             return None
         state = np.frombuffer(data, self._dtype, count=count, offset=first)[self._index].astype(np.float64)
         return state if np.isfinite(state).all() else None
 
-    def _float64_sequence_end(self, data: bytes, offset: int) -> int | None:
-        """Where the float64 sequence after `offset` ends, or None if it does not fit in `data`."""
+    def _float64_sequence(self, data: bytes, offset: int) -> tuple[int, int, int] | None:
+        """The float64 sequence after `offset` as (first value's offset, count, end), or None if it
+        does not fit in `data`."""
         count_at = _align4(offset)
         if len(data) < count_at + 4:
             return None
         (count,) = self._u32.unpack_from(data, count_at)
         first = count_at + 4
         if count:
-            # Fast-CDR (and rosbags) align no values of an empty sequence: the next count follows at once.
+            # float64 aligns to 8 from the end of the encapsulation (0 or 4 bytes of padding); Fast-CDR
+            # (and rosbags) align no values of an empty sequence: the next count follows at once.
             first += (first - 4) % 8
         end = first + count * 8
-        return end if end <= len(data) else None
+        return (first, count, end) if end <= len(data) else None
 
 
 def trajectory_message(plan: TrajectoryPlan, joint_names: Sequence[str]) -> JointTrajectory:
