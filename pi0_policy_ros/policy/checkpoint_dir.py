@@ -74,23 +74,13 @@ class LoadedCheckpoint:
         return sum(t.numel() for t in self.tensors.values())
 
 
-def _names_a_lerobot_type(config_file: Path) -> bool:
-    """Whether `config_file` is a JSON object with LeRobot's "type" key (False if absent or unreadable)."""
+def _json_object(config_file: Path) -> dict[str, Any] | None:
+    """`config_file` as a JSON object; None if absent, unreadable or not an object."""
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "type" in config
-
-
-def _written_by_openpis_converter(config_file: Path) -> bool:
-    """Whether `config_file` is the config.json of openpi's converter: no LeRobot "type", and the
-    `action_horizon` and `paligemma_variant` it always writes (False if absent or unreadable)."""
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "type" not in config and {"action_horizon", "paligemma_variant"} <= set(config)
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def detect_format(path: Path) -> str:
@@ -100,10 +90,12 @@ def detect_format(path: Path) -> str:
     (action_dim, action_horizon, variants, precision) but without LeRobot's "type": with `assets/`
     beside it, or with the converter's keys, the directory is openpi's."""
     if (path / WEIGHTS_FILE).is_file():
-        if (path / "assets").is_dir() and not _names_a_lerobot_type(path / LEROBOT_CONFIG):
+        config = _json_object(path / LEROBOT_CONFIG)
+        lerobot_type = config is not None and "type" in config
+        if (path / "assets").is_dir() and not lerobot_type:
             return "openpi"
-        # The converter's output often has no assets/ (see _check_assets): still openpi's.
-        if _written_by_openpis_converter(path / LEROBOT_CONFIG):
+        # The converter's output often has no assets/ (see _check_assets), but always these keys.
+        if config is not None and not lerobot_type and {"action_horizon", "paligemma_variant"} <= set(config):
             return "openpi"
         if (path / LEROBOT_CONFIG).is_file():
             return "lerobot"
@@ -185,11 +177,8 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
 def _trained_action_horizon(path: Path) -> int | None:
     """The training config's `action_horizon` that openpi's converter records in `config.json`;
     None when there is no such file or value (a positive integer)."""
-    try:
-        config = json.loads((path / LEROBOT_CONFIG).read_text())
-    except (OSError, ValueError):
-        return None
-    trained = config.get("action_horizon") if isinstance(config, dict) else None
+    config = _json_object(path / LEROBOT_CONFIG)
+    trained = config.get("action_horizon") if config is not None else None
     if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0:
         return trained
     return None
