@@ -4,12 +4,15 @@
 three graph replays (vision, prefix, the denoise chain) and the actions' download. The host tail of
 attempts 48-55 slows every host instruction ~7× for a few ms, so each call before the GPU is fed is
 exposed to it. This probe captures the upload, the three stages and the download into one graph per
-inference and compares, on the bench's bf16 engine and observation (pi0.5, 2 of 3 cameras, 24
-tokens):
+inference (variant "whole", one graph per prefix layout) or keeps the engine's three graphs with
+the upload inside the vision graph and the download inside the denoise graph ("three"), the timing
+events captured inside as record nodes in both. On the bench's bf16 engine and observation (pi0.5,
+2 of 3 cameras, 24 tokens) it reports:
 - what each host call of `_replay` costs (µs, median and p99 over the run);
-- the actions of the one-graph inference against `Engine.infer` on the same batches;
-- end to end (wall, from `infer`'s start to the actions in numpy), the engine's path against the one
-  graph (same batch check, plan and pinned load before it), in interleaved rounds.
+- capture time and device memory of each variant's graphs for every layout;
+- the actions of each variant against `Engine.infer` on the same batches, and their event spans;
+- end to end (wall, from `infer`'s start to the actions in numpy), the three paths (same batch
+  check, plan and pinned load before each) in interleaved rounds.
 
     python3 bench/single_graph_probe.py --iterations 300 --rounds 4 --json OUT.json
 """
@@ -69,37 +72,96 @@ def _call_costs(engine: Engine, batches: list, iterations: int) -> dict[str, dic
     return {n: _stats(v) for n, v in costs.items()}
 
 
-def _capture_whole(engine: Engine, batch) -> tuple[torch.cuda.CUDAGraph, object]:
-    """The upload, the three stages and the download of `batch`'s layout in one graph."""
-    rows = engine._captured_layout(engine.load(batch))
-    fns = engine._stage_fns(rows)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(side):  # warm-up outside the capture
-        upload(engine.host, engine.buf, rows.slots)
-        for name in ("vision", "prefix", "denoise"):
-            for fn in fns[name]:
-                fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        upload(engine.host, engine.buf, rows.slots)
-        for name in ("vision", "prefix", "denoise"):
-            for fn in fns[name]:
-                fn()
-        engine.host.actions.copy_(engine.buf.actions, non_blocking=True)
-    torch.cuda.synchronize()
-    return graph, rows
+def _timing_events() -> list[torch.cuda.Event]:
+    """Events that become record nodes when captured (`external`), so a graph can carry them."""
+    return [torch.cuda.Event(enable_timing=True, external=True) for _ in range(5)]
 
 
-def _infer_whole(engine: Engine, graph: torch.cuda.CUDAGraph, layout, batch) -> np.ndarray:
-    rows = engine._captured_layout(engine.load(batch))
-    if rows != layout:
-        raise RuntimeError(f"batch layout {rows} is not the captured {layout}")
-    graph.replay()
-    torch.cuda.current_stream().synchronize()
-    return engine.host.actions.numpy().copy()
+class Whole:
+    """Variant A: per layout, one graph of the upload, the three stages and the download, with the
+    timing events inside."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.ev = _timing_events()
+        self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for rows in engine._layouts():
+            rows = engine._captured_layout(rows)
+            if rows in self.graphs:
+                continue
+            fns = engine._stage_fns(rows)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+                self.ev[0].record()
+                upload(engine.host, engine.buf, rows.slots)
+                self.ev[1].record()
+                for i, name in enumerate(("vision", "prefix", "denoise")):
+                    for fn in fns[name]:
+                        fn()
+                    self.ev[2 + i].record()
+                engine.host.actions.copy_(engine.buf.actions, non_blocking=True)
+            self.graphs[rows] = graph
+        torch.cuda.synchronize()
+
+    def infer(self, batch) -> np.ndarray:
+        rows = self.engine._captured_layout(self.engine.load(batch))
+        self.graphs[rows].replay()
+        torch.cuda.current_stream().synchronize()
+        return self.engine.host.actions.numpy().copy()
+
+
+class Three:
+    """Variant C: the engine's three graphs, the upload inside the vision graph (one per slot
+    count and prompt), the download inside the denoise graph, the timing events inside them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.ev = _timing_events()
+        self.vision: dict[object, torch.cuda.CUDAGraph] = {}
+        self.prefix: dict[object, torch.cuda.CUDAGraph] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for rows in engine._layouts():
+            rows = engine._captured_layout(rows)
+            if rows in self.prefix:
+                continue
+            fns = engine._stage_fns(rows)
+            key = engine._vision_layout(rows)
+            if key not in self.vision:
+                graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+                    self.ev[0].record()
+                    upload(engine.host, engine.buf, rows.slots)
+                    self.ev[1].record()
+                    fns["vision"][0]()
+                    self.ev[2].record()
+                self.vision[key] = graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+                fns["prefix"][0]()
+                self.ev[3].record()
+            self.prefix[rows] = graph
+        fns = engine._stage_fns(engine.shape.full_prefix)
+        self.denoise = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.denoise, pool=pool):
+            for fn in fns["denoise"]:
+                fn()
+            self.ev[4].record()
+            engine.host.actions.copy_(engine.buf.actions, non_blocking=True)
+        torch.cuda.synchronize()
+
+    def infer(self, batch) -> np.ndarray:
+        rows = self.engine._captured_layout(self.engine.load(batch))
+        self.vision[self.engine._vision_layout(rows)].replay()
+        self.prefix[rows].replay()
+        self.denoise.replay()
+        torch.cuda.current_stream().synchronize()
+        return self.engine.host.actions.numpy().copy()
+
+
+def _event_spans(ev: list[torch.cuda.Event]) -> dict[str, float]:
+    names = ("h2d", "vision", "prefix", "denoise")
+    return {n: round(ev[i].elapsed_time(ev[i + 1]), 4) for i, n in enumerate(names)}
 
 
 def main() -> int:
@@ -118,44 +180,54 @@ def main() -> int:
     result: dict[str, object] = {"environment": _environment()}
     result["call_costs_us"] = _call_costs(engine, batches, args.iterations)
 
-    t0 = time.perf_counter()
-    graph, layout = _capture_whole(engine, batches[0])
-    result["capture_s"] = round(time.perf_counter() - t0, 3)
-    # the same batches through both paths: the one graph against the engine (atomics make repeats
-    # differ by up to ~3e-3 in bf16, the bench's repeat_max_abs)
-    diffs, repeats = [], []
+    variants: dict[str, object] = {}
+    for name, cls in (("whole", Whole), ("three", Three)):
+        free0 = torch.cuda.mem_get_info()[0]
+        t0 = time.perf_counter()
+        variants[name] = cls(engine)
+        result[f"{name}_capture_s"] = round(time.perf_counter() - t0, 3)
+        result[f"{name}_device_mib"] = round((free0 - torch.cuda.mem_get_info()[0]) / 2**20, 1)
+    result["whole_graphs"] = len(variants["whole"].graphs)
+    # the same batches through every path: atomics make repeats differ by up to ~3e-3 in bf16
+    checks: dict[str, list[float]] = {"engine_repeat": [], "whole": [], "three": []}
+    spans: dict[str, object] = {}
     for b in batches:
         ref = engine.infer(b)
-        repeats.append(float(np.abs(engine.infer(b) - ref).max()))
-        diffs.append(float(np.abs(_infer_whole(engine, graph, layout, b) - ref).max()))
-    result["whole_vs_engine_max_abs"] = diffs
-    result["engine_repeat_max_abs"] = repeats
-    # a stale-buffer check: the one graph's actions follow the batch
-    a0 = _infer_whole(engine, graph, layout, batches[0])
-    a1 = _infer_whole(engine, graph, layout, batches[1])
-    result["whole_batches_differ_by"] = float(np.abs(a0 - a1).max())
+        spans.setdefault("engine", {k: round(engine.last_timings_ms[k], 4)
+                                    for k in ("h2d", "vision", "prefix", "denoise")})
+        checks["engine_repeat"].append(float(np.abs(engine.infer(b) - ref).max()))
+        for name in ("whole", "three"):
+            checks[name].append(float(np.abs(variants[name].infer(b) - ref).max()))
+            spans.setdefault(name, _event_spans(variants[name].ev))
+    result["max_abs_vs_engine"] = checks
+    result["event_spans_ms"] = spans
+    a0 = variants["whole"].infer(batches[0])
+    result["whole_batches_differ_by"] = float(np.abs(a0 - variants["whole"].infer(batches[1])).max())
+    # another layout (one camera, the whole prompt) through the whole graphs
+    other = random_batch(shape, 7, valid_slots=1, valid_tokens=150)
+    result["other_layout_whole_vs_engine"] = float(np.abs(variants["whole"].infer(other) - engine.infer(other)).max())
 
+    paths = {"engine": engine.infer, "whole": variants["whole"].infer, "three": variants["three"].infer}
+    order = list(paths)
     rounds = []
     for r in range(args.rounds):
         row: dict[str, object] = {}
-        for path in (("engine", "whole") if r % 2 == 0 else ("whole", "engine")):
+        for path in order[r % 3:] + order[:r % 3]:
             walls = []
             for i in range(args.iterations):
                 b = batches[i % len(batches)]
                 t0 = time.perf_counter()
-                if path == "engine":
-                    engine.infer(b)
-                else:
-                    _infer_whole(engine, graph, layout, b)
+                paths[path](b)
                 walls.append((time.perf_counter() - t0) * 1e3)
             row[path] = _stats(walls)
         rounds.append(row)
-        print(f"round {r}: engine {row['engine']} whole {row['whole']}", flush=True)
+        print(f"round {r}: " + "; ".join(f"{p} {row[p]}" for p in order), flush=True)
     result["rounds_e2e_ms"] = rounds
     Path(args.json).write_text(json.dumps(result, indent=1))
     print("call costs (us):", json.dumps(result["call_costs_us"]))
-    print("capture_s", result["capture_s"], "whole vs engine", diffs, "engine repeats", repeats,
-          "batches differ", result["whole_batches_differ_by"])
+    for k in ("whole_capture_s", "whole_device_mib", "three_capture_s", "three_device_mib", "whole_graphs",
+              "max_abs_vs_engine", "event_spans_ms", "whole_batches_differ_by", "other_layout_whole_vs_engine"):
+        print(k, json.dumps(result[k]))
     return 0
 
 
