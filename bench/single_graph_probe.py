@@ -15,6 +15,9 @@ events captured inside as record nodes in both. On the bench's bf16 engine and o
   check, plan and pinned load before each) in interleaved rounds.
 
     python3 bench/single_graph_probe.py --iterations 300 --rounds 4 --json OUT.json
+
+Written against the engine of 2021339 (runs 172-173), before attempt 57 moved the copies and events
+into its graphs and removed `Engine._stage_graphs`, which `_call_costs` replays.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """`Engine`: configure once (fuse weights, precompute tables, allocate, warm up, capture), then
-every `infer` is one pinned-host copy in, a handful of CUDA graph replays, one copy out and one sync.
+every `infer` is three CUDA graph replays (the pinned-host copy in, vision, prefix, the denoise chain,
+the copy out) and one sync.
 
 Modes:
 - `graphs` (CUDA): vision and prefix captured as CUDA graphs per prefix layout, the chain of denoise
-  steps as one graph.
+  steps as one graph. The vision graph also holds the copy in and the denoise graph the copy out,
+  with the timing events inside, where torch can capture those (`external` events, torch >= 2.8).
 - `static`: the same stage code run op by op on static buffers (any device; the CPU tests use it
   to check the engine's math against the eager model without a GPU).
 - `eager`: the model's own `sample_actions` (what runs where CUDA is missing).
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -57,7 +59,7 @@ class ConfigureReport:
     fuse_s: float = 0.0
     warmup_s: float = 0.0
     capture_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    copies_in_graphs: bool = False  # the copies and timing events inside the graphs (`Engine._capture`)
 
 
 class Engine:
@@ -80,11 +82,12 @@ class Engine:
         self._prefix_graphs: dict[PrefixRows, torch.cuda.CUDAGraph] = {}
         # every layout an inference may plan → its (vision, prefix) graphs, twins resolved at capture
         self._layout_graphs: dict[PrefixRows, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
-        self._denoise_graphs: list[torch.cuda.CUDAGraph] = []
+        self._denoise_graph: torch.cuda.CUDAGraph | None = None
         self.compact_prefix = compact_prefix
         self._flash_prefix = flash_varlen_usable(device, self.dtype)
         self.last_prefix_rows = shape.full_prefix
         self._events: list[torch.cuda.Event] = []
+        self._copies_in_graphs = False
         self.guide: GuidanceBuffers | None = None
         if mode == "eager":
             plan_resize(shape.image_hw, shape.model_image_size)  # refuses a camera size it cannot resize
@@ -261,7 +264,7 @@ class Engine:
         order, is safe."""
         groups = self._buckets()
         self.load(_dummy_batch(self.shape))
-        upload(self.host, self.buf)
+        self._upload()
         t0 = time.perf_counter()
         side = _process_stream(self.device, "warmup")
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -278,6 +281,8 @@ class Engine:
         self.report.warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        self._events, self._copies_in_graphs = _timing_events(len(STAGES) + 2)
+        self.report.copies_in_graphs = self._copies_in_graphs
 
         def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
             graph = torch.cuda.CUDAGraph()
@@ -287,19 +292,54 @@ class Engine:
 
         with torch.no_grad():
             for vision_rows, layouts in groups.items():
-                self._vision_graphs[vision_rows] = capture(self._stage_fns(vision_rows)["vision"][0])
+                self._vision_graphs[vision_rows] = capture(self._graphed_fns(vision_rows)["vision"])
                 for rows in layouts:
-                    self._prefix_graphs[rows] = capture(self._stage_fns(rows)["prefix"][0])
+                    self._prefix_graphs[rows] = capture(self._graphed_fns(rows)["prefix"])
             for rows in self._layouts():
                 captured = self._captured_layout(rows)
                 self._layout_graphs[rows] = (self._vision_graphs[self._vision_layout(captured)],
                                              self._prefix_graphs[captured])
-            steps = self._stage_fns(self.shape.full_prefix)["denoise"]
             # the ten steps chained in one graph: one replay, and PDL edges across the step boundaries
-            self._denoise_graphs = [capture(lambda: [step() for step in steps])]
+            self._denoise_graph = capture(self._graphed_fns(self.shape.full_prefix)["denoise"])
         torch.cuda.synchronize(self.device)
         self.report.capture_s = time.perf_counter() - t0
-        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(STAGES) + 2)]
+
+    def _graphed_fns(self, rows: PrefixRows) -> dict[str, Callable[[], None]]:
+        """What each stage's graph holds. With `_copies_in_graphs` the vision graph starts with the
+        copy in and the denoise graph ends with the copy out, and the timing events are recorded
+        inside (as event-record nodes), so that an inference is three host calls where it was
+        eleven: one replay per stage, none for the copies and events. A slow host delays the
+        GPU's start less (attempt 57 in `bench/engine_notes.md`). Otherwise `_replay` makes the
+        copies and records the events between the replays."""
+        fns = self._stage_fns(rows)
+        if not self._copies_in_graphs:
+            return {name: lambda stage=fns[name]: [fn() for fn in stage] for name in STAGES}
+        ev = self._events
+
+        def vision() -> None:
+            ev[0].record()
+            self._upload(rows.slots)
+            ev[1].record()
+            fns["vision"][0]()
+            ev[2].record()
+
+        def prefix() -> None:
+            fns["prefix"][0]()
+            ev[3].record()
+
+        def denoise() -> None:
+            for step in fns["denoise"]:
+                step()
+            ev[4].record()
+            self.host.actions.copy_(self.buf.actions, non_blocking=True)
+
+        return {"vision": vision, "prefix": prefix, "denoise": denoise}
+
+    def _upload(self, slots: int | None = None) -> None:
+        """Host → device: the batch (only the first `slots` images) and the RTC guidance."""
+        upload(self.host, self.buf, slots)
+        if self.guide is not None:
+            self.guide.upload()
 
     # ---- inference ----------------------------------------------------------------------------
     def load(self, batch: EngineBatch) -> PrefixRows:
@@ -327,9 +367,7 @@ class Engine:
         if self.mode == "static":
             t0 = time.perf_counter()
             with torch.no_grad():
-                upload(self.host, self.buf, rows.slots)
-                if self.guide is not None:
-                    self.guide.upload()
+                self._upload(rows.slots)
                 fns = self._stage_fns(rows)
                 for name in STAGES:
                     for fn in fns[name]:
@@ -339,27 +377,25 @@ class Engine:
             return self.host.actions.numpy().copy()
         return self._replay(rows, t_start)
 
-    def _stage_graphs(self, rows: PrefixRows) -> dict[str, list[torch.cuda.CUDAGraph]]:
-        vision, prefix = self._layout_graphs[rows]
-        return {"vision": [vision], "prefix": [prefix], "denoise": self._denoise_graphs}
-
     def _replay(self, rows: PrefixRows, t_start: float) -> np.ndarray:
         """Host timings besides the stage spans: `host_prepare` (batch check and pinned copies),
-        `host_launch` (enqueueing the copies and the replays), `host_wait` (until the GPU is
-        done), `total` (all of `infer`)."""
+        `host_launch` (enqueueing the replays, and the copies where the graphs do not hold them),
+        `host_wait` (until the GPU is done), `total` (all of `infer`)."""
         ev = self._events
         stream = torch.cuda.current_stream(self.device)
+        graphs = (*self._layout_graphs[rows], self._denoise_graph)
         t0 = time.perf_counter()
-        ev[0].record(stream)
-        upload(self.host, self.buf, rows.slots)
-        if self.guide is not None:
-            self.guide.upload()
-        ev[1].record(stream)
-        for i, graphs in enumerate(self._stage_graphs(rows).values()):
+        if self._copies_in_graphs:
             for graph in graphs:
                 graph.replay()
-            ev[2 + i].record(stream)
-        self.host.actions.copy_(self.buf.actions, non_blocking=True)
+        else:
+            ev[0].record(stream)
+            self._upload(rows.slots)
+            ev[1].record(stream)
+            for i, graph in enumerate(graphs):
+                graph.replay()
+                ev[2 + i].record(stream)
+            self.host.actions.copy_(self.buf.actions, non_blocking=True)
         t_launched = time.perf_counter()
         stream.synchronize()
         t_synced = time.perf_counter()
@@ -401,6 +437,16 @@ def _process_stream(device: torch.device, role: str) -> torch.cuda.Stream:
     if (device, role) not in _process_streams:
         _process_streams[device, role] = torch.cuda.Stream(device)
     return _process_streams[device, role]
+
+
+def _timing_events(count: int) -> tuple[list[torch.cuda.Event], bool]:
+    """Timing events, and whether a graph can hold them: `external` events (torch >= 2.8) become
+    event-record nodes when captured; older torch records events in a capture as fork / join edges
+    only, so there they stay outside the graphs."""
+    try:
+        return [torch.cuda.Event(enable_timing=True, external=True) for _ in range(count)], True
+    except TypeError:
+        return [torch.cuda.Event(enable_timing=True) for _ in range(count)], False
 
 
 def eager_inputs(batch: EngineBatch, shape: EngineShape, device: torch.device) -> tuple[ModelInputs, torch.Tensor]:

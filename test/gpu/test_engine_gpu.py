@@ -107,6 +107,41 @@ def test_an_inference_allocates_nothing_and_waits_only_for_its_actions(precision
     assert np.abs(outs[0] - outs[1]).max() > 1e-2  # they did run, on new inputs
 
 
+@pytest.mark.parametrize("copies_in_graphs", [True, False], ids=["inside", "outside"])
+def test_copies_and_timing_events_inside_or_outside_the_graphs(monkeypatch, copies_in_graphs: bool) -> None:
+    """Where torch captures timing events (torch >= 2.8), the vision graph holds the copy in, the
+    denoise graph the copy out and the stage events; with the events outside (older torch, forced
+    here) `_replay` makes the copies and records the events between the replays. Either way new
+    inputs in any camera layout give the eager actions, and the stage spans are measured: each
+    positive, together within the inference's own wall time."""
+    import inspect
+
+    from pi0_policy_ros.engine import engine as engine_module
+    if copies_in_graphs and "external" not in inspect.signature(torch.cuda.Event).parameters:
+        pytest.skip(f"torch {torch.__version__} cannot capture timing events")
+    if not copies_in_graphs:
+        monkeypatch.setattr(engine_module, "_timing_events",
+                            lambda n: ([torch.cuda.Event(enable_timing=True) for _ in range(n)], False))
+    cfg = medium_config(True)
+    ref_model = random_model(cfg, "cuda", torch.float32, seed=13)
+    model = random_model(cfg, "cuda", torch.bfloat16, seed=13)
+    shape = EngineShape.for_model(cfg)
+    engine = Engine.create(model, shape, "cuda", "bfloat16")
+    assert engine.report.copies_in_graphs is copies_in_graphs
+    outs = []
+    for seed, valid in ((0, 2), (1, 3), (2, 1)):
+        batch = random_batch(shape, seed, valid_slots=valid, valid_tokens=18 + seed)
+        got = engine.infer(batch)
+        t = engine.last_timings_ms
+        spans = [t[name] for name in ("h2d", "vision", "prefix", "denoise")]
+        assert all(span > 0 for span in spans) and sum(spans) <= t["total"], t
+        same, exact = _eager(model, batch, shape), _eager(ref_model, batch, shape)
+        diff, eager_err = np.abs(got - same).max(), np.abs(same - exact).max()
+        assert diff <= 2e-2 or np.abs(got - exact).max() <= 2.0 * eager_err, (seed, diff, eager_err)
+        outs.append(got)
+    assert np.abs(outs[0] - outs[1]).max() > 1e-2  # new inputs, new outputs
+
+
 @pytest.mark.parametrize("pi05", [True, False])
 def test_compact_prefix_graphs_equal_full_prefix(pi05: bool) -> None:
     """float32 graphs: the compact prefix (one graph per slot count and prompt bucket, switched

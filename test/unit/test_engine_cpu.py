@@ -180,6 +180,30 @@ def test_captured_layouts_share_vision_graphs(small) -> None:
     assert full._buckets() == {shape.full_prefix: [shape.full_prefix]}
 
 
+def test_timing_events_stay_outside_the_graphs_where_torch_cannot_capture_them(monkeypatch) -> None:
+    """torch >= 2.8 builds `external` events (captured as event-record nodes, so the graphs can
+    hold the copies and the timing); an older torch's Event has no such argument, and the engine
+    then keeps the events and the copies outside its graphs instead of failing to configure.
+    (Stand-ins for torch.cuda.Event: a CPU build of torch cannot make one; the GPU test
+    `test_copies_and_timing_events_inside_or_outside_the_graphs` runs the real ones.)"""
+    from pi0_policy_ros.engine import engine as engine_module
+
+    class Event:  # torch >= 2.8's signature
+        def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False,
+                     external: bool = False) -> None:
+            self.timing, self.external = enable_timing, external
+
+    class EventBefore28:
+        def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+            self.timing, self.external = enable_timing, False
+
+    for cls, inside in ((Event, True), (EventBefore28, False)):
+        monkeypatch.setattr(torch.cuda, "Event", cls)
+        events, got = engine_module._timing_events(5)
+        assert got is inside and len(events) == 5
+        assert all(isinstance(e, cls) and e.timing and e.external is inside for e in events)
+
+
 def test_engine_with_camera_sized_frames_equals_the_cpu_resized_frames(small) -> None:
     """Static buffers with 240x320 frames (the upload slab, the vision stage's resize) and the eager
     fallback give what the 224 engine gives on the numpy-resized frames: the same pixels, actions."""
