@@ -73,7 +73,7 @@ def main() -> int:
     def step0() -> None:
         engine.denoise.run_step(engine.buf, 0)
 
-    # a lower number is a higher priority; torch maps -10 to the device's greatest (-5 on the H100)
+    # a lower number is a higher priority; torch maps -10 to the greatest it has (-3 in run 176)
     low, high, equal = (torch.cuda.Stream(priority=p) for p in (0, -10, -10))
 
     def forked(side: torch.cuda.Stream) -> Callable[[], None]:
