@@ -371,7 +371,10 @@ def _bench_precision(model: Pi0Model, shape: EngineShape, device: torch.device, 
                            compact_prefix=not args.full_prefix)
     out: dict[str, object] = {"mode": engine.mode, "denoise_kernels": engine.report.denoise_kernels,
                               "fuse_s": engine.report.fuse_s, "warmup_s": engine.report.warmup_s,
-                              "capture_s": engine.report.capture_s}
+                              "capture_s": engine.report.capture_s,
+                              # h2d is the copy's GPU time with the copies inside the graphs, else it
+                              # also holds the host's enqueueing of the copy
+                              "copies_in_graphs": engine.report.copies_in_graphs}
     # every batch, twice, interleaved: new inputs after capture must give new outputs
     actions = [engine.infer(b) for b in batches] + [engine.infer(b) for b in batches]
     n = len(batches)

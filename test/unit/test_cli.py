@@ -222,6 +222,7 @@ def test_bench_json_records_the_valid_counts_that_ran(tmp_path: Path) -> None:
     assert (result["valid_cameras"], result["valid_tokens"]) == (1, 200)  # pi05_small's prompt: 200 tokens
     assert result["prefix_rows"]["slots"] == 1 and result["shape"]["prompt_len"] == 200
     assert result["environment"]["device"] == "cpu"  # --cpu times the CPU, with CUDA or without
+    assert result["precisions"]["bfloat16"]["copies_in_graphs"] is False  # the eager fallback has no graphs
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
