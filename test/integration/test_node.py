@@ -755,12 +755,19 @@ def test_cleanup_stops_the_input_thread(make_node, probe) -> None:
 def test_inputs_run_on_the_poller_thread_and_a_failing_callback_is_counted(make_node, probe, namespace: str) -> None:
     """input_poll_period_s > 0: camera and joint_states callbacks run on the poller's thread, never on
     an executor's (ros/poller.py). A callback that raises there (a bug, not a bad input) is counted
-    (`input_errors.poller`) and logged at ERROR; the inputs keep flowing."""
+    (`input_errors.poller`) and logged at ERROR; the inputs keep flowing.
+
+    The poller runs from configure on, and the counters start from zero at activation
+    (ControlMonitor.start): the callback raises only once activate has returned. It used to raise at
+    the first joint_states message after the wrappers went in; when the poller ran that one before
+    activate's reset (2 in 100 repeated runs), the count was wiped and no status carried the key."""
     from rcl_interfaces.msg import Log
 
     node = make_node()
     assert node.trigger_configure() == SUCCESS
     threads: set[str] = set()
+    armed = threading.Event()
+    inactive_joint_calls: list[int] = []
     joint_calls: list[int] = []
     for sub in node.subscriptions:
         if not sub.topic_name.endswith(("image_raw", "compressed", "joint_states")):
@@ -768,14 +775,19 @@ def test_inputs_run_on_the_poller_thread_and_a_failing_callback_is_counted(make_
 
         def callback(data, inner=sub.callback, joints=sub.topic_name.endswith("joint_states")) -> None:  # noqa: ANN001
             threads.add(threading.current_thread().name)
-            if joints:
+            if joints and not armed.is_set():
+                inactive_joint_calls.append(1)
+            elif joints:
                 joint_calls.append(1)
                 if len(joint_calls) == 1:
                     raise RuntimeError("boom in a callback")
             inner(data)
         sub.callback = callback
+    # The order that made this test flaky, every time: a wrapped joint_states callback before activate.
+    wait_for(lambda: inactive_joint_calls)
     assert node.trigger_activate() == SUCCESS
-    wait_for(lambda: probe.counts()[1] >= 3)
+    armed.set()
+    wait_for(lambda: probe.counts()[1] >= 3 and len(joint_calls) >= 3)  # more inputs after the one that raised
     assert threads == {f"{node.get_name()}_inputs"}
     values = wait_for(lambda: (v := probe.latest_values()) and "input_errors.poller" in v and v, describe=probe.summary)
     assert values["input_errors.poller"] == "1"
