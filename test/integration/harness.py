@@ -20,11 +20,18 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
 
-from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, DIAGNOSTICS_READER_QOS, PROMPT_QOS
+from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_READER_QOS, PROMPT_QOS
 
 JOINTS = ["j0", "j1", "j2"]
 # What rcl publishes /rosout with (rcl_qos_profile_rosout_default): a late subscriber still gets the log.
 ROSOUT_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# The node's trajectory writer is depth 1 (COMMAND_QOS, as a controller needs only the newest). A
+# reader of depth 1 keeps only the newest of two trajectories that arrive before its callback runs:
+# a hold point sent a few ms after a chunk's trajectory (a transition waiting on that tick) replaced
+# it whenever the probe's callbacks lagged, and a test counting trajectories against chunks saw one
+# too few. The probe records every one, as it does the chunks (depth is not part of QoS matching).
+TRAJECTORY_READER_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                                   durability=DurabilityPolicy.VOLATILE)
 IMAGE_A = (np.arange(6 * 8 * 3, dtype=np.uint8) * 3).reshape(6, 8, 3)  # raw rgb8
 IMAGE_B = (255 - np.arange(4 * 5 * 3, dtype=np.uint8) * 7).reshape(4, 5, 3)  # PNG: lossless
 
@@ -79,7 +86,8 @@ class Probe(Node):
         self._pub_js = self.create_publisher(JointState, "joint_states", 10)
         self.prompt_pub = self.create_publisher(String, f"{policy_node}/prompt", PROMPT_QOS)
         prefix = f"{policy_node}/"
-        self.create_subscription(JointTrajectory, prefix + "joint_trajectory", self._store(self.trajectories), COMMAND_QOS)
+        self.create_subscription(JointTrajectory, prefix + "joint_trajectory", self._store(self.trajectories),
+                                 TRAJECTORY_READER_QOS)
         self.create_subscription(Float32MultiArray, prefix + "action_chunk", self._store(self.chunks), CHUNK_QOS)
         self.create_subscription(Header, prefix + "action_chunk_stamp", self._store(self.stamps), CHUNK_QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_READER_QOS)
