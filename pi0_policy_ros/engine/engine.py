@@ -87,7 +87,6 @@ class Engine:
         self._flash_prefix = flash_varlen_usable(device, self.dtype)
         self.last_prefix_rows = shape.full_prefix
         self._events: list[torch.cuda.Event] = []
-        self._copies_in_graphs = False
         self.guide: GuidanceBuffers | None = None
         if mode == "eager":
             plan_resize(shape.image_hw, shape.model_image_size)  # refuses a camera size it cannot resize
@@ -281,8 +280,7 @@ class Engine:
         self.report.warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        self._events, self._copies_in_graphs = _timing_events(len(STAGES) + 2)
-        self.report.copies_in_graphs = self._copies_in_graphs
+        self._events, self.report.copies_in_graphs = _timing_events(len(STAGES) + 2)
 
         def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
             graph = torch.cuda.CUDAGraph()
@@ -305,14 +303,14 @@ class Engine:
         self.report.capture_s = time.perf_counter() - t0
 
     def _graphed_fns(self, rows: PrefixRows) -> dict[str, Callable[[], None]]:
-        """What each stage's graph holds. With `_copies_in_graphs` the vision graph starts with the
+        """What each stage's graph holds. With `report.copies_in_graphs` the vision graph starts with the
         copy in and the denoise graph ends with the copy out, and the timing events are recorded
         inside (as event-record nodes), so that an inference is three host calls where it was
         eleven: one replay per stage, none for the copies and events. A slow host delays the
         GPU's start less (attempt 57 in `bench/engine_notes.md`). Otherwise `_replay` makes the
         copies and records the events between the replays."""
         fns = self._stage_fns(rows)
-        if not self._copies_in_graphs:
+        if not self.report.copies_in_graphs:
             return {name: lambda stage=fns[name]: [fn() for fn in stage] for name in STAGES}
         ev = self._events
 
@@ -385,7 +383,7 @@ class Engine:
         stream = torch.cuda.current_stream(self.device)
         graphs = (*self._layout_graphs[rows], self._denoise_graph)
         t0 = time.perf_counter()
-        if self._copies_in_graphs:
+        if self.report.copies_in_graphs:
             for graph in graphs:
                 graph.replay()
         else:
