@@ -89,10 +89,8 @@ class Whole:
         self.ev = _timing_events()
         self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
-        for rows in engine._layouts():
-            rows = engine._captured_layout(rows)
-            if rows in self.graphs:
-                continue
+        # every captured layout once, as the engine groups them (`Engine._buckets`)
+        for rows in [rows for layouts in engine._buckets().values() for rows in layouts]:
             fns = engine._stage_fns(rows)
             graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
@@ -124,26 +122,21 @@ class Three:
         self.vision: dict[object, torch.cuda.CUDAGraph] = {}
         self.prefix: dict[object, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
-        for rows in engine._layouts():
-            rows = engine._captured_layout(rows)
-            if rows in self.prefix:
-                continue
-            fns = engine._stage_fns(rows)
-            key = engine._vision_layout(rows)
-            if key not in self.vision:
-                graph = torch.cuda.CUDAGraph()
-                with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
-                    self.ev[0].record()
-                    upload(engine.host, engine.buf, rows.slots)
-                    self.ev[1].record()
-                    fns["vision"][0]()
-                    self.ev[2].record()
-                self.vision[key] = graph
+        for vision_rows, layouts in engine._buckets().items():  # a vision graph, then its prefix layouts
             graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
-                fns["prefix"][0]()
-                self.ev[3].record()
-            self.prefix[rows] = graph
+                self.ev[0].record()
+                upload(engine.host, engine.buf, vision_rows.slots)
+                self.ev[1].record()
+                engine._stage_fns(vision_rows)["vision"][0]()
+                self.ev[2].record()
+            self.vision[vision_rows] = graph
+            for rows in layouts:
+                graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+                    engine._stage_fns(rows)["prefix"][0]()
+                    self.ev[3].record()
+                self.prefix[rows] = graph
         fns = engine._stage_fns(engine.shape.full_prefix)
         self.denoise = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.denoise, pool=pool):
