@@ -50,7 +50,7 @@ from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
-from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
+from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, finish_callbacks, make_executor, spin_until_shutdown
 from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_READER_QOS
 from pi0_policy_ros.soak import proc_status_value
@@ -295,6 +295,7 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
         stop.set()
         if spinner.ident is not None:  # started
             spinner.join(timeout=5.0)
+        finish_callbacks(executor, node.get_logger())
         executor.shutdown()
         node._release()
         node.destroy_node()

@@ -37,7 +37,8 @@ from trajectory_msgs.msg import JointTrajectory
 from pi0_policy_ros.control.rate_meter import PERCENTILES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros import convert
-from pi0_policy_ros.ros.node import NODE_NAME, PolicyFactory, PolicyNode, make_executor, spin_until_shutdown
+from pi0_policy_ros.ros.node import (NODE_NAME, PolicyFactory, PolicyNode, finish_callbacks, make_executor,
+                                     spin_until_shutdown)
 from pi0_policy_ros.ros.params import CameraConfig, load_params_file
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, SENSOR_QOS
 
@@ -238,6 +239,7 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
         stop_spinning.set()
         if spinner.ident is not None:  # started
             spinner.join(timeout=5.0)
+        finish_callbacks(executor, policy_node.get_logger())
         executor.shutdown()
         policy_node._release()
         policy_node.destroy_node()
