@@ -30,6 +30,7 @@ from pi0_policy_ros.ros.params import NodeConfig
 
 SUMMARY_FILE = "summary.json"
 OVERVIEW_FILE = "overview.png"
+SHARED_STATE_LABEL = "joint state (the panel's joint)"
 
 
 @dataclass(frozen=True)
@@ -120,16 +121,22 @@ def _file_name(dim: int, name: str) -> str:
     return f"action_{dim:02d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
 
 
-def write_plots(report_dir: Path, chunks: ChunkSeries, states: StateSeries, config: NodeConfig,
-                period_s: float, t0_s: float) -> list[str]:
-    """overview.png plus one PNG per action dimension; returns the file names."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot drawing to files (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def overview_figure(chunks: ChunkSeries, states: StateSeries, config: NodeConfig, period_s: float,
+                    t0_s: float) -> Any:
+    """Every action dimension's panel in one matplotlib figure, with one legend for them all."""
+    plt = _pyplot()
 
     action_dim = chunks.actions.shape[2] if chunks.actions.size else len(config.action_joint_names)
-    files = []
     cols = min(3, max(1, action_dim))
     rows = (action_dim + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 2.6 * rows), squeeze=False, constrained_layout=True)
@@ -140,12 +147,24 @@ def write_plots(report_dir: Path, chunks: ChunkSeries, states: StateSeries, conf
         else:
             ax.set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
+    # The first panel's labels stand for every panel: its joint's name would not.
+    labels = [SHARED_STATE_LABEL if label.startswith("joint state") else label for label in labels]
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     fig.suptitle(f"actions vs joint states ({len(chunks.stamps_s)} chunks)", fontsize=11)
+    return fig
+
+
+def write_plots(report_dir: Path, chunks: ChunkSeries, states: StateSeries, config: NodeConfig,
+                period_s: float, t0_s: float) -> list[str]:
+    """overview.png plus one PNG per action dimension; returns the file names."""
+    plt = _pyplot()
+
+    action_dim = chunks.actions.shape[2] if chunks.actions.size else len(config.action_joint_names)
+    fig = overview_figure(chunks, states, config, period_s, t0_s)
     fig.savefig(report_dir / OVERVIEW_FILE, dpi=90)
     plt.close(fig)
-    files.append(OVERVIEW_FILE)
+    files = [OVERVIEW_FILE]
     for dim in range(action_dim):
         fig, ax = plt.subplots(figsize=(9, 3.5), constrained_layout=True)
         _draw_panel(ax, dim, chunks, states, config, period_s, t0_s)

@@ -141,6 +141,24 @@ def test_plots_show_the_actions(params_file: Path, tmp_path: Path) -> None:
     assert all(written["a"][f] != written["b"][f] for f in written["a"]), OVERVIEW_FILE
 
 
+def test_the_overview_legend_names_no_single_joint(params_file: Path) -> None:
+    # One legend stands for every panel: it said "joint state <the first panel's joint>".
+    from matplotlib import pyplot as plt
+
+    from pi0_policy_ros.bag.report import SHARED_STATE_LABEL, ChunkSeries, StateSeries, overview_figure
+
+    _, config = _libero_config(params_file)
+    rng = np.random.default_rng(0)
+    fig = overview_figure(ChunkSeries(np.arange(4) * 0.2, rng.normal(size=(4, 10, 7)).astype(np.float32)),
+                          StateSeries(np.arange(20) * 0.05, rng.normal(size=(20, 8))), config, 0.1, 0.0)
+    try:
+        (legend,) = fig.legends
+        labels = [text.get_text() for text in legend.get_texts()]
+    finally:
+        plt.close(fig)
+    assert labels == ["chunks (4)", "first action of each chunk", SHARED_STATE_LABEL]
+
+
 def test_plots_of_a_replay_with_nothing_to_draw_warn_nothing(params_file: Path, tmp_path: Path) -> None:
     # Every tick held and no joint state readable: each per-dimension plot printed matplotlib's
     # "No artists with labels found to put in legend" with its source path on stderr.
