@@ -7,7 +7,7 @@ asynchronous.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from pi0_policy_ros.model.config import GemmaConfig
 # moves a whole batch (on the H100 machines six copies spanned 0.06-0.18 ms of the GPU's timeline,
 # one spans 0.03-0.04: notes attempt 31).
 SLAB_ALIGN = 256  # bytes; any dtype's view may start at an offset that is a multiple of this
+INPUT_NAMES = ("images", "image_masks", "tokens", "token_mask", "state", "noise")  # HostBuffers' batch fields
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,12 @@ class HostBuffers:
     actions: torch.Tensor  # float32 [H, A]
     slab: torch.Tensor  # uint8: every input above but `actions` is a view of it
     layout: SlabLayout
+    # numpy views of the inputs, made once: `load` runs cold after every wait for the GPU, where each
+    # `Tensor.numpy()` it called cost more than the copy it served (attempt 59)
+    arrays: dict[str, np.ndarray] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.arrays = {name: getattr(self, name).numpy() for name in INPUT_NAMES}
 
     def load(self, batch: EngineBatch, slot_order: list[int] | None = None, slots: int | None = None) -> None:
         """Copy one batch into the (pinned) host buffers: plain CPU memcpy, no device work.
@@ -87,15 +94,16 @@ class HostBuffers:
         `slots`: only the first that many images are copied (the ones vision computes); every mask is.
         numpy inputs are copied by numpy, on this thread: torch's CPU `copy_` of the images would
         use its intra-op thread pool, whose wake-up is a latency risk in the control loop."""
-        order = list(range(len(self.images)) if slot_order is None else slot_order)
+        order = range(len(self.images)) if slot_order is None else slot_order
         for name in ("images", "image_masks"):
-            value, dst = getattr(batch, name), getattr(self, name)
+            value = getattr(batch, name)
             order_here = order[:slots] if name == "images" else order
             if isinstance(value, torch.Tensor):
+                dst = getattr(self, name)
                 for i, slot in enumerate(order_here):
                     dst[i].copy_(value[slot])
             else:
-                dst_np = dst.numpy()
+                dst_np = self.arrays[name]
                 for i, slot in enumerate(order_here):
                     dst_np[i] = value[slot]
         for name in ("tokens", "token_mask", "state", "noise"):
@@ -103,7 +111,7 @@ class HostBuffers:
             if isinstance(value, torch.Tensor):
                 getattr(self, name).copy_(value)
             else:
-                np.copyto(getattr(self, name).numpy(), value, casting="no")
+                np.copyto(self.arrays[name], value, casting="no")
 
 
 @dataclass

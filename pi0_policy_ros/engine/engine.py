@@ -33,8 +33,8 @@ from pi0_policy_ros.engine.preprocess import plan_resize, preprocess_images
 from pi0_policy_ros.engine.rowops import triton_available
 from pi0_policy_ros.engine.stages import PrefixStage, VisionStage, flash_varlen_usable
 from pi0_policy_ros.engine.tables import StepTables, build_step_tables
-from pi0_policy_ros.engine.types import (EngineBatch, EngineShape, PrefixRows, check_precision, check_precision_on_gpu,
-                                        plan_prefix)
+from pi0_policy_ros.engine.types import (EngineBatch, EngineShape, PrefixPlanner, PrefixRows, check_precision,
+                                        check_precision_on_gpu)
 from pi0_policy_ros.engine.weights import fuse_expert, fuse_prefix, fuse_vision
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.model.pi0 import ModelInputs, Pi0Model
@@ -84,6 +84,7 @@ class Engine:
         self._layout_graphs: dict[PrefixRows, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = {}
         self._denoise_graph: torch.cuda.CUDAGraph | None = None
         self.compact_prefix = compact_prefix
+        self._plan = PrefixPlanner(shape, compact_prefix)
         self._flash_prefix = flash_varlen_usable(device, self.dtype)
         self.last_prefix_rows = shape.full_prefix
         self._events: list[torch.cuda.Event] = []
@@ -344,7 +345,7 @@ class Engine:
         """Check the batch, plan the prefix layout and copy the batch into the pinned host buffers
         (valid camera slots first when `compact_prefix`, and only the images vision computes)."""
         batch.check(self.shape)
-        rows, order = plan_prefix(self.shape, batch.image_masks, batch.token_mask, self.compact_prefix)
+        rows, order = self._plan(batch.image_masks, batch.token_mask)
         self.host.load(batch, order, rows.slots)
         return rows
 

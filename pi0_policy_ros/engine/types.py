@@ -199,6 +199,34 @@ def plan_prefix(shape: EngineShape, image_masks: np.ndarray | torch.Tensor, toke
     return PrefixRows(max(1, int(masks.sum())), prompt, leading_keys=leading and bool(masks.any())), order
 
 
+class PrefixPlanner:
+    """`plan_prefix` for one engine, remembered per pair of numpy masks. The masks change only when
+    a camera or the prompt does, and the plan runs before the GPU can start: after each ~10 ms wait
+    for the previous inference it took 65 us cold (14 hot) against ~2 for the lookup (attempt 59).
+    At most `capacity` plans are kept (a prompt's token mask is one key; holes in it make others)."""
+
+    def __init__(self, shape: EngineShape, compact: bool, capacity: int = 64) -> None:
+        self.shape, self.compact, self.capacity = shape, compact, capacity
+        self._plans: dict[tuple[bytes, bytes], tuple[PrefixRows, list[int]]] = {}
+
+    def __call__(self, image_masks: np.ndarray | torch.Tensor,
+                 token_mask: np.ndarray | torch.Tensor) -> tuple[PrefixRows, list[int]]:
+        """As `plan_prefix`; the slot order returned may be shared between calls: read it only."""
+        if not (isinstance(image_masks, np.ndarray) and isinstance(token_mask, np.ndarray)):
+            return plan_prefix(self.shape, image_masks, token_mask, self.compact)
+        key = (image_masks.tobytes(), token_mask.tobytes())
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.capacity:
+                self._plans.clear()
+            plan = self._plans[key] = plan_prefix(self.shape, image_masks, token_mask, self.compact)
+        return plan
+
+    def __len__(self) -> int:
+        """How many plans are kept now."""
+        return len(self._plans)
+
+
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"engine precision must be one of {PRECISIONS}, found {precision!r}")

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pi0_policy_ros.engine.engine import Engine
 from pi0_policy_ros.engine.preprocess import ImagePreprocessor, plan_resize, preprocess_images
 from pi0_policy_ros.engine.tables import build_step_tables, suffix_attention_bias, suffix_pattern
-from pi0_policy_ros.engine.types import (EngineBatch, EngineShape, PrefixRows, check_precision_on_gpu, plan_prefix,
-                                        random_batch)
+from pi0_policy_ros.engine.types import (EngineBatch, EngineShape, PrefixPlanner, PrefixRows, check_precision_on_gpu,
+                                        plan_prefix, random_batch)
 from pi0_policy_ros.engine.weights import fuse_expert, quantize_rows, to_fp8, Linear
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.model.checkpoint import random_model, read_safetensors
@@ -162,6 +162,29 @@ def test_plan_prefix_buckets_and_slot_order() -> None:
     # the smallest bucket that holds every valid token: one token past a bucket needs the next one
     for valid, bucket in ((1, 16), (16, 16), (17, 32), (32, 32), (33, 64), (128, 128), (129, 200), (200, 200)):
         assert plan_prefix(shape, np.ones(3, bool), np.arange(200) < valid)[0].prompt == bucket, valid
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_the_remembered_plan_is_plan_prefix(compact: bool) -> None:
+    shape = EngineShape.for_model(get_preset("pi05"))
+    planner = PrefixPlanner(shape, compact, capacity=5)
+    rng = np.random.default_rng(0)
+    holes = np.arange(200) < 30
+    holes[rng.choice(200, 5)] = True
+    token_masks = [np.arange(200) < 24, np.arange(200) < 150, np.ones(200, bool), holes]
+    cases = [(np.array(bits, bool), tokens) for bits in itertools.product([False, True], repeat=3)
+             for tokens in token_masks]
+    for _ in range(2):  # computed, then (mostly) remembered: the same answers
+        for masks, tokens in cases:
+            want = plan_prefix(shape, masks, tokens, compact)
+            assert planner(masks, tokens) == want, (masks, tokens)
+            assert planner(torch.from_numpy(masks), torch.from_numpy(tokens)) == want  # not remembered
+            assert len(planner) <= 5
+    # the same masks in other arrays (a new observation each time) are the same key
+    masks, tokens = np.array([True, False, True]), np.arange(200) < 24
+    planner(masks, tokens)
+    kept = len(planner)
+    assert planner(masks.copy(), tokens.copy()) == plan_prefix(shape, masks, tokens, compact) and len(planner) == kept
 
 
 def test_captured_layouts_share_vision_graphs(small) -> None:
