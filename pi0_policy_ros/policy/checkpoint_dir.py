@@ -139,15 +139,19 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], preset: str, allow_tru
         return cfg
     pi05 = _is_pi05(tensors, where)
     candidates = [cfg for cfg in PRESETS.values() if cfg.pi05 == pi05]
-    failures = []
+    failures: list[tuple[int, str, str]] = []  # (problems listed, preset, the listed lines)
     for cfg in candidates:
         try:
             check_tensors(cfg, tensors, allow_truncated_vocab, source=str(where))
             return cfg
         except CheckpointError as exc:
-            failures.append(f"{cfg.name}: {str(exc).count(chr(10))} problem(s)")
-    raise CheckpointError(f"{where}: no {'pi05' if pi05 else 'pi0'} preset matches these tensor shapes "
-                          f"({'; '.join(failures)}); set model_preset to see every mismatch")
+            summary, _, listed = str(exc).partition("\n")
+            failures.append((listed.count("\n") + 1, cfg.name, listed))
+    # A damaged file (a tensor missing or cut) is one preset with a few problems: name its tensors.
+    _, closest, listed = min(failures)
+    counts = "; ".join(f"{name}: {count} problem(s)" for count, name, _ in failures)
+    raise CheckpointError(f"{where}: no {'pi05' if pi05 else 'pi0'} preset matches these tensor shapes ({counts}); "
+                          f"those of the closest, {closest!r}:\n{listed}")
 
 
 def _fitting_preset(tensors: Mapping[str, torch.Tensor], allow_truncated_vocab: bool) -> str | None:
@@ -223,7 +227,7 @@ def load_openpi_dir(path: Path, preset: str, asset_id: str, horizon: int | None,
     _check_assets(path)
     tensors, metadata = read_safetensors(path / WEIGHTS_FILE)
     truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)
-    cfg = resolve_geometry(tensors, preset, truncated, path)
+    cfg = resolve_geometry(tensors, preset, truncated, path / WEIGHTS_FILE)
     # Not in the weights (no weight depends on it): the robot profile decides, or for a profile
     # without one (generic) the converter's config.json, with `horizon` as the default.
     if horizon_from_checkpoint:
@@ -336,7 +340,7 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     _refuse_lerobot_before_0_4(config, raw.keys(), path)
     tensors = _from_lerobot_names(raw, pi05=policy_type == "pi05")
     truncated = _truncated_vocab_allowed(tensors, metadata, path / WEIGHTS_FILE)
-    cfg = resolve_geometry(tensors, preset, truncated, path)
+    cfg = resolve_geometry(tensors, preset, truncated, path / WEIGHTS_FILE)
     if cfg.pi05 != (policy_type == "pi05"):
         raise CheckpointError(f"{path}: config.json says {policy_type}, the weights are {'pi05' if cfg.pi05 else 'pi0'}")
     # LeRobot's pi05 preprocessor (Pi05PrepareStateTokenizerProcessorStep) always writes the

@@ -13,7 +13,7 @@ import pytest
 import sentencepiece
 import torch
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError
 from pi0_policy_ros.model.checkpoint import EMBED_KEY
@@ -424,6 +424,32 @@ def test_preset_that_does_not_match_the_weights_lists_every_mismatch(tmp_path: P
     with pytest.raises(CheckpointError, match=r"(?s)model_preset 'pi05_small'.*\(1 problem\(s\).*wrong shape "
                                               r"time_mlp_in.weight: expected \[64, 64\], found \[64, 32\]"):
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="pi05_small"))
+
+
+@pytest.mark.parametrize("kind", ["openpi", "lerobot"])
+def test_auto_preset_names_the_bad_tensors_of_the_closest_preset(tmp_path: Path, kind: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # With model_preset auto (inspect's default) one missing, one extra and one cut tensor gave only
+    # "no pi05 preset matches these tensor shapes (...; pi05_small: 3 problem(s))": no tensor named.
+    from pi0_policy_ros.cli import main
+
+    path = _write(kind, tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    prefix = "model." if kind == "lerobot" else ""
+    weights = load_file(str(path / "model.safetensors"))
+    missing = "paligemma_with_expert.paligemma.model.language_model.layers.0.self_attn.q_proj.weight"
+    del weights[prefix + missing]
+    weights[prefix + "time_mlp_in.weight"] = weights[prefix + "time_mlp_in.weight"][:, :32].contiguous()
+    weights[prefix + "extra.weight"] = torch.zeros(3)
+    save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    expected = (rf"(?s){re.escape(str(path / 'model.safetensors'))}: no pi05 preset matches these tensor shapes "
+                r"\(.*pi05_small: 3 problem\(s\)\); those of the closest, 'pi05_small':\n"
+                rf"  missing {re.escape(missing)}: expected shape \[128, 64\]\n"
+                r"  unexpected extra.weight: shape \[3\]\n"
+                r"  wrong shape time_mlp_in.weight: expected \[64, 64\], found \[64, 32\]$")
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint_dir(path)
+    assert main(["inspect", str(path)]) == 2
+    assert re.search(expected, capsys.readouterr().err.strip().removeprefix("error: "))
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
