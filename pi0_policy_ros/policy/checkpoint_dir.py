@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Mapping
@@ -83,6 +84,14 @@ def _json_object(config_file: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def _listed(entry: Path) -> str:
+    """An entry of a directory of unknown layout, folders marked with "/" (a model.safetensors
+    folder), and a broken link named as such (an assets/ link whose target was not copied along)."""
+    if entry.is_symlink() and not entry.exists():
+        return f"{entry.name} (a link to {os.readlink(entry)}, which does not exist)"
+    return f"{entry.name}/" if entry.is_dir() else entry.name
+
+
 def detect_format(path: Path) -> str:
     """'openpi' or 'lerobot'; anything else is one CheckpointError listing both layouts.
 
@@ -99,7 +108,7 @@ def detect_format(path: Path) -> str:
             return "openpi"
         if (path / LEROBOT_CONFIG).is_file():
             return "lerobot"
-    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "not a directory"
+    found = sorted(_listed(p) for p in path.iterdir()) if path.is_dir() else "not a directory"
     raise CheckpointError(
         f"unknown checkpoint layout at {path}: expected either an openpi PyTorch directory "
         f"({WEIGHTS_FILE} + assets/<asset_id>/norm_stats.json) or a LeRobot pi0/pi05 directory "

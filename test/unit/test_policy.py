@@ -401,6 +401,23 @@ def test_unknown_layout_is_one_clear_error(tmp_path: Path) -> None:
         load_checkpoint_dir(tmp_path)
 
 
+def test_unknown_layout_says_which_entry_is_a_folder_or_a_broken_link(tmp_path: Path) -> None:
+    # An assets/ link whose target was not copied, or a model.safetensors folder, were listed as
+    # "found ['assets', 'model.safetensors', ...]": the very names the error says are expected.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    shutil.rmtree(path / "assets")
+    (path / "assets").symlink_to(tmp_path / "moved_assets", target_is_directory=True)
+    with pytest.raises(CheckpointError, match=re.escape(f"found ['assets (a link to {tmp_path / 'moved_assets'}, "
+                                                        "which does not exist)', 'model.safetensors', ")):
+        load_checkpoint_dir(path)
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors").mkdir()
+    (path / "assets").unlink()
+    (path / "assets" / "libero").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=re.escape("found ['assets/', 'model.safetensors/', ")):
+        load_checkpoint_dir(path)
+
+
 def test_preset_of_another_geometry_names_the_preset_that_fits(tmp_path: Path) -> None:
     # It listed all 810 tensors of the other geometry, and never said which preset the file is.
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
