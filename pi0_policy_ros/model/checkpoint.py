@@ -79,6 +79,10 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
+        path.open("rb").close()  # safetensors says "No such file or directory" of an unreadable file
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises several unrelated types for a bad file

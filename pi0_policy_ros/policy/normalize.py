@@ -93,15 +93,23 @@ def find_openpi_norm_stats(checkpoint_dir: str | Path, asset_id: str = "") -> Pa
 
     An asset_id may have several parts ("physical-intelligence/libero"). An empty asset_id takes
     the only asset directory holding a norm_stats.json, at any depth; none or several is a
-    ConfigError listing what was found.
+    ConfigError listing what was found, none and an unreadable folder a CheckpointError naming it.
     """
     assets = Path(checkpoint_dir) / "assets"
     if asset_id:
         path = assets / asset_id / NORM_STATS_FILE
-        if not path.is_file():
-            raise ConfigError(f"norm stats not found: expected {path}; assets present: {_asset_ids(assets)}")
+        try:
+            path.stat()
+        except FileNotFoundError:
+            raise ConfigError(f"norm stats not found: expected {path}; assets present: {_asset_ids(assets)}") from None
+        except OSError as exc:  # a folder of the path is unreadable: "not found" would be wrong
+            raise CheckpointError(f"cannot read {path}: {exc.strerror}") from exc
         return path
-    found = _asset_ids(assets)
+    unreadable: list[tuple[Path, OSError]] = []
+    found = _asset_ids(assets, unreadable)
+    if not found and unreadable:
+        folder, exc = unreadable[0]
+        raise CheckpointError(f"cannot read {folder}: {exc.strerror}; expected {assets}/<asset_id>/{NORM_STATS_FILE}")
     if len(found) != 1:
         raise ConfigError(
             f"asset_id is empty, so exactly one {assets}/<asset_id>/{NORM_STATS_FILE} is expected; "
@@ -110,19 +118,20 @@ def find_openpi_norm_stats(checkpoint_dir: str | Path, asset_id: str = "") -> Pa
     return assets / found[0] / NORM_STATS_FILE
 
 
-def _asset_ids(assets: Path) -> list[str]:
+def _asset_ids(assets: Path, unreadable: list[tuple[Path, OSError]] | None = None) -> list[str]:
     """Asset ids under `assets`, at any depth: openpi's default asset_id is the data set's repo id,
     e.g. "physical-intelligence/libero" (assets/physical-intelligence/libero/norm_stats.json).
     Symlinked folders are followed: norm stats are often linked in from elsewhere, and `rglob`
-    (before Python 3.13) does not enter them."""
+    (before Python 3.13) does not enter them. Folders that cannot be read go to `unreadable`."""
     if not assets.is_dir():
         return []
     found: list[str] = []
-    _collect_asset_ids(assets, assets, frozenset(), found)
+    _collect_asset_ids(assets, assets, frozenset(), found, [] if unreadable is None else unreadable)
     return sorted(found)
 
 
-def _collect_asset_ids(folder: Path, assets: Path, walking: frozenset[str], found: list[str]) -> None:
+def _collect_asset_ids(folder: Path, assets: Path, walking: frozenset[str], found: list[str],
+                       unreadable: list[tuple[Path, OSError]]) -> None:
     """Append the asset id of `folder` (if it holds a norm_stats.json) and of every folder below it.
     `walking`: the real paths of the folders above, so that a link back up is not walked forever."""
     real = os.path.realpath(folder)
@@ -133,10 +142,11 @@ def _collect_asset_ids(folder: Path, assets: Path, walking: frozenset[str], foun
         found.append(folder.relative_to(assets).as_posix())
     try:
         children = sorted(child for child in folder.iterdir() if child.is_dir())
-    except OSError:  # unreadable: it holds no stats that could be read (rglob skipped it too)
+    except OSError as exc:  # unreadable: it holds no stats that could be read (rglob skipped it too)
+        unreadable.append((folder, exc))
         return
     for child in children:
-        _collect_asset_ids(child, assets, walking | {real}, found)
+        _collect_asset_ids(child, assets, walking | {real}, found, unreadable)
 
 
 def load_openpi_norm_stats(path: str | Path) -> dict[str, NormStats]:
@@ -296,6 +306,7 @@ def _read_lerobot_state_file(directory: Path, step: Mapping[str, Any]) -> dict[s
         raise CheckpointError(f"LeRobot processor step {step['registry_name']}: expected a state_file inside "
                               f"{directory}, found {str(step['state_file'])!r}")
     try:
+        path.open("rb").close()  # safetensors says "No such file or directory" of an unreadable file
         tensors = load_file(str(path))
     except (OSError, SafetensorError, ValueError, TypeError) as exc:
         raise CheckpointError(f"cannot read LeRobot stats {path} (named by {step['registry_name']}): {exc}") from exc

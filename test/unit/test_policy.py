@@ -4,6 +4,7 @@ here from the fixture weights), `inspect`, and the whole transform chain."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -416,6 +417,27 @@ def test_unknown_layout_says_which_entry_is_a_folder_or_a_broken_link(tmp_path: 
     (path / "assets" / "libero").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=re.escape("found ['assets/', 'model.safetensors/', ")):
         load_checkpoint_dir(path)
+
+
+UNREADABLE = [("openpi", "model.safetensors", ""), ("lerobot", "policy_postprocessor_step_0_unnormalizer_processor.safetensors", ""),
+              ("openpi", "assets/libero", ""), ("openpi", "assets/libero", "libero")]
+
+
+@pytest.mark.parametrize("kind,name,asset_id", UNREADABLE, ids=[f"{k}-{n}-{a}" for k, n, a in UNREADABLE])
+def test_an_unreadable_file_or_asset_folder_is_reported_as_unreadable(tmp_path: Path, kind: str, name: str,
+                                                                       asset_id: str) -> None:
+    # A checkpoint copied with another owner's modes: safetensors said "No such file or directory" of
+    # the weights there were, an unreadable assets/libero read as "found 0: []", and with its asset_id
+    # named a PermissionError escaped the CheckpointError hierarchy.
+    path = _write(kind, tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    (path / name).chmod(0)
+    try:
+        if os.access(path / name, os.R_OK):
+            pytest.skip("running with CAP_DAC_OVERRIDE (root): mode 0 does not stop reads")
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(path / name))}.*Permission denied"):
+            load_checkpoint_dir(path, asset_id=asset_id)
+    finally:
+        (path / name).chmod(0o755)
 
 
 def test_preset_of_another_geometry_names_the_preset_that_fits(tmp_path: Path) -> None:
