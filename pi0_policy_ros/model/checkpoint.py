@@ -7,6 +7,7 @@ collected and reported in one `CheckpointError`, with expected vs found shapes.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -47,6 +48,8 @@ EMBED_KEY = _PALIGEMMA + "language_model.embed_tokens.weight"
 TIED_EMBED_KEY = UNUSED_KEYS[0]
 # A checkpoint error lists this many tensors at most: beyond it, it is a whole other geometry.
 MAX_LISTED_PROBLEMS = 40
+# safetensors refuses headers above 100 MB: a larger length means the file is something else.
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 # Parameters kept in fp32 in bf16 mode, as openpi's `to_bfloat16_for_selected_params` does.
 _FP32_IN_BF16 = ("patch_embedding", "position_embedding", "input_layernorm", "post_attention_layernorm",
@@ -86,7 +89,34 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises several unrelated types for a bad file
-        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+        short = _cut_short(path)
+        raise CheckpointError(f"cannot read {path}: {short}" if short else
+                              f"cannot read {path} as safetensors: {exc}") from exc
+
+
+def _cut_short(path: Path) -> str | None:
+    """Why a safetensors file is shorter than its own header says (an interrupted copy or download),
+    or None. The format: an 8-byte little-endian header length, the JSON header, then the data,
+    each tensor at its header's `data_offsets` from the data's start."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"expected at least 8 bytes (the header's length), found {size}: the file is cut short (an interrupted copy?)"
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = f.read(header_len) if header_len <= MAX_SAFETENSORS_HEADER else b""
+    if not header.startswith(b"{"):
+        return None  # not a safetensors file at all: safetensors' own message says so
+    expected = 8 + header_len
+    if len(header) == header_len:
+        try:
+            entries = json.loads(header)
+            expected += max((entry["data_offsets"][1] for key, entry in entries.items() if key != "__metadata__"),
+                            default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+    if size >= expected:
+        return None
+    return f"expected at least {expected} bytes (its header's), found {size}: the file is cut short (an interrupted copy?)"
 
 
 def with_tied_embedding(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:

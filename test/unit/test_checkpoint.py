@@ -98,6 +98,23 @@ def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
         load_checkpoint(PI05, path)
 
 
+@pytest.mark.parametrize("cut", ["in the data", "in the header", "empty"])
+def test_a_half_written_file_is_reported_as_cut_short(weights, tmp_path: Path, cut: str) -> None:
+    # An interrupted copy or download gave only safetensors' "Error while deserializing header:
+    # incomplete metadata, file not fully covered" (or "invalid header length" when cut in the header).
+    path = tmp_path / "model.safetensors"
+    save_file(weights, str(path))
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    size, expected = {"in the data": (len(data) // 2, f"{len(data)} bytes (its header's)"),
+                      "in the header": (100, f"{header_end} bytes (its header's)"),
+                      "empty": (0, "8 bytes (the header's length)")}[cut]
+    path.write_bytes(data[:size])
+    with pytest.raises(CheckpointError, match=rf"cannot read {re.escape(str(path))}: expected at least "
+                                              rf"{re.escape(expected)}, found {size}: the file is cut short"):
+        read_safetensors(path)
+
+
 def test_integer_weights_are_refused_not_cast(weights, tmp_path: Path) -> None:
     # load_checkpoint casts to float32: int8 (quantized) values became weights without a word.
     path = tmp_path / "model.safetensors"
