@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -50,6 +51,7 @@ TIED_EMBED_KEY = UNUSED_KEYS[0]
 MAX_LISTED_PROBLEMS = 40
 # safetensors refuses headers above 100 MB: a larger length means the file is something else.
 MAX_SAFETENSORS_HEADER = 100_000_000
+GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 # Parameters kept in fp32 in bf16 mode, as openpi's `to_bfloat16_for_selected_params` does.
 _FP32_IN_BF16 = ("patch_embedding", "position_embedding", "input_layernorm", "post_attention_layernorm",
@@ -89,9 +91,20 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises several unrelated types for a bad file
-        short = _cut_short(path)
-        raise CheckpointError(f"cannot read {path}: {short}" if short else
+        why = _lfs_pointer(path) or _cut_short(path)
+        raise CheckpointError(f"cannot read {path}: {why}" if why else
                               f"cannot read {path} as safetensors: {exc}") from exc
+
+
+def _lfs_pointer(path: Path) -> str | None:
+    """What a Git LFS pointer file (a Hugging Face repo cloned without git-lfs) stands for, or None."""
+    with path.open("rb") as f:
+        head = f.read(1024)
+    if not head.startswith(GIT_LFS_POINTER):
+        return None
+    size = re.search(rb"^size (\d+)$", head, re.MULTILINE)
+    return (f"expected the weights, found a Git LFS pointer to them ({size[1].decode() if size else '?'} bytes); "
+            "fetch them with `git lfs pull` in the clone (or download the repository with huggingface-cli)")
 
 
 def _cut_short(path: Path) -> str | None:

@@ -440,6 +440,21 @@ def test_an_unreadable_file_or_asset_folder_is_reported_as_unreadable(tmp_path: 
         (path / name).chmod(0o755)
 
 
+def test_a_git_lfs_pointer_in_place_of_the_weights_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A Hugging Face repo cloned without git-lfs holds pointer files: safetensors said "header too large".
+    from pi0_policy_ros.cli import main
+
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    (path / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:"
+                                            f"{'0' * 64}\nsize 7016123456\n")
+    expected = (rf"cannot read {re.escape(str(path / 'model.safetensors'))}: expected the weights, found a Git LFS "
+                r"pointer to them \(7016123456 bytes\); fetch them with `git lfs pull`")
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint_dir(path)
+    assert main(["inspect", str(path)]) == 2
+    assert re.search(expected, capsys.readouterr().err)
+
+
 def test_preset_of_another_geometry_names_the_preset_that_fits(tmp_path: Path) -> None:
     # It listed all 810 tensors of the other geometry, and never said which preset the file is.
     path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
