@@ -123,6 +123,10 @@ class OfflineReplay:
             self._tick(tick_ns, out, summary)
             k += 1
         summary.end_ns = last_ns
+        # The chunks went out clamped (or held, rejected): the actions in the output bag are the
+        # filter's, not the policy's, which only these counters say.
+        summary.safety = dict(self.safety.counters)
+        self.monitor.set_values("safety", summary.safety)
         report = self.monitor.report(last_ns / NS_PER_S)
         summary.extra["diagnostics"] = {"level": report.level, "message": report.message,
                                         "values": {k: v for k, v in report.values.items() if not k.startswith("latency_")}}

@@ -348,6 +348,7 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
         for key, value in last.items():
             if key.startswith("input_errors.") and int(value) > 0:
                 summary.input_rejections[f"{key[len('input_errors.'):]}: {UNREPORTED_INPUT_ERROR}"] += int(value)
+        summary.safety = {key[len("safety."):]: int(value) for key, value in last.items() if key.startswith("safety.")}
         node_latency: dict[str, dict[str, float]] = {}
         for key, value in last.items():
             if key.startswith("latency_") and key.endswith("_ms"):

@@ -200,6 +200,11 @@ def format_summary(content: dict[str, Any]) -> Sequence[str]:
              f"{content['target_rate_hz']:.2f} Hz"]
     for hold in content["hold_reasons"][:5]:
         lines.append(f"  held {hold['count']} x: {hold['example']}")
+    for action in ("clamp", "reject"):
+        counts = [f"{key.partition('.')[2]} {n}" for key, n in content.get("safety", {}).items()
+                  if key.startswith(f"{action}.") and n]
+        if counts:
+            lines.append(f"  safety filter {action}ed: {', '.join(counts)}")
     for stage in ("infer", "observation_to_receipt"):
         pct = content["latency_ms"].get(stage)
         if pct:

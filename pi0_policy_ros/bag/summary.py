@@ -37,6 +37,8 @@ class ReplaySummary:
     chunks: chunks published. holds: hold reason kind -> ticks held for it.
     skipped_ticks: timer periods without a tick because inference was too slow (realtime only).
     input_rejections: reason kind -> input messages the node refused.
+    safety: the safety filter's counters (`clamp.<limit>`, `reject.<limit>`: its clamps and rejects
+    per limit), as the node's /diagnostics reports them under `safety.`.
     latencies_ms: stage -> samples (wall clock; not deterministic).
     duration_s: bag time replayed; achieved_rate_hz: chunks per second of bag time.
     """
@@ -53,6 +55,7 @@ class ReplaySummary:
     holds: Counter[str] = field(default_factory=Counter)
     hold_examples: dict[str, str] = field(default_factory=dict)
     input_rejections: Counter[str] = field(default_factory=Counter)
+    safety: dict[str, int] = field(default_factory=dict)
     latencies_ms: dict[str, list[float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +95,7 @@ class ReplaySummary:
             "hold_reasons": [{"reason": kind, "count": n, "example": self.hold_examples.get(kind, kind)}
                              for kind, n in self.holds.most_common()],
             "input_rejections": [{"reason": kind, "count": n} for kind, n in self.input_rejections.most_common()],
+            "safety": dict(self.safety),
             "latency_ms": {stage: percentiles_ms(v) for stage, v in sorted(self.latencies_ms.items())},
             **self.extra,
         }

@@ -209,3 +209,33 @@ def test_report_inside_the_output_bag(make_bag, params_file: Path, tmp_path: Pat
                  "--report", str(out / "report"), "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert (out / "metadata.yaml").is_file() and (out / "report" / "summary.json").is_file()
+
+
+def test_the_summary_counts_the_chunks_the_safety_filter_clamped(make_bag, tmp_path: Path, capsys) -> None:
+    # Every action's position limited to [-0.01, 0.01]: each chunk goes out clamped. The summary
+    # said 4 chunks, no hold, and nothing of the clamps that the node's /diagnostics counts.
+    bag = make_bag("report", 1.0)
+    params = Path(bag).parent / "libero.yaml"
+    code = main([str(bag), "--params", str(params), "--out", str(tmp_path / "out"), "--report",
+                 str(tmp_path / "report"), "--param", "safety_position_lower:=[-0.01]",
+                 "--param", "safety_position_upper:=[0.01]", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["chunks"] == 4 and summary["safety"]["clamp.position"] == 4
+    assert summary["diagnostics"]["values"]["safety.clamp.position"] == "4"  # as the node's /diagnostics
+    assert "safety filter clamped: position 4" in out
+
+
+def test_realtime_summary_counts_the_safety_filter_from_the_node(params_file: Path) -> None:
+    from types import SimpleNamespace
+
+    from pi0_policy_ros.bag.inputs import DIAGNOSTIC_ARRAY_TYPE, make_setup
+    from pi0_policy_ros.bag.realtime import _summarize
+    from pi0_policy_ros.bag.summary import ReplaySummary
+
+    values = {"active": "True", "ticks": "10", "holds": "1", "safety.clamp.step": "9", "safety.reject.step": "1"}
+    player = SimpleNamespace(records=[("/diagnostics", DIAGNOSTIC_ARRAY_TYPE, 0, _diagnostics_cdr(values))])
+    summary = ReplaySummary("realtime", "bag", "out", 5.0)
+    _summarize(summary, player, make_setup(params_file))  # type: ignore[arg-type]
+    assert summary.to_json()["safety"] == {"clamp.step": 9, "reject.step": 1}
