@@ -179,6 +179,7 @@ class OfflineReplay:
             summary.record_latencies(timings)
             self.monitor.published(now_s, timings, result.age_s, result.camera_skew_s)
         else:
+            summary.waited_ticks += 1
             self.monitor.waited(now_s)
         if self.keep_ticks and result.outcome != "wait":
             self.ticks.append(_record(tick_ns, result))

@@ -330,6 +330,8 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
         summary.ticks = int(last.get("ticks", 0))
         summary.skipped_ticks = int(last.get("skipped_ticks", 0))
         held = int(last.get("holds", 0))
+        if "chunks_published" in last:  # the rest of its ticks waited on the chunk schedule
+            summary.waited_ticks = max(0, summary.ticks - held - int(last["chunks_published"]))
         # /diagnostics shows only the latest hold reason: split the node's hold count over the
         # reasons in proportion to the reports that showed them.
         total_seen = sum(seen_reasons.values())
