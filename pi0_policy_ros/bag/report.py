@@ -8,7 +8,8 @@ input bag, mapped by name with the node's own `convert.joint_positions`.
 - `action_<i>_<name>.png`: the same panel, larger.
 Each panel draws every chunk as a line over its own times (observation stamp + k * action
 period), coloured from early (dark) to late (light), and the recorded joint state of the same
-name in black (or of the same index, when no joint has the action's name).
+name in black (or of the same index, when no joint has the action's name), broken where the
+recording has no joint state for longer than `max_observation_age_s`.
 """
 
 from __future__ import annotations
@@ -109,12 +110,23 @@ def _draw_panel(ax: Any, dim: int, chunks: ChunkSeries, states: StateSeries, con
                 label="first action of each chunk")
     column, label = _state_column(config, dim)
     if column is not None and states.times_s.size:
-        ax.plot(states.times_s - t0_s, states.positions[:, column], color="black", linewidth=1.0, label=label)
+        times_s, values = _break_at_gaps(states.times_s - t0_s, states.positions[:, column],
+                                         config.control.max_observation_age_s)
+        ax.plot(times_s, values, color="black", linewidth=1.0, label=label)
     ax.autoscale_view()
     ax.set_title(f"[{dim}] {name}", fontsize=9)
     ax.set_xlabel("bag time (s)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
+
+
+def _break_at_gaps(times_s: np.ndarray, values: np.ndarray, max_gap_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """A NaN point (where matplotlib breaks the line) between samples further apart than
+    `max_gap_s`: across a recording gap the line read as joints measured moving, where the node
+    had no state at all (older than max_observation_age_s: it held)."""
+    gaps = np.flatnonzero(np.diff(times_s) > max_gap_s) + 1
+    return (np.insert(times_s.astype(np.float64), gaps, np.nan),
+            np.insert(values.astype(np.float64), gaps, np.nan))
 
 
 def _file_name(dim: int, name: str) -> str:

@@ -269,3 +269,26 @@ def test_realtime_summary_counts_the_ticks_that_waited_on_schedule(params_file: 
     summary = ReplaySummary("realtime", "bag", "out", 5.0)
     _summarize(summary, player, make_setup(params_file))  # type: ignore[arg-type]
     assert summary.to_json()["waited_ticks"] == 5
+
+
+def test_the_joint_state_line_breaks_where_the_recording_has_a_gap(params_file: Path) -> None:
+    # joint_states at 100 Hz, then nothing for 2 s (a recorder stall), then again: the black line
+    # was drawn straight across the 2 s, as if the joints had been measured moving there.
+    from matplotlib import pyplot as plt
+
+    from pi0_policy_ros.bag.report import ChunkSeries, StateSeries, overview_figure
+
+    _, config = _libero_config(params_file)
+    times = np.concatenate([np.arange(100) * 0.01, 3.0 + np.arange(100) * 0.01])
+    positions = np.stack([np.linspace(0.0, 1.0, 200)] * 8, axis=1)
+    fig = overview_figure(ChunkSeries(np.zeros(0), np.zeros((0, 0, 0), np.float32)), StateSeries(times, positions),
+                          config, 0.05, 0.0)
+    try:
+        (line,) = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("joint state")]
+        x, y = (np.asarray(v, dtype=np.float64) for v in line.get_data())
+    finally:
+        plt.close(fig)
+    assert np.count_nonzero(np.isnan(y)) == 1  # one break, between 0.99 s and 3.0 s
+    gap = int(np.flatnonzero(np.isnan(y))[0])
+    assert x[gap - 1] == 0.99 and x[gap + 1] == 3.0
+    np.testing.assert_array_equal(y[~np.isnan(y)], positions[:, 0])
