@@ -46,6 +46,8 @@ class InputBag:
     def __enter__(self) -> InputBag:
         if not self.path.exists():
             raise BagError(f"bag {self.path}: not found")
+        if self.path.is_dir() and not (self.path / "metadata.yaml").exists():
+            raise BagError(_without_metadata(self.path))
         if self.path.is_file() and _compresses_messages_of(self.path):
             # Read alone, the storage file yields zstd frames where CDR is expected.
             raise BagError(f"bag {self.path}: its messages are compressed (metadata.yaml: compression_mode "
@@ -159,6 +161,20 @@ class InputBag:
         """(topic, bag time ns, decoded message) in bag-time order."""
         for topic, msgtype, t_ns, raw in self.raw_messages(topics):
             yield topic, t_ns, self.decode(topic, msgtype, t_ns, raw)
+
+
+def _without_metadata(path: Path) -> str:
+    """The error for a bag directory without metadata.yaml. rosbag2 writes it when a recording ends,
+    so a recording still running, or one whose recorder was killed, has none; rosbags' own error
+    named the directory as the missing file."""
+    files = sorted(p.name for p in path.iterdir() if p.suffix in (".mcap", ".db3"))
+    if not files:
+        return (f"bag {path}: unreadable: no metadata.yaml in it and no .mcap or .db3 file: expected a rosbag2 "
+                f"bag directory")
+    which = f"its storage file {files[0]}" if len(files) == 1 else f"one of its storage files {files}"
+    return (f"bag {path}: unreadable: no metadata.yaml in it (rosbag2 writes it when a recording ends: a recording "
+            f"still running, or whose recorder was killed, has none): give {which} instead, or write it with "
+            f"`ros2 bag reindex {path}`")
 
 
 def _is_sqlite3(path: Path) -> bool:

@@ -59,6 +59,25 @@ def test_unreadable_bag(make_bag, params_file: Path, tmp_path: Path, capsys, dam
     assert f"error: bag {bag}: {expected}" in error
 
 
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_bag_directory_without_metadata_names_what_to_do(params_file: Path, tmp_path: Path, capsys,
+                                                        storage: str) -> None:
+    # rosbag2 writes metadata.yaml when the recording ends: a bag still being recorded, or one whose
+    # recorder was killed, has none. The error read "Expected metadata file '<the directory>' does not
+    # exist", naming the directory as the missing file, and said nothing of the storage file, which
+    # rosbags reads alone.
+    bag = tmp_path / "recording"
+    write_demo_bag(bag, demo_topics(params_file=params_file), duration_s=0.6, storage=storage)
+    (bag / "metadata.yaml").unlink()
+    storage_file = bag / f"recording.{'mcap' if storage == 'mcap' else 'db3'}"
+    error = replay(bag, params_file, tmp_path / "out", capsys)
+    assert f"error: bag {bag}: unreadable: no metadata.yaml in it" in error
+    assert f"give its storage file {storage_file.name}" in error and f"ros2 bag reindex {bag}" in error
+    assert "Expected metadata file" not in error
+    code = main([str(storage_file), "--params", str(params_file), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, capsys.readouterr().err  # as the error says
+
+
 def test_empty_bag(params_file: Path, tmp_path: Path, capsys) -> None:
     with OutputBag(tmp_path / "empty") as bag:
         bag.add_topic("/joint_states", JOINT_STATE_TYPE)
