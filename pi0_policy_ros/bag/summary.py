@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping, TextIO
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+# Not the digits of a name ('joint_7', 'cam_1', 'bgr8'): masked, a missing joint read 'joint_#'.
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 
 def reason_kind(reason: str) -> str:
@@ -36,7 +37,7 @@ class ReplaySummary:
     ticks: control ticks (offline: simulated; realtime: the node's own count, from /diagnostics).
     chunks: chunks published. holds: hold reason kind -> ticks held for it.
     skipped_ticks: timer periods without a tick because inference was too slow (realtime only).
-    input_rejections: reason kind -> input messages the node refused.
+    input_rejections: reason kind -> input messages the node refused; rejection_examples: kind -> its first reason.
     safety: the safety filter's counters (`clamp.<limit>`, `reject.<limit>`: its clamps and rejects
     per limit), as the node's /diagnostics reports them under `safety.`.
     latencies_ms: stage -> samples (wall clock; not deterministic).
@@ -59,6 +60,7 @@ class ReplaySummary:
     holds: Counter[str] = field(default_factory=Counter)
     hold_examples: dict[str, str] = field(default_factory=dict)
     input_rejections: Counter[str] = field(default_factory=Counter)
+    rejection_examples: dict[str, str] = field(default_factory=dict)
     safety: dict[str, int] = field(default_factory=dict)
     latencies_ms: dict[str, list[float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +80,9 @@ class ReplaySummary:
         self.hold_examples.setdefault(kind, reason)
 
     def reject_input(self, reason: str) -> None:
-        self.input_rejections[reason_kind(reason)] += 1
+        kind = reason_kind(reason)
+        self.input_rejections[kind] += 1
+        self.rejection_examples.setdefault(kind, reason)
 
     def record_latencies(self, timings_ms: Mapping[str, float]) -> None:
         for stage, ms in timings_ms.items():
@@ -100,7 +104,8 @@ class ReplaySummary:
             "waited_ticks": self.waited_ticks,
             "hold_reasons": [{"reason": kind, "count": n, "example": self.hold_examples.get(kind, kind)}
                              for kind, n in self.holds.most_common()],
-            "input_rejections": [{"reason": kind, "count": n} for kind, n in self.input_rejections.most_common()],
+            "input_rejections": [{"reason": kind, "count": n, "example": self.rejection_examples.get(kind, kind)}
+                                 for kind, n in self.input_rejections.most_common()],
             "safety": dict(self.safety),
             "latency_ms": {stage: percentiles_ms(v) for stage, v in sorted(self.latencies_ms.items())},
             **self.extra,

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from rosbags.highlevel import AnyReader
 
 from pi0_policy_ros.bag.replay import main
 
@@ -292,3 +293,29 @@ def test_the_joint_state_line_breaks_where_the_recording_has_a_gap(params_file: 
     gap = int(np.flatnonzero(np.isnan(y))[0])
     assert x[gap - 1] == 0.99 and x[gap + 1] == 3.0
     np.testing.assert_array_equal(y[~np.isnan(y)], positions[:, 0])
+
+
+def test_the_summarys_reasons_keep_the_names_that_hold_digits(make_bag, tmp_path: Path, capsys) -> None:
+    # joint_states without joint_7: input_rejections read "lacks joints ['joint_#']: expected all of
+    # ['joint_#', ...]" (every digit of a name masked, as the numbers that vary), with no example.
+    from pi0_policy_ros.bag.record import OutputBag
+    from pi0_policy_ros.bag.summary import reason_kind
+
+    bag = make_bag("report", 1.0)
+    params = Path(bag).parent / "libero.yaml"
+    with AnyReader([bag]) as reader, OutputBag(tmp_path / "seven") as out:
+        for c, t_ns, raw in reader.messages():
+            msg = reader.deserialize(raw, c.msgtype)
+            if c.topic == "/joint_states":
+                msg.name, msg.position = msg.name[:7], msg.position[:7]
+            out.write_message(c.topic, c.msgtype, t_ns, msg)
+    code = main([str(tmp_path / "seven"), "--params", str(params), "--out", str(tmp_path / "out"), "--report",
+                 str(tmp_path / "report"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    (rejection,) = json.loads((tmp_path / "report" / "summary.json").read_text())["input_rejections"]
+    assert "lacks joints ['joint_7']" in rejection["reason"] and rejection["count"] > 0
+    assert rejection["example"].startswith("joint_states lacks joints ['joint_7']: expected all of ['joint_0'")
+    # Numbers still group: the same cause with other values is one kind.
+    assert reason_kind("camera 'cam_1' is stale: found 0.434 s, limit -1e-3") == \
+        reason_kind("camera 'cam_1' is stale: found 2.5 s, limit 7") != reason_kind("camera 'cam_2' is stale: found 2 s")
+    assert reason_kind("found '8UC3', expected one of ['bgr8', 'rgb8']") == "found '#UC3', expected one of ['bgr8', 'rgb8']"
