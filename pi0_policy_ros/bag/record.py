@@ -67,12 +67,15 @@ def check_output_path(path: str | Path, overwrite: bool) -> None:
                           f"{os.readlink(path)}; give the path it points to, or remove the link")
     if not path.exists():
         return
-    if not overwrite:
-        raise OutputError(f"output {path} already exists: remove it or pass --overwrite")
     if not (path.is_dir() and (path / "metadata.yaml").is_file()):
         found = "a directory without metadata.yaml" if path.is_dir() else "a file"
+        if not overwrite:  # advice to pass --overwrite would only meet the refusal below
+            raise OutputError(f"output {path} already exists ({found}, not a bag): remove it yourself or choose "
+                              f"another path")
         raise OutputError(f"output {path}: --overwrite replaces only a bag directory (with metadata.yaml), "
                           f"found {found}; remove it yourself or choose another path")
+    if not overwrite:
+        raise OutputError(f"output {path} already exists: remove it or pass --overwrite")
 
 
 def rclpy_to_cdr(msg: Any, msgtype: str, store: Typestore | None = None) -> bytes:

@@ -153,6 +153,18 @@ def test_overwrite_refuses_what_is_not_a_bag(make_bag, params_file: Path, tmp_pa
     assert (out / "model.safetensors").read_bytes() == b"weights" if kind == "directory" else out.read_text() == "data"
 
 
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_an_existing_output_that_is_not_a_bag_is_not_met_with_overwrite_advice(make_bag, params_file: Path,
+                                                                              tmp_path: Path, capsys, kind: str) -> None:
+    # The error said "remove it or pass --overwrite"; doing the latter only got the next refusal.
+    out = tmp_path / "precious"
+    out.mkdir() if kind == "directory" else out.write_text("data")
+    error = main([str(make_bag("to_replay", 0.5)), "--params", str(params_file), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert error == 2 and f"output {out} already exists" in err
+    assert "pass --overwrite" not in err and "choose another path" in err
+
+
 def test_overwrite_replaces_a_bag(make_bag, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(make_bag("old_output", 0.5), out)
