@@ -48,6 +48,7 @@ from pi0_policy_ros.control.scheduler import (INDEX_TOLERANCE, ChunkScheduler, I
 from pi0_policy_ros.control.trajectory import (TrajectoryPlan, check_control_period, expired_reason,
                                                finite_difference_velocities, plan_trajectory, rest_at_end)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
+from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES
 from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 
 PUBLISH, HOLD, WAIT = "publish", "hold", "wait"
@@ -110,9 +111,11 @@ def action_state_indices(joint_names: Sequence[str], action_joint_names: Sequenc
                          action_space: str = "joint_position") -> tuple[int, ...] | None:
     """Where each action joint sits in the state vector; None when the actions are not joint
     positions (velocities, end-effector deltas) or some action joint is not a measured joint:
-    then there is no measured position to compare actions with or to hold."""
+    then there is no measured position to compare actions with or to hold. The generic profile's
+    actions (`unspecified`) go out on the trajectory as joint positions, so they count as such:
+    else its step and velocity limits never applied from the measured position, nor hold_position."""
     index = {name: i for i, name in enumerate(joint_names)}
-    if action_space != "joint_position" or not action_joint_names:
+    if action_space not in TRAJECTORY_ACTION_SPACES or not action_joint_names:
         return None
     if any(name not in index for name in action_joint_names):
         return None

@@ -283,6 +283,23 @@ def test_safety_parameters_clamp_what_is_published(make_node, probe) -> None:
     assert int(values["safety.clamp.position"]) >= 1 and int(values["safety.reject.position"]) == 0
 
 
+def test_generic_profile_chunks_start_within_the_step_limit_of_the_measured_position(make_node, probe) -> None:
+    """The generic profile's actions (`unspecified`) go out on ~/joint_trajectory as joint positions,
+    so the step limit applies from the measured position as for joint positions: the chunk's first
+    action here is ~0.3 from the state (the images' term), and went out unclamped."""
+    from dataclasses import replace
+
+    active(make_node, params={"safety_max_step": [0.05]}, profile=replace(PROFILE, action_space="unspecified"))
+    wait_for(lambda: probe.counts()[1] >= 2)
+    with probe.lock:
+        chunks, state = list(probe.chunks), probe.state.copy()
+    for msg in chunks:
+        first = action_chunk_from_message(msg)[0].astype(np.float64)
+        assert np.all(np.abs(first - state) <= 0.05 + 1e-6), (first, state)
+    values = wait_for(lambda: probe.latest_values("running"))
+    assert int(values["safety.clamp.step"]) >= 1
+
+
 def test_safety_reject_holds_and_the_node_recovers(make_node, probe) -> None:
     node = active(make_node, params={**SAFETY_LIMITS, "safety_position_policy": "reject"})
     values = wait_for(lambda: (v := probe.latest_values("holding")) and int(v.get("holds.safety_reject", 0)) >= 3
@@ -539,12 +556,18 @@ def test_chunk_stamps_are_observation_stamps_numbered_from_zero_at_each_activati
         assert node.trigger_activate() == SUCCESS
 
 
+@pytest.mark.parametrize("action_space", ["joint_position", "unspecified"])
 @pytest.mark.parametrize("set_while_active", [False, True], ids=["from_start", "set_while_active"])
-def test_hold_position_sends_one_hold_point_when_a_tick_holds(make_node, probe, set_while_active: bool) -> None:
+def test_hold_position_sends_one_hold_point_when_a_tick_holds(make_node, probe, set_while_active: bool,
+                                                              action_space: str) -> None:
     """hold_mode: hold_position (a dynamic parameter: also when set while active). The first held tick
     after a trajectory of ours publishes one point at the measured position, velocity zero, one control
-    period ahead, with no chunk; the ticks that hold after it send nothing."""
-    node = active(make_node, params={} if set_while_active else {"hold_mode": "hold_position"})
+    period ahead, with no chunk; the ticks that hold after it send nothing. The generic profile's
+    actions (`unspecified`) go out as joint positions too, so they hold alike."""
+    from dataclasses import replace
+
+    node = active(make_node, params={} if set_while_active else {"hold_mode": "hold_position"},
+                  profile=replace(PROFILE, action_space=action_space))
     wait_for(lambda: probe.counts()[0] >= 2)
     if set_while_active:
         assert node.set_parameters([Parameter("hold_mode", value="hold_position")])[0].successful

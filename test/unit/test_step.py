@@ -286,6 +286,7 @@ def test_action_state_indices() -> None:
     assert action_state_indices(["a", "b", "c"], ["c", "a"]) == (2, 0)
     assert action_state_indices(["a", "b"], ["a", "x"]) is None
     assert action_state_indices(["a", "b"], ["a", "b"], "joint_velocity") is None
+    assert action_state_indices(["a", "b"], ["b", "a"], "unspecified") == (1, 0)  # the generic profile
 
 
 def test_monitor_counts_holds_per_kind_on_the_callers_clock() -> None:
