@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import signal
 import sys
@@ -125,6 +126,7 @@ from rclpy.exceptions import (
 )
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.logging import LoggingSeverity
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.publisher import Publisher
@@ -1094,6 +1096,39 @@ class ExitSignals:
         self.received.set()
 
 
+class RosLogHandler(logging.Handler):
+    """This package's Python `logging` records (policy, checkpoint, engine) through the node's logger.
+    Without a handler, Python printed only WARNING and above, bare on stderr and not on /rosout, and
+    dropped the INFO lines (the policy loaded, a checkpoint's default action horizon)."""
+
+    def __init__(self, logger: Any) -> None:
+        super().__init__()
+        self._logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                self._logger.error(message)
+            elif record.levelno >= logging.WARNING:
+                self._logger.warning(message)
+            elif record.levelno >= logging.INFO:
+                self._logger.info(message)
+            else:
+                self._logger.debug(message)
+        except Exception:  # noqa: BLE001 - logging must not raise into the code that logs
+            self.handleError(record)
+
+
+def forward_package_logging(logger: Any) -> RosLogHandler:
+    """Routes the package's Python logging to `logger` (an rclpy logger), at its level (--log-level)."""
+    handler = RosLogHandler(logger)
+    package = logging.getLogger(__package__.split(".")[0])
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG if logger.is_enabled_for(LoggingSeverity.DEBUG) else logging.INFO)
+    return handler
+
+
 def main(args: list[str] | None = None) -> int:
     try:
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
@@ -1106,6 +1141,7 @@ def main(args: list[str] | None = None) -> int:
     executor: MultiThreadedExecutor | None = None
     try:
         node = PolicyNode()
+        forward_package_logging(node.get_logger())
         executor = make_executor()
         executor.add_node(node)
         spin_until_shutdown(executor, signals.received)  # within one spin timeout of the first signal

@@ -209,3 +209,20 @@ def test_signals_until_the_process_is_gone_still_end_in_a_clean_exit(probe, name
     assert "hold_position: hold point sent at the measured position" in log, log
     wait_for(lambda: probe.latest_status("shut down"))
     assert "Traceback" not in log, log
+
+
+def test_the_policys_log_lines_go_out_through_the_node_logger(probe, namespace: str, tmp_path: Path) -> None:
+    """The policy, checkpoint and engine modules log with Python's `logging`. The node's process had
+    no handler for it: Python printed only the warnings, bare on stderr and not on /rosout, and dropped
+    the INFO lines (the policy loaded, a checkpoint's default horizon, which README says a log line
+    reports). They go through the node's logger, at its levels."""
+    from rcl_interfaces.msg import Log
+
+    process = start_node(tmp_path, namespace, autostart=True)
+    try:
+        ready = until(lambda: probe.log_lines(Log.INFO, "policy ready: random weights"), process)
+        warned = probe.log_lines(Log.WARN, "the engine runs the eager reference model")
+    finally:
+        code, log = stop(process, signal.SIGINT, tmp_path)
+    assert ready and warned and code == 0, f"{probe.summary()}\n{log}"
+    assert "torch CPU threads set to 1" in log, log
