@@ -343,6 +343,10 @@ class PolicyNode(LifecycleNode):
             self.declare_parameter(spec.name, default, descriptor, ignore_override=True)
             self._bad_overrides[spec.name] = str(exc)
             self.get_logger().error(f"parameter {spec.name}: {exc}; configure will fail until it is set")
+        if default is not spec.default and self.get_parameter_or(spec.name).type_ == Parameter.Type.NOT_SET:
+            # Declared by type alone it has no value, and rclpy's ~/get_parameters then answers no
+            # value for the whole request (`ros2 param get` / `dump` found nothing): give it [].
+            self.set_parameters([Parameter(spec.name, default, [])])
 
     def parameter_values(self) -> dict[str, Any]:
         values: dict[str, Any] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import sys
 import threading
 import time
@@ -208,6 +209,31 @@ def test_parameters_rejected_with_reasons(make_node, probe) -> None:
     for name, value in [("max_camera_skew_s", 0.05), ("max_observation_age_s", 0.25), ("max_future_stamp_s", 0.02)]:
         assert node.set_parameters([Parameter(name, value=value)])[0].successful
         assert getattr(node._buffer.config, name) == value, name  # what the next snapshot is checked against
+
+
+def test_every_parameter_has_a_value_over_the_parameter_service(make_node, probe) -> None:
+    """`ros2 param get` and `ros2 param dump` read ~/get_parameters. The empty arrays were declared by
+    type alone, which leaves them without a value: rclpy then answers no value at all, for the whole
+    request (`ros2 param dump` printed nothing). Each parameter reads as its value or default."""
+    from rcl_interfaces.srv import GetParameters
+    from rclpy.parameter import parameter_value_to_python
+
+    from pi0_policy_ros.ros.params import PARAMS
+
+    node = make_node()
+    client = probe.create_client(GetParameters, f"{node.get_fully_qualified_name()}/get_parameters")
+    try:
+        assert client.wait_for_service(timeout_sec=10.0)
+        future = client.call_async(GetParameters.Request(names=[spec.name for spec in PARAMS]))
+        values = wait_for(lambda: future.done() and future.result().values, describe=lambda: str(future.result()))
+    finally:
+        probe.destroy_client(client)
+    def plain(value):  # arrays come as array.array or list
+        return list(value) if isinstance(value, (list, tuple, array.array)) else value
+
+    got = {spec.name: plain(parameter_value_to_python(value)) for spec, value in zip(PARAMS, values)}
+    assert got == {spec.name: plain(node.parameter_values()[spec.name]) for spec in PARAMS}
+    assert got["camera_topics"] == [] and got["safety_max_step"] == [] and got["profile_delta_action_mask"] == []
 
 
 def test_configure_failure_then_fix(make_node, probe) -> None:
