@@ -147,7 +147,10 @@ class Engine:
             check_precision_on_gpu(precision, torch.cuda.get_device_capability(dev), torch.cuda.get_device_name(dev))
         if mode == "eager":
             global _fallback_logged
-            if not cuda and not _fallback_logged:  # a fallback, not eager asked for on a CUDA device
+            if dev.type == "cpu":  # asked for: said, not warned (the warning read as a fault on every CPU run)
+                log.info("device %s: the engine runs the eager reference model (its CUDA graphs and kernels need "
+                         "a CUDA device)", dev)
+            elif not cuda and not _fallback_logged:  # a fallback, not eager asked for on a CUDA device
                 log.warning("CUDA is not available for device %s: the engine runs the eager reference model "
                             "(correct, but slow)", dev)
                 _fallback_logged = True

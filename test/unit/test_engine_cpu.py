@@ -329,6 +329,20 @@ def test_fallback_without_cuda_logs_once(small, caplog) -> None:
         Engine.create(model, shape, "cpu", mode="graphs")
 
 
+def test_the_cpu_asked_for_is_said_not_warned(small, caplog) -> None:
+    # "CUDA is not available for device cpu" was a WARNING on every CPU run (the demo, a replay),
+    # false on a GPU machine told to use the CPU, and read as a fault.
+    cfg, model = small
+    import pi0_policy_ros.engine.engine as engine_mod
+    engine_mod._fallback_logged = False
+    with caplog.at_level(logging.INFO, logger="pi0_policy_ros.engine.engine"):
+        engine = Engine.create(model, EngineShape.for_model(cfg), "cpu")
+    assert engine.mode == "eager" and not engine_mod._fallback_logged
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "device cpu: the engine runs the eager reference model (its CUDA graphs and kernels need "
+                       "a CUDA device)")]
+
+
 def test_eager_asked_for_on_a_cuda_device_is_no_fallback(small, caplog, monkeypatch) -> None:
     cfg, model = small
     import pi0_policy_ros.engine.engine as engine_mod
