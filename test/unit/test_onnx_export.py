@@ -275,6 +275,16 @@ def test_cli_fp8_file_names_are_the_readmes(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "prefix.fp8.onnx", "vision.fp16.onnx"]
 
 
+def test_cli_fp16_verify_prints_only_its_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """onnxruntime's own warnings (six colored "Could not find a CPU kernel and hence can't constant
+    fold Sqrt node" lines for the fp16 prefix) went to the terminal between the report's lines."""
+    argv = ["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--stages", "prefix", "--precision", "fp16",
+            "--verify"]
+    assert export_cli.main(argv) == 0
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out.startswith("prefix  fp16") and captured.out.count("\n") == 1
+
+
 def _fail_on_prefix(export_stage: Any, stage: Any, *args: Any) -> ox.ExportedStage:
     if stage.signature.stage == "prefix":
         raise ox.ExportError("prefix export failed")
