@@ -314,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
         # flag was dropped without a word.
         raise ConfigError("--variants times the denoise-chain variants (torch ops, Triton configs) as CUDA graphs: "
                           "expected the GPU engine, found --cpu (the eager CPU fallback), which has none")
+    if "fp8" in precisions and not cuda:
+        # The eager fallback has no FP8 path: "[fp8]" timed the bf16 model again under that name.
+        raise ConfigError("--precision fp8: expected the GPU engine (its FP8 prefix), found --cpu (the eager CPU "
+                          "fallback, which has no FP8 path and would run bfloat16): use bfloat16 or float32")
     device = torch.device("cuda" if cuda else "cpu")
     cfg = get_preset(args.preset)
     changes = {}

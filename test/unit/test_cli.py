@@ -207,6 +207,19 @@ def test_bench_variants_on_the_cpu_fallback_are_refused(tmp_path: Path, capsys: 
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_bench_fp8_on_the_cpu_fallback_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The eager fallback has no FP8 path: "[fp8]" timed the bf16 model again, with the bf16 errors.
+    from pi0_policy_ros.engine import bench
+
+    monkeypatch.setattr(bench, "_load_model", _model_loaded_too_early)
+    argv = ["bench", "--cpu", "--precision", "bfloat16,fp8", "--preset", "pi05_small", "--iterations", "1",
+            "--eager-iterations", "1", "--no-fp32-reference", "--json", str(tmp_path / "bench.json")]
+    assert main(argv) == 2
+    assert "--precision fp8: expected the GPU engine (its FP8 prefix), found --cpu" in one_error_line(capsys)
+    assert not (tmp_path / "bench.json").exists()
+
+
 def _refuse_non_json(constant: str) -> None:
     raise AssertionError(f"{constant} is not JSON: jq and JSON.parse refuse the document")
 
