@@ -332,11 +332,13 @@ def run(args: argparse.Namespace) -> int:
     valid_cameras, valid_tokens = min(args.valid_cameras, args.cameras), min(args.valid_tokens, shape.prompt_len)
     batches = [random_batch(shape, args.seed + i, valid_slots=valid_cameras, valid_tokens=valid_tokens)
                for i in range(3)]
+    # The eager fallback computes every slot and the whole prompt, whatever --full-prefix says.
+    compact = cuda and not args.full_prefix
     result: dict[str, object] = {"environment": _environment(device), "shape": {**vars(shape), "image_hw": list(args.image_size)},
                                  "preset": cfg.name, "checkpoint": args.checkpoint or None,
                                  "valid_cameras": valid_cameras, "valid_tokens": valid_tokens,
-                                 "compact_prefix": not args.full_prefix,
-                                 "prefix_rows": _prefix_rows(shape, batches[0], not args.full_prefix),
+                                 "compact_prefix": compact,
+                                 "prefix_rows": _prefix_rows(shape, batches[0], compact),
                                  "iterations": args.iterations, "precisions": {}}
     want_ref = not args.no_fp32_reference
     model = _load_model(cfg, args, device, torch.float32 if (want_ref or "float32" in precisions) else torch.bfloat16)

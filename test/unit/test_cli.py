@@ -238,6 +238,19 @@ def test_bench_json_records_the_valid_counts_that_ran(tmp_path: Path) -> None:
     assert result["precisions"]["bfloat16"]["copies_in_graphs"] is False  # the eager fallback has no graphs
 
 
+def test_bench_on_the_cpu_reports_the_full_prefix_it_computes(tmp_path: Path) -> None:
+    # The eager fallback computes every camera slot and the whole prompt; the report said
+    # "prefix rows computed: 544 (compact)" of 976, and --full-prefix changed nothing but that line.
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--cpu", "--preset", "pi05_small", "--valid-cameras", "2", "--valid-tokens", "24",
+            "--iterations", "1", "--eager-iterations", "1", "--no-fp32-reference", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["compact_prefix"] is False
+    rows = result["prefix_rows"]
+    assert (rows["slots"], rows["prompt"], rows["rows"]) == (3, 200, rows["full_rows"])
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_bench_reports_no_commit_for_a_copy_outside_its_checkout(tmp_path: Path) -> None:
     # An installed copy (site-packages in a .venv) inside another repository reported that
