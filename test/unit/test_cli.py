@@ -220,6 +220,16 @@ def test_bench_fp8_on_the_cpu_fallback_is_refused(tmp_path: Path, capsys: pytest
     assert not (tmp_path / "bench.json").exists()
 
 
+@pytest.mark.parametrize("option", [["--cameras", "100000000"], ["--image-size", "100000x100000"]])
+def test_bench_inputs_too_large_for_memory_are_one_error(option: list[str],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # A mistyped size was numpy's _ArrayMemoryError traceback (exit 1).
+    argv = ["bench", "--cpu", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1",
+            "--no-fp32-reference", *option]
+    assert main(argv) == 2
+    assert "pi0-policy bench: error: out of memory: Unable to allocate" in one_error_line(capsys)
+
+
 def _refuse_non_json(constant: str) -> None:
     raise AssertionError(f"{constant} is not JSON: jq and JSON.parse refuse the document")
 
