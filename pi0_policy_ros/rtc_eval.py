@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -32,6 +33,7 @@ import torch
 
 from pi0_policy_ros.cli import seed_argument
 from pi0_policy_ros.control.scheduler import (
+    MAX_INITIAL_LATENCY_S,
     SCHEDULER_MODES,
     ChunkScheduler,
     InferenceRequest,
@@ -73,8 +75,12 @@ class EvalSettings:
             raise ConfigError(f"delays: expected whole action periods >= 0, found {list(self.delays)}")
         if self.execute_horizon is not None and self.execute_horizon < 1:
             raise ConfigError(f"execute_horizon: expected at least 1 step, found {self.execute_horizon}")
-        if not self.period_s > 0:
-            raise ConfigError(f"period_s: expected > 0 s, found {self.period_s}")
+        if not (math.isfinite(self.period_s) and self.period_s > 0):
+            raise ConfigError(f"period_s: expected > 0 s and finite, found {self.period_s}")
+        if max(self.delays) * self.period_s > MAX_INITIAL_LATENCY_S:  # each run's scheduler assumes d periods
+            most = int(MAX_INITIAL_LATENCY_S // self.period_s)
+            raise ConfigError(f"delays: expected at most {MAX_INITIAL_LATENCY_S} s of latency ({most} periods of "
+                              f"{self.period_s} s), found {[d for d in self.delays if d > most]}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:  # the chunks' noise seeds are seed * 1_000_003 + chunk
             raise ConfigError(f"seed: expected an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], found {self.seed!r}")
 

@@ -41,6 +41,9 @@ INDEX_TOLERANCE = 1e-3  # in action periods: within this of a grid point is on i
 # carry ~2e-7 s of rounding, 5e-5 periods at 200 Hz)
 
 
+MAX_INITIAL_LATENCY_S = 60.0  # the largest latency a config may assume before the first measurement
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How chunks are spliced and when inference starts.
@@ -75,7 +78,7 @@ class SchedulerConfig:
         if self.latency_window < 1:
             raise ConfigError(f"latency_window must be >= 1 sample, found {self.latency_window}")
         for name, lo, hi in (("max_guidance_weight", 0.0, 1e3), ("ensemble_decay", 0.0, 1e3),
-                             ("latency_percentile", 0.0, 100.0), ("initial_latency_s", 0.0, 60.0)):
+                             ("latency_percentile", 0.0, 100.0), ("initial_latency_s", 0.0, MAX_INITIAL_LATENCY_S)):
             value = getattr(self, name)
             if not (math.isfinite(value) and lo <= value <= hi):
                 raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}], found {value!r}")

@@ -46,6 +46,11 @@ def test_boundary_jumps_order_naive_ensemble_rtc(tmp_path: Path, restore_threads
     (["--delays", "10"], "chunk horizon 10, found [10]"),  # pi05_small: H = 10; nothing would run
     (["--execute-horizon", "0"], "execute_horizon: expected at least 1"),
     (["--period-s", "0"], "period_s: expected > 0"),
+    # both were "initial_latency_s must be a finite number in [0.0, 60.0], found nan" (or 70.0): a
+    # setting rtc-eval has no option for
+    (["--period-s", "inf"], "period_s: expected > 0 s and finite, found inf"),
+    (["--period-s", "10", "--delays", "7"], "delays: expected at most 60.0 s of latency (6 periods of 10.0 s), "
+                                            "found [7]"),
     (["--cpu-threads", "0"], "--cpu-threads: expected at least 1"),
     (["--fixture-dir", "/nonexistent"], "checkpoint file not found"),
 ])
