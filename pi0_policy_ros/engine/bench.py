@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -472,12 +473,12 @@ def format_table(result: dict) -> str:
              f"prefix rows computed: {result['prefix_rows']} ({'compact' if result['compact_prefix'] else 'full'})"]
     for p, r in result["precisions"].items():
         t = r["timings_ms"]
+        peak = f"  peak GPU {r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else ""
         lines.append(f"\n[{p}] mode={r['mode']} denoise={r['denoise_kernels']}  configure: fuse {r['fuse_s']:.1f}s "
-                     f"warm-up {r['warmup_s']:.1f}s capture {r['capture_s']:.2f}s  peak GPU "
-                     f"{r.get('peak_gpu_gib', float('nan')):.2f} GiB")
+                     f"warm-up {r['warmup_s']:.1f}s capture {r['capture_s']:.2f}s{peak}")
         lines.append(f"{'stage':<13}{'median':>9}{'p90':>9}{'p99':>9}{'eager bf16':>12}{'speed-up':>10}")
         for name in ("h2d", *STAGES, "host_prepare", "host_launch", "host_wait", "e2e"):
-            if name not in t:
+            if name not in t or not math.isfinite(t[name]["median"]):  # not measured: no CUDA events
                 continue
             e = eager.get(name, {}).get("median")
             su = f"{e / t[name]['median']:.1f}x" if e else ""
@@ -499,10 +500,12 @@ def format_table(result: dict) -> str:
         r = result.get("rtc", {}).get(label)
         if r:
             t = r["timings_ms"]
-            lines.append(f"\n[bfloat16 {label}] denoise={r['denoise_kernels']}  chain {t['denoise']['median']:.3f} ms "
-                         f"median, p99 {t['denoise']['p99']:.3f} = {r.get('denoise_over_plain_chain', float('nan')):.2f}x "
-                         f"the plain chain; e2e {t['e2e']['median']:.3f} ms; max |actions - eager guided bf16| "
-                         f"{r['vs_eager_guided_bf16']['max_abs']:.2e}")
+            chain = ""
+            if math.isfinite(t["denoise"]["median"]):  # not measured without CUDA events
+                chain = (f"  chain {t['denoise']['median']:.3f} ms median, p99 {t['denoise']['p99']:.3f} = "
+                         f"{r.get('denoise_over_plain_chain', float('nan')):.2f}x the plain chain;")
+            lines.append(f"\n[bfloat16 {label}] denoise={r['denoise_kernels']}{chain} e2e {t['e2e']['median']:.3f} ms; "
+                         f"max |actions - eager guided bf16| {r['vs_eager_guided_bf16']['max_abs']:.2e}")
     return "\n".join(lines)
 
 

@@ -261,6 +261,25 @@ def test_bench_on_the_cpu_reports_the_full_prefix_it_computes(tmp_path: Path) ->
     assert (rows["slots"], rows["prompt"], rows["rows"]) == (3, 200, rows["full_rows"])
 
 
+def test_bench_table_on_the_cpu_has_no_unmeasured_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    # Without CUDA events only e2e is measured: the table had seven rows of "nan nan nan", a
+    # speed-up of "nanx", a "peak GPU nan GiB", and with --rtc "chain nan ms ... = nanx the plain chain".
+    argv = ["bench", "--cpu", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1",
+            "--no-fp32-reference", "--rtc"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "nan" not in table and "peak GPU" not in table
+    assert [line.split()[0] for line in table.splitlines() if _is_float(line.split()[1:2])] == ["e2e"]
+
+
+def _is_float(fields: list[str]) -> bool:
+    try:
+        float(fields[0])
+    except (IndexError, ValueError):
+        return False
+    return True
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_bench_reports_no_commit_for_a_copy_outside_its_checkout(tmp_path: Path) -> None:
     # An installed copy (site-packages in a .venv) inside another repository reported that
