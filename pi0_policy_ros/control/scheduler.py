@@ -39,8 +39,6 @@ RTC_SCHEDULER_MODES = ("rtc_fast", "rtc")
 MASK_SCHEDULES = ("exp", "linear")  # the same names as model/rtc.py (control/ must not import torch)
 INDEX_TOLERANCE = 1e-3  # in action periods: within this of a grid point is on it (epoch-sized float64 stamps
 # carry ~2e-7 s of rounding, 5e-5 periods at 200 Hz)
-
-
 MAX_INITIAL_LATENCY_S = 60.0  # the largest latency a config may assume before the first measurement
 
 
