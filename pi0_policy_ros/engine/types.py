@@ -202,7 +202,7 @@ def plan_prefix(shape: EngineShape, image_masks: np.ndarray | torch.Tensor, toke
 class PrefixPlanner:
     """`plan_prefix` for one engine, remembered per pair of numpy masks. The masks change only when
     a camera or the prompt does, and the plan runs before the GPU can start: after each ~10 ms wait
-    for the previous inference it took 65 us cold (14 hot) against ~2 for the lookup (attempt 59).
+    for the previous inference it took 105 us on the H100 against 18.5 for the lookup (attempt 59).
     At most `capacity` plans are kept (a prompt's token mask is one key; holes in it make others)."""
 
     def __init__(self, shape: EngineShape, compact: bool, capacity: int = 64) -> None:
