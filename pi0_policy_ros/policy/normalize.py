@@ -31,6 +31,7 @@ CheckpointError for a missing or malformed stats file.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -43,11 +44,14 @@ from safetensors.numpy import load_file
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError
 
+log = logging.getLogger(__name__)
+
 STATE_KEY = "state"
 ACTIONS_KEY = "actions"
 NORM_STATS_FILE = "norm_stats.json"
 Convention = Literal["openpi", "lerobot"]
 DEFAULT_EPS: Mapping[str, float] = {"openpi": 1e-6, "lerobot": 1e-8}
+PADDING_TOLERANCE = 1e-6  # a padded dim's statistics: 0, up to the rounding of a float32 file
 
 # LeRobot feature names -> our keys, and the processor steps that hold the stats.
 LEROBOT_FEATURE_KEYS: Mapping[str, str] = {"observation.state": STATE_KEY, "action": ACTIONS_KEY}
@@ -442,13 +446,28 @@ def check_stats_dims(stats: Mapping[str, NormStats], profile: HasRobotDims, max_
         if key not in stats:
             raise ConfigError(f"norm stats have no '{key}' entry; found {sorted(stats)}")
         found = stats[key].dim
-        if found == expected or (max_dim is not None and expected < found <= max_dim):
+        if found == expected:
+            continue
+        if max_dim is not None and expected < found <= max_dim:
+            if not _zero_padding(stats[key], expected):
+                # openpi padded with zeros, so its padded dims' statistics are all 0. Real statistics
+                # there are another data set's: ALOHA's 14 dims on an 8-dim LIBERO robot loaded silently.
+                log.warning("'%s' norm stats have %d dims, the robot profile %d: dims %d-%d are not zero padding "
+                            "(openpi's padded stats are 0 there), so they may be another robot's stats (wrong "
+                            "asset_id or robot_profile?); the first %d are used, as openpi does",
+                            key, found, expected, expected, found - 1, expected)
             continue
         allowed = f"{expected}" if max_dim is None or max_dim <= expected else f"{expected} to {max_dim}"
         raise ConfigError(
             f"'{key}' norm stats have {found} dims but the robot profile has {expected} (stats of {allowed} dims "
             "fit): wrong asset_id or robot_profile?"
         )
+
+
+def _zero_padding(stats: NormStats, start: int) -> bool:
+    """Whether every statistic of dims `start`.. is 0, as for dims that were padded with zeros."""
+    return all(float(np.max(np.abs(v[start:]))) <= PADDING_TOLERANCE
+               for v in (stats.mean, stats.std, stats.q01, stats.q99) if v is not None)
 
 
 def identity_stats(state_dim: int, action_dim: int) -> dict[str, NormStats]:

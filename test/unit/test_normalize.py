@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -169,6 +170,29 @@ def test_check_stats_dims_names_both_numbers() -> None:
         check_stats_dims(identity_stats(8, 33), droid, max_dim=32)
     with pytest.raises(ConfigError, match="no 'actions' entry"):
         check_stats_dims({"state": stats["state"]}, get_profile("pi05_libero"))
+
+
+def test_wider_stats_that_are_not_zero_padding_are_warned(caplog: pytest.LogCaptureFixture) -> None:
+    # openpi's stats of checkpoints trained before June 2025 have 32 dims, zero past the robot's
+    # (it padded state and actions with zeros first). Another robot's stats (ALOHA's 14 dims on the
+    # 8-dim LIBERO robot) loaded without a word: real statistics there are a warning.
+    libero = get_profile("pi05_libero")  # state 8, actions 7
+    rng = np.random.default_rng(0)
+
+    def stats(width: int, real: int) -> NormStats:
+        values = {name: np.zeros(width) for name in ("mean", "std", "q01", "q99")}
+        for name, value in values.items():
+            value[:real] = rng.uniform(0.1, 1.0, real) * (-1 if name == "q01" else 1)
+        return NormStats(**values)
+
+    with caplog.at_level(logging.WARNING, logger="pi0_policy_ros.policy.normalize"):
+        check_stats_dims({"state": stats(32, 8), "actions": stats(32, 7)}, libero, max_dim=32)  # padded
+        assert caplog.records == []
+        check_stats_dims({"state": stats(14, 14), "actions": stats(14, 9)}, libero, max_dim=32)  # ALOHA's
+    assert [r.getMessage() for r in caplog.records] == [
+        f"'{key}' norm stats have 14 dims, the robot profile {dim}: dims {dim}-13 are not zero padding (openpi's "
+        f"padded stats are 0 there), so they may be another robot's stats (wrong asset_id or robot_profile?); the "
+        f"first {dim} are used, as openpi does" for key, dim in (("state", 8), ("actions", 7))]
 
 
 # --- openpi norm_stats.json -----------------------------------------------------------------------
