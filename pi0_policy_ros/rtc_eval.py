@@ -20,7 +20,6 @@ of the executed step ‖p_k − p_{k−1}‖∞ over the whole run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -323,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(json.dumps({"error": "--device cuda requested, but torch sees no CUDA device"}))
+        print("error: --device cuda: expected a CUDA device, torch sees none (use --device cpu)", file=sys.stderr)
         return 2
     if args.cpu_threads < 1:
         print(f"error: --cpu-threads: expected at least 1, found {args.cpu_threads}", file=sys.stderr)

@@ -53,6 +53,8 @@ def test_boundary_jumps_order_naive_ensemble_rtc(tmp_path: Path, restore_threads
                                             "found [7]"),
     (["--cpu-threads", "0"], "--cpu-threads: expected at least 1"),
     (["--fixture-dir", "/nonexistent"], "checkpoint file not found"),
+    pytest.param(["--device", "cuda"], "--device cuda: expected a CUDA device, torch sees none",  # was JSON on stdout
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])
 def test_bad_arguments_are_one_error_line(argv: list[str], expected: str, restore_threads: None,
                                           capsys: pytest.CaptureFixture[str]) -> None:
