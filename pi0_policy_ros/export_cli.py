@@ -183,10 +183,12 @@ def run(args: argparse.Namespace) -> int:
         (args.out / "export.json").write_text(json_text(report))
     except Pi0PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        # A bad preset or checkpoint is found after --out was made: leave no empty directory behind.
+        return 2
+    finally:
+        # A bad preset or checkpoint, or a Ctrl-C, before any file was written (--out is made first):
+        # leave no empty directory behind.
         if created_out and args.out.is_dir() and not any(args.out.iterdir()):
             args.out.rmdir()
-        return 2
     return 1 if failed else 0
 
 

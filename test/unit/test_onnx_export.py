@@ -301,6 +301,23 @@ def test_cli_failed_export_leaves_no_earlier_report(tmp_path: Path, monkeypatch:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prefix.fp32.onnx", "vision.fp32.onnx"]
 
 
+def _interrupted(args: Any) -> Any:
+    raise KeyboardInterrupt  # Ctrl-C while the model loads
+
+
+def test_cli_interrupted_before_any_file_leaves_no_empty_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The --out directory it had just made was left behind, empty (a bad preset already removed it).
+    monkeypatch.setattr(export_cli, "_load_model", _interrupted)
+    out = tmp_path / "export"
+    with pytest.raises(KeyboardInterrupt):
+        export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(out)])
+    assert not out.exists()
+    out.mkdir()  # one that was there before stays
+    with pytest.raises(KeyboardInterrupt):
+        export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(out)])
+    assert out.is_dir()
+
+
 def test_cli_rejects_unknown_stage(tmp_path: Path) -> None:
     assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--stages", "denoise"]) == 2
 
