@@ -30,7 +30,7 @@ from pi0_policy_ros.engine.guidance import EngineGuidance
 from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, hopper_or_newer, plan_prefix, random_batch
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.jsonout import json_text, prepare_output_file
-from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, random_model
+from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, model_from_tensors, random_model
 from pi0_policy_ros.model.config import PRESETS, get_preset
 from pi0_policy_ros.model.pi0 import Pi0Model
 from pi0_policy_ros.model.rtc import sample_actions_guided, soft_mask
@@ -70,7 +70,8 @@ def _count(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="pi05", choices=sorted(PRESETS), help="model geometry")
-    parser.add_argument("--checkpoint", default="", help="openpi-named safetensors file; default: random weights")
+    parser.add_argument("--checkpoint", default="", help="an openpi or LeRobot checkpoint directory of --preset's "
+                        "geometry, or an openpi-named safetensors file; default: random weights")
     parser.add_argument("--cameras", type=int, default=3, help="camera slots in the graph")
     parser.add_argument("--valid-cameras", type=_count, default=2, help="slots marked valid in the inputs")
     parser.add_argument("--image-size", default="224x224", type=_image_size, help="source image HxW (resized with pad on the GPU)")
@@ -289,9 +290,14 @@ def _free(*objs: object) -> None:
 
 
 def _load_model(cfg, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Pi0Model:
-    if args.checkpoint:
-        return load_checkpoint(cfg, args.checkpoint, device, dtype, allow_truncated_vocab=True)
-    return random_model(cfg, device, dtype, seed=args.seed)
+    if not args.checkpoint:
+        return random_model(cfg, device, dtype, seed=args.seed)
+    if Path(args.checkpoint).expanduser().is_dir():  # an openpi or LeRobot checkpoint, as the node and export take
+        from pi0_policy_ros.policy.checkpoint_dir import load_checkpoint_dir
+
+        loaded = load_checkpoint_dir(args.checkpoint, args.preset)
+        return model_from_tensors(cfg, loaded.tensors, device, dtype, loaded.allow_truncated_vocab, str(loaded.path))
+    return load_checkpoint(cfg, args.checkpoint, device, dtype, allow_truncated_vocab=True)
 
 
 def run(args: argparse.Namespace) -> int:

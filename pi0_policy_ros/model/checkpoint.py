@@ -225,9 +225,16 @@ def load_checkpoint(cfg: ModelConfig, path: str | Path, device: str | torch.devi
     """A model of geometry `cfg` with weights from an openpi-named safetensors file."""
     tensors, _ = read_safetensors(path)
     check_dtypes(tensors, str(path))  # before the cast to float32 below
+    return model_from_tensors(cfg, tensors, device, dtype, allow_truncated_vocab, source=str(path))
+
+
+def model_from_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32, allow_truncated_vocab: bool = False,
+                       source: str = "checkpoint") -> Pi0Model:
+    """A model of geometry `cfg` with openpi-named weights already read (and checked) from `source`."""
     with torch.device("meta"):
         model = Pi0Model(cfg)
-    load_state(model, {k: v.float() for k, v in tensors.items()}, allow_truncated_vocab, source=str(path))
+    load_state(model, {k: v.float() for k, v in tensors.items()}, allow_truncated_vocab, source=source)
     return apply_precision(model, dtype).to(device).eval()
 
 

@@ -60,15 +60,38 @@ def test_missing_reference_is_one_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert "checkpoint file not found" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("command", [["selftest", "--reference"], ["export", "--stages", "vision", "--reference"],
-                                     ["bench", "--cpu", "--preset", "pi05_small", "--checkpoint"]])
+@pytest.mark.parametrize("command", [["selftest", "--reference"], ["export", "--stages", "vision", "--reference"]])
 def test_a_directory_for_a_safetensors_file_is_named_as_such(command: list[str], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    # It said "checkpoint file not found" for a path that exists (e.g. a checkpoint directory
-    # given to bench's --checkpoint, which takes the weights file).
+    # It said "checkpoint file not found" for a path that exists (a directory given for a file).
     argv = [*command, str(tmp_path)] + (["--out", str(tmp_path / "onnx")] if command[0] == "export" else [])
     assert main(argv) == 2
     assert f"checkpoint file {tmp_path}: expected a safetensors file, found a directory" in one_error_line(capsys)
+
+
+def test_bench_takes_a_checkpoint_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # bench's --checkpoint took an openpi-named safetensors file only, where the node and export take
+    # the checkpoint directory a user has: a directory was "expected a safetensors file".
+    from argparse import Namespace
+
+    from pi0_policy_ros.engine.bench import _load_model
+    from pi0_policy_ros.model.checkpoint import load_checkpoint
+    from pi0_policy_ros.model.config import get_preset
+
+    ckpt = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    cfg = get_preset("pi05_small")
+    args = Namespace(checkpoint=str(ckpt), preset="pi05_small", seed=0)
+    got = _load_model(cfg, args, torch.device("cpu"), torch.float32).state_dict()
+    want = load_checkpoint(cfg, ckpt / "model.safetensors", allow_truncated_vocab=True).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--cpu", "--preset", "pi05_small", "--checkpoint", str(ckpt), "--iterations", "1",
+                 "--eager-iterations", "1", "--no-fp32-reference", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["checkpoint"] == str(ckpt)
+    capsys.readouterr()  # the table
+    # A directory of neither layout is the loader's one error, naming both.
+    assert main(["bench", "--cpu", "--preset", "pi05_small", "--checkpoint", str(tmp_path / "ckpt" / "assets")]) == 2
+    assert "unknown checkpoint layout" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("config", ['{"other": 1}', "not json"])
