@@ -49,9 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """(fp32 model on the CPU, fixture Reference or None)."""
     from pi0_policy_ros.engine.onnx_export import ExportError
-    from pi0_policy_ros.model.checkpoint import load_state, random_model
+    from pi0_policy_ros.model.checkpoint import model_from_tensors, random_model
     from pi0_policy_ros.model.config import PRESETS, get_preset
-    from pi0_policy_ros.model.pi0 import Pi0Model
     from pi0_policy_ros.model.reference import load_reference, reference_model
     from pi0_policy_ros.policy.checkpoint_dir import AUTO_PRESET, load_checkpoint_dir
 
@@ -71,11 +70,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         print(f"note: no --checkpoint: random weights at preset {args.model_preset!r}", file=sys.stderr)
         return random_model(preset, seed=args.seed), None
     ckpt = load_checkpoint_dir(args.checkpoint, args.model_preset)
-    with torch.device("meta"):
-        model = Pi0Model(ckpt.model_config)
-    load_state(model, {k: v.float() for k, v in ckpt.tensors.items()}, ckpt.allow_truncated_vocab,
-               source=str(ckpt.path))
-    return model.float().eval(), None
+    return model_from_tensors(ckpt.model_config, ckpt.tensors, allow_truncated_vocab=ckpt.allow_truncated_vocab,
+                              source=str(ckpt.path)), None
 
 
 def _stages(text: str) -> list[str]:
