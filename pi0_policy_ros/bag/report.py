@@ -133,6 +133,11 @@ def _file_name(dim: int, name: str) -> str:
     return f"action_{dim:02d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
 
 
+def _action_dim(chunks: ChunkSeries, config: NodeConfig) -> int:
+    """The chunks' action width, or the configured one where there is no chunk to draw."""
+    return chunks.actions.shape[2] if chunks.actions.size else len(config.action_joint_names)
+
+
 def _pyplot() -> Any:
     """matplotlib's pyplot drawing to files (no display needed)."""
     import matplotlib
@@ -148,7 +153,7 @@ def overview_figure(chunks: ChunkSeries, states: StateSeries, config: NodeConfig
     """Every action dimension's panel in one matplotlib figure, with one legend for them all."""
     plt = _pyplot()
 
-    action_dim = chunks.actions.shape[2] if chunks.actions.size else len(config.action_joint_names)
+    action_dim = _action_dim(chunks, config)
     cols = min(3, max(1, action_dim))
     rows = (action_dim + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 2.6 * rows), squeeze=False, constrained_layout=True)
@@ -172,7 +177,7 @@ def write_plots(report_dir: Path, chunks: ChunkSeries, states: StateSeries, conf
     """overview.png plus one PNG per action dimension; returns the file names."""
     plt = _pyplot()
 
-    action_dim = chunks.actions.shape[2] if chunks.actions.size else len(config.action_joint_names)
+    action_dim = _action_dim(chunks, config)
     fig = overview_figure(chunks, states, config, period_s, t0_s)
     fig.savefig(report_dir / OVERVIEW_FILE, dpi=90)
     plt.close(fig)
