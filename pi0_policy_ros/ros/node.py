@@ -44,12 +44,16 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
      published (not even advertised) when the profile's actions are joint velocities or
      end-effector deltas, which a controller would take for joint positions, unless
      `trajectory_actions: any`.
-- `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` from configure to cleanup, once
+- `/diagnostics` (DiagnosticArray) every `diagnostics_period_s` of wall time (a steady clock, also
+  under `use_sim_time`) from configure to cleanup, stamped with the node's clock, once
   at cleanup ("cleaned up", level OK), once after a failed configure or a transition that raised;
   a last one ("shut down", level OK) at shutdown, which `main()` also runs on SIGINT and SIGTERM.
   A signal while a transition runs (configure loading or warming up) waits for it to end first
   (configure stops at its next step); a second signal then ends the process at once, exit code 1,
   with nothing shut down.
+  While `use_sim_time` is true and the node's time is still 0 (nobody publishes /clock: a bag
+  played without --clock), the periodic status is WARN, WAITING_FOR_CLOCK, logged once too; its
+  stamp is then 0, the node's time, so that the stamps never jump back when /clock starts.
 
 The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
 `Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
@@ -116,6 +120,7 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType, ROSClock
 from rclpy.duration import Duration
 from rclpy.exceptions import (
     InvalidHandle,
@@ -184,6 +189,11 @@ PRIMARY_STATES = frozenset({"unconfigured", "inactive", "active", "finalized"})
 EXIT_POLL_S = 0.05  # how often an exiting process looks whether the running transition has ended
 EXIT_FORCED = 1  # main()'s exit code when a second signal cut the wait for a running transition
 CALLBACKS_TIMEOUT_S = 2.0  # how long leaving waits for callbacks already handed to the executor's threads
+# /diagnostics and the log while use_sim_time is true and the node's time is still 0: a bag played
+# without --clock (or a simulator not started) leaves the control timer, on the node's clock, idle.
+WAITING_FOR_CLOCK = ("waiting for /clock: use_sim_time is true and the node's time is still 0 (no /clock "
+                     "received), so the control loop does not run; play the bag with --clock "
+                     "(ros2 bag play --clock), or set use_sim_time false")
 
 _PARAM_TYPES = {
     STRING: ParameterType.PARAMETER_STRING,
@@ -297,6 +307,7 @@ class PolicyNode(LifecycleNode):
         self._stamp_pub: Any = None
         self._control_timer: Timer | None = None
         self._diagnostics_timer: Timer | None = None
+        self._clock_wait_logged = False  # WAITING_FOR_CLOCK is logged once per wait
         self._sequence = 0
         # (transition, reason) of the transition that raised, for on_error's last status (see _transition).
         self._failed_transition: tuple[str, str] | None = None
@@ -601,8 +612,11 @@ class PolicyNode(LifecycleNode):
         if trajectory:
             self._trajectory_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory",
                                                                    COMMAND_QOS)
+        # On a steady clock, not the node's: under use_sim_time without /clock the node's time stays at
+        # 0, a timer on it never fires, and the node published no /diagnostics at all.
         self._diagnostics_timer = self.create_timer(
-            config.diagnostics_period_s, self._publish_diagnostics, callback_group=self._sensor_group)
+            config.diagnostics_period_s, self._publish_diagnostics, callback_group=self._sensor_group,
+            clock=Clock(clock_type=ClockType.STEADY_TIME))
         self._config = config
         if self._poller is not None:
             self._poller.start()  # last: its callbacks need the config
@@ -969,7 +983,20 @@ class PolicyNode(LifecycleNode):
                 "chunks_received": status.chunks_received, "chunks_dropped": status.chunks_dropped,
                 "hold_mode": step.hold_mode})
         monitor.set_values("prompt", self._prompt_status)
-        self._publish_report(monitor.report(self._now_s()), monitor)
+        report = monitor.report(self._now_s())
+        if self._waiting_for_clock():
+            report = dataclasses.replace(report, level=max(report.level, WARN), message=WAITING_FOR_CLOCK)
+            if not self._clock_wait_logged:
+                self._clock_wait_logged = True
+                self.get_logger().warning(WAITING_FOR_CLOCK)
+        else:
+            self._clock_wait_logged = False
+        self._publish_report(report, monitor)
+
+    def _waiting_for_clock(self) -> bool:
+        """use_sim_time is true and the node's clock is still 0: rclpy's value before the first /clock."""
+        clock = self.get_clock()
+        return isinstance(clock, ROSClock) and clock.ros_time_is_active and clock.now().nanoseconds == 0
 
     def _publish_report(self, report: HealthReport, monitor: ControlMonitor | None = None) -> None:
         """monitor: the one a periodic report comes from; it is dropped if `_release()` ran since, so

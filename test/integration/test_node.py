@@ -868,6 +868,46 @@ def test_diagnostics_are_stamped_with_the_node_clock(make_node, attach, namespac
         assert 0.0 <= now_s - duration_s(array.header.stamp) < 5.0, array.header.stamp
 
 
+def test_diagnostics_say_waiting_for_clock_under_use_sim_time_without_one(make_node, probe, attach,
+                                                                          namespace: str) -> None:
+    """use_sim_time: true and nobody publishes /clock (a bag played without --clock): the node's clock
+    stays at 0. The diagnostics timer ran on that clock, so the node published no /diagnostics at
+    all. They must come every diagnostics_period_s of wall time, at WARN, saying the node waits for
+    /clock, with one warning in the log; stamped with the node's clock (0 until /clock comes). The
+    control timer stays on the node's clock: nothing is published until /clock runs, then chunks."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rcl_interfaces.msg import Log
+    from rclpy.node import Node
+    from rosgraph_msgs.msg import Clock
+
+    from pi0_policy_ros.ros.qos import DIAGNOSTICS_READER_QOS
+
+    node = make_node(params={"use_sim_time": True})
+    monitor = attach(Node("monitor", namespace=namespace))
+    arrays: list[DiagnosticArray] = []
+    monitor.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, DIAGNOSTICS_READER_QOS)
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    status = wait_for(lambda: probe.latest_status("waiting for /clock"), describe=probe.summary)
+    assert status.level == b"\x01", status.message
+    assert "use_sim_time is true" in status.message and "--clock" in status.message
+    wait_for(lambda: len([s for s in list(probe.diagnostics) if "waiting for /clock" in s.message]) >= 3)
+    lines = wait_for(lambda: probe.log_lines(Log.WARN, "waiting for /clock"))
+    assert len(lines) == 1, lines
+    ours = node.get_fully_qualified_name()
+    waiting = [a for a in list(arrays) if a.status and a.status[0].hardware_id == ours]
+    assert waiting and all(duration_s(a.header.stamp) == 0.0 for a in waiting)
+    assert probe.counts() == (0, 0, 0)  # no time, no control tick
+
+    # /clock at wall time, so that the probe's stamps (its own wall clock) are current.
+    clock_pub = monitor.create_publisher(Clock, "/clock", 10)
+    monitor.create_timer(0.01, lambda: clock_pub.publish(Clock(clock=monitor.get_clock().now().to_msg())))
+    wait_for(lambda: probe.counts()[1] >= 3, describe=probe.summary)
+    probe.clear()
+    status = wait_for(lambda: probe.latest_status(), describe=probe.summary)
+    assert "waiting for /clock" not in status.message
+    assert len(probe.log_lines(Log.WARN, "waiting for /clock")) == 1
+
+
 def test_change_state_request_for_a_transition_the_state_lacks_is_refused(make_node, probe, attach,
                                                                           namespace: str) -> None:
     """A lifecycle manager asking ~/change_state for a transition the current state does not have
