@@ -31,10 +31,10 @@ from pi0_policy_ros.control.monitor import ControlMonitor
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.step import HOLD, PUBLISH, ControlStep, StepResult, action_state_indices
-from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.errors import ObservationError
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
-from pi0_policy_ros.ros.params import NodeConfig
+from pi0_policy_ros.ros.params import NodeConfig, safety_parameter_error
 
 NS_PER_S = 1_000_000_000
 
@@ -85,8 +85,8 @@ class OfflineReplay:
         period_s = getattr(policy.profile, "action_period_s", self.config.control.control_period_s)
         try:
             self.safety = SafetyFilter(self.config.safety, len(self.config.action_joint_names), period_s)
-        except ValueError as exc:
-            raise ConfigError(f"safety parameters: {exc}") from None
+        except ValueError as exc:  # limits that do not fit the action dims
+            raise safety_parameter_error(exc) from None
         decoders = {c.name: _decoder(c.compressed) for c in self.config.cameras}
         self.step = ControlStep(policy, self.buffer, decoders, self.safety, self.config.scheduler,
                                 action_state_indices(self.config.joint_names, self.config.action_joint_names,

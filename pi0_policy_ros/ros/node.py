@@ -173,6 +173,7 @@ from pi0_policy_ros.ros.params import (
     config_from_params,
     control_config_from,
     publishes_trajectory,
+    safety_parameter_error,
 )
 from pi0_policy_ros.ros.poller import PolledCallbackGroup, SubscriptionPoller
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, PROMPT_QOS, SENSOR_QOS
@@ -564,8 +565,8 @@ class PolicyNode(LifecycleNode):
         self._stop_if_exiting("the warm-up")
         try:
             self._safety = SafetyFilter(config.safety, len(config.action_joint_names), chunk.period_s)
-        except ValueError as exc:
-            raise ConfigError(f"safety parameters: {exc}") from None
+        except ValueError as exc:  # limits that do not fit the action dims
+            raise safety_parameter_error(exc) from None
 
         decoders = {c.name: functools.partial(self._decode, c.compressed) for c in config.cameras}
         with self._params_lock:

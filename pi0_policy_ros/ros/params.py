@@ -385,7 +385,17 @@ def safety_config_from(values: Mapping[str, Any]) -> SafetyConfig:
             gripper_policy=_get(values, "safety_gripper_policy"),
         )
     except ValueError as exc:
-        raise ConfigError(f"safety parameters: {exc}") from None
+        raise safety_parameter_error(exc) from None
+
+
+# A SafetyConfig field, as a word (not inside its parameter's name): `safety_<field>` is its parameter.
+_SAFETY_FIELD = re.compile(r"\b(" + "|".join(f.name for f in dataclasses.fields(SafetyConfig)) + r")\b")
+
+
+def safety_parameter_error(exc: ValueError) -> ConfigError:
+    """A refusal of SafetyConfig or SafetyFilter (control/, ROS-free: it names its fields, `max_step`)
+    naming the parameters the user sets instead (`safety_max_step`)."""
+    return ConfigError(_SAFETY_FIELD.sub(r"safety_\1", str(exc)))
 
 
 def scheduler_config_from(values: Mapping[str, Any]) -> SchedulerConfig:

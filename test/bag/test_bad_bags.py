@@ -381,3 +381,14 @@ def test_an_infinite_realtime_rate_is_refused_before_anything_starts(params_file
     with pytest.raises(ConfigError, match="rate: expected a finite factor > 0, found inf"):
         replay_realtime(missing, tmp_path / "out", make_setup(params_file),
                         RealtimeOptions(params_file=params_file, rate=float("inf")))
+
+
+def test_safety_limits_not_fitting_the_action_dims_name_the_parameter(make_bag, tmp_path: Path, capsys) -> None:
+    # Checked against the policy's 7 action dims once it is loaded (SafetyFilter, ROS-free): the
+    # error named the SafetyConfig field `position_lower`, which no parameter file has.
+    params = write_params(tmp_path / "p.yaml", safety_position_lower=[0.0, 0.0], safety_position_upper=[1.0])
+    code = main([str(make_bag("good", 1.0)), "--params", str(params), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error: safety_position_lower needs 1 or 7 values (one per action dim), found 2" in err, err
+    assert not (tmp_path / "out").exists()

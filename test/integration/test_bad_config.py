@@ -113,6 +113,21 @@ def test_out_of_memory_at_configure(make_node, probe) -> None:
     assert factory.calls == 2
 
 
+@pytest.mark.parametrize("params,reason,fixed", [
+    ({"safety_position_lower": [0.0, 0.0], "safety_position_upper": [1.0]},
+     "safety_position_lower needs 1 or 3 values (one per action dim), found 2", {"safety_position_lower": [0.0]}),
+    ({"safety_gripper_dims": [3], "safety_gripper_range": [0.0, 1.0]},
+     "safety_gripper_dims [3] are outside the 3 action dims", {"safety_gripper_dims": [2]}),
+])
+def test_safety_limits_not_fitting_the_action_dims_name_the_parameter(make_node, probe, params, reason: str,
+                                                                       fixed) -> None:
+    """Checked against the policy's action dims at configure (SafetyFilter, ROS-free): the reason
+    named the SafetyConfig field (`position_lower`), not the parameter the user sets."""
+    node = make_node(params=params)
+    fails_then_fixed(node, probe, reason,
+                     lambda: node.set_parameters([Parameter(k, value=v) for k, v in fixed.items()]))
+
+
 def test_invalid_camera_topic_fails_configure_and_leaves_no_subscription(make_node, probe) -> None:
     """camera_topics[1] is no valid topic name: configure fails when it subscribes to it. The
     subscription already made for cam_a was never destroyed (it was not yet in the list that

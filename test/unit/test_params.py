@@ -152,6 +152,31 @@ def test_values_above_the_range_are_refused() -> None:
         config_from_params({**BASE, "input_poll_period_s": 0.5})
 
 
+@pytest.mark.parametrize("values,message", [
+    ({"safety_max_step": [-1.0]}, "safety_max_step must be > 0 (per action dim), found [-1.0]"),
+    ({"safety_max_velocity": [0.0]}, "safety_max_velocity must be > 0 (per action dim), found [0.0]"),
+    ({"safety_gripper_dims": [6], "safety_gripper_range": [1.0]},
+     "safety_gripper_range needs (lower, upper), found (1.0,)"),
+    ({"safety_gripper_dims": [6], "safety_gripper_range": [1.0, 0.0]},
+     "safety_gripper_range needs lower <= upper, found [1.0, 0.0]"),
+    ({"safety_gripper_dims": [6]}, "safety_gripper_dims and safety_gripper_range go together"),
+    ({"safety_position_lower": [float("nan")], "safety_position_upper": [1.0]},
+     "safety_position_lower must be numbers, found NaN in [nan]"),
+])
+def test_safety_errors_name_the_parameters_the_user_sets(values, message: str) -> None:
+    # SafetyConfig (control/, ROS-free) names its fields (max_step); a user of the node or of the
+    # replay sets safety_max_step, and found no `max_step` in any parameter file.
+    import dataclasses
+
+    from pi0_policy_ros.control.safety import SafetyConfig
+
+    with pytest.raises(ConfigError) as info:
+        config_from_params({**BASE, **values})
+    assert str(info.value) == message
+    # The translation's rule (ros/params.py): each field's parameter is safety_<field>.
+    assert {f"safety_{f.name}" for f in dataclasses.fields(SafetyConfig)} <= set(SPECS)
+
+
 @pytest.mark.parametrize("name,value,pattern", [
     ("control_rate_hz", "fast", r"control_rate_hz: expected a number with a decimal point .* found str 'fast'"),
     # rclpy refuses an integer for a double parameter: the node would fail to configure.
