@@ -36,6 +36,7 @@ class FakeProfile:
     action_period_s: float = 0.05
     joint_names: tuple[str, ...] = ()
     action_space: str = "joint_position"
+    aloha_gripper_dims: tuple[int, ...] = ()
 
 
 def expected_actions(profile: FakeProfile, state: np.ndarray, images: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -16,6 +16,7 @@ only on the bag and the parameters: the same inputs give bit-identical bags on t
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -32,6 +33,7 @@ from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationB
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.step import HOLD, PUBLISH, ControlStep, StepResult, action_state_indices
 from pi0_policy_ros.errors import ObservationError
+from pi0_policy_ros.policy.robots import state_in_action_units
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.params import NodeConfig, safety_parameter_error
@@ -91,7 +93,7 @@ class OfflineReplay:
         self.step = ControlStep(policy, self.buffer, decoders, self.safety, self.config.scheduler,
                                 action_state_indices(self.config.joint_names, self.config.action_joint_names,
                                                      getattr(policy.profile, "action_space", "joint_position")),
-                                self.config.hold_mode)
+                                self.config.hold_mode, functools.partial(state_in_action_units, policy.profile))
         self.monitor = ControlMonitor(self.config.control.control_rate_hz)
 
     def run(self, bag: InputBag, out: OutputBag | None, summary: ReplaySummary,

@@ -136,11 +136,15 @@ class ControlStep:
 
     decoders: camera name -> raw stored value -> uint8 RGB [H, W, 3], in the camera order the
         policy sees. state_indices: `action_state_indices(...)` of the configuration.
+    state_to_actions: a measured state [state_dim] in the action units (`robots.state_in_action_units`
+        of the profile: ALOHA measures its gripper as a finger position, commands it as a joint);
+        None where both are the same units.
     """
 
     def __init__(self, policy: InferencePolicy, buffer: ObservationBuffer, decoders: Mapping[str, Decoder],
                  safety: SafetyFilter, scheduler_config: SchedulerConfig | None = None,
-                 state_indices: tuple[int, ...] | None = None, hold_mode: str = HOLD_STOP) -> None:
+                 state_indices: tuple[int, ...] | None = None, hold_mode: str = HOLD_STOP,
+                 state_to_actions: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if hold_mode not in HOLD_MODES:
             raise ConfigError(f"hold_mode: expected one of {list(HOLD_MODES)}, found {hold_mode!r}")
         self.policy = policy
@@ -150,6 +154,7 @@ class ControlStep:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.state_indices = state_indices
         self.hold_mode = hold_mode
+        self.state_to_actions = state_to_actions
         self._scheduler: ChunkScheduler | None = None
         self._executing = False  # a trajectory of ours is running on the controller
         self._sent: tuple[float, TrajectoryPlan] | None = None  # the last one published, and when
@@ -274,7 +279,7 @@ class ControlStep:
             return self._hold(INFERENCE_FAILED, f"inference failed: {exc!r}", now_s, ERROR, **seen)
         t_inferred = time.perf_counter()
 
-        current = None if self.state_indices is None else snapshot.state[list(self.state_indices)]
+        current = self._as_actions(snapshot.state)
         filtered = self.safety.apply(chunk.actions, current)
         if filtered.rejected:
             self._abort(request)
@@ -427,9 +432,19 @@ class ControlStep:
         trajectory from here (unless `interpolate_from_desired_state` is set)."""
         sample = self.buffer.latest_state()
         config = self.buffer.config
-        if self.state_indices is None or sample is None or now_s - sample.stamp_s > config.max_observation_age_s:
+        if sample is None or now_s - sample.stamp_s > config.max_observation_age_s:
             return None
-        return np.asarray(sample.value, dtype=np.float64)[list(self.state_indices)]
+        return self._as_actions(sample.value)
+
+    def _as_actions(self, state: np.ndarray) -> np.ndarray | None:
+        """The action joints' values of a measured state [state_dim], in the action units; None when
+        the actions are not measured joint positions."""
+        if self.state_indices is None:
+            return None
+        values = np.asarray(state, dtype=np.float64)
+        if self.state_to_actions is not None:
+            values = self.state_to_actions(values)
+        return values[list(self.state_indices)]
 
     def _commanded(self, now_s: float) -> np.ndarray | None:
         """Where our last published trajectory puts the action joints at `now_s` (linear between its

@@ -12,7 +12,8 @@ Public API:
     prepare_inputs(profile, images, state, executor=None, frame_hw=None) -> PreparedInputs
     transform_state(profile, state) -> float32 [state_dim]      (the state part of prepare_inputs)
     finalize_actions(profile, actions, state) -> float32 [H, action_dim]
-    aloha_gripper_to_pi / aloha_gripper_from_pi / aloha_gripper_from_pi_inverse
+    state_in_action_units(profile, state) -> float64 [state_dim]   (a measured state as actions)
+    aloha_gripper_to_pi / aloha_gripper_from_pi / aloha_gripper_from_pi_inverse / aloha_gripper_state_to_action
 
 Order at inference (openpi `policy_config.py`): prepare_inputs -> normalize state -> tokenize / pad
 -> network -> unnormalize actions -> finalize_actions. `finalize_actions` takes the state that
@@ -357,16 +358,28 @@ def _from_unit(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return x * (high - low) + low
 
 
-def aloha_gripper_to_pi(value: np.ndarray) -> np.ndarray:
-    """ALOHA state gripper (finger position normalized by ALOHA: 0 closed, 1 open) -> pi's
-    normalized gripper angle."""
+def _aloha_gripper_angle_rad(value: np.ndarray) -> np.ndarray:
+    """ALOHA state gripper (finger position normalized by ALOHA: 0 closed, 1 open) -> the gripper
+    horn's angle in rad."""
     linear = _from_unit(np.asarray(value, dtype=np.float64), *_ALOHA_GRIPPER_LINEAR_M)
     horn, arm = _INTERBOTIX_HORN_RADIUS_M, _INTERBOTIX_ARM_LENGTH_M
     # Inverse of Interbotix's angle -> linear gripper mapping (law of cosines on the horn linkage).
     with np.errstate(divide="ignore", invalid="ignore"):
         sine = (horn**2 + linear**2 - arm**2) / (2.0 * horn * linear)
-    angle = np.arcsin(np.clip(sine, -1.0, 1.0))
-    return _to_unit(angle, *_PI_GRIPPER_RAD)
+    return np.arcsin(np.clip(sine, -1.0, 1.0))
+
+
+def aloha_gripper_to_pi(value: np.ndarray) -> np.ndarray:
+    """ALOHA state gripper (finger position normalized by ALOHA: 0 closed, 1 open) -> pi's
+    normalized gripper angle."""
+    return _to_unit(_aloha_gripper_angle_rad(value), *_PI_GRIPPER_RAD)
+
+
+def aloha_gripper_state_to_action(value: np.ndarray) -> np.ndarray:
+    """ALOHA state gripper (normalized finger position) -> the action gripper (normalized gripper
+    joint) that commands the same opening: finger position -> horn angle -> joint normalized.
+    Not the identity: state 0.5 is action 0.48, state 1 (the linkage's widest) action 1.038."""
+    return _to_unit(_aloha_gripper_angle_rad(value), *_ALOHA_GRIPPER_JOINT_RAD)
 
 
 def aloha_gripper_from_pi(value: np.ndarray) -> np.ndarray:
@@ -469,6 +482,18 @@ def finalize_actions(profile: RobotProfile, actions: np.ndarray, state: np.ndarr
     if dims:
         values[:, dims] = aloha_gripper_from_pi(values[:, dims])
     return values.astype(np.float32)
+
+
+def state_in_action_units(profile: RobotProfile, state: np.ndarray) -> np.ndarray:
+    """A measured state [state_dim] in the robot's action units, float64: the command that holds the
+    robot where it is, or the reference an action is compared with. ALOHA's gripper dims go from
+    finger position to gripper joint (`aloha_gripper_state_to_action`); every other dim is in the
+    same units in both (joint signs and delta actions are model-side only)."""
+    values = np.array(state, dtype=np.float64)
+    dims = list(profile.aloha_gripper_dims)
+    if dims:
+        values[dims] = aloha_gripper_state_to_action(values[dims])
+    return values
 
 
 def robot_actions_to_model(profile: RobotProfile, actions: np.ndarray, state: np.ndarray) -> np.ndarray:

@@ -150,6 +150,7 @@ from pi0_policy_ros.control.step import (HOLD, HOLD_POSITION, INTERNAL_ERROR, WA
                                          action_state_indices)
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.policy.config import PolicyConfig
+from pi0_policy_ros.policy.robots import state_in_action_units
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.diagnostics import DiagnosticsPublisher
@@ -578,7 +579,8 @@ class PolicyNode(LifecycleNode):
             self._step = ControlStep(policy, self._buffer, decoders, self._safety, config.scheduler,
                                      action_state_indices(config.joint_names, config.action_joint_names,
                                                           action_space),
-                                     self.get_parameter("hold_mode").value)
+                                     self.get_parameter("hold_mode").value,
+                                     functools.partial(state_in_action_units, policy.profile))
             self._monitor = ControlMonitor(config.control.control_rate_hz)
         self._step.prepare(chunk.horizon, chunk.period_s)
         self._check_prompt()

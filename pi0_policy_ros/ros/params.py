@@ -223,6 +223,7 @@ class RobotProfileLike(Protocol):
     camera_slots: Any  # Mapping[camera, slot] or ((camera, slot), ...)
     state_dim: int
     action_dim: int
+    aloha_gripper_dims: tuple[int, ...]  # state dims measured in other units than the actions (state_in_action_units)
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ def test_the_summarys_diagnostics_are_those_of_an_active_node(first_run, edge_ru
 def test_hold_position_writes_the_hold_point(tmp_path: Path) -> None:
     # A joint-position robot (LIBERO's end-effector deltas have no measured position to hold).
     from pi0_policy_ros.bag.demo import demo_topics, write_demo_bag
-    from pi0_policy_ros.policy.robots import get_profile
+    from pi0_policy_ros.policy.robots import get_profile, state_in_action_units
 
     from test.bag.conftest import write_params
 
@@ -238,7 +238,11 @@ def test_hold_position_writes_the_hold_point(tmp_path: Path) -> None:
     point = trajectories[3][1].points
     measured = [msg for t, msg in states if t <= replay.ticks[3].t_ns][-1]
     assert len(point) == 1
-    np.testing.assert_array_equal(point[0].positions, convert.joint_positions(measured, joints))
+    # ALOHA's grippers are measured as finger positions, commanded as joints: the hold point holds
+    # them at the same opening (the other joints as measured).
+    expected = state_in_action_units(get_profile("pi0_aloha"), convert.joint_positions(measured, joints))
+    assert not np.allclose(expected[[6, 13]], convert.joint_positions(measured, joints)[[6, 13]])
+    np.testing.assert_allclose(point[0].positions, expected, rtol=1e-12)
     assert point[0].time_from_start.sec + point[0].time_from_start.nanosec * 1e-9 == pytest.approx(0.2)
 
 

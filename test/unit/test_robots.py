@@ -18,6 +18,7 @@ from pi0_policy_ros.policy.robots import (
     prepare_inputs,
     resize_with_pad,
     robot_actions_to_model,
+    state_in_action_units,
 )
 
 BASE, LEFT, RIGHT = IMAGE_SLOTS
@@ -257,6 +258,33 @@ def test_aloha_gripper_to_pi_follows_openpi_over_the_whole_range() -> None:
     linear = value * (0.05800 - 0.01844) + 0.01844
     angle = np.arcsin(np.clip((0.022**2 + linear**2 - 0.036**2) / (2 * 0.022 * linear), -1.0, 1.0))
     np.testing.assert_allclose(aloha_gripper_to_pi(value), (angle - 0.5476) / (1.6296 - 0.5476), rtol=1e-12)
+
+
+def test_a_measured_aloha_gripper_in_action_units_commands_the_same_opening() -> None:
+    # The state gripper is the finger position (0.01844 .. 0.05800 m), the action gripper the joint
+    # (-0.6213 .. 1.4910 rad), both normalized. Interbotix's horn linkage (r = 0.022 m, L = 0.036 m)
+    # puts the finger at r sin(theta) + sqrt(L^2 - (r cos(theta))^2) for the joint angle theta: the
+    # action must take the joint to where the finger is. Not the identity (state 0.5 is ~0.48).
+    profile = get_profile("pi0_aloha")
+    gripper = np.linspace(0.0, 1.0, 21)
+    state = np.tile(np.linspace(-1.0, 1.0, 14), (21, 1))
+    state[:, 6], state[:, 13] = gripper, gripper[::-1]
+    converted = np.stack([state_in_action_units(profile, s) for s in state])
+    arm = [d for d in range(14) if d not in (6, 13)]
+    np.testing.assert_array_equal(converted[:, arm], state[:, arm])
+    theta = converted[:, [6, 13]] * (1.4910 + 0.6213) - 0.6213
+    finger_m = 0.022 * np.sin(theta) + np.sqrt(0.036**2 - (0.022 * np.cos(theta)) ** 2)
+    np.testing.assert_allclose(finger_m, 0.01844 + state[:, [6, 13]] * (0.05800 - 0.01844), atol=1e-9)
+    # Closed is the joint's closed (-0.6213 rad, ALOHA's constants round it); fully open the linkage's
+    # widest, pi / 2 rad, past the joint's 1.4910 rad.
+    assert converted[0, 6] == pytest.approx(0.0, abs=1e-3)
+    assert converted[-1, 6] == pytest.approx((np.pi / 2 + 0.6213) / (1.4910 + 0.6213), rel=1e-9)
+    assert converted[10, 6] == pytest.approx(0.4816, abs=1e-4)
+    # Profiles whose state and actions share units: the state as it is.
+    for name in ("pi05_libero", "pi05_droid", "generic"):
+        other = get_profile(name)
+        values = np.linspace(-2.0, 2.0, other.state_dim)
+        np.testing.assert_array_equal(state_in_action_units(other, values), values)
 
 
 def test_finalize_actions_checks_shapes() -> None:

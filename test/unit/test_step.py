@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,8 @@ from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, H
 from pi0_policy_ros.control.trajectory import plan_trajectory
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.policy.config import PolicyConfig
+from pi0_policy_ros.policy.robots import get_profile, state_in_action_units
+from pi0_policy_ros.policy.types import ActionChunk
 from test.fakes import FakePolicy, FakeProfile, expected_actions
 
 PROFILE = FakeProfile()
@@ -701,3 +705,52 @@ def test_the_next_rtc_request_continues_the_points_sent_after_the_start_check_cl
     guidance = policy.guidance[-1]
     assert guidance is not None
     np.testing.assert_allclose(guidance.prev_actions[:len(sent)], sent, rtol=1e-6)
+
+
+class ConstantPolicy(FakePolicy):
+    """Every action of every chunk is `action`."""
+
+    def __init__(self, profile: FakeProfile, action: np.ndarray) -> None:
+        super().__init__(PolicyConfig(), profile)
+        self.action = np.asarray(action, np.float32)
+
+    def infer(self, observation, guidance=None):  # noqa: ANN001, ANN201
+        chunk = super().infer(observation, guidance)
+        return ActionChunk(actions=np.tile(self.action, (chunk.horizon, 1)), stamp_s=chunk.stamp_s,
+                           period_s=chunk.period_s)
+
+
+def linkage_gripper_joint(state_gripper: np.ndarray) -> np.ndarray:
+    """ALOHA's normalized gripper joint (-0.6213 .. 1.4910 rad) at the opening of a normalized finger
+    position (0.01844 .. 0.05800 m), by Interbotix's horn linkage run forward: finger = r sin(theta) +
+    sqrt(L^2 - (r cos(theta))^2), r = 0.022 m, L = 0.036 m, increasing on [-pi/2, pi/2]."""
+    theta = np.linspace(-np.pi / 2, np.pi / 2, 200_001)
+    finger_m = 0.022 * np.sin(theta) + np.sqrt(0.036**2 - (0.022 * np.cos(theta)) ** 2)
+    return (np.interp(0.01844 + np.asarray(state_gripper) * (0.05800 - 0.01844), finger_m, theta) + 0.6213) / 2.1123
+
+
+def test_aloha_measured_grippers_are_compared_and_held_as_gripper_joints() -> None:
+    # ALOHA measures its gripper as a finger position and commands it as a joint angle (both
+    # normalized): half open is 0.5 measured but ~0.48 commanded, fully open 1.0 but ~1.038. Taken
+    # as the same, a chunk that keeps the grippers where they are was clamped as a jump (0.018 over
+    # a 0.001 step limit) and a hold point moved them (up to 9 % of their range).
+    assert linkage_gripper_joint(0.0) == pytest.approx(0.0, abs=1e-3)  # closed is closed
+    assert linkage_gripper_joint(1.0) == pytest.approx((np.pi / 2 + 0.6213) / 2.1123)  # the linkage's widest
+    profile = FakeProfile(name="fake_aloha", state_dim=14, action_dim=14, aloha_gripper_dims=(6, 13))
+    state = np.array([0.1, -0.9, 1.0, 0.0, 0.3, 0.0, 0.5, -0.1, -0.8, 0.9, 0.0, 0.2, 0.0, 1.0])
+    keep = state.copy()
+    keep[[6, 13]] = linkage_gripper_joint(state[[6, 13]])
+    buffer = ObservationBuffer(["cam_a", "cam_b"], CONTROL)
+    safety = SafetyFilter(SafetyConfig(max_step=(0.001,), gripper_dims=(6, 13), gripper_range=(-0.05, 1.05)),
+                          14, profile.action_period_s)
+    step = ControlStep(ConstantPolicy(profile, keep), buffer, {"cam_a": decode, "cam_b": decode}, safety,
+                       state_indices=tuple(range(14)), hold_mode=HOLD_POSITION,
+                       state_to_actions=functools.partial(state_in_action_units, get_profile("pi0_aloha")))
+    feed(step, 10.0, state)
+    result = step.run(lambda: 10.01)
+    assert result.published and result.clamped == ()
+    np.testing.assert_allclose(result.plan.positions, np.tile(keep, (len(result.plan.positions), 1)), atol=1e-6)
+    step.buffer.put_image("cam_a", "corrupt", 10.05, 10.05)
+    held = step.run(lambda: 10.06)
+    assert held.kind == BAD_IMAGE
+    np.testing.assert_allclose(held.plan.positions, keep[None, :], atol=1e-6)
