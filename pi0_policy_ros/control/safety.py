@@ -178,12 +178,14 @@ class SafetyFilter:
                 clamped.append("position")
         return self._limit_rates(out, current, np.full(out.shape[0], self.period_s), clamped, "action")
 
-    def limit_start(self, positions: np.ndarray, first_lead_s: float, reference: np.ndarray | None) -> SafetyResult:
+    def limit_start(self, positions: np.ndarray, first_lead_s: float, reference: np.ndarray | None,
+                    counted: tuple[str, ...] = ()) -> SafetyResult:
         """The step and velocity limits on the points sent [K, action_dim]: the first is reached
         `first_lead_s` after now from `reference` (where the controller starts the new trajectory:
         the latest measured position), the others one action period apart. The first segment's
         allowance is the limit scaled by first_lead_s / period_s. Nothing to check without a
-        reference."""
+        reference. counted: the limits that already clamped this chunk in `apply` (its
+        `clamped`): the counters count a chunk once per limit, not once per check."""
         positions = np.asarray(positions, dtype=np.float64)
         if reference is None or positions.shape[0] == 0:
             return SafetyResult(positions.astype(np.float32), rejected=False)
@@ -192,14 +194,14 @@ class SafetyFilter:
             return SafetyResult(positions.astype(np.float32), rejected=False)
         spans_s = np.full(positions.shape[0], self.period_s)
         spans_s[0] = max(first_lead_s, 0.0)
-        return self._limit_rates(positions, reference, spans_s, [], "point sent")
+        return self._limit_rates(positions, reference, spans_s, [], "point sent", counted)
 
     def _limit_rates(self, out: np.ndarray, reference: np.ndarray | None, spans_s: np.ndarray, clamped: list[str],
-                     what: str) -> SafetyResult:
+                     what: str, counted: tuple[str, ...] = ()) -> SafetyResult:
         """The step and velocity limits (steps 3-4) on out [K, action_dim] from `reference`, row k
         reached spans_s[k] after the one before it (its allowance: the per-period limit scaled by
         spans_s[k] / period_s); then the result, with every limit that clamped counted once (those
-        already in `clamped` included)."""
+        already in `clamped` included, those in `counted` not again)."""
         scale = (spans_s / self.period_s)[:, None]
         for name, limit, policy in (("step", self._max_step, self.config.step_policy),
                                     ("velocity", self._max_velocity_step, self.config.velocity_policy)):
@@ -226,7 +228,8 @@ class SafetyFilter:
                                            "than the step and velocity limits let the chunk come back from (expected "
                                            "a measured position inside the limits, or within reach of them)")
         for name in clamped:
-            self.clamp_counts[name] += 1
+            if name not in counted:
+                self.clamp_counts[name] += 1
         return SafetyResult(out.astype(np.float32), rejected=False, reason=",".join(clamped), clamped=tuple(clamped))
 
     def outside_limits(self, positions: np.ndarray) -> tuple[str, int, int, str] | None:

@@ -322,7 +322,7 @@ class ControlStep:
                                                  f"measured position at most {age_s:g} s old to check the first "
                                                  "point sent against the step and velocity limits, found none",
                               now_s, chunk=chunk, **seen)
-        start = self.safety.limit_start(plan.positions, float(plan.times_from_start_s[0]), measured)
+        start = self.safety.limit_start(plan.positions, float(plan.times_from_start_s[0]), measured, filtered.clamped)
         if start.rejected:
             scheduler.withdraw(request)
             return self._hold(SAFETY_REJECT, f"safety filter rejected the chunk: {start.reason}", now_s,

@@ -131,6 +131,9 @@ def test_limit_start_scales_the_first_segment_to_its_lead_time() -> None:
     ok = f.limit_start(sent, first_lead_s=0.2, reference=np.full(3, 0.01))
     assert ok.clamped == () and np.array_equal(ok.actions, sent.astype(np.float32))
     assert f.limit_start(sent, 0.05, None).clamped == () and f.clamp_counts["velocity"] == 1
+    # A chunk whose `apply` already counted the velocity clamp: clamped, not counted again.
+    again = f.limit_start(sent, first_lead_s=0.05, reference=np.zeros(3), counted=("velocity",))
+    assert again.clamped == ("velocity",) and f.clamp_counts["velocity"] == 1
 
 
 def test_limit_start_reject_names_the_segment() -> None:

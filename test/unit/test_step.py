@@ -754,3 +754,16 @@ def test_aloha_measured_grippers_are_compared_and_held_as_gripper_joints() -> No
     held = step.run(lambda: 10.06)
     assert held.kind == BAD_IMAGE
     np.testing.assert_allclose(held.plan.positions, keep[None, :], atol=1e-6)
+
+
+def test_a_limit_that_clamps_the_chunk_and_its_points_sent_counts_once() -> None:
+    # 0.4 units/s is 0.02 per 0.05 s action. The chunk's first action is 0.03 from the measured
+    # position (clamped along the chunk); at 10.01 the first point sent is action 2, 0.05 away but
+    # 0.09 s ahead (0.036 allowed: clamped again). One chunk, one velocity clamp in /diagnostics.
+    step = make_step(safety=SafetyConfig(max_velocity=(0.4,)))
+    feed(step, 10.0)
+    result = step.run(lambda: 10.01)
+    assert result.published and result.clamped == ("velocity",) and result.plan.first_index == 2
+    np.testing.assert_allclose(result.chunk.actions[0], STATE + 0.02, rtol=1e-6)  # clamped along the chunk
+    np.testing.assert_allclose(result.plan.positions[0], STATE + 0.036, rtol=1e-6)  # and as sent
+    assert step.safety.counters["clamp.velocity"] == 1
