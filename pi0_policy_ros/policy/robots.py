@@ -379,7 +379,13 @@ def aloha_gripper_state_to_action(value: np.ndarray) -> np.ndarray:
     """ALOHA state gripper (normalized finger position) -> the action gripper (normalized gripper
     joint) that commands the same opening: finger position -> horn angle -> joint normalized.
     Not the identity: state 0.5 is action 0.48, state 1 (the linkage's widest) action 1.038."""
-    return _to_unit(_aloha_gripper_angle_rad(value), *_ALOHA_GRIPPER_JOINT_RAD)
+    # A reading the linkage cannot reach (finger under L - r = 14 mm: state < -0.112) is taken at
+    # the nearest reachable one. Unclipped, one under 0 m (state < -0.466) flipped the sine's sign
+    # and came out fully open. `aloha_gripper_to_pi` keeps openpi's unclipped map for the model.
+    reach = _to_unit(np.array([_INTERBOTIX_ARM_LENGTH_M - _INTERBOTIX_HORN_RADIUS_M,
+                               _INTERBOTIX_ARM_LENGTH_M + _INTERBOTIX_HORN_RADIUS_M]), *_ALOHA_GRIPPER_LINEAR_M)
+    clipped = np.clip(np.asarray(value, dtype=np.float64), reach[0], reach[1])
+    return _to_unit(_aloha_gripper_angle_rad(clipped), *_ALOHA_GRIPPER_JOINT_RAD)
 
 
 def aloha_gripper_from_pi(value: np.ndarray) -> np.ndarray:

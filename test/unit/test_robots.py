@@ -287,6 +287,22 @@ def test_a_measured_aloha_gripper_in_action_units_commands_the_same_opening() ->
         np.testing.assert_array_equal(state_in_action_units(other, values), values)
 
 
+def test_a_measured_aloha_gripper_the_linkage_cannot_reach_is_not_taken_for_open() -> None:
+    # The horn linkage reaches finger positions L - r .. L + r (0.014 .. 0.058 m). A reading under
+    # 0 m once flipped the inverse's sign and came out fully open (1.038): a hold point that opens
+    # the gripper. Every unreachable reading is now the nearest reachable one, and the map rises.
+    profile = get_profile("pi0_aloha")
+    low = (0.036 - 0.022 - 0.01844) / (0.05800 - 0.01844)
+    closest = (-np.pi / 2 + 0.6213) / (1.4910 + 0.6213)
+    readings = np.linspace(-3.0, 3.0, 601)
+    state = np.zeros((readings.size, 14))
+    state[:, 6] = readings
+    gripper = np.stack([state_in_action_units(profile, s) for s in state])[:, 6]
+    assert np.all(np.diff(gripper) >= 0.0)
+    np.testing.assert_allclose(gripper[readings <= low], closest, rtol=1e-12)
+    np.testing.assert_allclose(gripper[readings >= 1.0], (np.pi / 2 + 0.6213) / (1.4910 + 0.6213), rtol=1e-12)
+
+
 def test_finalize_actions_checks_shapes() -> None:
     profile = get_profile("pi0_aloha")
     with pytest.raises(ObservationError, match=r"expected actions \[H, >= 14\], found shape \(50, 8\)"):
