@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pi0-policy {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError as exc:
-        # A size too large for this machine (`bench --cameras 100000000`): numpy's "Unable to
-        # allocate 13.7 TiB for an array with shape ..." names the shape; the traceback adds nothing.
+        # A size too large for this machine (the commands bound their size options by what the
+        # model takes, which a small machine may still lack): numpy's "Unable to allocate 13.7 TiB
+        # for an array with shape ..." names the shape; the traceback adds nothing.
         logging.getLogger(__name__).debug("pi0-policy %s ran out of memory", args.command, exc_info=True)
         print(f"pi0-policy {args.command}: error: out of memory: {exc}", file=sys.stderr)
         return 2

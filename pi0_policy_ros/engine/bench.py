@@ -31,20 +31,36 @@ from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, ho
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, model_from_tensors, random_model
-from pi0_policy_ros.model.config import PRESETS, get_preset
-from pi0_policy_ros.model.pi0 import Pi0Model
+from pi0_policy_ros.model.config import GEMMA_MAX_POSITIONS, PRESETS, ModelConfig, get_preset
+from pi0_policy_ros.model.pi0 import MAX_DENOISE_STEPS, Pi0Model
 from pi0_policy_ros.model.rtc import sample_actions_guided, soft_mask
+from pi0_policy_ros.policy.config import MAX_CAMERA_SIDE_PX
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
 
 
 def _image_size(text: str) -> tuple[int, int]:
-    """`HxW` with positive integers -> (H, W)."""
+    """`HxW` with integers in [1, MAX_CAMERA_SIDE_PX] -> (H, W). Larger frames were numpy's out of
+    memory (three of 100000x100000) or, a little smaller, the OOM killer."""
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 480x640, found {text!r}")
+    if len(parts) != 2 or not all(p.isdigit() and 1 <= int(p) <= MAX_CAMERA_SIDE_PX for p in parts):
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, each 1 to {MAX_CAMERA_SIDE_PX} (the node's "
+                                         f"camera_height / camera_width range), e.g. 480x640, found {text!r}")
     return int(parts[0]), int(parts[1])
+
+
+def _steps(text: str) -> int:
+    """0 (the preset's) or 1 to MAX_DENOISE_STEPS: 100000000 never ended its Euler times (see there)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_DENOISE_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"expected 0 (the preset's) or 1 to {MAX_DENOISE_STEPS} denoise steps (beyond that the float32 "
+            f"Euler time, t += -1/steps as openpi sums it, no longer takes that many steps), found {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -72,12 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="pi05", choices=sorted(PRESETS), help="model geometry")
     parser.add_argument("--checkpoint", default="", help="an openpi or LeRobot checkpoint directory of --preset's "
                         "geometry, or an openpi-named safetensors file; default: random weights")
-    parser.add_argument("--cameras", type=int, default=3, help="camera slots in the graph")
+    parser.add_argument("--cameras", type=int, default=3, help="camera slots in the graph (1 to the model's 3)")
     parser.add_argument("--valid-cameras", type=_count, default=2, help="slots marked valid in the inputs")
     parser.add_argument("--image-size", default="224x224", type=_image_size, help="source image HxW (resized with pad on the GPU)")
-    parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: the preset's)")
+    parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: the preset's; at most "
+                        f"Gemma's {GEMMA_MAX_POSITIONS} positions less the image and action tokens)")
     parser.add_argument("--valid-tokens", type=_count, default=24, help="valid prompt tokens in the inputs")
-    parser.add_argument("--steps", type=int, default=0, help="denoise steps (0: the preset's)")
+    parser.add_argument("--steps", type=_steps, default=0, help=f"denoise steps (0: the preset's; at most "
+                        f"{MAX_DENOISE_STEPS})")
     parser.add_argument("--precision", default="bfloat16",
                         help=f"comma-separated list from {PRECISIONS}, e.g. bfloat16,fp8,float32")
     parser.add_argument("--denoise-kernels", default="auto", choices=("auto", "torch", "triton"))
@@ -94,6 +112,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--cpu", action="store_true", help="time the eager fallback on the CPU (with or without CUDA) "
                         "(engine and reference are then the same code; minutes for a full-size preset)")
+
+
+def check_sizes(cfg: ModelConfig, cameras: int, prompt_len: int) -> None:
+    """--cameras and --prompt-len within what the model takes, before anything is allocated: a
+    prompt of 100000000 tokens was a traceback mid-run (or the OOM killer, exit 137)."""
+    if not 1 <= cameras <= cfg.num_image_slots:
+        raise ConfigError(f"--cameras: expected 1 to {cfg.num_image_slots} (the model's image slots), found {cameras}")
+    image_tokens = cameras * cfg.siglip.tokens_per_image
+    limit = GEMMA_MAX_POSITIONS - image_tokens - cfg.suffix_len
+    if not 0 <= prompt_len <= limit:
+        raise ConfigError(f"--prompt-len: expected 0 (the preset's {cfg.max_token_len}) or 1 to {limit} tokens "
+                          f"(Gemma's {GEMMA_MAX_POSITIONS} positions less {image_tokens} image tokens and "
+                          f"{cfg.suffix_len} action tokens), found {prompt_len}")
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -309,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
     if not precisions:  # the eager model alone was timed, and the run reported success
         raise ConfigError(f"--precision: expected a comma-separated list from {list(PRECISIONS)}, "
                           f"found {args.precision!r}")
+    check_sizes(get_preset(args.preset), args.cameras, args.prompt_len)
     prepare_output_file(args.json or None)  # before minutes of benchmarking, not after them
     # --cpu on a machine with CUDA too: timing the fallback must not need another machine.
     cuda = torch.cuda.is_available() and not args.cpu

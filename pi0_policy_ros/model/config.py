@@ -16,6 +16,9 @@ from pi0_policy_ros.errors import ConfigError
 
 IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 PALIGEMMA_VOCAB_SIZE = 257152
+# Gemma's context window (`max_position_embeddings` of Gemma 2B and of PaliGemma's language model):
+# image tokens, prompt and action tokens together; the backbone saw no later position in training.
+GEMMA_MAX_POSITIONS = 8192
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ _FIELD_TYPES = {str: (str,), int: (Integral,), float: (Real,), tuple: (tuple, li
 # The ROS parameter's and every command's --seed range too (cli.seed_argument): numpy's generator
 # refuses a negative seed (at every inference), torch's one above 2**64 - 1.
 SEED_RANGE = (0, 2**31 - 1)
+# The largest camera_height / camera_width (ROS parameters) and `bench --image-size` side, in pixels.
+MAX_CAMERA_SIDE_PX = 8192
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from pi0_policy_ros.control.safety import SafetyConfig
 from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES, SCHEDULER_MODES, SchedulerConfig
 from pi0_policy_ros.control.step import HOLD_MODES
 from pi0_policy_ros.errors import ConfigError
-from pi0_policy_ros.policy.config import BACKENDS, PRECISIONS, SEED_RANGE, PolicyConfig
+from pi0_policy_ros.policy.config import BACKENDS, MAX_CAMERA_SIDE_PX, PRECISIONS, SEED_RANGE, PolicyConfig
 from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES
 
 NODE_NAME = "pi0_policy"
@@ -125,9 +125,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "compressed (sensor_msgs/CompressedImage); [] = all raw", True, choices=CAMERA_TYPES),
     ParamSpec("camera_height", INTEGER, 0, "height every camera sends; with camera_width > 0 the frames are "
               "resized with pad inside the engine (on the GPU: no CPU resize) and any other size is refused. "
-              "0 = resized to 224x224 on the CPU, any size", True, int_range=(0, 8192)),
+              "0 = resized to 224x224 on the CPU, any size", True, int_range=(0, MAX_CAMERA_SIDE_PX)),
     ParamSpec("camera_width", INTEGER, 0, "width every camera sends (see camera_height); 0 with camera_height 0",
-              True, int_range=(0, 8192)),
+              True, int_range=(0, MAX_CAMERA_SIDE_PX)),
     ParamSpec("joint_names", STRING_ARRAY, [], "joint_states names, in the profile's state order; "
               "[] = the profile's joint names", True),
     ParamSpec("action_joint_names", STRING_ARRAY, [], "JointTrajectory joint names, one per action dim; "

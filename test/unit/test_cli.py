@@ -16,6 +16,7 @@ import torch
 
 from pi0_policy_ros import export_cli
 from pi0_policy_ros.cli import main
+from pi0_policy_ros.errors import ConfigError
 from test.paths import PI05_FIXTURE, REPO_ROOT
 from test.unit.test_policy import write_openpi_dir
 
@@ -243,14 +244,44 @@ def test_bench_fp8_on_the_cpu_fallback_is_refused(tmp_path: Path, capsys: pytest
     assert not (tmp_path / "bench.json").exists()
 
 
-@pytest.mark.parametrize("option", [["--cameras", "100000000"], ["--image-size", "100000x100000"]])
-def test_bench_inputs_too_large_for_memory_are_one_error(option: list[str],
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    # A mistyped size was numpy's _ArrayMemoryError traceback (exit 1).
+PROMPT_RANGE = "--prompt-len: expected 0 (the preset's 200) or 1 to {} tokens (Gemma's 8192 positions less {} image " \
+               "tokens and 10 action tokens), found {}"
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    # A mistyped size was numpy's out of memory (3 x 224 x 224 x 100000000 bytes), a traceback
+    # mid-run (the prompt's embeddings, its attention mask) or, where the allocation fit, the OOM
+    # killer (exit 137). pi05_small: 3 slots of 256 image tokens, 10 actions.
+    (["--cameras", "100000000"], "--cameras: expected 1 to 3 (the model's image slots), found 100000000"),
+    (["--cameras", "4"], "--cameras: expected 1 to 3 (the model's image slots), found 4"),
+    (["--cameras", "0"], "--cameras: expected 1 to 3 (the model's image slots), found 0"),
+    (["--prompt-len", "100000000"], PROMPT_RANGE.format(7414, 768, 100000000)),
+    (["--prompt-len", "7415"], PROMPT_RANGE.format(7414, 768, 7415)),
+    (["--prompt-len", "-1"], PROMPT_RANGE.format(7414, 768, -1)),
+    (["--cameras", "1", "--prompt-len", "7927"], PROMPT_RANGE.format(7926, 256, 7927)),
+])
+def test_bench_sizes_beyond_the_model_are_one_error(option: list[str], expected: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from pi0_policy_ros.engine import bench
+
+    monkeypatch.setattr(bench, "_load_model", _model_loaded_too_early)
     argv = ["bench", "--cpu", "--preset", "pi05_small", "--iterations", "1", "--eager-iterations", "1",
-            "--no-fp32-reference", *option]
+            "--no-fp32-reference", "--json", str(tmp_path / "bench.json"), *option]
     assert main(argv) == 2
-    assert "pi0-policy bench: error: out of memory: Unable to allocate" in one_error_line(capsys)
+    assert f"pi0-policy bench: error: {expected}" == one_error_line(capsys)
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_sizes_at_the_models_limits_pass_the_check() -> None:
+    from pi0_policy_ros.engine.bench import check_sizes
+    from pi0_policy_ros.model.config import get_preset
+
+    for preset, prompt_len in (("pi05", 7414), ("pi0", 7373)):  # pi0: 50 actions and its state token
+        check_sizes(get_preset(preset), 3, prompt_len)
+        with pytest.raises(ConfigError, match=f"1 to {prompt_len} tokens"):
+            check_sizes(get_preset(preset), 3, prompt_len + 1)
+    check_sizes(get_preset("pi05"), 1, 0)
 
 
 def _refuse_non_json(constant: str) -> None:
@@ -372,6 +403,14 @@ def test_a_mistyped_parameter_in_the_file_fails_before_the_node_starts(
     (["--eager-iterations", "0"], "--eager-iterations: expected an integer >= 1"),
     (["--valid-tokens", "-3"], "--valid-tokens: expected an integer >= 0"),  # was numpy's ValueError
     (["--valid-cameras", "-1"], "--valid-cameras: expected an integer >= 0"),  # ran with no valid camera
+    # Never ended: from about 3.4e7 steps the float32 Euler time stops moving (model.pi0.MAX_DENOISE_STEPS).
+    (["--steps", "100000000"], "--steps: expected 0 (the preset's) or 1 to 5858 denoise steps"),
+    (["--steps", "5859"], "--steps: expected 0 (the preset's) or 1 to 5858 denoise steps"),
+    (["--steps", "-1"], "--steps: expected 0 (the preset's) or 1 to 5858 denoise steps"),
+    # Three frames of 100000x100000 were numpy's out of memory; smaller ones fit, then the OOM killer.
+    (["--image-size", "100000x100000"], "--image-size: expected HxW in pixels, each 1 to 8192 (the node's "
+                                        "camera_height / camera_width range)"),
+    (["--image-size", "8193x224"], "--image-size: expected HxW in pixels, each 1 to 8192"),
 ])
 def test_bench_usage_errors(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -40,6 +40,14 @@ def test_every_step_count_gives_that_many_steps(num_steps: int) -> None:
     assert times[-1] == pytest.approx(1.0 / num_steps, abs=1e-6)
 
 
+def test_max_denoise_steps_is_the_last_count_that_gives_that_many_steps() -> None:
+    # `bench --steps` stops there: beyond it the float32 sum drifts, and 100000000 never ended.
+    from pi0_policy_ros.model.pi0 import MAX_DENOISE_STEPS, euler_times
+
+    assert len(euler_times(MAX_DENOISE_STEPS)) == MAX_DENOISE_STEPS
+    assert len(euler_times(MAX_DENOISE_STEPS + 1)) != MAX_DENOISE_STEPS + 1
+
+
 @pytest.mark.parametrize("path,preset", [(PI05_FIXTURE, "pi05_small"), (PI0_FIXTURE, "pi0_small")])
 def test_small_presets_equal_the_fixture_metadata(path, preset: str) -> None:
     from_metadata = load_reference(path).config
