@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-input", default="uint8", choices=IMAGE_INPUTS,
                         help="vision input: uint8 [N,224,224,3] images, or float [N,3,224,224] pixels in [-1, 1]")
     parser.add_argument("--verify", action="store_true", help="compare each file with torch fp32 (onnxruntime, CPU)")
-    parser.add_argument("--seed", type=seed_argument, default=0, help="seed of the random inputs and random weights")
+    parser.add_argument("--seed", type=seed_argument, default=None, help="seed of the random inputs and random "
+                        "weights (default 0); not with --reference, whose fixture holds both")
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -57,6 +58,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.reference is not None:
         if args.checkpoint is not None:
             raise ExportError("--checkpoint goes with --model-preset, not with --reference")
+        if args.seed is not None:  # it changed nothing: the same files, the same --verify errors
+            raise ExportError("--seed draws random weights and inputs, and --reference takes both from its fixture: "
+                              "drop --seed, or use --model-preset for random weights and inputs")
         ref = load_reference(args.reference)
         return reference_model(ref), ref
     if args.checkpoint is None:
@@ -68,7 +72,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         except KeyError as exc:
             raise ExportError(str(exc.args[0])) from None
         print(f"note: no --checkpoint: random weights at preset {args.model_preset!r}", file=sys.stderr)
-        return random_model(preset, seed=args.seed), None
+        return random_model(preset, seed=args.seed or 0), None
     ckpt = load_checkpoint_dir(args.checkpoint, args.model_preset)
     return model_from_tensors(ckpt.model_config, ckpt.tensors, allow_truncated_vocab=ckpt.allow_truncated_vocab,
                               source=str(ckpt.path)), None
@@ -148,10 +152,10 @@ def run(args: argparse.Namespace) -> int:
         if ref is not None:
             inputs = {s: ox.reference_inputs(ref, references[s].signature) for s in ox.STAGES}
         else:
-            vision_in = ox.random_inputs(references["vision"].signature, seed=args.seed)
+            vision_in = ox.random_inputs(references["vision"].signature, seed=args.seed or 0)
             with torch.no_grad():
                 embs = references["vision"](*vision_in)[0]
-            prefix_in = ox.random_inputs(references["prefix"].signature, seed=args.seed)
+            prefix_in = ox.random_inputs(references["prefix"].signature, seed=args.seed or 0)
             inputs = {"vision": vision_in, "prefix": (embs, *prefix_in[1:])}
         report: dict[str, Any] = {"model": model.cfg.name, "precision": args.precision, "torch": torch.__version__,
                                   "stages": {}}

@@ -146,6 +146,19 @@ def test_export_auto_preset_without_a_checkpoint_says_what_is_missing(tmp_path: 
     assert not (tmp_path / "onnx").exists()  # the --out it made for nothing is gone again
 
 
+@pytest.mark.parametrize("seed", ["0", "7"])
+def test_export_seed_with_a_reference_is_one_error(seed: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # The fixture holds the weights and the inputs: --seed 7 wrote the same files with the same
+    # --verify errors as --seed 0, without a word.
+    out = tmp_path / "onnx"
+    assert main(["export", "--reference", str(PI05_FIXTURE), "--stages", "vision", "--out", str(out),
+                 "--seed", seed]) == 2
+    assert ("error: --seed draws random weights and inputs, and --reference takes both from its fixture: drop "
+            "--seed, or use --model-preset for random weights and inputs") in one_error_line(capsys)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("source", [["--model-preset", "nope"], ["--model-preset", "pi05_small", "--checkpoint", "missing"]])
 def test_export_that_fails_on_its_model_leaves_no_empty_output(source: list[str], tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
