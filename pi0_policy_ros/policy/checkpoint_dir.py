@@ -26,7 +26,8 @@ from typing import Any, Collection, Mapping
 import torch
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError
-from pi0_policy_ros.model.checkpoint import EMBED_KEY, check_dtypes, check_tensors, read_safetensors
+from pi0_policy_ros.model.checkpoint import (EMBED_KEY, UNUSED_KEYS, check_dtypes, check_tensors, read_safetensors,
+                                             with_tied_embedding)
 from pi0_policy_ros.model.config import PRESETS, ModelConfig, get_preset
 from pi0_policy_ros.policy.normalize import (NormStats, Normalizer, find_openpi_norm_stats,
                                              load_lerobot_normalization, load_openpi_norm_stats)
@@ -72,7 +73,14 @@ class LoadedCheckpoint:
 
     @property
     def parameter_count(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        """Parameters the policy runs: every tensor but the LM heads, with the token table where the
+        file stores it only under the tied PaliGemma head's name (see `with_tied_embedding`)."""
+        return sum(t.numel() for name, t in with_tied_embedding(self.tensors).items() if name not in UNUSED_KEYS)
+
+    @property
+    def unused_parameter_count(self) -> int:
+        """Parameters in the file that are never used for actions: the LM heads (accepted and skipped)."""
+        return sum(t.numel() for t in self.tensors.values()) - self.parameter_count
 
 
 def _json_object(config_file: Path) -> dict[str, Any] | None:
@@ -180,7 +188,8 @@ def _truncated_vocab_allowed(tensors: Mapping[str, torch.Tensor], metadata: Mapp
         return False
     if not rows.isdecimal():
         raise CheckpointError(f"{where}: expected metadata {VOCAB_ROWS_METADATA!r} to be a row count, found {rows!r}")
-    return EMBED_KEY in tensors and tensors[EMBED_KEY].shape[0] == int(rows)
+    table = with_tied_embedding(tensors).get(EMBED_KEY)  # also a table saved as the tied lm_head only
+    return table is not None and table.shape[0] == int(rows)
 
 
 def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -25,6 +25,7 @@ def describe(ckpt: LoadedCheckpoint) -> dict[str, Any]:
         "max_token_len": cfg.max_token_len,
         "dtype": ckpt.weights_dtype,
         "parameter_count": ckpt.parameter_count,
+        "unused_parameter_count": ckpt.unused_parameter_count,  # the LM heads: never used for actions
         "truncated_vocabulary": ckpt.allow_truncated_vocab,
         "asset_id": ckpt.asset_id or None,
         "norm_stats": {key: {"dims": stats.dim, "quantiles": stats.has_quantiles} for key, stats in ckpt.stats.items()},

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError
-from pi0_policy_ros.model.checkpoint import EMBED_KEY
+from pi0_policy_ros.model.checkpoint import EMBED_KEY, UNUSED_KEYS
 from pi0_policy_ros.model.config import IMAGE_SLOTS, PRESETS
 from pi0_policy_ros.model.reference import load_reference
 from pi0_policy_ros.model.rtc import soft_mask
@@ -170,6 +170,30 @@ def test_inspect_reports_the_directory(tmp_path: Path, kind: str, fixture: Path,
         assert info["asset_id"] == "libero"
     else:
         assert info["cameras"] == ["image", "wrist_image"]
+
+
+@pytest.mark.parametrize("tied_only", [False, True], ids=["table-and-heads", "table-as-lm-head-only"])
+def test_inspect_counts_the_parameters_the_policy_uses(tmp_path: Path, tied_only: bool,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # openpi's state_dict holds both LM heads, which are never used for actions (accepted and
+    # skipped); parameter_count added them: full-size pi0.5 read ~3.6 B for the ~3.35 B it runs.
+    # Saved by safetensors' save_model the file holds the token table under the tied PaliGemma
+    # head's name only: that one is used, as the token table.
+    from pi0_policy_ros.cli import main
+
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    weights = load_file(path / "model.safetensors")
+    table = weights[EMBED_KEY]
+    expert_head = torch.randn(table.shape[0], load_reference(PI05_FIXTURE).config.expert.width)
+    weights.update({UNUSED_KEYS[0]: table.clone(), UNUSED_KEYS[1]: expert_head})
+    if tied_only:
+        del weights[EMBED_KEY]
+    save_file(weights, str(path / "model.safetensors"), metadata={VOCAB_ROWS_METADATA: "1024"})
+    used = sum(t.numel() for t in load_reference(PI05_FIXTURE).weights.values())  # every one loaded, no head
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameter_count"] == used
+    assert info["unused_parameter_count"] == expert_head.numel() + (0 if tied_only else table.numel())
 
 
 def test_inspect_lists_lerobot_cameras_in_the_models_slot_order(tmp_path: Path) -> None:
