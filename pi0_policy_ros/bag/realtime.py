@@ -357,9 +357,11 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
                 stage, _, pct = key[len("latency_"):-len("_ms")].rpartition("_")
                 node_latency.setdefault(stage, {})[pct] = float(value)
         # The report after deactivation keeps the counters but shows 0 Hz: the rate is the last active one.
+        # Per second of the node's clock, which is sim time (/clock: bag time), not wall time: at
+        # --rate 0.5 the node that keeps 5 Hz of bag time publishes 2.5 chunks a wall second.
         active = [values for values in loop_reports if values.get("active") == "True"]
         rate_hz = float(active[-1].get("achieved_rate_hz", 0.0)) if active else 0.0
-        summary.extra["node_diagnostics"] = {"achieved_rate_hz_wall": rate_hz,
+        summary.extra["node_diagnostics"] = {"achieved_rate_hz": rate_hz,
                                              "observation_errors": int(last.get("observation_errors", 0)),
                                              "last_input_error": last.get("last_input_error", ""),
                                              "holds": held, "latency_ms": node_latency}
