@@ -31,8 +31,8 @@ from pi0_policy_ros.engine.types import PRECISIONS, EngineBatch, EngineShape, ho
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.model.checkpoint import apply_precision, load_checkpoint, model_from_tensors, random_model
-from pi0_policy_ros.model.config import GEMMA_MAX_POSITIONS, PRESETS, ModelConfig, get_preset
-from pi0_policy_ros.model.pi0 import MAX_DENOISE_STEPS, Pi0Model
+from pi0_policy_ros.model.config import GEMMA_MAX_POSITIONS, MAX_DENOISE_STEPS, PRESETS, ModelConfig, get_preset
+from pi0_policy_ros.model.pi0 import Pi0Model
 from pi0_policy_ros.model.rtc import sample_actions_guided, soft_mask
 from pi0_policy_ros.policy.config import MAX_CAMERA_SIDE_PX
 

@@ -19,6 +19,10 @@ PALIGEMMA_VOCAB_SIZE = 257152
 # Gemma's context window (`max_position_embeddings` of Gemma 2B and of PaliGemma's language model):
 # image tokens, prompt and action tokens together; the backbone saw no later position in training.
 GEMMA_MAX_POSITIONS = 8192
+# The most steps for which `pi0.euler_times` gives exactly `num_steps` times. Above it the float32 sum
+# drifts (5859 steps give 5860 times, 10000 give 9999), and from about 3.4e7 steps t + dt rounds
+# back to 1.0: the loop never ends and its list grows until the OOM killer.
+MAX_DENOISE_STEPS = 5858
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,18 @@ class ModelConfig:
         if self.action_horizon < 1 or self.num_denoise_steps < 1:
             raise ConfigError(f"action_horizon and num_denoise_steps must be ≥ 1, found "
                               f"{self.action_horizon}, {self.num_denoise_steps}")
+        if self.num_denoise_steps > MAX_DENOISE_STEPS:
+            raise ConfigError(f"num_denoise_steps must be ≤ {MAX_DENOISE_STEPS} (beyond it openpi's float32 Euler "
+                              f"time no longer takes that many steps), found {self.num_denoise_steps}")
+
+    def check_positions(self) -> None:
+        """Image, prompt and action tokens within Gemma's positions. Not a construction check: the
+        bench builds graphs of fewer camera slots than the model has (it checks its own sum)."""
+        positions = self.prefix_len + self.suffix_len
+        if positions > GEMMA_MAX_POSITIONS:
+            raise ConfigError(f"{self.num_image_tokens} image tokens + max_token_len {self.max_token_len} + "
+                              f"{self.suffix_len} action tokens = {positions} positions, more than Gemma's "
+                              f"{GEMMA_MAX_POSITIONS}")
 
     @property
     def num_image_tokens(self) -> int:

@@ -75,12 +75,6 @@ def sinusoidal_time_embedding(t: torch.Tensor, width: int, min_period: float = 4
     return torch.cat((torch.sin(angle), torch.cos(angle)), dim=1).to(t.dtype)
 
 
-# The most steps for which `euler_times` gives exactly `num_steps` times. Above it the float32 sum
-# drifts (5859 steps give 5860 times, 10000 give 9999), and from about 3.4e7 steps t + dt rounds
-# back to 1.0: the loop never ends and its list grows until the OOM killer.
-MAX_DENOISE_STEPS = 5858
-
-
 def euler_times(num_steps: int) -> list[float]:
     """The times fed to each denoise step: t starts at 1 and accumulates dt = -1/num_steps in
     float32, exactly as openpi's loop does (so 0.79999995, not 0.8)."""

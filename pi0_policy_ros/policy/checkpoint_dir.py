@@ -28,7 +28,7 @@ import torch
 from pi0_policy_ros.errors import CheckpointError, ConfigError
 from pi0_policy_ros.model.checkpoint import (EMBED_KEY, UNUSED_KEYS, check_dtypes, check_tensors, read_safetensors,
                                              with_tied_embedding)
-from pi0_policy_ros.model.config import PRESETS, ModelConfig, get_preset
+from pi0_policy_ros.model.config import MAX_DENOISE_STEPS, PRESETS, ModelConfig, get_preset
 from pi0_policy_ros.policy.normalize import (NormStats, Normalizer, find_openpi_norm_stats,
                                              load_lerobot_normalization, load_openpi_norm_stats)
 
@@ -275,11 +275,12 @@ def _from_lerobot_names(tensors: Mapping[str, torch.Tensor], pi05: bool) -> dict
     return out
 
 
-def _lerobot_count(config: Mapping[str, Any], key: str, default: int, path: Path) -> int:
-    """A positive integer of LeRobot's config.json (`default` where the key is absent)."""
+def _lerobot_count(config: Mapping[str, Any], key: str, default: int, path: Path, upper: int | None = None) -> int:
+    """A positive integer of LeRobot's config.json (`default` where the key is absent), at most `upper`."""
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected {key!r} a positive integer, found {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper is not None and value > upper):
+        bound = "a positive integer" if upper is None else f"an integer from 1 to {upper}"
+        raise CheckpointError(f"{path / LEROBOT_CONFIG}: expected {key!r} {bound}, found {value!r}")
     return value
 
 
@@ -365,7 +366,8 @@ def load_lerobot_dir(path: Path, preset: str) -> LoadedCheckpoint:
     # normalized state into the prompt; it has no switch like openpi's pi05_libero.
     cfg = cfg.replace(action_horizon=_lerobot_count(config, "chunk_size", cfg.action_horizon, path),
                       max_token_len=_lerobot_count(config, "tokenizer_max_length", cfg.max_token_len, path),
-                      num_denoise_steps=_lerobot_count(config, "num_inference_steps", cfg.num_denoise_steps, path),
+                      num_denoise_steps=_lerobot_count(config, "num_inference_steps", cfg.num_denoise_steps, path,
+                                                       MAX_DENOISE_STEPS),
                       discrete_state_input=cfg.pi05)
     normalization = load_lerobot_normalization(path)
     return LoadedCheckpoint(path, "lerobot", cfg, tensors, truncated, normalization.normalizer(),
@@ -391,5 +393,11 @@ def load_checkpoint_dir(path: str | Path, preset: str = AUTO_PRESET, asset_id: s
                           f"policy_postprocessor.json): expected asset_id '' (empty), found {asset_id!r}")
     loaded = (load_lerobot_dir(path, preset) if kind == "lerobot"
               else load_openpi_dir(path, preset, asset_id, horizon, horizon_from_checkpoint))
+    try:  # a token length or horizon from config.json (100000000 stalled configure, then the OOM killer)
+        loaded.model_config.check_positions()
+    except ConfigError as exc:
+        source = ("LeRobot's tokenizer_max_length and chunk_size" if kind == "lerobot"
+                  else "the action horizon and the preset's token length")
+        raise CheckpointError(f"{path}: {exc} ({source})") from None
     log.info("loaded %s checkpoint %s: %s, %d tensors", kind, path, loaded.model_config.name, len(loaded.tensors))
     return loaded

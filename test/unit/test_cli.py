@@ -416,7 +416,7 @@ def test_a_mistyped_parameter_in_the_file_fails_before_the_node_starts(
     (["--eager-iterations", "0"], "--eager-iterations: expected an integer >= 1"),
     (["--valid-tokens", "-3"], "--valid-tokens: expected an integer >= 0"),  # was numpy's ValueError
     (["--valid-cameras", "-1"], "--valid-cameras: expected an integer >= 0"),  # ran with no valid camera
-    # Never ended: from about 3.4e7 steps the float32 Euler time stops moving (model.pi0.MAX_DENOISE_STEPS).
+    # Never ended: from about 3.4e7 steps the float32 Euler time stops moving (model.config.MAX_DENOISE_STEPS).
     (["--steps", "100000000"], "--steps: expected 0 (the preset's) or 1 to 5858 denoise steps"),
     (["--steps", "5859"], "--steps: expected 0 (the preset's) or 1 to 5858 denoise steps"),
     (["--steps", "-1"], "--steps: expected 0 (the preset's) or 1 to 5858 denoise steps"),

@@ -42,7 +42,8 @@ def test_every_step_count_gives_that_many_steps(num_steps: int) -> None:
 
 def test_max_denoise_steps_is_the_last_count_that_gives_that_many_steps() -> None:
     # `bench --steps` stops there: beyond it the float32 sum drifts, and 100000000 never ended.
-    from pi0_policy_ros.model.pi0 import MAX_DENOISE_STEPS, euler_times
+    from pi0_policy_ros.model.config import MAX_DENOISE_STEPS
+    from pi0_policy_ros.model.pi0 import euler_times
 
     assert len(euler_times(MAX_DENOISE_STEPS)) == MAX_DENOISE_STEPS
     assert len(euler_times(MAX_DENOISE_STEPS + 1)) != MAX_DENOISE_STEPS + 1

@@ -398,12 +398,41 @@ def test_lerobot_config_values_that_are_not_positive_integers_are_one_error(
     path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, key: value}))
-    expected = f"config.json: expected '{key}' a positive integer, found {value!r}"
+    bound = "an integer from 1 to 5858" if key == "num_inference_steps" else "a positive integer"
+    expected = f"config.json: expected '{key}' {bound}, found {value!r}"
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic",
                                         state_dim=STATE_DIM, action_dim=ACTION_DIM))
     assert main(["inspect", str(path)]) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("num_inference_steps", 100000000, "config.json: expected 'num_inference_steps' an integer from 1 to 5858, "
+                                       "found 100000000"),
+    ("tokenizer_max_length", 100000000, "max_token_len 100000000 + 10 action tokens = 100000778 positions, more "
+                                        "than Gemma's 8192 (LeRobot's tokenizer_max_length and chunk_size)"),
+    ("chunk_size", 8000, "max_token_len 200 + 8000 action tokens = 8968 positions, more than Gemma's 8192"),
+])
+def test_lerobot_config_counts_beyond_the_model_are_one_error(tmp_path: Path, key: str, value: int,
+                                                              expected: str) -> None:
+    # A typo's 100000000 loaded: configure then padded the prompt to 1e8 tokens, or never ended its
+    # Euler times (the float32 time stops moving), until the OOM killer.
+    path = write_lerobot_dir(tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_checkpoint_dir(path)
+
+
+def test_a_converter_horizon_beyond_the_model_is_one_error(tmp_path: Path) -> None:
+    # The generic profile samples the horizon openpi's converter recorded, unbounded before.
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    _converter_config(path, 100000000)
+    with pytest.raises(CheckpointError, match=re.escape("+ 100000000 action tokens = 100000968 positions, more than "
+                                                        "Gemma's 8192 (the action horizon and the preset's token "
+                                                        "length)")):
+        load_checkpoint_dir(path, horizon_from_checkpoint=True)
 
 
 def test_lerobot_config_json_that_is_not_an_object_is_one_error(tmp_path: Path,
