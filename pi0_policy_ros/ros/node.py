@@ -236,13 +236,16 @@ def load_policy(config: PolicyConfig) -> PolicyLike:
 
 
 def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
-    when = "configure-time (set while unconfigured)" if spec.configure_time else "dynamic"
+    if spec.read_only:
+        when = "read-only: read at start-up (parameter file, -p or launch argument)"
+    else:
+        when = "configure-time (set while unconfigured)" if spec.configure_time else "dynamic"
     constraints = [when]
     if spec.choices:
         constraints.append(f"one of {list(spec.choices)}")
     descriptor = ParameterDescriptor(
         name=spec.name, type=_PARAM_TYPES[spec.kind], description=spec.description,
-        additional_constraints="; ".join(constraints))
+        additional_constraints="; ".join(constraints), read_only=spec.read_only)
     if spec.float_range:
         descriptor.floating_point_range = [FloatingPointRange(from_value=spec.float_range[0],
                                                               to_value=spec.float_range[1])]

@@ -3,10 +3,12 @@
 ROS-free on purpose (no rclpy import): `node.py` turns each `ParamSpec` into a declared
 parameter with a descriptor, and unit tests check the validation without a ROS graph.
 
-Two kinds of parameters:
+Three kinds of parameters:
 - configure-time (`configure_time=True`): read in `on_configure`. They may be set only while the
   node is unconfigured (cleanup -> set -> configure), so a failed configure can be fixed without a
   restart. They are not rclpy `read_only`, because read-only ones can never change after start.
+- start-up (`read_only=True`): read once when the node starts (`autostart`); rclpy `read_only`,
+  so that setting one on a running node is refused instead of accepted and never used.
 - dynamic: applied at once, also while active.
 
 Safety limits (`safety_*`, see control/safety.py) are per robot and belong in its parameter file:
@@ -72,6 +74,7 @@ class ParamSpec:
     float_range: tuple[float, float] | None = None
     int_range: tuple[int, int] | None = None
     choices: tuple[str, ...] | None = None  # for strings, or for every element of a string array
+    read_only: bool = False  # read at start-up only: a parameter file, -p or a launch argument sets it
 
 
 TRAJECTORY_ACTIONS = ("positions", "any")
@@ -134,7 +137,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               "[] = joint_names when the dims match, else the profile's", True),
     ParamSpec("diagnostics_period_s", DOUBLE, 1.0, "period of the /diagnostics status", True,
               float_range=DIAGNOSTICS_PERIOD_RANGE_S),
-    ParamSpec("autostart", BOOL, False, "configure and activate on start-up", True),
+    ParamSpec("autostart", BOOL, False, "configure and activate on start-up", True, read_only=True),
     ParamSpec("prompt", STRING, "", "task instruction; '' = none: the node holds ('Prompt is required') "
               "until one comes. The ~/prompt topic overrides it until the parameter is set again", False),
     ParamSpec("control_rate_hz", DOUBLE, 10.0, "target rate of inference and command publishing; at least "

@@ -182,6 +182,32 @@ def test_autostart(make_node, probe) -> None:
     wait_for(lambda: probe.counts()[0] >= 1)
 
 
+def test_autostart_is_read_only_on_the_running_node(make_node, probe) -> None:
+    """autostart is read once, when the node starts. `ros2 param set <node> autostart true` on a
+    running node was answered successful and did nothing: it must be refused, and
+    ~/describe_parameters must say it is read-only."""
+    from rcl_interfaces.srv import DescribeParameters, SetParameters
+
+    node = make_node()
+    name = node.get_fully_qualified_name()
+    set_client = probe.create_client(SetParameters, f"{name}/set_parameters")
+    describe_client = probe.create_client(DescribeParameters, f"{name}/describe_parameters")
+    try:
+        assert set_client.wait_for_service(timeout_sec=10.0) and describe_client.wait_for_service(timeout_sec=10.0)
+        future = set_client.call_async(SetParameters.Request(
+            parameters=[Parameter("autostart", value=True).to_parameter_msg()]))
+        result = wait_for(lambda: future.done() and future.result().results[0])
+        future = describe_client.call_async(DescribeParameters.Request(names=["autostart", "checkpoint_path"]))
+        autostart, checkpoint = wait_for(lambda: future.done() and future.result().descriptors)
+    finally:
+        probe.destroy_client(set_client)
+        probe.destroy_client(describe_client)
+    assert not result.successful and "read-only" in result.reason, result.reason
+    assert node.get_parameter("autostart").value is False
+    assert autostart.read_only and "start-up" in autostart.additional_constraints
+    assert not checkpoint.read_only  # configure-time: settable while unconfigured
+
+
 def test_parameters_rejected_with_reasons(make_node, probe) -> None:
     node = make_node()
     cases = [
