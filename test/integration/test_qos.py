@@ -63,3 +63,30 @@ def test_a_latched_prompt_and_a_default_qos_controller_match(make_node, probe, a
     prompt_pub.publish(String(data="latched task"))
     wait_for(lambda: node.policy.calls and node.policy.calls[-1].prompt == "latched task")
     wait_for(lambda: len(received) >= 2)
+
+
+# README's words for each group of topics, and the profile each topic of the group has above.
+README_GROUPS = {
+    "cameras and `joint_states`": ("cam_a/image_raw", "cam_b/image_raw/compressed", "joint_states"),
+    "`~/prompt`": ("pi0_policy/prompt",),
+    "`~/joint_trajectory`": ("pi0_policy/joint_trajectory",),
+    "`~/action_chunk` and `~/action_chunk_stamp`": ("pi0_policy/action_chunk", "pi0_policy/action_chunk_stamp"),
+}
+
+
+def _words(reliability: ReliabilityPolicy, durability: DurabilityPolicy, depth: int) -> str:
+    kind = "best effort" if reliability == BEST_EFFORT else "reliable"
+    return f"{kind}, {'volatile' if durability == VOLATILE else 'transient local'}, depth {depth}"
+
+
+def test_readme_gives_every_topic_its_qos() -> None:
+    """An engineer wiring a camera driver, joint_state_broadcaster, a task publisher and a controller
+    needs each topic's QoS (a best-effort prompt publisher never reaches the node): README named
+    the cameras' sensor-data QoS only."""
+    from test.paths import REPO_ROOT
+
+    text = " ".join((REPO_ROOT / "README.md").read_text().split())
+    for words, topics in README_GROUPS.items():
+        profiles = {{**PUBLISHED, **SUBSCRIBED}[topic] for topic in topics}
+        assert len(profiles) == 1, words
+        assert f"{words} {_words(*profiles.pop())}" in text, words
