@@ -108,7 +108,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import rclpy
@@ -166,6 +166,7 @@ from pi0_policy_ros.ros.params import (
     SPECS,
     STRING,
     STRING_ARRAY,
+    NoBlockForNode,
     NodeConfig,
     ParamSpec,
     RobotProfileLike,
@@ -173,6 +174,7 @@ from pi0_policy_ros.ros.params import (
     check_value,
     config_from_params,
     control_config_from,
+    load_params_file,
     publishes_trajectory,
     safety_parameter_error,
 )
@@ -1166,6 +1168,36 @@ def forward_package_logging(logger: Any) -> RosLogHandler:
     return handler
 
 
+def params_files(args: Sequence[str]) -> list[str]:
+    """The `--params-file` paths among the ROS arguments in `args` (between `--ros-args` and `--`)."""
+    files, ros, items = [], False, iter(args)
+    for arg in items:
+        if arg == "--ros-args":
+            ros = True
+        elif arg == "--":
+            ros = False
+        elif ros and arg == "--params-file":
+            files.append(next(items, ""))
+    return files
+
+
+def params_files_error(files: Sequence[str], namespace: str, node_name: str) -> str:
+    """Why `files` give the node nothing, or "": rcl skips a block for another node (or namespace)
+    without a word, so a file keyed `/pi0_policy` ran the node on its defaults under `-r __ns:=...`.
+    As the launch file, one file with a block for the node is enough (others may hold other nodes')."""
+    reasons = []
+    for path in files:
+        try:
+            load_params_file(path, namespace, node_name)
+        except NoBlockForNode as exc:
+            reasons.append(str(exc))
+        except ConfigError:  # rcl has read it; an undeclared name is logged by the node itself
+            return ""
+        else:
+            return ""
+    return "; ".join(reasons) + ": rcl skips them, and the node would run on its defaults" if reasons else ""
+
+
 def main(args: list[str] | None = None) -> int:
     try:
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
@@ -1178,6 +1210,13 @@ def main(args: list[str] | None = None) -> int:
     executor: MultiThreadedExecutor | None = None
     try:
         node = PolicyNode()
+        error = params_files_error(params_files(sys.argv if args is None else args), node.get_namespace(),
+                                   node.get_name())
+        if error:
+            print(f"pi0_policy_node: error: {error}", file=sys.stderr)
+            node.destroy_node()
+            node = None
+            return 2
         forward_package_logging(node.get_logger())
         executor = make_executor()
         executor.add_node(node)

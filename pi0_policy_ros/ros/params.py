@@ -513,9 +513,14 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class NoBlockForNode(ConfigError):
+    """A parameter file that gives the node no parameters: rcl skips it without a word."""
+
+
 def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NODE_NAME) -> dict[str, Any]:
     """The parameters a ROS parameter file gives node `<namespace>/<node_name>` (later blocks win).
-    ConfigError for a name the node does not declare in a block that names the node."""
+    ConfigError for a name the node does not declare in a block that names the node; NoBlockForNode
+    when no block applies to the node."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
@@ -526,7 +531,7 @@ def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NO
     fqn = resolve_topic(node_name, namespace)
     sections = _node_sections(tree)
     if not sections:
-        raise ConfigError(f"params file {path}: expected '<node>: {{{PARAMS_KEY}: ...}}' blocks, found none")
+        raise NoBlockForNode(f"params file {path}: expected '<node>: {{{PARAMS_KEY}: ...}}' blocks, found none")
     for pattern, _ in sections:  # every block: rcl refuses the file, not only the block for this node
         _check_node_key(pattern, path)
     values: dict[str, Any] = {}
@@ -540,6 +545,6 @@ def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NO
             if pattern.rstrip("/").rsplit("/", 1)[-1] == node_name:
                 check_parameter_names(list(params), f"params file {path}, block {pattern}")
     if not matched:
-        raise ConfigError(f"params file {path}: no block applies to node {fqn}; found blocks for "
+        raise NoBlockForNode(f"params file {path}: no block applies to node {fqn}; found blocks for "
                           f"{[pattern for pattern, _ in sections]}")
     return values

@@ -225,3 +225,22 @@ def test_the_node_process_with_a_bad_params_file_exits_with_one_line(tmp_path: P
     # rcl logs its own "Failed to parse global arguments" line first.
     assert output.splitlines()[-1].startswith("pi0_policy_node: error: cannot start: failed to initialize rcl: "
                                               f"Couldn't parse params file: '--params-file {params}'"), output
+
+
+@pytest.mark.parametrize("remap", [["-r", "__ns:=/robot1"], ["-r", "__node:=left_policy"]], ids=["namespace", "name"])
+def test_the_node_process_whose_params_file_has_no_block_for_it_exits_with_one_line(tmp_path: Path,
+                                                                                   remap: list[str]) -> None:
+    """`ros2 run ... --ros-args -r __ns:=/robot1 --params-file robot.yaml` with a block for /pi0_policy
+    only: rcl skips the block without a word, and the node ran on its defaults (another profile, a
+    full-size model with random weights). The launch file refuses such a file; so does the node."""
+    params = tmp_path / "robot.yaml"
+    params.write_text("/pi0_policy:\n  ros__parameters:\n    prompt: pick\n")
+    proc = subprocess.run([sys.executable, *NODE_COMMANDS["main"], "--ros-args", *remap, "--params-file",
+                           str(params)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output, output
+    node = "/robot1/pi0_policy" if "__ns" in remap[1] else "/left_policy"
+    assert output.strip().splitlines()[-1] == (
+        f"pi0_policy_node: error: params file {params}: no block applies to node {node}; found blocks for "
+        "['/pi0_policy']: rcl skips them, and the node would run on its defaults"), output
