@@ -192,6 +192,7 @@ WARMUP_PROMPT = "warm up"
 PRIMARY_STATES = frozenset({"unconfigured", "inactive", "active", "finalized"})
 EXIT_POLL_S = 0.05  # how often an exiting process looks whether the running transition has ended
 EXIT_FORCED = 1  # main()'s exit code when a second signal cut the wait for a running transition
+PROMPT_SHOWN_CHARS = 200  # of the prompt in /diagnostics (prompt.text); a longer one ends in "…"
 CALLBACKS_TIMEOUT_S = 2.0  # how long leaving waits for callbacks already handed to the executor's threads
 # /diagnostics and the log while use_sim_time is true and the node's time is still 0: a bag played
 # without --clock (or a simulator not started) leaves the control timer, on the node's clock, idle.
@@ -450,18 +451,20 @@ class PolicyNode(LifecycleNode):
         """Warn when the prompt does not fit the policy's token budget (the policy cuts it)."""
         policy, prompt = self._policy, self._prompt
         tokenizer = getattr(policy, "tokenizer", None)
+        # The task the node acts on, for an operator: a prompt from ~/prompt leaves the parameter as it was.
+        text = prompt if prompt is None or len(prompt) <= PROMPT_SHOWN_CHARS else prompt[:PROMPT_SHOWN_CHARS] + "…"
         if policy is None or tokenizer is None or not prompt:
-            self._prompt_status = {"source": "prompt" if prompt else "none", "truncated": "False"}
+            self._prompt_status = {"source": "prompt" if prompt else "none", "truncated": "False", "text": text or ""}
             return
         state = np.zeros(policy.profile.state_dim, np.float32)
         try:
             tokens = tokenizer.tokenize(prompt, state)
         except ObservationError as exc:
             self.get_logger().warning(f"prompt refused by the tokenizer: {exc}")
-            self._prompt_status = {"source": "prompt", "truncated": "False", "error": str(exc)}
+            self._prompt_status = {"source": "prompt", "truncated": "False", "text": text, "error": str(exc)}
             return
         limit = tokenizer.max_token_len
-        self._prompt_status = {"source": "prompt", "truncated": str(bool(tokens.truncated)),
+        self._prompt_status = {"source": "prompt", "truncated": str(bool(tokens.truncated)), "text": text,
                                "token_budget": str(limit)}
         if tokens.truncated:
             self.get_logger().warning(

@@ -158,9 +158,12 @@ def test_empty_prompt_holds_and_says_a_prompt_is_required(make_node, probe) -> N
     values = wait_for(lambda: (v := probe.latest_values("holding")) and int(v.get("holds.policy_refused", 0)) and v,
                       timeout_s=10.0)
     assert "Prompt is required" in values["last_hold_reason"] and values["prompt.source"] == "none"
+    assert values["prompt.text"] == ""
     assert probe.counts() == (0, 0, 0)
     assert node.set_parameters([Parameter("prompt", value="pick up the block")])[0].successful
     wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)
+    # The task acted on is shown (an operator could not tell which one ran: ~/prompt leaves the parameter).
+    wait_for(lambda: (v := probe.latest_values()) and v.get("prompt.text") == "pick up the block", timeout_s=10.0)
 
 
 def test_prompt_cleared_while_active_clears_the_configure_time_prompt(make_node, probe) -> None:
@@ -180,6 +183,7 @@ def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, pr
     values = wait_for(lambda: (v := probe.latest_values()) and v.get("prompt.truncated") == "True" and v,
                       timeout_s=10.0)
     assert values["prompt.token_budget"] == "200"
+    assert values["prompt.text"] == ("pick up the red block and put it in the box " * 40)[:200] + "…"
     wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)  # it still acts, on the cut prompt
 
 
