@@ -181,7 +181,7 @@ class PromptTokenizer:
         logger.log(
             level,
             "prompt has %d tokens, more than max_token_len %d: cut on the right; "
-            "raise max_token_len or shorten the prompt",
+            "shorten the prompt (max_token_len is the model's: its checkpoint's or preset's)",
             length,
             self.max_token_len,
         )
