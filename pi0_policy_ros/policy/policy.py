@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,6 +183,10 @@ class Policy:
         cameras = len(profile.camera_slots)
         resize_on_host = config.camera_hw is None
         self._resize_pool = ThreadPoolExecutor(cameras, "pi0-resize") if cameras > 1 and resize_on_host else None
+        # One inference at a time: the CUDA engine's buffers, graphs and timing events are shared
+        # (two threads raised "Both events must be completed" or got each other's actions), and
+        # close() must not take the engine and the resize threads from a running inference.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: PolicyConfig) -> Policy:
@@ -308,7 +313,12 @@ class Policy:
         return EngineGuidance(prev=padded, mask=mask)
 
     def infer(self, observation: Observation, guidance: ChunkGuidance | None = None) -> ActionChunk:
-        """One chunk. `guidance` (RTC policies, `rtc_mode` not "off"): continue the previous chunk."""
+        """One chunk. `guidance` (RTC policies, `rtc_mode` not "off"): continue the previous chunk.
+        Calls from several threads run one after the other."""
+        with self._lock:
+            return self._infer(observation, guidance)
+
+    def _infer(self, observation: Observation, guidance: ChunkGuidance | None) -> ActionChunk:
         start = time.perf_counter()
         batch, robot_state = self.network_batch(observation)
         if guidance is not None and self.config.rtc_mode == "off":
@@ -331,11 +341,12 @@ class Policy:
                            period_s=self.profile.action_period_s, timings_ms=timings)
 
     def close(self) -> None:
-        """Free the model (and GPU memory). Idempotent."""
-        if self._resize_pool is not None:
-            self._resize_pool.shutdown(wait=True)
-            self._resize_pool = None
-        if self.engine is not None:
-            self.engine = None  # drops the model, its fused weights, buffers and graphs
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        """Free the model (and GPU memory) once a running inference has ended. Idempotent."""
+        with self._lock:
+            if self._resize_pool is not None:
+                self._resize_pool.shutdown(wait=True)
+                self._resize_pool = None
+            if self.engine is not None:
+                self.engine = None  # drops the model, its fused weights, buffers and graphs
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ node's cleanup calls) gives the GPU memory back, also over repeated configure/cl
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -50,3 +51,34 @@ def test_full_size_policy_runs_and_close_frees_gpu_memory() -> None:
     assert all(r < 256 * 2**20 for r in residual), residual
     assert max(residual) - min(residual) < 16 * 2**20, residual
     assert max(loaded) - min(loaded) < 64 * 2**20, loaded
+
+
+def _infer_each(policy: Policy, observations: list[Observation], rounds: int, out: list[object]) -> None:
+    try:
+        out.extend(policy.infer(observations[i % len(observations)]).actions for i in range(rounds))
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        out.append(exc)
+
+
+def test_two_threads_each_get_the_actions_of_their_own_observation() -> None:
+    """An evaluation script running environments in two threads on one policy: the engine's buffers,
+    graphs and timing events are shared (a thread raised "Both events must be completed")."""
+    policy = Policy.from_config(PolicyConfig(model_preset="pi05_small", robot_profile="pi05_libero", device="cuda"))
+    rng = np.random.default_rng(1)
+    mine = [_observation(), Observation(images=_observation().images, state=rng.normal(size=8), prompt="open it")]
+    theirs = [Observation(images={"image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+                                  "wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)},
+                          state=rng.normal(size=8), prompt=f"task {i}") for i in range(2)]
+    expected = {id(obs): policy.infer(obs).actions for obs in mine + theirs}
+    outs: tuple[list[object], list[object]] = ([], [])
+    threads = [threading.Thread(target=_infer_each, args=(policy, group, 200, out))
+               for group, out in zip((mine, theirs), outs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for group, out in zip((mine, theirs), outs):
+        assert not [r for r in out if isinstance(r, Exception)], out[-1]
+        for i, actions in enumerate(out):
+            np.testing.assert_allclose(actions, expected[id(group[i % 2])], atol=1e-5)
+    policy.close()

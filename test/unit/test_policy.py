@@ -3,11 +3,15 @@ here from the fixture weights), `inspect`, and the whole transform chain."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -16,7 +20,7 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError
+from pi0_policy_ros.errors import CheckpointError, ConfigError, ObservationError, Pi0PolicyError
 from pi0_policy_ros.model.checkpoint import EMBED_KEY, UNUSED_KEYS
 from pi0_policy_ros.model.config import IMAGE_SLOTS, PRESETS
 from pi0_policy_ros.model.reference import load_reference
@@ -756,6 +760,38 @@ def test_same_observation_same_actions_new_observation_new_actions(libero_policy
     np.testing.assert_array_equal(first, libero_policy.infer(_observation(0)).actions)
     assert not np.allclose(first, libero_policy.infer(_observation(1)).actions)
     assert not np.allclose(first, libero_policy.infer(_observation(0, prompt="open the drawer")).actions)
+
+
+def test_close_from_another_thread_waits_for_the_running_inference() -> None:
+    """An evaluation script closing the policy while a worker thread infers: the inference ends with
+    its chunk (the engine went away under it: AttributeError), and later calls say it is closed."""
+    policy = Policy.from_config(PolicyConfig(model_preset="pi05_small", robot_profile="pi05_libero"))
+    obs = _observation(prompt="pick up the cup")
+    expected = policy.infer(obs).actions
+    in_network = threading.Event()
+    policy.engine.model.vision.register_forward_pre_hook(functools.partial(_signal_then_pause, in_network))
+    results: list[object] = []
+    worker = threading.Thread(target=_collect, args=(results, policy.infer, obs))
+    worker.start()
+    assert in_network.wait(30)
+    policy.close()  # while the worker is inside the network
+    worker.join()
+    assert len(results) == 1 and not isinstance(results[0], Exception), results
+    np.testing.assert_array_equal(results[0].actions, expected)
+    with pytest.raises(Pi0PolicyError, match="closed"):
+        policy.infer(obs)
+
+
+def _signal_then_pause(entered: threading.Event, module: torch.nn.Module, args: object) -> None:
+    entered.set()
+    time.sleep(0.2)
+
+
+def _collect(results: list[object], fn: Callable[..., object], *args: object) -> None:
+    try:
+        results.append(fn(*args))
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        results.append(exc)
 
 
 def test_observation_errors_name_what_was_expected(libero_policy: Policy) -> None:
