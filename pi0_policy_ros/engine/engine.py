@@ -169,23 +169,37 @@ class Engine:
         """The plain step, wrapped in the RTC guidance when configured. `rtc` on the torch ops
         differentiates them with autograd; on the Triton kernels it runs their hand-written
         backward (`rtc_triton`)."""
-        triton = self._want_triton(kernels)
-        self.report.denoise_kernels = "triton" if triton else "torch"
+        if self._want_triton(kernels):
+            try:
+                return self._make_triton_step()
+            except ConfigError as exc:
+                if kernels == "triton":
+                    raise
+                # `auto`: the kernels' tiles fit the real models' head and MLP sizes, not every
+                # geometry (the fixture presets' head_dim 16 raised "pair_block_n 32 must divide ...").
+                log.info("the Triton denoise kernels do not fit this model (%s): the denoise chain runs as "
+                         "torch-op CUDA graphs", exc)
+        self.report.denoise_kernels = "torch"
+        step = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
         if self.rtc_mode == "rtc":
             assert self.guide is not None
-            if triton:
-                from pi0_policy_ros.engine.rtc_triton import TritonRtcStep
-                return TritonRtcStep.build(self.expert_weights, self.tables, self.shape, self.buf, self.guide,
-                                           self.max_guidance_weight)
-            step = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
             return RtcStep(step, self.guide, self.tables.times, self.max_guidance_weight)
-        if triton:
-            from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
-            plain: DenoiseStep = TritonDenoiseStep(self.expert_weights, self.tables, self.shape, self.buf)
-            if plain.gluon is not None:  # five of each layer's six kernels in Gluon (sm_90, full-size pi0.5)
-                self.report.denoise_kernels = "triton+gluon"
-        else:
-            plain = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
+        if self.rtc_mode == "rtc_fast":
+            assert self.guide is not None
+            return RtcFastStep(step, self.guide, self.tables.times, self.max_guidance_weight)
+        return step
+
+    def _make_triton_step(self) -> DenoiseStep:
+        self.report.denoise_kernels = "triton"
+        if self.rtc_mode == "rtc":
+            assert self.guide is not None
+            from pi0_policy_ros.engine.rtc_triton import TritonRtcStep
+            return TritonRtcStep.build(self.expert_weights, self.tables, self.shape, self.buf, self.guide,
+                                       self.max_guidance_weight)
+        from pi0_policy_ros.engine.denoise_triton import TritonDenoiseStep
+        plain = TritonDenoiseStep(self.expert_weights, self.tables, self.shape, self.buf)
+        if plain.gluon is not None:  # five of each layer's six kernels in Gluon (sm_90, full-size pi0.5)
+            self.report.denoise_kernels = "triton+gluon"
         if self.rtc_mode == "rtc_fast":
             assert self.guide is not None
             return RtcFastStep(plain, self.guide, self.tables.times, self.max_guidance_weight)

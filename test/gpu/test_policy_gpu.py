@@ -82,3 +82,16 @@ def test_two_threads_each_get_the_actions_of_their_own_observation() -> None:
         for i, actions in enumerate(out):
             np.testing.assert_allclose(actions, expected[id(group[i % 2])], atol=1e-5)
     policy.close()
+
+
+@pytest.mark.parametrize("preset", ["pi05_small", "pi0_small"])
+@pytest.mark.parametrize("rtc_mode", ["off", "rtc_fast", "rtc"])
+def test_the_fixture_presets_run_in_bfloat16(preset: str, rtc_mode: str) -> None:
+    """The Triton denoise kernels' tiles do not fit the fixtures' head_dim 16: `auto` runs the torch-op
+    chain there (it raised "pair_block_n 32 must divide head_dim/2 = 8"), close to float32."""
+    chunks = [Policy.from_config(PolicyConfig(model_preset=preset, robot_profile="generic", device="cuda",
+                                              precision=precision, rtc_mode=rtc_mode, state_dim=8, action_dim=7))
+              .infer(Observation(images={"base": _observation().images["image"]}, state=np.zeros(8), prompt="go"))
+              for precision in ("bfloat16", "float32")]
+    assert chunks[0].actions.shape == chunks[1].actions.shape == (50, 7)  # the generic profile's horizon
+    np.testing.assert_allclose(chunks[0].actions, chunks[1].actions, atol=0.1)
