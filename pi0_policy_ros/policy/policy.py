@@ -220,6 +220,10 @@ class Policy:
             except KeyError as exc:
                 raise ConfigError(str(exc.args[0])) from None
             model_cfg = preset.replace(action_horizon=profile.action_horizon)
+            try:  # load_checkpoint_dir checks a checkpoint's; 100000 allocated tens of GB at the first infer
+                model_cfg.check_positions()
+            except ConfigError as exc:
+                raise ConfigError(f"action_horizon {profile.action_horizon}: {exc}") from None
             _check_profile_fits(profile, model_cfg)
             _check_profile_model_type(profile, "pi05" if model_cfg.pi05 else "pi0", None)
             normalizer = Normalizer(identity_stats(profile.state_dim, profile.action_dim), use_quantiles=model_cfg.pi05)

@@ -73,6 +73,14 @@ def test_robot_dims_wider_than_the_model_are_a_config_error(field: str) -> None:
         Policy.from_config(config)
 
 
+def test_an_action_horizon_past_gemmas_positions_is_a_config_error_with_random_weights() -> None:
+    # A checkpoint refused it; random weights built the policy, and its first infer allocated the
+    # suffix attention of 100000 actions (tens of GB) or ran for hours.
+    config = PolicyConfig(model_preset="pi05_small", robot_profile="libero", action_horizon=100000)
+    with pytest.raises(ConfigError, match=re.escape("action_horizon 100000: ") + ".*more than Gemma's 8192"):
+        Policy.from_config(config)
+
+
 @pytest.mark.parametrize("stamp", [float("nan"), float("inf"), None, "1.0", True, 10**400])
 def test_bad_stamp_is_an_observation_error(policy: Policy, stamp: object) -> None:
     # It used to pass through to ActionChunk.stamp_s, which times the actions downstream.
