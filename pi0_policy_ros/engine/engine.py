@@ -177,8 +177,9 @@ class Engine:
                     raise
                 # `auto`: the kernels' tiles fit the real models' head and MLP sizes, not every
                 # geometry (the fixture presets' head_dim 16 raised "pair_block_n 32 must divide ...").
-                log.info("the Triton denoise kernels do not fit this model (%s): the denoise chain runs as "
-                         "torch-op CUDA graphs", exc)
+                # A warning: for a real checkpoint of another geometry the chain is then ~4x slower.
+                log.warning("the Triton denoise kernels do not fit this model (%s): the denoise chain runs as "
+                            "torch-op CUDA graphs (slower)", exc)
         self.report.denoise_kernels = "torch"
         step = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
         if self.rtc_mode == "rtc":
