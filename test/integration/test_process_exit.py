@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from test.integration.harness import wait_for
-from pi0_policy_ros.policy.robots import PROFILES
+from pi0_policy_ros.policy.robots import PROFILES, state_in_action_units
 
 ALOHA = PROFILES["pi05_aloha"]
 JOINT_NAMES = list(ALOHA.joint_names)  # state and actions: joint positions, so a hold point exists
@@ -95,7 +96,9 @@ def test_a_signal_while_active_sends_the_hold_point_and_the_last_status(probe, n
     with probe.lock:
         last = probe.trajectories[-1]
     assert len(last.points) == 1 and list(last.joint_names) == JOINT_NAMES, log
-    assert list(last.points[0].positions) == STATE and list(last.points[0].velocities) == [0.0] * len(STATE)
+    # The measured position, ALOHA's grippers as joints (the finger position at 0.3 is the joint at 0.332).
+    np.testing.assert_allclose(last.points[0].positions, state_in_action_units(ALOHA, np.array(STATE)), rtol=1e-12)
+    assert list(last.points[0].velocities) == [0.0] * len(STATE)
     assert "hold_position: hold point sent at the measured position" in log
     wait_for(lambda: probe.latest_status("shut down"))
     for unwanted in ("could not be sent", "may be lost", "Traceback", "never retrieved", "still running"):
