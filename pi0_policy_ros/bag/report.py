@@ -9,7 +9,8 @@ input bag, mapped by name with the node's own `convert.joint_positions`.
 Each panel draws every chunk as a line over its own times (observation stamp + k * action
 period), coloured from early (dark) to late (light), and the recorded joint state of the same
 name in black (or of the same index, when no joint has the action's name), broken where the
-recording has no joint state for longer than `max_observation_age_s`.
+recording has no joint state for longer than `max_observation_age_s`. ALOHA's gripper readings
+(finger positions) are drawn as the gripper joint, the units of its actions.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 from pi0_policy_ros.bag.inputs import ReplaySetup
 from pi0_policy_ros.bag.reader import InputBag
 from pi0_policy_ros.bag.summary import ReplaySummary
-from pi0_policy_ros.errors import ObservationError
+from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.jsonout import json_text
+from pi0_policy_ros.policy.robots import aloha_gripper_state_to_action, configured_profile
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.params import NodeConfig
 
@@ -110,14 +112,27 @@ def _draw_panel(ax: Any, dim: int, chunks: ChunkSeries, states: StateSeries, con
                 label="first action of each chunk")
     column, label = _state_column(config, dim)
     if column is not None and states.times_s.size:
-        times_s, values = _break_at_gaps(states.times_s - t0_s, states.positions[:, column],
-                                         config.control.max_observation_age_s)
+        measured, label = _in_action_units(config, states.positions, column, label)
+        times_s, values = _break_at_gaps(states.times_s - t0_s, measured, config.control.max_observation_age_s)
         ax.plot(times_s, values, color="black", linewidth=1.0, label=label)
     ax.autoscale_view()
     ax.set_title(f"[{dim}] {name}", fontsize=9)
     ax.set_xlabel("bag time (s)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
+
+
+def _in_action_units(config: NodeConfig, positions: np.ndarray, column: int, label: str) -> tuple[np.ndarray, str]:
+    """Joint state `column` in the units of the actions it is drawn with, as the safety filter and
+    the hold point take it: ALOHA measures its grippers as a finger position and commands them as a
+    joint, so the raw reading sat up to 0.09 of the range off the actions that held it still."""
+    try:
+        gripper_dims = configured_profile(config.policy).aloha_gripper_dims
+    except ConfigError:  # the replay refused such a configuration before any plot
+        gripper_dims = ()
+    if column not in gripper_dims:
+        return positions[:, column], label
+    return aloha_gripper_state_to_action(positions[:, column]), f"{label} (as the gripper joint)"
 
 
 def _break_at_gaps(times_s: np.ndarray, values: np.ndarray, max_gap_s: float) -> tuple[np.ndarray, np.ndarray]:

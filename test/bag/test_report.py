@@ -297,6 +297,40 @@ def test_the_joint_state_line_breaks_where_the_recording_has_a_gap(params_file: 
     np.testing.assert_array_equal(y[~np.isnan(y)], positions[:, 0])
 
 
+def test_alohas_gripper_readings_are_drawn_as_the_gripper_joint(params_file: Path) -> None:
+    # ALOHA measures its grippers as a finger position and commands them as a joint: the black line
+    # of a gripper panel sat up to 0.09 of the range off the actions that held the gripper still.
+    import dataclasses
+
+    from matplotlib import pyplot as plt
+
+    from pi0_policy_ros.bag.report import ChunkSeries, StateSeries, overview_figure
+    from pi0_policy_ros.policy.robots import PROFILES
+
+    _, libero = _libero_config(params_file)
+    aloha = PROFILES["pi05_aloha"]
+    config = dataclasses.replace(libero, policy=dataclasses.replace(libero.policy, robot_profile="pi05_aloha"),
+                                 joint_names=aloha.joint_names, action_joint_names=aloha.joint_names)
+    positions = np.tile(np.linspace(0.0, 1.0, 50)[:, None], (1, 14))
+    fig = overview_figure(ChunkSeries(np.zeros(0), np.zeros((0, 0, 0), np.float32)),
+                          StateSeries(np.arange(50) * 0.01, positions), config, 0.02, 0.0)
+    try:
+        drawn = {index: np.asarray(line.get_ydata(), dtype=np.float64) for index, ax in enumerate(fig.axes)
+                 for line in ax.get_lines() if line.get_label().startswith("joint state")}
+        labels = [line.get_label() for line in fig.axes[6].get_lines()]
+    finally:
+        plt.close(fig)
+    # The joint at the finger's opening, from Interbotix's horn linkage (r 0.022 m, L 0.036 m):
+    # finger = r sin(theta) + sqrt(L^2 - (r cos(theta))^2), theta from -0.6213 to 1.4910 rad.
+    theta = drawn[6] * (1.4910 + 0.6213) - 0.6213
+    finger_m = 0.022 * np.sin(theta) + np.sqrt(0.036**2 - (0.022 * np.cos(theta)) ** 2)
+    np.testing.assert_allclose(finger_m, 0.01844 + positions[:, 6] * (0.05800 - 0.01844), atol=1e-9)
+    np.testing.assert_allclose(drawn[13], drawn[6])
+    for arm_joint in (0, 5, 7, 12):
+        np.testing.assert_array_equal(drawn[arm_joint], positions[:, arm_joint])
+    assert "joint state left_gripper (as the gripper joint)" in labels
+
+
 def test_the_summarys_reasons_keep_the_names_that_hold_digits(make_bag, tmp_path: Path, capsys) -> None:
     # joint_states without joint_7: input_rejections read "lacks joints ['joint_#']: expected all of
     # ['joint_#', ...]" (every digit of a name masked, as the numbers that vary), with no example.
