@@ -151,10 +151,7 @@ class SafetyFilter:
         if not np.all(np.isfinite(actions)):
             bad = np.argwhere(~np.isfinite(actions))[0]
             return self._reject("nonfinite", f"NaN/Inf in the model output (first at step {bad[0]}, dim {bad[1]})")
-        if current is not None:
-            current = np.asarray(current, dtype=np.float64)
-            if current.shape != (self.action_dim,) or not np.all(np.isfinite(current)):
-                current = None  # no trustworthy reference: check steps within the chunk only
+        current = self._reference(current, "current")  # None: check the steps within the chunk only
         out = actions.copy()
         clamped: list[str] = []
         cfg = self.config
@@ -189,8 +186,8 @@ class SafetyFilter:
         positions = np.asarray(positions, dtype=np.float64)
         if reference is None or positions.shape[0] == 0:
             return SafetyResult(positions.astype(np.float32), rejected=False)
-        reference = np.asarray(reference, dtype=np.float64)
-        if reference.shape != (self.action_dim,) or not np.all(np.isfinite(reference)):
+        reference = self._reference(reference, "reference")
+        if reference is None:
             return SafetyResult(positions.astype(np.float32), rejected=False)
         spans_s = np.full(positions.shape[0], self.period_s)
         spans_s[0] = max(first_lead_s, 0.0)
@@ -231,6 +228,19 @@ class SafetyFilter:
             if name not in counted:
                 self.clamp_counts[name] += 1
         return SafetyResult(out.astype(np.float32), rejected=False, reason=",".join(clamped), clamped=tuple(clamped))
+
+    def _reference(self, position: np.ndarray | None, name: str) -> np.ndarray | None:
+        """The robot's measured position as a reference, or None where it cannot be trusted (a
+        NaN or Inf reading: only the steps within the chunk are checked, nothing NaN is sent). A
+        wrong length is the caller's mistake, not a reading: it was skipped the same way, without a
+        word, so the first step went unchecked for a driver that passed its whole state."""
+        if position is None:
+            return None
+        values = np.asarray(position, dtype=np.float64)
+        if values.shape != (self.action_dim,):
+            raise ValueError(f"{name}: expected the measured position of the {self.action_dim} action joints, "
+                             f"found shape {values.shape}")
+        return values if np.all(np.isfinite(values)) else None
 
     def outside_limits(self, positions: np.ndarray) -> tuple[str, int, int, str] | None:
         """The first point of positions [K, action_dim] (or one point [action_dim]) outside the gripper

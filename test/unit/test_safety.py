@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -188,6 +190,20 @@ def test_position_limits_clamp_each_dim_to_its_own_bounds_both_ways() -> None:
     reject = make(position_lower=(-1, -2, -3), position_upper=(1, 2, 3), position_policy="reject")
     result = reject.apply(np.array([[0.0, -2.5, 0.0]]))
     assert result.rejected and "dim 1 = -2.5 at step 0 is outside [-2, 2]" in result.reason
+
+
+def test_a_reference_of_the_wrong_length_is_an_error_not_skipped() -> None:
+    # A driver that passed its whole state (14 values for 3 action joints) had the first step's
+    # check skipped without a word, as for a NaN reading.
+    f = make(max_step=(0.1,), max_velocity=(1.0,))
+    chunk = np.full((3, 3), 0.5)
+    for wrong in (np.zeros(4), np.zeros((1, 3)), np.zeros(0)):
+        with pytest.raises(ValueError, match=re.escape(f"current: expected the measured position of the 3 action "
+                                                       f"joints, found shape {wrong.shape}")):
+            f.apply(chunk, current=wrong)
+        with pytest.raises(ValueError, match=re.escape(f"reference: expected the measured position of the 3 action "
+                                                       f"joints, found shape {wrong.shape}")):
+            f.limit_start(chunk, first_lead_s=0.1, reference=wrong)
 
 
 def test_a_non_finite_reference_is_ignored_not_propagated() -> None:
