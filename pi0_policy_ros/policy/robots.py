@@ -496,6 +496,9 @@ def state_in_action_units(profile: RobotProfile, state: np.ndarray) -> np.ndarra
     finger position to gripper joint (`aloha_gripper_state_to_action`); every other dim is in the
     same units in both (joint signs and delta actions are model-side only)."""
     values = np.array(state, dtype=np.float64)
+    if values.shape != (profile.state_dim,):  # NaN passes: the safety filter skips such a reference
+        raise ObservationError(f"profile '{profile.name}': expected state of shape ({profile.state_dim},), "
+                               f"found {values.shape}")
     dims = list(profile.aloha_gripper_dims)
     if dims:
         values[dims] = aloha_gripper_state_to_action(values[dims])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -280,6 +282,9 @@ def test_a_measured_aloha_gripper_in_action_units_commands_the_same_opening() ->
     assert converted[0, 6] == pytest.approx(0.0, abs=1e-3)
     assert converted[-1, 6] == pytest.approx((np.pi / 2 + 0.6213) / (1.4910 + 0.6213), rel=1e-9)
     assert converted[10, 6] == pytest.approx(0.4816, abs=1e-4)
+    with pytest.raises(ObservationError, match=re.escape("profile 'pi0_aloha': expected state of shape (14,), "
+                                                         "found (7,)")):
+        state_in_action_units(profile, np.zeros(7))  # was numpy's IndexError for a short state
     # Profiles whose state and actions share units: the state as it is.
     for name in ("pi05_libero", "pi05_droid", "generic"):
         other = get_profile(name)
