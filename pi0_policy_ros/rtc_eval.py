@@ -224,7 +224,13 @@ def _rms(x: np.ndarray) -> float:
 def load_source(name: str, device: str, dtype: torch.dtype, settings: EvalSettings,
                 fixture_dir: Path = DEFAULT_FIXTURE_DIR) -> ChunkSource:
     if name in FIXTURE_MODELS:
-        ref = load_reference(fixture_dir / f"{FIXTURE_MODELS[name]}.safetensors")
+        path = fixture_dir / f"{FIXTURE_MODELS[name]}.safetensors"
+        if not path.exists():  # the default: a colcon or pip install has no test/ beside the package
+            raise ConfigError(f"--model {name}: expected the openpi reference fixture {path}, found nothing; the "
+                              "fixtures come with a source checkout, not with an install: pass --fixture-dir "
+                              "<checkout>/test/fixtures/openpi_reference, or --model pi05 pi0 (full size, random "
+                              "weights)")
+        ref = load_reference(path)
         model = reference_model(ref, device=device, dtype=dtype)
         inputs = ref.inputs
     elif name in RANDOM_MODELS:

@@ -165,6 +165,16 @@ def test_cli_prints_its_usage(workspace: Workspace) -> None:
     assert proc.stdout.startswith("usage: pi0-policy")
 
 
+def test_rtc_eval_without_the_checkouts_fixtures_says_what_to_pass(workspace: Workspace) -> None:
+    # Its default models are the openpi reference fixtures of test/, which an install does not have.
+    if workspace.symlink:
+        pytest.skip("--symlink-install imports the checkout, whose fixtures are there")
+    proc = workspace.run(str(workspace.prefix / "lib" / PACKAGE / "pi0-policy"), "rtc-eval")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "--fixture-dir" in proc.stderr and "--model pi05" in proc.stderr, proc.stderr
+
+
 def _launch_default_params_file(launch_file: Path) -> tuple[str, list[str]]:
     """(package, path parts below its share directory) of `params_file`'s default: the launch file
     gives it as PathJoinSubstitution([FindPackageShare(<package>), <str>, ...])."""

@@ -52,7 +52,8 @@ def test_boundary_jumps_order_naive_ensemble_rtc(tmp_path: Path, restore_threads
     (["--period-s", "10", "--delays", "7"], "delays: expected at most 60.0 s of latency (6 periods of 10.0 s), "
                                             "found [7]"),
     (["--cpu-threads", "0"], "--cpu-threads: expected at least 1"),
-    (["--fixture-dir", "/nonexistent"], "checkpoint file not found"),
+    (["--fixture-dir", "/nonexistent"], "expected the openpi reference fixture /nonexistent/pi05_small.safetensors, "
+                                        "found nothing"),
     pytest.param(["--device", "cuda"], "--device cuda: expected a CUDA device, torch sees none",  # was JSON on stdout
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])
