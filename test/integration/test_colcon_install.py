@@ -28,6 +28,7 @@ pytest.importorskip("colcon_core", reason="colcon-core is not installed (pip ins
 pytest.importorskip("colcon_ros", reason="colcon-ros (the ament_python build type) is not installed")
 
 from colcon_core.python_install_path import get_python_install_path  # noqa: E402
+from packaging.requirements import Requirement  # noqa: E402  (colcon-core requires it)
 
 PACKAGE = "pi0_policy_ros"
 EXECUTABLES = ("pi0_policy_node", "pi0-policy")
@@ -85,6 +86,25 @@ def _environment(root: Path) -> dict[str, str]:
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO_ROOT]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+def test_robot_requirements_pin_a_setuptools_colcon_supports() -> None:
+    # A robot runs `pip install --user -r requirements.txt` over the apt setuptools that colcon uses
+    # (68 on Noble, 59 on Jammy). torch requires a newer one, so pip installs one ahead of it for
+    # every Python of that user: unpinned the newest, past colcon-core's < 80, where pip reports the
+    # conflict and `colcon build --symlink-install` quietly installs copies.
+    pins = {}
+    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith(("#", "-")):
+            requirement = Requirement(line)
+            pins[requirement.name.lower()] = requirement
+    assert "setuptools" in pins, f"requirements.txt pins no setuptools: {sorted(pins)}"
+    (version,) = [spec.version for spec in pins["setuptools"].specifier if spec.operator == "=="]
+    for dist in ("colcon-core", "torch"):
+        specifiers = [r.specifier for r in map(Requirement, metadata.requires(dist) or [])
+                      if r.name.lower() == "setuptools" and (r.marker is None or r.marker.evaluate())]
+        assert specifiers, f"{dist} no longer requires setuptools: the pin may go"
+        assert all(spec.contains(version) for spec in specifiers), f"{dist} requires setuptools {specifiers}"
 
 
 @pytest.fixture(scope="module", params=["install", "symlink-install"])
