@@ -44,6 +44,48 @@ COMPRESSED_SOURCE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8",
                                "rgb16", "bgr16", "rgba16", "bgra16", "mono16")
 
 
+# The largest frame a CompressedImage may declare (8K UHD, 7680x4320, fits). A corrupt size field in a
+# JPEG or PNG header, up to OpenCV's own limit of 2^30 pixels, made imdecode allocate the frame and
+# fill what the data lacked with grey: a 1.4 kB JPEG claiming 30000x30000 took 5 GB and 15 s on the CPU.
+MAX_COMPRESSED_PIXELS = 1 << 25
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (SOF0-3, 5-7, 9-11, 13-15; 0xC4, 0xC8 and 0xCC are other segments),
+# and the markers without a length field (TEM, RST0-7).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def compressed_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as a PNG's IHDR or a JPEG's first frame header declares them, read without
+    decoding; None for other data, or a JPEG without a frame header before its scan."""
+    if data[:8] == _PNG_SIGNATURE:
+        return tuple(struct.unpack_from(">II", data, 16)) if data[12:16] == b"IHDR" and len(data) >= 24 else None
+    if data[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:  # bytes between segments: libjpeg skips them too (with a warning)
+            offset = data.find(b"\xff", offset)
+            if offset < 0:
+                return None
+            continue
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill bytes: go to the last one, before its marker
+            offset = len(data) - len(data[offset + 1:].lstrip(b"\xff")) - 1
+        elif marker in _JPEG_STANDALONE:
+            offset += 2
+        elif marker in _JPEG_SOF:
+            if offset + 9 > len(data):
+                return None
+            height, width = struct.unpack_from(">HH", data, offset + 5)
+            return width, height
+        elif marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
+        else:  # a segment with a length (APPn, DQT, DHT, ...), which counts its own two bytes
+            offset += 2 + struct.unpack_from(">H", data, offset + 2)[0]
+    return None
+
+
 def stamp_to_seconds(stamp: Any) -> float:
     """builtin_interfaces/Time -> float seconds."""
     return stamp.sec + stamp.nanosec * 1e-9
@@ -117,6 +159,12 @@ def compressed_image_to_rgb(msg: Any) -> np.ndarray:
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
         raise ObservationError(f"empty compressed image (format {fmt!r}): expected JPEG or PNG bytes, found 0 bytes")
+    size = compressed_frame_size(data.tobytes())
+    if size is not None and size[0] * size[1] > MAX_COMPRESSED_PIXELS:
+        raise ObservationError(
+            f"cannot decode compressed image (format {fmt!r}): expected JPEG or PNG of at most "
+            f"{MAX_COMPRESSED_PIXELS} pixels (8K UHD fits), found a header claiming {size[0]}x{size[1]} "
+            f"in {data.size} bytes (a corrupt size field?)")
     # imdecode returns BGR whatever the format string says the source pixels were. EXIF orientation
     # is ignored, as image_transport's compressed subscriber and cv_bridge do: the pixels as sent.
     # OpenCV raises instead of returning None for some corrupt headers (a size over its pixel limit).

@@ -166,6 +166,51 @@ def test_corrupt_compressed(data: bytes) -> None:
         convert.compressed_image_to_rgb(CompressedImage(format="jpeg", data=data))
 
 
+def _jpeg_claiming(width: int, height: int, progressive: bool = False) -> bytes:
+    """A small JPEG whose frame header (SOF0, or SOF2 when progressive) claims width x height."""
+    ok, buf = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)])
+    assert ok
+    data = bytearray(buf.tobytes())
+    sof = data.find(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    import zlib
+
+    data = bytearray(compressed(".png", RGB, "png").data)
+    data[16:24] = struct.pack(">II", width, height)  # IHDR, with its CRC made right again
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data", [_jpeg_claiming(8000, 5000), _jpeg_claiming(8000, 5000, progressive=True),
+                                  _png_claiming(8000, 5000)], ids=["jpeg", "progressive_jpeg", "png"])
+def test_a_header_claiming_a_huge_frame_is_refused_before_decoding(data: bytes) -> None:
+    """A corrupt size field under OpenCV's own limit (2^30 pixels): imdecode took it, allocated the frame
+    and filled what the data lacked with grey, so that a ~1 kB JPEG claiming 30000x30000 took 5 GB and
+    15 s of the control tick on the CPU (and was then used as an observation)."""
+    msg = CompressedImage(format="rgb8; jpeg compressed bgr8", data=data)
+    with pytest.raises(ObservationError, match=r"cannot decode compressed image .*: expected JPEG or PNG of at "
+                                               r"most 33554432 pixels .*found a header claiming 8000x5000"):
+        convert.compressed_image_to_rgb(msg)
+
+
+def test_a_progressive_jpeg_after_an_exif_thumbnail_decodes() -> None:
+    """The frame size is read from the first frame header, past APPn segments (an Exif thumbnail is a
+    JPEG inside APP1, with its own)."""
+    rgb = np.zeros((16, 32, 3), np.uint8)
+    rgb[:, :16, 0] = 200
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    thumbnail = _jpeg_claiming(60000, 60000)
+    app1 = b"Exif\x00\x00" + thumbnail
+    data = buf.tobytes()[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + buf.tobytes()[2:]
+    out = convert.compressed_image_to_rgb(CompressedImage(format="jpeg", data=data))
+    assert out.shape == (16, 32, 3) and out[:, 2:14, 0].min() > 190
+
+
 def test_compressed_depth_is_refused() -> None:
     msg = compressed(".png", RGB, "16UC1; compressedDepth png")
     with pytest.raises(ObservationError, match="unsupported compressed format"):
