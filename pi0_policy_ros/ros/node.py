@@ -843,7 +843,10 @@ class PolicyNode(LifecycleNode):
             return
         now_s = self._now_s()
         try:
-            stamp_s = convert.stamp_from_cdr(data)
+            try:
+                stamp_s = convert.stamp_from_cdr(data)
+            except ObservationError as exc:  # says what the bytes lack, not whose they are
+                raise ObservationError(f"{STATE_SOURCE}: {exc}") from None
             state = reader.positions(data)
             buffer.put_state(state, stamp_s, now_s)
         except ObservationError as exc:

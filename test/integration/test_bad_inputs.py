@@ -14,8 +14,9 @@ import pytest
 from builtin_interfaces.msg import Time
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
+from rclpy.serialization import serialize_message
 from rosgraph_msgs.msg import Clock
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CompressedImage, Image, JointState
 
 from test.fakes import FakeProfile, expected_actions
 from test.integration.harness import IMAGE_B, JOINTS, wait_for
@@ -164,6 +165,32 @@ def test_bad_joint_states_are_rejected_and_named(make_node, probe, case: str) ->
     assert probe.counts() == (0, 0, 0)
     probe.joint_override = None
     wait_for(lambda: probe.counts()[0] >= 1)
+
+
+def _not_plain_cdr() -> bytes:
+    good = serialize_message(JointState(name=list(JOINTS), position=[0.1, -0.2, 0.3]))
+    return b"\x00\x09" + good[2:]  # encapsulation 0x0009: not plain CDR
+
+
+@pytest.mark.parametrize("data,text", [
+    (_not_plain_cdr(), "unsupported serialization: expected plain CDR"),
+    (b"\x00\x01\x00\x00", "malformed message: expected >= 12 serialized bytes"),
+], ids=["not_plain_cdr", "too_short"])
+def test_joint_states_that_cannot_be_read_are_rejected_naming_joint_states(make_node, probe, data: bytes,
+                                                                           text: str) -> None:
+    """A JointState whose bytes are not plain CDR or too short for a stamp (a foreign writer, a corrupt
+    sample): the refusal said "input rejected: unsupported serialization: ..." without naming the topic,
+    where every other joint_states refusal, and a camera's of the same bytes, names its source."""
+    active(make_node)
+    wait_for(lambda: probe.counts()[0] >= 1)
+    raw = probe.create_publisher(JointState, "joint_states", 10)
+
+    def check() -> dict[str, str]:
+        raw.publish(data)  # serialized bytes, as sent; sensor-data QoS may drop one
+        values = probe.latest_values()
+        return values if count(values, "input_errors.joint_states") > 0 else {}
+    values = wait_for(check)
+    assert values["last_input_error"].startswith(f"joint_states: {text}"), values["last_input_error"]
 
 
 def test_joint_state_far_outside_the_position_limits_never_reaches_the_trajectory(make_node, probe) -> None:
