@@ -220,7 +220,8 @@ class SafetyFilter:
             outside = self.outside_limits(out[-1])
             if outside is not None:
                 limit, _, dim, detail = outside
-                return self._reject(limit, f"the {what}s end outside the limits ({detail} at the last {what}): the "
+                plural = "points sent" if what == "point sent" else f"{what}s"  # not "point sents"
+                return self._reject(limit, f"the {plural} end outside the limits ({detail} at the last {what}): the "
                                            f"measured position {reference[dim]:.4g} of dim {dim} is further outside "
                                            "than the step and velocity limits let the chunk come back from (expected "
                                            "a measured position inside the limits, or within reach of them)")

@@ -266,3 +266,13 @@ def test_min_travel_s_is_the_slowest_dim_under_the_tightest_limit() -> None:
     # Per dim: dim 1 at 0.01 units/s needs 5 s for its 0.05.
     assert make(max_velocity=(2.0, 0.01, 2.0)).min_travel_s(start, end) == pytest.approx(5.0)
     assert make(max_velocity=(2.0,)).min_travel_s(start, np.array([np.nan, 0.0, 0.0])) == 0.0
+
+
+def test_a_reference_too_far_outside_names_what_ends_outside() -> None:
+    # The reason read "the point sents end outside the limits" for the points sent.
+    f = make(position_lower=(-1.0,), position_upper=(1.0,), max_step=(0.1,))
+    chunk = np.zeros((3, 3))
+    far = np.array([5.0, 0.0, 0.0])
+    assert f.apply(chunk, current=far).reason.startswith("position: the actions end outside the limits")
+    start = f.limit_start(chunk, first_lead_s=0.1, reference=far)
+    assert start.rejected and start.reason.startswith("position: the points sent end outside the limits"), start.reason
