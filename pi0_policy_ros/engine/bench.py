@@ -120,7 +120,7 @@ def check_sizes(cfg: ModelConfig, cameras: int, prompt_len: int) -> None:
     if not 1 <= cameras <= cfg.num_image_slots:
         raise ConfigError(f"--cameras: expected 1 to {cfg.num_image_slots} (the model's image slots), found {cameras}")
     image_tokens = cameras * cfg.siglip.tokens_per_image
-    limit = GEMMA_MAX_POSITIONS - image_tokens - cfg.suffix_len
+    limit = cfg.max_prompt_len(cameras)
     if not 0 <= prompt_len <= limit:
         raise ConfigError(f"--prompt-len: expected 0 (the preset's {cfg.max_token_len}) or 1 to {limit} tokens "
                           f"(Gemma's {GEMMA_MAX_POSITIONS} positions less {image_tokens} image tokens and "

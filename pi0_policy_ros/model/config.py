@@ -104,11 +104,16 @@ class ModelConfig:
             raise ConfigError(f"num_denoise_steps must be ≤ {MAX_DENOISE_STEPS} (beyond it openpi's float32 Euler "
                               f"time no longer takes that many steps), found {self.num_denoise_steps}")
 
+    def max_prompt_len(self, image_slots: int) -> int:
+        """The most prompt tokens that fit Gemma's positions beside `image_slots` images and the
+        action tokens."""
+        return GEMMA_MAX_POSITIONS - image_slots * self.siglip.tokens_per_image - self.suffix_len
+
     def check_positions(self) -> None:
         """Image, prompt and action tokens within Gemma's positions. Not a construction check: the
-        bench builds graphs of fewer camera slots than the model has (it checks its own sum)."""
-        positions = self.prefix_len + self.suffix_len
-        if positions > GEMMA_MAX_POSITIONS:
+        bench builds graphs of fewer camera slots than the model has (it checks `max_prompt_len` of those)."""
+        if self.max_token_len > self.max_prompt_len(self.num_image_slots):
+            positions = self.prefix_len + self.suffix_len
             raise ConfigError(f"{self.num_image_tokens} image tokens + max_token_len {self.max_token_len} + "
                               f"{self.suffix_len} action tokens = {positions} positions, more than Gemma's "
                               f"{GEMMA_MAX_POSITIONS}")
