@@ -348,6 +348,11 @@ _INTERBOTIX_HORN_RADIUS_M = 0.022
 # pi's gripper range: encoder counts 2405 .. 3110 of 4096 around zero 2048, in radians.
 _PI_GRIPPER_RAD = (0.5476, 1.6296)
 _ALOHA_GRIPPER_JOINT_RAD = (-0.6213, 1.4910)  # puppet gripper joint in rad, closed .. open
+# The normalized finger positions the horn linkage can reach: L - r .. L + r.
+_ALOHA_GRIPPER_REACH = tuple(
+    (reach_m - _ALOHA_GRIPPER_LINEAR_M[0]) / (_ALOHA_GRIPPER_LINEAR_M[1] - _ALOHA_GRIPPER_LINEAR_M[0])
+    for reach_m in (_INTERBOTIX_ARM_LENGTH_M - _INTERBOTIX_HORN_RADIUS_M,
+                    _INTERBOTIX_ARM_LENGTH_M + _INTERBOTIX_HORN_RADIUS_M))
 
 
 def _to_unit(x: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -382,9 +387,7 @@ def aloha_gripper_state_to_action(value: np.ndarray) -> np.ndarray:
     # A reading the linkage cannot reach (finger under L - r = 14 mm: state < -0.112) is taken at
     # the nearest reachable one. Unclipped, one under 0 m (state < -0.466) flipped the sine's sign
     # and came out fully open. `aloha_gripper_to_pi` keeps openpi's unclipped map for the model.
-    reach = _to_unit(np.array([_INTERBOTIX_ARM_LENGTH_M - _INTERBOTIX_HORN_RADIUS_M,
-                               _INTERBOTIX_ARM_LENGTH_M + _INTERBOTIX_HORN_RADIUS_M]), *_ALOHA_GRIPPER_LINEAR_M)
-    clipped = np.clip(np.asarray(value, dtype=np.float64), reach[0], reach[1])
+    clipped = np.clip(np.asarray(value, dtype=np.float64), *_ALOHA_GRIPPER_REACH)
     return _to_unit(_aloha_gripper_angle_rad(clipped), *_ALOHA_GRIPPER_JOINT_RAD)
 
 
