@@ -34,3 +34,33 @@ class ObservationError(Pi0PolicyError):
 
 class BagError(Pi0PolicyError):
     """An input bag cannot be replayed: unreadable, truncated, empty, or without what is needed."""
+
+
+# An error message shows what a sender put in a message (an image encoding, joint names, a prompt),
+# and a message field has no length limit: a fuzzer's 1000-character encoding and a JointState of
+# 10000 names went whole into the log and /diagnostics. A text is cut after ECHO_TEXT_CHARS, a list
+# once ECHO_LIST_CHARS are shown.
+ECHO_TEXT_CHARS = 64
+ECHO_LIST_CHARS = 160
+
+
+def echo(value: object) -> str:
+    """`value` as an error message shows it, bounded: repr(value) as long as that is short; a longer
+    text as its start and its length ("'abc...' (1000 characters)"); a list of texts as its
+    first items and a count ("['a', 'b'] and 9998 more"), each item cut as a text is."""
+    if isinstance(value, str):
+        if len(value) <= ECHO_TEXT_CHARS:
+            return repr(value)
+        return f"{value[:ECHO_TEXT_CHARS] + '...'!r} ({len(value)} characters)"
+    if isinstance(value, list):
+        shown: list[str] = []
+        used = 0
+        for item in value:
+            text = echo(item)
+            if shown and used + len(text) > ECHO_LIST_CHARS:
+                break
+            shown.append(text)
+            used += len(text) + 2
+        more = len(value) - len(shown)
+        return f"[{', '.join(shown)}]" + (f" and {more} more" if more else "")
+    return repr(value)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-from pi0_policy_ros.errors import ConfigError, ObservationError
+from pi0_policy_ros.errors import ConfigError, ObservationError, echo
 from pi0_policy_ros.policy.types import as_real_array
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class PromptTokenizer:
         """
         cleaned = clean_prompt(prompt) if isinstance(prompt, str) else ""
         if not cleaned.strip():
-            raise ObservationError(f"Prompt is required: expected a non-empty string, found {prompt!r}")
+            raise ObservationError(f"Prompt is required: expected a non-empty string, found {echo(prompt)}")
         if self.discrete_state_input:
             text = discrete_state_text(cleaned, _check_state(state))
             tokens = [self.bos_id, *self.encode(text)]

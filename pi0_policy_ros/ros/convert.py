@@ -24,7 +24,7 @@ from std_msgs.msg import Float32MultiArray, MultiArrayDimension
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from pi0_policy_ros.control.trajectory import TrajectoryPlan, split_seconds
-from pi0_policy_ros.errors import ObservationError, Pi0PolicyError
+from pi0_policy_ros.errors import ObservationError, Pi0PolicyError, echo
 
 # encoding -> (channels, OpenCV conversion to RGB or None when already RGB).
 IMAGE_ENCODINGS: dict[str, tuple[int, int | None]] = {
@@ -121,7 +121,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8; any row padding) -> uint8 RGB [H, W, 3]."""
     encoding = msg.encoding
     if encoding not in IMAGE_ENCODINGS:
-        raise ObservationError(f"unsupported image encoding: expected one of {sorted(IMAGE_ENCODINGS)}, found {encoding!r}")
+        raise ObservationError(f"unsupported image encoding: expected one of {sorted(IMAGE_ENCODINGS)}, found {echo(encoding)}")
     channels, conversion = IMAGE_ENCODINGS[encoding]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height == 0 or width == 0:
@@ -150,19 +150,19 @@ def compressed_image_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/CompressedImage (JPEG or PNG, as image_transport's `compressed` writes them) -> uint8 RGB [H, W, 3]."""
     fmt = str(msg.format)
     if "compresseddepth" in fmt.lower():
-        raise ObservationError(f"unsupported compressed format: expected JPEG or PNG colour/mono, found {fmt!r}")
+        raise ObservationError(f"unsupported compressed format: expected JPEG or PNG colour/mono, found {echo(fmt)}")
     # A format without ';' ("jpeg", "png", older publishers) names no source encoding: taken as sent.
     source = fmt.split(";", 1)[0].strip() if ";" in fmt else ""
     if source and source not in COMPRESSED_SOURCE_ENCODINGS:
         raise ObservationError(f"unsupported compressed image: expected a colour or mono source encoding "
-                               f"{list(COMPRESSED_SOURCE_ENCODINGS)}, found {source!r} (format {fmt!r})")
+                               f"{list(COMPRESSED_SOURCE_ENCODINGS)}, found {echo(source)} (format {echo(fmt)})")
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if data.size == 0:
-        raise ObservationError(f"empty compressed image (format {fmt!r}): expected JPEG or PNG bytes, found 0 bytes")
+        raise ObservationError(f"empty compressed image (format {echo(fmt)}): expected JPEG or PNG bytes, found 0 bytes")
     size = compressed_frame_size(data.tobytes())
     if size is not None and size[0] * size[1] > MAX_COMPRESSED_PIXELS:
         raise ObservationError(
-            f"cannot decode compressed image (format {fmt!r}): expected JPEG or PNG of at most "
+            f"cannot decode compressed image (format {echo(fmt)}): expected JPEG or PNG of at most "
             f"{MAX_COMPRESSED_PIXELS} pixels (8K UHD fits), found a header claiming {size[0]}x{size[1]} "
             f"in {data.size} bytes (a corrupt size field?)")
     # imdecode returns BGR whatever the format string says the source pixels were. EXIF orientation
@@ -177,12 +177,12 @@ def compressed_image_to_rgb(msg: Any) -> np.ndarray:
         bgr, refused = None, f" (OpenCV refused it: {getattr(exc, 'err', '') or exc})"
     if bgr is None or bgr.size == 0:
         raise ObservationError(
-            f"cannot decode compressed image (format {fmt!r}): expected JPEG or PNG, found {data.size} "
+            f"cannot decode compressed image (format {echo(fmt)}): expected JPEG or PNG, found {data.size} "
             f"bytes starting {bytes(data[:4]).hex()}{refused}")
     if bgr.dtype != np.uint8:
         raise ObservationError(
             f"unsupported compressed image: expected 8 bits per channel (one of {sorted(IMAGE_ENCODINGS)} "
-            f"compressed), found {bgr.dtype.itemsize * 8} bits per channel (format {fmt!r})")
+            f"compressed), found {bgr.dtype.itemsize * 8} bits per channel (format {echo(fmt)})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -195,7 +195,7 @@ def joint_positions(msg: Any, joint_names: Sequence[str]) -> np.ndarray:
     index = {name: i for i, name in enumerate(names)}
     if len(index) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
-        raise ObservationError(f"joint_states has duplicate names: expected each joint once, found {duplicates} repeated")
+        raise ObservationError(f"joint_states has duplicate names: expected each joint once, found {echo(duplicates)} repeated")
     if len(positions) != len(names):
         # Longer is refused too: JointState's arrays have one entry per name, and with extras which
         # value belongs to which joint is unknown.
@@ -204,7 +204,7 @@ def joint_positions(msg: Any, joint_names: Sequence[str]) -> np.ndarray:
             f"per name ({len(names)}), found {len(positions)}")
     missing = [n for n in joint_names if n not in index]
     if missing:
-        raise ObservationError(f"joint_states lacks joints {missing}: expected all of {list(joint_names)}, found {names}")
+        raise ObservationError(f"joint_states lacks joints {missing}: expected all of {list(joint_names)}, found {echo(names)}")
     state = np.fromiter((positions[index[n]] for n in joint_names), dtype=np.float64, count=len(joint_names))
     if not np.all(np.isfinite(state)):
         bad = {n: float(v) for n, v in zip(joint_names, state) if not math.isfinite(v)}
@@ -375,7 +375,7 @@ def action_chunk_from_message(msg: Any) -> np.ndarray:
     """The inverse of `action_chunk_message`, for subscribers and tests."""
     dims = list(msg.layout.dim)
     if [d.label for d in dims] != ["horizon", "action"]:
-        raise ObservationError(f"expected dims ['horizon', 'action'], found {[d.label for d in dims]}")
+        raise ObservationError(f"expected dims ['horizon', 'action'], found {echo([d.label for d in dims])}")
     horizon, action_dim = dims[0].size, dims[1].size
     data = np.asarray(msg.data, dtype=np.float32)[msg.layout.data_offset:]
     if data.size != horizon * action_dim:

@@ -148,7 +148,7 @@ from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationB
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.step import (HOLD, HOLD_POSITION, INTERNAL_ERROR, WAIT, ControlStep, StepResult,
                                          action_state_indices)
-from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError
+from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError, echo
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.robots import state_in_action_units
 from pi0_policy_ros.policy.types import ActionChunk, Observation
@@ -489,7 +489,7 @@ class PolicyNode(LifecycleNode):
         available = [(t[0], t[1]) for t in self._state_machine.available_transitions]
         if transition.label:  # rclpy looks a label up among the current state's transitions
             known = any(label == transition.label for _, label in available)
-            asked = f"{transition.label!r}"
+            asked = echo(transition.label)
         else:
             known = any(tid == transition.id for tid, _ in available)
             asked = str(transition.id)

@@ -49,7 +49,7 @@ from pi0_policy_ros.control.safety import POLICIES as SAFETY_POLICIES
 from pi0_policy_ros.control.safety import SafetyConfig
 from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES, SCHEDULER_MODES, SchedulerConfig
 from pi0_policy_ros.control.step import HOLD_MODES
-from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.errors import ConfigError, echo
 from pi0_policy_ros.policy.config import BACKENDS, MAX_CAMERA_SIDE_PX, PRECISIONS, SEED_RANGE, PolicyConfig
 from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES
 
@@ -310,13 +310,13 @@ def check_value(spec: ParamSpec, value: Any) -> None:
         items = value if spec.kind == STRING_ARRAY else [value]
         bad = [v for v in items if v not in spec.choices]
         if bad:
-            raise ConfigError(f"{spec.name}: expected values from {list(spec.choices)}, found {bad}")
+            raise ConfigError(f"{spec.name}: expected values from {list(spec.choices)}, found {echo(bad)}")
     if spec.float_range is not None or spec.int_range is not None:
         lo, hi = spec.float_range or spec.int_range  # type: ignore[misc]
         if not lo <= value <= hi:
             raise ConfigError(f"{spec.name}: expected a value in [{lo}, {hi}], found {value!r}")
     if spec.kind == STRING_ARRAY and len(set(value)) != len(value) and spec.name != "camera_types":
-        raise ConfigError(f"{spec.name}: expected unique entries, found {list(value)}")
+        raise ConfigError(f"{spec.name}: expected unique entries, found {echo(list(value))}")
 
 
 def control_config_from(values: Mapping[str, Any]) -> ControlConfig:

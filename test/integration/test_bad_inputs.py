@@ -359,3 +359,28 @@ def test_hold_on_refused_input_does_not_repeat_the_refusal(make_node, probe) -> 
                         "(see the 'input rejected' warning for joint_states)")
     values = held_for(probe, "missing_input", "lacks joints ['j2']")  # /diagnostics keeps the whole reason
     assert "expected all of ['j0', 'j1', 'j2']" in values["last_hold_reason"]
+
+
+@pytest.mark.parametrize("case", ["long_encoding", "10000_joint_names"])
+def test_text_a_sender_chose_is_cut_in_diagnostics_and_the_log(make_node, probe, case: str) -> None:
+    """A fuzzer's frame with a 1000-character encoding, or joint_states of 10000 names: the whole
+    text went into /diagnostics (the status message, last_hold_reason, last_input_error) and into
+    the log line. Each stays short and still says what was expected."""
+    from rcl_interfaces.msg import Log
+
+    if case == "long_encoding":
+        probe.image_a = Image(**dict(GOOD_A, encoding="x" * 1000))
+        kind, expected = "bad_image", "expected one of ['bgr8', 'bgra8', 'mono8', 'rgb8', 'rgba8'], found 'xxx"
+    else:
+        names = [f"joint_{i}" for i in range(10000)]
+        probe.joint_override = (names, [0.0] * len(names))
+        kind, expected = "missing_input", "expected all of ['j0', 'j1', 'j2'], found ['joint_0', 'joint_1',"
+    active(make_node)
+    values = held_for(probe, kind, expected)
+    texts = {key: values[key] for key in ("last_hold_reason", "last_input_error")}
+    texts["status"] = probe.latest_status(expected).message
+    lines = wait_for(lambda: probe.log_lines(Log.WARN, expected))
+    texts.update({f"log {i}": line for i, line in enumerate(lines)})
+    for name, text in texts.items():
+        assert len(text) < 400, (name, text)
+    assert probe.counts() == (0, 0, 0)

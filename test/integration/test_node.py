@@ -964,6 +964,9 @@ def test_change_state_request_for_a_transition_the_state_lacks_is_refused(make_n
     wait_for(lambda: probe.counts()[0] >= 1)
     assert not change(Transition.TRANSITION_ACTIVATE)  # twice
     assert not change(0, "cleanup")  # by label, from active
+    assert not change(0, "x" * 1000)  # a label the client chose: cut in the log line, not echoed whole
+    line = wait_for(lambda: probe.log_lines(Log.WARN, "change_state refused: transition 'xxx"))[0]
+    assert "...' (1000 characters) is not available in state 'active': expected one of" in line and len(line) < 300
     assert node._state_machine.current_state[1] == "active"
     before = probe.counts()[0]
     wait_for(lambda: probe.counts()[0] > before + 2)  # still running

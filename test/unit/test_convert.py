@@ -1,5 +1,6 @@
 """ros/convert.py: every image encoding, row padding, compressed images, joint states, and each bad case."""
 
+import re
 import struct
 from typing import Any, Callable
 
@@ -280,6 +281,51 @@ def test_bad_joint_states(names, positions, pattern) -> None:
 def test_nan_in_an_unused_joint_is_ignored() -> None:
     msg = js(NAMES + ["gripper"], [1.0, 2.0, 3.0, float("nan")])
     np.testing.assert_array_equal(convert.joint_positions(msg, NAMES), [1.0, 2.0, 3.0])
+
+
+# ---- text a sender chose, in the error ----------------------------------------------------------
+# A fuzzer's 1000-character encoding, and a JointState of 10000 names, went whole into the error, and
+# from there into the log and /diagnostics. The error stays short and still says what was expected.
+
+LONG = "x" * 1000
+BOUND = 300  # characters of an error message
+
+
+def refusal(convert_fn: Callable[..., Any], *args: Any) -> str:
+    with pytest.raises(ObservationError) as info:
+        convert_fn(*args)
+    return str(info.value)
+
+
+def test_a_long_image_encoding_is_cut_in_the_error() -> None:
+    msg = make_image(RGB, "rgb8")
+    msg.encoding = LONG
+    text = refusal(convert.image_to_rgb, msg)
+    assert len(text) < BOUND, text
+    assert "expected one of ['bgr8', 'bgra8', 'mono8', 'rgb8', 'rgba8']" in text and "(1000 characters)" in text
+
+
+@pytest.mark.parametrize("fmt,expected", [
+    (LONG, "expected JPEG or PNG"),  # no source encoding: the bytes do not decode
+    ("compressedDepth" + LONG, "expected JPEG or PNG colour/mono"),
+    (LONG + "; jpeg compressed bgr8", "expected a colour or mono source encoding ['rgb8', 'bgr8'"),
+])
+def test_a_long_compressed_format_is_cut_in_the_error(fmt: str, expected: str) -> None:
+    text = refusal(convert.compressed_image_to_rgb, CompressedImage(format=fmt, data=b"\x01\x02\x03\x04"))
+    assert len(text) < BOUND + 100, text  # the source encoding and the format, each cut
+    assert expected in text and "characters)" in text
+
+
+@pytest.mark.parametrize("names,expected", [
+    ([f"j{i}" for i in range(10000)], "lacks joints ['shoulder', 'elbow', 'wrist']: expected all of "
+                                      "['shoulder', 'elbow', 'wrist'], found ['j0', 'j1',"),
+    ([f"j{i}" for i in range(5000)] * 2, "duplicate names: expected each joint once, found ['j0', 'j1',"),
+    (["a" * 100000, "b" * 100000], "expected all of ['shoulder', 'elbow', 'wrist'], found ['aaa"),
+], ids=["10000_names", "5000_duplicates", "long_names"])
+def test_many_or_long_joint_names_are_cut_in_the_error(names: list[str], expected: str) -> None:
+    text = refusal(convert.joint_positions, js(names, [0.0] * len(names)), NAMES)
+    assert len(text) < BOUND, text
+    assert expected in text and re.search(r"( and \d+ more|\(100000 characters\)\])", text), text
 
 
 # ---- outputs -----------------------------------------------------------------------------------

@@ -39,6 +39,18 @@ def test_invalid_values_give_reasons(values, pattern) -> None:
         config_from_params(values)
 
 
+@pytest.mark.parametrize("name,value,expected", [
+    ("hold_mode", "x" * 1000, "hold_mode: expected values from ['stop', 'hold_position'], found ['xxx"),
+    ("joint_names", [f"j{i % 5000}" for i in range(10000)], "joint_names: expected unique entries, found ['j0', 'j1',"),
+])
+def test_a_long_value_is_cut_in_the_reason(name: str, value: object, expected: str) -> None:
+    # A ~/set_parameters request (any client on the network) with a 1000-character hold_mode
+    # got the whole text back, and the log too.
+    with pytest.raises(ConfigError) as info:
+        check_value(SPECS[name], value)
+    assert str(info.value).startswith(expected) and len(str(info.value)) < 300, str(info.value)
+
+
 def test_camera_size_reaches_the_policy_config() -> None:
     assert config_from_params(BASE).policy.camera_hw is None  # default: resized on the CPU
     cfg = config_from_params({**BASE, "camera_height": 480, "camera_width": 640})

@@ -116,6 +116,13 @@ def test_missing_prompt_is_an_observation_error(model_path: Path, prompt: str | 
         PromptTokenizer(model_path, 48, False).tokenize(prompt)
 
 
+def test_a_long_blank_prompt_is_cut_in_the_error(model_path: Path) -> None:
+    # A ~/prompt of 10000 blanks went whole into the error, the log and /diagnostics.
+    with pytest.raises(ObservationError, match=r"Prompt is required: expected a non-empty string, found "
+                                               r"' +\.\.\.' \(10000 characters\)$"):
+        PromptTokenizer(model_path, 48, False).tokenize(" " * 10000)
+
+
 def test_discrete_state_needs_a_finite_vector_state(model_path: Path) -> None:
     tokenizer = PromptTokenizer(model_path, 200, True)
     with pytest.raises(ObservationError, match="State is required"):
