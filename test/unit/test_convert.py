@@ -2,6 +2,7 @@
 
 import re
 import struct
+import time
 from typing import Any, Callable
 
 import cv2
@@ -326,6 +327,15 @@ def test_many_or_long_joint_names_are_cut_in_the_error(names: list[str], expecte
     text = refusal(convert.joint_positions, js(names, [0.0] * len(names)), NAMES)
     assert len(text) < BOUND, text
     assert expected in text and re.search(r"( and \d+ more|\(100000 characters\)\])", text), text
+
+
+def test_duplicate_names_are_found_in_time_linear_in_the_names() -> None:
+    # names.count per name: a JointState of 20000 names, each twice, took ~5 s of the input thread
+    # per message (10000 names ~1 s) before it was refused.
+    names = [f"j{i % 10000}" for i in range(20000)]
+    t0 = time.perf_counter()
+    text = refusal(convert.joint_positions, js(names, [0.0] * len(names)), NAMES)
+    assert time.perf_counter() - t0 < 1.0 and "duplicate names" in text
 
 
 # ---- outputs -----------------------------------------------------------------------------------
