@@ -331,6 +331,8 @@ class PolicyNode(LifecycleNode):
         self._autostart_timer: Timer | None = None
         # The interpreter's thread switch interval before configure set switch_interval_s (None: not set).
         self._switch_interval_before: float | None = None
+        # torch's intra-op threads before the policy set cpu_threads (None: not set).
+        self._torch_threads_before: int | None = None
         if self.get_parameter("autostart").value:
             self._autostart_timer = self.create_timer(0.0, self._autostart)
         # rclpy's ~/change_state raises RCLError for a transition the current state lacks (activate
@@ -552,6 +554,12 @@ class PolicyNode(LifecycleNode):
             if self._switch_interval_before is None:
                 self._switch_interval_before = sys.getswitchinterval()
             sys.setswitchinterval(config.switch_interval_s)
+        if config.policy.cpu_threads > 0 and self._torch_threads_before is None:
+            # The policy sets them process-wide (Policy.from_config); _release() puts them back, so
+            # that 0 at a later configure leaves torch's own count. torch only when asked for.
+            import torch
+
+            self._torch_threads_before = torch.get_num_threads()
         # The prompt reaches the policy through the buffer (parameter or ~/prompt). As the policy's
         # default_prompt it would outlive the parameter: a '' set later would fall back to it.
         policy = self._policy_factory(dataclasses.replace(config.policy, default_prompt=""))
@@ -801,6 +809,7 @@ class PolicyNode(LifecycleNode):
             self._safety = None
             self._joint_reader = None
             interval, self._switch_interval_before = self._switch_interval_before, None
+            threads, self._torch_threads_before = self._torch_threads_before, None
         if interval is not None:
             sys.setswitchinterval(interval)
         if policy is not None:
@@ -808,6 +817,10 @@ class PolicyNode(LifecycleNode):
                 policy.close()
             except Exception as exc:  # noqa: BLE001 - cleanup must finish; the reason is logged
                 self.get_logger().error(f"policy.close() failed: {exc}")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
 
     # ---- sensor callbacks: store only --------------------------------------------------------
 

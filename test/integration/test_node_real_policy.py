@@ -11,8 +11,10 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import torch
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, String
@@ -185,3 +187,28 @@ def test_a_blank_prompt_before_configure_holds_instead_of_failing_configure(make
     prompts.publish(String(data=PARAMS["prompt"]))
     wait_for(lambda: len(robot.chunks) >= 1, timeout_s=60.0)
     node.trigger_deactivate()
+
+
+def test_cpu_threads_go_back_at_cleanup_and_after_a_failed_configure(make_node) -> None:
+    """cpu_threads is set when the policy is built, process-wide (torch.set_num_threads); 0 leaves
+    torch's own count. After a configure with 1, cleanup, cpu_threads 0 and configure again, the
+    process kept 1 thread (inference on one core, whatever the machine has), and a configure that
+    failed after the policy was built kept them too: what configure sets must go with cleanup."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the node's value, whatever earlier tests left
+    try:
+        node = make_node(params=PARAMS, policy_factory=Policy.from_config)  # cpu_threads 1
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert torch.get_num_threads() == 1
+        assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert torch.get_num_threads() == 3
+        topics = node.get_parameter("camera_topics").value
+        assert node.set_parameters([Parameter("camera_topics", value=["bad topic", topics[1]])])[0].successful
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE  # after the policy was built
+        assert torch.get_num_threads() == 3
+        assert node.set_parameters([Parameter("camera_topics", value=topics),
+                                    Parameter("cpu_threads", value=0)])[0].successful
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
