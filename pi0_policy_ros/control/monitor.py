@@ -188,7 +188,10 @@ class ControlMonitor:
             # Slow only over a window of at least two target periods: right after activation or a rate
             # change, the first tick at the new rate is not due yet.
             measured = self._rate.span_s(now_s) >= 2.0 / self.control_rate_hz
-            if self._chunks and measured and rate_hz < SLOW_RATE_FRACTION * self.control_rate_hz:
+            if not measured:
+                # "running at 0.00 Hz" while the first chunks went out: one or no tick is not a rate.
+                return HealthReport(OK, "running (the achieved rate is measured after two control periods)", values)
+            if self._chunks and rate_hz < SLOW_RATE_FRACTION * self.control_rate_hz:
                 return HealthReport(WARN, f"slow: {rate_hz:.2f} Hz of {self.control_rate_hz:.2f} Hz target", values)
             return HealthReport(OK, f"running at {rate_hz:.2f} Hz", values)
 
