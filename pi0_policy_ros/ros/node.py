@@ -689,6 +689,7 @@ class PolicyNode(LifecycleNode):
     def _clean_up(self) -> None:
         self._release()
         self._publish_report(cleanup_report())  # the periodic status stops here
+        self.get_logger().info("cleaned up")
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         return self._transition("shutdown", self._shut_down)
@@ -698,6 +699,7 @@ class PolicyNode(LifecycleNode):
         # Said on purpose: a monitor would otherwise only see the last periodic status go stale.
         # The /diagnostics publisher lives until destroy_node().
         self._publish_report(shutdown_report())
+        self.get_logger().info("shut down")
 
     def _stop_if_exiting(self, after: str) -> None:
         if self._exiting.is_set():

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from rcl_interfaces.msg import Log
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 
@@ -477,7 +478,6 @@ def test_transition_that_raises_is_logged_and_reported(make_node, probe, transit
     then released everything silently while /diagnostics stopped at its last status ("running"). The
     exception must be logged at ERROR once and a last ERROR status name the transition and why; the
     node is then unconfigured and can be configured again."""
-    from rcl_interfaces.msg import Log
 
     node = make_node()
     assert node.trigger_configure() == SUCCESS
@@ -512,7 +512,6 @@ def test_transition_that_raises_is_logged_and_reported(make_node, probe, transit
 def test_error_processing_that_fails_still_reports(make_node, probe, monkeypatch) -> None:
     """cleanup raises, and so does the release in on_error: the node is finalized (as rclpy does with
     an on_error that raises) and the last status still says why, both failures included."""
-    from rcl_interfaces.msg import Log
 
     node = make_node()
     assert node.trigger_configure() == SUCCESS
@@ -531,7 +530,8 @@ def test_error_processing_that_fails_still_reports(make_node, probe, monkeypatch
 @pytest.mark.parametrize(("transition", "message"), [("shutdown", "shut down"), ("cleanup", "cleaned up")])
 def test_shutdown_and_cleanup_publish_a_last_status(make_node, probe, transition: str, message: str) -> None:
     """Shutdown from active, cleanup from inactive: the periodic status stops, and its last one said
-    "running" (as if the node had died) or "inactive" (as if still configured) until it went stale."""
+    "running" (as if the node had died) or "inactive" (as if still configured) until it went stale.
+    The log says it too, as it says "activated" and "deactivated" (it said nothing)."""
     if transition == "shutdown":
         node = active(make_node)
         wait_for(lambda: probe.latest_status("running"))
@@ -545,6 +545,7 @@ def test_shutdown_and_cleanup_publish_a_last_status(make_node, probe, transition
     assert {kv.key: kv.value for kv in status.values}["active"] == "False"
     time.sleep(0.3)
     assert probe.latest_status() is status
+    assert wait_for(lambda: probe.log_lines(Log.INFO, message)) == [message]
 
 
 def test_safety_counters_restart_at_activation(make_node, probe) -> None:
@@ -840,7 +841,6 @@ def test_inputs_run_on_the_poller_thread_and_a_failing_callback_is_counted(make_
     (ControlMonitor.start): the callback raises only once activate has returned. It used to raise at
     the first joint_states message after the wrappers went in; when the poller ran that one before
     activate's reset (2 in 100 repeated runs), the count was wiped and no status carried the key."""
-    from rcl_interfaces.msg import Log
 
     node = make_node()
     assert node.trigger_configure() == SUCCESS
@@ -902,7 +902,6 @@ def test_diagnostics_say_waiting_for_clock_under_use_sim_time_without_one(make_n
     /clock, with one warning in the log; stamped with the node's clock (0 until /clock comes). The
     control timer stays on the node's clock: nothing is published until /clock runs, then chunks."""
     from diagnostic_msgs.msg import DiagnosticArray
-    from rcl_interfaces.msg import Log
     from rclpy.node import Node
     from rosgraph_msgs.msg import Clock
 
@@ -943,7 +942,6 @@ def test_change_state_request_for_a_transition_the_state_lacks_is_refused(make_n
     transitions that state has, and the node must carry on."""
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
-    from rcl_interfaces.msg import Log
     from rclpy.node import Node
 
     node = make_node()
@@ -982,7 +980,6 @@ def test_a_tick_that_raises_once_does_not_wedge_the_loop(make_node, probe, chunk
     node = active(make_node, params={"chunk_mode": chunk_mode})
     wait_for(lambda: probe.counts()[1] >= 2)
     node._safety.apply = _fail_once(node._safety.apply, "boom in the filter")
-    from rcl_interfaces.msg import Log
 
     line = "holding (internal_error): internal error: RuntimeError('boom in the filter')"
     wait_for(lambda: probe.log_lines(Log.ERROR, line))
@@ -1068,7 +1065,6 @@ def test_exit_during_configure_waits_for_it_and_configure_stops_before_the_warm_
     failed: AttributeError ..." or "cannot schedule new futures", and no "shut down" status. Now the
     exit waits for the transition, configure stops after the load (no warm-up inference, nothing
     subscribed, the policy closed), and the shutdown that follows is the usual one."""
-    from rcl_interfaces.msg import Log
 
     loading, loaded = threading.Event(), threading.Event()
     built: list[FakePolicy] = []
