@@ -280,9 +280,19 @@ def _rate_limit(actions: np.ndarray, current: np.ndarray | None,
     limited before the first one, so it is the input's own change there."""
     out = actions.copy()
     steps = np.broadcast_to(max_step, out.shape)
-    previous = current
+    # Rows before the first change over the limit are left as they are, so their changes are the
+    # input's own: found for every row at once (a chunk inside the limits, the usual case, is done
+    # here), the row loop starts at that row. The same subtractions and comparisons as the loop's.
+    previous_rows = out[:-1] if current is None else np.concatenate([current[None, :], out[:-1]])
+    offset = 1 if current is None else 0
+    over_any = np.abs(out[offset:] - previous_rows) > steps[offset:] * (1 + 1e-9) + 1e-12
+    rows_over = np.flatnonzero(over_any.any(axis=1))
+    if rows_over.size == 0:
+        return out, None
+    start = int(rows_over[0]) + offset
+    previous = out[start - 1] if start > 0 else current
     first: tuple[int, int, float] | None = None
-    for k in range(out.shape[0]):
+    for k in range(start, out.shape[0]):
         if previous is not None:
             delta = out[k] - previous
             over = np.abs(delta) > steps[k] * (1 + 1e-9) + 1e-12

@@ -276,3 +276,47 @@ def test_a_reference_too_far_outside_names_what_ends_outside() -> None:
     assert f.apply(chunk, current=far).reason.startswith("position: the actions end outside the limits")
     start = f.limit_start(chunk, first_lead_s=0.1, reference=far)
     assert start.rejected and start.reason.startswith("position: the points sent end outside the limits"), start.reason
+
+
+def _rate_limit_row_by_row(actions: np.ndarray, current: np.ndarray | None,
+                           max_step: np.ndarray) -> tuple[np.ndarray, tuple[int, int, float] | None]:
+    """The rate limiter's definition, one row after the other (how safety._rate_limit was written
+    before it found the first row over the limit for all rows at once)."""
+    out = actions.copy()
+    steps = np.broadcast_to(max_step, out.shape)
+    previous, first = current, None
+    for k in range(out.shape[0]):
+        if previous is not None:
+            delta = out[k] - previous
+            over = np.abs(delta) > steps[k] * (1 + 1e-9) + 1e-12
+            if np.any(over):
+                if first is None:
+                    dim = int(np.argmax(over))
+                    first = (k, dim, abs(float(delta[dim])))
+                out[k] = previous + np.clip(delta, -steps[k], steps[k])
+        previous = out[k]
+    return out, first
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rate_limit_equals_its_row_by_row_definition(seed: int) -> None:
+    # Chunks inside the limits, over them at some rows (the first, the last, several), and changes a
+    # rounding error from the limit; with and without a reference, per-dim and per-row allowances.
+    from pi0_policy_ros.control.safety import _rate_limit
+
+    rng = np.random.default_rng(seed)
+    horizon, dims = int(rng.integers(1, 60)), int(rng.integers(1, 15))
+    allowance = rng.uniform(0.01, 0.1, dims) if seed % 2 else rng.uniform(0.01, 0.1, (horizon, dims))
+    steps = rng.uniform(-1.0, 1.0, (horizon, dims)) * np.broadcast_to(allowance, (horizon, dims))
+    spikes = rng.random((horizon, dims)) < [0.0, 0.01, 0.1, 0.5][seed % 4]
+    steps[spikes] *= rng.uniform(1.0, 20.0, int(spikes.sum()))
+    if seed % 5 == 0:
+        steps[rng.integers(horizon)] = np.broadcast_to(allowance, (horizon, dims))[0] * (1 + 1e-10)
+    current = None if seed % 3 == 0 else rng.uniform(-1.0, 1.0, dims)
+    actions = np.cumsum(steps, axis=0) + (0.0 if current is None else current)
+    if seed % 7 == 0 and current is not None:
+        actions[0] = current + 5.0 * np.broadcast_to(allowance, (horizon, dims))[0]
+    limited, first = _rate_limit(actions, current, allowance)
+    expected, expected_first = _rate_limit_row_by_row(actions, current, allowance)
+    np.testing.assert_array_equal(limited, expected)
+    assert first == expected_first
