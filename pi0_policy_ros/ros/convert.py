@@ -16,7 +16,7 @@ import array
 import math
 import struct
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -220,6 +220,81 @@ _XCDR1_ENDIAN = {0x00: ">", 0x01: "<"}
 
 def _align4(offset: int) -> int:
     return (offset + 3) & ~3
+
+
+class ImageFields(NamedTuple):
+    """What `image_to_rgb` reads of a sensor_msgs/Image; data: uint8 view of the serialized bytes."""
+
+    height: int
+    width: int
+    encoding: str
+    step: int
+    data: np.ndarray
+
+
+class CompressedImageFields(NamedTuple):
+    """What `compressed_image_to_rgb` reads of a sensor_msgs/CompressedImage."""
+
+    format: str
+    data: np.ndarray
+
+
+def image_fields_from_cdr(data: bytes, compressed: bool) -> ImageFields | CompressedImageFields | None:
+    """The fields of a serialized Image (or CompressedImage), read in place: rclpy's deserializer
+    takes ~0.19 ms for a 640x480 rgb8 frame, this ~10 us (2-core CPU machine), and copies nothing
+    (the pixels are a read-only view of `data`). None where the bytes are not plain XCDR1 whose
+    every field fits, or whose encoding / format string is not plain ASCII ended by one NUL: such a
+    message must go through the deserializer, so that it is refused (or its strings read) exactly
+    as before.
+
+    Layout after the 4-byte encapsulation, aligned from its end: stamp (int32, uint32), frame_id
+    (uint32 length incl. NUL, chars); Image: height, width (uint32), encoding (string), is_bigendian
+    (uint8), step (uint32), data (uint32 count, bytes); CompressedImage: format (string), data."""
+    endian = _XCDR1_ENDIAN.get(data[1]) if len(data) >= 16 and data[0] == 0 and data[2:4] == b"\0\0" else None
+    if endian is None:
+        return None
+    u32 = _U32[endian]
+    (frame_id_length,) = u32.unpack_from(data, 12)
+    offset = 16 + frame_id_length
+    if frame_id_length == 0 or offset > len(data):
+        return None
+    if compressed:
+        fmt, offset = _ascii_string(data, offset, u32)
+        if fmt is None:
+            return None
+    else:
+        offset = _align4(offset)
+        if offset + 8 > len(data):
+            return None
+        height, width = u32.unpack_from(data, offset)[0], u32.unpack_from(data, offset + 4)[0]
+        encoding, offset = _ascii_string(data, offset + 8, u32)
+        offset = _align4(offset + 1)  # is_bigendian
+        if encoding is None or offset + 4 > len(data):
+            return None
+        (step,) = u32.unpack_from(data, offset)
+        offset += 4
+    offset = _align4(offset)
+    if offset + 4 > len(data):
+        return None
+    (count,) = u32.unpack_from(data, offset)
+    if offset + 4 + count > len(data):
+        return None
+    pixels = np.frombuffer(data, np.uint8, count=count, offset=offset + 4)
+    return CompressedImageFields(fmt, pixels) if compressed else ImageFields(height, width, encoding, step, pixels)
+
+
+def _ascii_string(data: bytes, offset: int, u32: struct.Struct) -> tuple[str | None, int]:
+    """The CDR string at `offset` (aligned to 4 first) and the offset after it; None for one the
+    deserializer may read otherwise (empty, not ended by exactly one NUL, not ASCII) or cut short."""
+    offset = _align4(offset)
+    if offset + 4 > len(data):
+        return None, offset
+    (length,) = u32.unpack_from(data, offset)
+    end = offset + 4 + length
+    raw = data[offset + 4:end - 1]
+    if length == 0 or end > len(data) or data[end - 1] != 0 or not raw.isascii() or 0 in raw:
+        return None, end
+    return raw.decode("ascii"), end
 
 
 class JointStateReader:

@@ -28,8 +28,8 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
   joint_states are taken serialized (`raw`) by one polling thread every `input_poll_period_s`
   (2 ms; ros/poller.py), not by the executor, whose Python cost per message starved CPU
   inference of the GIL at 1 kHz: a camera callback reads only the header stamp (frames are
-  deserialized and decoded when a tick uses them), a joint_states
-  callback checks every message (convert.JointStateReader). A refused message is counted
+  read, in place where their bytes are plain (convert.image_fields_from_cdr), and decoded when a
+  tick uses them), a joint_states callback checks every message (convert.JointStateReader). A refused message is counted
   (`input_errors.<source>`, `last_input_error`) and logged ("input rejected: <reason>", naming
   what was expected) at most once every LOG_THROTTLE_S (2 s) per source (each camera,
   joint_states), so that one source that keeps failing does not hide another.
@@ -992,11 +992,15 @@ class PolicyNode(LifecycleNode):
         """A stored frame (serialized bytes from the raw subscription, or a message) -> uint8 RGB."""
         msg_type = CompressedImage if compressed else Image
         if isinstance(msg, bytes):
-            try:
-                msg = deserialize_message(msg, msg_type)
-            except Exception as exc:  # noqa: BLE001 - rclpy raises its RMWError for malformed CDR
-                raise ObservationError(f"cannot deserialize {len(msg)} bytes as {msg_type.__name__}: expected "
-                                       f"CDR of sensor_msgs/{msg_type.__name__} ({exc})") from None
+            # Read in place where the bytes are plain (a copy of the frame less), else deserialized.
+            fields = convert.image_fields_from_cdr(msg, compressed)
+            if fields is None:
+                try:
+                    fields = deserialize_message(msg, msg_type)
+                except Exception as exc:  # noqa: BLE001 - rclpy raises its RMWError for malformed CDR
+                    raise ObservationError(f"cannot deserialize {len(msg)} bytes as {msg_type.__name__}: expected "
+                                           f"CDR of sensor_msgs/{msg_type.__name__} ({exc})") from None
+            msg = fields
         return convert.compressed_image_to_rgb(msg) if compressed else convert.image_to_rgb(msg)
 
     def _publish_diagnostics(self) -> None:

@@ -645,3 +645,83 @@ def test_joint_state_reader_reads_xcdr2_through_the_deserializer_after_an_xcdr1_
     reader.positions(serialized_js(NAMES, [4.0, 5.0, 6.0], frame_id))
     np.testing.assert_array_equal(reader.positions(xcdr2), [1.0, 2.0, 3.0])
     assert deserialize.calls == 2
+
+
+# ---- images read in place from serialized bytes (image_fields_from_cdr) -------------------------
+
+def _serialized_image(typename: str, little_endian: bool, frame_id: str, **fields) -> bytes:
+    ts = _typestore()
+    header = ts.types["std_msgs/msg/Header"](stamp=ts.types["builtin_interfaces/msg/Time"](sec=5, nanosec=7),
+                                             frame_id=frame_id)
+    msg = ts.types[typename](header=header, **fields)
+    return bytes(ts.serialize_cdr(msg, typename, little_endian=little_endian))
+
+
+IMAGES_IN_PLACE = [  # (typename, fields): data sizes, encodings and strings that move the fields around
+    ("sensor_msgs/msg/Image", dict(height=5, width=7, encoding="rgb8", is_bigendian=0, step=21, data=RGB.reshape(-1))),
+    ("sensor_msgs/msg/Image", dict(height=5, width=7, encoding="bgr8", is_bigendian=1, step=24,
+                                   data=np.frombuffer(make_image(RGB, "bgr8", pad=3).data, np.uint8))),
+    ("sensor_msgs/msg/Image", dict(height=5, width=7, encoding="mono8", is_bigendian=0, step=7,
+                                   data=RGB[:, :, 0].reshape(-1))),
+    ("sensor_msgs/msg/Image", dict(height=2, width=3, encoding="16UC1", is_bigendian=0, step=6,
+                                   data=np.arange(12, dtype=np.uint8))),
+    ("sensor_msgs/msg/Image", dict(height=5, width=7, encoding="rgb8", is_bigendian=0, step=21,
+                                   data=RGB.reshape(-1)[:50])),  # too short: refused alike either way
+    ("sensor_msgs/msg/Image", dict(height=0, width=0, encoding="", is_bigendian=0, step=0,
+                                   data=np.zeros(0, np.uint8))),
+    ("sensor_msgs/msg/CompressedImage", dict(format="jpeg", data=np.arange(9, dtype=np.uint8))),
+    ("sensor_msgs/msg/CompressedImage", dict(format="rgb8; jpeg compressed bgr8",
+                                             data=np.frombuffer(cv2.imencode(".jpg", RGB)[1].tobytes(), np.uint8))),
+    ("sensor_msgs/msg/CompressedImage", dict(format="", data=np.zeros(0, np.uint8))),
+]
+
+
+def _decoded(decode: Callable[[Any], np.ndarray], msg: Any) -> np.ndarray | str:
+    try:
+        return decode(msg)
+    except ObservationError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("frame_id", ["", "c", "cam", "camera_optical_frame"])
+@pytest.mark.parametrize("little_endian", [True, False])
+@pytest.mark.parametrize("typename, fields", IMAGES_IN_PLACE)
+def test_image_fields_from_cdr_equal_the_deserialized_message(typename: str, fields: dict, little_endian: bool,
+                                                              frame_id: str) -> None:
+    # The same fields as rclpy's deserializer gives, and so the same image or the same refusal.
+    data = _serialized_image(typename, little_endian, frame_id, **fields)
+    compressed = typename.endswith("CompressedImage")
+    read = convert.image_fields_from_cdr(data, compressed)
+    msg = deserialize_message(data, CompressedImage if compressed else Image)
+    assert read is not None and bytes(read.data) == bytes(msg.data) and not read.data.flags.writeable
+    names = ("format",) if compressed else ("height", "width", "encoding", "step")
+    assert [getattr(read, n) for n in names] == [getattr(msg, n) for n in names]
+    decode = convert.compressed_image_to_rgb if compressed else convert.image_to_rgb
+    expected, found = _decoded(decode, msg), _decoded(decode, read)
+    if isinstance(expected, str):
+        assert found == expected
+    else:
+        np.testing.assert_array_equal(found, expected)
+
+
+def _with(data: bytes, offset: int, raw: bytes) -> bytes:
+    return data[:offset] + raw + data[offset + len(raw):]
+
+
+def test_image_fields_from_cdr_leaves_what_is_not_plain_to_the_deserializer() -> None:
+    # Bytes the deserializer may refuse or read otherwise: None, so that the node deserializes them.
+    data = _serialized_image("sensor_msgs/msg/Image", True, "cam", height=5, width=7, encoding="rgb8",
+                             is_bigendian=0, step=21, data=RGB.reshape(-1))
+    encoding_at = 4 + 8 + 8 + 8  # encapsulation, stamp, frame_id "cam" (length 4), height and width
+    assert data[encoding_at:encoding_at + 9] == b"\x05\x00\x00\x00rgb8\x00"
+    assert all(convert.image_fields_from_cdr(data[:n], False) is None for n in range(len(data)))  # cut short
+    for bad in (_with(data, 1, b"\x07"),  # XCDR2
+                _with(data, 2, b"\x00\x01"),  # encapsulation options
+                _with(data, 12, b"\x00\x00\x00\x00"),  # frame_id of length 0
+                _with(data, encoding_at + 4, b"rg\x00"),  # a NUL inside the encoding
+                _with(data, encoding_at + 4, b"rgb8\x01"),  # no NUL at its end
+                _with(data, encoding_at + 4, b"rg\xc3\xa9"),  # not ASCII
+                _with(data, encoding_at, b"\x00\x00\x00\x00"),  # an encoding of length 0
+                _with(data, encoding_at, b"\xff\xff\x00\x00")):  # longer than the message
+        assert convert.image_fields_from_cdr(bad, False) is None
+    assert convert.image_fields_from_cdr(data, True) is None  # an Image read as a CompressedImage: strings misfit
