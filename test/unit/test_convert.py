@@ -379,6 +379,26 @@ def test_trajectory_message() -> None:
     assert t == pytest.approx([0.05, 0.15])
 
 
+def test_trajectory_message_equals_its_point_by_point_definition() -> None:
+    # Each point built with its own Duration, as before the points wrote into the constructor's:
+    # the same message, nanosecond carries and whole seconds included.
+    from builtin_interfaces.msg import Duration
+    from trajectory_msgs.msg import JointTrajectoryPoint
+
+    from pi0_policy_ros.control.trajectory import TrajectoryPlan, split_seconds
+
+    times_s = np.array([0.0, 0.0333333333, 0.9999999996, 0.9999999994, 1.0, 2.5e-10, 12.020000000000001, 86400.5])
+    rng = np.random.default_rng(3)
+    plan = TrajectoryPlan(first_index=2, times_from_start_s=times_s, positions=rng.normal(size=(8, 3)),
+                          velocities=rng.normal(size=(8, 3)))
+    expected = [JointTrajectoryPoint(positions=q, velocities=v, time_from_start=Duration(
+        sec=split_seconds(t)[0], nanosec=split_seconds(t)[1])) for t, q, v in
+        zip(times_s.tolist(), plan.positions.tolist(), plan.velocities.tolist())]
+    msg = convert.trajectory_message(plan, ["a", "b", "c"])
+    assert msg.points == expected
+    assert [(p.time_from_start.sec, p.time_from_start.nanosec) for p in msg.points][2:4] == [(1, 0), (0, 999999999)]
+
+
 def test_trajectory_message_refuses_a_plan_of_other_width_than_the_joints() -> None:
     plan = plan_trajectory(np.zeros((3, 2)), period_s=0.1, stamp_s=100.0, now_s=100.05, min_lead_s=0.02)
     with pytest.raises(Pi0PolicyError, match=r"expected 3 action dims for joints \['a', 'b', 'c'\], found 2"):
