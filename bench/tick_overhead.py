@@ -5,8 +5,9 @@ core. This times that Python, part by part, through the code the node runs:
 - inputs as the node receives them: serialized sensor_msgs (3 cameras of 640x480, raw rgb8 `Image`
   or JPEG `CompressedImage`, and a 14-joint `JointState`), stored as the node's input callbacks do
   (`convert.stamp_from_cdr`, `ObservationBuffer.put_image`, `convert.JointStateReader`);
-- `ControlStep.run` with the node's decoders (`PolicyNode._decode`: deserialize, then decode) and
-  the safety filter and scheduler of `config/demo_cuda.yaml`'s parameters (ALOHA limits, 30 Hz);
+- `ControlStep.run` with the node's decoders (`PolicyNode._decode`: the frame's serialized fields,
+  then its pixels) and the safety filter and scheduler of `config/demo_cuda.yaml`'s parameters
+  (ALOHA limits, 30 Hz);
 - the real `Policy` around its engine: resize with pad on the CPU (`resize: cpu`, the default) or
   frames passed to the engine as they are (`resize: engine`, camera_height/width set), normalize,
   tokenize, RTC guidance, unnormalize, output transforms;
@@ -19,9 +20,9 @@ output computed beforehand (a smooth chunk starting at the measured position, in
 so the tick's Python is all that is timed. The clock is simulated: ticks one control period apart,
 inputs stamped INPUT_AGE_S before each tick, and the engine taking ENGINE_S of simulated time (the
 tick's second reading of the clock). Chunk modes naive, rtc_fast, temporal_ensemble; the last two
-infer every `execute_horizon` action periods and WAIT between (timed apart: `wait`).
+infer every `execute_horizon` action periods and WAIT between (timed apart: `wait_ms`).
 
-    PYTHONPATH=. python3 bench/tick_overhead.py --json bench/results/tick_overhead_cpu.json \
+    ROS_DOMAIN_ID=<yours> PYTHONPATH=. python3 bench/tick_overhead.py --json bench/results/tick_overhead_cpu.json \
         [--compare BASE_ROOT] [--rounds 3] [--ticks 200] [--cases 'raw/*/naive' ...]
 
 --compare BASE_ROOT: alternate rounds of the package at BASE_ROOT (e.g. `git archive` of an earlier
@@ -355,13 +356,14 @@ def _git_commit(root: Path) -> str:
 
 def machine() -> dict[str, Any]:
     import cv2
-    import rclpy  # noqa: F401
+    import torch
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     return {"host": platform.node(), "cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "opencv": cv2.__version__, "rmw": os.environ.get("RMW_IMPLEMENTATION", "default"),
-            "ros_distro": os.environ.get("ROS_DISTRO", ""), "device": "cpu (no GPU used)"}
+            "numpy": np.__version__, "opencv": cv2.__version__, "torch": torch.__version__, "rmw": os.environ.get("RMW_IMPLEMENTATION", "default"),
+            "ros_distro": os.environ.get("ROS_DISTRO", ""), "device": "cpu (no GPU used)",
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
 def _child(root: Path, ticks: int, tokenizer_path: Path, cases: list[str]) -> dict[str, Any]:
@@ -392,13 +394,14 @@ def main() -> int:
 
     prepare_output_file(args.json)
     tokenizer_path = train_tiny_tokenizer(Path(tempfile.gettempdir()) / "pi0_tick_overhead_tokenizer.model")
+    load_before = round(os.getloadavg()[0], 2)  # the machine's other jobs skew every number
     sides = {"before": args.compare.resolve(), "after": REPO} if args.compare else {"after": REPO}
     rounds: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for _ in range(args.rounds):
         for side, root in sides.items():  # alternating, so that a drift of the machine hits both
             rounds[side].append(_child(root, args.ticks, tokenizer_path, args.cases))
     document: dict[str, Any] = {
-        "machine": machine(), "argv": sys.argv,
+        "machine": {**machine(), "loadavg_1min_at_start": load_before}, "argv": sys.argv,
         "git": {side: _git_commit(root) if (root / ".git").exists() else str(root) for side, root in sides.items()},
         "geometry": {"cameras": len(CAMERAS), "frame_hw": list(FRAME_HW), "joints": 14, "horizon": 50,
                      "profile": "pi05_aloha", "control_rate_hz": CONTROL_RATE_HZ, "jpeg_quality": JPEG_QUALITY,
