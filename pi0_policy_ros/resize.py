@@ -166,13 +166,21 @@ def resize_weights_fixed(in_size: int, out_size: int) -> np.ndarray:
     return _dense(in_size, out_size, _taps(in_size, out_size).fixed, np.int32)
 
 
+# The most bytes of gathered taps a pass holds at once (a 640x480 frame's passes take ~2 MB).
+_GATHER_BYTES = 8 << 20
+
+
 def _resample_rows(x: np.ndarray, out_size: int) -> np.ndarray:
     """One PIL 8-bit pass along axis 0 of uint8 [in_size, M] -> uint8 [out_size, M]."""
     taps = _taps(x.shape[0], out_size)
+    acc = np.empty((out_size, x.shape[1]), dtype=np.int32)
     # Every tap's input row of every output pixel, then one einsum over the taps in int32 (exact:
     # see the module docstring): 3x less time than a take, multiply and add per tap (640 -> 224).
-    gathered = np.take(x, taps.rows.T, axis=0)  # [out_size, ksize, M] uint8
-    acc = np.einsum("okm,ok->om", gathered, taps.fixed, dtype=np.int32)
+    # In column blocks of at most _GATHER_BYTES gathered: a 4K frame's pass gathers ~54 MB at once.
+    block = max(1, _GATHER_BYTES // (out_size * taps.fixed.shape[1]))
+    for m0 in range(0, x.shape[1], block):
+        gathered = np.take(x[:, m0:m0 + block], taps.rows.T, axis=0)  # [out_size, ksize, block] uint8
+        np.einsum("okm,ok->om", gathered, taps.fixed, dtype=np.int32, out=acc[:, m0:m0 + block])
     acc += _HALF
     acc >>= PRECISION_BITS  # arithmetic shift: floor, like PIL's clip8
     np.clip(acc, 0, 255, out=acc)
