@@ -738,6 +738,7 @@ def test_image_fields_from_cdr_leaves_what_is_not_plain_to_the_deserializer() ->
     for bad in (_with(data, 1, b"\x07"),  # XCDR2
                 _with(data, 2, b"\x00\x01"),  # encapsulation options
                 _with(data, 12, b"\x00\x00\x00\x00"),  # frame_id of length 0
+                _with(data, 16, b"\xff"),  # a frame_id that is not ASCII (nor UTF-8)
                 _with(data, encoding_at + 4, b"rg\x00"),  # a NUL inside the encoding
                 _with(data, encoding_at + 4, b"rgb8\x01"),  # no NUL at its end
                 _with(data, encoding_at + 4, b"rg\xc3\xa9"),  # not ASCII
