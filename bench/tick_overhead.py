@@ -6,8 +6,8 @@ core. This times that Python, part by part, through the code the node runs:
   or JPEG `CompressedImage`, and a 14-joint `JointState`), stored as the node's input callbacks do
   (`convert.stamp_from_cdr`, `ObservationBuffer.put_image`, `convert.JointStateReader`);
 - `ControlStep.run` with the node's decoders (`PolicyNode._decode`: the frame's serialized fields,
-  then its pixels) and the safety filter and scheduler of `config/demo_cuda.yaml`'s parameters
-  (ALOHA limits, 30 Hz);
+  then its pixels; JPEG cameras in parallel, as the node decodes compressed ones) and the safety
+  filter and scheduler of `config/demo_cuda.yaml`'s parameters (ALOHA limits, 30 Hz);
 - the real `Policy` around its engine: resize with pad on the CPU (`resize: cpu`, the default) or
   frames passed to the engine as they are (`resize: engine`, camera_height/width set), normalize,
   tokenize, RTC guidance, unnormalize, output transforms;
@@ -36,6 +36,7 @@ import argparse
 import fnmatch
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -212,10 +213,14 @@ class Case:
         self.buffer = ObservationBuffer(CAMERAS, config.control)
         self.buffer.put_prompt(config.policy.default_prompt)
         decoders = {c.name: functools.partial(PolicyNode._decode, c.compressed) for c in config.cameras}
+        # As the node: the compressed cameras decode in parallel (a step from before that, under
+        # --compare, has no such argument).
+        parallel = ({"parallel_cameras": [c.name for c in config.cameras if c.compressed]}
+                    if "parallel_cameras" in inspect.signature(ControlStep).parameters else {})
         self.step = ControlStep(self.policy, self.buffer, decoders, self.safety, config.scheduler,
                                 action_state_indices(config.joint_names, config.action_joint_names,
                                                      profile.action_space),
-                                config.hold_mode, functools.partial(state_in_action_units, profile))
+                                config.hold_mode, functools.partial(state_in_action_units, profile), **parallel)
         self.step.prepare(profile.action_horizon, profile.action_period_s)
         self.reader = convert.JointStateReader(config.joint_names,
                                                functools.partial(deserialize_message, message_type=JointState))
@@ -225,7 +230,6 @@ class Case:
         self.trajectory_pub = ros_node.create_publisher(JointTrajectory, "~/joint_trajectory", COMMAND_QOS)
         self.parts = PartTimer()
         self.buffer.snapshot = self.parts.wrap("snapshot", self.buffer.snapshot)  # type: ignore[method-assign]
-        self.step.decoders = {name: self.parts.wrap("decode", fn) for name, fn in self.step.decoders.items()}
         self.policy.infer = self.parts.wrap("policy", self.policy.infer)  # type: ignore[method-assign]
         self.safety.apply = self.parts.wrap("safety", self.safety.apply)  # type: ignore[method-assign]
         self.safety.limit_start = self.parts.wrap("safety", self.safety.limit_start)  # type: ignore[method-assign]
@@ -288,6 +292,9 @@ class Case:
             self.digest.update(_canonical(msg))
         policy = chunk.timings_ms
         timings.update(
+            # The step's decode time less its snapshot: wall time, whether the cameras decode one after
+            # another or in parallel (a timer summed per decoder would count parallel ones twice).
+            decode=result.timings_ms["decode"] - timings.get("snapshot", 0.0),
             resize_etc=policy["preprocess"], postprocess=policy["postprocess"],
             plan=result.timings_ms["plan"] - timings.get("safety", 0.0),
             build_header=(t3 - t2) * 1e3, build_chunk=(t4 - t3) * 1e3, build_trajectory=(t5 - t4) * 1e3,
@@ -296,6 +303,9 @@ class Case:
         return "publish", timings
 
     def close(self) -> None:
+        close_step = getattr(self.step, "close", None)  # absent from a step from before (--compare)
+        if close_step is not None:
+            close_step()
         self.policy.close()
 
 
@@ -410,7 +420,7 @@ def main() -> int:
         "parts": {
             "input_images / input_joint_state": "the input callbacks for one frame per camera / one joint state "
                                                 "(the poller thread, not the tick)",
-            "snapshot": "ObservationBuffer.snapshot", "decode": "deserialize and decode, 3 cameras",
+            "snapshot": "ObservationBuffer.snapshot", "decode": "deserialize and decode, 3 cameras (wall time)",
             "resize_etc": "Policy preprocess: resize with pad (resize: cpu), normalize, tokenize, RTC guidance",
             "policy": "Policy.infer, engine stand-in included (~0)", "postprocess": "Policy postprocess",
             "safety": "SafetyFilter.apply + limit_start", "plan": "scheduler and trajectory plan (the step's "

@@ -93,8 +93,13 @@ class OfflineReplay:
         self.step = ControlStep(policy, self.buffer, decoders, self.safety, self.config.scheduler,
                                 action_state_indices(self.config.joint_names, self.config.action_joint_names,
                                                      getattr(policy.profile, "action_space", "joint_position")),
-                                self.config.hold_mode, functools.partial(state_in_action_units, policy.profile))
+                                self.config.hold_mode, functools.partial(state_in_action_units, policy.profile),
+                                [c.name for c in self.config.cameras if c.compressed])
         self.monitor = ControlMonitor(self.config.control.control_rate_hz)
+
+    def close(self) -> None:
+        """End the step's decode threads; `ticks` and the summary stay. Idempotent."""
+        self.step.close()
 
     def run(self, bag: InputBag, out: OutputBag | None, summary: ReplaySummary,
             progress: Progress | None = None) -> ReplaySummary:

@@ -49,6 +49,7 @@ def replay_offline(bag_path: str | Path, out_path: str | Path, setup: ReplaySetu
             from pi0_policy_ros.policy.policy import Policy
 
             policy = Policy.from_config(setup.config.policy)
+        replay: OfflineReplay | None = None
         try:
             replay = OfflineReplay(setup, policy, keep_ticks=keep_ticks)  # type: ignore[arg-type]
             meter = Progress("replay", (bag.end_ns - bag.start_ns) / 1e9, enabled=progress)
@@ -56,6 +57,8 @@ def replay_offline(bag_path: str | Path, out_path: str | Path, setup: ReplaySetu
                 replay.run(bag, out, summary, meter)
             meter.finish(f"{summary.chunks} chunks")
         finally:
+            if replay is not None:
+                replay.close()
             if owned:
                 policy.close()  # type: ignore[union-attr]
     return summary, replay

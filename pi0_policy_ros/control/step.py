@@ -3,7 +3,8 @@
 `ControlStep.run(clock)` does, in order:
 1. snapshot the `ObservationBuffer` (age and skew rules) and decode the stored images with the
    injected decoders (`ros/convert` in the node and in replay: control/ imports neither rclpy nor
-   torch);
+   torch), the cameras of `parallel_cameras` on a thread each when there are several (`close()`
+   ends those threads);
 2. `Observation` -> `policy.infer` -> `ActionChunk` (rtc modes: with the scheduler's previous
    actions as `ChunkGuidance`, for the guided denoising);
 3. `SafetyFilter`: NaN/Inf guard and limits; a rejected chunk holds;
@@ -35,8 +36,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -122,6 +124,24 @@ def action_state_indices(joint_names: Sequence[str], action_joint_names: Sequenc
     return tuple(index[name] for name in action_joint_names)
 
 
+def _decoded(name: str, decode: Decoder, frames: Mapping[str, Any]) -> np.ndarray:
+    """One camera's stored frame decoded; its ObservationError names the camera."""
+    try:
+        return decode(frames[name])
+    except ObservationError as exc:
+        raise ObservationError(f"camera {name!r}: {exc}", BAD_IMAGE) from None
+
+
+def _decoded_here(name: str, decode: Decoder, frames: Mapping[str, Any]) -> Future[np.ndarray]:
+    """`_decoded` on this thread, as a done Future: its error is raised in camera order with the pool's."""
+    future: Future[np.ndarray] = Future()
+    try:
+        future.set_result(_decoded(name, decode, frames))
+    except Exception as exc:  # noqa: BLE001 - raised again by result(), where its camera comes
+        future.set_exception(exc)
+    return future
+
+
 def _guidance(request: InferenceRequest | None) -> ChunkGuidance | None:
     """RTC modes: the scheduler's previous actions for the policy's guided denoising (None before
     the first chunk, and in the other modes)."""
@@ -136,6 +156,10 @@ class ControlStep:
 
     decoders: camera name -> raw stored value -> uint8 RGB [H, W, 3], in the camera order the
         policy sees. state_indices: `action_state_indices(...)` of the configuration.
+    parallel_cameras: the cameras whose frames each tick decodes in parallel, one thread per camera
+        (the tick's own for the first, the step's for the others, which `close()` ends); None: all.
+        Worth it for compressed frames (cv2.imdecode releases the GIL: ~1.8 ms per 640x480 JPEG),
+        not for raw ones, read in place in microseconds, less than a hand-off to another thread.
     state_to_actions: a measured state [state_dim] in the action units (`robots.state_in_action_units`
         of the profile: ALOHA measures its gripper as a finger position, commands it as a joint);
         None where both are the same units.
@@ -144,12 +168,21 @@ class ControlStep:
     def __init__(self, policy: InferencePolicy, buffer: ObservationBuffer, decoders: Mapping[str, Decoder],
                  safety: SafetyFilter, scheduler_config: SchedulerConfig | None = None,
                  state_indices: tuple[int, ...] | None = None, hold_mode: str = HOLD_STOP,
-                 state_to_actions: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 state_to_actions: Callable[[np.ndarray], np.ndarray] | None = None,
+                 parallel_cameras: Collection[str] | None = None) -> None:
         if hold_mode not in HOLD_MODES:
             raise ConfigError(f"hold_mode: expected one of {list(HOLD_MODES)}, found {hold_mode!r}")
+        unknown = sorted(set(parallel_cameras or ()) - set(decoders))
+        if unknown:
+            raise ConfigError(f"parallel_cameras: expected cameras from {list(decoders)}, found {unknown}")
         self.policy = policy
         self.buffer = buffer
         self.decoders = dict(decoders)
+        # Decoding JPEG cameras is, after resizing, most of a tick's host time. The tick's own thread
+        # decodes the first parallel camera (one hand-off less) and the others not in parallel.
+        parallel = [name for name in self.decoders if parallel_cameras is None or name in parallel_cameras]
+        self._pooled = tuple(parallel[1:])
+        self._decode_pool = ThreadPoolExecutor(len(self._pooled), "pi0-decode") if self._pooled else None
         self.safety = safety
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.state_indices = state_indices
@@ -189,6 +222,13 @@ class ControlStep:
         self._executing = False
         self._sent = None
         self._last_now_s = None
+
+    def close(self) -> None:
+        """End the decode threads (the step's owner is done with it: the node's cleanup, the replay's
+        end). Idempotent; a later `run` decodes on the caller's thread."""
+        pool, self._decode_pool = self._decode_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     @property
     def executing(self) -> bool:
@@ -254,12 +294,10 @@ class ControlStep:
             snapshot = self.buffer.snapshot(now_s)
         except ObservationError as exc:
             return self._hold(exc.kind, str(exc), now_s)
-        images = {}
-        for name, decode in self.decoders.items():
-            try:
-                images[name] = decode(snapshot.images[name])
-            except ObservationError as exc:
-                return self._hold(BAD_IMAGE, f"camera {name!r}: {exc}", now_s)
+        try:
+            images = self._decode(snapshot.images)
+        except ObservationError as exc:
+            return self._hold(BAD_IMAGE, str(exc), now_s)
         observation = Observation(images=images, state=snapshot.state, prompt=snapshot.prompt,
                                   stamp_s=snapshot.stamp_s)
         seen = {"observation": observation, "age_s": snapshot.age_s, "camera_skew_s": snapshot.camera_skew_s}
@@ -342,6 +380,23 @@ class ControlStep:
         return StepResult(PUBLISH, chunk=chunk, plan=plan, clamped=clamped, timings_ms=timings, **seen)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _decode(self, stored: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Every camera's frame, in camera order. Raises as decoding one camera after another would:
+        the first camera in camera order whose decode raised decides (ObservationError: a bad image),
+        whichever failed first in time. No decode outlives the call."""
+        pool = self._decode_pool
+        if pool is None:
+            return {name: _decoded(name, decode, stored) for name, decode in self.decoders.items()}
+        pooled = {name: pool.submit(_decoded, name, self.decoders[name], stored) for name in self._pooled}
+        try:
+            # The first parallel camera on this thread too: on 2 cores, 3 JPEG cameras took 3.6 ms
+            # median and 3.8 ms p90, against 3.75 and 5.5 ms with all three on the pool.
+            outcomes = {name: pooled[name] if name in pooled else _decoded_here(name, decode, stored)
+                        for name, decode in self.decoders.items()}
+        finally:
+            wait(pooled.values())
+        return {name: outcome.result() for name, outcome in outcomes.items()}
 
     def _clock_jump(self, now_s: float) -> StepResult | None:
         """A clock behind the last reading: reset (buffers, schedule, any inference in flight) and hold."""

@@ -8,7 +8,8 @@ Lifecycle:
   is logged and published on /diagnostics (level ERROR, "configure failed: <reason>").
 - activate: start the control timer. deactivate: stop it; no command goes out while inactive
   (with `hold_mode: hold_position`, the hold point goes out first: see Holds).
-- cleanup / shutdown / error: `_release()` (idempotent) closes the policy and destroys entities.
+- cleanup / shutdown / error: `_release()` (idempotent) closes the control step (its decode threads)
+  and the policy and destroys entities.
   Before the trajectory publisher goes, it waits (at most FLUSH_TIMEOUT_S) until every matched
   reliable subscriber has acknowledged the hold point: DDS drops what a deleted writer had not
   delivered. `destroy_node()` does the same for the last /diagnostics status (shutdown, a failed
@@ -596,7 +597,8 @@ class PolicyNode(LifecycleNode):
                                      action_state_indices(config.joint_names, config.action_joint_names,
                                                           action_space),
                                      self.get_parameter("hold_mode").value,
-                                     functools.partial(state_in_action_units, policy.profile))
+                                     functools.partial(state_in_action_units, policy.profile),
+                                     [c.name for c in config.cameras if c.compressed])
             self._monitor = ControlMonitor(config.control.control_rate_hz)
         self._step.prepare(chunk.horizon, chunk.period_s)
         self._check_prompt()
@@ -804,16 +806,18 @@ class PolicyNode(LifecycleNode):
                     self.destroy_lifecycle_publisher(pub)
                     setattr(self, name, None)
             policy, self._policy = self._policy, None
+            step, self._step = self._step, None
             self._config = None
             self._buffer = None
             self._monitor = None
-            self._step = None
             self._safety = None
             self._joint_reader = None
             interval, self._switch_interval_before = self._switch_interval_before, None
             threads, self._torch_threads_before = self._torch_threads_before, None
         if interval is not None:
             sys.setswitchinterval(interval)
+        if step is not None:
+            step.close()  # its decode threads; no tick runs it any more (the lock, the timer gone)
         if policy is not None:
             try:
                 policy.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from pi0_policy_ros.bag.inputs import make_setup
 from pi0_policy_ros.bag.replay import main, replay_offline
 from pi0_policy_ros.bag.report import read_chunks
 from pi0_policy_ros.policy.policy import Policy
+from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 from pi0_policy_ros.ros import convert
 
 from test.bag.conftest import JOINTS
@@ -103,6 +105,44 @@ def test_bit_identical_outputs(first_run, params_file: Path, tmp_path: Path) -> 
     replay_offline(bag, again, make_setup(params_file))  # a new setup and a new Policy
     assert (again / "out.mcap").read_bytes() == (out / "out.mcap").read_bytes()
     assert (again / "metadata.yaml").read_bytes() == (out / "metadata.yaml").read_bytes()
+
+
+def decode_threads(before: set[threading.Thread]) -> set[threading.Thread]:
+    """The control steps' decode threads started since `before`."""
+    return {t for t in threading.enumerate() if t.name.startswith("pi0-decode") and t not in before}
+
+
+class DecodeThreadsAtInfer:
+    """A `Policy` that records the decode threads alive at each inference (the tick has just decoded)."""
+
+    def __init__(self, policy: Policy, before: set[threading.Thread]) -> None:
+        self.policy = policy
+        self.profile = policy.profile
+        self.before = before
+        self.seen: set[threading.Thread] = set()
+
+    def infer(self, observation: Observation, guidance: ChunkGuidance | None = None) -> ActionChunk:
+        self.seen |= decode_threads(self.before)
+        return self.policy.infer(observation) if guidance is None else self.policy.infer(observation, guidance)
+
+
+def test_compressed_cameras_decode_on_threads_the_replay_ends(tmp_path: Path) -> None:
+    from pi0_policy_ros.bag.demo import demo_topics, write_demo_bag
+
+    from test.bag.conftest import write_params
+
+    params = write_params(tmp_path / "jpeg.yaml", camera_types=["compressed", "compressed"])
+    write_demo_bag(tmp_path / "demo", demo_topics(params_file=params), duration_s=1.0)
+    setup = make_setup(params)
+    policy = DecodeThreadsAtInfer(Policy.from_config(setup.config.policy), set(threading.enumerate()))
+    try:
+        summary, replay = replay_offline(tmp_path / "demo", tmp_path / "out", setup, policy=policy)
+    finally:
+        policy.policy.close()
+    assert summary.chunks >= 3
+    assert len(policy.seen) == 1  # 2 cameras: the tick's thread decodes the first
+    # Ended by the replay, not by the garbage collector: the replay returned (`replay`) is still held.
+    assert not any(t.is_alive() for t in policy.seen) and decode_threads(policy.before) == set()
 
 
 def test_humble_sqlite3_bag_gives_the_same_outputs(first_run, make_bag, tmp_path: Path) -> None:

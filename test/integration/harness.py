@@ -53,10 +53,18 @@ def duration_s(d: Any) -> float:
     return d.sec + d.nanosec * 1e-9
 
 
-class Probe(Node):
-    """Robot stand-in: cam_a raw rgb8, cam_b PNG compressed, joint_states (names in any order)."""
+def png_image(rgb: np.ndarray) -> CompressedImage:
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    assert ok
+    return CompressedImage(format="rgb8; png compressed bgr8", data=png.tobytes())
 
-    def __init__(self, namespace: str, policy_node: str = "pi0_policy", rate_hz: float = 50.0) -> None:
+
+class Probe(Node):
+    """Robot stand-in: cam_a raw rgb8 (PNG compressed with `png_a`), cam_b PNG compressed,
+    joint_states (names in any order)."""
+
+    def __init__(self, namespace: str, policy_node: str = "pi0_policy", rate_hz: float = 50.0,
+                 png_a: bool = False) -> None:
         super().__init__("probe", namespace=namespace)
         self.lock = threading.Lock()
         self.state = np.array([0.1, -0.2, 0.3])
@@ -70,10 +78,9 @@ class Probe(Node):
         # test tears the probe down must not publish on destroyed publishers.
         self._publish_lock = threading.Lock()
         self._closed = False
-        self.image_a = Image(height=6, width=8, encoding="rgb8", step=24, data=IMAGE_A.tobytes())
-        ok, png = cv2.imencode(".png", np.ascontiguousarray(IMAGE_B[:, :, ::-1]))
-        assert ok
-        self.image_b = CompressedImage(format="rgb8; png compressed bgr8", data=png.tobytes())
+        self.image_a = png_image(IMAGE_A) if png_a else Image(height=6, width=8, encoding="rgb8", step=24,
+                                                             data=IMAGE_A.tobytes())
+        self.image_b = png_image(IMAGE_B)
         self.trajectories: list[JointTrajectory] = []
         self.chunks: list[Float32MultiArray] = []
         self.stamps: list[Header] = []
@@ -81,7 +88,8 @@ class Probe(Node):
         self._diagnostics_arrays = 0  # every node's, for summary()
         self._last_diagnostics_at: float | None = None
         self.logs: list[Log] = []  # /rosout of the policy node only: its log as an operator's tools see it
-        self._pub_a = self.create_publisher(Image, "cam_a/image_raw", qos_profile_sensor_data)
+        self._pub_a = (self.create_publisher(CompressedImage, "cam_a/image_raw/compressed", qos_profile_sensor_data)
+                       if png_a else self.create_publisher(Image, "cam_a/image_raw", qos_profile_sensor_data))
         self._pub_b = self.create_publisher(CompressedImage, "cam_b/image_raw/compressed", qos_profile_sensor_data)
         self._pub_js = self.create_publisher(JointState, "joint_states", 10)
         self.prompt_pub = self.create_publisher(String, f"{policy_node}/prompt", PROMPT_QOS)

@@ -14,7 +14,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 
 from test.fakes import FakePolicy, FakeProfile, expected_actions
-from test.integration.harness import IMAGE_A, IMAGE_B, JOINTS, duration_s, wait_for
+from test.integration.harness import IMAGE_A, IMAGE_B, JOINTS, Probe, duration_s, wait_for
 from pi0_policy_ros.control.trajectory import finite_difference_velocities
 from pi0_policy_ros.ros.convert import action_chunk_from_message
 
@@ -830,6 +830,20 @@ def test_cleanup_stops_the_input_thread(make_node, probe) -> None:
     assert node.trigger_deactivate() == SUCCESS and node.trigger_cleanup() == SUCCESS
     assert polling() == 0
     assert node.trigger_configure() == SUCCESS and polling() == 1
+
+
+def test_cleanup_ends_the_camera_decode_threads(make_node, attach, namespace: str) -> None:
+    """Two compressed cameras decode in parallel, the second on the control step's thread, which
+    cleanup ends."""
+    probe = attach(Probe(namespace, png_a=True))
+    before = set(threading.enumerate())  # other tests' nodes may still have theirs
+    node = active(make_node, params={"camera_types": ["compressed", "compressed"]})
+    wait_for(lambda: probe.counts()[0] >= 1)
+    started = [t for t in threading.enumerate() if t.name.startswith("pi0-decode") and t not in before]
+    assert len(started) == 1  # the tick's own thread decodes the first camera
+    assert node.trigger_deactivate() == SUCCESS and node.trigger_cleanup() == SUCCESS
+    assert not any(t.is_alive() for t in started)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pi0-decode") and t not in before]
 
 
 def test_inputs_run_on_the_poller_thread_and_a_failing_callback_is_counted(make_node, probe, namespace: str) -> None:

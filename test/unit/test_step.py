@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import threading
+import time
+from typing import Mapping
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
 from pi0_policy_ros.control.scheduler import ChunkScheduler, SchedulerConfig
 from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, HOLD, HOLD_POSITION, INFERENCE_FAILED,
                                          POLICY_REFUSED, PUBLISH, SAFETY_REJECT, UNUSABLE_CHUNK, WAIT, ControlStep,
-                                         StepResult, action_state_indices)
+                                         Decoder, StepResult, action_state_indices)
 from pi0_policy_ros.control.trajectory import plan_trajectory
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.policy.config import PolicyConfig
@@ -44,12 +47,15 @@ class FailingPolicy(FakePolicy):
 
 
 def make_step(policy=None, safety: SafetyConfig | None = None, hold_mode: str = "stop",
-              scheduler: SchedulerConfig | None = None, action_joints: tuple[str, ...] = ("j0", "j1", "j2")
+              scheduler: SchedulerConfig | None = None, action_joints: tuple[str, ...] = ("j0", "j1", "j2"),
+              decoders: Mapping[str, Decoder] | None = None, parallel_cameras: list[str] | None = None
               ) -> ControlStep:
-    buffer = ObservationBuffer(["cam_a", "cam_b"], CONTROL)
+    decoders = decoders or {"cam_a": decode, "cam_b": decode}
+    buffer = ObservationBuffer(list(decoders), CONTROL)
     filt = SafetyFilter(safety or SafetyConfig(), PROFILE.action_dim, PROFILE.action_period_s)
-    return ControlStep(policy or FakePolicy(PolicyConfig()), buffer, {"cam_a": decode, "cam_b": decode}, filt,
-                       scheduler, action_state_indices(["j0", "j1", "j2"], action_joints), hold_mode)
+    return ControlStep(policy or FakePolicy(PolicyConfig()), buffer, decoders, filt,
+                       scheduler, action_state_indices(["j0", "j1", "j2"], action_joints), hold_mode,
+                       parallel_cameras=parallel_cameras)
 
 
 def feed(step: ControlStep, t_s: float, state: np.ndarray = STATE, image: object = IMAGE) -> None:
@@ -767,3 +773,164 @@ def test_a_limit_that_clamps_the_chunk_and_its_points_sent_counts_once() -> None
     np.testing.assert_allclose(result.chunk.actions[0], STATE + 0.02, rtol=1e-6)  # clamped along the chunk
     np.testing.assert_allclose(result.plan.positions[0], STATE + 0.036, rtol=1e-6)  # and as sent
     assert step.safety.counters["clamp.velocity"] == 1
+
+
+# ---- decoding the cameras in parallel ------------------------------------------------------------
+
+DECODE_WAIT_S = 2.0  # how long a decoder below waits for another camera's: one after another, it fails
+THREE_CAMERAS = FakeProfile(camera_slots={"cam_a": "base_0_rgb", "cam_b": "left_wrist_0_rgb",
+                                          "cam_c": "right_wrist_0_rgb"})
+
+
+class RecordingDecoder:
+    """`decode`, recording the thread each call ran on; with a barrier, it decodes only once every
+    camera's decoder has reached it (they run at the same time), else raises BrokenBarrierError."""
+
+    def __init__(self, barrier: threading.Barrier | None = None) -> None:
+        self.barrier = barrier
+        self.threads: list[str] = []
+
+    def __call__(self, value: object) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        if self.barrier is not None:
+            self.barrier.wait(DECODE_WAIT_S)
+        return decode(value)
+
+
+class FailingDecoder:
+    """Raises `error`: once `after` is set (another camera failed first in time) when given, else
+    at once; `failed` is set just before."""
+
+    def __init__(self, error: Exception, after: threading.Event | None = None) -> None:
+        self.error = error
+        self.after = after
+        self.failed = threading.Event()
+
+    def __call__(self, value: object) -> np.ndarray:
+        if self.after is not None and not self.after.wait(DECODE_WAIT_S):
+            raise AssertionError("the other camera never failed: the cameras decode one after another")
+        self.failed.set()
+        raise self.error
+
+
+class SlowDecoder:
+    """`decode` after `delay_s`; `done` is set when it returns."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.done = threading.Event()
+
+    def __call__(self, value: object) -> np.ndarray:
+        time.sleep(self.delay_s)
+        self.done.set()
+        return decode(value)
+
+
+def feed_cameras(step: ControlStep, t_s: float) -> None:
+    for name in step.decoders:
+        step.buffer.put_image(name, IMAGE, t_s, t_s)
+    step.buffer.put_state(STATE, t_s, t_s)
+
+
+def decode_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    """The step pools' threads started since `before` (other tests' steps may still have theirs)."""
+    return [t for t in threading.enumerate() if t.name.startswith("pi0-decode") and t not in before]
+
+
+def test_the_cameras_of_a_tick_decode_at_the_same_time_one_thread_each() -> None:
+    barrier = threading.Barrier(3)
+    decoders = {name: RecordingDecoder(barrier) for name in THREE_CAMERAS.camera_slots}
+    step = make_step(FakePolicy(PolicyConfig(), THREE_CAMERAS), decoders=decoders)
+    feed_cameras(step, 10.0)
+    result = step.run(lambda: 10.02)
+    step.close()
+    assert result.published and list(result.observation.images) == ["cam_a", "cam_b", "cam_c"]
+    threads = [name for decoder in decoders.values() for name in decoder.threads]
+    assert len(set(threads)) == 3 and decoders["cam_a"].threads == [threading.current_thread().name]
+    expected = expected_actions(THREE_CAMERAS, STATE, dict.fromkeys(decoders, IMAGE))
+    np.testing.assert_array_equal(result.chunk.actions, expected)
+
+
+@pytest.mark.parametrize("first_error,later_error", [
+    (ObservationError("expected rgb8, found 'yuv422'"), ObservationError("truncated JPEG")),
+    (ObservationError("expected rgb8, found 'yuv422'"), RuntimeError("a bug in cam_b's decoder")),
+    (RuntimeError("a bug in cam_a's decoder"), ObservationError("truncated JPEG")),
+], ids=["both_bad_images", "later_one_a_bug", "first_one_a_bug"])
+def test_the_first_camera_in_camera_order_decides_even_when_a_later_one_fails_first(
+        first_error: Exception, later_error: Exception) -> None:
+    """As decoding one camera after another: cam_a's ObservationError holds naming cam_a, cam_a's
+    other exception propagates, whatever cam_b (which failed earlier, on its own thread) raised."""
+    later = FailingDecoder(later_error)
+    step = make_step(decoders={"cam_a": FailingDecoder(first_error, after=later.failed), "cam_b": later})
+    feed_cameras(step, 10.0)
+    try:
+        if isinstance(first_error, ObservationError):
+            held = step.run(lambda: 10.02)
+            assert (held.outcome, held.kind) == (HOLD, BAD_IMAGE)
+            assert held.reason == "camera 'cam_a': expected rgb8, found 'yuv422'"
+        else:
+            with pytest.raises(RuntimeError, match="a bug in cam_a's decoder"):
+                step.run(lambda: 10.02)
+    finally:
+        step.close()
+    assert not step.scheduler_status().in_flight
+
+
+def test_a_tick_that_holds_on_a_bad_image_returns_after_every_camera_decoded() -> None:
+    slow = SlowDecoder(0.2)
+    step = make_step(decoders={"cam_a": decode, "cam_b": slow})
+    step.buffer.put_image("cam_a", "corrupt", 10.0, 10.0)
+    step.buffer.put_image("cam_b", IMAGE, 10.0, 10.0)
+    step.buffer.put_state(STATE, 10.0, 10.0)
+    held = step.run(lambda: 10.02)
+    assert slow.done.is_set()  # no decode outlives the tick (nor a `close` after it)
+    step.close()
+    assert held.kind == BAD_IMAGE and held.reason.startswith("camera 'cam_a': ")
+
+
+def test_a_single_camera_decodes_on_the_ticks_thread() -> None:
+    before = set(threading.enumerate())
+    decoder = RecordingDecoder()
+    step = make_step(FakePolicy(PolicyConfig(), FakeProfile(camera_slots={"cam_a": "base_0_rgb"})),
+                     decoders={"cam_a": decoder})
+    feed_cameras(step, 10.0)
+    assert step.run(lambda: 10.02).published
+    assert decoder.threads == [threading.current_thread().name] and decode_threads(before) == []
+
+
+def test_only_the_parallel_cameras_leave_the_ticks_thread() -> None:
+    """The node's raw cameras (read in place in microseconds) stay on the tick's thread, with the
+    first compressed one; one compressed camera alone starts no thread."""
+    before = set(threading.enumerate())
+    decoders = {name: RecordingDecoder() for name in THREE_CAMERAS.camera_slots}
+    policy = FakePolicy(PolicyConfig(), THREE_CAMERAS)
+    for parallel, on_pool in ((["cam_b", "cam_c"], ["cam_c"]), (["cam_b"], []), ([], [])):
+        step = make_step(policy, decoders=decoders, parallel_cameras=parallel)
+        feed_cameras(step, 10.0)
+        assert step.run(lambda: 10.02).published
+        pool_threads = [t.name for t in decode_threads(before)]
+        step.close()
+        for name, decoder in decoders.items():
+            expected = pool_threads if name in on_pool else [threading.current_thread().name]
+            assert decoder.threads == expected, (parallel, name)
+            decoder.threads.clear()
+        assert len(pool_threads) == len(on_pool)
+    with pytest.raises(ConfigError, match=r"parallel_cameras: expected cameras from \['cam_a', 'cam_b', "
+                                          r"'cam_c'\], found \['cam_d'\]"):
+        make_step(policy, decoders=decoders, parallel_cameras=["cam_d", "cam_a"])
+
+
+def test_close_ends_the_decode_threads_and_later_ticks_decode_on_the_callers_thread() -> None:
+    before = set(threading.enumerate())
+    decoder = RecordingDecoder()
+    step = make_step(decoders={"cam_a": decoder, "cam_b": decoder})
+    feed_cameras(step, 10.0)
+    assert step.run(lambda: 10.02).published
+    started = decode_threads(before)
+    assert len(started) == 1 and sorted(decoder.threads) == sorted([threading.current_thread().name, started[0].name])
+    step.close()
+    step.close()  # idempotent
+    assert not any(t.is_alive() for t in started)
+    feed_cameras(step, 10.1)
+    assert step.run(lambda: 10.12).published
+    assert decoder.threads[-2:] == [threading.current_thread().name] * 2 and decode_threads(before) == []
