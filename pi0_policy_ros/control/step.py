@@ -179,7 +179,7 @@ class ControlStep:
         self.buffer = buffer
         self.decoders = dict(decoders)
         # Decoding JPEG cameras is, after resizing, most of a tick's host time. The tick's own thread
-        # decodes the first parallel camera (one hand-off less) and the others not in parallel.
+        # decodes the first parallel camera (one hand-off less), this pool the other ones.
         parallel = [name for name in self.decoders if parallel_cameras is None or name in parallel_cameras]
         self._pooled = tuple(parallel[1:])
         self._decode_pool = ThreadPoolExecutor(len(self._pooled), "pi0-decode") if self._pooled else None
