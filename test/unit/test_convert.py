@@ -2,6 +2,8 @@
 
 import re
 import struct
+import warnings
+from collections import Counter
 from typing import Any, Callable
 
 import cv2
@@ -746,3 +748,102 @@ def test_image_fields_from_cdr_leaves_what_is_not_plain_to_the_deserializer() ->
                 _with(data, encoding_at, b"\xff\xff\x00\x00")):  # longer than the message
         assert convert.image_fields_from_cdr(bad, False) is None
     assert convert.image_fields_from_cdr(data, True) is None  # an Image read as a CompressedImage: strings misfit
+
+
+def _mutation_seeds() -> list[tuple[bool, bytes, int]]:
+    """(compressed, serialized message, end of the fields before its pixel bytes): every frame_id
+    length modulo 4, both byte orders, raw encodings with and without padded rows, JPEG and PNG with
+    and without a source encoding in the format."""
+    raw = [dict(encoding="rgb8", step=21, data=RGB.reshape(-1)),
+           dict(encoding="bgr8", step=24,
+                data=np.frombuffer(make_image(RGB[:, :, ::-1], "bgr8", pad=3).data, np.uint8)),
+           dict(encoding="mono8", step=7, data=RGB[:, :, 0].reshape(-1)),
+           dict(encoding="rgba8", step=28, data=encode("rgba8").reshape(-1)),
+           dict(encoding="rgb8", step=25, data=np.frombuffer(make_image(RGB, "rgb8", pad=4).data, np.uint8))]
+    jpeg, png = (np.frombuffer(cv2.imencode(ext, RGB[:, :, ::-1])[1].tobytes(), np.uint8) for ext in (".jpg", ".png"))
+    packed = [dict(format="rgb8; jpeg compressed bgr8", data=jpeg), dict(format="jpeg", data=jpeg),
+              dict(format="bgr8; png compressed bgr8", data=png), dict(format="png", data=png)]
+    seeds = []
+    for frame_id in ("", "c", "ab", "cam", "camera_optical_frame"):
+        for little_endian in (True, False):
+            for fields in raw:
+                data = _serialized_image("sensor_msgs/msg/Image", little_endian, frame_id, height=5, width=7,
+                                         is_bigendian=0, **fields)
+                seeds.append((False, data, len(data) - fields["data"].size))
+            for fields in packed:
+                data = _serialized_image("sensor_msgs/msg/CompressedImage", little_endian, frame_id, **fields)
+                seeds.append((True, data, len(data) - fields["data"].size))
+    return seeds
+
+
+def _mutation_at(rng: np.random.Generator, fields_end: int, size: int) -> int:
+    """Mostly in the fields (what the reader parses), sometimes anywhere (the pixels, passed on alike)."""
+    return int(rng.integers(fields_end if rng.random() < 0.8 else size))
+
+
+def _mutated(rng: np.random.Generator, data: bytes, fields_end: int) -> tuple[str, bytes]:
+    """One random mutation of a serialized message (kind, bytes)."""
+    out = bytearray(data)
+    kind = ("flip", "set", "cut", "insert", "length")[int(rng.integers(5))]
+    if kind == "flip":
+        for _ in range(int(rng.integers(1, 4))):
+            out[_mutation_at(rng, fields_end, len(out))] ^= 1 << int(rng.integers(8))
+    elif kind == "set":
+        out[_mutation_at(rng, fields_end, len(out))] = (0x00, 0xFF, int(rng.integers(256)))[int(rng.integers(3))]
+    elif kind == "cut":
+        del out[int(rng.integers(len(out))):]
+    elif kind == "insert":
+        at = _mutation_at(rng, fields_end, len(out))
+        out[at:at] = rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
+    else:  # a 4-byte word of the fields (a length, count or size) set to a boundary value
+        at = 4 * int(rng.integers(1, fields_end // 4))
+        u32 = struct.Struct("<I" if data[1] == 1 else ">I")
+        (old,) = u32.unpack_from(out, at)
+        value = (0, 1, 2, 3, 4, 2**31 - 1, 2**31, 2**32 - 1, len(out), len(out) - at - 4, len(out) - at - 3,
+                 old + 1, old - 1, old + 4)[int(rng.integers(14))]
+        u32.pack_into(out, at, value % 2**32)
+    return kind, bytes(out)
+
+
+def _deserialized_then_decoded(data: bytes, compressed: bool) -> np.ndarray | str | None:
+    """The node's path before the in-place reader: None where rclpy's deserializer refuses the bytes."""
+    msg_type = CompressedImage if compressed else Image
+    try:
+        msg = deserialize_message(data, msg_type)
+    except Exception:  # noqa: BLE001 - rclpy raises its RMWError (or others) for malformed CDR
+        return None
+    return _decoded(convert.compressed_image_to_rgb if compressed else convert.image_to_rgb, msg)
+
+
+def test_image_fields_from_cdr_decode_mutated_bytes_as_the_deserializer_does() -> None:
+    # Differential: for every mutant the reader reads (not None), decoding its fields gives the image,
+    # or the refusal text, that deserializing and decoding gives; None is always safe (the node then
+    # deserializes). The reader itself must never raise.
+    rng = np.random.default_rng(20250607)
+    seeds = _mutation_seeds()
+    outcomes: Counter = Counter()
+    refused_otherwise = []  # read in place and refused, where the deserializer refused first
+    for _ in range(10000):  # ~1 s on the 2-core CPU machine; a third of them are read in place
+        compressed, data, fields_end = seeds[int(rng.integers(len(seeds)))]
+        kind, mutant = _mutated(rng, data, fields_end)
+        read = convert.image_fields_from_cdr(mutant, compressed)
+        if read is None:
+            outcomes["deserializer"] += 1
+            continue
+        found = _decoded(convert.compressed_image_to_rgb if compressed else convert.image_to_rgb, read)
+        expected = _deserialized_then_decoded(mutant, compressed)
+        context = f"{kind} mutant {mutant.hex()}"
+        if expected is None:
+            assert isinstance(found, str), f"an image where the deserializer refused: {context}"
+            refused_otherwise.append(found)
+        elif isinstance(expected, str):
+            assert found == expected, context
+        else:
+            assert not isinstance(found, str), f"refused ({found}) where the deserializer gave an image: {context}"
+            np.testing.assert_array_equal(found, expected, err_msg=context)
+        outcomes["refused" if isinstance(found, str) else "image"] += 1
+    # Not vacuous: many mutants are read in place, some decoding to images and some refused.
+    assert min(outcomes.values()) > 500, outcomes
+    if refused_otherwise:
+        warnings.warn(f"{len(refused_otherwise)} mutants read in place were refused with another text than "
+                      f"the node's 'cannot deserialize', e.g. {refused_otherwise[0]}")
