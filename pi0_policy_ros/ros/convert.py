@@ -245,7 +245,8 @@ def image_fields_from_cdr(data: bytes, compressed: bool) -> ImageFields | Compre
     (the pixels are a read-only view of `data`). None where the bytes are not plain XCDR1 whose
     every field fits, or whose frame_id, encoding or format is not plain ASCII ended by one NUL: such a
     message must go through the deserializer, so that it is refused (or its strings read) exactly
-    as before.
+    as before. Raises ObservationError for plain fields whose pixel data runs past the end of the
+    bytes (a message cut short), which the deserializer refuses too.
 
     Layout after the 4-byte encapsulation, aligned from its end: stamp (int32, uint32), frame_id
     (uint32 length incl. NUL, chars); Image: height, width (uint32), encoding (string), is_bigendian
@@ -277,8 +278,14 @@ def image_fields_from_cdr(data: bytes, compressed: bool) -> ImageFields | Compre
     if offset + 4 > len(data):
         return None
     (count,) = u32.unpack_from(data, offset)
-    if offset + 4 + count > len(data):
-        return None
+    remaining = len(data) - offset - 4
+    if count > remaining:
+        # Every field before it read as the deserializer reads them, so it would refuse these bytes
+        # too, after printing "sequence size exceeds remaining buffer" per frame and raising "error
+        # not set": said here instead, with what it found.
+        kind = "CompressedImage" if compressed else "Image"
+        raise ObservationError(f"cannot deserialize {len(data)} bytes as {kind}: expected CDR of sensor_msgs/{kind}, "
+                               f"found a data field of {count} bytes with {remaining} left (a message cut short?)")
     pixels = np.frombuffer(data, np.uint8, count=count, offset=offset + 4)
     return CompressedImageFields(fmt, pixels) if compressed else ImageFields(height, width, encoding, step, pixels)
 

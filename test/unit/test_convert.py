@@ -736,7 +736,15 @@ def test_image_fields_from_cdr_leaves_what_is_not_plain_to_the_deserializer() ->
                              is_bigendian=0, step=21, data=RGB.reshape(-1))
     encoding_at = 4 + 8 + 8 + 8  # encapsulation, stamp, frame_id "cam" (length 4), height and width
     assert data[encoding_at:encoding_at + 9] == b"\x05\x00\x00\x00rgb8\x00"
-    assert all(convert.image_fields_from_cdr(data[:n], False) is None for n in range(len(data)))  # cut short
+    pixels_at = len(data) - RGB.size
+    assert all(convert.image_fields_from_cdr(data[:n], False) is None for n in range(pixels_at))  # cut short
+    for n in range(pixels_at, len(data)):  # cut in its pixels: refused as the deserializer refuses it
+        with pytest.raises(ObservationError, match=rf"cannot deserialize {n} bytes as Image: expected CDR of "
+                                                   rf"sensor_msgs/Image, found a data field of {RGB.size} bytes "
+                                                   rf"with {n - pixels_at} left \(a message cut short\?\)"):
+            convert.image_fields_from_cdr(data[:n], False)
+        with pytest.raises(Exception):
+            deserialize_message(data[:n], Image)
     for bad in (_with(data, 1, b"\x07"),  # XCDR2
                 _with(data, 2, b"\x00\x01"),  # encapsulation options
                 _with(data, 12, b"\x00\x00\x00\x00"),  # frame_id of length 0
@@ -818,7 +826,8 @@ def _deserialized_then_decoded(data: bytes, compressed: bool) -> np.ndarray | st
 def test_image_fields_from_cdr_decode_mutated_bytes_as_the_deserializer_does() -> None:
     # Differential: for every mutant the reader reads (not None), decoding its fields gives the image,
     # or the refusal text, that deserializing and decoding gives; None is always safe (the node then
-    # deserializes). The reader itself must never raise.
+    # deserializes). The reader raises only where the pixel data runs past the end, which the
+    # deserializer refuses too.
     rng = np.random.default_rng(20250607)
     seeds = _mutation_seeds()
     outcomes: Counter = Counter()
@@ -826,7 +835,12 @@ def test_image_fields_from_cdr_decode_mutated_bytes_as_the_deserializer_does() -
     for _ in range(10000):  # ~1 s on the 2-core CPU machine; a third of them are read in place
         compressed, data, fields_end = seeds[int(rng.integers(len(seeds)))]
         kind, mutant = _mutated(rng, data, fields_end)
-        read = convert.image_fields_from_cdr(mutant, compressed)
+        try:
+            read = convert.image_fields_from_cdr(mutant, compressed)
+        except ObservationError:  # pixel data past the end: the deserializer must refuse it too
+            assert _deserialized_then_decoded(mutant, compressed) is None, f"{kind} mutant {mutant.hex()}"
+            outcomes["cut short"] += 1
+            continue
         if read is None:
             outcomes["deserializer"] += 1
             continue
