@@ -169,26 +169,32 @@ class Engine:
         """The plain step, wrapped in the RTC guidance when configured. `rtc` on the torch ops
         differentiates them with autograd; on the Triton kernels it runs their hand-written
         backward (`rtc_triton`)."""
-        if self._want_triton(kernels):
-            try:
-                return self._make_triton_step()
-            except ConfigError as exc:
-                if kernels == "triton":
-                    raise
-                # `auto`: the kernels' tiles fit the real models' head and MLP sizes, not every
-                # geometry (the fixture presets' head_dim 16 raised "pair_block_n 32 must divide ...").
-                # A warning: for a real checkpoint of another geometry the chain is then ~4x slower.
-                log.warning("the Triton denoise kernels do not fit this model (%s): the denoise chain runs as "
-                            "torch-op CUDA graphs (slower)", exc)
-        self.report.denoise_kernels = "torch"
-        step = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
-        if self.rtc_mode == "rtc":
-            assert self.guide is not None
-            return RtcStep(step, self.guide, self.tables.times, self.max_guidance_weight)
+        step = self._triton_step(kernels) if self._want_triton(kernels) else None
+        if step is None:
+            self.report.denoise_kernels = "torch"
+            step = TorchDenoiseStep(self.expert_weights, self.tables, self.shape, self.dtype)
+            if self.rtc_mode == "rtc":
+                assert self.guide is not None
+                return RtcStep(step, self.guide, self.tables.times, self.max_guidance_weight)
         if self.rtc_mode == "rtc_fast":
             assert self.guide is not None
             return RtcFastStep(step, self.guide, self.tables.times, self.max_guidance_weight)
         return step
+
+    def _triton_step(self, kernels: str) -> DenoiseStep | None:
+        """The Triton kernels' step (`rtc`: with its guidance and backward), or None where `auto`
+        finds that their tiles do not fit this model."""
+        try:
+            return self._make_triton_step()
+        except ConfigError as exc:
+            if kernels == "triton":
+                raise
+            # `auto`: the kernels' tiles fit the real models' head and MLP sizes, not every
+            # geometry (the fixture presets' head_dim 16 raised "pair_block_n 32 must divide ...").
+            # A warning: for a real checkpoint of another geometry the chain is then ~4x slower.
+            log.warning("the Triton denoise kernels do not fit this model (%s): the denoise chain runs as "
+                        "torch-op CUDA graphs (slower)", exc)
+            return None
 
     def _make_triton_step(self) -> DenoiseStep:
         self.report.denoise_kernels = "triton"
@@ -201,9 +207,6 @@ class Engine:
         plain = TritonDenoiseStep(self.expert_weights, self.tables, self.shape, self.buf)
         if plain.gluon is not None:  # five of each layer's six kernels in Gluon (sm_90, full-size pi0.5)
             self.report.denoise_kernels = "triton+gluon"
-        if self.rtc_mode == "rtc_fast":
-            assert self.guide is not None
-            return RtcFastStep(plain, self.guide, self.tables.times, self.max_guidance_weight)
         return plain
 
     def _want_triton(self, kernels: str) -> bool:
