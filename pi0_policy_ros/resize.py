@@ -79,7 +79,10 @@ class _Taps(NamedTuple):
     rows: np.ndarray
 
 
-@functools.lru_cache(maxsize=64)
+# A robot's cameras need a few entries (two passes per frame size); each can take ~3.5 MB for the
+# widest frame the node takes, so dozens of sizes (a driver, or a sender, changing them) would hold
+# hundreds of MB.
+@functools.lru_cache(maxsize=16)
 def _taps(in_size: int, out_size: int) -> _Taps:
     """PIL's precompute_coeffs and normalize_coeffs_8bpc, for the triangle (bilinear) filter."""
     if in_size <= 0 or out_size <= 0:

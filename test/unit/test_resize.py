@@ -118,6 +118,22 @@ def test_a_4k_frame_is_resized_without_gathering_its_whole_pass() -> None:
     assert peak < 60 * 2**20, f"{peak / 2**20:.1f} MiB"
 
 
+def test_the_tap_cache_keeps_a_few_frame_sizes_not_dozens() -> None:
+    # Frames of ever new sizes (a camera without camera_height / camera_width whose driver, or a
+    # sender, keeps changing them) each leave their taps cached. The widest frame the node takes
+    # (2^25 pixels at a 224:1 aspect, ~86,000 wide) needs ~3.5 MB of them: 64 entries were ~220 MB.
+    resize._taps.cache_clear()
+    tracemalloc.start()
+    try:
+        for width in range(86_000, 86_040):
+            resize._taps(width, 223)
+        retained = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        resize._taps.cache_clear()
+    assert retained < 64 * 2**20, f"{retained / 2**20:.1f} MiB"
+
+
 @pytest.mark.parametrize(("n_in", "n_out"), [(640, 224), (480, 168), (1280, 224), (100, 224), (7, 3), (3, 7),
                                              (224, 224), (1, 5), (5, 1), (13, 20)])
 def test_weights_rows_sum_to_one_and_follow_pil_support(n_in: int, n_out: int) -> None:
