@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import yaml
 
 from pi0_policy_ros.control.monitor import OK, WARN, ControlMonitor
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.policy.robots import get_profile
 from pi0_policy_ros.ros.params import PARAMS, SPECS, check_value, config_from_params
+from test.paths import REPO_ROOT
 
 BASE = {"camera_names": ["cam_high", "cam_left_wrist"], "robot_profile": "pi0_aloha"}
 
@@ -232,6 +236,17 @@ def test_dynamic_parameters_are_the_documented_ones() -> None:
     # rest is configure-time (set while unconfigured).
     assert {s.name for s in PARAMS if not s.configure_time} == {
         "prompt", "control_rate_hz", "max_observation_age_s", "max_camera_skew_s", "max_future_stamp_s", "hold_mode"}
+
+
+def test_readme_parameter_values_are_values_the_node_takes() -> None:
+    # README's `name: value` (a parameter file's line) and `name:=value` (-p, --param) snippets are
+    # what a user copies: `input_poll_period_s: 0`, an integer for a double, failed configure.
+    prose = re.sub(r"```.*?```", "", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+    snippets = [(name, value) for name, value in re.findall(r"`(?:--param |-p )?([a-z_0-9]+):=? ?([^`]+)`", prose)
+                if name in SPECS]
+    assert {"hold_mode", "input_poll_period_s", "max_future_stamp_s"} <= {name for name, _ in snippets}
+    for name, value in snippets:
+        check_value(SPECS[name], yaml.safe_load(value))
 
 
 def test_safety_scheduler_and_rtc_values_reach_their_configs() -> None:
