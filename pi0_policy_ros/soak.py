@@ -129,7 +129,8 @@ def soak(params: Path, minutes: float, sample_s: float, warmup_s: float, device:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="how long to run (default 30)")
-    parser.add_argument("--params", default=None, help="parameter file (default: the package's config/demo.yaml)")
+    parser.add_argument("--params", default=None, help="parameter file (default: the package's config/demo.yaml, "
+                        "or config/demo_cuda.yaml with --device cuda)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="override the file's device")
     parser.add_argument("--sample-s", type=float, default=10.0, help="sampling period (default 10 s)")
     parser.add_argument("--warmup-s", type=float, default=300.0,

@@ -302,7 +302,8 @@ def default_params_file(name: str = "demo.yaml") -> Path:
 
 
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("--params", default=None, help="parameter file (default: the package's config/demo.yaml)")
+    parser.add_argument("--params", default=None, help="parameter file (default: the package's config/demo.yaml, "
+                        "or config/demo_cuda.yaml with --device cuda)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of active control (default: 10)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
                         help="override the file's device (cuda: full-size pi0.5 with random weights)")

@@ -400,6 +400,17 @@ def test_soak_growth_without_two_samples_after_warmup_is_not_measured() -> None:
     assert growth_after_warmup(samples, 10.0, "rss") == pytest.approx((5 / 3 - 4 / 3) / (4 / 3))  # mean of the last 3
 
 
+@pytest.mark.parametrize("command", ["demo", "soak"])
+def test_params_help_names_the_file_that_device_cuda_runs(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Without --params, `--device cuda` runs config/demo_cuda.yaml (full-size pi0.5); the help named
+    # config/demo.yaml alone, as if the tiny CPU model were moved to the GPU.
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert ("(default: the package's config/demo.yaml, or config/demo_cuda.yaml with --device cuda)"
+            in " ".join(capsys.readouterr().out.split()))
+
+
 @pytest.mark.parametrize("command", ["demo", "load-bench"])
 def test_a_mistyped_parameter_in_the_file_fails_before_the_node_starts(
         command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
