@@ -29,7 +29,7 @@ from pi0_policy_ros.bag.inputs import (COMPRESSED_IMAGE_TYPE, IMAGE_TYPE, JOINT_
 from pi0_policy_ros.bag.record import DISTROS, STORAGES, OutputBag
 from pi0_policy_ros.errors import Pi0PolicyError
 from pi0_policy_ros.policy.robots import PROFILES, configured_profile
-from pi0_policy_ros.ros.params import NodeConfig, config_from_params
+from pi0_policy_ros.ros.params import NodeConfig, check_topic_name, config_from_params, node_namespace
 
 NS_PER_S = 1_000_000_000
 CAMERA_RATE_HZ = 30.0
@@ -63,6 +63,7 @@ DEFAULT_PROFILE = "pi05_aloha"
 def demo_topics(profile: str | None = None, params_file: str | Path | None = None,
                 namespace: str = "/") -> DemoTopics:
     """The node configuration from `params_file`, or the defaults of `profile` (see module doc)."""
+    namespace = node_namespace(namespace)  # a bag on topics that ROS refuses could not be played
     if params_file is not None:
         values = load_params_file(params_file, namespace)
         if profile is not None:
@@ -84,7 +85,10 @@ def demo_topics(profile: str | None = None, params_file: str | Path | None = Non
     # Sized as the node's policy sizes it (profile_state_dim, ...: the generic profile); a file that
     # names no profile gets the demo's.
     named = dataclasses.replace(config.policy, robot_profile=values.get("robot_profile") or DEFAULT_PROFILE)
-    return DemoTopics(config.resolve(configured_profile(named)), namespace)
+    topics = DemoTopics(config.resolve(configured_profile(named)), namespace)
+    for i, camera in enumerate(topics.config.cameras):
+        check_topic_name(topics.camera_topic(i), f"camera_topics[{i}] (camera {camera.name!r})")
+    return topics
 
 
 def render_frame(camera_index: int, t_s: float, width: int, height: int) -> np.ndarray:

@@ -22,9 +22,12 @@ from pi0_policy_ros.policy.robots import configured_profile
 from pi0_policy_ros.ros.params import (  # noqa: F401 - load_params_file, resolve_topic: re-exported
     NODE_NAME,
     NodeConfig,
+    check_node_name,
     check_parameter_names,
+    check_topic_name,
     config_from_params,
     load_params_file,
+    node_namespace,
     publishes_trajectory,
     resolve_topic,
 )
@@ -120,6 +123,10 @@ def make_setup(params_file: str | Path, overrides: Mapping[str, Any] | None = No
 
     remaps: `NODE_TOPIC:=BAG_TOPIC`; NODE_TOPIC as in the parameters (relative or resolved).
     """
+    # The realtime replay starts the node in this namespace and publishes on these topics: a
+    # name rcl refuses fails here, before the bag is read, as it would fail there.
+    namespace = node_namespace(namespace)
+    check_node_name(node_name)
     check_parameter_names(list(overrides or {}), "--param")
     params = {**load_params_file(params_file, namespace, node_name), **(overrides or {})}
     config = config_from_params(params)
@@ -132,6 +139,8 @@ def make_setup(params_file: str | Path, overrides: Mapping[str, Any] | None = No
     inputs = []
     for role, camera, name, msgtype, required in wanted:
         node_topic = resolve_topic(name, namespace, node_name)
+        # cameras come first in `wanted`: len(inputs) is the camera's index
+        check_topic_name(node_topic, f"camera_topics[{len(inputs)}] (camera {camera!r})" if role == "camera" else role)
         inputs.append(InputTopic(role, camera, node_topic, mapping.pop(node_topic, node_topic), msgtype, required))
     if mapping:
         raise ConfigError(f"--map: expected node topics among {[t.node_topic for t in inputs]}, "

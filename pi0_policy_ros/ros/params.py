@@ -456,6 +456,35 @@ def resolve_topic(name: str, namespace: str = "/", node_name: str = NODE_NAME) -
 # `**` = any number of tokens (none included), `*` = exactly one, anything else a ROS name token.
 WILDCARD_TOKENS = ("*", "**")
 NAME_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A fully resolved topic name as rmw_validate_full_topic_name takes it, and its length limit
+# (RMW_TOPIC_MAX_NAME_LENGTH: 255 less the DDS prefix rmw adds).
+FULL_TOPIC_NAME = re.compile(r"(/[A-Za-z_][A-Za-z0-9_]*)+\Z")
+MAX_TOPIC_NAME_LENGTH = 255 - 8
+ROS_NAME_RULE = "names of letters, digits and '_', not starting with a digit"
+
+
+def node_namespace(namespace: str) -> str:
+    """The namespace as `-r __ns:=` must give it to rcl, absolute and without a trailing '/'
+    (`robot1` and `/robot1/` are `/robot1`, as launch_ros makes them). ConfigError for one that rmw
+    refuses: the node would not start, and no topic in it could be published or subscribed."""
+    normalized = "/" + namespace.strip("/")
+    if normalized != "/" and not FULL_TOPIC_NAME.match(normalized):
+        raise ConfigError(f"namespace {namespace!r}: expected '/' or {ROS_NAME_RULE}, separated by '/' "
+                          f"(/robot1, /fleet/robot1), found {namespace!r}")
+    return normalized
+
+
+def check_node_name(node_name: str) -> None:
+    if not NAME_TOKEN.match(node_name):
+        raise ConfigError(f"node name {node_name!r}: expected one name of letters, digits and '_', not starting "
+                          f"with a digit (pi0_policy), found {node_name!r}")
+
+
+def check_topic_name(resolved: str, what: str) -> None:
+    """ConfigError unless `resolved` (a `resolve_topic` result) is a topic name that rmw accepts."""
+    if not (FULL_TOPIC_NAME.match(resolved) and len(resolved) <= MAX_TOPIC_NAME_LENGTH):
+        raise ConfigError(f"{what}: expected a topic name ROS accepts ({ROS_NAME_RULE}, separated by '/', "
+                          f"at most {MAX_TOPIC_NAME_LENGTH} characters resolved), found {resolved!r}")
 
 
 def _check_node_key(pattern: str, path: Path) -> None:

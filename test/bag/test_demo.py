@@ -154,3 +154,23 @@ def test_demo_bag_image_size_outside_a_cameras_is_one_error(tmp_path: Path, para
     assert code == 2, err
     assert err == f"error: image size: expected 8x8 to 4096x4096, found {size[0]}x{size[1]}\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("namespace", "expected"), [
+    ("robot-1", "error: namespace 'robot-1': expected"),
+    ("/2d", "error: namespace '/2d': expected"),
+])
+def test_demo_bag_in_a_namespace_ros_refuses_is_one_error(tmp_path: Path, params_file: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          namespace: str, expected: str) -> None:
+    # It wrote the bag on /robot-1/... topics, which no node can subscribe to and which the
+    # realtime replay could not publish (a traceback).
+    out = tmp_path / "bag"
+    code = main([str(out), "--params", str(params_file), "--duration", "0.2", "--namespace", namespace])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(expected) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+    assert main([str(out), "--params", str(params_file), "--duration", "0.2", "--namespace", "robot1/"]) == 0
+    with InputBag(out) as bag:
+        assert "/robot1/joint_states" in bag.topics

@@ -136,3 +136,24 @@ def test_map_relative_bag_topic_and_one_bag_topic_per_input(tmp_path: Path) -> N
     # Two inputs from one bag topic: one of them would be silently dropped.
     with pytest.raises(ConfigError, match=r"one bag topic per input, found \['/image/image_raw'\] used twice"):
         make_setup(params, remaps=["joint_states:=/image/image_raw"])
+
+
+def test_namespace_node_name_and_camera_topics_as_ros_takes_them(tmp_path: Path) -> None:
+    # The realtime replay passes the namespace to the node as `-r __ns:=`: rcl refused `robot1` and
+    # the node `/robot1/` (a raw rcl error or a traceback from the node), and a name ROS refuses
+    # (`robot-1`, a camera topic with a space) was rclpy's InvalidTopicNameException traceback from
+    # the replayer's publisher, while the offline replay and demo-bag took it.
+    params = write_params(tmp_path / "p.yaml")
+    for given in ("robot1", "/robot1", "/robot1/"):
+        setup = make_setup(params, namespace=given)
+        assert setup.namespace == "/robot1"
+        assert {t.role: t.node_topic for t in setup.inputs}["joint_states"] == "/robot1/joint_states"
+    assert make_setup(params, namespace="/").namespace == "/"
+    with pytest.raises(ConfigError, match=r"namespace 'robot-1': expected"):
+        make_setup(params, namespace="robot-1")
+    with pytest.raises(ConfigError, match=r"node name 'pi0 policy': expected"):
+        make_setup(params, node_name="pi0 policy")
+    bad_topic = write_params(tmp_path / "q.yaml", camera_topics=["cam-a/image_raw", "wrist_image/image_raw"])
+    with pytest.raises(ConfigError, match=r"camera_topics\[0\] \(camera 'image'\): expected a topic name ROS "
+                                          r"accepts.*found '/cam-a/image_raw'"):
+        make_setup(bad_topic)
