@@ -17,14 +17,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pi0_policy_ros.bag.inputs import NODE_NAME, ReplaySetup, make_setup, parse_param_overrides
 from pi0_policy_ros.bag.reader import InputBag
 from pi0_policy_ros.bag.record import DISTROS, OutputBag, check_output_path
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary
 from pi0_policy_ros.errors import Pi0PolicyError
+
+if TYPE_CHECKING:
+    from pi0_policy_ros.bag.realtime import RealtimeOptions
 
 EXIT_OK, EXIT_ERROR = 0, 2  # 2: an error in the inputs, as every pi0-policy command
 
@@ -76,11 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-name", default=NODE_NAME, help=f"the node's name (default {NODE_NAME})")
     parser.add_argument("--realtime", action="store_true",
                         help="play the bag over DDS to a real node (with /clock) and record its output")
-    parser.add_argument("--rate", type=float, default=1.0, help="realtime: playback speed factor (default 1)")
+    # The realtime options default to None, so that one given without --realtime is refused.
+    parser.add_argument("--rate", type=float, default=None, help="realtime: playback speed factor (default 1)")
     parser.add_argument("--node-cmd", default=None,
                         help="realtime: the command that starts the node (default: this Python running "
                              "pi0_policy_ros.ros.node:main); ROS arguments are appended")
-    parser.add_argument("--startup-timeout", type=float, default=120.0,
+    parser.add_argument("--startup-timeout", type=float, default=None,
                         help="realtime: seconds allowed for the node to start and configure (default 120)")
     parser.add_argument("--node-log", default=None, help="realtime: keep the node's output in this file")
     parser.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
@@ -92,12 +98,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
 
+REALTIME_OPTIONS = {"rate": "--rate", "node_cmd": "--node-cmd", "startup_timeout": "--startup-timeout",
+                    "node_log": "--node-log"}
+
+
+def _realtime_options(args: argparse.Namespace) -> RealtimeOptions | None:
+    """The realtime replay's options (None offline), checked before the bag is read and the node started."""
+    given = [flag for name, flag in REALTIME_OPTIONS.items() if getattr(args, name) is not None]
+    if not args.realtime:
+        if given:  # the offline replay has no node to start and no playback pace: it ignored them
+            raise Pi0PolicyError(f"{given[0]}: expected with --realtime (an option of the realtime replay), found an "
+                                 f"offline replay: add --realtime, or drop it")
+        return None
+    from pi0_policy_ros.bag.realtime import RealtimeOptions
+
+    rate = 1.0 if args.rate is None else args.rate
+    if not (math.isfinite(rate) and rate > 0):
+        # inf passed `> 0`: the recorder's bag time int(elapsed * inf) then raised on the
+        # executor thread, and the replay ended 30 s later on an unanswered service call.
+        raise Pi0PolicyError(f"--rate: expected a finite factor > 0, found {rate}")
+    timeout_s = 120.0 if args.startup_timeout is None else args.startup_timeout
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise Pi0PolicyError(f"--startup-timeout: expected a finite number of seconds > 0, found {timeout_s}")
+    if args.node_cmd:
+        try:
+            shlex.split(args.node_cmd)
+        except ValueError as exc:  # an unbalanced quote
+            raise Pi0PolicyError(f"--node-cmd: expected a command line as a shell splits it, found "
+                                 f"{args.node_cmd!r} ({exc})") from None
+    if args.node_log is not None:
+        log = Path(args.node_log)
+        if log.is_dir():
+            raise Pi0PolicyError(f"--node-log {args.node_log}: expected a file, found a directory")
+        if not log.parent.is_dir():
+            raise Pi0PolicyError(f"--node-log {args.node_log}: expected a file in an existing directory, found no "
+                                 f"directory {log.parent}")
+    return RealtimeOptions(params_file=args.params, overrides=args.param, rate=rate, node_cmd=args.node_cmd,
+                           startup_timeout_s=timeout_s, node_log=args.node_log, distro=args.distro)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        if not (math.isfinite(args.rate) and args.rate > 0):
-            # inf passed `> 0`: the recorder's bag time int(elapsed * inf) then raised on the
-            # executor thread, and the replay ended 30 s later on an unanswered service call.
-            raise Pi0PolicyError(f"--rate: expected a finite factor > 0, found {args.rate}")
+        options = _realtime_options(args)
         # --overwrite replaces OUT_BAG only after the replay, by when the input is read: an output
         # on (or inside) the input bag would delete the recording without a word.
         bag_path, out_path = Path(args.bag).resolve(), Path(args.out).resolve()
@@ -112,12 +154,9 @@ def run(args: argparse.Namespace) -> int:
         if args.report:
             _check_report_dir(Path(args.report))
         setup = make_setup(args.params, parse_param_overrides(args.param), args.map, args.namespace, args.node_name)
-        if args.realtime:
-            from pi0_policy_ros.bag.realtime import RealtimeOptions, replay_realtime
+        if options is not None:
+            from pi0_policy_ros.bag.realtime import replay_realtime
 
-            options = RealtimeOptions(params_file=args.params, overrides=args.param, rate=args.rate,
-                                      node_cmd=args.node_cmd, startup_timeout_s=args.startup_timeout,
-                                      node_log=args.node_log, distro=args.distro)
             summary, config, period_s = replay_realtime(args.bag, args.out, setup, options,
                                                         overwrite=args.overwrite, progress=not args.quiet)
         else:

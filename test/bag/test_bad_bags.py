@@ -392,3 +392,40 @@ def test_safety_limits_not_fitting_the_action_dims_name_the_parameter(make_bag, 
     assert code == 2, err
     assert "error: safety_position_lower needs 1 or 7 values (one per action dim), found 2" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", [["--rate", "2"], ["--startup-timeout", "10"], ["--node-log", "node.log"],
+                                    ["--node-cmd", "ros2 run pi0_policy_ros pi0_policy_node"]])
+def test_realtime_options_without_realtime_are_refused(make_bag, params_file: Path, tmp_path: Path, capsys,
+                                                       option: list[str]) -> None:
+    # They were ignored: `--rate 2` ran the offline replay at its own pace and said nothing.
+    out = tmp_path / "out"
+    code = main([str(make_bag("good", 1.0)), "--params", str(params_file), "--out", str(out), "--quiet", *option])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"error: {option[0]}: expected with --realtime (an option of the realtime replay), found an offline " \
+                  "replay: add --realtime, or drop it\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    (["--startup-timeout", "0"], "--startup-timeout: expected a finite number of seconds > 0, found 0.0"),
+    (["--startup-timeout", "nan"], "--startup-timeout: expected a finite number of seconds > 0, found nan"),
+    (["--node-cmd", "python3 -c 'unterminated"], "--node-cmd: expected a command line as a shell splits it, "
+                                                 "found \"python3 -c 'unterminated\" (No closing quotation)"),
+    (["--node-log", "missing/node.log"], "--node-log missing/node.log: expected a file in an existing directory"),
+    (["--node-log", "."], "--node-log .: expected a file, found a directory"),
+])
+def test_bad_realtime_options_are_one_error_before_the_node_starts(params_file: Path, tmp_path: Path, capsys,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   option: list[str], expected: str) -> None:
+    # An unbalanced quote in --node-cmd was shlex's ValueError traceback, a timeout of 0 waited 0 s
+    # for the node ("did not appear within 0 s") after starting it, and --node-log in a missing
+    # directory was "[Errno 2] No such file or directory" without the option's name. The bag is
+    # not even opened now.
+    monkeypatch.chdir(tmp_path)
+    code = main([str(tmp_path / "no_bag"), "--params", str(params_file), "--out", str(tmp_path / "out"),
+                 "--realtime", "--quiet", *option])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
