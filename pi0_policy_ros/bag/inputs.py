@@ -30,6 +30,7 @@ from pi0_policy_ros.ros.params import (  # noqa: F401 - load_params_file, resolv
     node_namespace,
     publishes_trajectory,
     resolve_topic,
+    yaml_problem,
 )
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
@@ -60,7 +61,7 @@ def parse_param_overrides(items: Sequence[str]) -> dict[str, Any]:
         try:
             out[name] = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--param {name}: expected a YAML value, found {text!r} ({exc})") from None
+            raise ConfigError(f"--param {name}: expected a YAML value, found {text!r} ({yaml_problem(exc)})") from None
     return out
 
 

@@ -546,6 +546,17 @@ class NoBlockForNode(ConfigError):
     """A parameter file that gives the node no parameters: rcl skips it without a word."""
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line, what and where (its own message quotes the text with carets over
+    several lines): "expected ',' or ']', but got '}' at line 2, column 26, while parsing a flow sequence"."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{problem}{where}" + (f", {context}" if context else "")
+
+
 def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NODE_NAME) -> dict[str, Any]:
     """The parameters a ROS parameter file gives node `<namespace>/<node_name>` (later blocks win).
     ConfigError for a name the node does not declare in a block that names the node; NoBlockForNode
@@ -556,7 +567,8 @@ def load_params_file(path: str | Path, namespace: str = "/", node_name: str = NO
     except OSError as exc:
         raise ConfigError(f"params file {path}: cannot read it: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"params file {path}: expected ROS parameter YAML, found invalid YAML: {exc}") from None
+        raise ConfigError(f"params file {path}: expected ROS parameter YAML, found invalid YAML "
+                          f"({yaml_problem(exc)})") from None
     fqn = resolve_topic(node_name, namespace)
     sections = _node_sections(tree)
     if not sections:

@@ -157,3 +157,18 @@ def test_namespace_node_name_and_camera_topics_as_ros_takes_them(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"camera_topics\[0\] \(camera 'image'\): expected a topic name ROS "
                                           r"accepts.*found '/cam-a/image_raw'"):
         make_setup(bad_topic)
+
+
+def test_invalid_yaml_is_one_line_naming_where(tmp_path: Path) -> None:
+    # PyYAML's message runs over six lines (two quoted snippets with carets): the commands' one
+    # `error:` line became seven.
+    with pytest.raises(ConfigError) as override:
+        parse_param_overrides(["control_rate_hz:=[1"])
+    assert str(override.value) == ("--param control_rate_hz: expected a YAML value, found '[1' (expected ',' or ']', "
+                                   "but got '<stream end>' at line 1, column 3, while parsing a flow sequence)")
+    path = tmp_path / "p.yaml"
+    path.write_text("/**:\n  ros__parameters: {a: [1}\n")
+    with pytest.raises(ConfigError) as in_file:
+        load_params_file(path)
+    assert str(in_file.value) == (f"params file {path}: expected ROS parameter YAML, found invalid YAML (expected "
+                                  "',' or ']', but got '}' at line 2, column 26, while parsing a flow sequence)")
