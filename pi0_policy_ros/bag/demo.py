@@ -151,7 +151,11 @@ def write_demo_bag(out: str | Path, topics: DemoTopics, duration_s: float = 5.0,
         # Past a camera's sizes the frames only exhaust memory (a numpy MemoryError traceback).
         raise Pi0PolicyError(f"image size: expected 8x8 to {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, found {width}x{height}")
     # Stamps are builtin_interfaces/Time (int32 seconds); the node refuses a zero stamp as unset.
-    latest_start_s = 2**31 - 1 - duration_s
+    last_s = 2**31 - 1
+    latest_start_s = last_s - duration_s
+    if math.isfinite(start_s) and latest_start_s <= start_s < last_s:  # the start fits, the duration does not
+        raise Pi0PolicyError(f"duration: expected at most {last_s - start_s:.0f} s after the start time {start_s:.0f} "
+                             f"(a stamp's seconds are an int32: the last is {last_s}), found {duration_s:g} s")
     if not (math.isfinite(start_s) and 0 < start_s < latest_start_s):
         raise Pi0PolicyError(f"start time: expected seconds since the epoch > 0 and < {latest_start_s:.0f} "
                              f"(a stamp's seconds are an int32), found {start_s!r}")

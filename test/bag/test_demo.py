@@ -174,3 +174,15 @@ def test_demo_bag_in_a_namespace_ros_refuses_is_one_error(tmp_path: Path, params
     assert main([str(out), "--params", str(params_file), "--duration", "0.2", "--namespace", "robot1/"]) == 0
     with InputBag(out) as bag:
         assert "/robot1/joint_states" in bag.topics
+
+
+def test_demo_bag_duration_past_the_stamp_range_names_the_duration(tmp_path: Path, params_file: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # It said "start time: expected seconds since the epoch > 0 and < 1147483647 ..., found 1700000000"
+    # for --duration 1e9 alone, and gave a negative bound from 2.2e9 s on.
+    out = tmp_path / "bag"
+    assert main([str(out), "--params", str(params_file), "--duration", "1e9"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: duration: expected at most 447483647 s after the start time 1700000000 (a stamp's seconds "
+                   "are an int32: the last is 2147483647), found 1e+09 s\n")
+    assert list(tmp_path.iterdir()) == []
