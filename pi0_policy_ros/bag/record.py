@@ -59,7 +59,8 @@ def check_output_path(path: str | Path, overwrite: bool) -> None:
     one) is refused."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise OutputError(f"output {path}: expected an existing directory {path.parent}, found none")
+        found = "a file" if path.parent.exists() else "none"
+        raise OutputError(f"output {path}: expected an existing directory {path.parent}, found {found}")
     if path.is_symlink():
         # The bag is moved into place last: onto a link it failed only then, after the whole replay
         # (rmtree refuses a link to a bag; a rename onto a dangling link is "Not a directory").

@@ -429,3 +429,14 @@ def test_bad_realtime_options_are_one_error_before_the_node_starts(params_file: 
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+
+
+def test_output_under_a_file_says_it_is_a_file(make_bag, params_file: Path, tmp_path: Path, capsys) -> None:
+    # "expected an existing directory notes.txt, found none", with notes.txt right there.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes")
+    code = main([str(make_bag("to_replay", 0.5)), "--params", str(params_file), "--out", str(notes / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"error: output {notes / 'out'}: expected an existing directory {notes}, found a file\n"
+    assert notes.read_text() == "notes"
