@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ def json_text(value: Any, indent: int | None = 2) -> str:
 
 def prepare_output_file(path: str | Path | None, option: str = "--json") -> None:
     """Make a report's output path writable before a run of minutes, not after it: create its
-    folder; refuse a directory, or a file where its folder should be (ConfigError naming `option`)."""
+    folder; refuse a directory, a file where its folder should be, or a folder or file it may not
+    write (ConfigError naming `option`)."""
     if path is None:
         return
     path = Path(path)
@@ -47,3 +49,10 @@ def prepare_output_file(path: str | Path | None, option: str = "--json") -> None
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{option} {path}: cannot create its directory: {exc.strerror or exc}") from None
+    # A read-only folder (or file) is found only by the write after the run otherwise; access()
+    # also says so for root on a read-only file system, where the mode bits do not.
+    folder = path.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: expected a folder it may write in, found {folder}: not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {path}: expected a file it may overwrite, found one it may not write")

@@ -364,6 +364,26 @@ def test_bench_reports_no_commit_for_a_copy_outside_its_checkout(tmp_path: Path)
     assert json.loads(out.stdout) == {"commit": "unknown", "dirty": True}
 
 
+# procfs refuses new files under /proc/sys to every user, root included (a read-only folder
+# would not do: root writes there all the same).
+UNWRITABLE_DIR = Path("/proc/sys")
+
+
+@pytest.mark.skipif(not UNWRITABLE_DIR.is_dir(), reason="needs Linux's /proc/sys")
+@pytest.mark.parametrize("argv", [["bench", "--preset", "pi05_small", "--cpu", "--iterations", "1",
+                                   "--eager-iterations", "1", "--json"],
+                                  ["rtc-eval", "--model", "fixture-pi05", "--modes", "naive", "--chunks", "2",
+                                   "--delays", "0", "--output"]])
+def test_json_in_a_folder_that_cannot_be_written_fails_before_the_run(argv: list[str],
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # A read-only folder passed the check: bench and rtc-eval ran (minutes at full size), printed
+    # their table and then ended in "[Errno 30] Read-only file system: 'ro/b.json'", the result lost.
+    out = UNWRITABLE_DIR / "pi0_report.json"
+    assert main([*argv, str(out)]) == 2
+    line = one_error_line(capsys)
+    assert f"{argv[-1]} {out}: expected a folder it may write in, found {UNWRITABLE_DIR}: " in line, line
+
+
 def test_json_folder_is_made_up_front(tmp_path: Path) -> None:
     from pi0_policy_ros.jsonout import prepare_output_file
 
