@@ -61,6 +61,8 @@ def check_output_path(path: str | Path, overwrite: bool) -> None:
     if not path.parent.is_dir():
         found = "a file" if path.parent.exists() else "none"
         raise OutputError(f"output {path}: expected an existing directory {path.parent}, found {found}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # else found when the bag opens, after the policy load
+        raise OutputError(f"output {path}: expected a directory it may write in, found {path.parent}: not writable")
     if path.is_symlink():
         # The bag is moved into place last: onto a link it failed only then, after the whole replay
         # (rmtree refuses a link to a bag; a rename onto a dangling link is "Not a directory").

@@ -440,3 +440,22 @@ def test_output_under_a_file_says_it_is_a_file(make_bag, params_file: Path, tmp_
     assert code == 2, err
     assert err == f"error: output {notes / 'out'}: expected an existing directory {notes}, found a file\n"
     assert notes.read_text() == "notes"
+
+
+@pytest.mark.skipif(not Path("/proc/sys").is_dir(), reason="needs Linux's /proc/sys")
+def test_output_in_a_folder_that_cannot_be_written_is_refused_before_the_policy_loads(make_bag, params_file: Path,
+                                                                                    capsys, monkeypatch) -> None:
+    # procfs refuses new files under /proc/sys to root too. A read-only folder passed the check and
+    # the replay failed when the output bag was opened, after the policy load (minutes at full
+    # size), with "[Errno 30] Read-only file system: 'ro/.out.x1y2.partial'" (a name it never gave).
+    from pi0_policy_ros.policy.policy import Policy
+
+    def no_load(*_: object, **__: object) -> None:
+        raise AssertionError("the policy was loaded before the output path was checked")
+
+    monkeypatch.setattr(Policy, "from_config", no_load)
+    out = Path("/proc/sys/pi0_out")
+    code = main([str(make_bag("to_replay", 0.5)), "--params", str(params_file), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"error: output {out}: expected a directory it may write in, found /proc/sys: not writable\n"
