@@ -39,7 +39,8 @@ from pi0_policy_ros.policy.robots import configured_profile
 from pi0_policy_ros.ros.params import NodeConfig
 
 NS_PER_S = 1_000_000_000
-DEFAULT_NODE_CMD = (sys.executable, "-c", "from pi0_policy_ros.ros.node import main; main()")
+# main() returns the node's exit code (2: it could not start): sys.exit passes it on.
+DEFAULT_NODE_CMD = (sys.executable, "-c", "import sys; from pi0_policy_ros.ros.node import main; sys.exit(main())")
 LOG_TAIL_CHARS = 3000
 UNREPORTED_HOLD = "(reason not shown: cleared by a later chunk before the next /diagnostics report)"
 UNREPORTED_INPUT_ERROR = "(reasons not in /diagnostics: node_diagnostics.last_input_error shows the latest)"

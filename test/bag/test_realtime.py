@@ -85,3 +85,19 @@ def test_the_recorder_streams_to_the_sink_and_keeps_only_the_summarys_share(para
     finally:
         failing.close()
     assert isinstance(failing.sink_error, ValueError) and str(failing.sink_error) == "bad CDR"
+
+
+def test_a_node_that_cannot_start_is_reported_with_its_exit_code(params_file: Path, tmp_path: Path) -> None:
+    # The default node command called main() without sys.exit: a node that refused to start (here
+    # its parameter file vanished) exited 0, and the replay said "the node exited with code 0".
+    from pi0_policy_ros.bag.inputs import make_setup
+    from pi0_policy_ros.bag.realtime import NodeProcess, RealtimeError, RealtimeOptions
+
+    node = NodeProcess(make_setup(params_file), RealtimeOptions(params_file=tmp_path / "gone.yaml"),
+                       tmp_path / "node.log")
+    try:
+        node.process.wait(60)
+        with pytest.raises(RealtimeError, match=r"the node exited with code 2 during start-up"):
+            node.check_alive("start-up")
+    finally:
+        node.stop()
