@@ -403,8 +403,8 @@ def test_realtime_options_without_realtime_are_refused(make_bag, params_file: Pa
     code = main([str(make_bag("good", 1.0)), "--params", str(params_file), "--out", str(out), "--quiet", *option])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err == f"error: {option[0]}: expected with --realtime (an option of the realtime replay), found an offline " \
-                  "replay: add --realtime, or drop it\n"
+    assert err == (f"error: {option[0]}: expected with --realtime (an option of the realtime replay), found an "
+                   "offline replay: add --realtime, or drop it\n")
     assert not out.exists()
 
 
