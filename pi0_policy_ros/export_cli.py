@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,8 @@ def _prepare_out(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot create this directory: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # a read-only file system: found at the first file otherwise
+        raise ExportError(f"--out {out}: expected a directory it may write in, found one it may not")
 
 
 def _check_fp8_linears(stage: Any, path: Path, inputs: tuple[torch.Tensor, ...], entry: dict[str, Any]) -> bool:

@@ -189,6 +189,17 @@ def test_export_into_a_file_is_one_error(under: str, expected: str, tmp_path: Pa
     assert taken.read_text() == "not a directory"
 
 
+@pytest.mark.skipif(not Path("/proc/sys").is_dir(), reason="needs Linux's /proc/sys")
+def test_export_into_a_directory_it_may_not_write_is_one_error(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # procfs refuses new files under /proc/sys to root too (a read-only file system does the same):
+    # the export loaded the model, traced the first stage and then said "[Errno 2] No such file or
+    # directory: '/proc/sys/.vision.fp32.onnx.s59zoosf'", a name it never gave.
+    monkeypatch.setattr(export_cli, "_load_model", _model_loaded_too_early)
+    assert main(["export", "--reference", str(PI05_FIXTURE), "--stages", "vision", "--out", "/proc/sys"]) == 2
+    assert "--out /proc/sys: expected a directory it may write in, found one it may not" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize(("hidden", "verify"), [("onnx", []), ("onnxruntime", ["--verify"])])
 def test_export_without_the_onnx_packages_is_one_error(hidden: str, verify: list[str], tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str],
