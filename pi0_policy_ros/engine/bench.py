@@ -357,6 +357,11 @@ def run(args: argparse.Namespace) -> int:
         # The eager fallback has no FP8 path: "[fp8]" timed the bf16 model again under that name.
         raise ConfigError("--precision fp8: expected the GPU engine (its FP8 prefix), found --cpu (the eager CPU "
                           "fallback, which has no FP8 path and would run bfloat16): use bfloat16 or float32")
+    if args.denoise_kernels != "auto" and not cuda:
+        # The eager fallback has no chain to pick kernels for: the option was dropped without a word.
+        raise ConfigError(f"--denoise-kernels {args.denoise_kernels}: expected the GPU engine (its CUDA-graph denoise "
+                          "chain), found --cpu (the eager CPU fallback, which runs the model's own denoise loop): "
+                          "leave it at auto")
     device = torch.device("cuda" if cuda else "cpu")
     cfg = get_preset(args.preset)
     changes = {}

@@ -268,6 +268,24 @@ def test_bench_fp8_on_the_cpu_fallback_is_refused(tmp_path: Path, capsys: pytest
     assert not (tmp_path / "bench.json").exists()
 
 
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_bench_denoise_kernels_on_the_cpu_fallback_are_refused(kernels: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The eager fallback has no denoise chain to pick kernels for: the option was dropped, and the
+    # table said denoise=torch under a run asked for with triton.
+    from pi0_policy_ros.engine import bench
+
+    monkeypatch.setattr(bench, "_load_model", _model_loaded_too_early)
+    argv = ["bench", "--cpu", "--denoise-kernels", kernels, "--preset", "pi05_small", "--iterations", "1",
+            "--eager-iterations", "1", "--no-fp32-reference", "--json", str(tmp_path / "bench.json")]
+    assert main(argv) == 2
+    assert (f"--denoise-kernels {kernels}: expected the GPU engine (its CUDA-graph denoise chain), found --cpu "
+            "(the eager CPU fallback, which runs the model's own denoise loop): leave it at auto"
+            in one_error_line(capsys))
+    assert not (tmp_path / "bench.json").exists()
+
+
 PROMPT_RANGE = "--prompt-len: expected 0 (the preset's 200) or 1 to {} tokens (Gemma's 8192 positions less {} image " \
                "tokens and 10 action tokens), found {}"
 
