@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-NODE = [sys.executable, "-c", "from pi0_policy_ros.ros.node import main; main()"]
+NODE = [sys.executable, "-c", "import sys; from pi0_policy_ros.ros.node import main; sys.exit(main())"]
 TELLING = re.compile(r"configured|activated|exiting|configure stopped|configure failed|second signal|"
                      r"hold point|shut down|may be lost|Traceback|Error|never retrieved")
 

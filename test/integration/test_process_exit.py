@@ -43,7 +43,7 @@ def start_node(tmp_path: Path, namespace: str, **params: object) -> subprocess.P
     """The node's process, its output (stdout and stderr) going to `output(tmp_path)`."""
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"/**": {"ros__parameters": {**PARAMS, **params}}}))
-    command = [sys.executable, "-c", "from pi0_policy_ros.ros.node import main; main()",
+    command = [sys.executable, "-c", "import sys; from pi0_policy_ros.ros.node import main; sys.exit(main())",
                "--ros-args", "-r", f"__ns:={namespace}", "--params-file", str(params_file)]
     with (tmp_path / "node.log").open("w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
