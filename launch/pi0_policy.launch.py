@@ -3,11 +3,13 @@
     ros2 launch pi0_policy_ros pi0_policy.launch.py params_file:=/path/to/robot.yaml namespace:=robot1
 
 Remappings (edit them for your robot, or remap again from an including launch file):
-- `joint_states` -> `/joint_states`: joint_state_broadcaster publishes at the root, so the
-  namespaced node still reads it there.
-- `~/joint_trajectory` -> `/joint_trajectory_controller/joint_trajectory`: the command topic of
+- `~/joint_trajectory` -> `joint_trajectory_controller/joint_trajectory`: the command topic of
   ros2_controllers' joint_trajectory_controller (named after the controller).
-Camera topics are parameters (`camera_topics`), relative to the namespace.
+`joint_states` and the camera topics (parameters, `camera_topics`) stay relative too: with
+`namespace:=robot1` the node reads `/robot1/joint_states` and commands
+`/robot1/joint_trajectory_controller/joint_trajectory`, as a ros2_control stack started in `/robot1`
+has them, so two robots each with their own namespace do not share topics; with no namespace they
+are `/joint_states` and `/joint_trajectory_controller/joint_trajectory`.
 
 Before the node starts, `params_file` is read as rcl will read it for `<namespace>/pi0_policy`: a
 path that is not a file, invalid YAML, a file with no block for that node, or a parameter name the
@@ -29,13 +31,9 @@ from launch_ros.actions import LifecycleNode
 from launch_ros.descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
-from pi0_policy_ros.ros.params import NODE_NAME, load_params_file
+from pi0_policy_ros.ros.params import LAUNCH_REMAPPINGS, NODE_NAME, load_params_file
 
 PACKAGE = "pi0_policy_ros"
-REMAPPINGS = [
-    ("joint_states", "/joint_states"),
-    ("~/joint_trajectory", "/joint_trajectory_controller/joint_trajectory"),
-]
 
 
 def check_params_file(context: LaunchContext) -> list:
@@ -78,7 +76,7 @@ def generate_launch_description() -> LaunchDescription:
             {"use_sim_time": ParameterValue(use_sim_time, value_type=bool),
              "autostart": ParameterValue(autostart, value_type=bool)},
         ],
-        remappings=REMAPPINGS,
+        remappings=list(LAUNCH_REMAPPINGS),
         arguments=["--ros-args", "--log-level", log_level],
     )
     # Line-buffered log output, so that each line reaches the screen as it is written.

@@ -54,6 +54,11 @@ from pi0_policy_ros.policy.config import BACKENDS, MAX_CAMERA_SIDE_PX, PRECISION
 from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES
 
 NODE_NAME = "pi0_policy"
+# The launch file's remappings (here, so that the integration tests start nodes with them). Relative,
+# as `joint_states` is: under `namespace:=robot1` they are the topics of a ros2_control stack in
+# /robot1 (joint_state_broadcaster, joint_trajectory_controller), so that two robots do not share
+# them; without a namespace, /joint_states and /joint_trajectory_controller/joint_trajectory.
+LAUNCH_REMAPPINGS = (("~/joint_trajectory", "joint_trajectory_controller/joint_trajectory"),)
 PARAMS_KEY = "ros__parameters"
 CAMERA_TYPES = ("raw", "compressed")
 DIAGNOSTICS_PERIOD_RANGE_S = (0.05, 60.0)

@@ -12,6 +12,7 @@ import pytest
 
 from test.paths import REPO_ROOT
 from pi0_policy_ros.errors import ConfigError
+from pi0_policy_ros.ros.params import resolve_topic
 
 LAUNCH_FILE = REPO_ROOT / "launch" / "pi0_policy.launch.py"
 REQUIRED_ARGUMENTS = {"params_file", "namespace", "use_sim_time", "log_level", "autostart"}
@@ -198,3 +199,23 @@ def test_params_file_with_whole_token_wildcards_passes_the_launch_check(launch_m
 @pytest.mark.parametrize("namespace", ["", "robot1", "/fleet/robot1"])
 def test_shipped_params_files_pass_the_launch_check(launch_module, path, namespace: str) -> None:
     _run_launch_checks(launch_module, params_file=str(path), namespace=namespace)
+
+
+@pytest.mark.parametrize("namespace", ["robot1", "/fleet/robot2"])
+def test_remappings_stay_in_the_namespace(launch_module, namespace: str) -> None:
+    # ros2_control in the robot's namespace publishes <ns>/joint_states and its controller listens
+    # on <ns>/joint_trajectory_controller/joint_trajectory. The remaps to /joint_states and
+    # /joint_trajectory_controller/joint_trajectory made namespace:=robot1 and namespace:=robot2
+    # read one robot's joint states and command one controller.
+    (node,) = [e for e in launch_module.generate_launch_description().args[0]
+               if type(e).__name__ == "LifecycleNode"]
+    targets = {source: resolve_topic(target, namespace) for source, target in node.kwargs["remappings"]}
+    assert targets == {"~/joint_trajectory": resolve_topic("joint_trajectory_controller/joint_trajectory", namespace)}
+    assert targets["~/joint_trajectory"].startswith("/" + namespace.strip("/") + "/")
+
+
+def test_remappings_without_a_namespace_are_the_root_topics(launch_module) -> None:
+    (node,) = [e for e in launch_module.generate_launch_description().args[0]
+               if type(e).__name__ == "LifecycleNode"]
+    assert [resolve_topic(target) for _, target in node.kwargs["remappings"]] == [
+        "/joint_trajectory_controller/joint_trajectory"]
