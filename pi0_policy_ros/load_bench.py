@@ -51,7 +51,8 @@ from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
 from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, finish_callbacks, make_executor, spin_until_shutdown
-from pi0_policy_ros.ros.params import BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names
+from pi0_policy_ros.ros.params import (BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names,
+                                      diagnostics_status_name)
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_READER_QOS
 from pi0_policy_ros.soak import proc_status_value
 
@@ -117,8 +118,8 @@ class Observer(Node):
         self._lock = threading.Lock()
         self._arrivals: list[float] = []
         self._reports: list[tuple[float, dict[str, str]]] = []
-        self._status_name = f"{policy_node.get_name()}: control"
         self._hardware_id = policy_node.get_fully_qualified_name()
+        self._status_name = diagnostics_status_name(self._hardware_id)
         self.create_subscription(Header, f"{policy_node.get_name()}/action_chunk_stamp", self._on_stamp, CHUNK_QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_READER_QOS)
 

@@ -36,7 +36,7 @@ from pi0_policy_ros.bag.record import OutputBag, canonical_cdr, check_output_pat
 from pi0_policy_ros.bag.summary import Progress, ReplaySummary, reason_kind
 from pi0_policy_ros.errors import ConfigError, Pi0PolicyError
 from pi0_policy_ros.policy.robots import configured_profile
-from pi0_policy_ros.ros.params import NodeConfig
+from pi0_policy_ros.ros.params import NodeConfig, diagnostics_status_name
 
 NS_PER_S = 1_000_000_000
 # main() returns the node's exit code (2: it could not start): sys.exit passes it on.
@@ -305,7 +305,7 @@ def _summarize(summary: ReplaySummary, player: Player, setup: ReplaySetup) -> No
     stamps, receipts = [], []
     reports: list[dict[str, str]] = []
     node_fqn = setup.output_topic(setup.node_name)
-    status_name = f"{setup.node_name}: control"
+    status_name = diagnostics_status_name(node_fqn)
     for topic, msgtype, t_ns, raw in player.records:
         if msgtype == HEADER_TYPE:
             msg = decode_cdr(raw, msgtype, store)

@@ -8,6 +8,7 @@ from rclpy.node import Node
 from std_msgs.msg import Header
 
 from pi0_policy_ros.control.monitor import HealthReport
+from pi0_policy_ros.ros.params import diagnostics_status_name
 from pi0_policy_ros.ros.qos import DIAGNOSTICS_QOS
 
 TOPIC = "/diagnostics"
@@ -25,14 +26,14 @@ def diagnostic_array(report: HealthReport, name: str, hardware_id: str, stamp: T
 
 
 class DiagnosticsPublisher:
-    """Publishes a `HealthReport` as `<node name>: control` on /diagnostics.
+    """Publishes a `HealthReport` as `<namespace>/<node name>: control` on /diagnostics.
 
     A plain publisher, not a lifecycle one: a supervisor should see why the node is inactive.
     """
 
     def __init__(self, node: Node, task: str = "control") -> None:
         self._node = node
-        self._name = f"{node.get_name()}: {task}"
+        self._name = diagnostics_status_name(node.get_fully_qualified_name(), task)
         self._hardware_id = node.get_fully_qualified_name()
         self.publisher = node.create_publisher(DiagnosticArray, TOPIC, DIAGNOSTICS_QOS)
 

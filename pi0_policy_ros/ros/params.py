@@ -457,6 +457,13 @@ def resolve_topic(name: str, namespace: str = "/", node_name: str = NODE_NAME) -
     return re.sub("/+", "/", resolved).rstrip("/") or "/"
 
 
+def diagnostics_status_name(node_fqn: str, task: str = "control") -> str:
+    """The node's status name on /diagnostics: `robot1/pi0_policy: control` (`pi0_policy: control` at the
+    root). With the namespace, as diagnostic_updater's `use_fqn`: diagnostic_aggregator and
+    rqt_robot_monitor key statuses by name, and two robots' nodes of one name would be one entry."""
+    return f"{node_fqn.lstrip('/')}: {task}"
+
+
 # A block's node key, token by token between slashes, as rcl's parameter file parser takes it:
 # `**` = any number of tokens (none included), `*` = exactly one, anything else a ROS name token.
 WILDCARD_TOKENS = ("*", "**")

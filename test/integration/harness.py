@@ -20,6 +20,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, String
 from trajectory_msgs.msg import JointTrajectory
 
+from pi0_policy_ros.ros.params import diagnostics_status_name
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_READER_QOS, PROMPT_QOS
 
 JOINTS = ["j0", "j1", "j2"]
@@ -100,9 +101,9 @@ class Probe(Node):
         self.create_subscription(Header, prefix + "action_chunk_stamp", self._store(self.stamps), CHUNK_QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, DIAGNOSTICS_READER_QOS)
         self.create_subscription(Log, "/rosout", self._on_log, ROSOUT_QOS)
-        self._status_name = f"{policy_node}: control"
         self._logger_name = ".".join([*namespace.strip("/").split("/"), policy_node]).lstrip(".")
         self._hardware_id = f"{namespace.rstrip('/')}/{policy_node}"
+        self._status_name = diagnostics_status_name(self._hardware_id)
         self._timer = self.create_timer(1.0 / rate_hz, self.publish_inputs)
 
     def _store(self, sink: list) -> Callable[[Any], None]:

@@ -56,9 +56,9 @@ class TestPolicyNodeComesUp(unittest.TestCase):
             rclpy.spin_once(self.node, timeout_sec=0.5)
         self.assertEqual(label, "active")
         end = time.monotonic() + 10.0
-        while time.monotonic() < end and not any(s.name == "pi0_policy: control" for s in statuses):
+        while time.monotonic() < end and not any(s.name == "launch_test/pi0_policy: control" for s in statuses):
             rclpy.spin_once(self.node, timeout_sec=0.2)
-        self.assertTrue(any(s.name == "pi0_policy: control" for s in statuses))
+        self.assertTrue(any(s.name == "launch_test/pi0_policy: control" for s in statuses))
 
 
 @launch_testing.post_shutdown_test()

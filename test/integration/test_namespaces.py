@@ -9,6 +9,7 @@ from typing import Any, Callable
 import rclpy
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from diagnostic_msgs.msg import DiagnosticArray
 from trajectory_msgs.msg import JointTrajectory
 
 from test.fakes import FakePolicy
@@ -16,6 +17,7 @@ from test.integration.conftest import BASE_PARAMS
 from test.integration.harness import TRAJECTORY_READER_QOS, Probe, wait_for
 from pi0_policy_ros.ros.node import PolicyNode
 from pi0_policy_ros.ros.params import LAUNCH_REMAPPINGS
+from pi0_policy_ros.ros.qos import DIAGNOSTICS_READER_QOS
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 # What a node publishes or subscribes outside its namespace by design.
@@ -61,3 +63,20 @@ def test_each_launched_node_acts_only_on_its_own_robot(attach, namespace: str) -
         time.sleep(0.2)  # in flight
         assert controllers[idle] == []
         controllers[active].clear()
+
+
+def test_diagnostics_of_two_robots_have_names_of_their_own(attach, namespace: str) -> None:
+    # Both statuses were named `pi0_policy: control`: diagnostic_aggregator and rqt_robot_monitor key
+    # statuses by name, so the two robots showed as one entry, whichever reported last.
+    robots = [f"{namespace}_robot1", f"{namespace}_robot2"]
+    nodes = [_launched_node(attach, ns) for ns in robots]
+    statuses: dict[str, str] = {}  # hardware_id -> name
+    listener = attach(rclpy.create_node("diagnostics_listener", namespace=namespace))
+    listener.create_subscription(DiagnosticArray, "/diagnostics",
+                                 lambda msg: statuses.update((s.hardware_id, s.name) for s in msg.status),
+                                 DIAGNOSTICS_READER_QOS)
+    for node in nodes:
+        assert node.trigger_configure() == SUCCESS
+    fqns = [f"{ns}/pi0_policy" for ns in robots]
+    wait_for(lambda: all(f in statuses for f in fqns), describe=lambda: f"{statuses}")
+    assert [statuses[f] for f in fqns] == [f"{f.lstrip('/')}: control" for f in fqns]
