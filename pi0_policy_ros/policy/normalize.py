@@ -237,23 +237,29 @@ def load_lerobot_normalization(checkpoint_dir: str | Path) -> LeRobotNormalizati
     has them, the state from the preprocessor's normalizer.
     """
     directory = Path(checkpoint_dir)
-    stats: dict[str, NormStats] = {}
+    per_file: dict[str, dict[str, NormStats]] = {name: {} for name in LEROBOT_PROCESSOR_FILES}
     modes: dict[str, str] = {}
     eps = DEFAULT_EPS["lerobot"]
     steps_found = 0
-    # The postprocessor is read last so that its action stats win.
     for name in LEROBOT_PROCESSOR_FILES:
         for step in _lerobot_norm_steps(directory / name):
             steps_found += 1
             step_modes, step_eps = _lerobot_step_settings(directory / name, step)
             modes.update(step_modes)
             eps = eps if step_eps is None else step_eps
-            stats.update(_read_lerobot_state_file(directory, step))
+            per_file[name].update(_read_lerobot_state_file(directory, step))
     if steps_found == 0:
         raise CheckpointError(
             f"no {' / '.join(LEROBOT_NORM_STEPS)} step with a state_file in "
             f"{[str(directory / n) for n in LEROBOT_PROCESSOR_FILES]}"
         )
+    # LeRobot saves every data set stat in both files: the state is normalized with the
+    # preprocessor's, the actions unnormalized with the postprocessor's (the other file's where
+    # one lacks them).
+    pre, post = (per_file[name] for name in LEROBOT_PROCESSOR_FILES)
+    stats = {**post, **pre}
+    if ACTIONS_KEY in post:
+        stats[ACTIONS_KEY] = post[ACTIONS_KEY]
     return LeRobotNormalization(stats=stats, modes=modes, eps=eps)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError
 from pi0_policy_ros.policy.normalize import (
@@ -319,6 +319,21 @@ def test_load_lerobot_stats_follows_state_file_entries(tmp_path: Path) -> None:
     assert stats["state"].dim == 8 and stats["actions"].dim == 7 and stats["state"].has_quantiles
     # Actions come from the postprocessor's unnormalizer (its stats were shifted by 100).
     assert stats["actions"].mean.min() > 90.0 and stats["state"].mean.max() < 10.0
+
+
+def test_the_state_stats_come_from_the_preprocessor_when_both_files_have_them(tmp_path: Path) -> None:
+    # LeRobot saves every data set stat in both steps' files, and normalizes the state with the
+    # preprocessor's. The postprocessor, read last, replaced them: where the two differ the state
+    # was normalized with stats LeRobot never uses for it.
+    write_lerobot_checkpoint(tmp_path)
+    pre = tmp_path / "policy_preprocessor_step_3_normalizer_processor.safetensors"
+    post = tmp_path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+    pre_stats, post_stats = load_file(str(pre)), load_file(str(post))
+    state_stats = {k: v for k, v in pre_stats.items() if k.startswith("observation.state.")}
+    save_file({**post_stats, **{k: v - 100.0 for k, v in state_stats.items()}}, str(post))
+    stats = load_lerobot_stats(tmp_path)
+    np.testing.assert_array_equal(stats["state"].mean, state_stats["observation.state.mean"])
+    assert stats["actions"].mean.min() > 90.0  # still the postprocessor's
 
 
 def test_a_state_file_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
