@@ -384,6 +384,8 @@ def load_checkpoint_dir(path: str | Path, preset: str = AUTO_PRESET, asset_id: s
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint directory not found: {path}")
+    if path.is_file() and path.suffix == ".safetensors":
+        raise CheckpointError(f"expected the checkpoint directory, found its weights file {path}: use {path.parent}")
     kind = detect_format(path)
     if kind == "lerobot" and asset_id:
         # LeRobot keeps its stats in processor files: the id was dropped, and the user believed the

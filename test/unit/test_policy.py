@@ -476,6 +476,15 @@ def test_unknown_layout_says_which_entry_is_a_folder_or_a_broken_link(tmp_path: 
         load_checkpoint_dir(path)
 
 
+@pytest.mark.parametrize("kind", ["openpi", "lerobot"])
+def test_the_weights_file_given_for_the_directory_names_the_directory(tmp_path: Path, kind: str) -> None:
+    # checkpoint_path: .../model.safetensors was "unknown checkpoint layout ...; found not a directory".
+    path = _write(kind, tmp_path / "ckpt", PI05_FIXTURE, "pi05")
+    with pytest.raises(CheckpointError, match=re.escape(f"expected the checkpoint directory, found its weights file "
+                                                        f"{path / 'model.safetensors'}: use {path}")):
+        load_checkpoint_dir(path / "model.safetensors")
+
+
 UNREADABLE = [("openpi", "model.safetensors", ""), ("lerobot", "policy_postprocessor_step_0_unnormalizer_processor.safetensors", ""),
               ("openpi", "assets/libero", ""), ("openpi", "assets/libero", "libero")]
 
