@@ -35,6 +35,7 @@ from pi0_policy_ros.policy.normalize import (NormStats, Normalizer, find_openpi_
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX_FILE = "model.safetensors.index.json"
 LEROBOT_CONFIG = "config.json"
 LEROBOT_PREFIX = "model."
 # Metadata a weights file may carry to say its embedding table is truncated on purpose (the
@@ -116,11 +117,25 @@ def detect_format(path: Path) -> str:
             return "openpi"
         if (path / LEROBOT_CONFIG).is_file():
             return "lerobot"
+    _refuse_sharded(path)
     found = sorted(_listed(p) for p in path.iterdir()) if path.is_dir() else "not a directory"
     raise CheckpointError(
         f"unknown checkpoint layout at {path}: expected either an openpi PyTorch directory "
         f"({WEIGHTS_FILE} + assets/<asset_id>/norm_stats.json) or a LeRobot pi0/pi05 directory "
         f"({LEROBOT_CONFIG} + {WEIGHTS_FILE} + policy_preprocessor.json); found {found}")
+
+
+def _refuse_sharded(path: Path) -> None:
+    """Weights split into shards by an index (transformers' `save_pretrained` above its
+    `max_shard_size`; openpi and LeRobot save one file) are one error naming them."""
+    index = _json_object(path / SHARD_INDEX_FILE)
+    weight_map = index.get("weight_map") if index is not None else None
+    if not isinstance(weight_map, dict):
+        return
+    shards = sorted({str(shard) for shard in weight_map.values()})
+    raise CheckpointError(f"{path}: expected one {WEIGHTS_FILE}, found weights sharded into {len(shards)} files by "
+                          f"{SHARD_INDEX_FILE} ({', '.join(shards)}); merge them into one {WEIGHTS_FILE} "
+                          "(safetensors.torch.load_file each shard, then save_file the union)")
 
 
 def _is_pi05(tensors: Mapping[str, torch.Tensor], where: Path) -> bool:

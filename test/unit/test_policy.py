@@ -485,6 +485,24 @@ def test_the_weights_file_given_for_the_directory_names_the_directory(tmp_path: 
         load_checkpoint_dir(path / "model.safetensors")
 
 
+def test_sharded_weights_are_named_as_such(tmp_path: Path) -> None:
+    # model-0000N-of-0000M.safetensors + model.safetensors.index.json (transformers' save_pretrained
+    # above its max_shard_size) was "unknown checkpoint layout".
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    weights = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {f"model-0000{i + 1}-of-00002.safetensors": part for i, part in enumerate((names[:10], names[10:]))}
+    for shard, part in shards.items():
+        save_file({name: weights[name] for name in part}, str(path / shard))
+    index = {"metadata": {}, "weight_map": {name: shard for shard, part in shards.items() for name in part}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{path}: expected one model.safetensors, found weights sharded into 2 files by "
+            "model.safetensors.index.json (model-00001-of-00002.safetensors, model-00002-of-00002.safetensors)")):
+        load_checkpoint_dir(path)
+
+
 UNREADABLE = [("openpi", "model.safetensors", ""), ("lerobot", "policy_postprocessor_step_0_unnormalizer_processor.safetensors", ""),
               ("openpi", "assets/libero", ""), ("openpi", "assets/libero", "libero")]
 
