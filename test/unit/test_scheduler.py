@@ -230,9 +230,17 @@ def test_config_rejects_invalid_values(kwargs: dict) -> None:
         SchedulerConfig(**kwargs)
 
 
-def test_execute_horizon_longer_than_the_chunk_is_rejected() -> None:
+@pytest.mark.parametrize("mode", ["temporal_ensemble", "rtc_fast", "rtc"])
+def test_execute_horizon_longer_than_the_chunk_is_rejected(mode: str) -> None:
     with pytest.raises(ConfigError, match="execute_horizon"):
-        ChunkScheduler(SchedulerConfig(execute_horizon=11), PERIOD_S, horizon=10)
+        ChunkScheduler(SchedulerConfig(mode=mode, execute_horizon=11), PERIOD_S, horizon=10)
+
+
+def test_naive_mode_takes_any_execute_horizon() -> None:
+    # naive starts an inference every tick and never reads execute_horizon: a parameter file made
+    # for ALOHA's 50-action chunks (execute_horizon 25) failed configure on a 10-action model.
+    sched = ChunkScheduler(SchedulerConfig(mode="naive", execute_horizon=25), PERIOD_S, horizon=10)
+    assert sched.horizon == 10
 
 
 def test_a_failed_inference_does_not_delay_the_next_start() -> None:
