@@ -43,6 +43,7 @@ class ControlMonitor:
         self._latency = LatencyWindow()
         self.control_rate_hz = control_rate_hz
         self._active = False
+        self._rate_from_first_tick = False  # start(None): the rate window starts at the next tick
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -64,21 +65,25 @@ class ControlMonitor:
         self._camera_skew_s = float("nan")
         self._extra: dict[str, dict[str, str]] = {}
 
-    def start(self, now_s: float) -> None:
-        """Activation: count from zero."""
+    def start(self, now_s: float | None) -> None:
+        """Activation: count from zero. now_s None: the clock has no time yet (use_sim_time before the
+        first /clock), and the rate window starts at the first tick: from 0, the simulator's first
+        seconds of ticks read as a fraction of the target rate ("slow") until the window passed."""
         with self._lock:
             self._reset_counters()
-            self._rate.reset(now_s)
+            self._rate.reset(0.0 if now_s is None else now_s)
+            self._rate_from_first_tick = now_s is None
             self._latency.clear()
             self._active = True
 
-    def change_rate(self, control_rate_hz: float, now_s: float) -> None:
+    def change_rate(self, control_rate_hz: float, now_s: float | None) -> None:
         """A new target rate while running: the achieved rate is measured afresh from now, and the
         gap before the first tick at the new rate is not counted as skipped ticks of it. A window
         over both rates read as slow (or as too fast) for up to `rate_window_s` after a change."""
         with self._lock:
             self.control_rate_hz = control_rate_hz
-            self._rate.reset(now_s)
+            self._rate.reset(0.0 if now_s is None else now_s)
+            self._rate_from_first_tick = now_s is None
             self._last_tick_s = None
 
     def stop(self) -> None:
@@ -89,6 +94,9 @@ class ControlMonitor:
         """Counts the timer periods that passed without a tick (inference too slow): skipped, not queued."""
         with self._lock:
             self._ticks += 1
+            if self._rate_from_first_tick:
+                self._rate_from_first_tick = False
+                self._rate.reset(now_s)
             if self._last_tick_s is not None and now_s < self._last_tick_s:
                 self._clock_jumps += 1
                 self._rate.reset(now_s)

@@ -434,7 +434,7 @@ class PolicyNode(LifecycleNode):
             if buffer is not None:
                 buffer.config = control
             if monitor is not None and control.control_rate_hz != monitor.control_rate_hz:
-                monitor.change_rate(control.control_rate_hz, self._now_s())
+                monitor.change_rate(control.control_rate_hz, self._rate_start_s())
             if timer is not None:
                 period_ns = int(round(control.control_period_s * 1e9))
                 timer.timer_period_ns = period_ns
@@ -667,7 +667,7 @@ class PolicyNode(LifecycleNode):
             assert self._config is not None and self._step is not None and self._monitor is not None
             assert self._safety is not None
             self._step.reset()
-            self._monitor.start(self._now_s())
+            self._monitor.start(self._rate_start_s())
             self._safety.reset_counters()  # safety.clamp.* / safety.reject.* count from activation too
             self._sequence = 0
             with self._params_lock:
@@ -1029,6 +1029,10 @@ class PolicyNode(LifecycleNode):
         else:
             self._clock_wait_logged = False
         self._publish_report(report, monitor)
+
+    def _rate_start_s(self) -> float | None:
+        """Where the achieved rate's window starts: now, or None (its first tick) while waiting for /clock."""
+        return None if self._waiting_for_clock() else self._now_s()
 
     def _waiting_for_clock(self) -> bool:
         """use_sim_time is true and the node's clock is still 0: rclpy's value before the first /clock."""

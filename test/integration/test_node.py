@@ -947,6 +947,29 @@ def test_diagnostics_say_waiting_for_clock_under_use_sim_time_without_one(make_n
     assert len(probe.log_lines(Log.WARN, "waiting for /clock")) == 1
 
 
+def test_clock_starting_after_activation_is_not_reported_slow(make_node, probe, attach, namespace: str) -> None:
+    """use_sim_time, activated before the simulator publishes /clock: the rate window began at the
+    node's time then, 0, and the first ticks came at the simulator's time. /diagnostics said
+    "slow: 7.80 Hz of 20.00 Hz target" (WARN) for the first 5 s of the window, the loop running at
+    its target rate all along. The window starts at the first tick instead."""
+    from rclpy.node import Node
+    from rosgraph_msgs.msg import Clock
+
+    node = make_node(params={"use_sim_time": True})
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    wait_for(lambda: probe.latest_status("waiting for /clock"), describe=probe.summary)
+    sim = attach(Node("sim", namespace=namespace))
+    clock_pub = sim.create_publisher(Clock, "/clock", 10)
+    sim.create_timer(0.01, lambda: clock_pub.publish(Clock(clock=sim.get_clock().now().to_msg())))
+    wait_for(lambda: probe.counts()[1] >= 3, describe=probe.summary)
+    probe.clear()
+    time.sleep(1.5)
+    with probe.lock:
+        messages = [s.message for s in probe.diagnostics]
+    assert messages and not [m for m in messages if m.startswith("slow")], messages
+    assert "running at" in messages[-1], messages
+
+
 def test_change_state_request_for_a_transition_the_state_lacks_is_refused(make_node, probe, attach,
                                                                           namespace: str) -> None:
     """A lifecycle manager asking ~/change_state for a transition the current state does not have
