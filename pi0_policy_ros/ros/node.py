@@ -55,6 +55,8 @@ Topics (relative names resolve in the node's namespace; remap them in the launch
   While `use_sim_time` is true and the node's time is still 0 (nobody publishes /clock: a bag
   played without --clock), the periodic status is WARN, WAITING_FOR_CLOCK, logged once too; its
   stamp is then 0, the node's time, so that the stamps never jump back when /clock starts.
+  A node time that later stands still for CLOCK_STALL_S of wall time (simulation paused, /clock
+  gone) makes the status WARN "sim time stopped ...", until it advances again.
 
 The control tick (control/step.py, shared with the offline replay): snapshot -> decode ->
 `Policy.infer` -> safety filter -> scheduler / trajectory plan. Times come from the node's clock
@@ -200,6 +202,9 @@ CALLBACKS_TIMEOUT_S = 2.0  # how long leaving waits for callbacks already handed
 WAITING_FOR_CLOCK = ("waiting for /clock: use_sim_time is true and the node's time is still 0 (no /clock "
                      "received), so the control loop does not run; play the bag with --clock "
                      "(ros2 bag play --clock), or set use_sim_time false")
+# /diagnostics while use_sim_time is true and the node's time has stood still this long (wall time):
+# the simulator paused or gone, the control timer idle. Under it, /clock gaps of a loaded simulator.
+CLOCK_STALL_S = 1.0
 
 _PARAM_TYPES = {
     STRING: ParameterType.PARAMETER_STRING,
@@ -317,6 +322,7 @@ class PolicyNode(LifecycleNode):
         self._control_timer: Timer | None = None
         self._diagnostics_timer: Timer | None = None
         self._clock_wait_logged = False  # WAITING_FOR_CLOCK is logged once per wait
+        self._clock_seen: tuple[int, float] = (0, time.monotonic())  # node time (ns), and since when (steady s)
         self._sequence = 0
         # (transition, reason) of the transition that raised, for on_error's last status (see _transition).
         self._failed_transition: tuple[str, str] | None = None
@@ -1028,7 +1034,27 @@ class PolicyNode(LifecycleNode):
                 self.get_logger().warning(WAITING_FOR_CLOCK)
         else:
             self._clock_wait_logged = False
+            stopped = self._clock_stopped()
+            if stopped:
+                report = dataclasses.replace(report, level=max(report.level, WARN), message=stopped)
         self._publish_report(report, monitor)
+
+    def _clock_stopped(self) -> str:
+        """Why the control loop does not run, when use_sim_time is true and the node's time has not
+        advanced for CLOCK_STALL_S of wall time; else ''. The rate of the last sim seconds would
+        otherwise read "running" while nothing runs."""
+        clock = self.get_clock()
+        now_ns = clock.now().nanoseconds
+        seen_ns, since = self._clock_seen
+        if now_ns != seen_ns:
+            self._clock_seen = (now_ns, time.monotonic())
+            return ""
+        stalled_s = time.monotonic() - since
+        if not (isinstance(clock, ROSClock) and clock.ros_time_is_active) or stalled_s < CLOCK_STALL_S:
+            return ""
+        return (f"sim time stopped at {now_ns * 1e-9:.3f} s: use_sim_time is true and the node's clock has not "
+                f"advanced for {stalled_s:.1f} s of wall time (simulation paused, or /clock no longer published: "
+                f"{self.count_publishers('/clock')} /clock publishers), so the control loop does not run")
 
     def _rate_start_s(self) -> float | None:
         """Where the achieved rate's window starts: now, or None (its first tick) while waiting for /clock."""

@@ -970,6 +970,38 @@ def test_clock_starting_after_activation_is_not_reported_slow(make_node, probe, 
     assert "running at" in messages[-1], messages
 
 
+def test_diagnostics_say_sim_time_stopped_when_clock_stops(make_node, probe, attach, namespace: str) -> None:
+    """use_sim_time, the simulator's /clock running, then gone (paused, or its process ended): the
+    node's time stands still and the control loop no longer ticks. /diagnostics kept saying
+    "running at 20.00 Hz" (OK), the rate of the last sim seconds. It must say at WARN that sim time
+    stopped and the loop does not run, and give the rate again once /clock comes back."""
+    from rclpy.node import Node
+    from rosgraph_msgs.msg import Clock
+
+    node = make_node(params={"use_sim_time": True})
+    sim = attach(Node("sim", namespace=namespace))
+    clock_pub = sim.create_publisher(Clock, "/clock", 10)
+    ticking = threading.Event()
+    ticking.set()
+    sim.create_timer(0.01, lambda: ticking.is_set() and clock_pub.publish(Clock(clock=sim.get_clock().now().to_msg())))
+    wait_for(lambda: node.get_clock().now().nanoseconds > 0)
+    assert node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS
+    wait_for(lambda: (s := probe.latest_status()) and "running at" in s.message, describe=probe.summary)
+
+    ticking.clear()  # the simulator stops
+    status = wait_for(lambda: probe.latest_status("sim time stopped"), describe=probe.summary)
+    assert status.level == b"\x01", status.message
+    assert "has not advanced" in status.message and "control loop does not run" in status.message
+    chunks = probe.counts()[1]
+    time.sleep(0.3)
+    assert probe.counts()[1] == chunks  # nothing goes out while sim time stands still
+    assert "sim time stopped" in probe.latest_status().message
+
+    ticking.set()  # and resumes
+    wait_for(lambda: probe.counts()[1] > chunks + 2, describe=probe.summary)
+    wait_for(lambda: "running at" in probe.latest_status().message, describe=probe.summary)
+
+
 def test_change_state_request_for_a_transition_the_state_lacks_is_refused(make_node, probe, attach,
                                                                           namespace: str) -> None:
     """A lifecycle manager asking ~/change_state for a transition the current state does not have
