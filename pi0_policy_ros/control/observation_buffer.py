@@ -179,7 +179,10 @@ class ObservationBuffer:
     def _check_stamp_value(self, source: str, previous: Sample[Any] | None, stamp_s: float, now_s: float) -> None:
         if not math.isfinite(stamp_s) or stamp_s <= 0.0:
             raise ObservationError(f"{source}: expected a positive header stamp, found {stamp_s!r} (unstamped message?)")
-        if previous is not None and stamp_s < previous.stamp_s:
+        # A stored stamp further ahead of our clock than any sample may be is from before our clock
+        # went back (a simulator reset, which the next tick resets the buffer for): not an order.
+        in_our_past = previous is not None and previous.stamp_s - now_s <= self._config.max_future_stamp_s
+        if in_our_past and stamp_s < previous.stamp_s:
             raise ObservationError(
                 f"{source}: stamp went backwards: expected >= {previous.stamp_s:.6f} s, found {stamp_s:.6f} s")
         ahead_s = stamp_s - now_s

@@ -130,6 +130,25 @@ def test_state_stamp_going_backwards() -> None:
         buf.put_state(np.zeros(2), T0 - 0.1, T0)
 
 
+def test_a_sample_after_our_clock_went_back_replaces_the_old_timelines() -> None:
+    # A simulator reset: our clock and the inputs restart near 0, and the next control tick resets
+    # the buffer. Until then each source's first new sample was refused as "stamp went backwards"
+    # against a sample now 1000 s in our future (a WARN and an input error per source, each reset).
+    buf = filled()
+    buf.put_image("a", "after-reset", 0.009, 0.01)
+    buf.put_image("b", "after-reset-b", 0.008, 0.01)
+    buf.put_state(np.ones(2), 0.009, 0.01)
+    assert buf.snapshot(0.01).images == {"a": "after-reset", "b": "after-reset-b"}
+
+
+def test_a_sample_stamped_before_one_at_most_our_future_limit_ahead_is_still_refused() -> None:
+    # Our clock 0.04 s behind a stored stamp is within max_future_stamp_s (0.05): no clock jump, so
+    # an older stamp is out of order as before.
+    buf = filled()
+    with pytest.raises(ObservationError, match="stamp went backwards"):
+        buf.put_image("a", "old", T0 - 0.05, T0 - 0.04 - 0.03)
+
+
 def test_equal_stamp_replaces() -> None:
     buf = filled()
     buf.put_image("a", "same-stamp", T0 - 0.03, T0)
