@@ -124,8 +124,9 @@ class PromptTokenizer:
         self.model_path = path
         self.max_token_len = max_token_len
         self.discrete_state_input = discrete_state_input
-        # Truncation warns once, then logs at DEBUG: the same prompt repeats every inference.
-        self._warned_truncation = False
+        # Truncation warns once per prompt, then logs at DEBUG: the same prompt repeats every
+        # inference, but a new one (the task changed) is cut differently and warned again.
+        self._warned_prompt: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -160,24 +161,25 @@ class PromptTokenizer:
             tokens = [self.bos_id, *self.encode(text)]
         else:
             tokens = [self.bos_id, *self.encode(cleaned), *self.encode("\n")]
-        return self._fit(tokens)
+        return self._fit(tokens, cleaned)
 
-    def _fit(self, tokens: list[int]) -> TokenizedPrompt:
+    def _fit(self, tokens: list[int], cleaned: str) -> TokenizedPrompt:
         """Right-pad with 0 / mask False, or cut on the right with every position valid."""
         length = len(tokens)
         limit = self.max_token_len
         truncated = length > limit
         if truncated:
-            self._log_truncation(length)
+            self._log_truncation(length, cleaned)
             tokens = tokens[:limit]
         ids = np.full(limit, _PAD_ID, dtype=np.int64)
         ids[: len(tokens)] = tokens
         mask = np.arange(limit) < len(tokens)
         return TokenizedPrompt(ids=ids, mask=mask, truncated=truncated)
 
-    def _log_truncation(self, length: int) -> None:
-        level = logging.DEBUG if self._warned_truncation else logging.WARNING
-        self._warned_truncation = True
+    def _log_truncation(self, length: int, cleaned: str) -> None:
+        # Keyed by the prompt, not the whole text: pi0.5's state in it changes every inference.
+        level = logging.DEBUG if cleaned == self._warned_prompt else logging.WARNING
+        self._warned_prompt = cleaned
         logger.log(
             level,
             "prompt has %d tokens, more than max_token_len %d: cut on the right; "

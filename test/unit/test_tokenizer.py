@@ -104,6 +104,18 @@ def test_truncation_cuts_on_the_right_sets_mask_and_warns_once(
     assert levels == [logging.WARNING, logging.DEBUG]
 
 
+def test_each_new_prompt_over_the_budget_is_warned_once(model_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Only the first long prompt of a tokenizer's life was warned: a task changed later to another
+    # long prompt was cut with a DEBUG line only (silently, at the default level).
+    tokenizer = PromptTokenizer(model_path, max_token_len=10, discrete_state_input=True)
+    first, second = "pick up the red cup " * 5, "put the blue bowl on the plate " * 5
+    with caplog.at_level(logging.DEBUG, logger=tok.__name__):
+        for prompt in (first, first, second, second, first):
+            assert tokenizer.tokenize(prompt, np.array([0.1, -0.5])).truncated
+    levels = [record.levelno for record in caplog.records if record.name == tok.__name__]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.WARNING, logging.DEBUG, logging.WARNING]
+
+
 def test_prompt_of_exactly_max_length_is_not_truncated(model_path: Path, sp: sentencepiece.SentencePieceProcessor) -> None:
     length = 1 + len(sp.encode("stack the blocks")) + len(sp.encode("\n"))
     result = PromptTokenizer(model_path, length, False).tokenize("stack the blocks")
