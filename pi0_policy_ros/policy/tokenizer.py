@@ -182,10 +182,10 @@ class PromptTokenizer:
         self._warned_prompt = cleaned
         logger.log(
             level,
-            "prompt has %d tokens, more than max_token_len %d: cut on the right; "
-            "shorten the prompt (max_token_len is the model's: its checkpoint's or preset's)",
-            length,
+            "prompt longer than the token budget: expected at most %d tokens (max_token_len, the model's: "
+            "its checkpoint's or preset's; prompt and state included), found %d: cut on the right; shorten the prompt",
             self.max_token_len,
+            length,
         )
 
 

@@ -472,13 +472,10 @@ class PolicyNode(LifecycleNode):
             self.get_logger().warning(f"prompt refused by the tokenizer: {exc}")
             self._prompt_status = {"source": "prompt", "truncated": "False", "text": text, "error": str(exc)}
             return
-        limit = tokenizer.max_token_len
+        # A prompt over the budget is logged by the tokenizer, once per prompt (a second warning
+        # here said the same thing again).
         self._prompt_status = {"source": "prompt", "truncated": str(bool(tokens.truncated)), "text": text,
-                               "token_budget": str(limit)}
-        if tokens.truncated:
-            self.get_logger().warning(
-                f"prompt is longer than the token budget: expected at most {limit} tokens (max_token_len, "
-                f"prompt and state included), found more; it is cut to the first {limit}")
+                               "token_budget": str(tokenizer.max_token_len)}
 
     # ---- lifecycle --------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ weights) with the real `Policy`; the prompt cases run the tiny model with random
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from test.fakes import FakePolicy
 from test.integration.harness import wait_for
 from test.paths import PI05_FIXTURE
 from test.unit.test_policy import write_openpi_dir
-from pi0_policy_ros.ros.node import load_policy
+from pi0_policy_ros.ros.node import forward_package_logging, load_policy
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 STATE_NAMES = [f"s{i}" for i in range(8)]
@@ -185,6 +186,25 @@ def test_prompt_longer_than_the_token_budget_is_cut_with_a_warning(make_node, pr
     assert values["prompt.token_budget"] == "200"
     assert values["prompt.text"] == ("pick up the red block and put it in the box " * 40)[:200] + "…"
     wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)  # it still acts, on the cut prompt
+
+
+def test_each_prompt_over_the_token_budget_is_logged_once(make_node, probe, capfd: pytest.CaptureFixture) -> None:
+    # One long prompt logged two warnings in the node's process (the node's and the tokenizer's,
+    # forwarded), and a second long prompt only the node's, which did not say how long it was.
+    node = real_node(make_node, probe, "pick up the block")
+    handler = forward_package_logging(node.get_logger())
+    try:
+        capfd.readouterr()
+        for prompt in ("pick up the red block " * 60, "put the cup in the basket " * 60):
+            assert node.set_parameters([Parameter("prompt", value=prompt)])[0].successful
+            wait_for(lambda: probe.counts()[1] >= 1, timeout_s=10.0)
+        time.sleep(1.0)  # ticks on the same prompt log nothing more
+        lines = [line for line in capfd.readouterr().err.splitlines() if "token" in line and "WARN" in line]
+    finally:
+        logging.getLogger("pi0_policy_ros").removeHandler(handler)
+    assert len(lines) == 2, lines
+    assert all("expected at most 200 tokens" in line and "cut on the right" in line for line in lines), lines
+    assert "found 842" in lines[0] and "found 721" in lines[1], lines
 
 
 def test_an_undeclared_override_is_named_with_the_closest_parameter(make_node) -> None:
