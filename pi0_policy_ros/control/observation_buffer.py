@@ -126,17 +126,21 @@ class ObservationBuffer:
             refused = dict(self._refused)
         cfg = self._config
         missing = [name for name in self._camera_names if name not in images]
+        # Every source missing is named at once: a recording whose wrist camera and joint_states
+        # start late read as the camera alone missing, then joint_states as if it had just gone.
+        no_state = ""
+        if state is None:
+            no_state = (f"no usable {STATE_SOURCE} yet: every one received was refused, the last: "
+                        f"{refused[STATE_SOURCE]}" if STATE_SOURCE in refused else f"no {STATE_SOURCE} received yet")
         if missing:
             reasons = [refused[name] for name in missing if name in refused]
+            also = f"; {no_state}" if no_state else ""
             if reasons:
                 raise ObservationError(f"no usable image yet from camera(s) {missing}: every one received was "
-                                       f"refused, the last: {reasons[0]}", kind=MISSING_INPUT)
-            raise ObservationError(f"no image received yet from camera(s) {missing}", kind=MISSING_INPUT)
-        if state is None:
-            if STATE_SOURCE in refused:
-                raise ObservationError(f"no usable {STATE_SOURCE} yet: every one received was refused, the last: "
-                                       f"{refused[STATE_SOURCE]}", kind=MISSING_INPUT)
-            raise ObservationError(f"no {STATE_SOURCE} received yet", kind=MISSING_INPUT)
+                                       f"refused, the last: {reasons[0]}{also}", kind=MISSING_INPUT)
+            raise ObservationError(f"no image received yet from camera(s) {missing}{also}", kind=MISSING_INPUT)
+        if no_state:
+            raise ObservationError(no_state, kind=MISSING_INPUT)
 
         stamps = {name: images[name].stamp_s for name in self._camera_names}
         stamps[STATE_SOURCE] = state.stamp_s

@@ -301,3 +301,22 @@ def test_a_rosbag2_directory_named_like_a_ros1_bag_is_read(make_bag, params_file
     assert code == 0, capsys.readouterr().err
     summary = json.loads((report / "summary.json").read_text())
     assert summary["chunks"] == summary["chunks_in_output"] == 4
+
+
+def test_a_hold_before_some_inputs_start_names_every_one_missing(make_bag, params_file: Path, tmp_path: Path) -> None:
+    # A recording whose wrist camera and joint_states start late: the holds named the wrist camera
+    # alone, and joint_states only once that camera came, as if it had just gone missing.
+    from rosbags.rosbag2 import Reader, Writer
+
+    late = tmp_path / "late"
+    with Reader(make_bag("good", 1.0)) as reader, Writer(late, version=9) as writer:
+        conns = {c.id: writer.add_connection(c.topic, c.msgtype, typestore=None, msgdef=c.msgdef.data,
+                                             rihs01=c.digest) for c in reader.connections}
+        for c, t_ns, raw in reader.messages():
+            if c.topic == "/image/image_raw" or t_ns >= reader.start_time + 500_000_000:
+                writer.write(conns[c.id], t_ns, raw)
+    summary, _ = replay_offline(late, tmp_path / "out", make_setup(params_file))
+    assert summary.chunks > 0
+    missing = [kind for kind in summary.holds if "received yet" in kind]
+    assert missing == ["no image received yet from camera(s) ['wrist_image']; no joint_states received yet"], \
+        dict(summary.holds)
