@@ -43,7 +43,6 @@ class ControlMonitor:
         self._latency = LatencyWindow()
         self.control_rate_hz = control_rate_hz
         self._active = False
-        self._rate_from_first_tick = False  # start(None): the rate window starts at the next tick
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -71,8 +70,7 @@ class ControlMonitor:
         seconds of ticks read as a fraction of the target rate ("slow") until the window passed."""
         with self._lock:
             self._reset_counters()
-            self._rate.reset(0.0 if now_s is None else now_s)
-            self._rate_from_first_tick = now_s is None
+            self._rate.reset(now_s)  # None: from the first tick (tick_started)
             self._latency.clear()
             self._active = True
 
@@ -82,8 +80,7 @@ class ControlMonitor:
         over both rates read as slow (or as too fast) for up to `rate_window_s` after a change."""
         with self._lock:
             self.control_rate_hz = control_rate_hz
-            self._rate.reset(0.0 if now_s is None else now_s)
-            self._rate_from_first_tick = now_s is None
+            self._rate.reset(now_s)
             self._last_tick_s = None
 
     def stop(self) -> None:
@@ -94,8 +91,7 @@ class ControlMonitor:
         """Counts the timer periods that passed without a tick (inference too slow): skipped, not queued."""
         with self._lock:
             self._ticks += 1
-            if self._rate_from_first_tick:
-                self._rate_from_first_tick = False
+            if not self._rate.started:  # start(None) / change_rate(None): the window begins here
                 self._rate.reset(now_s)
             if self._last_tick_s is not None and now_s < self._last_tick_s:
                 self._clock_jumps += 1

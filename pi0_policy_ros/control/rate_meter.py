@@ -24,9 +24,14 @@ class RateMeter:
         self._events: deque[float] = deque(maxlen=max_events)
         self._start_s: float | None = None
 
-    def reset(self, now_s: float) -> None:
+    def reset(self, now_s: float | None) -> None:
+        """Count afresh from `now_s`; None: from the next `reset` with a time, or the first event."""
         self._events.clear()
         self._start_s = now_s
+
+    @property
+    def started(self) -> bool:
+        return self._start_s is not None
 
     def record(self, t_s: float) -> None:
         if self._start_s is None:
