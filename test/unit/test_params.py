@@ -127,6 +127,18 @@ def test_monitor_rate_counts_waits_and_warns_when_slow() -> None:
     assert report.level == WARN and report.message.startswith("slow: 2.00 Hz")
 
 
+def test_monitor_started_before_the_clock_measures_from_the_first_tick() -> None:
+    # use_sim_time, activated before /clock (start(None)): the window began at time 0 and the sim's
+    # first ticks, at ~1000 s, read as a fraction of the target for the window's first seconds.
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=5.0)
+    monitor.start(None)
+    for i in range(5):
+        monitor.tick_started(1000.0 + i * 0.1)
+        monitor.published(1000.0 + i * 0.1 + 0.01, {}, 0.0, 0.0)
+    report = monitor.report(1000.41)
+    assert report.level == OK and report.message.startswith("running at"), report.message
+
+
 def test_monitor_a_publish_ends_the_hold_and_skipped_ticks_round() -> None:
     monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
     monitor.start(0.0)
