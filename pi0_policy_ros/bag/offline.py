@@ -16,7 +16,6 @@ only on the bag and the parameters: the same inputs give bit-identical bags on t
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -31,9 +30,8 @@ from pi0_policy_ros.bag.summary import Progress, ReplaySummary
 from pi0_policy_ros.control.monitor import ControlMonitor
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
-from pi0_policy_ros.control.step import HOLD, PUBLISH, ControlStep, StepResult, action_state_indices
+from pi0_policy_ros.control.step import HOLD, PUBLISH, StepResult
 from pi0_policy_ros.errors import ObservationError
-from pi0_policy_ros.policy.robots import state_in_action_units
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.params import NodeConfig, safety_parameter_error
@@ -90,11 +88,7 @@ class OfflineReplay:
         except ValueError as exc:  # limits that do not fit the action dims
             raise safety_parameter_error(exc) from None
         decoders = {c.name: _decoder(c.compressed) for c in self.config.cameras}
-        self.step = ControlStep(policy, self.buffer, decoders, self.safety, self.config.scheduler,
-                                action_state_indices(self.config.joint_names, self.config.action_joint_names,
-                                                     getattr(policy.profile, "action_space", "joint_position")),
-                                self.config.hold_mode, functools.partial(state_in_action_units, policy.profile),
-                                [c.name for c in self.config.cameras if c.compressed])
+        self.step = self.config.control_step(policy, self.buffer, decoders, self.safety, self.config.hold_mode)
         self.monitor = ControlMonitor(self.config.control.control_rate_hz)
 
     def close(self) -> None:

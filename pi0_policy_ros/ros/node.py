@@ -149,11 +149,9 @@ from pi0_policy_ros.control.monitor import (ERROR, WARN, ControlMonitor, HealthR
                                             configure_failure_report, shutdown_report, transition_failure_report)
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
-from pi0_policy_ros.control.step import (HOLD, HOLD_POSITION, INTERNAL_ERROR, WAIT, ControlStep, StepResult,
-                                         action_state_indices)
+from pi0_policy_ros.control.step import HOLD, HOLD_POSITION, INTERNAL_ERROR, WAIT, ControlStep, StepResult
 from pi0_policy_ros.errors import ConfigError, ObservationError, Pi0PolicyError, echo
 from pi0_policy_ros.policy.config import PolicyConfig
-from pi0_policy_ros.policy.robots import state_in_action_units
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.diagnostics import DiagnosticsPublisher
@@ -596,12 +594,8 @@ class PolicyNode(LifecycleNode):
             config = dataclasses.replace(config, control=control_config_from(self.parameter_values()))
             self._buffer = ObservationBuffer([c.name for c in config.cameras], config.control)
             self._buffer.put_prompt(self._prompt)
-            self._step = ControlStep(policy, self._buffer, decoders, self._safety, config.scheduler,
-                                     action_state_indices(config.joint_names, config.action_joint_names,
-                                                          action_space),
-                                     self.get_parameter("hold_mode").value,
-                                     functools.partial(state_in_action_units, policy.profile),
-                                     [c.name for c in config.cameras if c.compressed])
+            self._step = config.control_step(policy, self._buffer, decoders, self._safety,
+                                             self.get_parameter("hold_mode").value)
             self._monitor = ControlMonitor(config.control.control_rate_hz)
         self._step.prepare(chunk.horizon, chunk.period_s)
         self._check_prompt()

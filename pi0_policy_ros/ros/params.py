@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,13 @@ from pi0_policy_ros.control.config import (
     ControlConfig,
 )
 from pi0_policy_ros.control.safety import POLICIES as SAFETY_POLICIES
-from pi0_policy_ros.control.safety import SafetyConfig
+from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
 from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES, SCHEDULER_MODES, SchedulerConfig
-from pi0_policy_ros.control.step import HOLD_MODES
+from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.control.step import HOLD_MODES, ControlStep, Decoder, InferencePolicy, action_state_indices
 from pi0_policy_ros.errors import ConfigError, echo
 from pi0_policy_ros.policy.config import BACKENDS, MAX_CAMERA_SIDE_PX, PRECISIONS, SEED_RANGE, PolicyConfig
-from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES
+from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES, state_in_action_units
 
 NODE_NAME = "pi0_policy"
 # The launch file's remappings (here, so that the integration tests start nodes with them). Relative,
@@ -281,6 +283,18 @@ class NodeConfig:
             raise ConfigError(f"action_joint_names: profile {profile.name!r} expects {profile.action_dim} "
                               f"action dims, found {len(action_joint_names)} names {list(action_joint_names)}")
         return dataclasses.replace(self, joint_names=joint_names, action_joint_names=action_joint_names)
+
+    def control_step(self, policy: InferencePolicy, buffer: ObservationBuffer, decoders: Mapping[str, Decoder],
+                     safety: SafetyFilter, hold_mode: str) -> ControlStep:
+        """The control tick of this (resolved) config: the node and the offline replay build it here,
+        so that a replay runs the node's tick. hold_mode is a dynamic parameter: the caller passes its
+        value now."""
+        profile = policy.profile
+        return ControlStep(policy, buffer, decoders, safety, self.scheduler,
+                           action_state_indices(self.joint_names, self.action_joint_names,
+                                                getattr(profile, "action_space", "joint_position")),
+                           hold_mode, functools.partial(state_in_action_units, profile),
+                           [c.name for c in self.cameras if c.compressed])
 
 
 # What each kind accepts, as rclpy's declared types do: an integer is not a double, nor a bool an integer.
