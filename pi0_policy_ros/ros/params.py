@@ -32,6 +32,7 @@ import array
 import dataclasses
 import difflib
 import functools
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,12 @@ from pi0_policy_ros.control.safety import POLICIES as SAFETY_POLICIES
 from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
 from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES, SCHEDULER_MODES, SchedulerConfig
 from pi0_policy_ros.control.observation_buffer import ObservationBuffer
-from pi0_policy_ros.control.step import HOLD_MODES, ControlStep, Decoder, InferencePolicy, action_state_indices
+from pi0_policy_ros.control.step import HOLD_MODES, HOLD_POSITION, ControlStep, Decoder, InferencePolicy, action_state_indices
 from pi0_policy_ros.errors import ConfigError, echo
 from pi0_policy_ros.policy.config import BACKENDS, MAX_CAMERA_SIDE_PX, PRECISIONS, SEED_RANGE, PolicyConfig
 from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES, state_in_action_units
+
+_log = logging.getLogger(__name__)
 
 NODE_NAME = "pi0_policy"
 # The launch file's remappings (here, so that the integration tests start nodes with them). Relative,
@@ -284,12 +287,28 @@ class NodeConfig:
                               f"action dims, found {len(action_joint_names)} names {list(action_joint_names)}")
         return dataclasses.replace(self, joint_names=joint_names, action_joint_names=action_joint_names)
 
+    def unmeasured_action_joints(self, profile: RobotProfileLike, hold_mode: str) -> list[str]:
+        """The action joints that have no measured position (not in joint_names) where something needs
+        one: the step and velocity limits start from the measured position of each action joint, and
+        hold_position holds there. Not an error: a model may act on a joint its state leaves out (a
+        gripper), and then those start from the previous action only."""
+        uses_measured = bool(self.safety.max_step or self.safety.max_velocity) or hold_mode == HOLD_POSITION
+        if not uses_measured or getattr(profile, "action_space", "joint_position") not in TRAJECTORY_ACTION_SPACES:
+            return []
+        return [name for name in self.action_joint_names if name not in self.joint_names]
+
     def control_step(self, policy: InferencePolicy, buffer: ObservationBuffer, decoders: Mapping[str, Decoder],
                      safety: SafetyFilter, hold_mode: str) -> ControlStep:
         """The control tick of this (resolved) config: the node and the offline replay build it here,
         so that a replay runs the node's tick. hold_mode is a dynamic parameter: the caller passes its
         value now."""
         profile = policy.profile
+        unmeasured = self.unmeasured_action_joints(profile, hold_mode)
+        if unmeasured:
+            _log.warning(f"action_joint_names {echo(unmeasured)} are not among joint_names {list(self.joint_names)} "
+                         "(the joints read from joint_states): safety_max_step and safety_max_velocity limit only "
+                         "the steps between a chunk's actions, not the first one from the measured position, and "
+                         "hold_position holds nothing; check the names for a typo")
         return ControlStep(policy, buffer, decoders, safety, self.scheduler,
                            action_state_indices(self.joint_names, self.action_joint_names,
                                                 getattr(profile, "action_space", "joint_position")),

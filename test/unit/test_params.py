@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import types
 
+import numpy as np
 import pytest
 import yaml
 
 from pi0_policy_ros.control.monitor import OK, WARN, ControlMonitor
+from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.policy.robots import get_profile
 from pi0_policy_ros.ros.params import PARAMS, SPECS, check_value, config_from_params
@@ -81,6 +86,41 @@ def test_resolve_takes_joint_names_from_the_profile() -> None:
 def test_resolve_refuses_what_does_not_fit(values, pattern) -> None:
     with pytest.raises(ConfigError, match=pattern):
         config_from_params(values).resolve(get_profile("pi0_aloha"))
+
+
+ARM = ["shoulder_pan_joint", "shoulder_lift_joint", "elbow_joint", "wrist_1_joint", "wrist_2_joint",
+       "wrist_3_joint", "finger_joint"]
+GENERIC = {"robot_profile": "generic", "camera_names": ["base"], "profile_state_dim": 7, "profile_action_dim": 7,
+           "joint_names": ARM, "action_joint_names": [*ARM[:6], "gripper_joint"]}
+
+
+@pytest.mark.parametrize("values", [{"safety_max_step": [0.1]}, {"safety_max_velocity": [3.0]},
+                                    {"hold_mode": "hold_position"}])
+def test_an_action_joint_missing_from_joint_names_is_named_where_its_measured_position_is_needed(values) -> None:
+    # A typo in one action joint name made the node find no measured position for the action joints:
+    # the step and velocity limits silently no longer applied from the measured position (the first
+    # point could jump), and hold_position sent nothing. A state without the gripper is legitimate,
+    # so it is a warning, named once where the control step is built, not a refusal.
+    profile = get_profile("generic", state_dim=7, action_dim=7)
+    config = config_from_params({**GENERIC, **values}).resolve(profile)
+    assert config.unmeasured_action_joints(profile, config.hold_mode) == ["gripper_joint"]
+    assert config_from_params(GENERIC).resolve(profile).unmeasured_action_joints(profile, "stop") == []
+    right = config_from_params({**GENERIC, **values, "action_joint_names": ARM[::-1]}).resolve(profile)
+    assert right.unmeasured_action_joints(profile, right.hold_mode) == []
+
+
+def test_the_control_step_warns_of_action_joints_without_a_measured_position(caplog) -> None:
+    profile = get_profile("generic", state_dim=7, action_dim=7)
+    config = config_from_params({**GENERIC, "safety_max_step": [0.1]}).resolve(profile)
+    policy = types.SimpleNamespace(profile=profile)
+    safety = SafetyFilter(config.safety, 7, 0.05)
+    with caplog.at_level(logging.WARNING, logger="pi0_policy_ros.ros.params"):
+        step = config.control_step(policy, ObservationBuffer(["base"], config.control), {"base": np.asarray},
+                                   safety, "stop")
+    step.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "action_joint_names ['gripper_joint'] are not among joint_names" in warnings[0]
+    assert step.state_indices is None  # what the warning is about: no measured position to start from
 
 
 def test_libero_needs_explicit_names() -> None:
