@@ -31,7 +31,7 @@ from pi0_policy_ros.control.monitor import ControlMonitor
 from pi0_policy_ros.control.observation_buffer import STATE_SOURCE, ObservationBuffer
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.control.step import HOLD, PUBLISH, StepResult
-from pi0_policy_ros.errors import ObservationError
+from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.policy.types import ActionChunk, Observation
 from pi0_policy_ros.ros import convert
 from pi0_policy_ros.ros.params import NodeConfig, safety_parameter_error
@@ -89,6 +89,16 @@ class OfflineReplay:
             raise safety_parameter_error(exc) from None
         decoders = {c.name: _decoder(c.compressed) for c in self.config.cameras}
         self.step = self.config.control_step(policy, self.buffer, decoders, self.safety, self.config.hold_mode)
+        # The node prepares the step at configure, from its warm-up chunk: a control period too long
+        # for the chunk (or an execute_horizon past it) fails there. The same here, before the bag
+        # is read, instead of a replay that "works" with every tick held as an unusable chunk.
+        horizon = getattr(policy.profile, "action_horizon", None)
+        if horizon is not None:
+            try:
+                self.step.prepare(horizon, period_s)
+            except ConfigError:
+                self.step.close()
+                raise
         self.monitor = ControlMonitor(self.config.control.control_rate_hz)
 
     def close(self) -> None:

@@ -459,3 +459,21 @@ def test_output_in_a_folder_that_cannot_be_written_is_refused_before_the_policy_
     err = capsys.readouterr().err
     assert code == 2, err
     assert err == f"error: output {out}: expected a directory it may write in, found /proc/sys: not writable\n"
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"control_rate_hz": 1.0}, "control_rate_hz: expected at least 2.222 Hz for chunks of 10 actions 0.05 s apart"),
+    ({"chunk_mode": "temporal_ensemble", "execute_horizon": 11}, "execute_horizon (11) must be <= the chunk horizon (10)"),
+])
+def test_a_chunk_geometry_the_node_refuses_is_refused_by_the_offline_replay(make_bag, tmp_path: Path, capsys,
+                                                                            overrides, expected) -> None:
+    # The node fails configure on these (after its warm-up chunk). The offline replay used to run
+    # them, exit 0, and hold every tick as an unusable chunk: a check that passed what would not start.
+    params = write_params(tmp_path / "p.yaml", **overrides)
+    out = tmp_path / "out"
+    code = main([str(make_bag("good", 1.0)), "--params", str(params), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not out.exists()
