@@ -332,7 +332,7 @@ class ControlStep:
         now_s = self._monotonic(now_s)
         min_lead_s = self.buffer.config.control_period_s
         try:
-            if scheduler is None:  # not prepared (the offline replay): the first chunk gives the geometry
+            if scheduler is None:  # not prepared (a profile without action_horizon): the first chunk gives the geometry
                 self.prepare(chunk.horizon, chunk.period_s)
                 scheduler = self._scheduler
                 request = scheduler.begin(start_s, stamp_s)

@@ -282,7 +282,7 @@ def test_a_control_period_past_the_chunks_last_action_is_a_config_error() -> Non
 
 
 def test_a_control_period_past_the_chunks_last_action_holds_the_unprepared_replay() -> None:
-    # The offline replay builds its scheduler from the first chunk: every tick holds, saying why.
+    # A step not prepared builds its scheduler from the first chunk: every tick holds, saying why.
     step = make_step()
     step.buffer.config = ControlConfig(control_rate_hz=2.0, max_observation_age_s=0.3)
     for now in (10.01, 10.51):
