@@ -51,7 +51,8 @@ from pi0_policy_ros.control.safety import POLICIES as SAFETY_POLICIES
 from pi0_policy_ros.control.safety import SafetyConfig, SafetyFilter
 from pi0_policy_ros.control.scheduler import MASK_SCHEDULES, RTC_SCHEDULER_MODES, SCHEDULER_MODES, SchedulerConfig
 from pi0_policy_ros.control.observation_buffer import ObservationBuffer
-from pi0_policy_ros.control.step import HOLD_MODES, HOLD_POSITION, ControlStep, Decoder, InferencePolicy, action_state_indices
+from pi0_policy_ros.control.step import (HOLD_MODES, HOLD_POSITION, ControlStep, Decoder, InferencePolicy,
+                                         action_state_indices)
 from pi0_policy_ros.errors import ConfigError, echo
 from pi0_policy_ros.policy.config import BACKENDS, MAX_CAMERA_SIDE_PX, PRECISIONS, SEED_RANGE, PolicyConfig
 from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES, state_in_action_units

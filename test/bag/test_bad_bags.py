@@ -463,7 +463,8 @@ def test_output_in_a_folder_that_cannot_be_written_is_refused_before_the_policy_
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({"control_rate_hz": 1.0}, "control_rate_hz: expected at least 2.222 Hz for chunks of 10 actions 0.05 s apart"),
-    ({"chunk_mode": "temporal_ensemble", "execute_horizon": 11}, "execute_horizon (11) must be <= the chunk horizon (10)"),
+    ({"chunk_mode": "temporal_ensemble", "execute_horizon": 11},
+     "execute_horizon (11) must be <= the chunk horizon (10)"),
 ])
 def test_a_chunk_geometry_the_node_refuses_is_refused_by_the_offline_replay(make_bag, tmp_path: Path, capsys,
                                                                             overrides, expected) -> None:

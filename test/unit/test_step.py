@@ -281,7 +281,7 @@ def test_a_control_period_past_the_chunks_last_action_is_a_config_error() -> Non
         make_step().prepare(1, PROFILE.action_period_s)  # its one action is never ahead of the clock
 
 
-def test_a_control_period_past_the_chunks_last_action_holds_the_unprepared_replay() -> None:
+def test_a_control_period_past_the_chunks_last_action_holds_an_unprepared_step() -> None:
     # A step not prepared builds its scheduler from the first chunk: every tick holds, saying why.
     step = make_step()
     step.buffer.config = ControlConfig(control_rate_hz=2.0, max_observation_age_s=0.3)
