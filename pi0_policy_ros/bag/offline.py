@@ -79,6 +79,9 @@ class OfflineReplay:
         self.config: NodeConfig = setup.config.resolve(policy.profile)
         self.buffer = ObservationBuffer([c.name for c in self.config.cameras], self.config.control)
         self.buffer.put_prompt(setup.params.get("prompt") or None)
+        # The bag's topics (after --map): what a hold on a source never found names.
+        self.buffer.set_topics({t.camera if t.role == "camera" else STATE_SOURCE: t.bag_topic
+                                for t in setup.inputs if t.role != "prompt"})
         self.keep_ticks = keep_ticks
         self.ticks: list[TickRecord] = []
         self._sequence = 0

@@ -71,10 +71,21 @@ class ObservationBuffer:
         # Source (camera name or STATE_SOURCE) -> why its latest message was refused, kept until
         # one is accepted: a hold on a missing or stale source then says why, not "none received".
         self._refused: dict[str, str] = {}
+        # Source -> the topic it is read from (`set_topics`), named in the holds on a source never
+        # received: the usual cause is a topic name or namespace that is not the publisher's.
+        self._topics: dict[str, str] = {}
 
     @property
     def config(self) -> ControlConfig:
         return self._config
+
+    def set_topics(self, topics: Mapping[str, str]) -> None:
+        """Where each source (camera name, STATE_SOURCE) is read from, as the holds should name it."""
+        self._topics = dict(topics)
+
+    def _topics_of(self, sources: Sequence[str]) -> str:
+        topics = [self._topics[source] for source in sources if source in self._topics]
+        return f" (topic{'s' if len(topics) > 1 else ''} {', '.join(topics)})" if topics else ""
 
     @config.setter
     def config(self, config: ControlConfig) -> None:
@@ -131,14 +142,16 @@ class ObservationBuffer:
         no_state = ""
         if state is None:
             no_state = (f"no usable {STATE_SOURCE} yet: every one received was refused, the last: "
-                        f"{refused[STATE_SOURCE]}" if STATE_SOURCE in refused else f"no {STATE_SOURCE} received yet")
+                        f"{refused[STATE_SOURCE]}" if STATE_SOURCE in refused
+                        else f"no {STATE_SOURCE} received yet{self._topics_of([STATE_SOURCE])}")
         if missing:
             reasons = [refused[name] for name in missing if name in refused]
             also = f"; {no_state}" if no_state else ""
             if reasons:
                 raise ObservationError(f"no usable image yet from camera(s) {missing}: every one received was "
                                        f"refused, the last: {reasons[0]}{also}", kind=MISSING_INPUT)
-            raise ObservationError(f"no image received yet from camera(s) {missing}{also}", kind=MISSING_INPUT)
+            raise ObservationError(f"no image received yet from camera(s) {missing}{self._topics_of(missing)}{also}",
+                                   kind=MISSING_INPUT)
         if no_state:
             raise ObservationError(no_state, kind=MISSING_INPUT)
 

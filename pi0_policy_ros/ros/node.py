@@ -620,6 +620,9 @@ class PolicyNode(LifecycleNode):
         inputs.append(self.create_subscription(
             JointState, "joint_states", self._on_joint_state, SENSOR_QOS, callback_group=input_group, raw=True))
         self._subscriptions_.append(inputs[-1])
+        # Resolved (namespace, remaps): what a hold on a source never received names.
+        sources = [camera.name for camera in config.cameras] + [STATE_SOURCE]
+        self._buffer.set_topics({source: sub.topic_name for source, sub in zip(sources, inputs)})
         if polled:
             self._poller = SubscriptionPoller(config.input_poll_period_s, self._on_poll_error,
                                               name=f"{self.get_name()}_inputs")

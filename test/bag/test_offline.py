@@ -318,5 +318,6 @@ def test_a_hold_before_some_inputs_start_names_every_one_missing(make_bag, param
     summary, _ = replay_offline(late, tmp_path / "out", make_setup(params_file))
     assert summary.chunks > 0
     missing = [kind for kind in summary.holds if "received yet" in kind]
-    assert missing == ["no image received yet from camera(s) ['wrist_image']; no joint_states received yet"], \
+    assert missing == ["no image received yet from camera(s) ['wrist_image'] (topic /wrist_image/image_raw/compressed); "
+                       "no joint_states received yet (topic /joint_states)"], \
         dict(summary.holds)

@@ -53,6 +53,18 @@ def rejected(probe, source: str, text: str) -> dict[str, str]:
     return wait_for(check)
 
 
+def test_a_camera_never_received_is_named_with_the_topic_the_node_listens_on(make_node, probe, namespace) -> None:
+    # A topic name or namespace that is not the publisher's is the usual cause: the hold names the
+    # resolved topic (namespace and remaps applied), not only the camera.
+    active(make_node, params={"camera_topics": ["cam_a/image_raw", "cam_b/compressed"]},
+           cli_args=["--ros-args", "-r", "joint_states:=arm/joint_states"])
+    values = held_for(probe, "missing_input", "no image received yet")
+    assert values["last_hold_reason"] == (f"no image received yet from camera(s) ['cam_b'] (topic "
+                                          f"{namespace}/cam_b/compressed); no joint_states received yet (topic "
+                                          f"{namespace}/arm/joint_states)")
+    assert probe.counts() == (0, 0, 0)
+
+
 # ---- images -------------------------------------------------------------------------------------
 
 IMAGE_CASES = {

@@ -51,6 +51,20 @@ def test_missing_camera_and_state() -> None:
         buf.snapshot(T0)
 
 
+def test_a_source_never_received_is_named_with_its_topic() -> None:
+    # A wrong topic or namespace is the usual cause: the hold names where the node listens.
+    buf = ObservationBuffer(["a", "b"], CFG)
+    buf.set_topics({"a": "/robot1/a/image_raw", "b": "/robot1/b/image_raw", "joint_states": "/robot1/joint_states"})
+    with pytest.raises(ObservationError) as missing:
+        buf.snapshot(T0)
+    assert str(missing.value) == ("no image received yet from camera(s) ['a', 'b'] (topics /robot1/a/image_raw, "
+                                  "/robot1/b/image_raw); no joint_states received yet (topic /robot1/joint_states)")
+    buf.put_image("a", "x", T0, T0)
+    buf.put_image("b", "x", T0, T0)
+    with pytest.raises(ObservationError, match=r"^no joint_states received yet \(topic /robot1/joint_states\)$"):
+        buf.snapshot(T0)
+
+
 def test_a_source_whose_messages_are_all_refused_is_held_for_that_reason() -> None:
     # Messages arrive but none is usable (unstamped, missing joints): the hold names why, not
     # "no joint_states received yet".
