@@ -218,6 +218,8 @@ _EMPTY_ARRAY_TYPES = {
     DOUBLE_ARRAY: Parameter.Type.DOUBLE_ARRAY,
     INTEGER_ARRAY: Parameter.Type.INTEGER_ARRAY,
 }
+_ANY_ARRAY_TYPES = (Parameter.Type.BYTE_ARRAY, Parameter.Type.BOOL_ARRAY, Parameter.Type.INTEGER_ARRAY,
+                    Parameter.Type.DOUBLE_ARRAY, Parameter.Type.STRING_ARRAY)
 
 
 class _ExitRequested(Exception):
@@ -280,6 +282,7 @@ class PolicyNode(LifecycleNode):
         if self.undeclared_overrides:
             self.get_logger().warning(self.undeclared_overrides)
         if hasattr(self, "add_post_set_parameters_callback"):  # Iron and later
+            self.add_pre_set_parameters_callback(self._typed_empty_arrays)
             self.add_on_set_parameters_callback(self._validate_parameters)
             self.add_post_set_parameters_callback(self._apply_parameters)
         else:  # Humble: rclpy has no post-set callbacks (rclpy PR #966, Iron+)
@@ -382,6 +385,20 @@ class PolicyNode(LifecycleNode):
             except ParameterUninitializedException:
                 values[spec.name] = spec.default
         return values
+
+    @staticmethod
+    def _typed_empty_arrays(params: list[Parameter]) -> list[Parameter]:
+        """An empty list of any array type becomes the parameter's own empty list: `ros2 param set
+        <node> safety_max_step "[]"` and `ros2 param load` guess a list's type from its elements and
+        send an empty one as a bool array, which rclpy refuses for a double array."""
+        out = []
+        for param in params:
+            spec = SPECS.get(param.name)
+            if (spec is not None and spec.kind in ARRAY_KINDS and param.type_ in _ANY_ARRAY_TYPES
+                    and len(param.value) == 0):
+                param = Parameter(param.name, _EMPTY_ARRAY_TYPES[spec.kind], [])
+            out.append(param)
+        return out
 
     def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
         # While configuring too: configure has read the parameters already (the config comes last).

@@ -263,6 +263,47 @@ def test_every_parameter_has_a_value_over_the_parameter_service(make_node, probe
     assert got["camera_topics"] == [] and got["safety_max_step"] == [] and got["profile_delta_action_mask"] == []
 
 
+def test_an_empty_list_from_ros2_param_set_or_load_clears_an_array_parameter(make_node, probe) -> None:
+    """`ros2 param set <node> safety_max_step "[]"` (README: an empty list switches the limit off) and
+    `ros2 param load` of a `ros2 param dump` file send an empty list as a bool array: the CLI guesses
+    the type from the elements, and there are none. rclpy refused it for every array parameter
+    ("Wrong parameter type, expected 'Type.DOUBLE_ARRAY' got 'Type.BOOL_ARRAY'"), so a limit could
+    not be switched off on the running node. A non-empty list of another type is still refused."""
+    from rcl_interfaces.msg import Parameter as ParameterMsg, ParameterType, ParameterValue
+    from rcl_interfaces.srv import GetParameters, SetParameters, SetParametersAtomically
+
+    def empty_as_cli_sends(name: str) -> ParameterMsg:
+        return ParameterMsg(name=name, value=ParameterValue(type=ParameterType.PARAMETER_BOOL_ARRAY))
+
+    node = make_node(params={"safety_max_step": [0.5], "camera_topics": ["cam_a/image_raw", "x/compressed"]})
+    name = node.get_fully_qualified_name()
+    clients = [probe.create_client(SetParameters, f"{name}/set_parameters"),
+               probe.create_client(SetParametersAtomically, f"{name}/set_parameters_atomically"),
+               probe.create_client(GetParameters, f"{name}/get_parameters")]
+    set_client, atomic_client, get_client = clients
+    try:
+        assert all(c.wait_for_service(timeout_sec=10.0) for c in clients)
+        future = set_client.call_async(SetParameters.Request(parameters=[
+            empty_as_cli_sends("safety_max_step"),
+            Parameter("safety_max_velocity", value=[1, 2, 3]).to_parameter_msg()]))
+        set_results = wait_for(lambda: future.done() and future.result().results)
+        future = atomic_client.call_async(SetParametersAtomically.Request(parameters=[
+            empty_as_cli_sends("camera_topics"), empty_as_cli_sends("profile_delta_action_mask")]))
+        atomic = wait_for(lambda: future.done() and future.result().result)
+        future = get_client.call_async(GetParameters.Request(names=["safety_max_step", "camera_topics"]))
+        values = wait_for(lambda: future.done() and future.result().values)
+    finally:
+        for client in clients:
+            probe.destroy_client(client)
+    assert set_results[0].successful, set_results[0].reason
+    assert not set_results[1].successful and "DOUBLE_ARRAY" in set_results[1].reason
+    assert atomic.successful, atomic.reason
+    assert [(v.type, list(v.double_array_value) + list(v.string_array_value)) for v in values] == [
+        (ParameterType.PARAMETER_DOUBLE_ARRAY, []), (ParameterType.PARAMETER_STRING_ARRAY, [])]
+    assert node.trigger_configure() == SUCCESS
+    assert node.config.safety.max_step == () and node.config.cameras[1].topic == "cam_b/image_raw/compressed"
+
+
 def test_configure_failure_then_fix(make_node, probe) -> None:
     node = make_node(params={"checkpoint_path": "/does/not/exist"})
     assert node.trigger_configure() == FAILURE
