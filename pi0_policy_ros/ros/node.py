@@ -370,6 +370,10 @@ class PolicyNode(LifecycleNode):
             self.declare_parameter(spec.name, default, descriptor)
         except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
             self.declare_parameter(spec.name, default, descriptor, ignore_override=True)
+            if spec.read_only:  # read at start-up only, and never settable: failing configure would need a restart
+                self.get_logger().error(f"parameter {spec.name}: {exc}; not started automatically ({spec.name} is "
+                                        f"{spec.default}: read-only, a restart with a valid value changes it)")
+                return
             self._bad_overrides[spec.name] = str(exc)
             self.get_logger().error(f"parameter {spec.name}: {exc}; configure will fail until it is set")
         if default is not spec.default and self.get_parameter_or(spec.name).type_ == Parameter.Type.NOT_SET:

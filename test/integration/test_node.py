@@ -327,6 +327,18 @@ def test_bad_start_parameters_fail_configure_until_fixed(make_node, params, fix)
     assert node.trigger_configure() == SUCCESS
 
 
+def test_a_bad_autostart_override_does_not_keep_configure_failing(make_node, probe) -> None:
+    """`-p autostart:=1` (an integer, not true or false): the node logged "configure will fail until it
+    is set", and every configure failed on it, while setting it was refused as read-only: only a
+    restart made the node configurable. It is read at start-up only: the node says it did not start
+    by itself, and configures when asked."""
+    node = make_node(params={"autostart": 1})
+    line = wait_for(lambda: probe.log_lines(Log.ERROR, "parameter autostart"))[0]
+    assert "not started automatically" in line and "set it" not in line, line
+    assert node.get_parameter("autostart").value is False
+    assert node.trigger_configure() == SUCCESS
+
+
 def test_a_control_rate_too_slow_for_the_chunk_fails_configure_and_is_refused_later(make_node, probe) -> None:
     # The fake's chunks end 0.45 s after their observation and every point goes out one control
     # period ahead: at 2 Hz no chunk could ever be sent. The node configured, then held every tick
