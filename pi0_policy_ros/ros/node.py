@@ -413,6 +413,10 @@ class PolicyNode(LifecycleNode):
             spec = SPECS.get(param.name)
             if spec is None:
                 continue
+            if state == "finalized":  # nothing reads them any more; accepted, they would only mislead
+                return SetParametersResult(successful=False, reason=(
+                    f"{param.name}: expected a node that can still run, found it finalized (shut down): "
+                    "restart the node to change its parameters"))
             if spec.configure_time and configured:
                 return SetParametersResult(successful=False, reason=(
                     f"{param.name} is a configure-time parameter: expected the node unconfigured, "

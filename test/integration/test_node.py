@@ -601,6 +601,18 @@ def test_shutdown_and_cleanup_publish_a_last_status(make_node, probe, transition
     assert wait_for(lambda: probe.log_lines(Log.INFO, message)) == [message]
 
 
+def test_parameters_set_after_shutdown_are_refused(make_node) -> None:
+    """After `ros2 lifecycle set <node> shutdown` the process keeps serving parameters, and nothing
+    reads them any more: every set was answered successful and did nothing."""
+    node = make_node()
+    assert node.trigger_shutdown() == SUCCESS
+    for param in (Parameter("control_rate_hz", value=5.0), Parameter("checkpoint_path", value="/x"),
+                  Parameter("prompt", value="pick")):
+        result = node.set_parameters([param])[0]
+        assert not result.successful and "finalized" in result.reason, (param.name, result.reason)
+    assert node.get_parameter("control_rate_hz").value == RATE_HZ
+
+
 def test_safety_counters_restart_at_activation(make_node, probe) -> None:
     """safety.clamp.* / safety.reject.* count from activation, as every other /diagnostics counter
     (they kept the counts of earlier activations)."""
