@@ -130,6 +130,7 @@ from rclpy.exceptions import (
     InvalidParameterTypeException,
     InvalidParameterValueException,
     InvalidTopicNameException,
+    ParameterNotDeclaredException,
     ParameterUninitializedException,
 )
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -222,6 +223,13 @@ _ANY_ARRAY_TYPES = (Parameter.Type.BYTE_ARRAY, Parameter.Type.BOOL_ARRAY, Parame
                     Parameter.Type.DOUBLE_ARRAY, Parameter.Type.STRING_ARRAY)
 
 
+class _UndeclaredParameter(ParameterNotDeclaredException):
+    """ParameterNotDeclaredException with our reason: rclpy's services answer its text."""
+
+    def __init__(self, reason: str) -> None:
+        Exception.__init__(self, reason)
+
+
 class _ExitRequested(Exception):
     """Raised by configure at its next step once the process is exiting (`prepare_exit`)."""
 
@@ -282,7 +290,7 @@ class PolicyNode(LifecycleNode):
         if self.undeclared_overrides:
             self.get_logger().warning(self.undeclared_overrides)
         if hasattr(self, "add_post_set_parameters_callback"):  # Iron and later
-            self.add_pre_set_parameters_callback(self._typed_empty_arrays)
+            self.add_pre_set_parameters_callback(self._before_set_parameters)
             self.add_on_set_parameters_callback(self._validate_parameters)
             self.add_post_set_parameters_callback(self._apply_parameters)
         else:  # Humble: rclpy has no post-set callbacks (rclpy PR #966, Iron+)
@@ -390,11 +398,20 @@ class PolicyNode(LifecycleNode):
                 values[spec.name] = spec.default
         return values
 
-    @staticmethod
-    def _typed_empty_arrays(params: list[Parameter]) -> list[Parameter]:
-        """An empty list of any array type becomes the parameter's own empty list: `ros2 param set
+    def _before_set_parameters(self, params: list[Parameter]) -> list[Parameter]:
+        """rclpy's pre-set hook (one only: rclpy joins the lists each hook returns).
+
+        An undeclared name raises `ParameterNotDeclaredException` naming it and the closest declared
+        name (as the ~/set_parameters services answer it); rclpy's own names none ("[]").
+        An empty list of any array type becomes the parameter's own empty list: `ros2 param set
         <node> safety_max_step "[]"` and `ros2 param load` guess a list's type from its elements and
         send an empty one as a bool array, which rclpy refuses for a double array."""
+        undeclared = [param.name for param in params if not self.has_parameter(param.name)]
+        if undeclared:
+            try:
+                check_parameter_names(undeclared, "parameter names")
+            except ConfigError as exc:
+                raise _UndeclaredParameter(str(exc)) from None
         out = []
         for param in params:
             spec = SPECS.get(param.name)

@@ -304,6 +304,33 @@ def test_an_empty_list_from_ros2_param_set_or_load_clears_an_array_parameter(mak
     assert node.config.safety.max_step == () and node.config.cameras[1].topic == "cam_b/image_raw/compressed"
 
 
+def test_a_mistyped_parameter_name_is_named_in_the_refusal(make_node, probe) -> None:
+    """`ros2 param set <node> control_rate 5.0` (for control_rate_hz): rclpy's refusal named no parameter,
+    "Invalid access to undeclared parameter(s): []" (it lists a generator it has used up). The
+    refusal names it and the closest declared name, alone or in a batch, and nothing of the batch is set."""
+    from rcl_interfaces.srv import SetParameters, SetParametersAtomically
+
+    node = make_node()
+    name = node.get_fully_qualified_name()
+    set_client = probe.create_client(SetParameters, f"{name}/set_parameters")
+    atomic_client = probe.create_client(SetParametersAtomically, f"{name}/set_parameters_atomically")
+    try:
+        assert set_client.wait_for_service(timeout_sec=10.0) and atomic_client.wait_for_service(timeout_sec=10.0)
+        future = set_client.call_async(SetParameters.Request(
+            parameters=[Parameter("control_rate", value=5.0).to_parameter_msg()]))
+        single = wait_for(lambda: future.done() and future.result().results[0])
+        future = atomic_client.call_async(SetParametersAtomically.Request(parameters=[
+            Parameter("hold_mode", value="hold_position").to_parameter_msg(),
+            Parameter("max_camera_skew", value=0.05).to_parameter_msg()]))
+        batch = wait_for(lambda: future.done() and future.result().result)
+    finally:
+        probe.destroy_client(set_client)
+        probe.destroy_client(atomic_client)
+    assert not single.successful and "'control_rate' (did you mean 'control_rate_hz'?)" in single.reason, single.reason
+    assert not batch.successful and "'max_camera_skew' (did you mean 'max_camera_skew_s'?)" in batch.reason, batch.reason
+    assert node.get_parameter("hold_mode").value == "stop"
+
+
 def test_configure_failure_then_fix(make_node, probe) -> None:
     node = make_node(params={"checkpoint_path": "/does/not/exist"})
     assert node.trigger_configure() == FAILURE
