@@ -162,6 +162,9 @@ class ControlMonitor:
                 "active": str(self._active),
                 "target_rate_hz": f"{self.control_rate_hz:.3f}",
                 "achieved_rate_hz": f"{rate_hz:.3f}",
+                # The seconds the rate is measured over: up to rate_window_s, shorter after activation,
+                # a rate change or a clock jump (the window starts at the first tick then).
+                "rate_window_s": f"{self._rate.span_s(now_s) if self._active else 0.0:.3f}",
                 "ticks": str(self._ticks),
                 "skipped_ticks": str(self._skipped_ticks),
                 "chunks_published": str(self._chunks),

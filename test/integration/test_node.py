@@ -1044,8 +1044,7 @@ def test_clock_starting_after_activation_is_not_reported_slow(make_node, probe, 
     node's time then, 0, and the first ticks came at the simulator's time. /diagnostics said
     "slow: 7.80 Hz of 20.00 Hz target" (WARN) for the first 5 s of the window, the loop running at
     its target rate all along. The window starts at the first tick instead (see also the monitor's
-    unit test). At 5 Hz, so that a tick that a loaded machine delays (an honest "slow" in an early,
-    short window) is rarer: at 20 Hz one such tick failed the full suite once in four runs."""
+    unit test), and /diagnostics says how long it is (`rate_window_s`)."""
     from rclpy.node import Node
     from rosgraph_msgs.msg import Clock
 
@@ -1057,11 +1056,13 @@ def test_clock_starting_after_activation_is_not_reported_slow(make_node, probe, 
     sim.create_timer(0.01, lambda: clock_pub.publish(Clock(clock=sim.get_clock().now().to_msg())))
     wait_for(lambda: probe.counts()[1] >= 3, describe=probe.summary)
     probe.clear()
-    time.sleep(1.5)
+    time.sleep(1.0)
     with probe.lock:
-        messages = [s.message for s in probe.diagnostics]
-    assert messages and not [m for m in messages if m.startswith("slow")], messages
-    assert "running at" in messages[-1], messages
+        windows = [float({kv.key: kv.value for kv in s.values}["rate_window_s"]) for s in probe.diagnostics]
+    # Three chunks at 5 Hz came within ~0.6 s of the first tick; a window from time 0 is the whole
+    # 5 s at once. (Whether it reads "slow" depends on the machine: a tick a loaded one delays is an
+    # honest miss in a window this short, which made this test flaky when it asserted on the label.)
+    assert windows and 0.0 < windows[0] < 3.0 and windows == sorted(windows), windows
 
 
 def test_diagnostics_say_sim_time_stopped_when_clock_stops(make_node, probe, attach, namespace: str) -> None:

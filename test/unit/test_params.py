@@ -177,6 +177,8 @@ def test_monitor_started_before_the_clock_measures_from_the_first_tick() -> None
         monitor.published(1000.0 + i * 0.1 + 0.01, {}, 0.0, 0.0)
     report = monitor.report(1000.41)
     assert report.level == OK and report.message.startswith("running at"), report.message
+    assert report.values["rate_window_s"] == "0.410"  # from the first tick, not from time 0
+    assert monitor.report(1010.0).values["rate_window_s"] == "5.000"  # then the whole window
 
 
 def test_monitor_a_publish_ends_the_hold_and_skipped_ticks_round() -> None:
