@@ -103,6 +103,7 @@ instead of queueing them.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import logging
@@ -221,6 +222,15 @@ _EMPTY_ARRAY_TYPES = {
 }
 _ANY_ARRAY_TYPES = (Parameter.Type.BYTE_ARRAY, Parameter.Type.BOOL_ARRAY, Parameter.Type.INTEGER_ARRAY,
                     Parameter.Type.DOUBLE_ARRAY, Parameter.Type.STRING_ARRAY)
+
+
+def _same_value(new: Any, current: Any) -> bool:
+    """Parameter values equal as set: an array by its elements (rclpy keeps array.array, a request
+    brings a list), a scalar also by its type (True is not 1)."""
+    arrays = (list, tuple, array.array)
+    if isinstance(new, arrays) and isinstance(current, arrays):
+        return list(new) == list(current)
+    return type(new) is type(current) and new == current
 
 
 class _UndeclaredParameter(ParameterNotDeclaredException):
@@ -435,6 +445,8 @@ class PolicyNode(LifecycleNode):
                     f"{param.name}: expected a node that can still run, found it finalized (shut down): "
                     "restart the node to change its parameters"))
             if spec.configure_time and configured:
+                if _same_value(param.value, self.get_parameter(param.name).value):
+                    continue  # unchanged: `ros2 param load` of a `ros2 param dump` sets every parameter
                 return SetParametersResult(successful=False, reason=(
                     f"{param.name} is a configure-time parameter: expected the node unconfigured, "
                     f"found it {state} (cleanup, set, then configure)"))

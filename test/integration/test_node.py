@@ -17,6 +17,7 @@ from test.fakes import FakePolicy, FakeProfile, expected_actions
 from test.integration.harness import IMAGE_A, IMAGE_B, JOINTS, Probe, duration_s, wait_for
 from pi0_policy_ros.control.trajectory import finite_difference_velocities
 from pi0_policy_ros.ros.convert import action_chunk_from_message
+from pi0_policy_ros.ros.params import PARAMS
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 PROFILE = FakeProfile()
@@ -329,6 +330,28 @@ def test_a_mistyped_parameter_name_is_named_in_the_refusal(make_node, probe) -> 
     assert not single.successful and "'control_rate' (did you mean 'control_rate_hz'?)" in single.reason, single.reason
     assert not batch.successful and "'max_camera_skew' (did you mean 'max_camera_skew_s'?)" in batch.reason, batch.reason
     assert node.get_parameter("hold_mode").value == "stop"
+
+
+def test_a_parameter_dump_loads_back_into_the_configured_node(make_node) -> None:
+    """`ros2 param load` of a `ros2 param dump` sets every parameter, the configure-time ones at the
+    values they have: each was refused ("configure-time parameter"), about 45 failures around the
+    dynamic values that did apply. An unchanged value is accepted; a changed one is still refused."""
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+    # As the dump writes them; autostart is read-only, which rclpy refuses to set at all (its own message).
+    dump = [node.get_parameter(spec.name) for spec in PARAMS if not spec.read_only]
+    dump = [Parameter(p.name, value=list(p.value) if isinstance(p.value, array.array) else p.value)
+            for p in dump if p.type_ != Parameter.Type.NOT_SET]
+    dump = [p if p.name != "control_rate_hz" else Parameter("control_rate_hz", value=5.0) for p in dump]
+    assert len(dump) > 40
+    results = node.set_parameters(dump)
+    assert all(r.successful for r in results), [(p.name, r.reason) for p, r in zip(dump, results) if not r.successful]
+    assert node.get_parameter("control_rate_hz").value == 5.0 and node._buffer.config.control_rate_hz == 5.0
+    assert node.set_parameters_atomically(dump).successful
+    changed = node.set_parameters_atomically([Parameter("seed", value=7), Parameter("control_rate_hz", value=8.0)])
+    assert not changed.successful and "seed is a configure-time parameter" in changed.reason, changed.reason
+    assert node.get_parameter("control_rate_hz").value == 5.0 and node.get_parameter("seed").value == 0
+    assert not node.set_parameters([Parameter("camera_names", value=["cam_b", "cam_a"])])[0].successful
 
 
 def test_configure_failure_then_fix(make_node, probe) -> None:
