@@ -116,6 +116,15 @@ def test_configuration_errors_name_what_was_expected() -> None:
     ({"max_step": (np.nan,)}, "max_step must be numbers, found NaN"),
     ({"position_lower": (np.nan,), "position_upper": (1.0,)}, "position_lower must be numbers"),
     ({"gripper_dims": (2,), "gripper_range": (1.0, 0.0)}, "lower <= upper"),
+    # A NaN in any limit, not only the first ones checked: NaN compares false, so it switches the limit off.
+    ({"max_velocity": (1.0, np.nan, 1.0)}, "max_velocity must be numbers, found NaN"),
+    ({"position_lower": (-1.0,), "position_upper": (np.nan,)}, "position_upper must be numbers"),
+    ({"gripper_dims": (2,), "gripper_range": (0.0, np.nan)}, "gripper_range must be numbers"),
+    # Gripper settings that would fail only at the first chunk, or on the wrong dim.
+    ({"gripper_dims": (2,)}, "gripper_dims and gripper_range go together"),
+    ({"gripper_range": (0.0, 1.0)}, "gripper_dims and gripper_range go together"),
+    ({"gripper_dims": (2,), "gripper_range": (0.0, 0.5, 1.0)}, r"gripper_range needs \(lower, upper\)"),
+    ({"gripper_dims": (-1,), "gripper_range": (0.0, 1.0)}, r"gripper_dims \[-1\] are outside the 3 action dims"),
 ])
 def test_limits_that_cannot_limit_are_refused(kwargs, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
@@ -136,6 +145,46 @@ def test_limit_start_scales_the_first_segment_to_its_lead_time() -> None:
     # A chunk whose `apply` already counted the velocity clamp: clamped, not counted again.
     again = f.limit_start(sent, first_lead_s=0.05, reference=np.zeros(3), counted=("velocity",))
     assert again.clamped == ("velocity",) and f.clamp_counts["velocity"] == 1
+
+
+def test_a_period_of_zero_is_refused() -> None:
+    # Every allowance is scaled by spans / period_s: a zero period made them inf or NaN.
+    for period_s in (0.0, -0.1):
+        with pytest.raises(ValueError, match="period_s must be > 0"):
+            SafetyFilter(SafetyConfig(max_velocity=(1.0,)), action_dim=3, period_s=period_s)
+
+
+def test_limits_with_equal_bounds_are_allowed_and_pin_the_dim() -> None:
+    # lower == upper is a locked joint (or a gripper held at one command), not a configuration error.
+    f = make(position_lower=(-1.0, 0.3, -1.0), position_upper=(1.0, 0.3, 1.0),
+             gripper_dims=(2,), gripper_range=(0.5, 0.5))
+    result = f.apply(np.array([[0.2, 0.0, 0.0], [0.2, 0.9, 1.0]]))
+    np.testing.assert_allclose(result.actions, [[0.2, 0.3, 0.5], [0.2, 0.3, 0.5]], atol=1e-7)
+    assert result.clamped == ("gripper", "position")
+
+
+def test_a_chunk_exactly_on_its_limits_is_inside_them() -> None:
+    # The limits are inclusive: a chunk that touches them is neither clamped (nor counted) nor rejected.
+    chunk = np.array([[-1.0, 1.0, 0.0], [1.0, -1.0, 1.0]])
+    limits = {"position_lower": (-1.0,), "position_upper": (1.0,), "gripper_dims": (2,), "gripper_range": (0.0, 1.0)}
+    clamp = make(**limits)
+    result = clamp.apply(chunk)
+    assert not result.rejected and result.clamped == () and all(v == 0 for v in clamp.counters.values())
+    np.testing.assert_array_equal(result.actions, chunk)
+    reject = make(**limits, position_policy="reject", gripper_policy="reject")
+    assert not reject.apply(chunk).rejected and all(v == 0 for v in reject.counters.values())
+
+
+def test_limit_start_holds_a_first_point_already_due_at_the_reference() -> None:
+    # A first point whose time has passed (negative lead) has no time to move in: its allowance is
+    # zero, not negative (np.clip with crossed bounds moved it the other way, by the lead).
+    f = make(max_velocity=(1.0,))
+    sent = np.array([[0.2] * 3, [0.25] * 3, [0.3] * 3])
+    result = f.limit_start(sent, first_lead_s=-0.05, reference=np.zeros(3))
+    np.testing.assert_allclose(result.actions[:, 0], [0.0, 0.1, 0.2], atol=1e-6)
+    # No points to send: nothing to check, nothing rejected.
+    empty = f.limit_start(np.zeros((0, 3)), first_lead_s=0.1, reference=np.zeros(3))
+    assert not empty.rejected and empty.actions.shape == (0, 3)
 
 
 def test_limit_start_reject_names_the_segment() -> None:
@@ -266,6 +315,7 @@ def test_min_travel_s_is_the_slowest_dim_under_the_tightest_limit() -> None:
     # Per dim: dim 1 at 0.01 units/s needs 5 s for its 0.05.
     assert make(max_velocity=(2.0, 0.01, 2.0)).min_travel_s(start, end) == pytest.approx(5.0)
     assert make(max_velocity=(2.0,)).min_travel_s(start, np.array([np.nan, 0.0, 0.0])) == 0.0
+    assert make(max_velocity=(2.0,)).min_travel_s(np.array([0.0, np.inf, 0.0]), end) == 0.0
 
 
 def test_a_reference_too_far_outside_names_what_ends_outside() -> None:
