@@ -224,10 +224,24 @@ def test_off_grid_stamps_interpolate() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"mode": "blend"}, {"execute_horizon": 0}, {"mask_schedule": "cos"},
                                     {"max_guidance_weight": -1.0}, {"latency_percentile": 101.0},
-                                    {"ensemble_decay": math.nan}])
+                                    {"ensemble_decay": math.nan}, {"latency_window": 0}])
 def test_config_rejects_invalid_values(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         SchedulerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("period_s, horizon, pattern", [(0.0, 10, "action period must be > 0 s"),
+                                                        (math.inf, 10, "action period must be > 0 s"),
+                                                        (PERIOD_S, 0, "chunk horizon must be >= 1")])
+def test_scheduler_rejects_a_geometry_it_cannot_schedule(period_s: float, horizon: int, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        ChunkScheduler(SchedulerConfig(), period_s, horizon)
+
+
+@pytest.mark.parametrize("mode", ["temporal_ensemble", "rtc"])
+def test_execute_horizon_equal_to_the_chunk_is_allowed(mode: str) -> None:
+    # s = H: each chunk executes to its end before the next starts.
+    assert ChunkScheduler(SchedulerConfig(mode=mode, execute_horizon=10), PERIOD_S, horizon=10).horizon == 10
 
 
 @pytest.mark.parametrize("mode", ["temporal_ensemble", "rtc_fast", "rtc"])
@@ -363,3 +377,82 @@ def test_a_withdrawn_chunk_does_not_delay_the_next_start_even_if_it_came_too_lat
     assert not sched.complete(late, make_chunk(late.chunk_id, 10), T0_S + 14.5 * PERIOD_S)
     sched.withdraw(late)
     assert sched.should_start(T0_S + 14.5 * PERIOD_S) and sched.status().chunks_dropped == 1
+
+
+def test_rtc_mask_never_exceeds_the_chunk() -> None:
+    """A delay longer than the chunk (a dropped chunk came 1.6 s late at 0.1 s periods, H = 10):
+    the mask covers every row of Y, not more rows than there are."""
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=4, latency_percentile=100.0), PERIOD_S, 10)
+    sched.complete(sched.begin(T0_S), make_chunk(0, 10), T0_S)
+    late = sched.begin(T0_S + 4 * PERIOD_S)
+    assert not sched.complete(late, make_chunk(1, 10), T0_S + 20 * PERIOD_S)
+    request = sched.begin(T0_S + 20 * PERIOD_S)
+    assert request.delay_steps == 16 and request.mask_end == 10
+
+
+def test_executed_positions_replace_the_newest_chunk_in_splicing_modes_only() -> None:
+    clamped = np.full((6, 2), -1.0)
+    spliced = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=2), PERIOD_S, horizon=10)
+    request = spliced.begin(T0_S)
+    spliced.complete(request, make_chunk(0, 10), T0_S)
+    spliced.executed(request, 4, clamped)
+    assert spliced.action_at(T0_S + 5 * PERIOD_S).positions[0] == pytest.approx(-1.0)
+    # temporal_ensemble keeps the chunk as the policy gave it (the points sent were a blend).
+    ensemble = ChunkScheduler(SchedulerConfig(mode="temporal_ensemble", execute_horizon=2), PERIOD_S, horizon=10)
+    request = ensemble.begin(T0_S)
+    ensemble.complete(request, make_chunk(0, 10), T0_S)
+    ensemble.executed(request, 4, clamped)
+    assert ensemble.action_at(T0_S + 5 * PERIOD_S).positions[0] == pytest.approx(5.0)
+
+
+def test_executed_refuses_positions_for_a_chunk_that_is_not_the_newest() -> None:
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=2), PERIOD_S, horizon=10)
+    old = sched.begin(T0_S)
+    sched.complete(old, make_chunk(0, 10), T0_S)
+    new = sched.begin(T0_S + 2 * PERIOD_S)
+    sched.complete(new, make_chunk(1, 10), T0_S + 2 * PERIOD_S)
+    with pytest.raises(Pi0PolicyError, match="of the newest chunk 1, found .* for chunk 0"):
+        sched.executed(old, 0, np.zeros((10, 2)))
+    assert sched.action_at(T0_S + 2 * PERIOD_S).positions[0] == pytest.approx(100.0)
+
+
+def test_compose_weights_the_oldest_most_whatever_order_the_ids_come_in() -> None:
+    cfg = SchedulerConfig(mode="temporal_ensemble", execute_horizon=2, ensemble_decay=0.5)
+    sched = ChunkScheduler(cfg, PERIOD_S, horizon=6)
+    simulate(sched, latency_steps=0, num_steps=3)  # chunks 0 (stamp 0) and 1 (stamp 2)
+    t = T0_S + 2 * PERIOD_S
+    np.testing.assert_allclose(sched.compose((1, 0), t), sched.compose((0, 1), t))
+
+
+def test_a_chunk_does_not_act_before_its_own_stamp() -> None:
+    """At a time before a chunk's stamp (action 0's time) the ensemble leaves it out, and on its
+    own it gives its first action, not an extrapolation from its end."""
+    cfg = SchedulerConfig(mode="temporal_ensemble", execute_horizon=2, ensemble_decay=0.0)
+    sched = ChunkScheduler(cfg, PERIOD_S, horizon=6)
+    simulate(sched, latency_steps=0, num_steps=3)  # chunks 0 (stamp 0) and 1 (stamp 2)
+    before = sched.action_at(T0_S + 1.5 * PERIOD_S)
+    assert before.chunk_ids == (0,) and before.positions[0] == pytest.approx(1.5)
+    naive = ChunkScheduler(SchedulerConfig(execute_horizon=2), PERIOD_S, horizon=6)
+    naive.complete(naive.begin(T0_S), make_chunk(0, 6), T0_S)
+    early = naive.action_at(T0_S - 1.5 * PERIOD_S)
+    assert early.positions[0] == pytest.approx(0.0) and not early.holding
+
+
+def test_abort_keeps_the_previous_start_and_abort_in_flight_ends_any_request() -> None:
+    sched = ChunkScheduler(SchedulerConfig(mode="rtc", execute_horizon=5), PERIOD_S, horizon=10)
+    sched.abort_in_flight()  # nothing in flight: nothing to do
+    sched.complete(sched.begin(T0_S), make_chunk(0, 10), T0_S)
+    # An inference begun early that failed: the schedule runs from the start before it, as if it
+    # had never started (not as if nothing had ever started).
+    sched.abort(sched.begin(T0_S + 2 * PERIOD_S))
+    assert not sched.should_start(T0_S + 3 * PERIOD_S) and sched.should_start(T0_S + 5 * PERIOD_S)
+    sched.begin(T0_S + 5 * PERIOD_S)
+    sched.abort_in_flight()
+    assert not sched.status().in_flight and sched.should_start(T0_S + 5 * PERIOD_S)
+
+
+def test_plan_before_the_first_chunk_is_none() -> None:
+    sched = ChunkScheduler(SchedulerConfig(), PERIOD_S, horizon=10)
+    assert sched.plan(T0_S, 5) is None
+    sched.begin(T0_S)
+    assert sched.plan(T0_S, 5) is None  # in flight, not yet available
