@@ -114,8 +114,42 @@ def test_stale_state() -> None:
 def test_camera_skew() -> None:
     buf = filled()
     buf.put_image("b", "late", T0 + 0.2, T0 + 0.2)
-    with pytest.raises(ObservationError, match=r"cameras out of sync: expected stamp spread <= 0.100 s .* found 0.230 s"):
+    spread = r"cameras out of sync: expected stamp spread <= 0.100 s .* found 0.230 s"
+    with pytest.raises(ObservationError, match=spread) as info:
         buf.snapshot(T0 + 0.2)
+    assert info.value.kind == "camera_skew"  # the hold reason counted in /diagnostics
+
+
+def test_a_camera_and_joint_states_both_missing_are_both_named() -> None:
+    buf = ObservationBuffer(["a", "b"], CFG)
+    buf.put_image("a", "x", T0, T0)
+    with pytest.raises(ObservationError, match=r"no image received yet from camera\(s\) \['b'\]; "
+                                               r"no joint_states received yet$"):
+        buf.snapshot(T0)
+
+
+def test_the_limits_are_inclusive() -> None:
+    # age == max_observation_age_s and skew == max_camera_skew_s are within the limits ("<=" as the
+    # errors say); 0.0, a valid choice, means cameras stamped together, not "never".
+    buf = ObservationBuffer(["a", "b"], ControlConfig(max_observation_age_s=0.5, max_camera_skew_s=0.0))
+    buf.put_image("a", "x", T0, T0)
+    buf.put_image("b", "y", T0, T0)
+    buf.put_state(np.zeros(2), T0, T0)
+    snap = buf.snapshot(T0 + 0.5)
+    assert snap.age_s == 0.5 and snap.camera_skew_s == 0.0
+
+
+def test_no_future_stamp_allowed_still_takes_stamps_of_now_and_refuses_older_ones() -> None:
+    # max_future_stamp_s = 0 (simulation: sensors stamp with our clock): a stamp equal to now is
+    # not in the future, and a later one older than it went backwards (not a clock reset).
+    buf = ObservationBuffer(["a"], ControlConfig(max_future_stamp_s=0.0))
+    buf.put_image("a", "now", T0, T0)
+    buf.put_state(np.zeros(2), T0, T0)
+    assert buf.snapshot(T0).images["a"] == "now"
+    with pytest.raises(ObservationError, match="camera 'a': stamp went backwards"):
+        buf.put_image("a", "older", T0 - 0.01, T0)
+    with pytest.raises(ObservationError, match=r"camera 'a': stamp is 0.010 s in the future"):
+        buf.put_image("a", "ahead", T0 + 0.01, T0)
 
 
 def test_limits_follow_a_config_change() -> None:
