@@ -297,6 +297,7 @@ def test_action_state_indices() -> None:
     assert action_state_indices(["a", "b"], ["a", "x"]) is None
     assert action_state_indices(["a", "b"], ["a", "b"], "joint_velocity") is None
     assert action_state_indices(["a", "b"], ["b", "a"], "unspecified") == (1, 0)  # the generic profile
+    assert action_state_indices(["a", "b"], []) is None  # no action joint: nothing measured to compare with
 
 
 def test_monitor_counts_holds_per_kind_on_the_callers_clock() -> None:
@@ -934,3 +935,142 @@ def test_close_ends_the_decode_threads_and_later_ticks_decode_on_the_callers_thr
     feed_cameras(step, 10.1)
     assert step.run(lambda: 10.12).published
     assert decoder.threads[-2:] == [threading.current_thread().name] * 2 and decode_threads(before) == []
+
+
+def test_an_unknown_hold_mode_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"hold_mode: expected one of \['stop', 'hold_position'\], found 'freeze'"):
+        make_step(hold_mode="freeze")
+
+
+def test_stop_plan_sends_a_hold_point_only_over_a_trajectory_of_ours_and_only_once() -> None:
+    step = make_step(hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    assert step.stop_plan(10.0) == (None, "")  # nothing of ours runs yet: nothing to stop
+    assert step.run(lambda: 10.0).published and step.executing
+    plan, refusal = step.stop_plan(10.05)
+    assert refusal == "" and not step.executing
+    np.testing.assert_array_equal(plan.positions, STATE[None, :])
+    assert step.stop_plan(10.1) == (None, "")  # the hold point already replaced our trajectory
+
+
+def test_reset_forgets_the_trajectory_and_the_clock() -> None:
+    # Activation after a pause: a clock behind the reading before the reset (a simulation restarted
+    # while inactive) is no jump, and no trajectory of ours runs to send a hold point over.
+    step = make_step(hold_mode=HOLD_POSITION)
+    feed(step, 100.0)
+    assert step.run(lambda: 100.01).published and step.executing
+    step.reset()
+    assert not step.executing
+    feed(step, 5.0, image="corrupt")
+    held = step.run(lambda: 5.01)
+    assert (held.kind, held.plan) == (BAD_IMAGE, None)
+    feed(step, 5.02)
+    assert step.run(lambda: 5.03).published
+
+
+def test_a_second_clock_jump_back_is_a_jump_too() -> None:
+    step = make_step()
+    feed(step, 100.0)
+    assert step.run(lambda: 100.01).published
+    assert step.run(lambda: 50.0).kind == CLOCK_JUMP
+    result = step.run(lambda: 5.0)  # 45 s behind the reading that saw the first jump
+    assert (result.outcome, result.kind) == (HOLD, CLOCK_JUMP) and "45.000 s" in result.reason
+
+
+def test_the_delay_follows_a_control_rate_changed_after_prepare() -> None:
+    # The points go out one control period ahead: at 5 Hz that is 0.2 s, 4 action periods of d.
+    step = make_step(scheduler=SchedulerConfig(mode="rtc", execute_horizon=4))
+    step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+    assert step.scheduler_status().delay_steps == 1
+    step.buffer.config = ControlConfig(control_rate_hz=5.0, max_observation_age_s=0.3)
+    assert step.run(lambda: 10.0).kind == "missing_input"
+    assert step.scheduler_status().delay_steps == 4
+
+
+def test_rate_limits_without_measured_action_joints_publish() -> None:
+    # Actions that are not measured joints (state_indices None) have no measured position to go
+    # stale: the chunk goes out, its steps checked within the chunk only.
+    step = make_step(safety=SafetyConfig(max_velocity=(100.0,)), action_joints=("x", "y", "z"))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.01).published
+
+
+def test_a_scheduled_chunk_with_one_action_ahead_sends_that_action() -> None:
+    # The inference took 0.4 s of the 0.45 s chunk: its last action is exactly one control period
+    # ahead, so it alone goes out (the chunk has not expired).
+    step = make_step(scheduler=SchedulerConfig(mode="rtc", execute_horizon=4))
+    feed(step, 10.0)
+    times = iter([10.0, 10.4])
+    result = step.run(lambda: next(times))
+    assert result.published, result.reason
+    assert result.plan.first_index == 9 and result.plan.positions.shape == (1, 3)
+    np.testing.assert_allclose(result.plan.times_from_start_s, [CONTROL.control_period_s])
+
+
+def test_a_hold_point_takes_a_measured_position_exactly_max_observation_age_old() -> None:
+    # As the snapshot's age check: a sample max_observation_age_s old is still fresh.
+    step = make_step(hold_mode=HOLD_POSITION)
+    step.buffer.config = ControlConfig(control_rate_hz=20.0, max_observation_age_s=0.25, max_camera_skew_s=0.3)
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    step.buffer.put_image("cam_a", "corrupt", 10.25, 10.25)
+    held = step.run(lambda: 10.25)
+    assert held.kind == BAD_IMAGE and held.plan is not None
+    np.testing.assert_array_equal(held.plan.positions, STATE[None, :])
+
+
+def test_a_measured_position_outside_the_position_limits_is_not_sent_as_a_hold_point() -> None:
+    # A bad measurement (encoder ticks for radians) held at would command the joint outside its limits.
+    step = make_step(safety=SafetyConfig(position_lower=(-1.0,), position_upper=(1.0,)), hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    step.buffer.put_state(np.array([5.0, -0.2, 0.3]), 10.05, 10.05)
+    step.buffer.put_image("cam_a", "corrupt", 10.05, 10.05)
+    held = step.run(lambda: 10.05)
+    assert held.kind == BAD_IMAGE and held.plan is None and step.executing
+    assert held.reason.endswith("(hold_position: the measured position is outside the position limits, "
+                                "dim 0 = 5 is outside [-1, 1]; nothing sent)"), held.reason
+
+
+def test_a_tick_that_raised_before_the_scheduler_took_its_chunk_leaves_the_chunk_sent_before(monkeypatch) -> None:
+    # The raising tick's own request ends (else every later start waits on it); the chunk published
+    # by the tick before stays the one the next request continues.
+    policy = FakePolicy(PolicyConfig())
+    step = make_step(policy, scheduler=SchedulerConfig(mode="rtc", execute_horizon=1))
+    feed(step, 10.0)
+    assert step.run(lambda: 10.0).published
+    feed(step, 10.05)
+    monkeypatch.setattr(step.safety, "apply", functools.partial(_raise, RuntimeError("a bug in the safety filter")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        step.run(lambda: 10.05)
+    monkeypatch.undo()
+    status = step.scheduler_status()
+    assert not status.in_flight and status.chunks_dropped == 0
+    feed(step, 10.1)
+    assert step.run(lambda: 10.1).published
+    assert policy.guidance[-1] is not None  # continues the chunk sent at 10.0
+
+
+def _raise(error: Exception, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    raise error
+
+
+class ShortChunkPolicy(FakePolicy):
+    """Returns chunks of 8 actions where the scheduler was prepared for 10."""
+
+    def infer(self, observation, guidance=None):  # noqa: ANN001, ANN201
+        chunk = super().infer(observation, guidance)
+        return ActionChunk(chunk.actions[:8], chunk.stamp_s, chunk.period_s, chunk.timings_ms)
+
+
+def test_a_chunk_of_another_horizon_holds_and_leaves_nothing_in_flight() -> None:
+    step = make_step(ShortChunkPolicy(PolicyConfig()))
+    step.prepare(PROFILE.action_horizon, PROFILE.action_period_s)
+    feed(step, 10.0)
+    result = step.run(lambda: 10.0)
+    assert (result.outcome, result.kind, result.level) == (HOLD, UNUSABLE_CHUNK, ERROR)
+    assert "expected actions [10, A], found (8, 3)" in result.reason
+    assert not step.scheduler_status().in_flight
+    step.policy = FakePolicy(PolicyConfig())
+    feed(step, 10.05)
+    assert step.run(lambda: 10.05).published
