@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pi0_policy_ros.control.monitor import OK, WARN, ControlMonitor
+from pi0_policy_ros.control.monitor import ERROR, OK, WARN, ControlMonitor
 from pi0_policy_ros.control.observation_buffer import ObservationBuffer
+from pi0_policy_ros.control.rate_meter import RateMeter
 from pi0_policy_ros.control.safety import SafetyFilter
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.policy.robots import get_profile
@@ -214,6 +215,107 @@ def test_monitor_measures_a_new_control_rate_from_the_change(new_rate_hz: float)
     report = monitor.report(ticks[-1])
     assert report.level == OK and float(report.values["achieved_rate_hz"]) == pytest.approx(new_rate_hz)
     assert report.values["skipped_ticks"] == "0" and report.values["target_rate_hz"] == f"{new_rate_hz:.3f}"
+
+
+def test_monitor_start_counts_from_zero_and_stop_reports_inactive() -> None:
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(0.0)
+    monitor.tick_started(0.1)
+    monitor.published(0.1, {"infer": 3.0}, 0.02, 0.001)
+    monitor.input_rejected("joint_states: stamp went backwards", "joint_states")
+    monitor.held("inference failed: boom", ERROR, "inference_failed")
+    report = monitor.report(0.2)
+    assert (report.level, report.message) == (ERROR, "holding: inference failed: boom")  # the hold's own level
+    assert report.values["observation_errors"] == "1"
+    assert report.values["last_input_error"] == "joint_states: stamp went backwards"
+    assert (report.values["observation_age_s"], report.values["camera_skew_s"]) == ("0.0200", "0.0010")
+    monitor.stop()
+    stopped = monitor.report(0.3)
+    assert (stopped.level, stopped.message, stopped.values["achieved_rate_hz"]) == (OK, "inactive", "0.000")
+    monitor.start(10.0)  # the next activation
+    values = monitor.report(10.0).values
+    assert values["ticks"] == values["chunks_published"] == values["holds"] == values["observation_errors"] == "0"
+    assert not any(key.startswith(("latency_", "holds.")) for key in values)
+
+
+def test_monitor_reports_a_rate_from_two_periods_and_warns_below_the_slow_fraction() -> None:
+    # Exactly representable times: 10 Hz, a 1 s window from 0. At the start there is no window yet
+    # (no division by zero); at 1.5 periods no rate is said, at exactly 2 periods one is.
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(0.0)
+    assert monitor.report(0.0).values["achieved_rate_hz"] == "0.000"
+    monitor.tick_started(0.125)
+    monitor.published(0.125, {}, 0.0, 0.0)
+    assert monitor.report(0.15).message == "running (the achieved rate is measured after two control periods)"
+    assert monitor.report(0.2).message.startswith("slow: 5.00 Hz")
+    for rate_hz, level in ((8.0, OK), (7.0, WARN)):  # 0.8 of the target is not below it, 0.7 is
+        monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+        monitor.start(0.0)
+        for k in range(1, int(rate_hz) + 1):
+            monitor.tick_started(k / rate_hz)
+            monitor.published(k / rate_hz, {}, 0.0, 0.0)
+        report = monitor.report(1.0)
+        assert (report.level, report.values["achieved_rate_hz"]) == (level, f"{rate_hz:.3f}"), report.message
+
+
+def test_monitor_rate_counts_the_periods_in_its_window() -> None:
+    # A tick at the window's start (the activation's own time) begins the first period; 11 ticks
+    # 0.1 s apart over 1 s are 10 Hz, not 11.
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(0.0)
+    for k in range(11):
+        monitor.tick_started(k * 0.1)
+        monitor.published(k * 0.1, {}, 0.0, 0.0)
+    assert monitor.report(1.0).values["achieved_rate_hz"] == "10.000"
+
+
+def test_monitor_clock_jump_forgets_the_ticks_before_it_and_a_tick_at_the_same_time_is_none() -> None:
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(100.0)
+    for t in (100.1, 100.2, 100.2):  # a clock that did not move (a paused simulation) is no jump
+        monitor.tick_started(t)
+        monitor.published(t, {}, 0.0, 0.0)
+    assert monitor.report(100.2).values["clock_jumps"] == "0"
+    monitor.tick_started(1.0)  # simulation reset: the ticks at 100.x lie in the new clock's future
+    monitor.published(1.05, {}, 0.0, 0.0)
+    values = monitor.report(1.1).values
+    assert values["clock_jumps"] == "1" and float(values["achieved_rate_hz"]) == pytest.approx(10.0)
+
+
+def test_monitor_ticks_closer_than_a_period_skip_none() -> None:
+    # A timer catching up fires twice in a row: no negative skipped ticks.
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(0.0)
+    monitor.tick_started(0.1)
+    monitor.tick_started(0.11)
+    assert monitor.report(0.2).values["skipped_ticks"] == "0"
+
+
+def test_monitor_started_before_the_clock_counts_from_the_first_tick_not_the_first_chunk() -> None:
+    # The first tick at 1000.0 took 0.1 s to publish: the window runs from the tick, so its one
+    # chunk over 0.2 s is 5 Hz (a window from the chunk would have said nothing yet).
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=5.0)
+    monitor.start(None)
+    monitor.tick_started(1000.0)
+    monitor.published(1000.1, {}, 0.0, 0.0)
+    assert monitor.report(1000.2).values["achieved_rate_hz"] == "5.000"
+
+
+def test_monitor_input_without_a_stamp_delay_counts_without_a_nan_delay() -> None:
+    monitor = ControlMonitor(control_rate_hz=10.0)
+    monitor.input_received("cam_a", float("nan"))
+    values = monitor.report(0.0).values
+    assert values["inputs.cam_a"] == "1" and not any(key.startswith("input_delay_cam_a") for key in values)
+
+
+def test_rate_meter_window_and_start() -> None:
+    with pytest.raises(ValueError, match="window_s must be > 0, found 0"):
+        RateMeter(0)
+    meter = RateMeter(1.0)
+    meter.reset(None)
+    assert not meter.started
+    meter.record(3.0)  # without a start time, the first event starts the window
+    assert meter.started and meter.span_s(3.5) == 0.5
 
 
 def test_values_above_the_range_are_refused() -> None:
