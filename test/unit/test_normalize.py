@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from pi0_policy_ros.errors import CheckpointError, ConfigError
 from pi0_policy_ros.policy.normalize import (
+    LeRobotNormalization,
     NormStats,
     Normalizer,
     check_stats_dims,
@@ -193,6 +194,70 @@ def test_wider_stats_that_are_not_zero_padding_are_warned(caplog: pytest.LogCapt
         f"'{key}' norm stats have 14 dims, the robot profile {dim}: dims {dim}-13 are not zero padding (openpi's "
         f"padded stats are 0 there), so they may be another robot's stats (wrong asset_id or robot_profile?); the "
         f"first {dim} are used, as openpi does" for key, dim in (("state", 8), ("actions", 7))]
+
+
+def test_quantile_normalization_needs_both_quantiles() -> None:
+    # q99 null in the file (q01 present): quantile normalization cannot run, and says so at load.
+    stats = {"state": NormStats(mean=MEAN, std=STD, q01=Q01), "actions": stats3()["actions"]}
+    assert not stats["state"].has_quantiles
+    with pytest.raises(ConfigError, match=r"q01 and q99.*\['state'\]"):
+        Normalizer(stats, use_quantiles=True)
+
+
+def test_explicit_eps_follows_each_conventions_formula() -> None:
+    # A large eps shows where each convention adds it: openpi to every std and quantile span,
+    # LeRobot to the z-score's normalize only (unnormalize x * std + mean) and to zero spans only.
+    x = np.array([0.5, -0.5, 0.25])
+    openpi = Normalizer(stats3(), use_quantiles=True, eps=0.5)
+    np.testing.assert_allclose(openpi.unnormalize("actions", x), (x + 1) / 2 * (Q99 - Q01 + 0.5) + Q01, rtol=1e-6)
+    lerobot = Normalizer(stats3(), use_quantiles=False, eps=0.5, convention="lerobot")
+    np.testing.assert_allclose(lerobot.normalize("state", x), (x - MEAN) / (STD + 0.5), rtol=1e-6)
+    np.testing.assert_allclose(lerobot.unnormalize("actions", x), x * STD + MEAN, rtol=1e-6)
+
+
+def test_the_normalizer_keeps_the_stats_it_checked() -> None:
+    # Its stats are checked when it is made: a later change to the caller's dict (here swapped
+    # quantiles, which would mirror every action) does not reach it.
+    stats = stats3()
+    normalizer = Normalizer(stats, use_quantiles=True)
+    stats["actions"] = NormStats(mean=MEAN, std=STD, q01=Q99 + 1.0, q99=Q01)
+    np.testing.assert_allclose(normalizer.unnormalize("actions", np.array([-1.0, 1.0, 0.0])),
+                               [Q01[0], Q99[1], Q01[2] + 0.5e-6], rtol=1e-6, atol=1e-6)
+
+
+def test_wider_stats_with_real_quantiles_past_the_robot_are_warned(caplog: pytest.LogCaptureFixture) -> None:
+    # Zero mean and std past the robot's dims, but another robot's quantiles there (negative q01):
+    # not zero padding. Float32 rounding of zero padding (1e-7) is still padding.
+    libero = get_profile("pi05_libero")  # state 8, actions 7
+    padded = {"state": identity_stats(8, 7)["state"]}
+    values = {name: np.zeros(32) for name in ("mean", "std", "q01", "q99")}
+    values["std"][:7], values["q01"][:7], values["q99"][:7] = 1.0, -1.0, 1.0
+    values["mean"][7:] = 1e-7
+    with caplog.at_level(logging.WARNING, logger="pi0_policy_ros.policy.normalize"):
+        check_stats_dims({**padded, "actions": NormStats(**values)}, libero, max_dim=32)
+        assert caplog.records == []
+        values["q01"][7:12] = -0.5
+        check_stats_dims({**padded, "actions": NormStats(**values)}, libero, max_dim=32)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["'actions' norm stats have 32 dims, the robot "
+                                                                      "profile 7"]
+
+
+def test_a_norm_stats_document_of_another_shape_is_a_checkpoint_error(tmp_path: Path) -> None:
+    bad = tmp_path / "norm_stats.json"
+    bad.write_text(json.dumps({"norm_stats": [{"mean": [0.0], "std": [1.0]}]}))
+    with pytest.raises(CheckpointError, match=r"expected a top-level 'norm_stats' object, found keys \['norm_stats'\]"):
+        load_openpi_norm_stats(bad)
+
+
+def test_a_broken_link_to_the_norm_stats_is_found_and_named_by_the_loader(tmp_path: Path) -> None:
+    # Not "found 0": the asset is there, its stats file a link to nothing; the loader names it.
+    asset = tmp_path / "assets" / "trossen"
+    asset.mkdir(parents=True)
+    (asset / "norm_stats.json").symlink_to(tmp_path / "gone" / "norm_stats.json")
+    path = find_openpi_norm_stats(tmp_path)
+    assert path == asset / "norm_stats.json"
+    with pytest.raises(CheckpointError, match=rf"cannot read openpi norm stats {re.escape(str(path))}"):
+        load_openpi_norm_stats(path)
 
 
 # --- openpi norm_stats.json -----------------------------------------------------------------------
@@ -453,3 +518,34 @@ def test_a_stray_norm_stats_json_at_the_assets_root_is_not_an_asset(tmp_path: Pa
     write_openpi_stats(tmp_path / "assets", "yes")
     write_openpi_stats(tmp_path / "assets" / "trossen", "yes")
     assert find_openpi_norm_stats(tmp_path) == tmp_path / "assets" / "trossen" / "norm_stats.json"
+
+
+def test_a_normalizer_step_without_a_state_file_is_skipped(tmp_path: Path) -> None:
+    # A processor may list a normalizer step with no stats of its own: it is not read.
+    write_lerobot_checkpoint(tmp_path)
+    _edit_postprocessor(tmp_path, lambda d: d["steps"].insert(0, lerobot_step("normalizer_processor", None, {})))
+    stats = load_lerobot_stats(tmp_path)
+    assert sorted(stats) == ["actions", "state"] and stats["actions"].mean.min() > 90.0
+
+
+@pytest.mark.parametrize("eps,expected", [(0.0, "0.0"), (True, None), (float("inf"), None), (float("nan"), None)])
+def test_lerobot_eps_zero_is_a_value_and_booleans_and_non_finite_numbers_are_refused(tmp_path: Path, eps,
+                                                                                    expected: str | None) -> None:
+    # eps = 0 is a valid LeRobot setting (>= 0), not "unset"; JSON true is no number; Infinity / NaN
+    # (which Python's json reads) would make every normalized value 0 or NaN.
+    write_lerobot_checkpoint(tmp_path)
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        document = json.loads((tmp_path / name).read_text())
+        for step in document["steps"]:
+            if "state_file" in step:
+                step["config"]["eps"] = eps
+        (tmp_path / name).write_text(json.dumps(document))
+    if expected is not None:
+        assert load_lerobot_normalization(tmp_path).eps == 0.0
+        return
+    with pytest.raises(CheckpointError, match=re.escape(f"expected 'eps' to be a finite number >= 0, found {eps!r}")):
+        load_lerobot_normalization(tmp_path)
+
+
+def test_lerobot_normalization_defaults_to_lerobots_eps() -> None:
+    assert LeRobotNormalization(stats=stats3(), modes={"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}).eps == 1e-8
