@@ -44,13 +44,18 @@ class RateMeter:
             return 0.0
         return max(0.0, now_s - max(self._start_s, now_s - self._window_s))
 
+    def filled(self, now_s: float) -> bool:
+        """Whether `window_s` has passed since the reset: the window no longer begins there."""
+        return self._start_s is not None and now_s - self._start_s >= self._window_s
+
+    def count(self, now_s: float) -> int:
+        """Events in the window behind `rate_hz(now_s)`."""
+        window_start = now_s - self.span_s(now_s)
+        return sum(1 for t in self._events if t > window_start)
+
     def rate_hz(self, now_s: float) -> float:
         span_s = self.span_s(now_s)
-        if span_s <= 0.0:
-            return 0.0
-        window_start = now_s - span_s
-        count = sum(1 for t in self._events if t > window_start)
-        return count / span_s
+        return self.count(now_s) / span_s if span_s > 0.0 else 0.0
 
 
 class LatencyWindow:
