@@ -180,7 +180,7 @@ class OfflineReplay:
                 self._write_trajectory(out, tick_ns, convert.trajectory_message(result.plan,
                                                                                 self.config.action_joint_names))
             summary.hold(result.reason)
-            self.monitor.held(result.reason, result.level, result.kind)
+            self.monitor.held(result.reason, result.level, result.kind, result.age_s, result.camera_skew_s)
         elif result.outcome == PUBLISH:
             assert result.chunk is not None and result.plan is not None
             if out is not None:

@@ -104,10 +104,15 @@ class ControlMonitor:
                 self._skipped_ticks += max(0, int(round(periods)) - 1)
             self._last_tick_s = now_s
 
-    def held(self, reason: str, level: int = WARN, kind: str = "other") -> None:
-        """A tick that published no chunk; counted per `kind` (see control/step.py)."""
+    def held(self, reason: str, level: int = WARN, kind: str = "other", observation_age_s: float = float("nan"),
+             camera_skew_s: float = float("nan")) -> None:
+        """A tick that published no chunk; counted per `kind` (see control/step.py). The ages are
+        this tick's observation's, nan when it held before it had one (a missing or stale input,
+        whose reason gives the age): the last chunk's read as fresh inputs through an outage."""
         with self._lock:
             self._holds[kind] += 1
+            self._observation_age_s = observation_age_s
+            self._camera_skew_s = camera_skew_s
             self._hold_reason = reason
             self._hold_kind = kind
             self._hold_level = level

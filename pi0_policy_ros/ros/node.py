@@ -993,12 +993,13 @@ class PolicyNode(LifecycleNode):
         config = self._config
         if result.plan is not None and self._trajectory_pub is not None and config is not None:
             self._trajectory_pub.publish(convert.trajectory_message(result.plan, config.action_joint_names))
-        self._hold(result.reason, result.level, result.kind)
+        self._hold(result.reason, result.level, result.kind, result.age_s, result.camera_skew_s)
 
-    def _hold(self, reason: str, level: int = WARN, kind: str = "other") -> None:
+    def _hold(self, reason: str, level: int = WARN, kind: str = "other", age_s: float = float("nan"),
+              camera_skew_s: float = float("nan")) -> None:
         monitor = self._monitor
         if monitor is not None:
-            monitor.held(reason, level, kind)
+            monitor.held(reason, level, kind, age_s, camera_skew_s)
         reason = self._without_rejection(reason)
         # One call site per severity: rclpy refuses a throttled call site whose severity changes
         # ("Logger severity cannot be changed between calls."), and a WARN hold then an ERROR hold

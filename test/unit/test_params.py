@@ -219,6 +219,23 @@ def test_monitor_a_publish_ends_the_hold_and_skipped_ticks_round() -> None:
     assert report.values["last_hold_reason"] == "" and report.values["skipped_ticks"] == "1"
 
 
+def test_monitor_observation_age_is_the_latest_ticks_not_the_last_chunks() -> None:
+    # A camera stopped: every tick held on it, and /diagnostics kept the last chunk's
+    # observation_age_s = 0.2632 through the whole outage, as if the inputs were fresh.
+    monitor = ControlMonitor(control_rate_hz=10.0, rate_window_s=1.0)
+    monitor.start(0.0)
+    monitor.tick_started(0.1)
+    monitor.published(0.1, {}, 0.02, 0.001)
+    monitor.tick_started(0.2)
+    monitor.held("camera 'a' is stale: expected age <= 0.300 s (max_observation_age_s), found 2.958 s")
+    values = monitor.report(0.2).values
+    assert (values["observation_age_s"], values["camera_skew_s"]) == ("nan", "nan")  # the tick had none
+    monitor.tick_started(0.3)
+    monitor.held("safety filter rejected the chunk: ...", observation_age_s=0.05, camera_skew_s=0.01)
+    values = monitor.report(0.3).values
+    assert (values["observation_age_s"], values["camera_skew_s"]) == ("0.0500", "0.0100")
+
+
 @pytest.mark.parametrize("new_rate_hz", [10.0, 0.5])
 def test_monitor_measures_a_new_control_rate_from_the_change(new_rate_hz: float) -> None:
     # 2 Hz for 5 s, then a new rate. The 5 s window read the two mixed: a raise to 10 Hz showed
