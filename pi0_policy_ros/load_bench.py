@@ -50,7 +50,8 @@ from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.jsonout import json_text, prepare_output_file
 from pi0_policy_ros.ros.demo import check_params_file, default_params_file
 from pi0_policy_ros.ros.load_robot import LoadRobot, LoadSpec
-from pi0_policy_ros.ros.node import PolicyFactory, PolicyNode, finish_callbacks, make_executor, spin_until_shutdown
+from pi0_policy_ros.ros.node import (PolicyFactory, PolicyNode, finish_callbacks, forward_package_logging,
+                                     make_executor, spin_until_shutdown, stop_forwarding_package_logging)
 from pi0_policy_ros.ros.params import (BOOL, DOUBLE, INTEGER, SPECS, STRING, check_parameter_names,
                                       diagnostics_status_name)
 from pi0_policy_ros.ros.qos import CHUNK_QOS, DIAGNOSTICS_READER_QOS
@@ -269,6 +270,7 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
     node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
                       cli_args=["--ros-args", "--params-file", str(params_file)],
                       parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    log_handler = forward_package_logging(node.get_logger())  # the policy's warnings on /rosout, as main() does
     observer = Observer(node, context)
     stop = threading.Event()
     spinner = threading.Thread(target=spin_until_shutdown, args=(executor, stop), name="load_bench_spin",
@@ -299,6 +301,7 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
         finish_callbacks(executor, node.get_logger())
         executor.shutdown()
         node._release()
+        stop_forwarding_package_logging(log_handler)
         node.destroy_node()
         observer.destroy_node()
         rclpy.try_shutdown(context=context)

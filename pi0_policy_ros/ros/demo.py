@@ -37,8 +37,9 @@ from trajectory_msgs.msg import JointTrajectory
 from pi0_policy_ros.control.rate_meter import PERCENTILES
 from pi0_policy_ros.errors import ConfigError
 from pi0_policy_ros.ros import convert
-from pi0_policy_ros.ros.node import (NODE_NAME, PolicyFactory, PolicyNode, finish_callbacks, make_executor,
-                                     spin_until_shutdown)
+from pi0_policy_ros.ros.node import (NODE_NAME, PolicyFactory, PolicyNode, finish_callbacks,
+                                     forward_package_logging, make_executor, spin_until_shutdown,
+                                     stop_forwarding_package_logging)
 from pi0_policy_ros.ros.params import CameraConfig, load_params_file
 from pi0_policy_ros.ros.qos import CHUNK_QOS, COMMAND_QOS, SENSOR_QOS
 
@@ -191,6 +192,8 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     policy_node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
                              cli_args=["--ros-args", "--params-file", str(params_file)],
                              parameter_overrides=overrides)
+    # The policy's own warnings (a prompt over the token budget, ...) on /rosout, as the node's main() does.
+    log_handler = forward_package_logging(policy_node.get_logger())
     stop_spinning = threading.Event()
     spinner = threading.Thread(target=spin_until_shutdown, args=(executor, stop_spinning), daemon=True)
     mp = multiprocessing.get_context("spawn")
@@ -242,6 +245,7 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
         finish_callbacks(executor, policy_node.get_logger())
         executor.shutdown()
         policy_node._release()
+        stop_forwarding_package_logging(log_handler)
         policy_node.destroy_node()
         if local_robot is not None:
             local_robot.destroy_node()

@@ -1276,6 +1276,11 @@ def forward_package_logging(logger: Any) -> RosLogHandler:
     return handler
 
 
+def stop_forwarding_package_logging(handler: RosLogHandler) -> None:
+    """Undoes `forward_package_logging` (a command whose node ends before its process does)."""
+    logging.getLogger(__package__.split(".")[0]).removeHandler(handler)
+
+
 def params_files(args: Sequence[str]) -> list[str]:
     """The `--params-file` paths among the ROS arguments in `args` (between `--ros-args` and `--`)."""
     files, ros, items = [], False, iter(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from test.fakes import FakePolicy, FakeProfile
+from test.integration.harness import wait_for
 from test.paths import REPO_ROOT
 from pi0_policy_ros.ros.demo import run_demo, synthetic_frame
 
@@ -32,6 +34,31 @@ def test_run_demo_reports_rate_and_latency(executor) -> None:  # executor: rclpy
     assert 3.0 < report.achieved_rate_hz < 7.0, report.summary()  # demo.yaml: 5 Hz
     assert 0.0 < report.latency_ms["p50"] < 500.0 and set(report.latency_ms) == {"p50", "p90", "p99"}
     assert "Hz" in report.summary()
+
+
+def _logging_policy(config, profile: FakeProfile) -> FakePolicy:
+    # As the tokenizer warns of a prompt over the token budget: the package's Python logging.
+    logging.getLogger("pi0_policy_ros.policy.tokenizer").warning("prompt longer than the token budget (test)")
+    return FakePolicy(config, profile)
+
+
+def test_run_demo_sends_the_packages_log_to_rosout(executor, attach) -> None:
+    # The demo's node printed the package's warnings bare on stderr ("WARNING pi0_policy_ros.policy.
+    # tokenizer: prompt longer than the token budget ..."), not on /rosout, and dropped its INFO lines,
+    # as the node's own main() did before it forwarded them (RosLogHandler).
+    from rcl_interfaces.msg import Log
+    from rclpy.node import Node
+
+    from test.integration.harness import ROSOUT_QOS
+
+    logs: list[str] = []
+    listener = attach(Node("rosout_listener"))
+    listener.create_subscription(Log, "/rosout", lambda m: m.name == "demo_log.pi0_policy" and logs.append(m.msg),
+                                 ROSOUT_QOS)
+    run_demo(DEMO, duration_s=0.5, device="cpu", policy_factory=functools.partial(_logging_policy, profile=ALOHA_LIKE),
+             namespace="/demo_log", robot_process=False)
+    wait_for(lambda: "prompt longer than the token budget (test)" in logs, describe=lambda: f"/rosout: {logs}")
+    assert not logging.getLogger("pi0_policy_ros").handlers  # the demo took its handler away again
 
 
 def test_run_demo_with_the_robot_in_its_own_process() -> None:
