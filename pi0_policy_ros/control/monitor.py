@@ -210,7 +210,6 @@ class ControlMonitor:
                 return HealthReport(WARN, f"slow: {rate_hz:.2f} Hz of {self.control_rate_hz:.2f} Hz target", values)
             return HealthReport(OK, f"running at {rate_hz:.2f} Hz", values)
 
-
     def _slow(self, now_s: float) -> bool:
         """The achieved rate is below SLOW_RATE_FRACTION of the target. Until the window has filled,
         STARTUP_CHUNKS_SHORT chunks more are allowed: a loop on time at 10 Hz had 1 chunk out 0.29 s

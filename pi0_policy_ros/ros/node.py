@@ -1251,6 +1251,7 @@ class RosLogHandler(logging.Handler):
     def __init__(self, logger: Any) -> None:
         super().__init__()
         self._logger = logger
+        self.previous: tuple[int, bool] | None = None  # the package logger's level and propagate before it
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -1268,17 +1269,25 @@ class RosLogHandler(logging.Handler):
 
 
 def forward_package_logging(logger: Any) -> RosLogHandler:
-    """Routes the package's Python logging to `logger` (an rclpy logger), at its level (--log-level)."""
+    """Routes the package's Python logging to `logger` (an rclpy logger), at its level (--log-level),
+    and only there: a command that also configured Python's root logger (`pi0-policy demo`) printed
+    each line twice, and its INFO lines, which the root's WARNING level does not stop on the way up."""
     handler = RosLogHandler(logger)
     package = logging.getLogger(__package__.split(".")[0])
+    handler.previous = (package.level, package.propagate)
     package.addHandler(handler)
     package.setLevel(logging.DEBUG if logger.is_enabled_for(LoggingSeverity.DEBUG) else logging.INFO)
+    package.propagate = False
     return handler
 
 
 def stop_forwarding_package_logging(handler: RosLogHandler) -> None:
     """Undoes `forward_package_logging` (a command whose node ends before its process does)."""
-    logging.getLogger(__package__.split(".")[0]).removeHandler(handler)
+    package = logging.getLogger(__package__.split(".")[0])
+    package.removeHandler(handler)
+    if handler.previous is not None:
+        package.setLevel(handler.previous[0])
+        package.propagate = handler.previous[1]
 
 
 def params_files(args: Sequence[str]) -> list[str]:

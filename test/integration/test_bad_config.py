@@ -5,7 +5,6 @@ weights) with the real `Policy`; the prompt cases run the tiny model with random
 
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from test.fakes import FakePolicy
 from test.integration.harness import wait_for
 from test.paths import PI05_FIXTURE
 from test.unit.test_policy import write_openpi_dir
-from pi0_policy_ros.ros.node import forward_package_logging, load_policy
+from pi0_policy_ros.ros.node import forward_package_logging, load_policy, stop_forwarding_package_logging
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 STATE_NAMES = [f"s{i}" for i in range(8)]
@@ -201,7 +200,7 @@ def test_each_prompt_over_the_token_budget_is_logged_once(make_node, probe, capf
         time.sleep(1.0)  # ticks on the same prompt log nothing more
         lines = [line for line in capfd.readouterr().err.splitlines() if "token" in line and "WARN" in line]
     finally:
-        logging.getLogger("pi0_policy_ros").removeHandler(handler)
+        stop_forwarding_package_logging(handler)
     assert len(lines) == 2, lines
     assert all("expected at most 200 tokens" in line and "cut on the right" in line for line in lines), lines
     assert "found 842" in lines[0] and "found 721" in lines[1], lines

@@ -58,7 +58,30 @@ def test_run_demo_sends_the_packages_log_to_rosout(executor, attach) -> None:
     run_demo(DEMO, duration_s=0.5, device="cpu", policy_factory=functools.partial(_logging_policy, profile=ALOHA_LIKE),
              namespace="/demo_log", robot_process=False)
     wait_for(lambda: "prompt longer than the token budget (test)" in logs, describe=lambda: f"/rosout: {logs}")
-    assert not logging.getLogger("pi0_policy_ros").handlers  # the demo took its handler away again
+    package = logging.getLogger("pi0_policy_ros")
+    assert not package.handlers and package.propagate  # the demo took its handler away again
+
+
+def test_forwarded_package_logging_is_printed_once(capfd) -> None:
+    # `pi0-policy demo` configures Python's root logger too (--log-level): each forwarded line was
+    # printed twice, by rclpy and by the root's handler, the INFO lines as well.
+    import rclpy
+
+    from pi0_policy_ros.ros.node import forward_package_logging, stop_forwarding_package_logging
+
+    root = logging.StreamHandler()
+    logging.getLogger().addHandler(root)
+    handler = forward_package_logging(rclpy.logging.get_logger("print_once"))
+    try:
+        capfd.readouterr()
+        logging.getLogger("pi0_policy_ros.policy.policy").info("policy ready (test)")
+        logging.getLogger("pi0_policy_ros.policy.tokenizer").warning("prompt too long (test)")
+        err = capfd.readouterr().err
+    finally:
+        stop_forwarding_package_logging(handler)
+        logging.getLogger().removeHandler(root)
+    assert err.count("policy ready (test)") == 1 and err.count("prompt too long (test)") == 1, err
+    assert "[print_once]" in err
 
 
 def test_run_demo_with_the_robot_in_its_own_process() -> None:
