@@ -206,7 +206,7 @@ class ControlMonitor:
             if not measured:
                 # "running at 0.00 Hz" while the first chunks went out: one or no tick is not a rate.
                 return HealthReport(OK, "running (the achieved rate is measured after two control periods)", values)
-            if self._chunks and self._slow(now_s):
+            if self._slow(now_s):  # also with no chunk out yet: a loop that never published is not "running"
                 return HealthReport(WARN, f"slow: {rate_hz:.2f} Hz of {self.control_rate_hz:.2f} Hz target", values)
             return HealthReport(OK, f"running at {rate_hz:.2f} Hz", values)
 
