@@ -79,6 +79,11 @@ class ObservationBuffer:
     def config(self) -> ControlConfig:
         return self._config
 
+    @config.setter
+    def config(self, config: ControlConfig) -> None:
+        # Dynamic parameters change the limits; an attribute swap is atomic.
+        self._config = config
+
     def set_topics(self, topics: Mapping[str, str]) -> None:
         """Where each source (camera name, STATE_SOURCE) is read from, as the holds should name it."""
         self._topics = dict(topics)
@@ -86,11 +91,6 @@ class ObservationBuffer:
     def _topics_of(self, sources: Sequence[str]) -> str:
         topics = [self._topics[source] for source in sources if source in self._topics]
         return f" (topic{'s' if len(topics) > 1 else ''} {', '.join(topics)})" if topics else ""
-
-    @config.setter
-    def config(self, config: ControlConfig) -> None:
-        # Dynamic parameters change the limits; an attribute swap is atomic.
-        self._config = config
 
     def reset(self) -> None:
         """Forget every sample (on activation, so that stamps from before a pause don't count)."""
