@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -389,6 +389,13 @@ def run_onnxruntime(session: Any, signature: StageSignature, inputs: Sequence[to
     return session.run(signature.output_names, feeds)
 
 
+def worst_error(errors: Iterable[float]) -> float:
+    """The largest error, NaN when any is NaN (0 for none). Python's `max` keeps a NaN only in
+    first place: a NaN from a later output (fp16 overflow in a deep layer) read as the others' max."""
+    values = list(errors)
+    return float(np.max(values)) if values else 0.0
+
+
 @dataclass
 class StageCheck:
     """One exported file against torch: the worst output's errors and whether they pass."""
@@ -405,11 +412,11 @@ class StageCheck:
 
     @property
     def worst_abs(self) -> float:
-        return max(self.max_abs.values(), default=0.0)
+        return worst_error(self.max_abs.values())
 
     @property
     def worst_rel(self) -> float:
-        return max(self.rel.values(), default=0.0)
+        return worst_error(self.rel.values())
 
     @property
     def limit(self) -> float:

@@ -112,6 +112,21 @@ def test_fp8_check_still_needs_the_pad_mask_exact() -> None:
     assert bad.error == 1.0 and not bad.passed
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp8"])
+def test_a_nan_in_any_output_fails_the_check(pi05: Exported, tmp_path: Path, precision: str) -> None:
+    """A NaN in a later layer's K/V (fp16 overflow deep in the model) passed --verify as 'ok': the
+    worst error was Python's max over the outputs, which drops a NaN that is not first."""
+    file = pi05.files["prefix"]
+    got = ox.run_onnxruntime(ox.onnxruntime_session(file.path), file.signature, pi05.inputs["prefix"])
+    got[3] = np.full_like(got[3], np.nan)  # value_1
+    with torch.no_grad():
+        want = pi05.stages["prefix"](*pi05.inputs["prefix"])
+    check = ox.compare_outputs(ox.StageCheck("prefix", precision, str(file.path), 0, "torch fp32"),
+                               file.signature.output_names, got, want)
+    assert not check.passed and "FAILED" in check.line()
+    assert np.isnan(check.error)
+
+
 def test_large_graphs_keep_their_weights_in_one_data_file(pi05: Exported, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Above EXTERNAL_DATA_BYTES the weights go to `<name>.onnx.data` next to the graph, found from
