@@ -170,9 +170,10 @@ def run(args: argparse.Namespace) -> int:
             exported = ox.export_stage(stage, args.out / f"{name}.{precision}.onnx", precision, inputs[name])
             entry: dict[str, Any] = {"path": str(exported.path), "file_bytes": exported.file_bytes,
                                      "precision": precision, "export_s": time.perf_counter() - t0,
-                                     "inputs": [(s.name, list(s.shape), str(s.dtype))
-                                                for s in exported.signature.inputs],
-                                     "outputs": exported.signature.output_names}
+                                     # what a TensorRT user binds: each name, static shape and dtype
+                                     **{kind: [(s.name, list(s.shape), str(s.dtype)) for s in specs]
+                                        for kind, specs in (("inputs", exported.signature.inputs),
+                                                            ("outputs", exported.signature.outputs))}}
             if args.verify:
                 check = ox.verify_stage(exported, references[name], inputs[name])
                 entry["check"] = check.as_dict()

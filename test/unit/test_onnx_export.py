@@ -284,6 +284,18 @@ def test_cli_exports_and_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (tmp_path / "vision.fp32.onnx").exists() and "vision" in capsys.readouterr().out
 
 
+def test_cli_report_has_the_graphs_signatures(tmp_path: Path) -> None:
+    """export.json's "outputs" were names only: README promises input and output signatures, and a
+    TensorRT user binds each output by its shape and dtype."""
+    assert export_cli.main(["--reference", str(PI05_FIXTURE), "--out", str(tmp_path), "--precision", "fp16"]) == 0
+    report = json.loads((tmp_path / "export.json").read_text())
+    for name, entry in report["stages"].items():
+        graph = ox.graph_signature(onnx.load(entry["path"]))
+        for kind, values in zip(("inputs", "outputs"), graph):
+            found = [(n, tuple(shape), dtype.removeprefix("torch.")) for n, shape, dtype in entry[kind]]
+            assert found == values, (name, kind)
+
+
 def test_cli_fp8_file_names_are_the_readmes(tmp_path: Path) -> None:
     """`--precision fp8` exports an fp16 vision graph and an FP8 Q/DQ prefix graph (README, ONNX section)."""
     assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--precision", "fp8"]) == 0
