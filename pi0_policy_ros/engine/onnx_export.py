@@ -20,6 +20,7 @@ keeps the traced shapes static. Opset 19 is the first with FP8 Q/DQ (`tensorrt.i
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import time
 import warnings
@@ -315,6 +316,9 @@ def save_onnx(proto: Any, path: Path) -> None:
             # the location is relative to the graph, so the pair keeps working after the rename
             onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data.name, size_threshold=1024)
+            # onnx creates the data file 0600 whatever the umask: give it the graph's mode, or a
+            # user who can read the graph (trtexec on the robot) cannot read its weights
+            os.chmod(Path(tmp) / data.name, stat.S_IMODE(staged.stat().st_mode))
             os.replace(Path(tmp) / data.name, data)
         else:
             onnx.save_model(proto, str(staged))

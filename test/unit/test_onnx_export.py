@@ -147,6 +147,21 @@ def test_large_graphs_keep_their_weights_in_one_data_file(pi05: Exported, tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["vision.fp32.onnx"]
 
 
+def test_a_data_file_gets_the_permissions_of_its_graph(pi05: Exported, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnx made `.onnx.data` 0600 whatever the umask, beside a 0644 graph: exported by one user (a
+    build container, sudo), the weights could not be read by trtexec run as another."""
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1000)
+    path = tmp_path / "vision.fp32.onnx"
+    old = os.umask(0o022)
+    try:
+        ox.save_onnx(onnx.load(str(pi05.files["vision"].path)), path)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"vision.fp32.onnx": 0o644, "vision.fp32.onnx.data": 0o644}
+
+
 def _disk_full(proto: object, f: str, *args: object, **kwargs: object) -> None:
     Path(f).write_bytes(b"\x08\x09 the first bytes of a graph")
     raise OSError(errno.ENOSPC, "No space left on device")
