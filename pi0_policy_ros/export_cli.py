@@ -174,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
                                      **{kind: [(s.name, list(s.shape), str(s.dtype)) for s in specs]
                                         for kind, specs in (("inputs", exported.signature.inputs),
                                                             ("outputs", exported.signature.outputs))}}
+            if ox.data_path(exported.path).exists():  # file_bytes counts it: the graph is useless without it
+                entry["data_path"] = str(ox.data_path(exported.path))
             if args.verify:
                 check = ox.verify_stage(exported, references[name], inputs[name])
                 entry["check"] = check.as_dict()

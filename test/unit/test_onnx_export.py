@@ -311,6 +311,19 @@ def test_cli_report_has_the_graphs_signatures(tmp_path: Path) -> None:
             assert found == values, (name, kind)
 
 
+def test_cli_report_names_every_file_it_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph with external data had only its .onnx in export.json, with the pair's size: a copy
+    made from the report left the weights behind."""
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1_000_000)  # the prefix's weights go out, vision's stay in
+    assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "export.json").read_text())
+    listed = [Path(e[key]) for e in report["stages"].values() for key in ("path", "data_path") if key in e]
+    assert sorted(p.name for p in listed) == sorted(p.name for p in tmp_path.iterdir() if p.name != "export.json")
+    assert "data_path" in report["stages"]["prefix"] and "data_path" not in report["stages"]["vision"]
+    for entry in report["stages"].values():
+        assert entry["file_bytes"] == sum(Path(entry[k]).stat().st_size for k in ("path", "data_path") if k in entry)
+
+
 def test_cli_fp8_file_names_are_the_readmes(tmp_path: Path) -> None:
     """`--precision fp8` exports an fp16 vision graph and an FP8 Q/DQ prefix graph (README, ONNX section)."""
     assert export_cli.main(["--reference", str(PI0_FIXTURE), "--out", str(tmp_path), "--precision", "fp8"]) == 0
