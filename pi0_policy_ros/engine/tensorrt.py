@@ -458,6 +458,7 @@ def _cached_or_built_engine(stage: ExportableStage, precision: str, cache: Engin
                             force_engine_update: bool,
                             calibration: Sequence[Sequence[torch.Tensor]] | None) -> tuple[Path, bool]:
     """`ensure_engine`, and whether the engine came from the cache (True) or was just built."""
+    require_tensorrt()  # first: without it, the FP8 check's CUDA query fails with torch's AssertionError
     device = stage_device(stage)
     if precision == "fp8" and stage.quantizable_linears():
         check_fp8_support(device)

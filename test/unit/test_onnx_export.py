@@ -482,3 +482,15 @@ def test_tensorrt_failure_at_configure_falls_back_or_fails_cleanly() -> None:
     assert resolve_backend("auto", "cuda", check=lambda: nan, tensorrt_version="10.3.0").name == "torch"
     good = trt_mod.EngineCheck(0.004, 0.02, "vision 0.004")
     assert resolve_backend("auto", "cuda", check=lambda: good, tensorrt_version="10.3.0").name == "tensorrt"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp8"])
+def test_building_an_engine_without_tensorrt_says_so(pi05: Exported, tmp_path: Path, precision: str) -> None:
+    """For FP8 the GPU's FP8 support was checked first, which without CUDA failed with torch's bare
+    AssertionError ("Torch not compiled with CUDA enabled") instead of naming the missing TensorRT."""
+    if trt_mod.tensorrt_version() is not None:
+        pytest.skip("TensorRT is installed here")
+    stage = ox.stage_module(pi05.model, "prefix", pi05.shape, precision)
+    with pytest.raises(trt_mod.TensorRTError, match=r"^TensorRT is not installed \(import tensorrt failed\)$"):
+        trt_mod.ensure_engine(stage, precision, trt_mod.EngineCache(tmp_path / "cache"), "abc")
+    assert not (tmp_path / "cache").exists()
