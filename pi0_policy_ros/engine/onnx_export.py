@@ -429,6 +429,11 @@ class StageCheck:
         return tol * max(1.0, self.max_ref) if self.precision == "fp16" else tol
 
     @property
+    def differing_masks(self) -> list[str]:
+        """The bool outputs (`prefix_pad`) that differ anywhere."""
+        return [k for k, v in self.max_abs.items() if k not in self.rel and v != 0]
+
+    @property
     def error(self) -> float:
         """The measure the tolerance applies to: relative for fp8, max abs otherwise."""
         bool_mismatch = max((v for k, v in self.max_abs.items() if k not in self.rel), default=0.0)
@@ -436,7 +441,9 @@ class StageCheck:
 
     @property
     def passed(self) -> bool:
-        return bool(np.isfinite(self.error)) and self.error <= self.limit
+        # a mask must match exactly at every precision: fp16's limit scales with the values and
+        # can exceed the 1.0 a differing mask counts as
+        return bool(np.isfinite(self.error)) and self.error <= self.limit and not self.differing_masks
 
     def as_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "precision": self.precision, "path": self.path, "file_bytes": self.file_bytes,
@@ -449,7 +456,8 @@ class StageCheck:
         measure = "rel" if self.precision == "fp8" else "max abs"
         return (f"{self.stage:<7} {self.precision:<5} {self.file_bytes / 1e6:9.1f} MB  {measure} error "
                 f"{self.error:.3g} (limit {self.limit:.3g}, vs {self.reference})  "
-                f"{'ok' if self.passed else 'FAILED'}  {self.path}")
+                f"{'ok' if self.passed else 'FAILED'}  {self.path}"
+                + "".join(f"  ({name} differs)" for name in self.differing_masks))
 
 
 def compare_outputs(check: StageCheck, names: Sequence[str], got: Sequence[np.ndarray],

@@ -113,6 +113,20 @@ def test_fp8_check_still_needs_the_pad_mask_exact() -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "fp8"])
+def test_a_differing_pad_mask_fails_at_every_precision(precision: str) -> None:
+    """fp16's limit is 1e-2 × max |reference|: with K/V values of 100 or more it reached the 1.0 a
+    differing `prefix_pad` counts as, and a graph with a wrong mask passed."""
+    def check(pad: list[bool]) -> ox.StageCheck:
+        out = ox.StageCheck("prefix", precision, "prefix.onnx", 0, "torch fp32")
+        keys = torch.tensor([[200.0, -3.0, 1.0, 0.5]])
+        return ox.compare_outputs(out, ["key_0", "prefix_pad"], [keys.numpy(), np.array([pad])],
+                                  [keys, torch.tensor([[True, False]])])
+    assert check([True, False]).passed
+    bad = check([True, True])
+    assert not bad.passed and bad.line().endswith("(prefix_pad differs)")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "fp8"])
 def test_a_nan_in_any_output_fails_the_check(pi05: Exported, tmp_path: Path, precision: str) -> None:
     """A NaN in a later layer's K/V (fp16 overflow deep in the model) passed --verify as 'ok': the
     worst error was Python's max over the outputs, which drops a NaN that is not first."""
