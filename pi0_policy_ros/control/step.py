@@ -306,16 +306,28 @@ class ControlStep:
         # A stamp slightly ahead counts as now, in every mode (the chunk keeps the observation's own).
         start_s, stamp_s = now_s, min(snapshot.stamp_s, now_s)
         request = scheduler.begin(start_s, stamp_s) if scheduler is not None else None
+        failure: tuple[str, str, int] | None = None
         try:
             guidance = _guidance(request)
             chunk = self.policy.infer(observation) if guidance is None else self.policy.infer(observation, guidance)
         except ObservationError as exc:
-            self._abort(request)
-            return self._hold(POLICY_REFUSED, f"policy refused the observation: {exc}", now_s, **seen)
+            failure = (POLICY_REFUSED, f"policy refused the observation: {exc}", WARN)
         except Exception as exc:  # noqa: BLE001 - a failed inference holds; the loop goes on
-            self._abort(request)
-            return self._hold(INFERENCE_FAILED, f"inference failed: {exc!r}", now_s, ERROR, **seen)
+            failure = (INFERENCE_FAILED, f"inference failed: {exc!r}", ERROR)
         t_inferred = time.perf_counter()
+        # Read again after the inference, which takes time: what goes out now, a hold point included,
+        # starts from where the arm is now (a hold timed from before a slow inference that failed sent
+        # a measured position gone stale, and too soon for the velocity limit from where the arm went).
+        now_s = clock()
+        # A jump during inference (a bag loop restarting) leaves a chunk stamped before it: dropped.
+        jumped = self._clock_jump(now_s)
+        if jumped is not None:
+            return jumped
+        now_s = self._monotonic(now_s)
+        if failure is not None:
+            self._abort(request)
+            kind, reason, level = failure
+            return self._hold(kind, reason, now_s, level, **seen)
 
         current = self._as_actions(snapshot.state)
         filtered = self.safety.apply(chunk.actions, current)
@@ -324,12 +336,6 @@ class ControlStep:
             return self._hold(SAFETY_REJECT, f"safety filter rejected the chunk: {filtered.reason}", now_s,
                               chunk=chunk, **seen)
         chunk = dataclasses.replace(chunk, actions=filtered.actions)
-        now_s = clock()
-        # A jump during inference (a bag loop restarting) leaves a chunk stamped before it: dropped.
-        jumped = self._clock_jump(now_s)
-        if jumped is not None:
-            return jumped
-        now_s = self._monotonic(now_s)
         min_lead_s = self.buffer.config.control_period_s
         try:
             if scheduler is None:  # not prepared (a profile without action_horizon): the first chunk gives the geometry

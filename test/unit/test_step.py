@@ -1074,3 +1074,51 @@ def test_a_chunk_of_another_horizon_holds_and_leaves_nothing_in_flight() -> None
     step.policy = FakePolicy(PolicyConfig())
     feed(step, 10.05)
     assert step.run(lambda: 10.05).published
+
+
+class SlowFailingPolicy(FakePolicy):
+    """Takes `latency_s` on the test's clock, then fails: raises, or returns a NaN chunk."""
+
+    def __init__(self, clock_s: list[float], latency_s: float, failure: str) -> None:
+        super().__init__(PolicyConfig())
+        self.clock_s, self.latency_s_sim, self.failure = clock_s, latency_s, failure
+
+    def infer(self, observation, guidance=None):  # noqa: ANN001, ANN201
+        chunk = super().infer(observation, guidance)
+        self.clock_s[0] += self.latency_s_sim
+        if self.failure == "raises":
+            raise RuntimeError("CUDA error")
+        return ActionChunk(np.full_like(chunk.actions, np.nan), chunk.stamp_s, chunk.period_s)
+
+
+@pytest.mark.parametrize("failure,kind", [("raises", INFERENCE_FAILED), ("nan", SAFETY_REJECT)])
+def test_a_hold_point_after_a_slow_failed_inference_is_timed_from_when_it_is_sent(failure: str, kind: str) -> None:
+    # The chunk sent at 10.01 has the arm at STATE + 0.08 at 10.25 and at its last point, STATE +
+    # 0.12, from 10.45. joint_states last came at 10.2 (the arm lagging, at STATE). The tick at
+    # 10.25 infers until 10.45 and fails: the hold point goes out at 10.45, from STATE + 0.12, so
+    # the velocity limit needs 0.12 / 0.7 s to go back. It was timed from the clock before the
+    # inference: 0.08 / 0.7 s, 1.05 units/s.
+    clock_s = [10.01]
+    step = make_step(safety=SafetyConfig(max_velocity=(0.7,)), hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    assert step.run(lambda: clock_s[0]).published
+    step.policy = SlowFailingPolicy(clock_s, 0.2, failure)
+    feed(step, 10.2)
+    clock_s[0] = 10.25
+    held = step.run(lambda: clock_s[0])
+    assert held.kind == kind
+    np.testing.assert_array_equal(held.plan.positions, STATE[None, :])
+    np.testing.assert_allclose(held.plan.times_from_start_s, [0.12 / 0.7], rtol=1e-5)
+
+    # joint_states last came at 10.0: fresh (0.25 s old) at 10.25, not at 10.45 when the point goes out.
+    clock_s[0] = 10.01
+    step = make_step(safety=SafetyConfig(max_velocity=(0.7,)), hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    assert step.run(lambda: clock_s[0]).published
+    step.policy = SlowFailingPolicy(clock_s, 0.2, failure)
+    step.buffer.put_image("cam_a", IMAGE, 10.2, 10.2)
+    step.buffer.put_image("cam_b", IMAGE, 10.2, 10.2)
+    clock_s[0] = 10.25
+    held = step.run(lambda: clock_s[0])
+    assert held.kind == kind and held.plan is None
+    assert "no fresh measured position" in held.reason
