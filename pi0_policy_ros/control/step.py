@@ -190,7 +190,8 @@ class ControlStep:
         self.state_to_actions = state_to_actions
         self._scheduler: ChunkScheduler | None = None
         self._executing = False  # a trajectory of ours is running on the controller
-        self._sent: tuple[float, TrajectoryPlan] | None = None  # the last one published, and when
+        # The last trajectory published, when, and where the joints were then (None: not known).
+        self._sent: tuple[float, TrajectoryPlan, np.ndarray | None] | None = None
         self._unsent: InferenceRequest | None = None  # completed this tick, not yet published
         self._last_now_s: float | None = None
 
@@ -378,7 +379,10 @@ class ControlStep:
             # The controller executes these, not the chunk's actions: the next RTC request continues them.
             scheduler.executed(request, plan.first_index, positions)
         self._executing = True
-        self._sent = (now_s, plan)
+        # The controller goes from where the joints are to the first point: where our trajectory before
+        # had them (the measured position lags a moving arm), else the measured position.
+        commanded = self._commanded(now_s)
+        self._sent = (now_s, plan, measured if commanded is None else commanded)
         timings = {f"policy_{k}": v for k, v in chunk.timings_ms.items()}
         timings.update(decode=(t_decoded - t0) * 1e3, infer=(t_inferred - t_decoded) * 1e3,
                        plan=(time.perf_counter() - t_inferred) * 1e3)
@@ -508,13 +512,19 @@ class ControlStep:
         return values[list(self.state_indices)]
 
     def _commanded(self, now_s: float) -> np.ndarray | None:
-        """Where our last published trajectory puts the action joints at `now_s` (linear between its
-        points; its first point before it, its last after it); None when none was published."""
+        """Where our last published trajectory puts the action joints at `now_s`: linear from where they
+        were when it was sent to its first point (that first point before it when that is not known),
+        then between its points, its last after it; None when none was published. (Taking the first
+        point for the joints until it was due timed a hold point on a tick before then from where the
+        joints were not yet.)"""
         if self._sent is None:
             return None
-        sent_s, plan = self._sent
+        sent_s, plan, start = self._sent
         times_s = sent_s + plan.times_from_start_s
-        return np.array([np.interp(now_s, times_s, plan.positions[:, dim]) for dim in range(plan.positions.shape[1])])
+        positions = plan.positions
+        if start is not None:
+            times_s, positions = np.concatenate([[sent_s], times_s]), np.concatenate([start[None, :], positions])
+        return np.array([np.interp(now_s, times_s, positions[:, dim]) for dim in range(positions.shape[1])])
 
     def _hold_plan(self, now_s: float) -> tuple[TrajectoryPlan | None, str]:
         """One point at the measured position of the action joints, zero velocity; or None and why

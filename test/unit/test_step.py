@@ -1122,3 +1122,26 @@ def test_a_hold_point_after_a_slow_failed_inference_is_timed_from_when_it_is_sen
     held = step.run(lambda: clock_s[0])
     assert held.kind == kind and held.plan is None
     assert "no fresh measured position" in held.reason
+
+
+def test_a_hold_point_before_the_first_point_is_due_is_timed_from_where_the_joints_are_on_the_way() -> None:
+    # The chunk sent at 10.01 has the arm at STATE + 0.08 at 10.25 (joint_states, lagging, read STATE
+    # at 10.1). The one sent at 10.25 (observation 10.2) has its first point, STATE + 0.06, 0.1 s ahead:
+    # the controller goes there from STATE + 0.08. The next tick, at 10.30, holds: the joints are at
+    # STATE + 0.07, 0.1 from the hold point at STATE at 0.7 units/s. The hold was timed from the first
+    # point, as if the joints were there already: 0.06 / 0.7 s, 0.82 units/s.
+    step = make_step(safety=SafetyConfig(max_velocity=(0.7,)), hold_mode=HOLD_POSITION)
+    feed(step, 10.0)
+    assert step.run(lambda: 10.01).published
+    step.buffer.put_state(STATE, 10.1, 10.1)
+    step.buffer.put_image("cam_a", IMAGE, 10.2, 10.2)
+    step.buffer.put_image("cam_b", IMAGE, 10.2, 10.2)
+    sent = step.run(lambda: 10.25)
+    assert sent.published and sent.clamped == ()
+    np.testing.assert_allclose(sent.plan.times_from_start_s[0], 0.1)
+    np.testing.assert_allclose(sent.plan.positions[0], STATE + 0.06, rtol=1e-6)
+    step.buffer.put_image("cam_a", "corrupt", 10.29, 10.29)
+    held = step.run(lambda: 10.30)
+    assert held.kind == BAD_IMAGE
+    np.testing.assert_array_equal(held.plan.positions, STATE[None, :])
+    np.testing.assert_allclose(held.plan.times_from_start_s, [0.07 / 0.7], rtol=1e-5)
