@@ -18,11 +18,12 @@ from pi0_policy_ros.control.scheduler import ChunkScheduler, SchedulerConfig
 from pi0_policy_ros.control.step import (BAD_IMAGE, CLOCK_JUMP, EXPIRED_CHUNK, HOLD, HOLD_POSITION, INFERENCE_FAILED,
                                          POLICY_REFUSED, PUBLISH, SAFETY_REJECT, UNUSABLE_CHUNK, WAIT, ControlStep,
                                          Decoder, StepResult, action_state_indices)
-from pi0_policy_ros.control.trajectory import plan_trajectory
+from pi0_policy_ros.control.trajectory import (TrajectoryPlan, finite_difference_velocities, plan_trajectory,
+                                               rest_at_end)
 from pi0_policy_ros.errors import ConfigError, ObservationError
 from pi0_policy_ros.policy.config import PolicyConfig
 from pi0_policy_ros.policy.robots import get_profile, state_in_action_units
-from pi0_policy_ros.policy.types import ActionChunk
+from pi0_policy_ros.policy.types import ActionChunk, ChunkGuidance, Observation
 from test.fakes import FakePolicy, FakeProfile, expected_actions
 
 PROFILE = FakeProfile()
@@ -1145,3 +1146,192 @@ def test_a_hold_point_before_the_first_point_is_due_is_timed_from_where_the_join
     assert held.kind == BAD_IMAGE
     np.testing.assert_array_equal(held.plan.positions, STATE[None, :])
     np.testing.assert_allclose(held.plan.times_from_start_s, [0.07 / 0.7], rtol=1e-5)
+
+
+# ---- property test: what is sent stays inside README's limits, whatever the policy returns ---------
+# A robot that tracks the controller's trajectory exactly (Jazzy: a new trajectory replaces the old on
+# arrival and starts from the current state), joint_states and camera frames arriving with jitter or
+# stopping (also while the policy runs), a policy whose chunks are adversarial and whose inference
+# moves the clock. Every trajectory the step sends is checked against what README ("Safety and
+# holds", "Smooth motion") promises.
+
+PROP_HORIZON, PROP_PERIOD_S = 10, 0.05
+PROP_LOWER, PROP_UPPER = np.array([-1.0, -0.5, -2.0]), np.array([1.0, 0.8, 2.0])
+PROP_GRIPPER = (0.0, 1.0)  # dim 2
+PROP_IMAGE = np.zeros((2, 2, 3), np.uint8)
+
+
+class TrackingRobot:
+    """The clock, the joints (exactly where the controller's trajectory has them, linear between its
+    points) and what reaches the step's buffer."""
+
+    def __init__(self, buffer: ObservationBuffer, start: np.ndarray) -> None:
+        self.buffer = buffer
+        self.now_s = 100.0
+        self.rest = start
+        self.sent: tuple[float, np.ndarray, np.ndarray] | None = None  # when, times [K + 1], positions [K + 1, A]
+        self.state_stamp_s = self.image_stamp_s = 0.0
+
+    def position(self, t_s: float) -> np.ndarray:
+        if self.sent is None:
+            return self.rest.copy()
+        sent_s, times_s, positions = self.sent
+        return np.array([np.interp(t_s, sent_s + times_s, positions[:, d]) for d in range(positions.shape[1])])
+
+    def send(self, plan: TrajectoryPlan) -> None:
+        start = self.position(self.now_s)  # the controller starts from the current state
+        self.sent = (self.now_s, np.concatenate([[0.0], plan.times_from_start_s]),
+                     np.concatenate([start[None], plan.positions]))
+
+    def put_state(self, age_s: float) -> None:
+        self.state_stamp_s = max(self.state_stamp_s, self.now_s - age_s)  # stamps never go back
+        self.buffer.put_state(self.position(self.state_stamp_s), self.state_stamp_s, self.now_s)
+
+    def put_image(self, age_s: float) -> None:
+        self.image_stamp_s = max(self.image_stamp_s, self.now_s - age_s)
+        self.buffer.put_image("cam", PROP_IMAGE, self.image_stamp_s, self.now_s)
+
+
+class AdversarialPolicy:
+    """Chunks far outside the limits, jumps, NaN / Inf, alternating extremes, a first action far from
+    the state; each inference takes a random time on the robot's clock, during which joint_states keep
+    coming (state_p) or stop (outage_p)."""
+
+    def __init__(self, rng: np.random.Generator, robot: TrackingRobot, state_p: float, outage_p: float) -> None:
+        self.rng, self.robot, self.state_p, self.outage_p = rng, robot, state_p, outage_p
+
+    def infer(self, observation: Observation, guidance: ChunkGuidance | None = None) -> ActionChunk:
+        rng, state, shape = self.rng, observation.state, (PROP_HORIZON, 3)
+        kind = int(rng.integers(8))
+        if kind == 0:
+            actions = rng.uniform(-5.0, 5.0, shape)
+        elif kind == 1:  # a jump mid-chunk
+            actions = np.repeat(state[None], PROP_HORIZON, 0)
+            actions[rng.integers(PROP_HORIZON):] += rng.uniform(-3.0, 3.0, 3)
+        elif kind == 2:  # NaN / Inf somewhere in a plausible chunk
+            actions = state + rng.normal(0.0, 0.02, shape).cumsum(0)
+            actions[rng.integers(PROP_HORIZON), rng.integers(3)] = rng.choice([np.nan, np.inf, -np.inf])
+        elif kind == 3:  # alternating extremes
+            actions = np.where(np.arange(PROP_HORIZON)[:, None] % 2 == 0, PROP_UPPER + 1.0, PROP_LOWER - 1.0)
+        elif kind == 4:  # the first action far from the measured state
+            actions = state + rng.uniform(-2.0, 2.0, 3) + np.linspace(0.0, 0.1, PROP_HORIZON)[:, None]
+        elif kind == 5 and guidance is not None:  # continues the previous chunk (rtc)
+            actions = guidance.prev_actions + rng.normal(0.0, 0.01, shape)
+        elif kind == 6:  # a smooth move to anywhere inside the limits, too fast
+            actions = state + (rng.uniform(PROP_LOWER, PROP_UPPER) - state) * np.linspace(0, 1, PROP_HORIZON)[:, None]
+        else:
+            actions = state + rng.normal(0.0, 0.03, shape).cumsum(0)
+        latency_s = [0.0, rng.uniform(0.0, 0.02), rng.uniform(0.0, 0.12), rng.uniform(0.1, 0.4)][
+            rng.choice(4, p=[0.3, 0.4, 0.2, 0.1])]
+        end_s = self.robot.now_s + latency_s
+        while self.robot.now_s < end_s:
+            self.robot.now_s = min(end_s, self.robot.now_s + 0.01)
+            if self.outage_p < rng.random() < self.state_p:
+                self.robot.put_state(rng.uniform(0.0, 0.005))
+        return ActionChunk(actions.astype(np.float32), observation.stamp_s, PROP_PERIOD_S)
+
+
+def _violations(plan: TrajectoryPlan, chunk: ActionChunk | None, hold: bool, measured: np.ndarray | None,
+                commanded: np.ndarray | None, control_period_s: float, per_period: np.ndarray) -> list[str]:
+    """README's promises on one trajectory sent. measured: the latest joint_states at the send time if
+    fresh (None: not); commanded: where the trajectory sent before has the joints then; per_period: the
+    step and velocity limits' allowance per action period."""
+    tol = 1e-5
+    times, positions, velocities = plan.times_from_start_s, plan.positions, plan.velocities
+    if not all(np.all(np.isfinite(v)) for v in (times, positions, velocities)):
+        return ["a value that is not finite"]
+    found = []
+    if times[0] < control_period_s - 1e-9:
+        found.append(f"first point {times[0]:.4f} s ahead, less than one control period")
+    if not hold and not np.allclose(np.diff(times), PROP_PERIOD_S):
+        found.append("points not one action period apart")
+    inside = measured is None or np.all((measured >= PROP_LOWER) & (measured <= PROP_UPPER))
+    gripper_inside = measured is None or PROP_GRIPPER[0] <= measured[2] <= PROP_GRIPPER[1]
+    # From a measured position outside, the points come back at the rate limits' pace: the last inside.
+    checked = positions if (inside and gripper_inside) or hold else positions[-1:]
+    if np.any(checked < PROP_LOWER - tol) or np.any(checked > PROP_UPPER + tol):
+        found.append(f"positions outside the position limits: {checked.min(0)} .. {checked.max(0)}")
+    if np.any(checked[:, 2] < PROP_GRIPPER[0] - tol) or np.any(checked[:, 2] > PROP_GRIPPER[1] + tol):
+        found.append(f"gripper outside its range: {checked[:, 2].min()} .. {checked[:, 2].max()}")
+    if np.any(np.abs(np.diff(positions, axis=0)) > per_period + tol):
+        found.append(f"a step between points over the limit: {np.abs(np.diff(positions, axis=0)).max(0)}")
+    if np.any(np.abs(velocities) > per_period / PROP_PERIOD_S + 1e-4) or np.any(velocities[-1] != 0.0):
+        found.append(f"velocities over the limit or not at rest at the end: {velocities}")
+    if not hold and positions.shape[0] > 1:  # the points' own slopes, or the whole chunk's (naive)
+        own = rest_at_end(finite_difference_velocities(positions, PROP_PERIOD_S))
+        whole = rest_at_end(finite_difference_velocities(np.asarray(chunk.actions, np.float64),
+                                                         PROP_PERIOD_S)[plan.first_index:])
+        if not (np.allclose(velocities, own, atol=1e-4) or np.allclose(velocities, whole, atol=1e-4)):
+            found.append("velocities that are not the points' slopes")
+    # The first point: from the measured position (README; a chunk's from where the arm is may be further
+    # by what the measurement lags), a hold point from where the arm is too.
+    allowance = per_period * times[0] / PROP_PERIOD_S
+    if measured is not None and np.any(np.abs(positions[0] - measured) > allowance + tol):
+        found.append(f"first point {np.abs(positions[0] - measured)} from the measured position, over {allowance}")
+    if hold and commanded is not None and np.any(np.abs(positions[0] - commanded) > allowance + tol):
+        found.append(f"hold point {np.abs(positions[0] - commanded)} from where the arm is, over {allowance}")
+    return found
+
+
+def _adversarial_run(seed: int, mode: str, policy: str, hold_mode: str, ticks: int = 50) -> list[str]:
+    rng = np.random.default_rng(seed)
+    rate_hz = float(rng.choice([10.0, 20.0, 30.0, 50.0]))  # 10 Hz: 0.1 s lead; 30 Hz: off the action grid
+    control = ControlConfig(control_rate_hz=rate_hz, max_observation_age_s=0.3, max_camera_skew_s=0.2)
+    max_step = rng.uniform(0.02, 0.1, 3)
+    max_velocity = rng.uniform(0.3, 1.5, 3)
+    safety = SafetyFilter(SafetyConfig(
+        position_lower=tuple(PROP_LOWER), position_upper=tuple(PROP_UPPER), max_step=tuple(max_step),
+        max_velocity=tuple(max_velocity), gripper_dims=(2,), gripper_range=PROP_GRIPPER, position_policy=policy,
+        step_policy=policy, velocity_policy=policy, gripper_policy=policy), 3, PROP_PERIOD_S)
+    per_period = np.minimum(max_step, max_velocity * PROP_PERIOD_S)
+    start = rng.uniform(PROP_LOWER, PROP_UPPER)
+    start[2] = rng.uniform(*PROP_GRIPPER)
+    if rng.random() < 0.2:  # starts a little outside: the chunks bring it back
+        start += rng.choice([-1.0, 1.0], 3) * rng.uniform(0.0, 0.1, 3) * (rng.random(3) < 0.5)
+    buffer = ObservationBuffer(["cam"], control)
+    robot = TrackingRobot(buffer, start)
+    state_p = float(rng.choice([1.0, 0.9, 0.3]))
+    step = ControlStep(AdversarialPolicy(rng, robot, state_p, float(rng.choice([0.0, 0.5]))), buffer,
+                       {"cam": np.asarray}, safety,
+                       SchedulerConfig(mode=mode, execute_horizon=int(rng.integers(1, 6)),
+                                       initial_latency_s=float(rng.choice([0.0, 0.05, 0.2]))),
+                       action_state_indices(["j0", "j1", "j2"], ["j0", "j1", "j2"]), hold_mode)
+    if rng.random() < 0.7:  # else the first chunk gives the geometry
+        step.prepare(PROP_HORIZON, PROP_PERIOD_S)
+    found = []
+    tick_s = robot.now_s
+    for k in range(ticks):
+        if rng.random() < 0.95:
+            robot.put_image(rng.uniform(0.0, 0.01))
+        if rng.random() < state_p:
+            robot.put_state(rng.uniform(0.0, 0.005))
+        result = step.run(lambda: robot.now_s)
+        if result.plan is not None:  # sent now, when the tick returns
+            sample = buffer.latest_state()
+            fresh = sample is not None and robot.now_s - sample.stamp_s <= control.max_observation_age_s
+            if result.outcome == HOLD and not fresh:
+                found.append(f"tick {k}: a hold point at a measured position not fresh when sent")
+            where = f"tick {k} ({result.outcome} {result.kind}, seed {seed}, {rate_hz:g} Hz)"
+            found += [f"{where}: {v}" for v in _violations(
+                result.plan, result.chunk, result.outcome == HOLD, np.asarray(sample.value) if fresh else None,
+                robot.position(robot.now_s) if robot.sent is not None else None, control.control_period_s,
+                per_period)]
+            robot.send(result.plan)
+        tick_s = max(tick_s + control.control_period_s, robot.now_s)  # a late tick runs at once
+        robot.now_s = max(robot.now_s, tick_s + float(rng.uniform(-0.002, 0.004)))  # timer jitter
+    stop, _ = step.stop_plan(robot.now_s)  # deactivate: hold_position sends the hold point too
+    if stop is not None:
+        sample = buffer.latest_state()
+        found += [f"stop plan (seed {seed}): {v}" for v in _violations(
+            stop, None, True, np.asarray(sample.value), robot.position(robot.now_s), control.control_period_s,
+            per_period)]
+    step.close()
+    return found
+
+
+@pytest.mark.parametrize("policy", ["clamp", "reject"])
+@pytest.mark.parametrize("mode", ["naive", "temporal_ensemble", "rtc_fast", "rtc"])
+def test_nothing_sent_breaks_the_safety_limits_whatever_the_policy_returns(mode: str, policy: str) -> None:
+    found = [v for seed in range(6) for hold_mode in ("stop", HOLD_POSITION)
+             for v in _adversarial_run(seed, mode, policy, hold_mode)]
+    assert not found, "\n".join(found[:10])
