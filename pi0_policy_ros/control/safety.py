@@ -113,6 +113,15 @@ class SafetyFilter:
         bad = [d for d in cfg.gripper_dims if not 0 <= d < dim]
         if bad:
             raise ValueError(f"gripper_dims {bad} are outside the {dim} action dims")
+        if self._lower is not None and cfg.gripper_dims:
+            # No value satisfies both: every chunk ended outside one of them (rejected), or, with no
+            # measured position, the position clamp won and sent a gripper value outside its range.
+            low, high = cfg.gripper_range
+            apart = [d for d in cfg.gripper_dims if self._upper[d] < low or self._lower[d] > high]
+            if apart:
+                raise ValueError(f"gripper_range [{low:g}, {high:g}] must overlap the position limits of the "
+                                 f"gripper dims, found dims {apart} limited to "
+                                 f"{[[float(self._lower[d]), float(self._upper[d])] for d in apart]}")
 
     @property
     def limits_rates(self) -> bool:
