@@ -185,6 +185,17 @@ class Probe(Node):
                     return status
         return None
 
+    def call(self, srv_type: Any, service: str, request: Any, timeout_s: float = 10.0) -> Any:
+        """One call of `service` (the node's parameter services, as `ros2 param` makes them): the response."""
+        client = self.create_client(srv_type, service)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout_s), f"no service {service}"
+            future = client.call_async(request)
+            return wait_for(lambda: future.done() and future.result(), timeout_s=timeout_s,
+                            describe=lambda: f"{service}: no response")
+        finally:
+            self.destroy_client(client)
+
     def summary(self) -> str:
         """What the probe has received so far (a failed wait_for's message)."""
         with self.lock:

@@ -192,18 +192,10 @@ def test_autostart_is_read_only_on_the_running_node(make_node, probe) -> None:
 
     node = make_node()
     name = node.get_fully_qualified_name()
-    set_client = probe.create_client(SetParameters, f"{name}/set_parameters")
-    describe_client = probe.create_client(DescribeParameters, f"{name}/describe_parameters")
-    try:
-        assert set_client.wait_for_service(timeout_sec=10.0) and describe_client.wait_for_service(timeout_sec=10.0)
-        future = set_client.call_async(SetParameters.Request(
-            parameters=[Parameter("autostart", value=True).to_parameter_msg()]))
-        result = wait_for(lambda: future.done() and future.result().results[0])
-        future = describe_client.call_async(DescribeParameters.Request(names=["autostart", "checkpoint_path"]))
-        autostart, checkpoint = wait_for(lambda: future.done() and future.result().descriptors)
-    finally:
-        probe.destroy_client(set_client)
-        probe.destroy_client(describe_client)
+    result = probe.call(SetParameters, f"{name}/set_parameters", SetParameters.Request(
+        parameters=[Parameter("autostart", value=True).to_parameter_msg()])).results[0]
+    autostart, checkpoint = probe.call(DescribeParameters, f"{name}/describe_parameters", DescribeParameters.Request(
+        names=["autostart", "checkpoint_path"])).descriptors
     assert not result.successful and "read-only" in result.reason, result.reason
     assert node.get_parameter("autostart").value is False
     assert autostart.read_only and "start-up" in autostart.additional_constraints
@@ -249,13 +241,8 @@ def test_every_parameter_has_a_value_over_the_parameter_service(make_node, probe
     from pi0_policy_ros.ros.params import PARAMS
 
     node = make_node()
-    client = probe.create_client(GetParameters, f"{node.get_fully_qualified_name()}/get_parameters")
-    try:
-        assert client.wait_for_service(timeout_sec=10.0)
-        future = client.call_async(GetParameters.Request(names=[spec.name for spec in PARAMS]))
-        values = wait_for(lambda: future.done() and future.result().values, describe=lambda: str(future.result()))
-    finally:
-        probe.destroy_client(client)
+    values = probe.call(GetParameters, f"{node.get_fully_qualified_name()}/get_parameters",
+                        GetParameters.Request(names=[spec.name for spec in PARAMS])).values
     def plain(value):  # arrays come as array.array or list
         return list(value) if isinstance(value, (list, tuple, array.array)) else value
 
@@ -278,24 +265,13 @@ def test_an_empty_list_from_ros2_param_set_or_load_clears_an_array_parameter(mak
 
     node = make_node(params={"safety_max_step": [0.5], "camera_topics": ["cam_a/image_raw", "x/compressed"]})
     name = node.get_fully_qualified_name()
-    clients = [probe.create_client(SetParameters, f"{name}/set_parameters"),
-               probe.create_client(SetParametersAtomically, f"{name}/set_parameters_atomically"),
-               probe.create_client(GetParameters, f"{name}/get_parameters")]
-    set_client, atomic_client, get_client = clients
-    try:
-        assert all(c.wait_for_service(timeout_sec=10.0) for c in clients)
-        future = set_client.call_async(SetParameters.Request(parameters=[
-            empty_as_cli_sends("safety_max_step"),
-            Parameter("safety_max_velocity", value=[1, 2, 3]).to_parameter_msg()]))
-        set_results = wait_for(lambda: future.done() and future.result().results)
-        future = atomic_client.call_async(SetParametersAtomically.Request(parameters=[
-            empty_as_cli_sends("camera_topics"), empty_as_cli_sends("profile_delta_action_mask")]))
-        atomic = wait_for(lambda: future.done() and future.result().result)
-        future = get_client.call_async(GetParameters.Request(names=["safety_max_step", "camera_topics"]))
-        values = wait_for(lambda: future.done() and future.result().values)
-    finally:
-        for client in clients:
-            probe.destroy_client(client)
+    set_results = probe.call(SetParameters, f"{name}/set_parameters", SetParameters.Request(parameters=[
+        empty_as_cli_sends("safety_max_step"),
+        Parameter("safety_max_velocity", value=[1, 2, 3]).to_parameter_msg()])).results
+    atomic = probe.call(SetParametersAtomically, f"{name}/set_parameters_atomically", SetParametersAtomically.Request(
+        parameters=[empty_as_cli_sends("camera_topics"), empty_as_cli_sends("profile_delta_action_mask")])).result
+    values = probe.call(GetParameters, f"{name}/get_parameters",
+                        GetParameters.Request(names=["safety_max_step", "camera_topics"])).values
     assert set_results[0].successful, set_results[0].reason
     assert not set_results[1].successful and "DOUBLE_ARRAY" in set_results[1].reason
     assert atomic.successful, atomic.reason
@@ -313,22 +289,14 @@ def test_a_mistyped_parameter_name_is_named_in_the_refusal(make_node, probe) -> 
 
     node = make_node()
     name = node.get_fully_qualified_name()
-    set_client = probe.create_client(SetParameters, f"{name}/set_parameters")
-    atomic_client = probe.create_client(SetParametersAtomically, f"{name}/set_parameters_atomically")
-    try:
-        assert set_client.wait_for_service(timeout_sec=10.0) and atomic_client.wait_for_service(timeout_sec=10.0)
-        future = set_client.call_async(SetParameters.Request(
-            parameters=[Parameter("control_rate", value=5.0).to_parameter_msg()]))
-        single = wait_for(lambda: future.done() and future.result().results[0])
-        future = atomic_client.call_async(SetParametersAtomically.Request(parameters=[
-            Parameter("hold_mode", value="hold_position").to_parameter_msg(),
-            Parameter("max_camera_skew", value=0.05).to_parameter_msg()]))
-        batch = wait_for(lambda: future.done() and future.result().result)
-    finally:
-        probe.destroy_client(set_client)
-        probe.destroy_client(atomic_client)
+    single = probe.call(SetParameters, f"{name}/set_parameters", SetParameters.Request(
+        parameters=[Parameter("control_rate", value=5.0).to_parameter_msg()])).results[0]
+    batch = probe.call(SetParametersAtomically, f"{name}/set_parameters_atomically", SetParametersAtomically.Request(
+        parameters=[Parameter("hold_mode", value="hold_position").to_parameter_msg(),
+                    Parameter("max_camera_skew", value=0.05).to_parameter_msg()])).result
     assert not single.successful and "'control_rate' (did you mean 'control_rate_hz'?)" in single.reason, single.reason
-    assert not batch.successful and "'max_camera_skew' (did you mean 'max_camera_skew_s'?)" in batch.reason, batch.reason
+    assert not batch.successful, batch.reason
+    assert "'max_camera_skew' (did you mean 'max_camera_skew_s'?)" in batch.reason, batch.reason
     assert node.get_parameter("hold_mode").value == "stop"
 
 
