@@ -323,14 +323,16 @@ class Policy:
             return self._infer(observation, guidance)
 
     def _infer(self, observation: Observation, guidance: ChunkGuidance | None) -> ActionChunk:
+        # First: after close() an observation error (or the resize it paid for) said nothing of why
+        # no observation could ever succeed.
+        if self.engine is None:
+            raise Pi0PolicyError("the policy was closed")
         start = time.perf_counter()
         batch, robot_state = self.network_batch(observation)
         if guidance is not None and self.config.rtc_mode == "off":
             raise ConfigError("RTC guidance given, but the policy was configured with rtc_mode 'off'")
         engine_guidance = None if guidance is None else self.engine_guidance(guidance, robot_state)
         prepared = time.perf_counter()
-        if self.engine is None:
-            raise Pi0PolicyError("the policy was closed")
         actions = self.engine.infer(batch, engine_guidance)
         ran = time.perf_counter()
         if not np.all(np.isfinite(actions)):

@@ -809,6 +809,19 @@ def test_close_from_another_thread_waits_for_the_running_inference() -> None:
         policy.infer(obs)
 
 
+def test_a_closed_policy_says_so_before_looking_at_the_observation() -> None:
+    """After close() every call fails: an observation error (a wrong state) sent the caller fixing
+    the observation, only to be told then that the policy was closed."""
+    policy = Policy.from_config(PolicyConfig(model_preset="pi05_small", robot_profile="pi05_libero"))
+    policy.close()
+    policy.close()  # idempotent
+    obs = _observation(prompt="pick up the cup")
+    for bad in (Observation(images=obs.images, state=np.zeros(3)), Observation(images={}, state=obs.state)):
+        with pytest.raises(Pi0PolicyError, match="the policy was closed") as info:
+            policy.infer(bad)
+        assert not isinstance(info.value, ObservationError)
+
+
 def _signal_then_pause(entered: threading.Event, module: torch.nn.Module, args: object) -> None:
     entered.set()
     time.sleep(0.2)
