@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,30 @@ def test_a_file_that_is_not_a_sentencepiece_model_is_a_config_error(tmp_path: Pa
     bad.write_bytes(b"not a model")
     with pytest.raises(ConfigError, match="not a SentencePiece model"):
         PromptTokenizer(bad, 48, False)
+
+
+def _retrain(path: Path, times: int) -> None:
+    for _ in range(times):
+        train_tiny_tokenizer(path)
+
+
+def test_a_tokenizer_retrained_by_another_process_is_never_read_half_written(tmp_path: Path) -> None:
+    """Random-weight policies in several processes (demos, benchmarks, parallel tests) train into one
+    file in the temp directory: rewritten in place, one loading it meanwhile read a cut model."""
+    path = train_tiny_tokenizer(tmp_path / "shared.model")
+    writer = multiprocessing.get_context("spawn").Process(target=_retrain, args=(path, 40))
+    writer.start()
+    failures = []
+    try:
+        while writer.is_alive():
+            try:
+                sentencepiece.SentencePieceProcessor(model_file=str(path))
+            except (OSError, RuntimeError) as exc:
+                failures.append(str(exc))
+    finally:
+        writer.join()
+    assert writer.exitcode == 0 and not failures, failures[:3]
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.model"]  # no temporary file left behind
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode == plain.stat().st_mode  # the umask's mode, as a plain write's (not 0600)
