@@ -464,9 +464,13 @@ def check_stats_dims(stats: Mapping[str, NormStats], profile: HasRobotDims, max_
                             key, found, expected, expected, found - 1, expected)
             continue
         allowed = f"{expected}" if max_dim is None or max_dim <= expected else f"{expected} to {max_dim}"
+        # The generic profile's 32 dims are a default to override: blaming the asset id or profile
+        # alone sent its users looking in the wrong place.
+        dim = "state_dim" if key == STATE_KEY else "action_dim"
         raise ConfigError(
             f"'{key}' norm stats have {found} dims but the robot profile has {expected} (stats of {allowed} dims "
-            "fit): wrong asset_id or robot_profile?"
+            f"fit): wrong asset_id or robot_profile, or the robot's {dim} not set ({dim} of PolicyConfig, "
+            f"profile_{dim} of the node)?"
         )
 
 

@@ -895,6 +895,22 @@ def test_generic_profile_takes_the_robots_dims_from_the_config() -> None:
         PolicyConfig(action_dim=-1)
 
 
+def test_generic_profile_without_the_robots_dims_names_the_setting(tmp_path: Path) -> None:
+    """The generic profile's 32 dims are a default: a checkpoint of an 8-dim robot loaded without
+    state_dim was blamed on the asset id or the profile only."""
+    path = write_openpi_dir(tmp_path / "ckpt", PI05_FIXTURE)
+    with pytest.raises(ConfigError, match=r"'state' norm stats have 8 dims but the robot profile has 32 .*"
+                                          r"or the robot's state_dim not set \(state_dim of PolicyConfig, "
+                                          r"profile_state_dim of the node\)"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic"))
+    with pytest.raises(ConfigError, match=r"'actions' norm stats have 7 dims .* robot's action_dim not set"):
+        Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic",
+                                        state_dim=STATE_DIM))
+    policy = Policy.from_config(PolicyConfig(checkpoint_path=str(path), model_preset="auto", robot_profile="generic",
+                                             state_dim=STATE_DIM, action_dim=ACTION_DIM))
+    assert (policy.profile.state_dim, policy.profile.action_dim) == (STATE_DIM, ACTION_DIM)
+
+
 @pytest.mark.parametrize("mode", ["rtc_fast", "rtc"])
 def test_rtc_policy_continues_the_previous_chunk(tmp_path: Path, libero_policy: Policy, mode: str) -> None:
     """The previous chunk goes to the engine in the network's space (normalized, padded, masked
