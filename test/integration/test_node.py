@@ -322,6 +322,21 @@ def test_a_parameter_dump_loads_back_into_the_configured_node(make_node) -> None
     assert not node.set_parameters([Parameter("camera_names", value=["cam_b", "cam_a"])])[0].successful
 
 
+def test_a_whole_parameter_dump_fails_only_on_the_read_only_parameters(make_node) -> None:
+    """A `ros2 param dump` holds rclpy's own parameters too: `use_sim_time` loads back, and the
+    read-only ones fail, `autostart` and, from Iron on, rclpy's `start_type_description_service`
+    (README said `autostart` alone)."""
+    node = make_node()
+    assert node.trigger_configure() == SUCCESS
+    names = node.list_parameters([], 0).names  # every parameter, as `ros2 param dump` lists them
+    dump = [node.get_parameter(name) for name in names]
+    dump = [Parameter(p.name, value=list(p.value) if isinstance(p.value, array.array) else p.value) for p in dump]
+    failed = sorted(p.name for p, r in zip(dump, node.set_parameters(dump)) if not r.successful)
+    read_only = sorted(name for name in names if node.describe_parameter(name).read_only)
+    assert failed == read_only and "autostart" in read_only and "use_sim_time" not in failed, failed
+    assert set(read_only) <= {"autostart", "start_type_description_service"}, read_only
+
+
 def test_configure_failure_then_fix(make_node, probe) -> None:
     node = make_node(params={"checkpoint_path": "/does/not/exist"})
     assert node.trigger_configure() == FAILURE
