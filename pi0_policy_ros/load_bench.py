@@ -27,6 +27,7 @@ through the loaded phase. The verdict is the issue's: loaded rate >= 0.95 x unlo
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import platform
@@ -270,11 +271,13 @@ def run_load_bench(params_file: str | Path, loaded_s: float = 60.0, unloaded_s: 
     node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
                       cli_args=["--ros-args", "--params-file", str(params_file)],
                       parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
-    log_handler = forward_package_logging(node.get_logger())  # the policy's warnings on /rosout, as main() does
     observer = Observer(node, context)
     stop = threading.Event()
     spinner = threading.Thread(target=spin_until_shutdown, args=(executor, stop), name="load_bench_spin",
                                daemon=True)
+    # The policy's lines on /rosout, as the node's main() does, at this process's level (--log-level);
+    # here, so that the finally below always takes it away again.
+    log_handler = forward_package_logging(node.get_logger(), logging.getLogger().getEffectiveLevel())
     try:
         executor.add_node(node)
         executor.add_node(observer)

@@ -12,6 +12,7 @@ would otherwise starve the robot's publishers of the GIL.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import multiprocessing
 import signal
@@ -192,8 +193,9 @@ def run_demo(params_file: str | Path, duration_s: float = 10.0, device: str | No
     policy_node = PolicyNode(namespace=namespace, context=context, policy_factory=policy_factory,
                              cli_args=["--ros-args", "--params-file", str(params_file)],
                              parameter_overrides=overrides)
-    # The policy's own warnings (a prompt over the token budget, ...) on /rosout, as the node's main() does.
-    log_handler = forward_package_logging(policy_node.get_logger())
+    # The policy's own lines (a prompt over the token budget, ...) on /rosout, as the node's main() does,
+    # at this process's level (pi0-policy --log-level).
+    log_handler = forward_package_logging(policy_node.get_logger(), logging.getLogger().getEffectiveLevel())
     stop_spinning = threading.Event()
     spinner = threading.Thread(target=spin_until_shutdown, args=(executor, stop_spinning), daemon=True)
     mp = multiprocessing.get_context("spawn")

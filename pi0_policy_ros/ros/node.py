@@ -1248,10 +1248,10 @@ class RosLogHandler(logging.Handler):
     Without a handler, Python printed only WARNING and above, bare on stderr and not on /rosout, and
     dropped the INFO lines (the policy loaded, a checkpoint's default action horizon)."""
 
-    def __init__(self, logger: Any) -> None:
+    def __init__(self, logger: Any, previous: tuple[int, bool] | None = None) -> None:
         super().__init__()
         self._logger = logger
-        self.previous: tuple[int, bool] | None = None  # the package logger's level and propagate before it
+        self.previous = previous  # the package logger's (level, propagate) before it, for the stop
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -1268,15 +1268,19 @@ class RosLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def forward_package_logging(logger: Any) -> RosLogHandler:
-    """Routes the package's Python logging to `logger` (an rclpy logger), at its level (--log-level),
-    and only there: a command that also configured Python's root logger (`pi0-policy demo`) printed
-    each line twice, and its INFO lines, which the root's WARNING level does not stop on the way up."""
-    handler = RosLogHandler(logger)
+def forward_package_logging(logger: Any, level: int | None = None) -> RosLogHandler:
+    """Routes the package's Python logging to `logger` (an rclpy logger), and only there: a command
+    that also configured Python's root logger (`pi0-policy demo`) printed each line twice, and its
+    INFO lines, which the root's WARNING level does not stop on the way up.
+
+    level: the Python level to forward from; None: the rclpy logger's (the node's --log-level).
+    The commands give theirs (`pi0-policy --log-level`)."""
     package = logging.getLogger(__package__.split(".")[0])
-    handler.previous = (package.level, package.propagate)
+    handler = RosLogHandler(logger, previous=(package.level, package.propagate))
+    if level is None:
+        level = logging.DEBUG if logger.is_enabled_for(LoggingSeverity.DEBUG) else logging.INFO
     package.addHandler(handler)
-    package.setLevel(logging.DEBUG if logger.is_enabled_for(LoggingSeverity.DEBUG) else logging.INFO)
+    package.setLevel(level)
     package.propagate = False
     return handler
 

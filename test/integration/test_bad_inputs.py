@@ -58,7 +58,8 @@ def test_a_camera_never_received_is_named_with_the_topic_the_node_listens_on(mak
     # resolved topic (namespace and remaps applied), not only the camera.
     active(make_node, params={"camera_topics": ["cam_a/image_raw", "cam_b/compressed"]},
            cli_args=["--ros-args", "-r", "joint_states:=arm/joint_states"])
-    values = held_for(probe, "missing_input", "no image received yet")
+    # cam_a's frames come at 50 Hz: a tick before the first one names it too, so wait for cam_b alone.
+    values = held_for(probe, "missing_input", "no image received yet from camera(s) ['cam_b']")
     assert values["last_hold_reason"] == (f"no image received yet from camera(s) ['cam_b'] (topic "
                                           f"{namespace}/cam_b/compressed); no joint_states received yet (topic "
                                           f"{namespace}/arm/joint_states)")

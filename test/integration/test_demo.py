@@ -55,7 +55,8 @@ def test_run_demo_sends_the_packages_log_to_rosout(executor, attach) -> None:
     listener = attach(Node("rosout_listener"))
     listener.create_subscription(Log, "/rosout", lambda m: m.name == "demo_log.pi0_policy" and logs.append(m.msg),
                                  ROSOUT_QOS)
-    run_demo(DEMO, duration_s=0.5, device="cpu", policy_factory=functools.partial(_logging_policy, profile=ALOHA_LIKE),
+    # 2 s: the listener must discover the demo's node before it ends (slow on a loaded machine).
+    run_demo(DEMO, duration_s=2.0, device="cpu", policy_factory=functools.partial(_logging_policy, profile=ALOHA_LIKE),
              namespace="/demo_log", robot_process=False)
     wait_for(lambda: "prompt longer than the token budget (test)" in logs, describe=lambda: f"/rosout: {logs}")
     package = logging.getLogger("pi0_policy_ros")
@@ -82,6 +83,16 @@ def test_forwarded_package_logging_is_printed_once(capfd) -> None:
         logging.getLogger().removeHandler(root)
     assert err.count("policy ready (test)") == 1 and err.count("prompt too long (test)") == 1, err
     assert "[print_once]" in err
+    # A command forwards at its own level (pi0-policy --log-level): WARNING keeps INFO lines out.
+    handler = forward_package_logging(rclpy.logging.get_logger("print_once"), logging.WARNING)
+    try:
+        capfd.readouterr()
+        logging.getLogger("pi0_policy_ros.policy.policy").info("policy ready (quiet)")
+        logging.getLogger("pi0_policy_ros.policy.tokenizer").warning("prompt too long (loud)")
+        err = capfd.readouterr().err
+    finally:
+        stop_forwarding_package_logging(handler)
+    assert "policy ready (quiet)" not in err and err.count("prompt too long (loud)") == 1, err
 
 
 def test_run_demo_with_the_robot_in_its_own_process() -> None:
