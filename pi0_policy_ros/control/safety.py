@@ -119,8 +119,8 @@ class SafetyFilter:
             low, high = cfg.gripper_range
             apart = [d for d in cfg.gripper_dims if self._upper[d] < low or self._lower[d] > high]
             if apart:
-                raise ValueError(f"gripper_range [{low:g}, {high:g}] must overlap the position limits of the "
-                                 f"gripper dims, found dims {apart} limited to "
+                raise ValueError(f"gripper_range [{low:g}, {high:g}] must overlap position_lower / position_upper "
+                                 f"on the gripper dims, found dims {apart} limited to "
                                  f"{[[float(self._lower[d]), float(self._upper[d])] for d in apart]}")
 
     @property

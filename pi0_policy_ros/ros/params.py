@@ -57,7 +57,7 @@ from pi0_policy_ros.errors import ConfigError, echo
 from pi0_policy_ros.policy.config import BACKENDS, MAX_CAMERA_SIDE_PX, PRECISIONS, SEED_RANGE, PolicyConfig
 from pi0_policy_ros.policy.robots import TRAJECTORY_ACTION_SPACES, state_in_action_units
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 NODE_NAME = "pi0_policy"
 # The launch file's remappings (here, so that the integration tests start nodes with them). Relative,
@@ -306,10 +306,10 @@ class NodeConfig:
         profile = policy.profile
         unmeasured = self.unmeasured_action_joints(profile, hold_mode)
         if unmeasured:
-            _log.warning(f"action_joint_names {echo(unmeasured)} are not among joint_names {list(self.joint_names)} "
-                         "(the joints read from joint_states): safety_max_step and safety_max_velocity limit only "
-                         "the steps between a chunk's actions, not the first one from the measured position, and "
-                         "hold_position holds nothing; check the names for a typo")
+            log.warning("action_joint_names %s are not among joint_names %s (the joints read from joint_states): "
+                        "safety_max_step and safety_max_velocity limit only the steps between a chunk's actions, "
+                        "not the first one from the measured position, and hold_position holds nothing; check the "
+                        "names for a typo", echo(unmeasured), list(self.joint_names))
         return ControlStep(policy, buffer, decoders, safety, self.scheduler,
                            action_state_indices(self.joint_names, self.action_joint_names,
                                                 getattr(profile, "action_space", "joint_position")),

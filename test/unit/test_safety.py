@@ -107,8 +107,8 @@ def test_configuration_errors_name_what_was_expected() -> None:
         make(gripper_dims=(3,), gripper_range=(0, 1))
     # No value is within both (a gripper in metres with radian joint limits, say): every chunk was
     # rejected, or the position clamp sent a gripper value outside its range.
-    with pytest.raises(ValueError, match=r"gripper_range \[0, 0.08\] must overlap the position limits of the "
-                                         r"gripper dims, found dims \[2\] limited to \[\[0.5, 1.5\]\]"):
+    with pytest.raises(ValueError, match=r"gripper_range \[0, 0.08\] must overlap position_lower / position_upper "
+                                         r"on the gripper dims, found dims \[2\] limited to \[\[0.5, 1.5\]\]"):
         make(gripper_dims=(2,), gripper_range=(0, 0.08), position_lower=(-1, -1, 0.5), position_upper=(1, 1, 1.5))
     make(gripper_dims=(2,), gripper_range=(0, 0.8), position_lower=(-1, -1, 0.5), position_upper=(1, 1, 1.5))
 
