@@ -486,6 +486,11 @@ class PolicyNode(LifecycleNode):
         step = self._step
         if "hold_mode" in names and step is not None:
             step.hold_mode = values["hold_mode"]
+            config, policy = self._config, self._policy
+            warning = "" if config is None or policy is None else config.unmeasured_warning(policy.profile,
+                                                                                            values["hold_mode"])
+            if warning and values["hold_mode"] == HOLD_POSITION:  # configure warned of the limits already
+                self.get_logger().warning(warning)
         if names & {"control_rate_hz", "max_observation_age_s", "max_camera_skew_s", "max_future_stamp_s"}:
             control = control_config_from(values)
             buffer, monitor, timer = self._buffer, self._monitor, self._control_timer

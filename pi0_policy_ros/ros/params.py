@@ -298,18 +298,26 @@ class NodeConfig:
             return []
         return [name for name in self.action_joint_names if name not in self.joint_names]
 
+    def unmeasured_warning(self, profile: RobotProfileLike, hold_mode: str) -> str:
+        """What to warn of `unmeasured_action_joints` ("" when none): at configure, and when hold_mode
+        changes to hold_position on the running node."""
+        unmeasured = self.unmeasured_action_joints(profile, hold_mode)
+        if not unmeasured:
+            return ""
+        return (f"action_joint_names {echo(unmeasured)} are not among joint_names {list(self.joint_names)} (the "
+                "joints read from joint_states): safety_max_step and safety_max_velocity limit only the steps "
+                "between a chunk's actions, not the first one from the measured position, and hold_position "
+                "holds nothing; check the names for a typo")
+
     def control_step(self, policy: InferencePolicy, buffer: ObservationBuffer, decoders: Mapping[str, Decoder],
                      safety: SafetyFilter, hold_mode: str) -> ControlStep:
         """The control tick of this (resolved) config: the node and the offline replay build it here,
         so that a replay runs the node's tick. hold_mode is a dynamic parameter: the caller passes its
         value now."""
         profile = policy.profile
-        unmeasured = self.unmeasured_action_joints(profile, hold_mode)
-        if unmeasured:
-            log.warning("action_joint_names %s are not among joint_names %s (the joints read from joint_states): "
-                        "safety_max_step and safety_max_velocity limit only the steps between a chunk's actions, "
-                        "not the first one from the measured position, and hold_position holds nothing; check the "
-                        "names for a typo", echo(unmeasured), list(self.joint_names))
+        warning = self.unmeasured_warning(profile, hold_mode)
+        if warning:
+            log.warning(warning)
         return ControlStep(policy, buffer, decoders, safety, self.scheduler,
                            action_state_indices(self.joint_names, self.action_joint_names,
                                                 getattr(profile, "action_space", "joint_position")),

@@ -337,6 +337,23 @@ def test_a_whole_parameter_dump_fails_only_on_the_read_only_parameters(make_node
     assert set(read_only) <= {"autostart", "start_type_description_service"}, read_only
 
 
+def test_hold_position_set_on_a_node_with_an_unmeasured_action_joint_is_warned(make_node, probe) -> None:
+    """configure warns of an action joint that is not among joint_names only when something needs its
+    measured position then; hold_mode is dynamic, and set to hold_position later it holds nothing:
+    that is said when it is set."""
+    node = make_node(params={"action_joint_names": ["j0", "j1", "j9"]})
+    assert node.trigger_configure() == SUCCESS
+    assert node.set_parameters([Parameter("hold_mode", value="hold_position")])[0].successful
+    lines = wait_for(lambda: probe.log_lines(Log.WARN, "are not among joint_names"), describe=probe.summary)
+    assert lines == ["action_joint_names ['j9'] are not among joint_names ['j0', 'j1', 'j2'] (the joints read "
+                     "from joint_states): safety_max_step and safety_max_velocity limit only the steps between a "
+                     "chunk's actions, not the first one from the measured position, and hold_position holds "
+                     "nothing; check the names for a typo"], lines
+    assert node.set_parameters([Parameter("hold_mode", value="stop")])[0].successful
+    time.sleep(0.3)
+    assert len(probe.log_lines(Log.WARN, "are not among joint_names")) == 1  # nothing to say for stop
+
+
 def test_configure_failure_then_fix(make_node, probe) -> None:
     node = make_node(params={"checkpoint_path": "/does/not/exist"})
     assert node.trigger_configure() == FAILURE
