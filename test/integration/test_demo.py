@@ -63,36 +63,35 @@ def test_run_demo_sends_the_packages_log_to_rosout(executor, attach) -> None:
     assert not package.handlers and package.propagate  # the demo took its handler away again
 
 
-def test_forwarded_package_logging_is_printed_once(capfd) -> None:
-    # `pi0-policy demo` configures Python's root logger too (--log-level): each forwarded line was
-    # printed twice, by rclpy and by the root's handler, the INFO lines as well.
+def _forwarded_stderr(capfd, level: int | None, info: str, warning: str) -> str:
+    """stderr while the package's logging is forwarded to an rclpy logger and the root logger prints too."""
     import rclpy
 
     from pi0_policy_ros.ros.node import forward_package_logging, stop_forwarding_package_logging
 
     root = logging.StreamHandler()
     logging.getLogger().addHandler(root)
-    handler = forward_package_logging(rclpy.logging.get_logger("print_once"))
+    handler = forward_package_logging(rclpy.logging.get_logger("print_once"), level)
     try:
         capfd.readouterr()
-        logging.getLogger("pi0_policy_ros.policy.policy").info("policy ready (test)")
-        logging.getLogger("pi0_policy_ros.policy.tokenizer").warning("prompt too long (test)")
-        err = capfd.readouterr().err
+        logging.getLogger("pi0_policy_ros.policy.policy").info(info)
+        logging.getLogger("pi0_policy_ros.policy.tokenizer").warning(warning)
+        return capfd.readouterr().err
     finally:
         stop_forwarding_package_logging(handler)
         logging.getLogger().removeHandler(root)
+
+
+def test_forwarded_package_logging_is_printed_once(capfd) -> None:
+    # `pi0-policy demo` configures Python's root logger too (--log-level): each forwarded line was
+    # printed twice, by rclpy and by the root's handler, the INFO lines as well.
+    err = _forwarded_stderr(capfd, None, "policy ready (test)", "prompt too long (test)")
     assert err.count("policy ready (test)") == 1 and err.count("prompt too long (test)") == 1, err
     assert "[print_once]" in err
     # A command forwards at its own level (pi0-policy --log-level): WARNING keeps INFO lines out.
-    handler = forward_package_logging(rclpy.logging.get_logger("print_once"), logging.WARNING)
-    try:
-        capfd.readouterr()
-        logging.getLogger("pi0_policy_ros.policy.policy").info("policy ready (quiet)")
-        logging.getLogger("pi0_policy_ros.policy.tokenizer").warning("prompt too long (loud)")
-        err = capfd.readouterr().err
-    finally:
-        stop_forwarding_package_logging(handler)
+    err = _forwarded_stderr(capfd, logging.WARNING, "policy ready (quiet)", "prompt too long (loud)")
     assert "policy ready (quiet)" not in err and err.count("prompt too long (loud)") == 1, err
+    assert logging.getLogger("pi0_policy_ros").propagate
 
 
 def test_run_demo_with_the_robot_in_its_own_process() -> None:
