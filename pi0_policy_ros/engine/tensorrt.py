@@ -27,8 +27,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
-import secrets
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from torch import nn
 
 from pi0_policy_ros import __version__
+from pi0_policy_ros.atomic_write import write_atomic
 from pi0_policy_ros.engine.onnx_export import (STAGES, ExportableStage, ExportError, StageSignature, cast_inputs,
                                                export_stage, onnxruntime_session, random_inputs, save_onnx,
                                                stage_device, stage_module, stage_precision)
@@ -360,22 +359,6 @@ def calibration_digest(batches: Sequence[Sequence[torch.Tensor]] | None) -> str:
     return digest.hexdigest()[:20]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """`path` holds all of `data` or is left as it was; a failed write (disk full) removes its
-    temporary file, which for an engine is gigabytes in a hidden file of the cache directory.
-    The file gets the umask's permissions, as a plain write would: mkstemp's are 0600, which made
-    a cache built by one user unreadable to a node running as another."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class EngineCache:
     """Serialized engines in one directory, named by `EngineKey.digest`, each with a JSON sidecar
     saying what it was built from; one timing cache per GPU and TensorRT version."""
@@ -396,8 +379,8 @@ class EngineCache:
 
     def store(self, key: EngineKey, engine: bytes) -> Path:
         path = self.engine_path(key)
-        _write_atomic(path, engine)
-        _write_atomic(path.with_suffix(".json"), json.dumps(asdict(key), indent=2).encode())
+        write_atomic(path, engine)
+        write_atomic(path.with_suffix(".json"), json.dumps(asdict(key), indent=2).encode())
         return path
 
 
@@ -443,7 +426,7 @@ def build_serialized_engine(onnx_path: str | Path, timing_cache: Path | None = N
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
     if timing_cache is not None:
-        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
 
+from pi0_policy_ros.atomic_write import write_atomic
 from pi0_policy_ros.errors import ConfigError, ObservationError, echo
 from pi0_policy_ros.policy.types import as_real_array
 
@@ -262,17 +261,6 @@ def train_tiny_tokenizer(path: str | Path, vocab_size: int = 1000) -> Path:
         shuffle_input_sentence=False,
         minloglevel=2,
     )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside it, then renamed over it: random-weight policies in several processes share one
-    # file in the temp directory, and one loading it while another rewrote it in place read a cut
-    # model ("is not a SentencePiece model").
-    # One name per process and thread; a plain write keeps the umask's mode (a tempfile's is 0600).
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_bytes(writer.getvalue())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    # Random-weight policies in several processes share one file in the temp directory: one loading
+    # it while another rewrote it in place read a cut model ("is not a SentencePiece model").
+    return write_atomic(path, writer.getvalue())

@@ -19,7 +19,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from pi0_policy_ros import export_cli  # noqa: E402
+from pi0_policy_ros import atomic_write, export_cli  # noqa: E402
 from pi0_policy_ros.engine import onnx_export as ox  # noqa: E402
 from pi0_policy_ros.engine import tensorrt as trt_mod  # noqa: E402
 from pi0_policy_ros.engine.backend import BackendChoice, resolve_backend, select_backend  # noqa: E402
@@ -414,7 +414,7 @@ def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path: Path, monkeypat
     key = trt_mod.EngineKey("prefix", "fp16", "abc", "NVIDIA H100", "9.0", "10.3.0", "[]", "pi0_policy_ros 0.1.0",
                             "2.7.1", "example inputs")
     cache = trt_mod.EngineCache(tmp_path)
-    monkeypatch.setattr(trt_mod.os, "replace", _replace_on_a_full_disk)
+    monkeypatch.setattr(atomic_write.os, "replace", _replace_on_a_full_disk)
     with pytest.raises(OSError, match="No space left"):
         cache.store(key, b"engine bytes")
     assert list(tmp_path.iterdir()) == [] and cache.load(key) is None
