@@ -1253,7 +1253,7 @@ class RosLogHandler(logging.Handler):
     Without a handler, Python printed only WARNING and above, bare on stderr and not on /rosout, and
     dropped the INFO lines (the policy loaded, a checkpoint's default action horizon)."""
 
-    def __init__(self, logger: Any, previous: tuple[int, bool] | None = None) -> None:
+    def __init__(self, logger: Any, previous: tuple[int, bool]) -> None:
         super().__init__()
         self._logger = logger
         self.previous = previous  # the package logger's (level, propagate) before it, for the stop
@@ -1294,9 +1294,8 @@ def stop_forwarding_package_logging(handler: RosLogHandler) -> None:
     """Undoes `forward_package_logging` (a command whose node ends before its process does)."""
     package = logging.getLogger(__package__.split(".")[0])
     package.removeHandler(handler)
-    if handler.previous is not None:
-        package.setLevel(handler.previous[0])
-        package.propagate = handler.previous[1]
+    package.setLevel(handler.previous[0])
+    package.propagate = handler.previous[1]
 
 
 def params_files(args: Sequence[str]) -> list[str]:
